@@ -1,0 +1,183 @@
+"""Operations shared by the CLI and the demo: connect, disconnect, sync, export.
+
+This is the application layer above the core: it may use Dagster and the PMS resources (the core
+may not). The CLI only parses arguments and prints what these return.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from nvc_pipelines.instance import get_instance
+from nvc_pipelines.model import PmsKind, Practice
+from nvc_pipelines.recall import SETTING_PREFIX, RecallRules
+from nvc_pipelines.store import Store
+from resources.protocol import ConnectionInfo
+
+PARTITIONS = "practices"
+
+
+class SettingsError(ValueError):
+    """Settings or secrets given for a practice do not fit its PMS."""
+
+
+def _gateway():
+    from nvc_pipelines.definitions import resources
+
+    return resources["pms"]
+
+
+def open_store() -> Store:
+    return Store.open()
+
+
+def pms_requirements(kind: PmsKind) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(required settings, optional settings, required secrets) of a PMS kind."""
+    resource = _gateway().resource_for(kind)
+    return resource.required_settings(), resource.optional_settings(), resource.required_secrets()
+
+
+def check_settings(kind: PmsKind, settings: dict[str, str], secrets: dict[str, str]) -> None:
+    required, optional, needed_secrets = pms_requirements(kind)
+    missing = [k for k in required if not settings.get(k)]
+    if missing:
+        raise SettingsError(f"{kind} needs the setting(s) {', '.join(missing)} (--setting KEY=VALUE)")
+    unknown = [k for k in settings if k not in required + optional and not k.startswith(SETTING_PREFIX)]
+    if unknown:
+        allowed = ", ".join((*required, *optional, SETTING_PREFIX + "<rule>"))
+        raise SettingsError(f"unknown setting(s) {', '.join(unknown)} for {kind}; allowed: {allowed}")
+    RecallRules.from_settings(settings)  # refuse a bad override now, not at 2am
+    missing_secrets = [k for k in needed_secrets if not secrets.get(k)]
+    if missing_secrets:
+        raise SettingsError(f"{kind} needs the secret(s) {', '.join(missing_secrets)}")
+
+
+def connect_practice(
+    practice_id: str,
+    kind: PmsKind,
+    name: str,
+    settings: dict[str, str],
+    secrets: dict[str, str],
+    *,
+    replace: bool = False,
+) -> tuple[Practice, ConnectionInfo]:
+    """Test the connection first; only a working connection is saved and gets its partition."""
+    check_settings(kind, settings, secrets)
+    candidate = Practice(practice_id, name, kind, settings, "connected")
+    client = _gateway().open(candidate, secrets)
+    try:
+        info = client.test_connection()
+    finally:
+        client.close()
+    store = open_store()
+    practice = store.add_practice(practice_id, name, kind, settings, secrets, replace=replace)
+    instance = get_instance()
+    if not instance.has_dynamic_partition(PARTITIONS, practice_id):
+        instance.add_dynamic_partitions(PARTITIONS, [practice_id])
+    return practice, info
+
+
+def disconnect_practice(practice_id: str) -> None:
+    """Stop syncing a practice: its partition goes, its data and run history stay."""
+    open_store().set_status(practice_id, "disconnected")
+    instance = get_instance()
+    if instance.has_dynamic_partition(PARTITIONS, practice_id):
+        instance.delete_dynamic_partition(PARTITIONS, practice_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    run_id: str
+    success: bool
+    metadata: dict[str, dict[str, Any]]
+    error: str | None
+
+
+def sync_practice(practice_id: str, trigger: str = "sync_now") -> SyncOutcome:
+    """Materialise the practice's partition now, on the persistent instance (it shows in the UI's runs)."""
+    from nvc_pipelines.definitions import defs
+
+    store = open_store()
+    practice = store.get_practice(practice_id)
+    if practice.status != "connected":
+        raise SettingsError(f"practice {practice_id} is {practice.status}; connect it again to sync")
+    instance = get_instance()
+    if not instance.has_dynamic_partition(PARTITIONS, practice_id):
+        instance.add_dynamic_partitions(PARTITIONS, [practice_id])
+    job = defs.resolve_job_def("practice_sync")
+    result = job.execute_in_process(
+        partition_key=practice_id,
+        instance=instance,
+        tags={"practice": practice_id, "pms": str(practice.pms_kind), "trigger": trigger},
+        raise_on_error=False,
+    )
+    metadata: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    error = None
+    if not result.success:
+        failures = [e for e in result.all_events if e.is_step_failure]
+        error = "; ".join(
+            (f.step_failure_data.user_failure_data.description if f.step_failure_data.user_failure_data else None)
+            or f.step_failure_data.error.message.strip()
+            for f in failures
+        )
+    return SyncOutcome(result.run_id, result.success, metadata, error or None)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PHONE_LIST = re.compile(r"^\+\d{7,15}(?:; \+\d{7,15})*$")
+
+
+def neutralise_cell(value: Any) -> Any:
+    """OWASP CSV-injection defence: a cell a spreadsheet would run as a formula is prefixed with `'`.
+
+    E.164 phone lists are left as they are: a spreadsheet reads them as numbers, never as formulas.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PHONE_LIST.match(value):
+        return "'" + value
+    return value
+
+
+def export_csv(data: dict[str, Any]) -> tuple[str, str]:
+    """(patients CSV, rejected rows CSV) from `Store.export_practice` output."""
+    patients = io.StringIO()
+    columns = [
+        "pms_patient_id",
+        "first_name",
+        "last_name",
+        "date_of_birth",
+        "phones",
+        "email",
+        "address",
+        "last_eye_test_date",
+        "last_clinical_test_date",
+        "risk_flags",
+        "recall_due_date",
+        "recall_source",
+        "recall_rule",
+        "active",
+    ]
+    writer = csv.DictWriter(patients, columns, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    for p in data["patients"]:
+        row = {**p, "phones": "; ".join(p["phones"]), "risk_flags": "; ".join(p["risk_flags"])}
+        writer.writerow({k: neutralise_cell(v) for k, v in row.items()})
+    rejected = io.StringIO()
+    writer = csv.DictWriter(rejected, ["source", "source_ref", "row_ref", "reason", "raw"], lineterminator="\r\n")
+    writer.writeheader()
+    for r in data["rejected_rows"]:
+        row = {**r, "raw": json_dumps(r["raw"])}
+        writer.writerow({k: neutralise_cell(v) for k, v in row.items() if k in writer.fieldnames})
+    return patients.getvalue(), rejected.getvalue()
+
+
+def json_dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False, default=str)

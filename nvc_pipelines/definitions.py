@@ -1,0 +1,29 @@
+"""The code location: each domain's definitions merged, plus the resources they share."""
+
+import os
+
+from dagster import Definitions, EnvVar
+
+import assets.definitions as sync_domain
+import schedules.definitions as scheduling_domain
+from resources.csv_source import CsvResource
+from resources.gateway import PmsGateway
+from resources.optix import OptixResource
+from resources.store import StoreResource
+
+
+def _store() -> StoreResource:
+    # EnvVar keeps the URL (and its password) out of the UI; unset means the embedded server.
+    return (
+        StoreResource(database_url=EnvVar("NVC_DATABASE_URL"))
+        if os.environ.get("NVC_DATABASE_URL")
+        else StoreResource()
+    )
+
+
+resources = {
+    "store": _store(),
+    "pms": PmsGateway(csv=CsvResource(), optix=OptixResource()),
+}
+
+defs = Definitions.merge(sync_domain.defs, scheduling_domain.defs, Definitions(resources=resources))

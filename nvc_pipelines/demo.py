@@ -1,0 +1,158 @@
+"""`nvc demo`, `nvc dev` and `nvc sandbox`: local services for trying the product end to end.
+
+The demo starts the embedded store and the PMS sandboxes, connects one demo practice per source
+(exactly as an operator would, through `app.connect_practice`), runs each practice's first sync on
+the persistent instance, then hands over to `dagster dev` with the sandboxes still serving.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import click
+
+from nvc_pipelines import app
+from nvc_pipelines.config import nvc_home
+from nvc_pipelines.instance import ensure_dagster_home
+from nvc_pipelines.model import PmsKind
+from nvc_pipelines.sandboxes.base import SandboxServer
+from nvc_pipelines.sandboxes.optix import OptixSandbox
+from nvc_pipelines.sandboxes.seed import seed_patients
+
+DEMO_OPTIX_PRACTICE = "OPX-1001"
+DEMO_OPTIX_KEY = "optix-demo-key"
+_RISK_WORDS = {
+    "diabetic": "Diabetes",
+    "glaucoma": "Glaucoma",
+    "glaucoma_suspect": "glaucoma suspect",
+    "ocular_hypertension": "OHT",
+    "glaucoma_family_history": "family history glaucoma",
+}
+
+
+def _bind(factory, port: int) -> SandboxServer:
+    """The sandbox on `port`, or on any free port when that one is taken."""
+    try:
+        return factory(port)
+    except OSError:
+        return factory(0)
+
+
+def start_sandboxes(optix_port: int = 8701, patients: int = 50) -> dict[str, SandboxServer]:
+    optix = _bind(
+        lambda p: OptixSandbox(
+            port=p, practices={DEMO_OPTIX_PRACTICE: patients}, api_keys={DEMO_OPTIX_KEY: DEMO_OPTIX_PRACTICE}
+        ),
+        optix_port,
+    )
+    return {"optix": optix.start()}
+
+
+def write_demo_csv(folder: Path, n: int = 40, seed: int = 11) -> Path:
+    """A practice export in the seed CSV format, with a few rows a real export would get wrong."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"patients-{date.today():%Y%m%d}.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "first_name",
+                "last_name",
+                "phone_number",
+                "last_eye_test_date",
+                "risk_category",
+                "last_clinical_test_date",
+                "clinical_condition_notes",
+                "date_of_birth",
+            ]
+        )
+        for p in seed_patients(n, seed=seed):
+            phone = p.mobile or p.landline or ""
+            risk = "; ".join(_RISK_WORDS[f] for f in p.flags) or "standard"
+            test = p.last_eye_test.strftime("%d/%m/%Y") if p.last_eye_test else ""
+            dob = p.date_of_birth.strftime("%d/%m/%Y") if p.date_of_birth else ""
+            writer.writerow([p.first_name, p.last_name, phone, test, risk, test, p.clinical_notes or "", dob])
+        # What real exports contain: kept as rejected rows with their reasons, never dropped.
+        writer.writerow(["Gwen", "Price", "", "12/03/2024", "standard", "", "", ""])
+        writer.writerow(["Rhys", "Morgan", "07700 900999", "31/02/2024", "standard", "", "", ""])
+        writer.writerow(["Ffion", "Hughes", "7.7009E+09", "01/05/2023", "standard", "", "", ""])
+        writer.writerow(["Alys", "Evans", "07700 900998", "01/05/2023", "high myopia", "", "", ""])
+    return path
+
+
+def connect_demo_practices(sandboxes: dict[str, SandboxServer]) -> list[str]:
+    """Connect one demo practice per source; re-running the demo updates them in place."""
+    drop = nvc_home() / "demo" / "csv-drop"
+    write_demo_csv(drop)
+    app.connect_practice("demo-csv", PmsKind.CSV, "Demo Opticians (CSV upload)", {"path": str(drop)}, {}, replace=True)
+    app.connect_practice(
+        "demo-optix",
+        PmsKind.OPTIX,
+        "Demo Eyecare (Optix)",
+        {"practice_id": DEMO_OPTIX_PRACTICE, "api_url": sandboxes["optix"].url},
+        {"api_key": DEMO_OPTIX_KEY},
+        replace=True,
+    )
+    return ["demo-csv", "demo-optix"]
+
+
+def _repo_root() -> Path:
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "workspace.yaml").exists() else Path.cwd()
+
+
+def run_dagster_dev(port: int) -> int:
+    """`dagster dev -w workspace.yaml` on the persistent (dagster-postgres) instance."""
+    app.open_store()
+    ensure_dagster_home()
+    exe = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
+    cmd = [exe, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    click.echo(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C stops it)")
+    try:
+        return subprocess.call(cmd, cwd=_repo_root(), env=os.environ.copy())
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_demo(*, ui: bool, ui_port: int, sandbox_port: int) -> None:
+    from nvc_pipelines.cli import print_outcome
+
+    started = time.monotonic()
+    app.open_store()
+    home = ensure_dagster_home()
+    click.echo(f"Store ready (NVC_HOME={nvc_home()}, DAGSTER_HOME={home})")
+    sandboxes = start_sandboxes(sandbox_port)
+    for name, server in sandboxes.items():
+        click.echo(f"{name} sandbox listening on {server.url}")
+    try:
+        for practice_id in connect_demo_practices(sandboxes):
+            click.echo(f"Connected {practice_id}; first sync...")
+            print_outcome(practice_id, app.sync_practice(practice_id, trigger="initial"))
+        click.echo(f"Demo ready in {time.monotonic() - started:.1f}s. Try `nvc export demo-optix`.")
+        if ui:
+            run_dagster_dev(ui_port)
+    finally:
+        for server in sandboxes.values():
+            server.stop()
+
+
+def serve_sandboxes(optix_port: int, patients: int) -> None:
+    sandboxes = start_sandboxes(optix_port, patients)
+    for name, server in sandboxes.items():
+        click.echo(f"{name} sandbox on {server.url}")
+    click.echo(f"Optix practice {DEMO_OPTIX_PRACTICE}, API key {DEMO_OPTIX_KEY} (sandbox only). Ctrl-C stops.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for server in sandboxes.values():
+            server.stop()

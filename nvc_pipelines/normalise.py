@@ -1,0 +1,327 @@
+"""Normalisation shared by every source: UK phones to E.164, UK dates, names and risk flags.
+
+Each function either returns a clean value or raises `InvalidValue` with a reason fit to show a
+practice manager; callers turn that into a rejected row rather than dropping anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+import phonenumbers
+from phonenumbers import PhoneNumberType
+
+from nvc_pipelines.model import RISK_FLAGS, Patient, Phone, PhoneType, ReadResult, RejectedRow
+
+
+class InvalidValue(ValueError):
+    """A value that cannot be normalised; the message is the reason recorded for the row."""
+
+
+# Ofcom's numbers reserved for TV/radio drama and testing. `phonenumbers` calls most of them invalid,
+# but they are the numbers seed files and demos use, so they count as UK phones here.
+# Patterns match the national significant number (no leading 0).
+_OFCOM_DRAMA = re.compile(
+    r"^(?:"
+    r"7700900\d{3}"  # 07700 900000-900999 (mobile)
+    r"|1632960\d{3}"  # 01632 960000-960999 (no area)
+    r"|(?:113|114|115|116|117|118|121|131|141|151|161)4960\d{3}"  # 0113 496 0xxx etc.
+    r"|1914980\d{3}"  # 0191 498 0xxx
+    r"|2079460\d{3}"  # 020 7946 0xxx
+    r"|2896496\d{3}"  # 028 9649 6xxx
+    r"|2920180\d{3}"  # 029 2018 0xxx
+    r"|8081570\d{3}"  # 0808 157 0xxx (freephone)
+    r"|9098790\d{3}"  # 0909 879 0xxx (premium)
+    r"|3069990\d{3}"  # 03069 990xxx
+    r")$"
+)
+_SCIENTIFIC = re.compile(r"^\d+(?:\.\d+)?[eE][+-]?\d+$")
+_PHONE_SPLIT = re.compile(r"\s*(?:[;/|,]|\bor\b)\s*", re.IGNORECASE)
+
+
+def is_ofcom_drama_number(national_number: str) -> bool:
+    return bool(_OFCOM_DRAMA.match(national_number))
+
+
+def normalise_phone(raw: str) -> Phone:
+    """Parse one UK phone number written any common way and return it in E.164.
+
+    `07700 900123`, `+44 7700 900123`, `447700900123` and `7700900123` (a spreadsheet that dropped the
+    leading zero) are the same number. Scientific notation (`7.7009E+09`) lost digits and is refused.
+    """
+    text = raw.strip()
+    if not text:
+        raise InvalidValue("phone number is blank")
+    if _SCIENTIFIC.match(text.replace(",", "")):
+        raise InvalidValue(f"phone number {text!r} was mangled by a spreadsheet (scientific notation); digits lost")
+    digits = re.sub(r"[^\d+]", "", text)
+    if digits.startswith("00"):
+        digits = "+" + digits[2:]
+    if not digits.startswith("+"):
+        if digits.startswith("44") and len(digits) == 12:
+            digits = "+" + digits
+        elif not digits.startswith("0") and len(digits) == 10:
+            digits = "0" + digits  # leading zero lost by a spreadsheet
+    try:
+        parsed = phonenumbers.parse(digits, "GB")
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidValue(f"phone number {text!r} is not a phone number ({exc})") from None
+    if parsed.country_code != 44:
+        raise InvalidValue(f"phone number {text!r} is not a UK number")
+    national = str(parsed.national_number)
+    drama = is_ofcom_drama_number(national)
+    if not drama and not phonenumbers.is_valid_number(parsed):
+        raise InvalidValue(f"phone number {text!r} is not a valid UK number")
+    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    return Phone(e164=e164, type=_phone_type(parsed, national, drama))
+
+
+def _phone_type(parsed: phonenumbers.PhoneNumber, national: str, drama: bool) -> PhoneType:
+    if drama:
+        return PhoneType.MOBILE if national.startswith("7") else PhoneType.LANDLINE
+    kind = phonenumbers.number_type(parsed)
+    if kind == PhoneNumberType.MOBILE:
+        return PhoneType.MOBILE
+    if kind in (PhoneNumberType.FIXED_LINE, PhoneNumberType.FIXED_LINE_OR_MOBILE):
+        return PhoneType.LANDLINE
+    return PhoneType.OTHER
+
+
+def normalise_phones(values: Iterable[str | None]) -> tuple[list[Phone], list[str]]:
+    """Normalise every number found in `values` (a field may hold several, split by ; / , or "or").
+
+    Returns the distinct valid phones, mobiles first (the AI caller rings the first), and the reasons
+    for the numbers that were refused.
+    """
+    phones: list[Phone] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for value in values:
+        if value is None:
+            continue
+        for part in _PHONE_SPLIT.split(str(value)):
+            if not part.strip():
+                continue
+            try:
+                phone = normalise_phone(part)
+            except InvalidValue as exc:
+                problems.append(str(exc))
+                continue
+            if phone.e164 not in seen:
+                seen.add(phone.e164)
+                phones.append(phone)
+    phones.sort(key=lambda p: p.type != PhoneType.MOBILE)  # stable: keeps source order otherwise
+    return phones, problems
+
+
+_DATE_FORMATS = ("%d/%m/%Y", "%Y-%m-%d", "%d-%m-%Y", "%d.%m.%Y", "%d %b %Y", "%d %B %Y", "%Y/%m/%d")
+
+
+def parse_uk_date(raw: str | None, field_name: str) -> date | None:
+    """Parse a UK day-first or ISO date; blank gives None. `31/02/2024` is refused, not guessed."""
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if not text:
+        return None
+    if "T" in text:  # ISO timestamp: keep the date part
+        text = text.split("T", 1)[0]
+    for fmt in _DATE_FORMATS:
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    raise InvalidValue(f"{field_name} {raw!r} is not a date (expected DD/MM/YYYY or YYYY-MM-DD)")
+
+
+def require_past_date(value: date | None, field_name: str, today: date) -> date:
+    if value is None:
+        raise InvalidValue(f"{field_name} is missing")
+    if value > today:
+        raise InvalidValue(f"{field_name} {value.isoformat()} is in the future")
+    return value
+
+
+def clean_name(raw: str | None) -> str:
+    """Collapse whitespace; keep the practice's own spelling and accents (Siân, Zoë, O'Neill)."""
+    return " ".join(str(raw or "").split())
+
+
+# Free-text risk categories as practices write them, mapped onto the recall rules' flags.
+_RISK_ALIASES: dict[str, str | None] = {
+    "diabetic": "diabetic",
+    "diabetes": "diabetic",
+    "diabetes type 1": "diabetic",
+    "diabetes type 2": "diabetic",
+    "type 1 diabetes": "diabetic",
+    "type 2 diabetes": "diabetic",
+    "dm": "diabetic",
+    "glaucoma": "glaucoma",
+    "glaucoma suspect": "glaucoma_suspect",
+    "suspect glaucoma": "glaucoma_suspect",
+    "gs": "glaucoma_suspect",
+    "ocular hypertension": "ocular_hypertension",
+    "oht": "ocular_hypertension",
+    "glaucoma family history": "glaucoma_family_history",
+    "family history glaucoma": "glaucoma_family_history",
+    "family history of glaucoma": "glaucoma_family_history",
+    "fh glaucoma": "glaucoma_family_history",
+    "fhg": "glaucoma_family_history",
+    # Values that mean "no special risk".
+    "standard": None,
+    "routine": None,
+    "low": None,
+    "none": None,
+    "normal": None,
+    "n/a": None,
+    "na": None,
+    "-": None,
+}
+
+
+def map_risk_categories(raw: str | None) -> tuple[list[str], list[str]]:
+    """Map a risk_category cell (possibly several values) to known flags; unknown values come back raw."""
+    flags: list[str] = []
+    unknown: list[str] = []
+    if not raw:
+        return flags, unknown
+    for part in re.split(r"[;,|+]", str(raw)):
+        key = " ".join(part.replace("_", " ").replace("-", " ").lower().split())
+        if not key:
+            continue
+        if key in _RISK_ALIASES or part.strip() in _RISK_ALIASES:
+            flag = _RISK_ALIASES.get(key, _RISK_ALIASES.get(part.strip()))
+            if flag and flag not in flags:
+                flags.append(flag)
+        else:
+            unknown.append(part.strip())
+    return flags, unknown
+
+
+@dataclass(slots=True)
+class PatientDraft:
+    """A patient as a source wrote it (strings as found), before normalisation.
+
+    Every dialect fills one of these; `build_patient` applies the same rules to all of them.
+    """
+
+    pms_patient_id: str | None
+    first_name: str | None
+    last_name: str | None
+    phones: list[str | None] = field(default_factory=list)
+    date_of_birth: str | None = None
+    email: str | None = None
+    address: str | None = None
+    last_eye_test_date: str | None = None
+    last_clinical_test_date: str | None = None
+    risk_flags: list[str] = field(default_factory=list)
+    risk_category: str | None = None
+    clinical_notes: str | None = None
+    recall_due_date: str | None = None
+    updated_at: datetime | None = None
+
+
+def derived_patient_key(first_name: str, last_name: str, phone_e164: str) -> str:
+    """A stable identity for rows that carry no PMS id (CSV): name plus primary phone."""
+    basis = f"{first_name.casefold()}|{last_name.casefold()}|{phone_e164}"
+    return "nvc-" + hashlib.sha256(basis.encode()).hexdigest()[:20]
+
+
+def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict: bool) -> Patient:
+    """Normalise a draft into a `Patient`, or raise `InvalidValue` with every reason the row fails.
+
+    `strict` (CSV imports, which exist only to feed the call list) also requires a valid UK phone and a
+    past last eye test; a PMS patient without them is still kept, just not callable or recallable.
+    """
+    reasons: list[str] = []
+    first, last = clean_name(draft.first_name), clean_name(draft.last_name)
+    if not first and not last:
+        reasons.append("name is missing")
+    phones, phone_problems = normalise_phones(draft.phones)
+    if strict and not phones:
+        reasons.append("; ".join(phone_problems) if phone_problems else "phone number is missing")
+
+    def date_field(raw: str | None, name: str, required: bool) -> date | None:
+        try:
+            value = parse_uk_date(raw, name)
+            if required:
+                return require_past_date(value, name, today)
+            if value is not None and value > today:
+                raise InvalidValue(f"{name} {value.isoformat()} is in the future")
+            return value
+        except InvalidValue as exc:
+            reasons.append(str(exc))
+            return None
+
+    dob = date_field(draft.date_of_birth, "date_of_birth", False)
+    last_test = date_field(draft.last_eye_test_date, "last_eye_test_date", strict)
+    clinical = date_field(draft.last_clinical_test_date, "last_clinical_test_date", False)
+    try:
+        recall_due = parse_uk_date(draft.recall_due_date, "recall_due_date")
+    except InvalidValue as exc:
+        reasons.append(str(exc))
+        recall_due = None
+    if dob and last_test and last_test < dob:
+        reasons.append(f"last_eye_test_date {last_test.isoformat()} is before date_of_birth {dob.isoformat()}")
+    if reasons:
+        raise InvalidValue("; ".join(reasons))
+
+    flags, unknown = map_risk_categories(draft.risk_category)
+    for flag in draft.risk_flags:
+        if flag in RISK_FLAGS:
+            if flag not in flags:
+                flags.append(flag)
+        elif flag not in unknown:
+            unknown.append(flag)
+    pms_id = (draft.pms_patient_id or "").strip() or derived_patient_key(first, last, phones[0].e164 if phones else "")
+    return Patient(
+        practice_id=practice_id,
+        pms_patient_id=pms_id,
+        first_name=first,
+        last_name=last,
+        phones=phones,
+        date_of_birth=dob,
+        email=(draft.email or "").strip() or None,
+        address=clean_name(draft.address) or None,
+        last_eye_test_date=last_test,
+        last_clinical_test_date=clinical,
+        risk_flags=sorted(flags),
+        unknown_risk_values=unknown,
+        clinical_notes=(draft.clinical_notes or "").strip() or None,
+        pms_recall_due_date=recall_due,
+        source_updated_at=draft.updated_at,
+    )
+
+
+def collect(
+    practice_id: str,
+    rows: Iterable[tuple[str, dict[str, Any], PatientDraft]],
+    today: date,
+    *,
+    strict: bool,
+    source_ref: str = "",
+) -> ReadResult:
+    """Normalise a source's rows into a `ReadResult`: each row ends as a patient or a rejection.
+
+    A second row with the same identity in one read is rejected as a duplicate (naming the first),
+    so one read never writes the same patient twice.
+    """
+    result = ReadResult(source_ref=source_ref)
+    seen: dict[str, str] = {}
+    for row_ref, raw, draft in rows:
+        try:
+            patient = build_patient(practice_id, draft, today, strict=strict)
+        except InvalidValue as exc:
+            result.rejected.append(RejectedRow(row_ref, str(exc), raw))
+            continue
+        first_ref = seen.setdefault(patient.pms_patient_id, row_ref)
+        if first_ref != row_ref:
+            result.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw))
+            continue
+        result.patients.append(patient)
+    return result

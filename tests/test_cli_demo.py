@@ -1,0 +1,106 @@
+"""The operator's shell path end to end: `nvc demo --no-ui` on embedded PostgreSQL and the
+dagster-postgres instance, then the CLI commands against what it built."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nvc_pipelines.cli import main
+from nvc_pipelines.store.embedded import stop_server
+
+
+@pytest.fixture
+def demo_home(nvc_env: Path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["demo", "--no-ui", "--sandbox-port", "0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    yield runner, result.output
+    stop_server()
+
+
+def test_demo_connects_syncs_and_exports(demo_home) -> None:
+    runner, output = demo_home
+    assert "Synced demo-csv" in output and "Synced demo-optix" in output
+
+    listing = runner.invoke(main, ["practice", "list"])
+    assert "demo-csv" in listing.output and "demo-optix" in listing.output
+    assert "optix-demo-key" not in listing.output
+
+    exported = json.loads(runner.invoke(main, ["export", "demo-csv"]).output)
+    assert exported["practice_id"] == "demo-csv"
+    assert len(exported["patients"]) >= 40
+    first = exported["patients"][0]
+    assert set(first) >= {
+        "pms_patient_id",
+        "first_name",
+        "last_name",
+        "date_of_birth",
+        "phones",
+        "last_eye_test_date",
+        "risk_flags",
+        "recall_due_date",
+        "recall_source",
+    }
+    reasons = [r["reason"] for r in exported["rejected_rows"]]
+    assert any("31/02/2024" in r for r in reasons) and any("scientific notation" in r for r in reasons)
+
+    optix = json.loads(runner.invoke(main, ["export", "demo-optix"]).output)
+    assert len(optix["patients"]) == 50
+    assert {p["recall_source"] for p in optix["patients"]} <= {"pms", "computed", None}
+
+    # Sync Now from the shell: recorded on the persistent (dagster-postgres) instance, nothing changes.
+    resync = runner.invoke(main, ["sync", "demo-csv"])
+    assert resync.exit_code == 0, resync.output
+    assert "inserted=0" in resync.output and "updated=0" in resync.output
+
+    from nvc_pipelines.instance import get_instance
+
+    instance = get_instance()
+    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    runs = instance.get_runs()
+    assert {r.tags.get("practice") for r in runs} == {"demo-csv", "demo-optix"}
+    assert {r.tags.get("trigger") for r in runs} == {"initial", "sync_now"}
+
+
+def test_cli_errors_are_one_clear_line(demo_home) -> None:
+    runner, _ = demo_home
+    result = runner.invoke(main, ["sync", "no-such-practice"])
+    assert result.exit_code == 1
+    assert "no practice 'no-such-practice' is registered" in result.output
+    assert "Traceback" not in result.output
+
+    bad = runner.invoke(
+        main,
+        [
+            "practice",
+            "connect",
+            "x-optix",
+            "--pms",
+            "optix",
+            "--setting",
+            "practice_id=OPX-1001",
+            "--setting",
+            "api_url=http://127.0.0.1:9",
+        ],
+        input="wrong-key-123\n",
+    )
+    assert bad.exit_code == 1
+    assert "Connection failed" in bad.output and "wrong-key-123" not in bad.output
+
+
+def test_csv_template_and_csv_export(demo_home, tmp_path: Path) -> None:
+    runner, _ = demo_home
+    template = runner.invoke(main, ["csv-template"]).output
+    assert template.splitlines()[0] == (
+        "first_name,last_name,phone_number,last_eye_test_date,risk_category,last_clinical_test_date,"
+        "clinical_condition_notes"
+    )
+    assert len(template.splitlines()) == 3
+    out = tmp_path / "export.csv"
+    assert runner.invoke(main, ["export", "demo-csv", "--format", "csv", "--output", str(out)]).exit_code == 0
+    assert out.read_text(encoding="utf-8-sig").startswith("pms_patient_id,first_name")
+    assert (tmp_path / "export-rejected.csv").exists()

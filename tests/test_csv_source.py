@@ -1,0 +1,95 @@
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from nvc_pipelines.model import PmsKind, Practice
+from resources.csv_source import CsvFileRefused, CsvResource, parse_csv, template_text
+from resources.protocol import PmsConnectionFailed
+
+TODAY = date(2026, 11, 25)
+HEADER = "first_name,last_name,phone_number,last_eye_test_date,risk_category,last_clinical_test_date,clinical_condition_notes"
+
+
+def practice(path: Path) -> Practice:
+    return Practice("csv-1", "CSV practice", PmsKind.CSV, {"path": str(path)}, "connected")
+
+
+def test_template_round_trips_through_the_importer() -> None:
+    result = parse_csv(template_text(), "p", "template.csv", TODAY)
+    assert len(result.patients) == 2 and not result.rejected
+    sian = result.patients[0]
+    assert sian.first_name == "Siân" and sian.phones[0].e164 == "+447700900123"
+    assert sian.risk_flags == ["diabetic"] and sian.last_eye_test_date == date(2024, 1, 15)
+
+
+def test_headers_match_ignoring_case_spaces_underscores_and_bom() -> None:
+    text = "\ufeffFirst Name;LAST_NAME;Phone Number;Last Eye Test Date\nZoë;Ng;07700 900001;2024-02-01\n"
+    result = parse_csv(text, "p", "f.csv", TODAY)
+    assert result.patients[0].first_name == "Zoë"
+
+
+def test_every_bad_row_is_kept_with_its_reason() -> None:
+    text = "\n".join(
+        [
+            HEADER,
+            "Ann,Lee,07700 900100,15/01/2024,standard,,",
+            ",,07700 900101,15/01/2024,,,",
+            "Bob,Kay,,15/01/2024,,,",
+            "Cat,Roe,07700 900102,31/02/2024,,,",
+            "Dan,Fox,07700 900103,01/01/2030,,,",
+            "Eve,Ray,7.7009E+09,01/01/2024,,,",
+            "Fay,Orr,07700 900104,01/01/2024,high myopia,,",
+            "",
+        ]
+    )
+    result = parse_csv(text, "p", "f.csv", TODAY)
+    assert result.rows_read == 7
+    assert sorted(p.first_name for p in result.patients) == ["Ann", "Fay"]
+    fay = next(p for p in result.patients if p.first_name == "Fay")
+    assert fay.unknown_risk_values == ["high myopia"]
+    reasons = {r.row_ref: r.reason for r in result.rejected}
+    assert "name is missing" in reasons["f.csv:line 3"]
+    assert "phone number is missing" in reasons["f.csv:line 4"]
+    assert "31/02/2024" in reasons["f.csv:line 5"]
+    assert "in the future" in reasons["f.csv:line 6"]
+    assert "scientific notation" in reasons["f.csv:line 7"]
+    assert result.rejected[0].raw["first_name"] == ""
+
+
+def test_missing_required_column_refuses_the_whole_file_naming_it() -> None:
+    with pytest.raises(CsvFileRefused, match="missing the required column\\(s\\) phone_number"):
+        parse_csv("first_name,last_name,last_eye_test_date\nA,B,01/01/2024\n", "p", "f.csv", TODAY)
+
+
+@pytest.mark.parametrize("text,problem", [("", "empty_file"), ("   \n", "empty_file"), (HEADER + "\n", "no_rows")])
+def test_empty_and_header_only_files_are_refused(text: str, problem: str) -> None:
+    with pytest.raises(CsvFileRefused) as info:
+        parse_csv(text, "p", "f.csv", TODAY)
+    assert info.value.problem == problem
+
+
+def test_folder_drop_reads_the_newest_file_and_cp1252_is_decoded(tmp_path: Path) -> None:
+    import os
+
+    old = tmp_path / "old.csv"
+    old.write_text(HEADER + "\nOld,Row,07700 900200,01/01/2024,,,\n")
+    new = tmp_path / "new.csv"
+    new.write_bytes((HEADER + "\nSiân,Zoë,07700 900201,01/01/2024,,,\n").encode("cp1252"))
+    os.utime(old, (1_000_000, 1_000_000))
+    client = CsvResource().open(practice(tmp_path), {})
+    result = client.read_patients(None, TODAY)
+    assert [(p.first_name, p.last_name) for p in result.patients] == [("Siân", "Zoë")]
+    assert client.test_connection().detail == "newest file new.csv"
+
+
+def test_missing_path_fails_the_connection_test(tmp_path: Path) -> None:
+    with pytest.raises(PmsConnectionFailed) as info:
+        CsvResource().open(practice(tmp_path / "nope"), {}).test_connection()
+    assert info.value.problem == "path_not_found"
+
+
+def test_binary_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "export.csv").write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(CsvFileRefused, match="binary file"):
+        CsvResource().open(practice(tmp_path), {}).read_patients(None, TODAY)

@@ -1,0 +1,104 @@
+"""The Dagster wiring, with Dagster's own test utilities, against the real store."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from dagster import DagsterInstance, build_schedule_context, instance_for_test, materialize
+
+from assets.sync import patients, recalls
+from nvc_pipelines.definitions import defs
+from nvc_pipelines.model import PmsKind
+from nvc_pipelines.store import Store
+from resources.csv_source import CsvResource, template_text
+from resources.gateway import PmsGateway
+from resources.optix import OptixResource
+from resources.store import StoreResource
+from schedules.nightly import nightly_pms_sync
+
+
+@pytest.fixture
+def instance():
+    with instance_for_test() as inst:
+        yield inst
+
+
+def _resources(database_url: str) -> dict:
+    return {
+        "store": StoreResource(database_url=database_url),
+        "pms": PmsGateway(csv=CsvResource(), optix=OptixResource()),
+    }
+
+
+def _meta(result, asset: str) -> dict:
+    mats = [m for m in result.asset_materializations_for_node(asset)]
+    return {k: v.value for k, v in mats[0].metadata.items()}
+
+
+def test_definitions_hold_the_assets_job_and_schedule() -> None:
+    job = defs.resolve_job_def("practice_sync")
+    assert job.partitions_def is not None and job.partitions_def.name == "practices"
+    schedule = defs.resolve_schedule_def("nightly_pms_sync")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 2 * * *", "Europe/London")
+    keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    assert {"patients", "recalls"} <= keys
+
+
+def test_nightly_schedule_requests_one_run_per_practice(instance: DagsterInstance) -> None:
+    instance.add_dynamic_partitions("practices", ["alpha", "beta"])
+    when = datetime(2026, 7, 1, 2, 0, tzinfo=ZoneInfo("Europe/London"))  # BST: 01:00 UTC
+    context = build_schedule_context(instance=instance, scheduled_execution_time=when)
+    requests = list(nightly_pms_sync(context))
+    assert [(r.partition_key, r.run_key) for r in requests] == [
+        ("alpha", "nightly:alpha:2026-07-01"),
+        ("beta", "nightly:beta:2026-07-01"),
+    ]
+    assert all(r.tags["trigger"] == "schedule" for r in requests)
+
+
+def test_csv_practice_materialises_patients_then_recalls(
+    database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    (tmp_path / "export.csv").write_text(template_text() + "Bad,Row,,01/01/2024,,,\n", encoding="utf-8")
+    store.add_practice("csv-a", "CSV A", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    instance.add_dynamic_partitions("practices", ["csv-a"])
+
+    first = materialize(
+        [patients, recalls], partition_key="csv-a", instance=instance, resources=_resources(database_url)
+    )
+    assert first.success
+    meta = _meta(first, "patients")
+    assert (meta["rows_read"], meta["inserted"], meta["updated"], meta["rejected"]) == (3, 2, 0, 1)
+    assert meta["rows_read"] == meta["inserted"] + meta["updated"] + meta["unchanged"] + meta["rejected"]
+    rec = _meta(first, "recalls")
+    assert rec["recalls"] == 2 and rec["by_rule"] == {"default": 1, "diabetic": 1}
+
+    again = materialize(
+        [patients, recalls], partition_key="csv-a", instance=instance, resources=_resources(database_url)
+    )
+    meta = _meta(again, "patients")
+    assert (meta["inserted"], meta["updated"], meta["unchanged"]) == (0, 0, 2)
+    assert _meta(again, "recalls")["changed"] == 0
+
+
+def test_refused_file_fails_the_run_with_a_clear_message_and_keeps_the_store(
+    database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    (tmp_path / "export.csv").write_text(template_text(), encoding="utf-8")
+    store.add_practice("csv-b", "CSV B", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    instance.add_dynamic_partitions("practices", ["csv-b"])
+    assert materialize([patients], partition_key="csv-b", instance=instance, resources=_resources(database_url)).success
+    before = store.export_practice("csv-b")
+
+    (tmp_path / "export.csv").write_text("first_name,last_name\nA,B\n", encoding="utf-8")
+    result = materialize(
+        [patients], partition_key="csv-b", instance=instance, resources=_resources(database_url), raise_on_error=False
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    description = failure.step_failure_data.user_failure_data.description
+    assert "missing the required column(s) phone_number, last_eye_test_date" in description
+    assert store.export_practice("csv-b") == before

@@ -1,0 +1,121 @@
+from datetime import date
+
+import pytest
+
+from nvc_pipelines.model import PhoneType
+from nvc_pipelines.normalise import (
+    InvalidValue,
+    PatientDraft,
+    build_patient,
+    collect,
+    map_risk_categories,
+    normalise_phone,
+    normalise_phones,
+    parse_uk_date,
+)
+
+TODAY = date(2026, 11, 25)
+
+
+@pytest.mark.parametrize("raw", ["07700 900123", "+44 7700 900123", "447700900123", "7700900123", "(07700) 900-123"])
+def test_the_same_drama_mobile_written_five_ways(raw: str) -> None:
+    phone = normalise_phone(raw)
+    assert phone.e164 == "+447700900123"
+    assert phone.type is PhoneType.MOBILE
+
+
+@pytest.mark.parametrize(
+    "raw,e164",
+    [
+        ("01632 960123", "+441632960123"),
+        ("0161 496 0123", "+441614960123"),
+        ("020 7946 0999", "+442079460999"),
+        ("0191 498 0001", "+441914980001"),
+        ("07911 123456", "+447911123456"),  # a real (valid) mobile range
+    ],
+)
+def test_ofcom_drama_and_valid_numbers_are_accepted(raw: str, e164: str) -> None:
+    assert normalise_phone(raw).e164 == e164
+
+
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        ("7.7009E+09", "scientific notation"),
+        ("12345", "not a valid UK number"),
+        ("+33 1 23 45 67 89", "not a UK number"),
+        ("call me", "not a phone number"),
+        ("", "blank"),
+    ],
+)
+def test_bad_phones_are_refused_with_a_reason(raw: str, reason: str) -> None:
+    with pytest.raises(InvalidValue, match=reason):
+        normalise_phone(raw)
+
+
+def test_several_numbers_in_one_field_mobile_first() -> None:
+    phones, problems = normalise_phones(["0161 496 0123 / 07700 900123; 07700 900123", "nonsense"])
+    assert [p.e164 for p in phones] == ["+447700900123", "+441614960123"]
+    assert len(problems) == 1
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("15/01/2024", date(2024, 1, 15)), ("2024-01-15", date(2024, 1, 15)), ("15-01-2024", date(2024, 1, 15))],
+)
+def test_day_first_and_iso_dates(raw: str, expected: date) -> None:
+    assert parse_uk_date(raw, "d") == expected
+
+
+def test_impossible_date_is_refused_not_guessed() -> None:
+    with pytest.raises(InvalidValue, match="31/02/2024"):
+        parse_uk_date("31/02/2024", "last_eye_test_date")
+
+
+def test_risk_categories_map_to_flags_and_keep_unknowns() -> None:
+    flags, unknown = map_risk_categories("Diabetes; OHT, glaucoma_suspect | high myopia")
+    assert flags == ["diabetic", "ocular_hypertension", "glaucoma_suspect"]
+    assert unknown == ["high myopia"]
+    assert map_risk_categories("standard") == ([], [])
+
+
+def _draft(**kw) -> PatientDraft:
+    base = dict(
+        pms_patient_id=None,
+        first_name="Siân",
+        last_name="O'Neill",
+        phones=["07700 900123"],
+        last_eye_test_date="15/01/2024",
+    )
+    return PatientDraft(**{**base, **kw})
+
+
+def test_strict_row_without_phone_or_test_date_is_rejected_with_every_reason() -> None:
+    with pytest.raises(InvalidValue) as info:
+        build_patient("p", _draft(phones=[""], last_eye_test_date=""), TODAY, strict=True)
+    assert "phone number is missing" in str(info.value)
+    assert "last_eye_test_date is missing" in str(info.value)
+
+
+def test_future_test_date_and_test_before_birth_are_rejected() -> None:
+    with pytest.raises(InvalidValue, match="in the future"):
+        build_patient("p", _draft(last_eye_test_date="01/01/2027"), TODAY, strict=True)
+    with pytest.raises(InvalidValue, match="before date_of_birth"):
+        build_patient("p", _draft(date_of_birth="01/01/2020", last_eye_test_date="01/01/2019"), TODAY, strict=True)
+
+
+def test_pms_patient_without_phone_is_kept_when_not_strict() -> None:
+    patient = build_patient("p", _draft(pms_patient_id="P1", phones=[]), TODAY, strict=False)
+    assert patient.phones == [] and patient.pms_patient_id == "P1"
+
+
+def test_rows_without_ids_get_a_stable_identity_and_duplicates_are_rejected() -> None:
+    rows = [
+        ("line 2", {"n": 1}, _draft()),
+        ("line 3", {"n": 2}, _draft(first_name="SIÂN", phones=["+447700900123"])),
+        ("line 4", {"n": 3}, _draft(first_name="Tom")),
+    ]
+    result = collect("p", rows, TODAY, strict=True)
+    assert [p.first_name for p in result.patients] == ["Siân", "Tom"]
+    assert result.rejected[0].row_ref == "line 3" and "duplicate of line 2" in result.rejected[0].reason
+    assert result.rows_read == 3

@@ -1,0 +1,97 @@
+from datetime import date
+
+import pytest
+from sqlalchemy import text
+
+from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, ReadResult, Recall, RejectedRow
+from nvc_pipelines.store import PracticeExists, PracticeNotFound, Store
+
+
+def _patient(pid: str, **kw) -> Patient:
+    base = dict(
+        practice_id="p1",
+        pms_patient_id=pid,
+        first_name="Ann",
+        last_name="Lee",
+        phones=[Phone("+447700900123", PhoneType.MOBILE)],
+        last_eye_test_date=date(2024, 1, 1),
+    )
+    return Patient(**{**base, **kw})
+
+
+@pytest.fixture
+def practice(store: Store) -> str:
+    store.add_practice("p1", "Practice One", PmsKind.CSV, {"path": "/tmp/x"}, {"api_key": "s3cret-value"})
+    return "p1"
+
+
+def test_schema_is_migrated_by_code(store: Store) -> None:
+    with store.begin() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+    store.migrate()  # idempotent
+
+
+def test_credentials_are_encrypted_at_rest(store: Store, practice: str) -> None:
+    with store.begin() as conn:
+        blob = conn.execute(text("SELECT credentials FROM practices")).scalar_one()
+    assert b"s3cret-value" not in bytes(blob)
+    assert store.practice_credentials(practice) == {"api_key": "s3cret-value"}
+    assert "s3cret" not in repr(store.list_practices())
+
+
+def test_connecting_twice_needs_update(store: Store, practice: str) -> None:
+    with pytest.raises(PracticeExists):
+        store.add_practice(practice, "Again", PmsKind.CSV, {}, {})
+    store.add_practice(practice, "Renamed", PmsKind.CSV, {"path": "/y"}, {}, replace=True)
+    assert store.get_practice(practice).display_name == "Renamed"
+    with pytest.raises(PracticeNotFound):
+        store.get_practice("nope")
+
+
+def test_bad_practice_id_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError, match="not allowed"):
+        store.add_practice("Bad Id!", "x", PmsKind.CSV, {}, {})
+
+
+def test_writes_are_idempotent_and_count_what_changed(store: Store, practice: str) -> None:
+    read = ReadResult([_patient("1"), _patient("2")], [RejectedRow("line 4", "phone number is missing", {"a": "b"})])
+    first = store.write_patients(practice, "csv", read, "run-1")
+    assert (first.inserted, first.updated, first.unchanged, first.rejected) == (2, 0, 0, 1)
+    again = store.write_patients(practice, "csv", read, "run-2")
+    assert (again.inserted, again.updated, again.unchanged, again.rejected) == (0, 0, 2, 1)
+    changed = ReadResult([_patient("1", last_name="Lee-Smith"), _patient("2")], [])
+    third = store.write_patients(practice, "csv", changed, "run-3")
+    assert (third.inserted, third.updated, third.unchanged, third.rejected) == (0, 1, 1, 0)
+    with store.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM patients")).scalar_one() == 2
+        assert conn.execute(text("SELECT count(*) FROM rejected_rows")).scalar_one() == 0
+    assert [p.last_name for p in store.load_patients(practice)] == ["Lee-Smith", "Lee"]
+
+
+def test_recalls_replace_and_report_changes(store: Store, practice: str) -> None:
+    store.write_patients(practice, "csv", ReadResult([_patient("1"), _patient("2")], []), None)
+    recalls = [
+        Recall("1", date(2026, 1, 1), "computed", "default", 24),
+        Recall("2", date(2025, 1, 1), "pms", "pms", None),
+    ]
+    assert store.write_recalls(practice, recalls) == 2
+    assert store.write_recalls(practice, recalls) == 0
+    assert store.write_recalls(practice, recalls[:1]) == 1  # the dropped one
+    summary = store.recall_summary(practice, date(2026, 6, 1))
+    assert summary == {"total": 1, "due_now": 1, "due_30_days": 0, "from_pms": 0, "computed": 1}
+
+
+def test_export_shape(store: Store, practice: str) -> None:
+    store.write_patients(
+        practice,
+        "csv",
+        ReadResult([_patient("1", risk_flags=["diabetic"])], [RejectedRow("l3", "bad", {"x": 1})]),
+        None,
+    )
+    store.write_recalls(practice, [Recall("1", date(2025, 1, 1), "computed", "diabetic", 12)])
+    data = store.export_practice(practice)
+    assert data["practice_id"] == "p1"
+    p = data["patients"][0]
+    assert p["phones"] == ["+447700900123"] and p["last_eye_test_date"] == "2024-01-01"
+    assert (p["recall_due_date"], p["recall_source"], p["risk_flags"]) == ("2025-01-01", "computed", ["diabetic"])
+    assert data["rejected_rows"][0]["reason"] == "bad" and data["rejected_rows"][0]["raw"] == {"x": 1}
