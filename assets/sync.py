@@ -56,6 +56,7 @@ def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGatew
         ) from None
     counts = db.write_patients(practice_id, str(practice.pms_kind), result, context.run_id)
     reasons = Counter(mask_reason(r.reason) for r in result.rejected)
+    unknown_risk = Counter(v for p in result.patients for v in p.unknown_risk_values)
     callable_share = sum(1 for p in result.patients if p.phones) / len(result.patients) if result.patients else 0.0
     context.log.info(
         f"{practice_id} ({practice.pms_kind}): read {result.rows_read}, inserted {counts.inserted}, "
@@ -72,6 +73,7 @@ def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGatew
             "rejected": counts.rejected,
             "callable_share": round(callable_share, 4),
             "duration_seconds": round(time.monotonic() - started, 3),
+            "unknown_risk_values": MetadataValue.json(dict(unknown_risk.most_common(50))),
             "rejection_reasons": MetadataValue.md(
                 "\n".join(f"- {n} × {r}" for r, n in reasons.most_common(20)) or "none"
             ),

@@ -114,6 +114,7 @@ def sync_practice(practice_id: str, trigger: str = "sync_now") -> SyncOutcome:
         instance=instance,
         tags={"practice": practice_id, "pms": str(practice.pms_kind), "trigger": trigger},
         raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
     )
     metadata: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():

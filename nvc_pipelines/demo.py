@@ -115,8 +115,9 @@ def run_dagster_dev(port: int) -> int:
     exe = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
     cmd = [exe, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
     click.echo(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C stops it)")
+    env = {**os.environ, "NVC_HOME": str(nvc_home())}  # run processes must find the same store
     try:
-        return subprocess.call(cmd, cwd=_repo_root(), env=os.environ.copy())
+        return subprocess.call(cmd, cwd=_repo_root(), env=env)
     except KeyboardInterrupt:
         return 0
 

@@ -91,6 +91,38 @@ def test_cli_errors_are_one_clear_line(demo_home) -> None:
     assert bad.exit_code == 1
     assert "Connection failed" in bad.output and "wrong-key-123" not in bad.output
 
+    # The demo's sandbox has stopped: a sync fails naming the PMS and what to check; data stays.
+    before = json.loads(runner.invoke(main, ["export", "demo-optix"]).output)
+    down = runner.invoke(main, ["sync", "demo-optix"])
+    assert down.exit_code == 1
+    assert "Optix (practice demo-optix): Connection failed" in down.output and "Check:" in down.output
+    assert json.loads(runner.invoke(main, ["export", "demo-optix"]).output) == before
+
+
+def test_wrong_api_key_is_refused_and_nothing_is_saved(demo_home) -> None:
+    from nvc_pipelines.sandboxes.optix import OptixSandbox
+
+    runner, _ = demo_home
+    with OptixSandbox(practices={"OPX-9": 5}, api_keys={"right-key": "OPX-9"}) as sandbox:
+        args = ["practice", "connect", "new-optix", "--pms", "optix", "--setting", "practice_id=OPX-9"]
+        args += ["--setting", f"api_url={sandbox.url}"]
+        wrong = runner.invoke(main, args, env={"NVC_PMS_API_KEY": "wrong-key-456"})
+        assert wrong.exit_code == 1
+        assert "API key was rejected" in wrong.output and "wrong-key-456" not in wrong.output
+        assert "new-optix" not in runner.invoke(main, ["practice", "list"]).output
+
+        right = runner.invoke(main, args, env={"NVC_PMS_API_KEY": "right-key"})
+        assert right.exit_code == 0, right.output
+        assert runner.invoke(main, ["sync", "new-optix"]).exit_code == 0
+    assert "new-optix" in runner.invoke(main, ["practice", "list"]).output
+
+
+def test_store_down_is_one_clear_line(nvc_env, monkeypatch) -> None:
+    monkeypatch.setenv("NVC_DATABASE_URL", "postgresql://nvc@127.0.0.1:9/nvc")
+    result = CliRunner().invoke(main, ["practice", "list"])
+    assert result.exit_code == 1
+    assert "Cannot reach the store's PostgreSQL" in result.output and "Traceback" not in result.output
+
 
 def test_csv_template_and_csv_export(demo_home, tmp_path: Path) -> None:
     runner, _ = demo_home

@@ -1,0 +1,110 @@
+""" "Sync Now" as ops press it: a partition launched on the real webserver, run by the real daemon.
+
+`dagster dev -w workspace.yaml` runs against the persistent dagster-postgres instance on the
+embedded store, exactly as `nvc dev` starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from dagster import DagsterRunStatus
+from dagster_graphql import DagsterGraphQLClient
+
+from nvc_pipelines import app
+from nvc_pipelines.instance import ensure_dagster_home, get_instance
+from nvc_pipelines.model import PmsKind
+from nvc_pipelines.store.embedded import stop_server
+from resources.csv_source import template_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dagster_dev(nvc_env: Path):
+    app.open_store()
+    ensure_dagster_home()
+    port = _free_port()
+    log = (nvc_env / "dagster-dev.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=REPO,
+        env={**os.environ, "NVC_HOME": str(nvc_env)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (nvc_env / "dagster-dev.log").read_text()
+        time.sleep(0.5)
+    else:
+        pytest.fail("dagster dev did not start:\n" + (nvc_env / "dagster-dev.log").read_text())
+    yield port
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    stop_server()
+
+
+def test_materialising_a_partition_on_the_webserver_syncs_the_practice(dagster_dev: int, tmp_path: Path) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "export.csv").write_text(template_text(), encoding="utf-8")
+    app.connect_practice("web-csv", PmsKind.CSV, "Web CSV", {"path": str(drop)}, {})
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=dagster_dev)
+    run_id = client.submit_job_execution(
+        "practice_sync",
+        repository_location_name="nvc_pipelines",
+        repository_name="__repository__",
+        tags={"dagster/partition": "web-csv", "practice": "web-csv", "trigger": "sync_now"},
+    )
+    deadline = time.monotonic() + 120
+    status = client.get_run_status(run_id)
+    while status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = client.get_run_status(run_id)
+    assert status == DagsterRunStatus.SUCCESS
+
+    exported = app.open_store().export_practice("web-csv")
+    assert sorted(p["last_name"] for p in exported["patients"]) == ["Jones", "O'Neill"]
+    instance = get_instance()
+    run = instance.get_run_by_id(run_id)
+    assert run.tags["dagster/partition"] == "web-csv"
+    materialised = {
+        e.asset_materialization.asset_key.to_user_string()
+        for e in instance.all_logs(run_id)
+        if e.is_dagster_event and e.dagster_event.is_step_materialization
+    }
+    assert materialised == {"patients", "recalls"}
