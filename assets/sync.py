@@ -1,23 +1,36 @@
-"""The practice sync: `patients` from the practice's PMS into the store, then `recalls` from them."""
+"""The practice sync, per practice partition.
+
+`patients`, `appointments` and `clinical_records` are read from the practice's PMS (incrementally
+after the first sync, with a periodic full reconcile), `recalls` is computed from patients and
+their clinical records, and `call_list` from recalls and booked appointments. Each asset records
+what it did as materialisation metadata, which the UI plots over time.
+"""
 
 import re
 import time
 from collections import Counter
-from datetime import date
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
+from typing import Any
 
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
 from assets.partitions import practices_partitions
-from nvc_pipelines.recall import RecallConfigError, RecallRules, compute_recall
+from nvc_pipelines.model import Practice, ReadResult, RejectedRow
+from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
 from nvc_pipelines.store import PracticeNotFound, Store
+from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS, StreamSpec, VolumeDropRefused
+from nvc_pipelines.sync import full_every, max_drop_share, next_cursor, plan_sync
 from resources.gateway import PmsGateway, UnsupportedPms
-from resources.protocol import PmsError
+from resources.protocol import PmsClient, PmsError
 from resources.store import StoreResource
 
 GROUP = "practice_sync"
+FULL_SYNC_TAG = "nvc/full_sync"
+ALLOW_DROP_TAG = "nvc/allow_drop"
 
 
-def _connected_practice(store: Store, practice_id: str):
+def _connected_practice(store: Store, practice_id: str) -> Practice:
     try:
         practice = store.get_practice(practice_id)
     except PracticeNotFound as exc:
@@ -32,21 +45,39 @@ def mask_reason(reason: str) -> str:
     return re.sub(r"'[^']*'", "'…'", reason)
 
 
-@asset(
-    partitions_def=practices_partitions,
-    group_name=GROUP,
-    kinds={"postgres"},
-    description="The practice's patients, read from its PMS, normalised and merged into the store.",
-)
-def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
+def _reasons_md(rejected: Sequence[RejectedRow]) -> MetadataValue:
+    reasons = Counter(mask_reason(r.reason) for r in rejected)
+    return MetadataValue.md("\n".join(f"- {n} × {r}" for r, n in reasons.most_common(20)) or "none")
+
+
+def sync_stream(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    pms: PmsGateway,
+    spec: StreamSpec,
+    read: Callable[[PmsClient, datetime | None], tuple[Sequence[Any], Sequence[RejectedRow], str]],
+    extra: Callable[[Sequence[Any]], dict[str, Any]] | None = None,
+    prepare: Callable[[Store, str, list[Any], list[RejectedRow]], int] | None = None,
+) -> MaterializeResult:
+    """Plan (full or incremental), read through the PMS resource, merge into the store with the
+    cursor in one transaction, and report what happened."""
     started = time.monotonic()
     practice_id = context.partition_key
     db = store.open()
     practice = _connected_practice(db, practice_id)
+    tags = context.run.tags
+    state = db.stream_state(practice_id, spec.name)
+    plan = plan_sync(
+        state.cursor_at,
+        state.last_full_sync_at,
+        datetime.now(UTC),
+        force_full=tags.get(FULL_SYNC_TAG) == "true",
+        full_every=full_every(practice.settings),
+    )
     try:
         client = pms.open(practice, db.practice_credentials(practice_id))
         try:
-            result = client.read_patients(since=None, today=date.today())
+            records, rejected, source_ref = read(client, plan.since)
         finally:
             client.close()
     except (PmsError, UnsupportedPms) as exc:
@@ -54,39 +85,116 @@ def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGatew
             description=str(exc),
             metadata={"pms": str(practice.pms_kind), "problem": getattr(exc, "problem", "unsupported_pms")},
         ) from None
-    counts = db.write_patients(practice_id, str(practice.pms_kind), result, context.run_id)
-    reasons = Counter(mask_reason(r.reason) for r in result.rejected)
-    unknown_risk = Counter(v for p in result.patients for v in p.unknown_risk_values)
-    callable_share = sum(1 for p in result.patients if p.phones) / len(result.patients) if result.patients else 0.0
+    matched = prepare(db, practice_id, records, rejected) if prepare else 0
+    guard = None if tags.get(ALLOW_DROP_TAG) == "true" else max_drop_share(practice.settings)
+    try:
+        counts = db.write_stream(
+            practice_id,
+            spec,
+            records,
+            rejected,
+            source=str(practice.pms_kind),
+            source_ref=source_ref,
+            run_id=context.run_id,
+            full=plan.full,
+            cursor_at=next_cursor(getattr(r, "source_updated_at", None) for r in records),
+            max_drop_share=guard,
+        )
+    except VolumeDropRefused as exc:
+        raise Failure(description=f"{practice.pms_kind} (practice {practice_id}): {exc}") from None
+    rows_read = len(records) + len(rejected)
     context.log.info(
-        f"{practice_id} ({practice.pms_kind}): read {result.rows_read}, inserted {counts.inserted}, "
-        f"updated {counts.updated}, unchanged {counts.unchanged}, rejected {counts.rejected}"
+        f"{practice_id} ({practice.pms_kind}) {spec.name}, {plan.reason}: read {rows_read}, inserted {counts.inserted}, "
+        f"updated {counts.updated}, unchanged {counts.unchanged}, rejected {counts.rejected}, "
+        f"deactivated {counts.deactivated}"
     )
     return MaterializeResult(
         metadata={
             "pms": str(practice.pms_kind),
-            "source": result.source_ref or str(practice.pms_kind),
-            "rows_read": result.rows_read,
+            "mode": "full" if plan.full else "incremental",
+            "plan": plan.reason,
+            "source": source_ref or str(practice.pms_kind),
+            "rows_read": rows_read,
             "inserted": counts.inserted,
             "updated": counts.updated,
             "unchanged": counts.unchanged,
             "rejected": counts.rejected,
-            "callable_share": round(callable_share, 4),
+            "deactivated": counts.deactivated,
             "duration_seconds": round(time.monotonic() - started, 3),
-            "unknown_risk_values": MetadataValue.json(dict(unknown_risk.most_common(50))),
-            "rejection_reasons": MetadataValue.md(
-                "\n".join(f"- {n} × {r}" for r, n in reasons.most_common(20)) or "none"
-            ),
+            "matched_to_existing": matched,
+            "rejection_reasons": _reasons_md(rejected),
+            **(extra(records) if extra else {}),
         }
     )
+
+
+def _read_patients(client: PmsClient, since: datetime | None):
+    result = client.read_patients(since, date.today())
+    return result.patients, result.rejected, result.source_ref
+
+
+def _match_patients(db: Store, practice_id: str, records: list[Any], rejected: list[RejectedRow]) -> int:
+    """Rows without a PMS id take the identity of the stored patient they match (phone + name/DOB)."""
+    result = ReadResult(records, rejected)
+    return db.remap_derived_identities(practice_id, result)
+
+
+def _patient_extra(records: Sequence[Any]) -> dict[str, Any]:
+    unknown = Counter(v for p in records for v in p.unknown_risk_values)
+    callable_share = sum(1 for p in records if p.phones) / len(records) if records else 0.0
+    return {
+        "callable_share": round(callable_share, 4),
+        "unknown_risk_values": MetadataValue.json(dict(unknown.most_common(50))),
+    }
+
+
+def _read_appointments(client: PmsClient, since: datetime | None):
+    batch = client.read_appointments(since)
+    return batch.records, batch.rejected, batch.source_ref
+
+
+def _read_clinical(client: PmsClient, since: datetime | None):
+    batch = client.read_clinical_records(since)
+    return batch.records, batch.rejected, batch.source_ref
 
 
 @asset(
     partitions_def=practices_partitions,
     group_name=GROUP,
-    deps=[patients],
     kinds={"postgres"},
-    description="Each patient's next sight test: the PMS's recall date, or computed from UK intervals.",
+    description="The practice's patients, read from its PMS, normalised and merged into the store.",
+)
+def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
+    return sync_stream(context, store, pms, PATIENTS, _read_patients, _patient_extra, _match_patients)
+
+
+@asset(
+    partitions_def=practices_partitions,
+    group_name=GROUP,
+    kinds={"postgres"},
+    description="The practice's diary from its PMS: past tests, cancellations, and bookings still to come.",
+)
+def appointments(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
+    return sync_stream(context, store, pms, APPOINTMENTS, _read_appointments)
+
+
+@asset(
+    partitions_def=practices_partitions,
+    group_name=GROUP,
+    kinds={"postgres"},
+    description="Exams and clinical entries from the PMS: flags, notes and pressures.",
+)
+def clinical_records(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
+    return sync_stream(context, store, pms, CLINICAL_RECORDS, _read_clinical)
+
+
+@asset(
+    partitions_def=practices_partitions,
+    group_name=GROUP,
+    deps=[patients, clinical_records],
+    kinds={"postgres"},
+    description="Each patient's next sight test: the PMS's recall date, or computed from UK intervals "
+    "(flags from the PMS and inferred from clinical notes), with the reason.",
 )
 def recalls(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
     started = time.monotonic()
@@ -97,24 +205,48 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
         rules = RecallRules.from_settings(practice.settings)
     except RecallConfigError as exc:
         raise Failure(description=f"practice {practice_id}: {exc}") from None
-    today = date.today()
     patient_rows = db.load_patients(practice_id)
-    computed = [compute_recall(p, rules) for p in patient_rows]
-    recalls_ = [r for r in computed if r is not None]
-    changed = db.write_recalls(practice_id, recalls_)
-    summary = db.recall_summary(practice_id, today)
-    by_rule = Counter(r.rule for r in recalls_)
+    clinical = db.load_clinical_records(practice_id)
+    computed = [recall_with_clinical(p, clinical.get(p.pms_patient_id, []), rules) for p in patient_rows]
+    found = [r for r in computed if r is not None]
+    changed = db.write_recalls(practice_id, found)
+    summary = db.recall_summary(practice_id, date.today())
     return MaterializeResult(
         metadata={
             "patients": len(patient_rows),
             "recalls": summary["total"],
-            "without_recall": len(patient_rows) - len(recalls_),
+            "without_recall": len(patient_rows) - len(found),
             "changed": changed,
             "due_now": summary["due_now"],
             "due_next_30_days": summary["due_30_days"],
             "from_pms": summary["from_pms"],
             "computed": summary["computed"],
-            "by_rule": MetadataValue.json(dict(sorted(by_rule.items()))),
+            "with_inferred_flags": sum(1 for r in found if r.inferred_flags),
+            "by_rule": MetadataValue.json(dict(sorted(Counter(r.rule for r in found).items()))),
+            "duration_seconds": round(time.monotonic() - started, 3),
+        }
+    )
+
+
+@asset(
+    partitions_def=practices_partitions,
+    group_name=GROUP,
+    deps=[recalls, appointments],
+    kinds={"postgres"},
+    description="Who the AI caller phones: due or overdue, callable, and not already booked in the PMS.",
+)
+def call_list(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
+    started = time.monotonic()
+    practice_id = context.partition_key
+    db = store.open()
+    _connected_practice(db, practice_id)
+    counts = db.rebuild_call_list(practice_id, date.today())
+    return MaterializeResult(
+        metadata={
+            "listed": counts["listed"],
+            "due_or_overdue": counts["due"],
+            "excluded_no_phone": counts["no_phone"],
+            "excluded_already_booked": counts["already_booked"],
             "duration_seconds": round(time.monotonic() - started, 3),
         }
     )

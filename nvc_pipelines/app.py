@@ -26,9 +26,9 @@ class SettingsError(ValueError):
 
 
 def _gateway():
-    from nvc_pipelines.definitions import resources
+    from nvc_pipelines.definitions import pms_gateway
 
-    return resources["pms"]
+    return pms_gateway()
 
 
 def open_store() -> Store:
@@ -97,7 +97,37 @@ class SyncOutcome:
     error: str | None
 
 
-def sync_practice(practice_id: str, trigger: str = "sync_now") -> SyncOutcome:
+def actor() -> str:
+    """Who is acting, for the audit log: the operator's login for CLI calls."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        return "cli:unknown"
+
+
+def export_data(practice_id: str | None, group_id: str | None = None) -> dict[str, Any]:
+    """One practice's export, or a group's: each location's export under `practices`, audited."""
+    store = open_store()
+    if group_id:
+        members = store.group_practices(group_id)
+        data: dict[str, Any] = {"group_id": group_id, "practices": [store.export_practice(p) for p in members]}
+        data["patients"] = [p for d in data["practices"] for p in d["patients"]]
+        data["rejected_rows"] = [r for d in data["practices"] for r in d["rejected_rows"]]
+        audited = members
+    else:
+        data = store.export_practice(practice_id)
+        audited = [practice_id]
+    with store.begin() as conn:
+        for pid in audited:
+            store.audit(conn, actor(), pid, "export", detail={"group": group_id} if group_id else {})
+    return data
+
+
+def sync_practice(
+    practice_id: str, trigger: str = "sync_now", *, full: bool = False, allow_drop: bool = False
+) -> SyncOutcome:
     """Materialise the practice's partition now, on the persistent instance (it shows in the UI's runs)."""
     from nvc_pipelines.definitions import defs
 
@@ -112,7 +142,13 @@ def sync_practice(practice_id: str, trigger: str = "sync_now") -> SyncOutcome:
     result = job.execute_in_process(
         partition_key=practice_id,
         instance=instance,
-        tags={"practice": practice_id, "pms": str(practice.pms_kind), "trigger": trigger},
+        tags={
+            "practice": practice_id,
+            "pms": str(practice.pms_kind),
+            "trigger": trigger,
+            **({"nvc/full_sync": "true"} if full else {}),
+            **({"nvc/allow_drop": "true"} if allow_drop else {}),
+        },
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
     )

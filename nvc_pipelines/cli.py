@@ -26,6 +26,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from resources.protocol import PmsError
 
     return (
+        ValueError,  # the store's and the model's refusals of bad ids and arguments
         SettingsError,
         SecretKeyError,
         RecallConfigError,
@@ -94,7 +95,10 @@ def _read_secrets(names: tuple[str, ...]) -> dict[str, str]:
 @click.option("--name", default=None, help="Display name (default: the practice id).")
 @click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE", help="Non-secret setting; repeat.")
 @click.option("--update", is_flag=True, help="Replace the settings of an already connected practice.")
-def practice_connect(practice_id: str, kind: str, name: str | None, settings: tuple[str, ...], update: bool) -> None:
+@click.option("--group", "group_id", default=None, help="Add the practice to this practice group.")
+def practice_connect(
+    practice_id: str, kind: str, name: str | None, settings: tuple[str, ...], update: bool, group_id: str | None
+) -> None:
     """Test the connection to a practice's PMS and, if it works, register the practice for syncing.
 
     Secrets (API keys, passwords) are read from NVC_PMS_<NAME> environment variables or standard input.
@@ -106,6 +110,8 @@ def practice_connect(practice_id: str, kind: str, name: str | None, settings: tu
     _, _, secret_names = app.pms_requirements(pms)
     secrets = _read_secrets(secret_names)
     practice_, info = app.connect_practice(practice_id, pms, name or practice_id, parsed, secrets, replace=update)
+    if group_id:
+        app.open_store().set_group(practice_id, group_id)
     detail = ", ".join(x for x in (info.practice_name, info.version and f"version {info.version}", info.detail) if x)
     click.secho(f"Connected {practice_.practice_id} ({info.pms}){': ' + detail if detail else ''}", fg="green")
     click.echo("Its partition is registered: sync now with `nvc sync " + practice_id + "` or from the Dagster UI.")
@@ -151,26 +157,31 @@ def print_outcome(practice_id: str, outcome) -> None:
 
 @main.command("sync")
 @click.argument("practice_id")
-def sync(practice_id: str) -> None:
+@click.option("--full", is_flag=True, help="Read everything and reconcile, instead of what changed.")
+@click.option("--allow-drop", is_flag=True, help="Accept a full read that deactivates many patients.")
+def sync(practice_id: str, full: bool, allow_drop: bool) -> None:
     """Sync a practice now ("Sync Now"): materialise its partition, recorded in the Dagster run history."""
     from nvc_pipelines.app import sync_practice
 
-    click.echo(f"Syncing {practice_id}...")
-    print_outcome(practice_id, sync_practice(practice_id))
+    click.echo(f"Syncing {practice_id}{' (full)' if full else ''}...")
+    print_outcome(practice_id, sync_practice(practice_id, full=full, allow_drop=allow_drop))
 
 
 @main.command("export")
-@click.argument("practice_id")
+@click.argument("practice_id", required=False)
+@click.option("--group", "group_id", default=None, help="Export every location of a practice group together.")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def export(practice_id: str, fmt: str, output: Path | None) -> None:
+def export(practice_id: str | None, group_id: str | None, fmt: str, output: Path | None) -> None:
     """Everything held about a practice's patients (and its rejected rows), as JSON or CSV.
 
     CSV writes patients to OUTPUT and rejected rows beside it as <name>-rejected.csv.
     """
-    from nvc_pipelines.app import export_csv, open_store
+    from nvc_pipelines.app import export_csv, export_data
 
-    data = open_store().export_practice(practice_id)
+    if bool(practice_id) == bool(group_id):
+        _fail("give a PRACTICE_ID or --group GROUP_ID")
+    data = export_data(practice_id, group_id)
     if fmt == "json":
         text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
         if output:
@@ -201,6 +212,102 @@ def csv_template(path: Path | None) -> None:
         click.echo(f"Wrote {path}")
     else:
         click.echo(template_text(), nl=False)
+
+
+@main.command("call-list")
+@click.argument("practice_id")
+def call_list_cmd(practice_id: str) -> None:
+    """Who the AI caller phones for a practice, most overdue first (as of the last sync)."""
+    from nvc_pipelines.app import open_store
+
+    rows = open_store().call_list(practice_id)
+    click.echo(f"{len(rows)} patient(s) to call")
+    for r in rows:
+        click.echo(f"{r['pms_patient_id']:24} {r['due_date']}  {r['days_overdue']:>5}d overdue  {r['reason']}")
+
+
+@main.command("rejected")
+@click.argument("practice_id")
+def rejected_cmd(practice_id: str) -> None:
+    """Rows the practice's last syncs could not import, with the reason for each."""
+    from nvc_pipelines.app import open_store
+
+    rows = open_store().export_practice(practice_id)["rejected_rows"]
+    click.echo(f"{len(rows)} rejected row(s)")
+    for r in rows:
+        click.echo(f"{r['source']:22} {r['row_ref']:34} {r['reason']}")
+
+
+@main.command("duplicates")
+@click.argument("practice_id")
+def duplicates_cmd(practice_id: str) -> None:
+    """Records that look like the same person (shared phone plus name, or name plus date of birth)."""
+    from nvc_pipelines.app import open_store
+
+    pairs = open_store().duplicates(practice_id)
+    click.echo(f"{len(pairs)} possible duplicate(s)")
+    for d in pairs:
+        click.echo(f"keep {d.keep:24} merge {d.other:24} ({d.reason})  ->  nvc merge {practice_id} {d.keep} {d.other}")
+
+
+@main.command("merge")
+@click.argument("practice_id")
+@click.argument("keep_id")
+@click.argument("merged_id")
+def merge_cmd(practice_id: str, keep_id: str, merged_id: str) -> None:
+    """Merge MERGED_ID into KEEP_ID (PMS patient ids); audited and undoable with `nvc unmerge`."""
+    from nvc_pipelines.app import actor, open_store
+
+    merge_id = open_store().merge_patients(practice_id, keep_id, merged_id, actor())
+    click.echo(
+        f"Merged {merged_id} into {keep_id} (merge {merge_id}; undo with `nvc unmerge {practice_id} {merge_id}`)"
+    )
+
+
+@main.command("unmerge")
+@click.argument("practice_id")
+@click.argument("merge_id", type=int)
+def unmerge_cmd(practice_id: str, merge_id: int) -> None:
+    """Undo a merge."""
+    from nvc_pipelines.app import actor, open_store
+
+    open_store().undo_merge(practice_id, merge_id, actor())
+    click.echo(f"Undid merge {merge_id}")
+
+
+@main.group(cls=_Group)
+def group() -> None:
+    """Practice groups: one owner's several locations, listed and exported together."""
+
+
+@group.command("create")
+@click.argument("group_id")
+@click.option("--name", default=None)
+def group_create(group_id: str, name: str | None) -> None:
+    from nvc_pipelines.app import open_store
+
+    open_store().add_group(group_id, name or group_id)
+    click.echo(f"Group {group_id} ready; add locations with `nvc group add {group_id} PRACTICE_ID...`")
+
+
+@group.command("add")
+@click.argument("group_id")
+@click.argument("practice_ids", nargs=-1, required=True)
+def group_add(group_id: str, practice_ids: tuple[str, ...]) -> None:
+    from nvc_pipelines.app import open_store
+
+    store = open_store()
+    for practice_id in practice_ids:
+        store.set_group(practice_id, group_id)
+    click.echo(f"Group {group_id}: {', '.join(store.group_practices(group_id))}")
+
+
+@group.command("list")
+def group_list() -> None:
+    from nvc_pipelines.app import open_store
+
+    for g in open_store().groups():
+        click.echo(f"{g['group_id']:20} {g['display_name']:30} {', '.join(g['practices']) or '(no locations)'}")
 
 
 # --- local services -------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ from dagster import Definitions, EnvVar
 
 import assets.definitions as sync_domain
 import schedules.definitions as scheduling_domain
+from resources.acuitas import AcuitasResource
 from resources.csv_source import CsvResource
 from resources.gateway import PmsGateway
 from resources.optix import OptixResource
 from resources.store import StoreResource
+from resources.sycle import SycleResource
 
 
 def _store() -> StoreResource:
@@ -21,9 +23,11 @@ def _store() -> StoreResource:
     )
 
 
-resources = {
-    "store": _store(),
-    "pms": PmsGateway(csv=CsvResource(), optix=OptixResource()),
-}
+def pms_gateway() -> PmsGateway:
+    """Every PMS resource with its deployment-wide defaults (per-practice settings live in the store)."""
+    return PmsGateway(csv=CsvResource(), optix=OptixResource(), acuitas=AcuitasResource(), sycle=SycleResource())
+
+
+resources = {"store": _store(), "pms": pms_gateway()}
 
 defs = Definitions.merge(sync_domain.defs, scheduling_domain.defs, Definitions(resources=resources))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class PmsKind(StrEnum):
@@ -106,3 +108,114 @@ class Recall:
     recall_source: str  # "pms" or "computed"
     rule: str
     interval_months: int | None
+    reason: str = ""
+    flags: tuple[str, ...] = ()
+    inferred_flags: tuple[str, ...] = ()
+
+
+class AppointmentStatus(StrEnum):
+    BOOKED = "booked"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    NO_SHOW = "no_show"
+
+
+APPOINTMENT_TYPES: frozenset[str] = frozenset({"eye_test", "contact_lens", "follow_up", "collection", "other"})
+
+
+@dataclass(slots=True)
+class Appointment:
+    """An appointment in the PMS diary. Times are timezone-aware (UTC once normalised).
+
+    `nvc_reference` is the idempotency key NVC wrote into the PMS record when it made the booking,
+    read back so the next sync links the appointment to the booking instead of duplicating it.
+    """
+
+    practice_id: str
+    pms_appointment_id: str
+    pms_patient_id: str
+    starts_at: datetime
+    ends_at: datetime
+    status: AppointmentStatus
+    appointment_type: str = "eye_test"
+    clinician: str | None = None
+    notes: str | None = None
+    nvc_reference: str | None = None
+    source_updated_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class ClinicalRecord:
+    """One examination or clinical entry: flags the PMS set, free-text notes, measurements."""
+
+    practice_id: str
+    pms_record_id: str
+    pms_patient_id: str
+    exam_date: date
+    record_type: str = "sight_test"
+    flags: list[str] = field(default_factory=list)
+    unknown_flags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    iop_right_mmhg: float | None = None
+    iop_left_mmhg: float | None = None
+    clinician: str | None = None
+    source_updated_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class RecordBatch(Generic[T]):  # noqa: UP046 (Python 3.11)
+    """Records of one kind read from a source, plus the rows that could not be read, nothing dropped."""
+
+    records: list[T] = field(default_factory=list)
+    rejected: list[RejectedRow] = field(default_factory=list)
+    source_ref: str = ""
+
+    @property
+    def rows_read(self) -> int:
+        return len(self.records) + len(self.rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class BookingRequest:
+    """An appointment booked on an AI call, to be created in the PMS exactly once.
+
+    `idempotency_key` is written into the PMS record (a reference or notes field, per dialect) so a
+    retry after a lost response finds the first write instead of booking twice.
+    """
+
+    idempotency_key: str
+    pms_patient_id: str
+    starts_at: datetime
+    ends_at: datetime
+    appointment_type: str = "eye_test"
+    clinician_ref: str | None = None
+    notes: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BookingResult:
+    pms_appointment_id: str
+    created: bool  # False when an earlier attempt had already created it
+
+
+class NoteKind(StrEnum):
+    CALL_OUTCOME = "call_outcome"
+    CALL_ATTEMPT = "call_attempt"
+
+
+@dataclass(frozen=True, slots=True)
+class PatientNote:
+    """A call outcome note or call attempt log for the patient's record in the PMS."""
+
+    idempotency_key: str
+    pms_patient_id: str
+    kind: NoteKind
+    occurred_at: datetime
+    text: str
+    outcome: str | None = None  # e.g. "booked", "no_answer", "voicemail", "declined", "wrong_number"
+
+
+@dataclass(frozen=True, slots=True)
+class NoteResult:
+    pms_note_id: str
+    created: bool

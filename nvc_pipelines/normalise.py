@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import phonenumbers
 from phonenumbers import PhoneNumberType
 
-from nvc_pipelines.model import RISK_FLAGS, Patient, Phone, PhoneType, ReadResult, RejectedRow
+from nvc_pipelines.model import (
+    APPOINTMENT_TYPES,
+    RISK_FLAGS,
+    Appointment,
+    AppointmentStatus,
+    ClinicalRecord,
+    Patient,
+    Phone,
+    PhoneType,
+    ReadResult,
+    RecordBatch,
+    RejectedRow,
+)
 
 
 class InvalidValue(ValueError):
@@ -325,3 +338,200 @@ def collect(
             continue
         result.patients.append(patient)
     return result
+
+
+UK_TZ = ZoneInfo("Europe/London")
+_DATETIME_FORMATS = ("%d/%m/%Y %H:%M", "%d/%m/%Y %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%d-%m-%Y %H:%M")
+
+
+def parse_pms_datetime(raw: str | datetime | None, field_name: str) -> datetime:
+    """A PMS timestamp as an aware UTC datetime. ISO with an offset keeps it; a time without one is
+    UK wall-clock time (GMT or BST on that date), which is how practice diaries are kept."""
+    if isinstance(raw, datetime):
+        value = raw
+    else:
+        text = str(raw or "").strip()
+        if not text:
+            raise InvalidValue(f"{field_name} is missing")
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            for fmt in _DATETIME_FORMATS:
+                try:
+                    value = datetime.strptime(text, fmt)
+                    break
+                except ValueError:
+                    continue
+            else:
+                raise InvalidValue(f"{field_name} {text!r} is not a date and time") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UK_TZ)
+    return value.astimezone(UTC)
+
+
+@dataclass(slots=True)
+class AppointmentDraft:
+    """An appointment as a dialect wrote it, before normalisation."""
+
+    pms_appointment_id: str | None
+    pms_patient_id: str | None
+    starts_at: str | datetime | None
+    ends_at: str | datetime | None = None
+    duration_minutes: int | None = None
+    status: str | None = None  # already mapped to an AppointmentStatus value by the dialect
+    appointment_type: str | None = None
+    clinician: str | None = None
+    notes: str | None = None
+    nvc_reference: str | None = None
+    updated_at: datetime | None = None
+
+
+def build_appointment(practice_id: str, draft: AppointmentDraft) -> Appointment:
+    reasons: list[str] = []
+    if not (draft.pms_appointment_id or "").strip():
+        reasons.append("appointment id is missing")
+    if not (draft.pms_patient_id or "").strip():
+        reasons.append("patient id is missing")
+    try:
+        starts = parse_pms_datetime(draft.starts_at, "start")
+    except InvalidValue as exc:
+        reasons.append(str(exc))
+        starts = None
+    ends = None
+    if draft.ends_at is not None:
+        try:
+            ends = parse_pms_datetime(draft.ends_at, "end")
+        except InvalidValue as exc:
+            reasons.append(str(exc))
+    elif starts is not None:
+        ends = starts + timedelta(minutes=draft.duration_minutes or 30)
+    if starts and ends and ends <= starts:
+        reasons.append(f"appointment ends ({ends.isoformat()}) before it starts ({starts.isoformat()})")
+    try:
+        status = AppointmentStatus(draft.status or "booked")
+    except ValueError:
+        reasons.append(f"appointment status {draft.status!r} is not known")
+        status = AppointmentStatus.BOOKED
+    if reasons:
+        raise InvalidValue("; ".join(reasons))
+    kind = draft.appointment_type if draft.appointment_type in APPOINTMENT_TYPES else "other"
+    return Appointment(
+        practice_id=practice_id,
+        pms_appointment_id=str(draft.pms_appointment_id).strip(),
+        pms_patient_id=str(draft.pms_patient_id).strip(),
+        starts_at=starts,
+        ends_at=ends,
+        status=status,
+        appointment_type=kind,
+        clinician=clean_name(draft.clinician) or None,
+        notes=(draft.notes or "").strip() or None,
+        nvc_reference=(draft.nvc_reference or "").strip() or None,
+        source_updated_at=draft.updated_at,
+    )
+
+
+@dataclass(slots=True)
+class ClinicalDraft:
+    """A clinical record as a dialect wrote it; `flags` are already mapped to canonical names where known."""
+
+    pms_record_id: str | None
+    pms_patient_id: str | None
+    exam_date: str | date | None
+    record_type: str | None = None
+    flags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    iop_right_mmhg: float | str | None = None
+    iop_left_mmhg: float | str | None = None
+    clinician: str | None = None
+    updated_at: datetime | None = None
+
+
+def _pressure(raw: float | str | None, side: str, reasons: list[str]) -> float | None:
+    if raw is None or str(raw).strip() == "":
+        return None
+    try:
+        value = float(str(raw).lower().replace("mmhg", "").strip())
+    except ValueError:
+        reasons.append(f"IOP {side} {raw!r} is not a number")
+        return None
+    if not 0 < value < 80:
+        reasons.append(f"IOP {side} {value} mmHg is outside 0-80")
+        return None
+    return value
+
+
+def build_clinical(practice_id: str, draft: ClinicalDraft, today: date) -> ClinicalRecord:
+    reasons: list[str] = []
+    if not (draft.pms_record_id or "").strip():
+        reasons.append("clinical record id is missing")
+    if not (draft.pms_patient_id or "").strip():
+        reasons.append("patient id is missing")
+    exam: date | None = None
+    try:
+        exam = draft.exam_date if isinstance(draft.exam_date, date) else parse_uk_date(draft.exam_date, "exam_date")
+        exam = require_past_date(exam, "exam_date", today)
+    except InvalidValue as exc:
+        reasons.append(str(exc))
+    right = _pressure(draft.iop_right_mmhg, "right", reasons)
+    left = _pressure(draft.iop_left_mmhg, "left", reasons)
+    if reasons:
+        raise InvalidValue("; ".join(reasons))
+    known = [f for f in dict.fromkeys(draft.flags) if f in RISK_FLAGS]
+    unknown = [f for f in dict.fromkeys(draft.flags) if f not in RISK_FLAGS]
+    return ClinicalRecord(
+        practice_id=practice_id,
+        pms_record_id=str(draft.pms_record_id).strip(),
+        pms_patient_id=str(draft.pms_patient_id).strip(),
+        exam_date=exam,
+        record_type=(draft.record_type or "sight_test").strip(),
+        flags=sorted(known),
+        unknown_flags=unknown,
+        notes=(draft.notes or "").strip() or None,
+        iop_right_mmhg=right,
+        iop_left_mmhg=left,
+        clinician=clean_name(draft.clinician) or None,
+        source_updated_at=draft.updated_at,
+    )
+
+
+def collect_records(
+    rows: Iterable[tuple[str, dict[str, Any], Any]],
+    build: Callable[[Any], Any],
+    identity: Callable[[Any], str],
+    *,
+    source_ref: str = "",
+) -> RecordBatch:
+    """Build each row with `build`; failures and repeated identities become rejected rows."""
+    batch: RecordBatch = RecordBatch(source_ref=source_ref)
+    seen: dict[str, str] = {}
+    for row_ref, raw, draft in rows:
+        try:
+            record = build(draft)
+        except InvalidValue as exc:
+            batch.rejected.append(RejectedRow(row_ref, str(exc), raw))
+            continue
+        first_ref = seen.setdefault(identity(record), row_ref)
+        if first_ref != row_ref:
+            batch.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref}", raw))
+            continue
+        batch.records.append(record)
+    return batch
+
+
+_NVC_MARKER = re.compile(r"\[NVC:([A-Za-z0-9_.:-]{1,80})\]")
+
+
+def nvc_marker(idempotency_key: str) -> str:
+    """The tag written into a PMS record's reference or notes field so NVC can find its own writes."""
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,80}", idempotency_key):
+        raise InvalidValue(f"idempotency key {idempotency_key!r} must be 1-80 letters, digits, '_.:-'")
+    return f"[NVC:{idempotency_key}]"
+
+
+def find_nvc_reference(*texts: str | None) -> str | None:
+    """The idempotency key in the first text that carries an NVC marker, if any."""
+    for text in texts:
+        match = _NVC_MARKER.search(text or "")
+        if match:
+            return match.group(1)
+    return None

@@ -8,13 +8,14 @@ override any interval through its settings (`recall_interval.<rule>=<months>`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import date
 
 from dateutil.relativedelta import relativedelta
 
-from nvc_pipelines.model import Patient, Recall
+from nvc_pipelines.model import ClinicalRecord, Patient, Recall
+from nvc_pipelines.tagging import infer_from_iop, infer_from_text, inferred_flags
 
 DEFAULT_INTERVALS: dict[str, int] = {
     "default": 24,
@@ -88,14 +89,58 @@ def applicable_rules(patient: Patient) -> list[str]:
     return rules
 
 
-def compute_recall(patient: Patient, rules: RecallRules) -> Recall | None:
-    """The patient's recall, or None when there is neither a PMS date nor a last eye test to count from."""
+def compute_recall(patient: Patient, rules: RecallRules, inferred: Mapping[str, str] | None = None) -> Recall | None:
+    """The patient's recall, or None when there is neither a PMS date nor a last eye test to count from.
+
+    `inferred` maps flags inferred from clinical notes (not set in the PMS) to their evidence; they
+    count like PMS flags, and the reason says when one decided the interval.
+    """
+    inferred = dict(inferred or {})
+    flags = tuple(sorted(set(patient.risk_flags) | set(inferred)))
     if patient.pms_recall_due_date is not None:
-        return Recall(patient.pms_patient_id, patient.pms_recall_due_date, "pms", "pms", None)
+        return Recall(
+            patient.pms_patient_id,
+            patient.pms_recall_due_date,
+            "pms",
+            "pms",
+            None,
+            "recall date set in the PMS",
+            flags,
+            tuple(sorted(inferred)),
+        )
     if patient.last_eye_test_date is None:
         return None
-    candidates = applicable_rules(patient)
+    candidates = applicable_rules(replace(patient, risk_flags=list(flags)))
     # Shortest interval wins; on a tie the most specific (last added) rule is named as the reason.
     rule = min(reversed(candidates), key=lambda r: rules.intervals[r])
     months = rules.intervals[rule]
-    return Recall(patient.pms_patient_id, add_months(patient.last_eye_test_date, months), "computed", rule, months)
+    reason = f"{rule}: {months} months after the last eye test on {patient.last_eye_test_date.isoformat()}"
+    if rule in inferred:
+        reason += f" (flag inferred from clinical notes: {inferred[rule]!r})"
+    return Recall(
+        patient.pms_patient_id,
+        add_months(patient.last_eye_test_date, months),
+        "computed",
+        rule,
+        months,
+        reason,
+        flags,
+        tuple(sorted(inferred)),
+    )
+
+
+def recall_with_clinical(patient: Patient, clinical: Sequence[ClinicalRecord], rules: RecallRules) -> Recall | None:
+    """Recall from the patient plus their clinical records: PMS flags on either count as set in the
+    PMS; flags inferred from notes and pressures are added (never overriding); the latest exam
+    stands in for a missing last eye test."""
+    pms_flags = set(patient.risk_flags) | {f for c in clinical for f in c.flags}
+    evidence = list(infer_from_text(patient.clinical_notes))
+    for record in sorted(clinical, key=lambda c: c.exam_date, reverse=True):
+        evidence += infer_from_text(record.notes)
+        evidence += infer_from_iop(record.iop_right_mmhg, record.iop_left_mmhg)
+    last_test = patient.last_eye_test_date
+    exams = [c.exam_date for c in clinical if c.record_type == "sight_test"]
+    if exams and (last_test is None or max(exams) > last_test):
+        last_test = max(exams)
+    merged = replace(patient, risk_flags=sorted(pms_flags), last_eye_test_date=last_test)
+    return compute_recall(merged, rules, inferred_flags(pms_flags, evidence))

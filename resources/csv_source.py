@@ -18,7 +18,18 @@ from typing import Any
 
 from dagster import ConfigurableResource
 
-from nvc_pipelines.model import PmsKind, Practice, ReadResult
+from nvc_pipelines.model import (
+    Appointment,
+    BookingRequest,
+    BookingResult,
+    ClinicalRecord,
+    NoteResult,
+    PatientNote,
+    PmsKind,
+    Practice,
+    ReadResult,
+    RecordBatch,
+)
 from nvc_pipelines.normalise import PatientDraft, collect
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
@@ -195,6 +206,29 @@ class CsvClient:
                 self.practice.practice_id, "no_file", f"no CSV file in {self.path}", "drop the export into the folder"
             )
         return parse_csv(self._read_text(newest), self.practice.practice_id, newest.name, today)
+
+    def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
+        """A CSV export carries no diary: always empty."""
+        return RecordBatch(source_ref="csv has no appointments")
+
+    def read_clinical_records(self, since: datetime | None) -> RecordBatch[ClinicalRecord]:
+        """Clinical notes and the last clinical test date ride on each patient row (see `read_patients`)."""
+        return RecordBatch(source_ref="csv clinical data is on patient rows")
+
+    def _no_writeback(self) -> PmsError:
+        return PmsError(
+            "CSV import",
+            self.practice.practice_id,
+            "writeback_unsupported",
+            "this practice sends a CSV export and has no PMS connection to write bookings or notes into.",
+            "connect the practice's PMS to write back; meanwhile the practice enters bookings by hand",
+        )
+
+    def create_appointment(self, booking: BookingRequest) -> BookingResult:
+        raise self._no_writeback()
+
+    def add_note(self, note: PatientNote) -> NoteResult:
+        raise self._no_writeback()
 
     def close(self) -> None:
         return None

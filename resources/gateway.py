@@ -5,9 +5,11 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 
 from nvc_pipelines.model import PmsKind, Practice
+from resources.acuitas import AcuitasResource
 from resources.csv_source import CsvResource
 from resources.optix import OptixResource
 from resources.protocol import PmsClient, PmsResourceBase
+from resources.sycle import SycleResource
 
 
 class UnsupportedPms(ValueError):
@@ -19,6 +21,8 @@ class PmsGateway(ConfigurableResource):
 
     csv: CsvResource
     optix: OptixResource
+    acuitas: AcuitasResource
+    sycle: SycleResource
 
     def resource_for(self, kind: PmsKind | str) -> PmsResourceBase:
         resource = getattr(self, str(kind), None)

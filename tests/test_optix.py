@@ -1,26 +1,40 @@
-"""Optix: the resource against the Optix sandbox over real loopback HTTP, and the shared seed data."""
+"""Optix: the resource against the Optix sandbox over real loopback HTTP, the shared PMS contract,
+and the shared seed data."""
 
 from __future__ import annotations
 
 import logging
 import math
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import httpx
 import phonenumbers
 import pytest
 
-from nvc_pipelines.model import PhoneType, PmsKind, Practice
-from nvc_pipelines.normalise import is_ofcom_drama_number, normalise_phone
+from nvc_pipelines.model import (
+    AppointmentStatus,
+    BookingRequest,
+    NoteKind,
+    NoteResult,
+    PatientNote,
+    PhoneType,
+    PmsKind,
+    Practice,
+)
+from nvc_pipelines.normalise import build_appointment, build_clinical, is_ofcom_drama_number, normalise_phone
 from nvc_pipelines.sandboxes.base import Faults
 from nvc_pipelines.sandboxes.optix import OptixSandbox
 from nvc_pipelines.sandboxes.seed import seed_patients
-from resources.optix import OptixClient, OptixResource
-from resources.protocol import PmsClient, PmsConnectionFailed
+from resources.optix import OptixClient, OptixResource, optix_appointment_draft, optix_clinical_draft
+from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
+from tests.pms_contract import PmsContract
 
 KEY = "optix-key-7Qx9-test-secret"  # distinctive, so a leak into a message or log is easy to spot
 OTHER_KEY = "optix-key-other-practice-3Fz"
@@ -276,9 +290,375 @@ def test_the_client_never_deletes(sandbox: OptixSandbox) -> None:
         client.read_patients(None, date.today())
         sandbox.touch("OPX-1001", 3)
         client.read_patients(datetime.now(UTC) - timedelta(minutes=1), date.today())
+        client.read_appointments(None)
+        client.read_clinical_records(None)
+        client.create_appointment(booking("P0000001", "never-deletes", 0, days_ahead=600))
+        client.add_note(PatientNote("never-deletes-note", "P0000001", NoteKind.CALL_ATTEMPT, NOW, "No answer"))
     assert sandbox.request_log
-    assert {method for method, _ in sandbox.request_log} == {"GET"}
+    assert {method for method, _ in sandbox.request_log} == {"GET", "POST"}
     assert not any(name.startswith(("delete", "remove")) for name in dir(OptixClient))
+
+
+# --- appointments and clinical records ---------------------------------------------------------------
+
+UK = ZoneInfo("Europe/London")
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def test_appointments_are_read_in_utc_with_statuses_and_types_mapped(sandbox: OptixSandbox) -> None:
+    rendered = {row["appointmentId"]: row for row in sandbox.appointments("OPX-2002")}
+    with open_client(sandbox.url, "OPX-2002", OTHER_KEY, page_size=100) as client:
+        batch = client.read_appointments(None)
+    assert batch.rejected == []
+    assert batch.source_ref == "optix:OPX-2002 appointments full"
+    assert {a.pms_appointment_id for a in batch.records} == set(rendered)
+    optix_status = {"Booked": "booked", "Completed": "completed", "Cancelled": "cancelled", "DNA": "no_show"}
+    optix_type = {"SIGHT_TEST": "eye_test", "CL_CHECK": "contact_lens"}
+    for appointment in batch.records:
+        row = rendered[appointment.pms_appointment_id]
+        assert row["start"].endswith("Z")
+        assert appointment.starts_at.utcoffset() == timedelta(0)
+        assert appointment.ends_at - appointment.starts_at == timedelta(minutes=row["durationMinutes"])
+        assert appointment.status == optix_status[row["status"]]
+        assert appointment.appointment_type == optix_type[row["type"]]
+        assert appointment.pms_patient_id == row["patientId"] and appointment.clinician == row["clinicianId"]
+        assert appointment.nvc_reference is None
+        # The diary is kept in UK wall-clock time: 09:00-16:30 locally, whatever the UTC hour.
+        local = appointment.starts_at.astimezone(UK)
+        assert 9 <= local.hour < 17 and local.minute in (0, 30)
+    statuses = Counter(a.status for a in batch.records)
+    assert set(statuses) == set(AppointmentStatus)
+    summer = [a for a in batch.records if a.starts_at.astimezone(UK).dst()]
+    assert summer and all(a.starts_at.hour == a.starts_at.astimezone(UK).hour - 1 for a in summer)
+
+
+def test_appointment_rows_in_every_optix_shape() -> None:
+    def build(**row):
+        base = {"appointmentId": "A1", "patientId": "P1", "start": "2025-07-01T08:00:00.000Z", "durationMinutes": 30}
+        return build_appointment("demo-optix", optix_appointment_draft({**base, **row}))
+
+    assert build(status="Arrived").status == AppointmentStatus.BOOKED
+    assert build(status="DNA").status == AppointmentStatus.NO_SHOW
+    assert build(status="Completed", type="COLLECTION").appointment_type == "collection"
+    assert build(status="Booked", type="DOMICILIARY").appointment_type == "other"
+    linked = build(status="Booked", externalReference="[NVC:call-42.bk]")
+    assert linked.nvc_reference == "call-42.bk"
+    assert build(status="Booked", externalReference="their own ref").nvc_reference is None
+    with pytest.raises(ValueError, match="status 'Rescheduled' is not known"):
+        build(status="Rescheduled")
+
+
+def test_appointments_page_and_read_incrementally(sandbox: OptixSandbox) -> None:
+    total = len(sandbox.appointments("OPX-1001"))
+    with open_client(sandbox.url, page_size=7) as client:
+        before = datetime.now(UTC)
+        full = client.read_appointments(None)
+        assert full.rows_read == total and full.rejected == []
+        pages = sum(1 for m, path in sandbox.request_log if m == "GET" and path.endswith("/appointments"))
+        assert pages == math.ceil(total / 7)
+        made = client.create_appointment(booking("P0000004", "incremental-bk", 0, days_ahead=500))
+        changed = client.read_appointments(before)
+    assert [a.pms_appointment_id for a in changed.records] == [made.pms_appointment_id]
+    assert changed.records[0].nvc_reference == "incremental-bk"
+    assert changed.source_ref.startswith("optix:OPX-1001 appointments since ")
+
+
+def test_clinical_records_map_optix_flag_codes(sandbox: OptixSandbox) -> None:
+    rendered = {row["recordId"]: row for row in sandbox.clinical_records("OPX-2002")}
+    codes = {"DIAB": "diabetic", "GLAU": "glaucoma", "GLS": "glaucoma_suspect", "OHT": "ocular_hypertension"}
+    codes["FHG"] = "glaucoma_family_history"
+    with open_client(sandbox.url, "OPX-2002", OTHER_KEY, page_size=100) as client:
+        batch = client.read_clinical_records(None)
+    assert batch.rejected == [] and {r.pms_record_id for r in batch.records} == set(rendered)
+    for record in batch.records:
+        row = rendered[record.pms_record_id]
+        assert record.flags == sorted(codes[c] for c in row["flags"])
+        assert (record.iop_right_mmhg, record.iop_left_mmhg) == (row["iop"]["right"], row["iop"]["left"])
+        assert record.exam_date.isoformat() == row["examDate"] and record.clinician == row["optometristId"]
+    assert sum(1 for r in batch.records if r.flags) > 10
+    assert any(r.iop_right_mmhg and r.iop_right_mmhg > 21 for r in batch.records if "ocular_hypertension" in r.flags)
+
+
+def test_clinical_rows_keep_unknown_codes_and_refuse_bad_pressures() -> None:
+    row = {"recordId": "R1", "patientId": "P1", "examDate": "2024-03-01", "flags": ["DIAB", "CLW"]}
+    record = build_clinical("demo-optix", optix_clinical_draft({**row, "iop": {"right": 14.5}}), date.today())
+    assert (record.flags, record.unknown_flags, record.iop_right_mmhg, record.iop_left_mmhg) == (
+        ["diabetic"],
+        ["CLW"],
+        14.5,
+        None,
+    )
+    with pytest.raises(ValueError, match="IOP left"):
+        build_clinical("demo-optix", optix_clinical_draft({**row, "iop": {"left": "high"}}), date.today())
+
+
+# --- writing: bookings and notes -----------------------------------------------------------------------
+
+
+def booking(
+    patient_id: str, key: str, i: int, *, clinician: str | None = None, days_ahead: int = 450, minutes: int = 30
+) -> BookingRequest:
+    """A booking in its own half-hour slot (`i`), far from seeded diary entries and other tests' slots."""
+    day = date.today() + timedelta(days=days_ahead + i // 14)
+    start = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=9, minutes=30 * (i % 14))
+    return BookingRequest(key, patient_id, start, start + timedelta(minutes=minutes), "eye_test", clinician, "NVC call")
+
+
+class FlakyPosts(httpx.BaseTransport):
+    """Real HTTP to the sandbox, except that the next POSTs get the scripted fates:
+    "timeout" (never sent, answer lost), "connect" (refused), "land-then-timeout" (applied, answer
+    lost), or a status code answered without reaching the sandbox."""
+
+    def __init__(self, *fates: str | int, retry_after: str | None = None):
+        self.inner = httpx.HTTPTransport()
+        self.fates = list(fates)
+        self.retry_after = retry_after
+        self.posts = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST":
+            return self.inner.handle_request(request)
+        self.posts += 1
+        fate = self.fates.pop(0) if self.fates else "pass"
+        if fate == "timeout":
+            raise httpx.ReadTimeout("timed out", request=request)
+        if fate == "connect":
+            raise httpx.ConnectError("connection refused", request=request)
+        if isinstance(fate, int):
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return httpx.Response(fate, json={"error": {"code": "busy", "message": "Try later."}}, headers=headers)
+        response = self.inner.handle_request(request)
+        if fate == "land-then-timeout":
+            response.read()
+            raise httpx.ReadTimeout("timed out", request=request)
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def flaky_client(url: str, transport: FlakyPosts, max_attempts: int = 3) -> OptixClient:
+    return OptixClient(
+        practice(url),
+        api_url=url,
+        optix_practice_id="OPX-1001",
+        api_key=KEY,
+        page_size=100,
+        timeout_seconds=5,
+        max_attempts=max_attempts,
+        backoff_seconds=0.01,
+        transport=transport,
+    )
+
+
+def made_for(sandbox: OptixSandbox, key: str) -> list[dict]:
+    return [a for a in sandbox.nvc_appointments("OPX-1001") if a["nvc_reference"] == key]
+
+
+def test_a_booking_is_looked_up_then_posted_in_optix_shape(sandbox: OptixSandbox) -> None:
+    request = booking("P0000005", "shape-bk", 1, clinician="C02")
+    with open_client(sandbox.url) as client:
+        result = client.create_appointment(request)
+        assert result.created is True
+        assert [m for m, _ in sandbox.request_log] == ["GET", "POST"]  # looked for it first
+        assert client.create_appointment(request).created is False
+    row = next(r for r in sandbox.appointments("OPX-1001") if r["appointmentId"] == result.pms_appointment_id)
+    assert row["externalReference"] == "[NVC:shape-bk]"
+    assert (row["patientId"], row["type"], row["durationMinutes"], row["clinicianId"]) == (
+        "P0000005",
+        "SIGHT_TEST",
+        30,
+        "C02",
+    )
+    assert row["start"] == request.starts_at.strftime("%Y-%m-%dT%H:%M:%S.000Z") and row["status"] == "Booked"
+    assert made_for(sandbox, "shape-bk") == [
+        {
+            "pms_appointment_id": result.pms_appointment_id,
+            "pms_patient_id": "P0000005",
+            "starts_at": request.starts_at,
+            "nvc_reference": "shape-bk",
+        }
+    ]
+
+
+def test_a_booking_in_uk_wall_clock_time_is_sent_in_utc(sandbox: OptixSandbox) -> None:
+    local = datetime.combine(date.today() + timedelta(days=700), datetime.min.time()).replace(month=7, day=1, hour=10)
+    request = BookingRequest("bst-bk", "P0000006", local, local + timedelta(minutes=20), "contact_lens")
+    with open_client(sandbox.url) as client:
+        client.create_appointment(request)
+    (made,) = made_for(sandbox, "bst-bk")
+    assert made["starts_at"] == local.replace(tzinfo=UK).astimezone(UTC)
+    assert made["starts_at"].hour == 9  # BST
+
+
+def test_a_lost_response_after_the_booking_landed_finds_it_instead_of_booking_twice(sandbox: OptixSandbox) -> None:
+    sandbox.faults.lost_response_after_write_rate = 1.0
+    with open_client(sandbox.url) as client:
+        result = client.create_appointment(booking("P0000007", "lost-bk", 2))
+    assert result.created is False
+    assert [m for m, _ in sandbox.request_log] == ["GET", "POST", "GET"]
+    assert [a["pms_appointment_id"] for a in made_for(sandbox, "lost-bk")] == [result.pms_appointment_id]
+
+
+def test_a_post_that_never_landed_is_posted_again(sandbox: OptixSandbox) -> None:
+    transport = FlakyPosts("timeout", "connect")
+    with flaky_client(sandbox.url, transport) as client:
+        result = client.create_appointment(booking("P0000008", "retry-bk", 3))
+    assert result.created is True and transport.posts == 3
+    # look-up first, then a look-up after the timeout (the refused connection sent nothing), then the post
+    assert [m for m, _ in sandbox.request_log] == ["GET", "GET", "POST"]
+    assert len(made_for(sandbox, "retry-bk")) == 1
+
+
+def test_a_post_whose_answer_is_always_lost_fails_as_lost_response_after_bounded_attempts(
+    sandbox: OptixSandbox,
+) -> None:
+    transport = FlakyPosts("timeout", "timeout", "timeout", "timeout")
+    with flaky_client(sandbox.url, transport) as client, pytest.raises(PmsError) as failure:
+        client.create_appointment(booking("P0000009", "never-bk", 4))
+    assert failure.value.problem == "lost_response"
+    assert transport.posts == 3
+    assert made_for(sandbox, "never-bk") == []
+    assert KEY not in str(failure.value)
+
+
+def test_an_answer_lost_after_landing_is_found_on_the_next_look(sandbox: OptixSandbox) -> None:
+    transport = FlakyPosts("land-then-timeout")
+    with flaky_client(sandbox.url, transport) as client:
+        first = client.create_appointment(booking("P0000010", "landed-bk", 5))
+        again = client.create_appointment(booking("P0000010", "landed-bk", 5))
+    assert first.created is False and first == again and transport.posts == 1
+    assert len(made_for(sandbox, "landed-bk")) == 1
+
+
+def test_server_errors_on_a_post_honour_retry_after_then_book(sandbox: OptixSandbox) -> None:
+    transport = FlakyPosts(503, 429, retry_after="0.2")
+    with flaky_client(sandbox.url, transport) as client:
+        started = time.perf_counter()
+        result = client.create_appointment(booking("P0000011", "busy-bk", 6))
+        elapsed = time.perf_counter() - started
+    assert result.created is True and transport.posts == 3
+    assert elapsed >= 0.4
+    assert len(made_for(sandbox, "busy-bk")) == 1
+
+
+@pytest.mark.parametrize(("status", "problem"), [(500, "pms_error"), (429, "rate_limited")])
+def test_a_post_optix_keeps_refusing_fails_after_bounded_attempts(
+    sandbox: OptixSandbox, status: int, problem: str
+) -> None:
+    transport = FlakyPosts(status, status, status, status)
+    with flaky_client(sandbox.url, transport) as client, pytest.raises(PmsError) as failure:
+        client.create_appointment(booking("P0000012", f"refused-{status}", 7))
+    assert failure.value.problem == problem and transport.posts == 3
+    assert made_for(sandbox, f"refused-{status}") == []
+
+
+def test_taken_slots_are_refused_per_clinician(sandbox: OptixSandbox) -> None:
+    with open_client(sandbox.url) as client:
+        client.create_appointment(booking("P0000013", "slot-c01", 8, clinician="C01"))
+        taken = booking("P0000014", "slot-overlap", 8, clinician="C01")
+        overlap = replace(
+            taken, starts_at=taken.starts_at + timedelta(minutes=15), ends_at=taken.ends_at + timedelta(minutes=15)
+        )
+        with pytest.raises(PmsError) as failure:
+            client.create_appointment(overlap)
+        assert failure.value.problem == "slot_taken"
+        assert "no longer free" in str(failure.value) and failure.value.check
+        # Another optometrist is free at the same time.
+        assert client.create_appointment(booking("P0000014", "slot-c02", 8, clinician="C02")).created
+        # Without a clinician, any booking at the same start holds the slot.
+        with pytest.raises(PmsError) as failure:
+            client.create_appointment(booking("P0000015", "slot-any", 8))
+        assert failure.value.problem == "slot_taken"
+    assert made_for(sandbox, "slot-overlap") == made_for(sandbox, "slot-any") == []
+
+
+def test_concurrent_bookings_of_one_slot_land_once(sandbox: OptixSandbox) -> None:
+    outcomes: list[str] = []
+
+    def book(n: int) -> None:
+        with open_client(sandbox.url) as client:
+            try:
+                client.create_appointment(booking(f"P00000{20 + n}", f"race-{n}", 9, clinician="C03"))
+                outcomes.append("booked")
+            except PmsError as exc:
+                outcomes.append(exc.problem)
+
+    threads = [threading.Thread(target=book, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["booked"] + ["slot_taken"] * 5
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"appointment_type": "other"}, "no appointment type"),
+        ({"idempotency_key": "has spaces"}, "idempotency key"),
+        ({"ends_at": "starts"}, "whole number of minutes"),
+    ],
+)
+def test_bookings_optix_cannot_take_are_refused_before_sending(
+    sandbox: OptixSandbox, change: dict, reason: str
+) -> None:
+    request = booking("P0000016", "invalid-bk", 10)
+    if change.get("ends_at") == "starts":
+        change = {"ends_at": request.starts_at}
+    with open_client(sandbox.url) as client, pytest.raises(PmsError) as failure:
+        client.create_appointment(replace(request, **change))
+    assert failure.value.problem == "invalid_booking" and reason in str(failure.value)
+    assert sandbox.request_log == []
+
+
+def test_a_booking_optix_rejects_is_invalid_booking(sandbox: OptixSandbox) -> None:
+    past = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(days=1)
+    request = BookingRequest("past-bk", "P0000016", past, past + timedelta(minutes=30), "eye_test", "C01")
+    with open_client(sandbox.url) as client, pytest.raises(PmsError) as failure:
+        client.create_appointment(request)
+    assert failure.value.problem == "invalid_booking"
+    assert "validation_error" in str(failure.value) and "start is in the past" in str(failure.value)
+
+
+def test_unknown_patients_and_wrong_keys_on_writes(sandbox: OptixSandbox) -> None:
+    note = PatientNote("ghost-note", "P9999999", NoteKind.CALL_ATTEMPT, NOW, "No answer")
+    with open_client(sandbox.url) as client:
+        with pytest.raises(PmsError) as failure:
+            client.create_appointment(booking("P9999999", "ghost-bk", 11))
+        assert failure.value.problem == "patient_not_found"
+        with pytest.raises(PmsError) as failure:
+            client.add_note(note)
+        assert failure.value.problem == "patient_not_found"
+    with open_client(sandbox.url, key=WRONG_KEY) as client, pytest.raises(PmsConnectionFailed) as failure:
+        client.create_appointment(booking("P0000001", "wrong-key-bk", 11))
+    assert failure.value.problem == "invalid_credentials"
+    assert not any(secret in str(failure.value) for secret in SECRETS)
+
+
+def test_notes_land_once_in_optix_shape(sandbox: OptixSandbox) -> None:
+    outcome = PatientNote("note-outcome-1", "P0000017", NoteKind.CALL_OUTCOME, NOW, "Booked for 1 Dec", "booked")
+    attempt = PatientNote("note-attempt-1", "P0000017", NoteKind.CALL_ATTEMPT, NOW, "No answer", "no_answer")
+    with open_client(sandbox.url) as client:
+        first = client.add_note(outcome)
+        sandbox.faults.lost_response_after_write_rate = 1.0
+        second = client.add_note(attempt)
+        sandbox.faults.lost_response_after_write_rate = 0
+        assert (first.created, second.created) == (True, False)
+        assert client.add_note(outcome) == NoteResult(first.pms_note_id, False)
+    with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        rows = http.get(f"{sandbox.url}/api/v2/practices/OPX-1001/patients/P0000017/notes").json()["data"]
+    assert [(r["category"], r["externalReference"]) for r in rows] == [
+        ("RECALL_CALL", "[NVC:note-outcome-1]"),
+        ("CALL_ATTEMPT", "[NVC:note-attempt-1]"),
+    ]
+    assert rows[0]["text"] == "Booked for 1 Dec [outcome: booked]"
+    assert rows[0]["occurredAt"] == NOW.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    mine = [n for n in sandbox.nvc_notes("OPX-1001") if n["pms_patient_id"] == "P0000017"]
+    assert [(n["kind"], n["nvc_reference"]) for n in mine] == [
+        ("call_outcome", "note-outcome-1"),
+        ("call_attempt", "note-attempt-1"),
+    ]
 
 
 # --- the sandbox's own dialect ------------------------------------------------------------------------
@@ -300,11 +680,92 @@ def test_sandbox_speaks_optix_errors(sandbox: OptixSandbox) -> None:
         row = page["data"][0]
         assert row["patientId"].startswith("P") and row["updatedAt"].endswith("Z")
         assert set(row["contact"]) == {"mobile", "home", "email"}
+        gone = http.delete(f"{base}/appointments", headers=auth)
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "not_found")
         sandbox.faults.rate_429 = 1.0
         limited = http.get(base, headers=auth)
         assert limited.status_code == 429
         assert limited.json()["error"]["code"] == "rate_limited"
         assert int(limited.headers["Retry-After"]) >= 1
+
+
+def test_sandbox_speaks_optix_on_writes(sandbox: OptixSandbox) -> None:
+    base = f"{sandbox.url}/api/v2/practices/OPX-1001"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    start = datetime.combine(date.today() + timedelta(days=800), datetime.min.time(), tzinfo=UTC)
+    good = {"patientId": "P0000018", "start": start.isoformat(), "durationMinutes": 30, "type": "SIGHT_TEST"}
+    with httpx.Client(headers=auth) as http:
+        bad = http.post(f"{base}/appointments", json={**good, "type": "EYE_TEST", "durationMinutes": 0})
+        assert (bad.status_code, bad.json()["error"]["code"]) == (422, "validation_error")
+        assert "durationMinutes" in bad.json()["error"]["message"] and "type" in bad.json()["error"]["message"]
+        naive = http.post(f"{base}/appointments", json={**good, "start": start.replace(tzinfo=None).isoformat()})
+        assert naive.status_code == 422
+        ghost = http.post(f"{base}/appointments", json={**good, "patientId": "P9999999"})
+        assert (ghost.status_code, ghost.json()["error"]["code"]) == (404, "patient_not_found")
+        made = http.post(f"{base}/appointments", json=good)
+        assert made.status_code == 201 and made.json()["externalReference"] is None
+        assert made.json()["clinicianId"] in {c.code for c in sandbox.clinicians("OPX-1001")}
+        clash = http.post(f"{base}/appointments", json={**good, "patientId": "P0000019"})
+        assert (clash.status_code, clash.json()["error"]["code"]) == (409, "slot_unavailable")
+        found = http.get(
+            f"{base}/appointments",
+            params={
+                "patientId": "P0000018",
+                "from": start.isoformat(),
+                "to": (start + timedelta(minutes=1)).isoformat(),
+            },
+        ).json()["data"]
+        assert [row["appointmentId"] for row in found] == [made.json()["appointmentId"]]
+        note = http.post(f"{base}/patients/P0000018/notes", json={"category": "CALL", "text": ""})
+        assert (note.status_code, note.json()["error"]["code"]) == (422, "validation_error")
+        assert http.get(f"{base}/patients/P9999999/notes").json()["error"]["code"] == "patient_not_found"
+        clinicians = http.get(f"{base}/clinicians").json()["data"]
+        assert {c["role"] for c in clinicians} == {"Optometrist", "Dispensing Optician"}
+    assert made_for(sandbox, None)[-1]["pms_appointment_id"] == made.json()["appointmentId"]
+
+
+# --- the shared PMS contract ---------------------------------------------------------------------------
+
+
+class TestOptixContract(PmsContract):
+    practice_ref = "OPX-1001"
+    clinician_ref = "C01"
+
+    @pytest.fixture(scope="class")
+    def sandbox(self) -> Iterator[OptixSandbox]:
+        """Its own server: the contract reads the whole class's request log at the end."""
+        server = OptixSandbox(
+            practices={"OPX-1001": 50, "OPX-2002": 20, "OPX-3003": 5},
+            api_keys={KEY: "OPX-1001", OTHER_KEY: "OPX-2002", DISABLED_KEY: "OPX-3003"},
+        )
+        server.api_access_disabled.add("OPX-3003")
+        with server:
+            yield server
+
+    @pytest.fixture
+    def client(self, sandbox: OptixSandbox) -> Iterator[OptixClient]:
+        resource = OptixResource(max_attempts=4, backoff_seconds=0.01)
+        with resource.open(practice(sandbox.url), {"api_key": KEY}) as client:
+            yield client
+
+    @pytest.fixture
+    def failure_cases(self, sandbox: OptixSandbox) -> list:
+        def opener(url: str, optix_practice_id: str, key: str, secrets: dict[str, str] | None = None):
+            resource = OptixResource(max_attempts=1, backoff_seconds=0.01, timeout_seconds=2)
+            return lambda: resource.open(
+                practice(url, optix_practice_id), {"api_key": key} if secrets is None else secrets
+            )
+
+        nowhere = f"http://127.0.0.1:{free_port()}"
+        return [
+            ("invalid_credentials", opener(sandbox.url, "OPX-1001", WRONG_KEY), WRONG_KEY),
+            ("practice_not_found", opener(sandbox.url, "OPX-2002", KEY), KEY),
+            ("practice_not_found", opener(sandbox.url, "OPX-9999", KEY), KEY),
+            ("api_access_disabled", opener(sandbox.url, "OPX-3003", DISABLED_KEY), DISABLED_KEY),
+            ("unreachable", opener(nowhere, "OPX-1001", KEY), KEY),
+            ("unsafe_url", opener("http://optix.example.com", "OPX-1001", KEY), KEY),
+            ("missing_secret", opener(sandbox.url, "OPX-1001", KEY, secrets={}), KEY),
+        ]
 
 
 # --- seed data -----------------------------------------------------------------------------------------

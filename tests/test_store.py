@@ -1,10 +1,13 @@
 from datetime import date
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
 from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, ReadResult, Recall, RejectedRow
 from nvc_pipelines.store import PracticeExists, PracticeNotFound, Store
+
+MIGRATIONS = Path(__file__).resolve().parents[1] / "nvc_pipelines/store/migrations/versions"
 
 
 def _patient(pid: str, **kw) -> Patient:
@@ -27,7 +30,10 @@ def practice(store: Store) -> str:
 
 def test_schema_is_migrated_by_code(store: Store) -> None:
     with store.begin() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        tables = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
+    assert version == sorted(p.stem.split("_")[0] for p in MIGRATIONS.glob("0*.py"))[-1]
+    assert {"practices", "patients", "recalls", "rejected_rows", "appointments", "clinical_records"} <= tables
     store.migrate()  # idempotent
 
 
@@ -55,12 +61,12 @@ def test_bad_practice_id_is_refused(store: Store) -> None:
 
 def test_writes_are_idempotent_and_count_what_changed(store: Store, practice: str) -> None:
     read = ReadResult([_patient("1"), _patient("2")], [RejectedRow("line 4", "phone number is missing", {"a": "b"})])
-    first = store.write_patients(practice, "csv", read, "run-1")
+    first = store.write_patients(practice, "csv", read, "run-1", full=True)
     assert (first.inserted, first.updated, first.unchanged, first.rejected) == (2, 0, 0, 1)
-    again = store.write_patients(practice, "csv", read, "run-2")
+    again = store.write_patients(practice, "csv", read, "run-2", full=True)
     assert (again.inserted, again.updated, again.unchanged, again.rejected) == (0, 0, 2, 1)
     changed = ReadResult([_patient("1", last_name="Lee-Smith"), _patient("2")], [])
-    third = store.write_patients(practice, "csv", changed, "run-3")
+    third = store.write_patients(practice, "csv", changed, "run-3", full=True)
     assert (third.inserted, third.updated, third.unchanged, third.rejected) == (0, 1, 1, 0)
     with store.begin() as conn:
         assert conn.execute(text("SELECT count(*) FROM patients")).scalar_one() == 2

@@ -58,7 +58,14 @@ Handler = Callable[[Request], Response]
 
 
 class SandboxServer:
-    """Base class: subclasses call `route()` in `__init__` and implement the dialect."""
+    """Base class: subclasses call `route()` in `__init__` and implement the dialect.
+
+    Every PMS sandbox also answers the same inspection hooks, so tests are written once for all
+    dialects (`tests/pms_contract.py`): `patient_count(ref)`, `touch(ref, count)` (change some
+    patients now; returns their PMS ids), `nvc_appointments(ref)` and `nvc_notes(ref)` (what NVC
+    wrote: dicts with `pms_patient_id`, `starts_at`/`kind` and `nvc_reference`), plus `faults`
+    and `request_log`.
+    """
 
     name = "sandbox"
 
@@ -99,6 +106,20 @@ class SandboxServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # --- inspection hooks for tests (every PMS sandbox implements them) ---------------------------
+
+    def patient_count(self, practice_ref: str) -> int:
+        raise NotImplementedError
+
+    def touch(self, practice_ref: str, count: int, now: Any = None) -> list[str]:
+        raise NotImplementedError
+
+    def nvc_appointments(self, practice_ref: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def nvc_notes(self, practice_ref: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
 
     # --- routing -----------------------------------------------------------------------------------
 

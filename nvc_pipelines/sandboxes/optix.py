@@ -1,8 +1,22 @@
-"""An Optix-style cloud PMS on loopback: API key + Practice ID, cursor paging, camelCase patients.
+"""An Optix-style cloud PMS on loopback: API key + Practice ID, cursor paging, camelCase records.
 
-Optix's dialect, as the client has to cope with it: everything under `/api/v2`, a Bearer API key
-scoped to one practice, patients ordered by `(updatedAt, patientId)` with an opaque `nextCursor`,
-clinical flags as Optix's own short codes, and errors as `{"error": {"code", "message"}}`.
+Optix's dialect, as the client has to cope with it: everything under `/api/v2/practices/{id}`, a
+Bearer API key scoped to one practice, lists ordered by `(updatedAt, id)` with an opaque
+`nextCursor`, clinical flags as Optix's own short codes, and errors as `{"error": {"code", "message"}}`.
+
+Routes (all under `/api/v2/practices/{practiceId}`):
+
+- `GET ""`: the practice record; `GET /clinicians`: the diary's clinicians.
+- `GET /patients?updatedSince=&cursor=&limit=`.
+- `GET /appointments?updatedSince=&cursor=&limit=&patientId=&from=&to=` (`from`/`to` filter on the
+  start, `from` inclusive, `to` exclusive) and `POST /appointments` (201; 409 `slot_unavailable`,
+  404 `patient_not_found`, 422 `validation_error`). Optix has no idempotency keys: a client that
+  wants to find its own bookings again writes its reference into `externalReference`.
+- `GET /clinical-records?updatedSince=&cursor=&limit=`.
+- `GET` and `POST /patients/{patientId}/notes` (categories `RECALL_CALL`, `CALL_ATTEMPT`).
+
+There is no DELETE anywhere. Appointments, clinical records and notes are seeded on first use of
+any of them, so a sandbox used only for patients (the 200,000-patient case) never pays for them.
 """
 
 from __future__ import annotations
@@ -15,12 +29,23 @@ import random
 import threading
 import zlib
 from bisect import bisect_left, bisect_right, insort
-from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
+from nvc_pipelines.model import NoteKind
+from nvc_pipelines.normalise import find_nvc_reference
 from nvc_pipelines.sandboxes.base import HttpProblem, Request, Response, SandboxServer
-from nvc_pipelines.sandboxes.seed import SeedPatient, seed_patients
+from nvc_pipelines.sandboxes.seed import (
+    SeedClinician,
+    SeedPatient,
+    seed_appointments,
+    seed_clinical_records,
+    seed_clinicians,
+    seed_patients,
+)
 
 BASE = "/api/v2"
 DEFAULT_LIMIT = 100
@@ -35,6 +60,27 @@ OPTIX_FLAG_CODES: dict[str, str] = {
 }
 _PRACTICE_NAMES = ("Vision", "Eyecare", "Opticians", "Eye Centre", "Optometrists")
 
+# Canonical appointment status / type -> Optix's. Optix also has "Arrived" (a booked patient in the
+# waiting room); the seed never produces it, but a client must read it.
+OPTIX_STATUSES: dict[str, str] = {
+    "booked": "Booked",
+    "completed": "Completed",
+    "cancelled": "Cancelled",
+    "no_show": "DNA",
+}
+OPTIX_TYPES: dict[str, str] = {
+    "eye_test": "SIGHT_TEST",
+    "contact_lens": "CL_CHECK",
+    "follow_up": "FOLLOW_UP",
+    "collection": "COLLECTION",
+}
+BOOKED_STATUSES = frozenset({"Booked", "Arrived"})  # statuses that hold a slot in the diary
+NOTE_CATEGORIES: dict[str, NoteKind] = {"RECALL_CALL": NoteKind.CALL_OUTCOME, "CALL_ATTEMPT": NoteKind.CALL_ATTEMPT}
+UK_TZ = ZoneInfo("Europe/London")
+MAX_REFERENCE_LENGTH = 100
+MAX_TEXT_LENGTH = 4000
+MIN_DURATION, MAX_DURATION = 5, 480
+
 
 def optix_timestamp(value: datetime) -> str:
     """Optix's fixed-width UTC timestamp (milliseconds, `Z`): lexical order is time order."""
@@ -45,18 +91,91 @@ def _patient_id(index: int) -> str:
     return f"P{index:07d}"
 
 
+def _appointment_id(index: int) -> str:
+    return f"A{index:07d}"
+
+
+def _record_id(index: int) -> str:
+    return f"R{index:07d}"
+
+
+def _note_id(index: int) -> str:
+    return f"N{index:07d}"
+
+
 def _optix_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HttpProblem:
     return HttpProblem(status, {"error": {"code": code, "message": message}}, headers)
 
 
 @dataclass(slots=True)
+class _Appointment:
+    """One diary entry. `start` is aware UTC; `via_api` marks the ones a client created."""
+
+    appointment_id: str
+    patient_id: str
+    start: datetime
+    duration_minutes: int
+    status: str  # Optix's: Booked, Arrived, Completed, Cancelled, DNA
+    type: str  # Optix's: SIGHT_TEST, CL_CHECK, FOLLOW_UP, COLLECTION
+    clinician_id: str
+    external_reference: str | None
+    notes: str | None
+    updated_at: datetime
+    via_api: bool = False
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(minutes=self.duration_minutes)
+
+    def render(self) -> dict[str, Any]:
+        return {
+            "appointmentId": self.appointment_id,
+            "patientId": self.patient_id,
+            "start": optix_timestamp(self.start),
+            "durationMinutes": self.duration_minutes,
+            "status": self.status,
+            "type": self.type,
+            "clinicianId": self.clinician_id,
+            "externalReference": self.external_reference,
+            "notes": self.notes,
+            "updatedAt": optix_timestamp(self.updated_at),
+        }
+
+
+@dataclass(slots=True)
+class _Diary:
+    """One practice's appointments, clinical records and patient notes, indexed for the routes."""
+
+    clinicians: dict[str, SeedClinician]
+    appointments: dict[str, _Appointment]
+    appointment_order: list[tuple[str, str]]  # (updatedAt, appointmentId)
+    by_patient: dict[str, list[str]]  # patientId -> appointmentIds
+    by_day: dict[date, list[str]]  # UTC date of start -> appointmentIds
+    records: dict[str, dict[str, Any]]  # rendered clinical records
+    record_order: list[tuple[str, str]]  # (updatedAt, recordId)
+    notes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # patientId -> rendered notes
+    note_count: int = 0
+
+    def add(self, appointment: _Appointment) -> None:
+        self.appointments[appointment.appointment_id] = appointment
+        insort(self.appointment_order, (optix_timestamp(appointment.updated_at), appointment.appointment_id))
+        self.by_patient.setdefault(appointment.patient_id, []).append(appointment.appointment_id)
+        self.by_day.setdefault(appointment.start.date(), []).append(appointment.appointment_id)
+
+
+@dataclass(slots=True)
 class _PracticeData:
-    """One practice's patients: the records, their rendered JSON and the `(updatedAt, id)` index."""
+    """One practice's patients: the records, their rendered JSON and the `(updatedAt, id)` index.
+
+    `seeded` keeps the patients as first seeded, so the diary is the same whatever `touch` did since.
+    """
 
     name: str
     patients: dict[str, SeedPatient]
     rendered: dict[str, dict[str, Any]]
     order: list[tuple[str, str]]
+    seeded: list[SeedPatient]
+    diary: _Diary | None = None
 
 
 class OptixSandbox(SandboxServer):
@@ -94,6 +213,12 @@ class OptixSandbox(SandboxServer):
         self._load_lock = threading.Lock()
         self.route("GET", BASE + "/practices/{practice_id}", self._get_practice)
         self.route("GET", BASE + "/practices/{practice_id}/patients", self._list_patients)
+        self.route("GET", BASE + "/practices/{practice_id}/clinicians", self._list_clinicians)
+        self.route("GET", BASE + "/practices/{practice_id}/appointments", self._list_appointments)
+        self.route("POST", BASE + "/practices/{practice_id}/appointments", self._create_appointment)
+        self.route("GET", BASE + "/practices/{practice_id}/clinical-records", self._list_clinical_records)
+        self.route("GET", BASE + "/practices/{practice_id}/patients/{patient_id}/notes", self._list_notes)
+        self.route("POST", BASE + "/practices/{practice_id}/patients/{patient_id}/notes", self._create_note)
 
     # --- data --------------------------------------------------------------------------------------
 
@@ -113,8 +238,52 @@ class OptixSandbox(SandboxServer):
                 order = sorted((optix_timestamp(p.updated_at), pid) for pid, p in patients.items())
                 rng = random.Random(seed)
                 name = f"{rng.choice(records).last_name if records else 'Demo'} {rng.choice(_PRACTICE_NAMES)}"
-                self._data[practice_id] = _PracticeData(name, patients, {}, order)
+                self._data[practice_id] = _PracticeData(name, patients, {}, order, records)
             return self._data[practice_id]
+
+    def _diary(self, practice_id: str) -> _Diary:
+        """Seed the practice's appointments and clinical records on first use (once)."""
+        data = self._load(practice_id)
+        if data.diary is not None:
+            return data.diary
+        with self._load_lock:
+            if data.diary is None:
+                data.diary = self._seed_diary(practice_id, data.seeded)
+            return data.diary
+
+    def _seed_diary(self, practice_id: str, patients: list[SeedPatient]) -> _Diary:
+        seed = self._practice_seed(practice_id)
+        clinicians = {c.code: c for c in seed_clinicians(seed)}
+        diary = _Diary(clinicians, {}, [], {}, {}, {}, [])
+        for a in seed_appointments(patients, seed=seed, today=self.today):
+            diary.add(
+                _Appointment(
+                    appointment_id=_appointment_id(a.index),
+                    patient_id=_patient_id(a.patient_index),
+                    start=a.starts_at.replace(tzinfo=UK_TZ).astimezone(UTC),  # diaries are kept in UK time
+                    duration_minutes=a.duration_minutes,
+                    status=OPTIX_STATUSES[a.status],
+                    type=OPTIX_TYPES[a.appointment_type],
+                    clinician_id=a.clinician.code,
+                    external_reference=None,
+                    notes=a.notes,
+                    updated_at=a.updated_at,
+                )
+            )
+        for r in seed_clinical_records(patients, seed=seed, today=self.today):
+            record_id = _record_id(r.index)
+            diary.records[record_id] = {
+                "recordId": record_id,
+                "patientId": _patient_id(r.patient_index),
+                "examDate": r.exam_date.isoformat(),
+                "flags": [OPTIX_FLAG_CODES.get(flag, flag) for flag in r.flags],
+                "iop": {"right": r.iop_right, "left": r.iop_left},
+                "notes": r.notes,
+                "optometristId": r.clinician.code,
+                "updatedAt": optix_timestamp(r.updated_at),
+            }
+        diary.record_order = sorted((row["updatedAt"], rid) for rid, row in diary.records.items())
+        return diary
 
     def patient_count(self, practice_id: str) -> int:
         return len(self._load(practice_id).patients)
@@ -186,6 +355,51 @@ class OptixSandbox(SandboxServer):
         data.rendered.pop(patient_id, None)
         return new
 
+    def appointments(self, practice_id: str) -> list[dict[str, Any]]:
+        """Every appointment as Optix renders it, in appointment-id order."""
+        diary = self._diary(practice_id)
+        with self.lock:
+            return [diary.appointments[aid].render() for aid in sorted(diary.appointments)]
+
+    def clinical_records(self, practice_id: str) -> list[dict[str, Any]]:
+        """Every clinical record as Optix renders it, in record-id order."""
+        diary = self._diary(practice_id)
+        with self.lock:
+            return [dict(diary.records[rid]) for rid in sorted(diary.records)]
+
+    def clinicians(self, practice_id: str) -> list[SeedClinician]:
+        return list(self._diary(practice_id).clinicians.values())
+
+    def nvc_appointments(self, practice_id: str) -> list[dict[str, Any]]:
+        """Appointments created through the API, with the NVC idempotency key found in each (or None)."""
+        diary = self._diary(practice_id)
+        with self.lock:
+            made = [a for a in diary.appointments.values() if a.via_api]
+            return [
+                {
+                    "pms_appointment_id": a.appointment_id,
+                    "pms_patient_id": a.patient_id,
+                    "starts_at": a.start,
+                    "nvc_reference": find_nvc_reference(a.external_reference, a.notes),
+                }
+                for a in sorted(made, key=lambda a: a.appointment_id)
+            ]
+
+    def nvc_notes(self, practice_id: str) -> list[dict[str, Any]]:
+        """Notes added through the API (the only way notes are made here), with their NVC key (or None)."""
+        diary = self._diary(practice_id)
+        with self.lock:
+            notes = sorted((n for ns in diary.notes.values() for n in ns), key=lambda n: n["noteId"])
+            return [
+                {
+                    "pms_note_id": n["noteId"],
+                    "pms_patient_id": n["patientId"],
+                    "kind": NOTE_CATEGORIES[n["category"]].value,
+                    "nvc_reference": find_nvc_reference(n["externalReference"], n["text"]),
+                }
+                for n in notes
+            ]
+
     # --- dialect -----------------------------------------------------------------------------------
 
     def _authorise(self, request: Request) -> _PracticeData:
@@ -208,20 +422,212 @@ class OptixSandbox(SandboxServer):
 
     def _list_patients(self, request: Request) -> Response:
         data = self._authorise(request)
+        return self._page(request, lambda: data.order, lambda pid: self._rendered(data, pid))
+
+    def _page(
+        self, request: Request, order: Callable[[], list[tuple[str, str]]], render: Callable[[str], dict[str, Any]]
+    ) -> Response:
+        """One page of `order()` (sorted `(updatedAt, id)` keys, read under the lock) after
+        `updatedSince` and `cursor`, rendered by `render(id)`."""
         limit = self._limit(request.query.get("limit"))
         start_key: tuple[str, str] | None = None
         if "updatedSince" in request.query:
-            start_key = (optix_timestamp(self._since(request.query["updatedSince"])), "")
+            start_key = (optix_timestamp(self._timestamp(request.query["updatedSince"], "updatedSince")), "")
         after = self._decode_cursor(request.query["cursor"]) if request.query.get("cursor") else None
         with self.lock:
-            start = bisect_left(data.order, start_key) if start_key else 0
+            keys_all = order()
+            start = bisect_left(keys_all, start_key) if start_key else 0
             if after is not None:
-                start = max(start, bisect_right(data.order, after))
-            keys = data.order[start : start + limit]
-            more = start + limit < len(data.order)
-            page = [self._rendered(data, pid) for _, pid in keys]
+                start = max(start, bisect_right(keys_all, after))
+            keys = keys_all[start : start + limit]
+            more = start + limit < len(keys_all)
+            page = [render(key) for _, key in keys]
         next_cursor = self._encode_cursor(keys[-1]) if more and keys else None
         return Response(200, {"data": page, "pagination": {"nextCursor": next_cursor}})
+
+    def _list_clinicians(self, request: Request) -> Response:
+        self._authorise(request)
+        diary = self._diary(request.params["practice_id"])
+        rows = [
+            {
+                "clinicianId": c.code,
+                "name": c.name,
+                "gocNumber": c.goc_number,
+                "role": "Optometrist" if c.goc_number.startswith("01-") else "Dispensing Optician",
+            }
+            for c in diary.clinicians.values()
+        ]
+        return Response(200, {"data": rows, "pagination": {"nextCursor": None}})
+
+    def _list_appointments(self, request: Request) -> Response:
+        self._authorise(request)
+        diary = self._diary(request.params["practice_id"])
+        patient_id = request.query.get("patientId")
+        lower = self._timestamp(request.query["from"], "from") if request.query.get("from") else None
+        upper = self._timestamp(request.query["to"], "to") if request.query.get("to") else None
+
+        def order() -> list[tuple[str, str]]:
+            if patient_id is None and lower is None and upper is None:
+                return diary.appointment_order
+            ids = diary.by_patient.get(patient_id, []) if patient_id is not None else diary.appointments
+            chosen = [diary.appointments[aid] for aid in ids]
+            chosen = [a for a in chosen if (lower is None or a.start >= lower) and (upper is None or a.start < upper)]
+            return sorted((optix_timestamp(a.updated_at), a.appointment_id) for a in chosen)
+
+        return self._page(request, order, lambda aid: diary.appointments[aid].render())
+
+    def _list_clinical_records(self, request: Request) -> Response:
+        self._authorise(request)
+        diary = self._diary(request.params["practice_id"])
+        return self._page(request, lambda: diary.record_order, lambda rid: dict(diary.records[rid]))
+
+    def _create_appointment(self, request: Request) -> Response:
+        data = self._authorise(request)
+        diary = self._diary(request.params["practice_id"])
+        body = request.body if isinstance(request.body, dict) else None
+        if body is None:
+            raise _optix_error(422, "validation_error", "The request body must be a JSON object.")
+        problems: list[str] = []
+        patient_id = body.get("patientId")
+        if not isinstance(patient_id, str) or not patient_id.strip():
+            problems.append("patientId is required")
+        start = self._body_timestamp(body.get("start"), "start", problems)
+        duration = body.get("durationMinutes")
+        if isinstance(duration, bool) or not isinstance(duration, int) or not MIN_DURATION <= duration <= MAX_DURATION:
+            problems.append(f"durationMinutes must be a whole number from {MIN_DURATION} to {MAX_DURATION}")
+        kind = body.get("type")
+        if kind not in OPTIX_TYPES.values():
+            problems.append(f"type must be one of {', '.join(OPTIX_TYPES.values())}")
+        clinician_id = body.get("clinicianId")
+        if clinician_id is not None and clinician_id not in diary.clinicians:
+            problems.append(f"clinicianId {clinician_id!r} is not a clinician at this practice")
+        reference = self._optional_text(body, "externalReference", MAX_REFERENCE_LENGTH, problems)
+        notes = self._optional_text(body, "notes", MAX_TEXT_LENGTH, problems)
+        now = datetime.now(UTC)
+        if start is not None and start < now:
+            problems.append("start is in the past")
+        if problems:
+            raise _optix_error(422, "validation_error", "; ".join(problems) + ".")
+        assert start is not None and isinstance(duration, int) and isinstance(patient_id, str)
+        with self.lock:
+            if patient_id not in data.patients:
+                raise _optix_error(404, "patient_not_found", f"No patient {patient_id} at this practice.")
+            end = start + timedelta(minutes=duration)
+            clash = self._clash(diary, start, end, clinician_id)
+            if clash is not None:
+                who = f"clinician {clinician_id}" if clinician_id else "the diary"
+                raise _optix_error(
+                    409, "slot_unavailable", f"The slot at {optix_timestamp(start)} is already booked for {who}."
+                )
+            appointment = _Appointment(
+                appointment_id=_appointment_id(len(diary.appointments) + 1),
+                patient_id=patient_id,
+                start=start,
+                duration_minutes=duration,
+                status="Booked",
+                type=str(kind),
+                clinician_id=clinician_id or self._free_clinician(diary, start, end),
+                external_reference=reference,
+                notes=notes,
+                updated_at=now,
+                via_api=True,
+            )
+            diary.add(appointment)
+            return Response(201, appointment.render())
+
+    @staticmethod
+    def _clash(diary: _Diary, start: datetime, end: datetime, clinician_id: str | None) -> _Appointment | None:
+        """A booked appointment in the way: with a clinician, one of theirs overlapping `[start, end)`;
+        without one, any booked appointment at the same start."""
+        for day in (start.date() - timedelta(days=1), start.date(), start.date() + timedelta(days=1)):
+            for aid in diary.by_day.get(day, ()):
+                other = diary.appointments[aid]
+                if other.status not in BOOKED_STATUSES:
+                    continue
+                if clinician_id is None:
+                    if other.start == start:
+                        return other
+                elif other.clinician_id == clinician_id and other.start < end and start < other.end:
+                    return other
+        return None
+
+    @staticmethod
+    def _free_clinician(diary: _Diary, start: datetime, end: datetime) -> str:
+        """The first optometrist with nothing booked across `[start, end)` (Optix assigns one)."""
+        optometrists = [c.code for c in diary.clinicians.values() if c.goc_number.startswith("01-")]
+        for code in optometrists:
+            if OptixSandbox._clash(diary, start, end, code) is None:
+                return code
+        return optometrists[0]
+
+    def _patient_notes(self, request: Request) -> tuple[_Diary, str]:
+        data = self._authorise(request)
+        patient_id = request.params["patient_id"]
+        if patient_id not in data.patients:
+            raise _optix_error(404, "patient_not_found", f"No patient {patient_id} at this practice.")
+        return self._diary(request.params["practice_id"]), patient_id
+
+    def _list_notes(self, request: Request) -> Response:
+        diary, patient_id = self._patient_notes(request)
+        with self.lock:
+            rows = [dict(n) for n in diary.notes.get(patient_id, [])]
+        return Response(200, {"data": rows, "pagination": {"nextCursor": None}})
+
+    def _create_note(self, request: Request) -> Response:
+        diary, patient_id = self._patient_notes(request)
+        body = request.body if isinstance(request.body, dict) else None
+        if body is None:
+            raise _optix_error(422, "validation_error", "The request body must be a JSON object.")
+        problems: list[str] = []
+        category = body.get("category")
+        if category not in NOTE_CATEGORIES:
+            problems.append(f"category must be one of {', '.join(NOTE_CATEGORIES)}")
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_LENGTH:
+            problems.append(f"text is required (at most {MAX_TEXT_LENGTH} characters)")
+        occurred = self._body_timestamp(body.get("occurredAt"), "occurredAt", problems)
+        reference = self._optional_text(body, "externalReference", MAX_REFERENCE_LENGTH, problems)
+        if problems:
+            raise _optix_error(422, "validation_error", "; ".join(problems) + ".")
+        assert occurred is not None
+        with self.lock:
+            diary.note_count += 1
+            note = {
+                "noteId": _note_id(diary.note_count),
+                "patientId": patient_id,
+                "category": category,
+                "text": text,
+                "occurredAt": optix_timestamp(occurred),
+                "externalReference": reference,
+                "createdAt": optix_timestamp(datetime.now(UTC)),
+            }
+            diary.notes.setdefault(patient_id, []).append(note)
+            return Response(201, dict(note))
+
+    @staticmethod
+    def _body_timestamp(raw: Any, name: str, problems: list[str]) -> datetime | None:
+        """An ISO-8601 timestamp with an offset (Optix refuses local times in request bodies)."""
+        if not isinstance(raw, str):
+            problems.append(f"{name} is required (ISO-8601 with an offset, e.g. 2025-06-01T09:00:00Z)")
+            return None
+        try:
+            value = datetime.fromisoformat(raw)
+        except ValueError:
+            value = None
+        if value is None or value.tzinfo is None:
+            problems.append(f"{name} must be ISO-8601 with an offset, e.g. 2025-06-01T09:00:00Z")
+            return None
+        return value.astimezone(UTC)
+
+    @staticmethod
+    def _optional_text(body: dict[str, Any], name: str, limit: int, problems: list[str]) -> str | None:
+        value = body.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or len(value) > limit:
+            problems.append(f"{name} must be text of at most {limit} characters")
+            return None
+        return value
 
     def _rendered(self, data: _PracticeData, patient_id: str) -> dict[str, Any]:
         cached = data.rendered.get(patient_id)
@@ -241,12 +647,13 @@ class OptixSandbox(SandboxServer):
         return limit
 
     @staticmethod
-    def _since(raw: str) -> datetime:
+    def _timestamp(raw: str, name: str) -> datetime:
+        """A query-string timestamp; one without an offset is UTC, as Optix documents."""
         try:
             value = datetime.fromisoformat(raw)
         except ValueError:
-            raise _optix_error(400, "invalid_parameter", "updatedSince must be an ISO-8601 timestamp.") from None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+            raise _optix_error(400, "invalid_parameter", f"{name} must be an ISO-8601 timestamp.") from None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     @staticmethod
     def _encode_cursor(key: tuple[str, str]) -> str:

@@ -316,3 +316,135 @@ def _title(rand: Callable[[], float], is_female: bool, age: int) -> str:
         return "Mr"
     roll = rand()
     return "Mrs" if roll < 0.5 else "Ms" if roll < 0.8 or age >= 40 else "Miss"
+
+
+# --- clinicians, appointments and clinical records --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SeedClinician:
+    """An optometrist with a GOC registration number (01- optometrists, 02- dispensing opticians)."""
+
+    code: str
+    name: str
+    goc_number: str
+
+
+@dataclass(slots=True)
+class SeedAppointment:
+    index: int
+    patient_index: int
+    starts_at: datetime  # UK wall-clock time, naive: practice diaries are kept in local time
+    duration_minutes: int
+    status: str  # canonical: booked, completed, cancelled, no_show
+    appointment_type: str  # canonical: eye_test, contact_lens, follow_up, collection
+    clinician: SeedClinician
+    notes: str | None = None
+    updated_at: datetime = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class SeedClinical:
+    index: int
+    patient_index: int
+    exam_date: date
+    flags: list[str]
+    notes: str | None
+    iop_right: float | None
+    iop_left: float | None
+    clinician: SeedClinician
+    updated_at: datetime = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def seed_clinicians(seed: int = 7, n: int = 4) -> list[SeedClinician]:
+    rng = random.Random(seed * 31 + 5)
+    fake = Faker("en_GB")
+    fake.seed_instance(seed * 31 + 5)
+    clinicians = []
+    for i in range(n):
+        prefix = "01" if i < n - 1 else "02"
+        clinicians.append(SeedClinician(f"C{i + 1:02d}", fake.name(), f"{prefix}-{rng.randint(10000, 39999)}"))
+    return clinicians
+
+
+_APPOINTMENT_SLOTS = tuple(time(h, m) for h in range(9, 17) for m in (0, 30) if (h, m) != (13, 0))
+
+
+def seed_appointments(
+    patients: Sequence[SeedPatient], seed: int = 7, today: date | None = None
+) -> list[SeedAppointment]:
+    """Past eye tests on each patient's last test date (completed), a few cancellations and no-shows,
+    and ~5% of patients with a future booking (which must keep them off the call list)."""
+    today = today or date.today()
+    rng = random.Random(seed * 17 + 3)
+    clinicians = seed_clinicians(seed)
+    optometrists = [c for c in clinicians if c.goc_number.startswith("01-")]
+    out: list[SeedAppointment] = []
+
+    def add(p: SeedPatient, day: date, status: str, kind: str, duration: int = 30) -> None:
+        slot = _APPOINTMENT_SLOTS[rng.randrange(len(_APPOINTMENT_SLOTS))]
+        out.append(
+            SeedAppointment(
+                index=len(out) + 1,
+                patient_index=p.index,
+                starts_at=datetime.combine(day, slot),
+                duration_minutes=duration,
+                status=status,
+                appointment_type=kind,
+                clinician=rng.choice(optometrists if kind == "eye_test" else clinicians),
+                notes=None,
+                updated_at=p.updated_at,
+            )
+        )
+
+    for p in patients:
+        if p.last_eye_test:
+            add(p, p.last_eye_test, "completed", "eye_test")
+        roll = rng.random()
+        if roll < 0.05:
+            add(p, today + timedelta(days=rng.randint(1, 60)), "booked", "eye_test")
+        elif roll < 0.07:
+            add(p, today - timedelta(days=rng.randint(1, 200)), "cancelled", "eye_test")
+        elif roll < 0.08:
+            add(p, today - timedelta(days=rng.randint(1, 200)), "no_show", "eye_test")
+        elif roll < 0.12:
+            add(p, today - timedelta(days=rng.randint(1, 300)), "completed", "contact_lens", 20)
+    return out
+
+
+_CLINICAL_NOTES = {
+    "diabetic": ("Type 2 diabetes - annual review", "Diabetic, no retinopathy seen", "T1DM, fundus photos taken"),
+    "glaucoma_suspect": ("Glaucoma suspect - discs cupped, fields to repeat", "Suspicious disc appearance"),
+    "ocular_hypertension": ("OHT, under HES monitoring", "Raised IOP, referred for OHT assessment"),
+    "glaucoma_family_history": ("Family history of glaucoma (mother)", "FH glaucoma - father"),
+    "glaucoma": ("POAG on drops", "Glaucoma, under hospital care"),
+}
+
+
+def seed_clinical_records(
+    patients: Sequence[SeedPatient], seed: int = 7, today: date | None = None
+) -> list[SeedClinical]:
+    """One exam record per tested patient, carrying the patient's flags, notes and IOPs."""
+    rng = random.Random(seed * 13 + 11)
+    optometrists = [c for c in seed_clinicians(seed) if c.goc_number.startswith("01-")]
+    out: list[SeedClinical] = []
+    for p in patients:
+        if not p.last_eye_test:
+            continue
+        raised = "ocular_hypertension" in p.flags
+        base = rng.uniform(22.5, 27.0) if raised else rng.uniform(11.0, 20.0)
+        notes = "; ".join(rng.choice(_CLINICAL_NOTES[f]) for f in p.flags if f in _CLINICAL_NOTES) or p.clinical_notes
+        out.append(
+            SeedClinical(
+                index=len(out) + 1,
+                patient_index=p.index,
+                exam_date=p.last_eye_test,
+                flags=list(p.flags),
+                notes=notes,
+                iop_right=round(base + rng.uniform(-1, 1), 1) if rng.random() < 0.9 else None,
+                iop_left=round(base + rng.uniform(-1, 1), 1) if rng.random() < 0.9 else None,
+                clinician=rng.choice(optometrists),
+                updated_at=p.updated_at,
+            )
+        )
+    return out

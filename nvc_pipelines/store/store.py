@@ -7,12 +7,12 @@ practice and asset, so a killed run leaves the previous state and a re-run conve
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
+from decimal import Decimal
 from importlib import resources
 from typing import Any
 
@@ -23,8 +23,20 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from nvc_pipelines.crypto import decrypt_credentials, encrypt_credentials
-from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, Practice, ReadResult, Recall
+from nvc_pipelines.matching import DERIVED_PREFIX, DuplicatePair, find_duplicates, resolve_derived_identities
+from nvc_pipelines.model import (
+    ClinicalRecord,
+    Patient,
+    Phone,
+    PhoneType,
+    PmsKind,
+    Practice,
+    ReadResult,
+    Recall,
+    RejectedRow,
+)
 from nvc_pipelines.store.db import StoreUnavailable, engine_for, ensure_database, store_url
+from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_stream
 
 _MIGRATED: set[str] = set()  # URLs already migrated by this process
 
@@ -39,71 +51,25 @@ class PracticeExists(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class WriteCounts:
-    """What a sync did to the store."""
+    """What a sync did to the store; rows read = inserted + updated + unchanged + rejected."""
 
     inserted: int
     updated: int
     unchanged: int
     rejected: int
+    deactivated: int = 0
 
 
-_PATIENT_COLUMNS = (
-    "practice_id",
-    "pms_patient_id",
-    "first_name",
-    "last_name",
-    "date_of_birth",
-    "email",
-    "address",
-    "phones",
-    "phone_types",
-    "last_eye_test_date",
-    "last_clinical_test_date",
-    "risk_flags",
-    "unknown_risk_values",
-    "clinical_notes",
-    "pms_recall_due_date",
-    "source_updated_at",
-    "content_hash",
-)
-_PATIENT_STAGE_DDL = """
-CREATE TEMP TABLE stage_patients (
-    practice_id text, pms_patient_id text, first_name text, last_name text, date_of_birth date,
-    email text, address text, phones text[], phone_types text[], last_eye_test_date date,
-    last_clinical_test_date date, risk_flags text[], unknown_risk_values text[], clinical_notes text,
-    pms_recall_due_date date, source_updated_at timestamptz, content_hash text
-) ON COMMIT DROP
-"""
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    cursor_at: datetime | None
+    last_full_sync_at: datetime | None
 
 
 def _json_default(value: Any) -> str:
     if isinstance(value, date | datetime):
         return value.isoformat()
     raise TypeError(type(value))
-
-
-def patient_row(p: Patient) -> tuple[Any, ...]:
-    """The staging row for a patient; the hash covers everything the source said about them."""
-    body = (
-        p.practice_id,
-        p.pms_patient_id,
-        p.first_name,
-        p.last_name,
-        p.date_of_birth,
-        p.email,
-        p.address,
-        [ph.e164 for ph in p.phones],
-        [str(ph.type) for ph in p.phones],
-        p.last_eye_test_date,
-        p.last_clinical_test_date,
-        sorted(p.risk_flags),
-        list(p.unknown_risk_values),
-        p.clinical_notes,
-        p.pms_recall_due_date,
-        p.source_updated_at,
-    )
-    digest = hashlib.sha256(json.dumps(body, default=_json_default).encode()).hexdigest()
-    return (*body, digest)
 
 
 def _patient_from_row(row: Any) -> Patient:
@@ -241,7 +207,8 @@ class Store:
         with self.begin() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT p.practice_id, p.display_name, p.pms_kind, p.status, p.connected_at, p.last_sync_at, "
+                    "SELECT p.practice_id, p.display_name, p.pms_kind, p.status, p.group_id, p.connected_at, "
+                    "p.last_sync_at, "
                     "(SELECT count(*) FROM patients pt WHERE pt.practice_id = p.practice_id AND pt.active) AS patients "
                     "FROM practices p ORDER BY p.practice_id"
                 )
@@ -259,32 +226,65 @@ class Store:
 
     # --- patients ----------------------------------------------------------------------------------
 
-    def write_patients(self, practice_id: str, source: str, result: ReadResult, run_id: str | None) -> WriteCounts:
-        """Merge a source read into the store in one transaction; the practice's quarantine for this
-        source is replaced by this read's rejections (re-importing a file changes nothing)."""
-        rows = [patient_row(p) for p in result.patients]
+    def write_patients(
+        self,
+        practice_id: str,
+        source: str,
+        result: ReadResult,
+        run_id: str | None,
+        *,
+        full: bool = False,
+        cursor_at: datetime | None = None,
+        max_drop_share: float | None = None,
+    ) -> WriteCounts:
+        return self.write_stream(
+            practice_id,
+            PATIENTS,
+            result.patients,
+            result.rejected,
+            source=source,
+            source_ref=result.source_ref,
+            run_id=run_id,
+            full=full,
+            cursor_at=cursor_at,
+            max_drop_share=max_drop_share,
+        )
+
+    def write_stream(
+        self,
+        practice_id: str,
+        spec: StreamSpec,
+        records: Sequence[Any],
+        rejected: Sequence[RejectedRow],
+        *,
+        source: str,
+        source_ref: str = "",
+        run_id: str | None,
+        full: bool,
+        cursor_at: datetime | None = None,
+        max_drop_share: float | None = None,
+    ) -> WriteCounts:
+        """Merge one read of a stream, its rejections and its cursor in one transaction.
+
+        A full read replaces the stream's quarantine and reconciles (marks missing rows inactive);
+        an incremental read replaces only the rejections of the rows it re-read. The cursor is
+        committed with the data it covers, so a killed run re-reads from the old cursor.
+        """
         with self.begin() as conn:
-            raw = conn.connection.driver_connection
-            with raw.cursor() as cur:
-                cur.execute(_PATIENT_STAGE_DDL)
-                with cur.copy(f"COPY stage_patients ({', '.join(_PATIENT_COLUMNS)}) FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row(row)
-                updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _PATIENT_COLUMNS[2:])
-                cur.execute(
-                    f"INSERT INTO patients ({', '.join(_PATIENT_COLUMNS)}) "
-                    f"SELECT {', '.join(_PATIENT_COLUMNS)} FROM stage_patients "
-                    "ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET "
-                    f"{updates}, active = true, updated_at = now() "
-                    "WHERE patients.content_hash IS DISTINCT FROM EXCLUDED.content_hash OR NOT patients.active "
-                    "RETURNING (xmax = 0)"
+            with conn.connection.driver_connection.cursor() as cur:
+                counts = merge_stream(cur, spec, practice_id, records, full=full, max_drop_share=max_drop_share)
+            stream_source = f"{source}:{spec.name}" if source else spec.name
+            if full:
+                conn.execute(
+                    text("DELETE FROM rejected_rows WHERE practice_id = :p AND source = :s"),
+                    {"p": practice_id, "s": stream_source},
                 )
-                flags = [r[0] for r in cur.fetchall()]
-            conn.execute(
-                text("DELETE FROM rejected_rows WHERE practice_id = :p AND source = :s"),
-                {"p": practice_id, "s": source},
-            )
-            if result.rejected:
+            elif rejected:
+                conn.execute(
+                    text("DELETE FROM rejected_rows WHERE practice_id = :p AND source = :s AND row_ref = ANY(:refs)"),
+                    {"p": practice_id, "s": stream_source, "refs": [r.row_ref for r in rejected]},
+                )
+            if rejected:
                 conn.execute(
                     text(
                         "INSERT INTO rejected_rows (practice_id, source, source_ref, row_ref, reason, raw, run_id) "
@@ -293,74 +293,184 @@ class Store:
                     [
                         {
                             "p": practice_id,
-                            "s": source,
-                            "ref": result.source_ref,
+                            "s": stream_source,
+                            "ref": source_ref,
                             "row_ref": r.row_ref,
                             "reason": r.reason,
                             "raw": json.dumps(r.raw, default=_json_default),
                             "run_id": run_id,
                         }
-                        for r in result.rejected
+                        for r in rejected
                     ],
                 )
+            conn.execute(
+                text(
+                    "INSERT INTO sync_cursors (practice_id, stream, cursor_at, last_full_sync_at) "
+                    "VALUES (:p, :stream, :cursor, CASE WHEN :full THEN now() END) "
+                    "ON CONFLICT (practice_id, stream) DO UPDATE SET "
+                    "cursor_at = COALESCE(EXCLUDED.cursor_at, sync_cursors.cursor_at), "
+                    "last_full_sync_at = COALESCE(EXCLUDED.last_full_sync_at, sync_cursors.last_full_sync_at), "
+                    "last_sync_at = now()"
+                ),
+                {"p": practice_id, "stream": spec.name, "cursor": cursor_at, "full": full},
+            )
             conn.execute(text("UPDATE practices SET last_sync_at = now() WHERE practice_id = :p"), {"p": practice_id})
-        inserted = sum(flags)
-        return WriteCounts(inserted, len(flags) - inserted, len(rows) - len(flags), len(result.rejected))
+        return WriteCounts(counts.inserted, counts.updated, counts.unchanged, len(rejected), counts.deactivated)
 
-    def load_patients(self, practice_id: str) -> list[Patient]:
+    def stream_state(self, practice_id: str, stream: str) -> StreamState:
+        with self.begin() as conn:
+            row = conn.execute(
+                text("SELECT cursor_at, last_full_sync_at FROM sync_cursors WHERE practice_id = :p AND stream = :s"),
+                {"p": practice_id, "s": stream},
+            ).one_or_none()
+        return StreamState(row.cursor_at, row.last_full_sync_at) if row else StreamState(None, None)
+
+    def load_patients(self, practice_id: str, *, include_merged: bool = False) -> list[Patient]:
+        """Active patients (plus merged-away records when asked, for matching)."""
+        where = "(active OR merged_into IS NOT NULL)" if include_merged else "active"
         with self.begin() as conn:
             rows = conn.execute(
-                text("SELECT * FROM patients WHERE practice_id = :p AND active ORDER BY pms_patient_id"),
+                text(f"SELECT * FROM patients WHERE practice_id = :p AND {where} ORDER BY pms_patient_id"),
                 {"p": practice_id},
             )
             return [_patient_from_row(r) for r in rows]
 
     def write_recalls(self, practice_id: str, recalls: Iterable[Recall]) -> int:
-        """Replace the practice's recalls with `recalls` in one transaction; returns how many were added, changed or removed."""
-        payload = [
-            {
-                "pid": r.pms_patient_id,
-                "due": r.due_date,
-                "src": r.recall_source,
-                "rule": r.rule,
-                "m": r.interval_months,
-            }
+        """Replace the practice's recalls with `recalls` in one transaction; returns how many were added,
+        changed or removed."""
+        rows = [
+            (
+                r.pms_patient_id,
+                r.due_date,
+                r.recall_source,
+                r.rule,
+                r.interval_months,
+                r.reason,
+                list(r.flags),
+                list(r.inferred_flags),
+            )
             for r in recalls
         ]
         with self.begin() as conn:
-            conn.execute(
-                text(
+            with conn.connection.driver_connection.cursor() as cur:
+                cur.execute(
                     "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
-                    "rule text, interval_months int) ON COMMIT DROP"
+                    "rule text, interval_months int, reason text, flags text[], inferred_flags text[]) ON COMMIT DROP"
                 )
-            )
-            if payload:
-                conn.execute(
-                    text("INSERT INTO stage_recalls VALUES (:pid, :due, :src, :rule, :m)"),
-                    payload,
-                )
+                with cur.copy("COPY stage_recalls FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
             removed = conn.execute(
                 text(
                     "DELETE FROM recalls r WHERE r.practice_id = :p AND NOT EXISTS ("
                     " SELECT 1 FROM stage_recalls s JOIN patients pt ON pt.practice_id = :p "
-                    " AND pt.pms_patient_id = s.pms_patient_id WHERE pt.patient_id = r.patient_id)"
+                    " AND pt.pms_patient_id = s.pms_patient_id WHERE pt.patient_id = r.patient_id AND pt.active)"
                 ),
                 {"p": practice_id},
             ).rowcount
             changed = conn.execute(
                 text(
-                    "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months) "
-                    "SELECT pt.patient_id, :p, s.due_date, s.recall_source, s.rule, s.interval_months "
-                    "FROM stage_recalls s JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id "
+                    "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, "
+                    "reason, flags, inferred_flags) "
+                    "SELECT pt.patient_id, :p, s.due_date, s.recall_source, s.rule, s.interval_months, s.reason, "
+                    "s.flags, s.inferred_flags FROM stage_recalls s JOIN patients pt "
+                    "ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id AND pt.active "
                     "ON CONFLICT (patient_id) DO UPDATE SET due_date = EXCLUDED.due_date, "
                     "recall_source = EXCLUDED.recall_source, rule = EXCLUDED.rule, "
-                    "interval_months = EXCLUDED.interval_months, computed_at = now() "
-                    "WHERE (recalls.due_date, recalls.recall_source, recalls.rule, recalls.interval_months) "
-                    "IS DISTINCT FROM (EXCLUDED.due_date, EXCLUDED.recall_source, EXCLUDED.rule, EXCLUDED.interval_months)"
+                    "interval_months = EXCLUDED.interval_months, reason = EXCLUDED.reason, flags = EXCLUDED.flags, "
+                    "inferred_flags = EXCLUDED.inferred_flags, computed_at = now() "
+                    "WHERE (recalls.due_date, recalls.recall_source, recalls.rule, recalls.interval_months, "
+                    "recalls.reason, recalls.flags, recalls.inferred_flags) IS DISTINCT FROM (EXCLUDED.due_date, "
+                    "EXCLUDED.recall_source, EXCLUDED.rule, EXCLUDED.interval_months, EXCLUDED.reason, "
+                    "EXCLUDED.flags, EXCLUDED.inferred_flags)"
                 ),
                 {"p": practice_id},
             ).rowcount
         return changed + removed
+
+    def load_clinical_records(self, practice_id: str) -> dict[str, list[ClinicalRecord]]:
+        """Active clinical records by PMS patient id."""
+        out: dict[str, list[ClinicalRecord]] = {}
+        with self.begin() as conn:
+            rows = conn.execute(
+                text("SELECT * FROM clinical_records WHERE practice_id = :p AND active ORDER BY exam_date"),
+                {"p": practice_id},
+            )
+            for r in rows:
+                out.setdefault(r.pms_patient_id, []).append(
+                    ClinicalRecord(
+                        practice_id=r.practice_id,
+                        pms_record_id=r.pms_record_id,
+                        pms_patient_id=r.pms_patient_id,
+                        exam_date=r.exam_date,
+                        record_type=r.record_type,
+                        flags=list(r.flags),
+                        unknown_flags=list(r.unknown_flags),
+                        notes=r.notes,
+                        iop_right_mmhg=float(r.iop_right_mmhg) if r.iop_right_mmhg is not None else None,
+                        iop_left_mmhg=float(r.iop_left_mmhg) if r.iop_left_mmhg is not None else None,
+                        clinician=r.clinician,
+                        source_updated_at=r.source_updated_at,
+                    )
+                )
+        return out
+
+    def rebuild_call_list(self, practice_id: str, today: date) -> dict[str, int]:
+        """Who the AI caller phones: active patients whose recall is due or overdue, who have a
+        callable phone (mobiles first; phones of records merged into them count) and no future
+        booked appointment (theirs or a merged record's). Replaced whole, in one transaction;
+        returns who is listed and why the others due are not."""
+        with self.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE TEMP TABLE due_people ON COMMIT DROP AS "
+                    "WITH people AS ("
+                    " SELECT pt.patient_id, r.due_date, r.reason, "
+                    "  pt.phones || COALESCE((SELECT array_agg(ph) FROM patients m, unnest(m.phones) ph "
+                    "   WHERE m.merged_into = pt.patient_id), '{}') AS phones, "
+                    "  ARRAY[pt.pms_patient_id] || COALESCE((SELECT array_agg(m.pms_patient_id) FROM patients m "
+                    "   WHERE m.merged_into = pt.patient_id), '{}') AS refs "
+                    " FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
+                    " WHERE r.practice_id = :p AND pt.active AND r.due_date <= :today) "
+                    "SELECT *, cardinality(phones) > 0 AS callable, EXISTS ("
+                    " SELECT 1 FROM appointments a WHERE a.practice_id = :p AND a.active "
+                    " AND a.pms_patient_id = ANY(refs) AND a.status = 'booked' AND a.starts_at > now()) AS booked "
+                    "FROM people"
+                ),
+                {"p": practice_id, "today": today},
+            )
+            counts = dict(
+                conn.execute(
+                    text(
+                        "SELECT count(*) AS due, count(*) FILTER (WHERE NOT callable) AS no_phone, "
+                        "count(*) FILTER (WHERE callable AND booked) AS already_booked FROM due_people"
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            conn.execute(text("DELETE FROM call_list WHERE practice_id = :p"), {"p": practice_id})
+            counts["listed"] = conn.execute(
+                text(
+                    "INSERT INTO call_list (patient_id, practice_id, phone, due_date, days_overdue, reason) "
+                    "SELECT patient_id, :p, phones[1], due_date, :today - due_date, reason FROM due_people "
+                    "WHERE callable AND NOT booked"
+                ),
+                {"p": practice_id, "today": today},
+            ).rowcount
+        return counts
+
+    def call_list(self, practice_id: str) -> list[dict[str, Any]]:
+        with self.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, c.phone, c.due_date, c.days_overdue, "
+                    "c.reason FROM call_list c JOIN patients pt USING (patient_id) WHERE c.practice_id = :p "
+                    "ORDER BY c.days_overdue DESC, pt.pms_patient_id"
+                ),
+                {"p": practice_id},
+            ).mappings()
+            return [dict(r) for r in rows]
 
     def recall_summary(self, practice_id: str, today: date) -> dict[str, int]:
         with self.begin() as conn:
@@ -380,6 +490,185 @@ class Store:
             )
             return dict(row)
 
+    # --- practice groups (multi-location) ---------------------------------------------------------
+
+    def add_group(self, group_id: str, display_name: str) -> None:
+        try:
+            with self.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO practice_groups (group_id, display_name) VALUES (:g, :n) "
+                        "ON CONFLICT (group_id) DO UPDATE SET display_name = EXCLUDED.display_name"
+                    ),
+                    {"g": group_id, "n": display_name},
+                )
+        except IntegrityError:
+            raise ValueError(
+                f"group id {group_id!r} is not allowed: use 1-63 lower-case letters, digits, '-' or '_'"
+            ) from None
+
+    def set_group(self, practice_id: str, group_id: str | None) -> None:
+        with self.begin() as conn:
+            if (
+                group_id is not None
+                and not conn.execute(text("SELECT 1 FROM practice_groups WHERE group_id = :g"), {"g": group_id}).first()
+            ):
+                raise PracticeNotFound(f"no group {group_id!r}: create it with `nvc group create`")
+            if not conn.execute(
+                text("UPDATE practices SET group_id = :g WHERE practice_id = :p"), {"g": group_id, "p": practice_id}
+            ).rowcount:
+                raise PracticeNotFound(f"no practice {practice_id!r} is registered")
+
+    def groups(self) -> list[dict[str, Any]]:
+        with self.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT g.group_id, g.display_name, coalesce(array_agg(p.practice_id ORDER BY p.practice_id) "
+                    "FILTER (WHERE p.practice_id IS NOT NULL), '{}') AS practices FROM practice_groups g "
+                    "LEFT JOIN practices p ON p.group_id = g.group_id GROUP BY g.group_id ORDER BY g.group_id"
+                )
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def group_practices(self, group_id: str) -> list[str]:
+        for group in self.groups():
+            if group["group_id"] == group_id:
+                return list(group["practices"])
+        raise PracticeNotFound(f"no group {group_id!r} (see `nvc group list`)")
+
+    # --- matching, duplicates, merges ------------------------------------------------------------
+
+    def remap_derived_identities(self, practice_id: str, result: ReadResult) -> int:
+        """Give id-less incoming rows the identity of the stored patient they match (phone plus name
+        or date of birth); a row that then repeats an identity is rejected as a duplicate."""
+        if not any(p.pms_patient_id.startswith(DERIVED_PREFIX) for p in result.patients):
+            return 0
+        mapping = resolve_derived_identities(result.patients, self.load_patients(practice_id, include_merged=True))
+        if not mapping:
+            return 0
+        kept: list[Patient] = []
+        seen: set[str] = set()
+        for p in result.patients:
+            p.pms_patient_id = mapping.get(p.pms_patient_id, p.pms_patient_id)
+            if p.pms_patient_id in seen:
+                result.rejected.append(RejectedRow(p.pms_patient_id, "duplicate of another row (same patient)", {}))
+                continue
+            seen.add(p.pms_patient_id)
+            kept.append(p)
+        result.patients[:] = kept
+        return len(mapping)
+
+    def duplicates(self, practice_id: str) -> list[DuplicatePair]:
+        return find_duplicates(self.load_patients(practice_id))
+
+    def _patient_ids(self, conn: Connection, practice_id: str, refs: Sequence[str]) -> list[int]:
+        rows = dict(
+            conn.execute(
+                text(
+                    "SELECT pms_patient_id, patient_id FROM patients "
+                    "WHERE practice_id = :p AND pms_patient_id = ANY(:refs) FOR UPDATE"
+                ),
+                {"p": practice_id, "refs": list(refs)},
+            ).all()
+        )
+        missing = [r for r in refs if r not in rows]
+        if missing:
+            raise PracticeNotFound(f"practice {practice_id} has no patient {', '.join(missing)}")
+        return [rows[r] for r in refs]
+
+    def merge_patients(self, practice_id: str, keep: str, merged: str, actor: str) -> int:
+        """Merge `merged` into `keep`: the merged record goes inactive and points at `keep`, which then
+        carries its phones and appointments too; nothing is deleted, and `undo_merge` reverses it."""
+        if keep == merged:
+            raise ValueError("a patient cannot be merged into itself")
+        with self.begin() as conn:
+            keep_id, merged_id = self._patient_ids(conn, practice_id, [keep, merged])
+            state = conn.execute(
+                text("SELECT patient_id, merged_into, active FROM patients WHERE patient_id = ANY(:ids)"),
+                {"ids": [keep_id, merged_id]},
+            ).all()
+            if any(r.merged_into is not None for r in state):
+                raise ValueError("one of these patients is already merged; undo that merge first")
+            conn.execute(
+                text("UPDATE patients SET merged_into = :k, active = false, updated_at = now() WHERE patient_id = :m"),
+                {"k": keep_id, "m": merged_id},
+            )
+            conn.execute(
+                text("UPDATE patients SET merged_into = :k WHERE merged_into = :m"), {"k": keep_id, "m": merged_id}
+            )
+            merge_id = conn.execute(
+                text(
+                    "INSERT INTO patient_merges (practice_id, keep_patient_id, merged_patient_id, merged_by) "
+                    "VALUES (:p, :k, :m, :actor) RETURNING merge_id"
+                ),
+                {"p": practice_id, "k": keep_id, "m": merged_id, "actor": actor},
+            ).scalar_one()
+            self.audit(conn, actor, practice_id, "merge", [keep, merged], detail={"merge_id": merge_id})
+        return merge_id
+
+    def undo_merge(self, practice_id: str, merge_id: int, actor: str) -> None:
+        with self.begin() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT m.*, k.pms_patient_id AS keep_ref, o.pms_patient_id AS merged_ref FROM patient_merges m "
+                    "JOIN patients k ON k.patient_id = m.keep_patient_id "
+                    "JOIN patients o ON o.patient_id = m.merged_patient_id "
+                    "WHERE m.merge_id = :id AND m.practice_id = :p FOR UPDATE OF m"
+                ),
+                {"id": merge_id, "p": practice_id},
+            ).one_or_none()
+            if row is None:
+                raise PracticeNotFound(f"practice {practice_id} has no merge {merge_id}")
+            if row.undone_at is not None:
+                raise ValueError(f"merge {merge_id} was already undone")
+            conn.execute(
+                text("UPDATE patients SET merged_into = NULL, active = true, updated_at = now() WHERE patient_id = :m"),
+                {"m": row.merged_patient_id},
+            )
+            conn.execute(
+                text("UPDATE patient_merges SET undone_at = now(), undone_by = :a WHERE merge_id = :id"),
+                {"a": actor, "id": merge_id},
+            )
+            self.audit(
+                conn, actor, practice_id, "unmerge", [row.keep_ref, row.merged_ref], detail={"merge_id": merge_id}
+            )
+
+    # --- audit -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def audit(
+        conn: Connection,
+        actor: str,
+        practice_id: str,
+        action: str,
+        record_refs: Sequence[str] = (),
+        run_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append to the audit log inside the caller's transaction (so it commits with the access)."""
+        conn.execute(
+            text(
+                "INSERT INTO audit_log (actor, practice_id, action, record_refs, run_id, detail) "
+                "VALUES (:actor, :p, :action, :refs, :run, CAST(:detail AS jsonb))"
+            ),
+            {
+                "actor": actor,
+                "p": practice_id,
+                "action": action,
+                "refs": list(record_refs),
+                "run": run_id,
+                "detail": json.dumps(detail or {}, default=_json_default),
+            },
+        )
+
+    def audit_entries(self, practice_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        with self.begin() as conn:
+            rows = conn.execute(
+                text("SELECT * FROM audit_log WHERE practice_id = :p ORDER BY audit_id DESC LIMIT :n"),
+                {"p": practice_id, "n": limit},
+            ).mappings()
+            return [dict(r) for r in rows]
+
     # --- export ------------------------------------------------------------------------------------
 
     def export_practice(self, practice_id: str) -> dict[str, Any]:
@@ -389,9 +678,35 @@ class Store:
             patients = (
                 conn.execute(
                     text(
-                        "SELECT pt.*, r.due_date AS recall_due_date, r.recall_source, r.rule AS recall_rule "
+                        "SELECT pt.*, r.due_date AS recall_due_date, r.recall_source, r.rule AS recall_rule, "
+                        "r.reason AS recall_reason, r.inferred_flags, m.pms_patient_id AS merged_into_id "
                         "FROM patients pt LEFT JOIN recalls r ON r.patient_id = pt.patient_id "
+                        "LEFT JOIN patients m ON m.patient_id = pt.merged_into "
                         "WHERE pt.practice_id = :p ORDER BY pt.pms_patient_id"
+                    ),
+                    {"p": practice_id},
+                )
+                .mappings()
+                .all()
+            )
+            appointments = (
+                conn.execute(
+                    text(
+                        "SELECT pms_appointment_id, pms_patient_id, starts_at, ends_at, status, appointment_type, "
+                        "clinician, notes, nvc_reference, active FROM appointments WHERE practice_id = :p "
+                        "ORDER BY starts_at, pms_appointment_id"
+                    ),
+                    {"p": practice_id},
+                )
+                .mappings()
+                .all()
+            )
+            clinical = (
+                conn.execute(
+                    text(
+                        "SELECT pms_record_id, pms_patient_id, exam_date, record_type, flags, unknown_flags, notes, "
+                        "iop_right_mmhg, iop_left_mmhg, clinician, active FROM clinical_records WHERE practice_id = :p "
+                        "ORDER BY exam_date, pms_record_id"
                     ),
                     {"p": practice_id},
                 )
@@ -411,6 +726,8 @@ class Store:
             )
 
         def iso(value: Any) -> Any:
+            if isinstance(value, Decimal):
+                return float(value)
             return value.isoformat() if isinstance(value, date | datetime) else value
 
         return {
@@ -432,9 +749,22 @@ class Store:
                     "recall_due_date": iso(p["recall_due_date"]),
                     "recall_source": p["recall_source"],
                     "recall_rule": p["recall_rule"],
+                    "recall_reason": p["recall_reason"],
+                    "inferred_flags": list(p["inferred_flags"] or []),
                     "active": p["active"],
+                    "merged_into": p["merged_into_id"],
                 }
                 for p in patients
+            ],
+            "appointments": [
+                {k: iso(float(v) if isinstance(v, Decimal) else v) for k, v in a.items()} for a in appointments
+            ],
+            "clinical_records": [
+                {
+                    k: (float(v) if isinstance(v, Decimal) else list(v) if isinstance(v, list) else iso(v))
+                    for k, v in c.items()
+                }
+                for c in clinical
             ],
             "rejected_rows": [{k: iso(v) for k, v in r.items()} for r in rejected],
         }

@@ -1,0 +1,229 @@
+"""Bulk, idempotent merging of one stream (patients, appointments, clinical records) into the store.
+
+Rows are `COPY`ed into a temporary staging table shaped like the target, then merged with one
+`INSERT ... ON CONFLICT DO UPDATE ... WHERE content changed`, so unchanged rows are not touched
+and the counts say exactly what a sync did. A full read also reconciles: rows the source no longer
+has are marked inactive (never deleted), unless that would drop more than the allowed share of the
+practice's active rows, which is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from nvc_pipelines.model import Appointment, ClinicalRecord, Patient
+
+
+class VolumeDropRefused(RuntimeError):
+    """A full read would deactivate too many rows: most likely a broken extract, not real deletions."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    name: str
+    table: str
+    key: str
+    columns: tuple[str, ...]  # without content_hash; practice_id and key first
+    values: Callable[[Any], tuple[Any, ...]]
+    # What `active` becomes when the source sends a row again (a merged patient stays merged).
+    reactivate: str = "true"
+
+
+@dataclass(frozen=True, slots=True)
+class MergeCounts:
+    inserted: int
+    updated: int
+    unchanged: int
+    deactivated: int
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, date | datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(type(value))
+
+
+def content_hash(values: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps(list(values), default=_json_default).encode()).hexdigest()
+
+
+def _patient_values(p: Patient) -> tuple[Any, ...]:
+    return (
+        p.practice_id,
+        p.pms_patient_id,
+        p.first_name,
+        p.last_name,
+        p.date_of_birth,
+        p.email,
+        p.address,
+        [ph.e164 for ph in p.phones],
+        [str(ph.type) for ph in p.phones],
+        p.last_eye_test_date,
+        p.last_clinical_test_date,
+        sorted(p.risk_flags),
+        list(p.unknown_risk_values),
+        p.clinical_notes,
+        p.pms_recall_due_date,
+        p.source_updated_at,
+    )
+
+
+def _appointment_values(a: Appointment) -> tuple[Any, ...]:
+    return (
+        a.practice_id,
+        a.pms_appointment_id,
+        a.pms_patient_id,
+        a.starts_at,
+        a.ends_at,
+        str(a.status),
+        a.appointment_type,
+        a.clinician,
+        a.notes,
+        a.nvc_reference,
+        a.source_updated_at,
+    )
+
+
+def _clinical_values(c: ClinicalRecord) -> tuple[Any, ...]:
+    return (
+        c.practice_id,
+        c.pms_record_id,
+        c.pms_patient_id,
+        c.exam_date,
+        c.record_type,
+        sorted(c.flags),
+        list(c.unknown_flags),
+        c.notes,
+        c.iop_right_mmhg,
+        c.iop_left_mmhg,
+        c.clinician,
+        c.source_updated_at,
+    )
+
+
+PATIENTS = StreamSpec(
+    "patients",
+    "patients",
+    "pms_patient_id",
+    (
+        "practice_id",
+        "pms_patient_id",
+        "first_name",
+        "last_name",
+        "date_of_birth",
+        "email",
+        "address",
+        "phones",
+        "phone_types",
+        "last_eye_test_date",
+        "last_clinical_test_date",
+        "risk_flags",
+        "unknown_risk_values",
+        "clinical_notes",
+        "pms_recall_due_date",
+        "source_updated_at",
+    ),
+    _patient_values,
+    reactivate="patients.merged_into IS NULL",
+)
+APPOINTMENTS = StreamSpec(
+    "appointments",
+    "appointments",
+    "pms_appointment_id",
+    (
+        "practice_id",
+        "pms_appointment_id",
+        "pms_patient_id",
+        "starts_at",
+        "ends_at",
+        "status",
+        "appointment_type",
+        "clinician",
+        "notes",
+        "nvc_reference",
+        "source_updated_at",
+    ),
+    _appointment_values,
+)
+CLINICAL_RECORDS = StreamSpec(
+    "clinical_records",
+    "clinical_records",
+    "pms_record_id",
+    (
+        "practice_id",
+        "pms_record_id",
+        "pms_patient_id",
+        "exam_date",
+        "record_type",
+        "flags",
+        "unknown_flags",
+        "notes",
+        "iop_right_mmhg",
+        "iop_left_mmhg",
+        "clinician",
+        "source_updated_at",
+    ),
+    _clinical_values,
+)
+
+
+def merge_stream(
+    cur: Any,  # a psycopg 3 cursor inside the caller's transaction
+    spec: StreamSpec,
+    practice_id: str,
+    records: Sequence[Any],
+    *,
+    full: bool,
+    max_drop_share: float | None,
+) -> MergeCounts:
+    columns = (*spec.columns, "content_hash")
+    cols = ", ".join(columns)
+    stage = f"stage_{spec.table}"
+    cur.execute(f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {spec.table} WITH NO DATA")
+    with cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
+        for record in records:
+            values = spec.values(record)
+            copy.write_row((*values, content_hash(values)))
+
+    deactivated = 0
+    if full:
+        cur.execute(
+            f"SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.{spec.key} = t.{spec.key})), "
+            f"count(*) FROM {spec.table} t WHERE t.practice_id = %s AND t.active",
+            (practice_id,),
+        )
+        gone, active = cur.fetchone()
+        if max_drop_share is not None and active and gone > max_drop_share * active:
+            raise VolumeDropRefused(
+                f"the full read of {spec.name} has {len(records)} rows but the store has {active} active: "
+                f"{gone} ({gone / active:.0%}) would be marked inactive, above the {max_drop_share:.0%} allowed. "
+                "Nothing was changed. Check the PMS export/API; if the practice really removed them, "
+                "re-run with the tag nvc/allow_drop=true"
+            )
+        cur.execute(
+            f"UPDATE {spec.table} t SET active = false, updated_at = now() WHERE t.practice_id = %s AND t.active "
+            f"AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.{spec.key} = t.{spec.key})",
+            (practice_id,),
+        )
+        deactivated = cur.rowcount
+
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[2:])
+    cur.execute(
+        f"INSERT INTO {spec.table} ({cols}) SELECT {cols} FROM {stage} "
+        f"ON CONFLICT (practice_id, {spec.key}) DO UPDATE SET {updates}, active = {spec.reactivate}, "
+        "updated_at = now() "
+        f"WHERE {spec.table}.content_hash IS DISTINCT FROM EXCLUDED.content_hash "
+        f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
+        "RETURNING (xmax = 0)"
+    )
+    flags = [r[0] for r in cur.fetchall()]
+    inserted = sum(flags)
+    return MergeCounts(inserted, len(flags) - inserted, len(records) - len(flags), deactivated)

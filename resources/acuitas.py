@@ -1,0 +1,833 @@
+"""Acuitas (by Ocuco), the practice-hosted PMS: NVC talks to the API service on the practice's server.
+
+A practice connects with its server's address (`server_url`), the Acuitas database name
+(`database`) and an Acuitas user set up for NVC (`api_username`, `api_password`; the user needs the
+"API Read" and "Diary Write" roles). The API needs Acuitas 8.0 or later.
+
+The dialect: a session token from `POST /acuitas/api/session`, sent as `X-Acuitas-Token` and renewed
+once, transparently, when Acuitas says it expired; offset/limit paging in id order with
+`modifiedSince` in UK local time; PascalCase records with day-first dates and local times without an
+offset; clinical alerts as Acuitas codes. The diary has no idempotency key, so a booking carries
+`nvc_marker(key)` at the start of its `Comments` and is looked up (by patient and day) before it is
+made and after any response that was lost. Call outcomes and call attempts both go to the patient's
+call notes, marked in `Reference`.
+
+Every error becomes a `PmsError` with a stable `problem` code and what the practice should check.
+The password and the session token travel only in the login body and the token header: no message
+or log line here contains them (or the username).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Generator, Iterator
+from datetime import UTC, date, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from dagster import ConfigurableResource
+
+from nvc_pipelines.model import (
+    Appointment,
+    BookingRequest,
+    BookingResult,
+    ClinicalRecord,
+    NoteKind,
+    NoteResult,
+    PatientNote,
+    PmsKind,
+    Practice,
+    ReadResult,
+    RecordBatch,
+)
+from nvc_pipelines.normalise import (
+    UK_TZ,
+    AppointmentDraft,
+    ClinicalDraft,
+    InvalidValue,
+    PatientDraft,
+    build_appointment,
+    build_clinical,
+    collect,
+    collect_records,
+    find_nvc_reference,
+    nvc_marker,
+    parse_pms_datetime,
+)
+from resources.http import RETRYABLE_STATUS, HttpStatusError, PmsHttp, UnsafeUrl, check_url
+from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
+
+log = logging.getLogger(__name__)
+
+PMS_NAME = "Acuitas"
+API_PREFIX = "/acuitas/api"
+MIN_VERSION = (8, 0)
+MAX_PAGE_SIZE = 500  # Acuitas refuses larger pages
+COMMENTS_MAX = 255  # diary Comments column width
+NOTE_TEXT_MAX = 2000
+REQUIRED_ROLES = ("API Read", "Diary Write")
+MAX_PASSES = 3  # re-reads of a filtered list that changed while it was paged
+SESSION_ERRORS = frozenset({"TOKEN_EXPIRED", "INVALID_TOKEN"})
+
+# Acuitas clinical alert codes -> the recall rules' flags. Other codes (AMB, CAT, ...) pass through raw.
+ALERT_CODES: dict[str, str] = {
+    "DIA": "diabetic",
+    "GLA": "glaucoma",
+    "GLS": "glaucoma_suspect",
+    "OHT": "ocular_hypertension",
+    "FHG": "glaucoma_family_history",
+}
+# Diary status codes -> AppointmentStatus values ("arrived" is still a booking until it completes).
+STATUS_CODES: dict[str, str] = {
+    "BK": "booked",
+    "ARR": "booked",
+    "CMP": "completed",
+    "CAN": "cancelled",
+    "DNA": "no_show",
+}
+TYPE_CODES: dict[str, str] = {"ST": "eye_test", "CL": "contact_lens", "FU": "follow_up", "COL": "collection"}
+TYPE_FOR_BOOKING: dict[str, str] = {kind: code for code, kind in TYPE_CODES.items()}
+EXAM_TYPES: dict[str, str] = {"ST": "sight_test", "CL": "contact_lens_check", "FU": "follow_up"}
+
+CHECK_LOGIN = (
+    "the api_username and api_password: the Acuitas user set up for NVC (Acuitas > Administration > Users); "
+    "passwords are case-sensitive and Acuitas may have made it expire"
+)
+CHECK_URL = (
+    "the server_url setting (the https:// address and port of the Acuitas API service on the practice server), "
+    "that the server is switched on with the Acuitas API service running, and that the practice's firewall, "
+    "router port forwarding or VPN lets this server reach it"
+)
+CHECK_DATABASE = (
+    "the database setting: the Acuitas database name exactly as the practice's Acuitas login screen lists it"
+)
+CHECK_ROLES = (
+    'ask the practice\'s Acuitas administrator to give the NVC user the "API Read" and "Diary Write" roles '
+    "(Acuitas > Administration > Users > Roles)"
+)
+CHECK_VERSION = (
+    "the Acuitas version on the practice server (Help > About); the practice (or Ocuco support) can upgrade it"
+)
+CHECK_TLS = (
+    "the practice server's TLS certificate: it must be valid for the host name in server_url and issued by a "
+    "trusted certificate authority (a self-signed certificate is refused)"
+)
+
+
+def uk_local(value: datetime, fmt: str = "%d/%m/%Y %H:%M:%S") -> str:
+    """An instant as Acuitas wants it: UK wall-clock time, day first (a naive datetime is taken as UTC)."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return aware.astimezone(UK_TZ).strftime(fmt)
+
+
+def _uk_date_text(raw: Any) -> str | None:
+    """A day-first date as Acuitas sends it; a `dd/mm/yyyy 00:00:00` from an older server keeps the date."""
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if re.fullmatch(r"\d{1,2}/\d{1,2}/\d{4}\s+\d{1,2}:\d{2}(:\d{2})?", text):
+        text = text.split()[0]
+    return text
+
+
+def _local_timestamp(raw: Any) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        return parse_pms_datetime(str(raw), "Modified")
+    except InvalidValue:
+        return None
+
+
+def _alerts(codes: Any) -> list[str]:
+    out: list[str] = []
+    for code in codes if isinstance(codes, list) else []:
+        text = str(code).strip()
+        flag = ALERT_CODES.get(text.upper(), text)
+        if flag and flag not in out:
+            out.append(flag)
+    return out
+
+
+def _text(value: Any) -> str | None:
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
+def acuitas_draft(row: dict[str, Any]) -> PatientDraft:
+    """Translate one Acuitas patient into the shared draft; unknown alert codes are kept raw."""
+    parts = (row.get(k) for k in ("Address1", "Address2", "Town", "County", "Postcode"))
+    return PatientDraft(
+        pms_patient_id=_text(row.get("PatientId")),
+        first_name=row.get("Forename"),
+        last_name=row.get("Surname"),
+        phones=[row.get("MobileTel"), row.get("HomeTel"), row.get("WorkTel")],
+        date_of_birth=_uk_date_text(row.get("DateOfBirth")),
+        email=_text(row.get("Email")),
+        address=", ".join(str(p).strip() for p in parts if p and str(p).strip()) or None,
+        last_eye_test_date=_uk_date_text(row.get("LastSightTest")),
+        risk_flags=_alerts(row.get("ClinicalAlerts")),
+        clinical_notes=_text(row.get("Notes")),
+        recall_due_date=_uk_date_text(row.get("RecallDue")),
+        updated_at=_local_timestamp(row.get("Modified")),
+    )
+
+
+def acuitas_appointment_draft(row: dict[str, Any]) -> AppointmentDraft:
+    status = str(row.get("Status") or "").strip().upper()
+    kind = str(row.get("AppointmentType") or "").strip().upper()
+    duration = row.get("Duration")
+    try:
+        minutes = int(duration) if duration not in (None, "") else None
+    except (TypeError, ValueError):
+        minutes = None
+    comments = _text(row.get("Comments"))
+    return AppointmentDraft(
+        pms_appointment_id=_text(row.get("AppointmentId")),
+        pms_patient_id=_text(row.get("PatientId")),
+        starts_at=_text(row.get("Start")),  # local time: build_appointment reads it as UK wall-clock time
+        duration_minutes=minutes if minutes and minutes > 0 else None,
+        status=STATUS_CODES.get(status, status or None),
+        appointment_type=TYPE_CODES.get(kind, "other"),
+        clinician=_text(row.get("Optom")),
+        notes=comments,
+        nvc_reference=find_nvc_reference(comments),
+        updated_at=_local_timestamp(row.get("Modified")),
+    )
+
+
+def acuitas_clinical_draft(row: dict[str, Any]) -> ClinicalDraft:
+    exam_type = str(row.get("ExamType") or "").strip().upper()
+    return ClinicalDraft(
+        pms_record_id=_text(row.get("ExamId")),
+        pms_patient_id=_text(row.get("PatientId")),
+        exam_date=_uk_date_text(row.get("ExamDate")),
+        record_type=EXAM_TYPES.get(exam_type, exam_type.lower() or None),
+        flags=_alerts(row.get("ClinicalAlerts")),
+        notes=_text(row.get("Notes")),
+        iop_right_mmhg=_text(row.get("IopRight")),
+        iop_left_mmhg=_text(row.get("IopLeft")),
+        clinician=_text(row.get("Optom")),
+        updated_at=_local_timestamp(row.get("Modified")),
+    )
+
+
+def parse_version(raw: Any) -> tuple[int, int] | None:
+    match = re.match(r"\s*(\d+)\.(\d+)", str(raw or ""))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _error_code(body: Any) -> str:
+    return str(body.get("ErrorCode") or "").strip().upper() if isinstance(body, dict) else ""
+
+
+class _AcuitasSession(httpx.Auth):
+    """Logs in on first use and sends `X-Acuitas-Token` on every call but the version probe.
+
+    When Acuitas answers 401 `TOKEN_EXPIRED` (or `INVALID_TOKEN`, after a server restart) it logs in
+    again once and repeats the request. A failed login's own answer (401 `AUTH_FAILED`, 404
+    `DATABASE_NOT_FOUND`, ...) becomes the answer to the request, for the client to translate.
+    """
+
+    requires_response_body = True
+
+    def __init__(self, session_url: str, database: str, username: str, password: str):
+        self._session_url = session_url
+        self._database = database
+        self._username = username
+        self._password = password
+        self.token: str | None = None
+        self._expires_at = 0.0
+        self.logins = 0
+
+    def __repr__(self) -> str:
+        return "_AcuitasSession(<redacted>)"
+
+    def _login_request(self) -> httpx.Request:
+        body = {"database": self._database, "username": self._username, "password": self._password}
+        return httpx.Request("POST", self._session_url, json=body, headers={"Accept": "application/json"})
+
+    def _accept(self, response: httpx.Response) -> bool:
+        if response.status_code != 200:
+            return False
+        try:
+            body = response.json()
+        except ValueError:
+            return False
+        token = body.get("token") if isinstance(body, dict) else None
+        if not token:
+            return False
+        self.token = str(token)
+        try:
+            ttl = float(body.get("expiresIn") or 0)
+        except (TypeError, ValueError):
+            ttl = 0.0
+        # Renew a little early when Acuitas says how long the token lives; the 401 path covers the rest.
+        self._expires_at = time.monotonic() + ttl - 5 if ttl > 10 else math.inf
+        self.logins += 1
+        return True
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if request.url.path.endswith("/version"):
+            yield request
+            return
+        fresh = False
+        if self.token is None or time.monotonic() >= self._expires_at:
+            self.token = None
+            login = yield self._login_request()
+            if not self._accept(login):
+                return  # the login's error answers the request
+            fresh = True
+        request.headers["X-Acuitas-Token"] = self.token or ""
+        response = yield request
+        if fresh or response.status_code != 401:
+            return
+        try:
+            code = _error_code(response.json())
+        except ValueError:
+            code = ""
+        if code not in SESSION_ERRORS:
+            return
+        self.token = None
+        login = yield self._login_request()
+        if not self._accept(login):
+            return
+        request.headers["X-Acuitas-Token"] = self.token or ""
+        yield request
+
+
+class AcuitasClient:
+    """One practice's connection to its Acuitas server (implements `PmsClient`)."""
+
+    kind = PmsKind.ACUITAS
+
+    def __init__(
+        self,
+        practice: Practice,
+        *,
+        server_url: str,
+        database: str,
+        username: str,
+        password: str,
+        page_size: int,
+        timeout_seconds: float,
+        max_attempts: int,
+        backoff_seconds: float,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.practice = practice
+        self.database = database
+        self.page_size = max(1, min(page_size, MAX_PAGE_SIZE))
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_seconds = backoff_seconds
+        self._password = password
+        self._username = username
+        self._version: str | None = None
+        self._auth: _AcuitasSession | None = None
+        try:
+            base = check_url(server_url)
+        except UnsafeUrl as exc:
+            raise self._fail(
+                "unsafe_url",
+                f"{exc}.",
+                "the server_url setting: it must be the https:// address of the Acuitas API service on the "
+                "practice server (plain http:// is only allowed to this machine itself)",
+            ) from None
+        self._prefix = "" if base.endswith(API_PREFIX) else API_PREFIX
+        self._auth = _AcuitasSession(f"{base}{self._prefix}/session", database, username, password)
+        self.http = PmsHttp(
+            base,
+            auth=self._auth,
+            timeout_seconds=timeout_seconds,
+            max_attempts=self.max_attempts,
+            backoff_seconds=backoff_seconds,
+            transport=transport,
+            on_retry=self._on_retry,
+        )
+
+    def __repr__(self) -> str:
+        return f"AcuitasClient(practice={self.practice.practice_id!r}, database={self.database!r})"
+
+    # --- errors ------------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        token = self._auth.token if self._auth is not None else None
+        for secret, label in ((token, "<session token>"), (self._password, "<password>")):
+            if secret:
+                text = text.replace(secret, label)
+        return text
+
+    def _scrub_reply(self, text: str) -> str:
+        """What Acuitas said, without the username (a stored secret) should a message quote it."""
+        if self._username:
+            text = re.sub(re.escape(self._username), "<api username>", text, flags=re.IGNORECASE)
+        return self._scrub(text)
+
+    def _fail(self, problem: str, message: str, check: str = "") -> PmsConnectionFailed:
+        return PmsConnectionFailed(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
+
+    def _error(self, problem: str, message: str, check: str = "") -> PmsError:
+        return PmsError(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
+
+    def _on_retry(self, message: str) -> None:
+        log.warning("%s practice %s: %s", PMS_NAME, self.practice.practice_id, self._scrub(message))
+
+    def _translate(self, exc: Exception, *, invalid: str = "bad_request") -> PmsError:
+        """Turn an HTTP or transport failure into an error that names the problem and what to check."""
+        if not isinstance(exc, HttpStatusError):
+            text = f"{type(exc).__name__}: {exc}"
+            if "CERTIFICATE_VERIFY_FAILED" in text.upper():
+                return self._fail(
+                    "tls_certificate", f"the TLS certificate of {self.http.base_url} was refused ({text}).", CHECK_TLS
+                )
+            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                what = "could not connect to"
+            elif isinstance(exc, httpx.TimeoutException):
+                what = "timed out waiting for"
+            else:
+                what = "lost the connection to"
+            return self._fail("unreachable", f"{what} the Acuitas server at {self.http.base_url} ({text}).", CHECK_URL)
+        code = _error_code(exc.body)
+        detail = str(exc.body.get("Message") or "") if isinstance(exc.body, dict) else str(exc.body or "")[:200]
+        detail = self._scrub_reply(detail.strip().rstrip("."))
+        said = f" (Acuitas said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
+        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
+        db = self.database
+        if exc.status == 401 and code in SESSION_ERRORS:
+            return self._fail(
+                "session_expired",
+                f"Acuitas ended the API session straight after a fresh login{said}.",
+                "the practice server's clock, and the API session timeout in Acuitas's server settings",
+            )
+        if exc.status == 401:
+            return self._fail(
+                "invalid_credentials", f"Acuitas rejected the API username or password{said}.", CHECK_LOGIN
+            )
+        if code == "DATABASE_NOT_FOUND":
+            return self._fail(
+                "database_not_found", f"the Acuitas server has no database called {db!r}{said}.", CHECK_DATABASE
+            )
+        if exc.status == 403:
+            return self._fail(
+                "insufficient_permissions", f"the Acuitas user NVC logs in as lacks a role it needs{said}.", CHECK_ROLES
+            )
+        if code == "PATIENT_NOT_FOUND":
+            return self._error(
+                "patient_not_found",
+                f"Acuitas database {db} has no such patient{said}.",
+                "whether the patient was merged or removed in Acuitas since the last sync; the next sync refreshes the list",
+            )
+        if code == "SLOT_UNAVAILABLE" or exc.status == 409:
+            return self._error(
+                "slot_taken",
+                f"the diary slot is no longer free{said}.",
+                "offer the patient another time; someone at the practice booked this slot first",
+            )
+        if exc.status == 404:
+            return self._fail(
+                "api_not_found",
+                f"{self.http.base_url} did not answer as an Acuitas API server (HTTP 404{said}).",
+                CHECK_URL,
+            )
+        if exc.status == 429:
+            return self._fail(
+                "rate_limited",
+                f"Acuitas kept rate-limiting requests after {attempts}{said}.",
+                "whether another integration is using the practice server's API heavily; the next sync will retry",
+            )
+        if exc.status >= 500:
+            return self._fail(
+                "pms_error",
+                f"the Acuitas server answered HTTP {exc.status} after {attempts}{said}.",
+                "that the Acuitas API service on the practice server is healthy (restart it if needed); the next sync will retry",
+            )
+        if invalid != "bad_request" and exc.status in (400, 422):
+            what = "booking" if invalid == "invalid_booking" else "call note"
+            return self._error(
+                invalid,
+                f"Acuitas refused the {what}{said}.",
+                f"the {what} the call made (time, length, appointment type, optom code, text length)",
+            )
+        return self._error(
+            "bad_request",
+            f"Acuitas refused the request with HTTP {exc.status}{said}.",
+            "this is a bug in the Acuitas integration; report it with this message",
+        )
+
+    def _get(self, path: str, **params: Any) -> Any:
+        try:
+            return self.http.get(path, **params)
+        except (HttpStatusError, httpx.TransportError) as exc:
+            raise self._translate(exc) from None
+
+    # --- version and connection --------------------------------------------------------------------
+
+    def _check_version(self) -> str:
+        """Refuse servers before 8.0 (once per client: the first call of a sync does it too)."""
+        if self._version is not None:
+            return self._version
+        body = self._get(f"{self._prefix}/version")
+        raw = body.get("ProductVersion") if isinstance(body, dict) else None
+        version = parse_version(raw)
+        if version is None:
+            raise self._fail(
+                "api_not_found",
+                f"{self.http.base_url} did not report an Acuitas version (got {str(raw)[:40]!r}).",
+                CHECK_URL,
+            )
+        if version < MIN_VERSION:
+            raise self._fail(
+                "unsupported_version",
+                f"Acuitas {version[0]}.{version[1]} is not supported: the API needs version "
+                f"{MIN_VERSION[0]}.{MIN_VERSION[1]} or later; ask the practice to upgrade.",
+                CHECK_VERSION,
+            )
+        self._version = str(raw).strip()
+        return self._version
+
+    def test_connection(self) -> ConnectionInfo:
+        """Check the version, log in (URL, database, username, password), then the user's roles."""
+        version = self._check_version()
+        session = self._get(f"{self._prefix}/session")
+        roles = set(session.get("Roles") or []) if isinstance(session, dict) else set()
+        missing = [role for role in REQUIRED_ROLES if role not in roles]
+        if missing:
+            names = " and ".join(f'"{r}"' for r in missing)
+            raise self._fail(
+                "insufficient_permissions",
+                f"the Acuitas user NVC logs in as lacks the {names} role{'s' if len(missing) > 1 else ''} "
+                "(reading patients needs API Read; writing bookings and call notes needs Diary Write).",
+                CHECK_ROLES,
+            )
+        practice = self._get(f"{self._prefix}/practice")
+        name = practice.get("PracticeName") if isinstance(practice, dict) else None
+        return ConnectionInfo(
+            pms=PMS_NAME,
+            practice_name=name,
+            version=version,
+            detail=f"Acuitas database {self.database} on {self.http.base_url}",
+        )
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    def _iter_list(self, path: str, since: datetime | None, what: str, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every record of an offset-paged list, in Acuitas's id order, until `TotalCount` is reached.
+
+        Records are never deleted and edits do not reorder the list, so a full read cannot skip a
+        row. With `modifiedSince`, a record edited mid-read can join the list ahead of the current
+        offset: the next page then repeats a row and the newcomer is not seen. `TotalCount` growing
+        during a pass shows that happened, so the filtered list is read again (it is small), up to
+        `MAX_PASSES` times. Repeated rows are for the caller to collapse (the later copy wins).
+        """
+        self._check_version()
+        params: dict[str, Any] = {"limit": self.page_size, **filters}
+        if since is not None:
+            params["modifiedSince"] = uk_local(since)
+        for _ in range(MAX_PASSES):
+            offset, first_total, total = 0, None, 0
+            while True:
+                body = self._get(path, offset=offset, **params)
+                records = body.get("Records") if isinstance(body, dict) else None
+                total = body.get("TotalCount") if isinstance(body, dict) else None
+                if not isinstance(records, list) or not isinstance(total, int):
+                    raise self._fail(
+                        "pms_error", f"Acuitas returned a {what} page without Records and TotalCount.", CHECK_URL
+                    )
+                first_total = total if first_total is None else first_total
+                for row in records:
+                    # A malformed row is passed on (and ends as a rejected row), never silently dropped.
+                    yield row if isinstance(row, dict) else {"unexpected": row}
+                offset += len(records)
+                if not records or offset >= total:
+                    break
+            if since is None or total == first_total:
+                return
+            log.info(
+                "%s practice %s: %d %s records changed during the read; reading the changes again",
+                PMS_NAME,
+                self.practice.practice_id,
+                total - (first_total or 0),
+                what,
+            )
+
+    def iter_patient_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
+        return self._iter_list(f"{self._prefix}/patients", since, "patient")
+
+    @staticmethod
+    def _latest(
+        rows: Iterator[dict[str, Any]], id_field: str
+    ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """Offset paging repeats a row when a record that now matches `modifiedSince` joins the list
+        ahead of the current page; keep the later copy of each id (rows only ever join, none leave)."""
+        latest: dict[str, dict[str, Any]] = {}
+        anonymous: list[dict[str, Any]] = []
+        for row in rows:
+            key = _text(row.get(id_field))
+            if key:
+                latest.pop(key, None)
+                latest[key] = row
+            else:
+                anonymous.append(row)
+        return latest, anonymous
+
+    def _scope(self, since: datetime | None) -> str:
+        return "full" if since is None else f"since {uk_local(since)} UK"
+
+    def read_patients(self, since: datetime | None, today: date) -> ReadResult:
+        """Patients modified since `since` (inclusive, to the second; all when None), normalised."""
+        latest, anonymous = self._latest(self.iter_patient_rows(since), "PatientId")
+        rows = [(pid, raw, acuitas_draft(raw)) for pid, raw in latest.items()]
+        rows += [(f"acuitas:patient-without-id-{n}", raw, acuitas_draft(raw)) for n, raw in enumerate(anonymous, 1)]
+        source_ref = f"acuitas:{self.database} patients {self._scope(since)}"
+        return collect(self.practice.practice_id, rows, today, strict=False, source_ref=source_ref)
+
+    def _read_records(
+        self,
+        path: str,
+        since: datetime | None,
+        what: str,
+        id_field: str,
+        draft: Callable[[dict[str, Any]], Any],
+        build: Callable[[Any], Any],
+        identity: Callable[[Any], str],
+    ) -> RecordBatch:
+        latest, anonymous = self._latest(self._iter_list(path, since, what), id_field)
+        rows = [(f"acuitas:{what}:{key}", raw, draft(raw)) for key, raw in latest.items()]
+        rows += [(f"acuitas:{what}-without-id-{n}", raw, draft(raw)) for n, raw in enumerate(anonymous, 1)]
+        source_ref = f"acuitas:{self.database} {what} {self._scope(since)}"
+        return collect_records(rows, build, identity, source_ref=source_ref)
+
+    def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
+        """Diary entries modified since `since` (all when None); times become UTC."""
+        practice_id = self.practice.practice_id
+        return self._read_records(
+            f"{self._prefix}/diary",
+            since,
+            "diary",
+            "AppointmentId",
+            acuitas_appointment_draft,
+            lambda d: build_appointment(practice_id, d),
+            lambda a: a.pms_appointment_id,
+        )
+
+    def read_clinical_records(self, since: datetime | None) -> RecordBatch[ClinicalRecord]:
+        """Exam records modified since `since` (all when None), alerts mapped, IOPs as numbers."""
+        practice_id = self.practice.practice_id
+        today = datetime.now(UK_TZ).date()
+        return self._read_records(
+            f"{self._prefix}/clinical",
+            since,
+            "clinical",
+            "ExamId",
+            acuitas_clinical_draft,
+            lambda d: build_clinical(practice_id, d, today),
+            lambda r: r.pms_record_id,
+        )
+
+    # --- writes ------------------------------------------------------------------------------------
+
+    def _write_once(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        lookup: Callable[[], str | None],
+        what: str,
+        invalid: str,
+    ) -> tuple[str, bool]:
+        """POST exactly once: look it up first, and again after any failure that may hide a landed write.
+
+        Acuitas has no idempotency key, so the lookup (by the NVC marker the write carries) is the
+        only safe way to know whether an unanswered POST landed. Returns `(id, created)`: `created`
+        is False when the record was already there before this call.
+        """
+        self._check_version()
+        uncertain = False  # an earlier POST in this call may have landed
+        failure: Exception | None = None
+        for attempt in range(self.max_attempts):
+            if failure is not None:
+                time.sleep(self._write_wait(failure, attempt))
+            found = lookup()
+            if found:
+                return found, uncertain
+            try:
+                body = self.http.request("POST", path, retry=False, json=payload)
+            except HttpStatusError as exc:
+                if exc.status not in RETRYABLE_STATUS:
+                    raise self._translate(exc, invalid=invalid) from None
+                failure, uncertain = exc, uncertain or exc.status != 429
+                self._on_retry(f"{what} attempt {attempt + 1} failed ({exc}); looking it up before retrying")
+                continue
+            except httpx.TransportError as exc:
+                failure, uncertain = exc, True
+                self._on_retry(f"{what} attempt {attempt + 1} got no answer ({type(exc).__name__}); looking it up")
+                continue
+            new_id = _text(body.get(self._id_field(path))) if isinstance(body, dict) else None
+            found = new_id or lookup()
+            if found:
+                return found, True
+            raise self._error("pms_error", f"Acuitas accepted the {what} but returned no id.", CHECK_URL)
+        found = lookup()
+        if found:
+            return found, uncertain
+        if isinstance(failure, HttpStatusError):
+            raise self._translate(failure)
+        raise self._error(
+            "lost_response",
+            f"the {what} got no answer after {self.max_attempts} attempts and is not in Acuitas.",
+            "the connection to the practice server; the outbox will retry",
+        )
+
+    @staticmethod
+    def _id_field(path: str) -> str:
+        return "CallNoteId" if path.endswith("/callnotes") else "AppointmentId"
+
+    def _write_wait(self, failure: Exception, attempt: int) -> float:
+        if isinstance(failure, HttpStatusError) and failure.retry_after is not None:
+            return min(failure.retry_after, 30.0)
+        return min(self.backoff_seconds * 2 ** (attempt - 1), 30.0)
+
+    def _find_booking(self, booking: BookingRequest, key: str, start_text: str) -> str | None:
+        """The diary entry for this booking: the one carrying its marker, else an entry for the same
+        patient at the same start that no NVC booking made (the practice already booked it)."""
+        day = uk_local(booking.starts_at, "%d/%m/%Y")
+        fallback = None
+        for row in self._iter_list(f"{self._prefix}/diary", None, "diary", patientId=booking.pms_patient_id, date=day):
+            marker = find_nvc_reference(_text(row.get("Comments")))
+            if marker == key:
+                return _text(row.get("AppointmentId"))
+            status = str(row.get("Status") or "").upper()
+            if marker is None and _text(row.get("Start")) == start_text and status not in ("CAN", "DNA"):
+                fallback = fallback or _text(row.get("AppointmentId"))
+        return fallback
+
+    def create_appointment(self, booking: BookingRequest) -> BookingResult:
+        """Book the slot once: `nvc_marker(key)` opens `Comments`; an existing entry is returned."""
+        try:
+            marker = nvc_marker(booking.idempotency_key)
+        except InvalidValue as exc:
+            raise self._error("invalid_booking", f"{exc}.", "this is a bug in the booking outbox") from None
+        kind = TYPE_FOR_BOOKING.get(booking.appointment_type)
+        minutes = math.ceil((booking.ends_at - booking.starts_at).total_seconds() / 60)
+        problems = []
+        if kind is None:
+            problems.append(f"appointment type {booking.appointment_type!r} has no Acuitas diary type")
+        if not 5 <= minutes <= 480:
+            problems.append(f"a booking of {minutes} minutes is outside Acuitas's 5-480")
+        if problems:
+            raise self._error("invalid_booking", "; ".join(problems) + ".", "the booking the call made")
+        start_text = uk_local(booking.starts_at, "%d/%m/%Y %H:%M")
+        comments = f"{marker} {booking.notes or ''}".strip()[:COMMENTS_MAX]
+        patient_ref: Any = int(booking.pms_patient_id) if booking.pms_patient_id.isdigit() else booking.pms_patient_id
+        payload = {
+            "PatientId": patient_ref,
+            "Start": start_text,
+            "Duration": minutes,
+            "AppointmentType": kind,
+            "Optom": booking.clinician_ref or "",
+            "Comments": comments,
+        }
+        new_id, created = self._write_once(
+            f"{self._prefix}/diary",
+            payload,
+            lambda: self._find_booking(booking, booking.idempotency_key, start_text),
+            "booking",
+            "invalid_booking",
+        )
+        return BookingResult(pms_appointment_id=new_id, created=created)
+
+    def _find_note(self, patient_id: str, key: str) -> str | None:
+        path = f"{self._prefix}/patients/{quote(patient_id, safe='')}/callnotes"
+        for row in self._iter_list(path, None, "call note"):
+            if find_nvc_reference(_text(row.get("Reference")), _text(row.get("NoteText"))) == key:
+                return _text(row.get("CallNoteId"))
+        return None
+
+    def add_note(self, note: PatientNote) -> NoteResult:
+        """A call outcome or call attempt as an Acuitas call note, marked in `Reference`, once."""
+        try:
+            marker = nvc_marker(note.idempotency_key)
+        except InvalidValue as exc:
+            raise self._error("invalid_note", f"{exc}.", "this is a bug in the notes outbox") from None
+        label = "NVC call attempt" if note.kind == NoteKind.CALL_ATTEMPT else "NVC call outcome"
+        default = "ATTEMPTED" if note.kind == NoteKind.CALL_ATTEMPT else "SPOKE"
+        outcome = re.sub(r"[^A-Z0-9]+", "_", (note.outcome or default).upper()).strip("_")[:30] or default
+        payload = {
+            "Outcome": outcome,
+            "NoteText": f"{label}: {note.text}".strip()[:NOTE_TEXT_MAX],
+            "CallDateTime": uk_local(note.occurred_at),
+            "Reference": marker,
+        }
+        path = f"{self._prefix}/patients/{quote(note.pms_patient_id, safe='')}/callnotes"
+        new_id, created = self._write_once(
+            path,
+            payload,
+            lambda: self._find_note(note.pms_patient_id, note.idempotency_key),
+            "call note",
+            "invalid_note",
+        )
+        return NoteResult(pms_note_id=new_id, created=created)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> AcuitasClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AcuitasResource(ConfigurableResource):
+    """Acuitas connections. Per practice: `server_url` (the practice server's Acuitas API address) and
+    `database` (the Acuitas database name); secrets: `api_username`, `api_password`."""
+
+    timeout_seconds: float = 30.0
+    max_attempts: int = 5
+    page_size: int = 100
+    backoff_seconds: float = 0.5
+
+    def required_settings(self) -> tuple[str, ...]:
+        return ("server_url", "database")
+
+    def optional_settings(self) -> tuple[str, ...]:
+        return ()
+
+    def required_secrets(self) -> tuple[str, ...]:
+        return ("api_username", "api_password")
+
+    def open(self, practice: Practice, credentials: dict[str, str]) -> AcuitasClient:
+        settings = {k: (practice.settings.get(k) or "").strip() for k in self.required_settings()}
+        # The password is used exactly as stored (it may really start or end with a space).
+        secrets = {"api_username": (credentials.get("api_username") or "").strip()}
+        secrets["api_password"] = credentials.get("api_password") or ""
+        checks = {
+            "server_url": "the server_url setting: the https:// address (and port) of the Acuitas API on the practice server",
+            "database": CHECK_DATABASE,
+        }
+        for name, value in settings.items():
+            if not value:
+                raise PmsConnectionFailed(
+                    PMS_NAME, practice.practice_id, "missing_setting", f"no {name} is set.", checks[name]
+                )
+        for name, value in secrets.items():
+            if not value.strip():
+                raise PmsConnectionFailed(
+                    PMS_NAME, practice.practice_id, "missing_secret", f"no {name} is stored.", CHECK_LOGIN
+                )
+        return AcuitasClient(
+            practice,
+            server_url=settings["server_url"],
+            database=settings["database"],
+            username=secrets["api_username"],
+            password=secrets["api_password"],
+            page_size=self.page_size,
+            timeout_seconds=self.timeout_seconds,
+            max_attempts=self.max_attempts,
+            backoff_seconds=self.backoff_seconds,
+        )

@@ -1,0 +1,68 @@
+"""Operator commands over the store: call list, rejected rows, duplicates, merge, groups, export."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+
+from click.testing import CliRunner
+
+from nvc_pipelines.cli import main
+from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, ReadResult, RejectedRow
+from nvc_pipelines.recall import RecallRules, compute_recall
+from nvc_pipelines.store import Store
+
+MOBILE = Phone("+447700900321", PhoneType.MOBILE)
+
+
+def _seed(store: Store, practice_id: str) -> None:
+    store.add_practice(practice_id, practice_id, PmsKind.CSV, {}, {})
+    people = [
+        Patient(practice_id, "A1", "Ann", "Lee", [MOBILE], last_eye_test_date=date(2022, 1, 1)),
+        Patient(practice_id, "A2", "Ann", "Lee", [MOBILE], last_eye_test_date=date(2021, 6, 1)),
+        Patient(practice_id, "B1", "Bob", "Kay", [], last_eye_test_date=date(2020, 1, 1)),
+    ]
+    bad = [RejectedRow("f.csv:line 9", "phone number is missing", {"first_name": "Cat"})]
+    store.write_patients(practice_id, "csv", ReadResult(people, bad), None, full=True)
+    rules = RecallRules.from_settings({})
+    store.write_recalls(practice_id, [compute_recall(p, rules) for p in store.load_patients(practice_id)])
+    store.rebuild_call_list(practice_id, date(2026, 11, 25))
+
+
+def test_call_list_rejected_duplicates_and_merge(store: Store) -> None:
+    _seed(store, "ops-1")
+    runner = CliRunner()
+    calls = runner.invoke(main, ["call-list", "ops-1"])
+    assert "2 patient(s) to call" in calls.output and "B1" not in calls.output  # B1 has no phone
+
+    rejected = runner.invoke(main, ["rejected", "ops-1"])
+    assert "f.csv:line 9" in rejected.output and "phone number is missing" in rejected.output
+
+    dupes = runner.invoke(main, ["duplicates", "ops-1"])
+    assert "1 possible duplicate(s)" in dupes.output and "nvc merge ops-1 A1 A2" in dupes.output
+
+    merged = runner.invoke(main, ["merge", "ops-1", "A1", "A2"])
+    assert merged.exit_code == 0, merged.output
+    assert "0 possible duplicate(s)" in runner.invoke(main, ["duplicates", "ops-1"]).output
+    undo = runner.invoke(main, ["unmerge", "ops-1", "1"])
+    assert undo.exit_code == 0, undo.output
+    again = runner.invoke(main, ["unmerge", "ops-1", "1"])
+    assert again.exit_code == 1 and "already undone" in again.output
+
+
+def test_groups_list_and_export_together(store: Store) -> None:
+    _seed(store, "loc-north")
+    _seed(store, "loc-south")
+    _seed(store, "elsewhere")
+    runner = CliRunner()
+    assert runner.invoke(main, ["group", "create", "brightsight", "--name", "Brightsight Group"]).exit_code == 0
+    added = runner.invoke(main, ["group", "add", "brightsight", "loc-north", "loc-south"])
+    assert "loc-north, loc-south" in added.output
+    assert "loc-north, loc-south" in runner.invoke(main, ["group", "list"]).output
+    data = json.loads(runner.invoke(main, ["export", "--group", "brightsight"]).output)
+    assert [p["practice_id"] for p in data["practices"]] == ["loc-north", "loc-south"]
+    assert len(data["patients"]) == 6
+    assert runner.invoke(main, ["group", "add", "nope", "loc-north"]).exit_code == 1
+    audit = store.audit_entries("loc-north")
+    assert audit[0]["action"] == "export"
+    assert store.audit_entries("elsewhere") == []
