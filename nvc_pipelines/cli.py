@@ -316,7 +316,9 @@ def group_list() -> None:
 @main.command("demo")
 @click.option("--ui/--no-ui", default=True, help="Start the Dagster UI after the first syncs (default: yes).")
 @click.option("--port", default=3000, show_default=True, help="Dagster UI port.")
-@click.option("--sandbox-port", default=8701, show_default=True, help="Optix sandbox port (0: any free port).")
+@click.option(
+    "--sandbox-port", default=8701, show_default=True, help="First of four PMS sandbox ports (0: any free ports)."
+)
 def demo(ui: bool, port: int, sandbox_port: int) -> None:
     """Embedded store + PMS sandboxes + one demo practice per source, synced, then the Dagster UI."""
     from nvc_pipelines.demo import run_demo
@@ -334,13 +336,13 @@ def dev(port: int) -> None:
 
 
 @main.command("sandbox")
-@click.option("--optix-port", default=8701, show_default=True)
-@click.option("--patients", default=50, show_default=True, help="Patients in the demo Optix practice.")
-def sandbox(optix_port: int, patients: int) -> None:
-    """Run the PMS sandboxes on loopback until interrupted."""
+@click.option("--port", default=8701, show_default=True, help="First of four ports (Optix, Acuitas, Optisoft, Sycle).")
+@click.option("--patients", default=50, show_default=True, help="Patients in each demo practice.")
+def sandbox(port: int, patients: int) -> None:
+    """Run the four PMS sandboxes on loopback until interrupted."""
     from nvc_pipelines.demo import serve_sandboxes
 
-    serve_sandboxes(optix_port, patients)
+    serve_sandboxes(port, patients)
 
 
 @main.group(cls=_Group)

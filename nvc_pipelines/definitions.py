@@ -9,6 +9,7 @@ import schedules.definitions as scheduling_domain
 from resources.acuitas import AcuitasResource
 from resources.csv_source import CsvResource
 from resources.gateway import PmsGateway
+from resources.optisoft import OptisoftResource
 from resources.optix import OptixResource
 from resources.store import StoreResource
 from resources.sycle import SycleResource
@@ -25,7 +26,13 @@ def _store() -> StoreResource:
 
 def pms_gateway() -> PmsGateway:
     """Every PMS resource with its deployment-wide defaults (per-practice settings live in the store)."""
-    return PmsGateway(csv=CsvResource(), optix=OptixResource(), acuitas=AcuitasResource(), sycle=SycleResource())
+    return PmsGateway(
+        csv=CsvResource(),
+        optix=OptixResource(),
+        acuitas=AcuitasResource(),
+        optisoft=OptisoftResource(),
+        sycle=SycleResource(),
+    )
 
 
 resources = {"store": _store(), "pms": pms_gateway()}

@@ -22,12 +22,21 @@ from nvc_pipelines import app
 from nvc_pipelines.config import nvc_home
 from nvc_pipelines.instance import ensure_dagster_home
 from nvc_pipelines.model import PmsKind
+from nvc_pipelines.sandboxes.acuitas import AcuitasSandbox
 from nvc_pipelines.sandboxes.base import SandboxServer
+from nvc_pipelines.sandboxes.optisoft import OptisoftSandbox
 from nvc_pipelines.sandboxes.optix import OptixSandbox
 from nvc_pipelines.sandboxes.seed import seed_patients
+from nvc_pipelines.sandboxes.sycle import SycleSandbox
 
 DEMO_OPTIX_PRACTICE = "OPX-1001"
 DEMO_OPTIX_KEY = "optix-demo-key"
+DEMO_ACUITAS_DATABASE = "ACUITAS_DEMO"
+DEMO_ACUITAS_LOGIN = {"api_username": "nvc_api", "api_password": "demo-password"}
+DEMO_OPTISOFT_PRACTICE = "OS-1001"
+DEMO_OPTISOFT_LOGIN = {"db_username": "NVC_LINK", "db_password": "optisoft-demo-password"}
+DEMO_SYCLE_LOCATION = "LOC-1"
+DEMO_SYCLE_TOKEN = "sycle-demo-token"
 _RISK_WORDS = {
     "diabetic": "Diabetes",
     "glaucoma": "Glaucoma",
@@ -45,14 +54,34 @@ def _bind(factory, port: int) -> SandboxServer:
         return factory(0)
 
 
-def start_sandboxes(optix_port: int = 8701, patients: int = 50) -> dict[str, SandboxServer]:
-    optix = _bind(
-        lambda p: OptixSandbox(
-            port=p, practices={DEMO_OPTIX_PRACTICE: patients}, api_keys={DEMO_OPTIX_KEY: DEMO_OPTIX_PRACTICE}
-        ),
-        optix_port,
-    )
-    return {"optix": optix.start()}
+def start_sandboxes(base_port: int = 8701, patients: int = 50) -> dict[str, SandboxServer]:
+    """One sandbox per PMS, on `base_port` and the next three (any free ports when 0 or taken)."""
+
+    def port(offset: int) -> int:
+        return base_port + offset if base_port else 0
+
+    started: dict[str, SandboxServer] = {}
+    try:
+        started["optix"] = _bind(
+            lambda p: OptixSandbox(
+                port=p, practices={DEMO_OPTIX_PRACTICE: patients}, api_keys={DEMO_OPTIX_KEY: DEMO_OPTIX_PRACTICE}
+            ),
+            port(0),
+        ).start()
+        started["acuitas"] = _bind(
+            lambda p: AcuitasSandbox(port=p, databases={DEMO_ACUITAS_DATABASE: patients}), port(1)
+        ).start()
+        started["optisoft"] = _bind(
+            lambda p: OptisoftSandbox(port=p, practices={DEMO_OPTISOFT_PRACTICE: patients}), port(2)
+        ).start()
+        started["sycle"] = _bind(
+            lambda p: SycleSandbox(port=p, locations={DEMO_SYCLE_LOCATION: patients, "LOC-2": 20}), port(3)
+        ).start()
+    except BaseException:
+        for server in started.values():
+            server.stop()
+        raise
+    return started
 
 
 def write_demo_csv(folder: Path, n: int = 40, seed: int = 11) -> Path:
@@ -100,7 +129,36 @@ def connect_demo_practices(sandboxes: dict[str, SandboxServer]) -> list[str]:
         {"api_key": DEMO_OPTIX_KEY},
         replace=True,
     )
-    return ["demo-csv", "demo-optix"]
+    app.connect_practice(
+        "demo-acuitas",
+        PmsKind.ACUITAS,
+        "Demo Vision Centre (Acuitas)",
+        {"server_url": sandboxes["acuitas"].url, "database": DEMO_ACUITAS_DATABASE},
+        DEMO_ACUITAS_LOGIN,
+        replace=True,
+    )
+    app.connect_practice(
+        "demo-optisoft",
+        PmsKind.OPTISOFT,
+        "Demo Opticians (Optisoft)",
+        {"server_address": sandboxes["optisoft"].url, "practice_code": DEMO_OPTISOFT_PRACTICE},
+        DEMO_OPTISOFT_LOGIN,
+        replace=True,
+    )
+    app.connect_practice(
+        "demo-sycle",
+        PmsKind.SYCLE,
+        "Demo Hearing & Eyes (Sycle)",
+        {
+            "account_url": sandboxes["sycle"].url,
+            "location_id": DEMO_SYCLE_LOCATION,
+            "field_map.last_eye_test": "custom_3",
+            "field_map.recall_due": "custom_5",
+        },
+        {"api_token": DEMO_SYCLE_TOKEN},
+        replace=True,
+    )
+    return ["demo-csv", "demo-optix", "demo-acuitas", "demo-optisoft", "demo-sycle"]
 
 
 def _repo_root() -> Path:
@@ -148,7 +206,12 @@ def serve_sandboxes(optix_port: int, patients: int) -> None:
     sandboxes = start_sandboxes(optix_port, patients)
     for name, server in sandboxes.items():
         click.echo(f"{name} sandbox on {server.url}")
-    click.echo(f"Optix practice {DEMO_OPTIX_PRACTICE}, API key {DEMO_OPTIX_KEY} (sandbox only). Ctrl-C stops.")
+    click.echo(f"Optix: practice {DEMO_OPTIX_PRACTICE}, API key {DEMO_OPTIX_KEY}")
+    click.echo(f"Acuitas: database {DEMO_ACUITAS_DATABASE}, login {DEMO_ACUITAS_LOGIN['api_username']}")
+    click.echo(f"Optisoft: practice code {DEMO_OPTISOFT_PRACTICE}, login {DEMO_OPTISOFT_LOGIN['db_username']}")
+    click.echo(
+        f"Sycle: location {DEMO_SYCLE_LOCATION}, token {DEMO_SYCLE_TOKEN} (sandbox credentials only). Ctrl-C stops."
+    )
     try:
         while True:
             time.sleep(3600)

@@ -111,6 +111,7 @@ class Recall:
     reason: str = ""
     flags: tuple[str, ...] = ()
     inferred_flags: tuple[str, ...] = ()
+    based_on: date | None = None  # the last eye test a computed date counts from
 
 
 class AppointmentStatus(StrEnum):

@@ -126,6 +126,7 @@ def compute_recall(patient: Patient, rules: RecallRules, inferred: Mapping[str, 
         reason,
         flags,
         tuple(sorted(inferred)),
+        patient.last_eye_test_date,
     )
 
 

@@ -7,6 +7,7 @@ from dagster import ConfigurableResource
 from nvc_pipelines.model import PmsKind, Practice
 from resources.acuitas import AcuitasResource
 from resources.csv_source import CsvResource
+from resources.optisoft import OptisoftResource
 from resources.optix import OptixResource
 from resources.protocol import PmsClient, PmsResourceBase
 from resources.sycle import SycleResource
@@ -22,6 +23,7 @@ class PmsGateway(ConfigurableResource):
     csv: CsvResource
     optix: OptixResource
     acuitas: AcuitasResource
+    optisoft: OptisoftResource
     sycle: SycleResource
 
     def resource_for(self, kind: PmsKind | str) -> PmsResourceBase:

@@ -33,15 +33,22 @@ def pg_server():
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(autouse=True)
-def nvc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own NVC_HOME and secret key; no test touches the developer's .nvc/."""
-    home = tmp_path / "nvc_home"
+def isolated_env(monkeypatch: pytest.MonkeyPatch, home: Path, key: str) -> None:
     monkeypatch.setenv("NVC_HOME", str(home))
-    monkeypatch.setenv("NVC_SECRET_KEY", generate_key())
+    monkeypatch.setenv("NVC_SECRET_KEY", key)
     monkeypatch.delenv("NVC_DATABASE_URL", raising=False)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    return home
+
+
+@pytest.fixture(autouse=True)
+def nvc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own NVC_HOME and secret key; no test touches the developer's .nvc/.
+
+    The home is outside pytest's numbered temp folders, which concurrent pytest runs prune."""
+    home = Path(tempfile.mkdtemp(prefix="nvc-home-"))
+    isolated_env(monkeypatch, home, generate_key())
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ exposes the same inspection hooks for every dialect (see `nvc_pipelines/sandboxe
 these checks are written once.
 
 Fixtures a subclass provides:
-- `sandbox`: a started sandbox (class or module scope).
+- `sandbox`: a started sandbox (class or module scope) whose `request_log` is kept for the class
+  (`test_nothing_is_ever_deleted` reads it).
 - `client`: a `PmsClient` for the sandbox's default practice, with fast retries.
 - `failure_cases`: a list of `(problem, open_client, secret)`: `open_client()` returns a client
   whose `test_connection()` must raise `PmsConnectionFailed` with that `problem`, and whose
@@ -106,6 +107,8 @@ class PmsContract:
         assert sorted(k for k in made if k in expected) == sorted(expected)  # each once, none twice
         again = client.create_appointment(self.booking(patient_ids[0], "contract-bk-0", 0))
         assert again.created is False
+        stored = {a.nvc_reference: a.pms_appointment_id for a in client.read_appointments(None).records}
+        assert again.pms_appointment_id == stored["contract-bk-0"]  # the id names the PMS record
         synced = {a.nvc_reference for a in client.read_appointments(None).records if a.nvc_reference}
         assert expected <= synced  # the next sync links them back
 
@@ -140,12 +143,13 @@ class PmsContract:
                         client.add_note(note)
                         break
                     except PmsError as exc:
-                        assert exc.problem in ("pms_error", "unreachable", "lost_response")
+                        assert exc.problem in ("pms_error", "unreachable", "rate_limited", "lost_response")
         finally:
             sandbox.faults.lost_response_after_write_rate = 0
         landed = [n["nvc_reference"] for n in sandbox.nvc_notes(self.practice_ref)]
         assert sorted(k for k in landed if k.startswith("contract-note")) == ["contract-note-1", "contract-note-2"]
-        assert client.add_note(notes[0]).created is False
+        repeat = client.add_note(notes[0])
+        assert repeat.created is False and repeat.pms_note_id not in ("", "None")
 
     # --- failures ----------------------------------------------------------------------------------
 

@@ -4,27 +4,51 @@ dagster-postgres instance, then the CLI commands against what it built."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from nvc_pipelines.cli import main
+from nvc_pipelines.crypto import generate_key
 from nvc_pipelines.store.embedded import stop_server
+from tests.conftest import isolated_env
+
+
+@pytest.fixture(scope="module")
+def demo_state():
+    """One demo for the whole module (it starts a server and four sandboxes): its home and key."""
+    home = Path(tempfile.mkdtemp(prefix="nvc-demo-"))
+    key = generate_key()
+    with pytest.MonkeyPatch.context() as mp:
+        isolated_env(mp, home, key)
+        runner = CliRunner()
+        result = runner.invoke(main, ["demo", "--no-ui", "--sandbox-port", "0"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        yield home, key, result.output
+        stop_server()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
-def demo_home(nvc_env: Path):
-    runner = CliRunner()
-    result = runner.invoke(main, ["demo", "--no-ui", "--sandbox-port", "0"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    yield runner, result.output
-    stop_server()
+def nvc_env(demo_state, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This module's tests all run against the one demo."""
+    home, key, _ = demo_state
+    isolated_env(monkeypatch, home, key)
+    return home
+
+
+@pytest.fixture
+def demo_home(demo_state, nvc_env):
+    return CliRunner(), demo_state[2]
 
 
 def test_demo_connects_syncs_and_exports(demo_home) -> None:
     runner, output = demo_home
-    assert "Synced demo-csv" in output and "Synced demo-optix" in output
+    for pms in ("csv", "optix", "acuitas", "optisoft", "sycle"):
+        assert f"Synced demo-{pms}" in output
 
     listing = runner.invoke(main, ["practice", "list"])
     assert "demo-csv" in listing.output and "demo-optix" in listing.output
@@ -48,9 +72,12 @@ def test_demo_connects_syncs_and_exports(demo_home) -> None:
     reasons = [r["reason"] for r in exported["rejected_rows"]]
     assert any("31/02/2024" in r for r in reasons) and any("scientific notation" in r for r in reasons)
 
-    optix = json.loads(runner.invoke(main, ["export", "demo-optix"]).output)
-    assert len(optix["patients"]) == 50
-    assert {p["recall_source"] for p in optix["patients"]} <= {"pms", "computed", None}
+    for pms in ("optix", "acuitas", "optisoft", "sycle"):
+        data = json.loads(runner.invoke(main, ["export", f"demo-{pms}"]).output)
+        assert len(data["patients"]) == 50, pms
+        assert data["appointments"] and data["clinical_records"], pms
+        assert {p["recall_source"] for p in data["patients"]} <= {"pms", "computed", None}
+        assert any(p["recall_due_date"] for p in data["patients"]), pms
 
     # Sync Now from the shell: recorded on the persistent (dagster-postgres) instance, nothing changes.
     resync = runner.invoke(main, ["sync", "demo-csv"])
@@ -62,8 +89,14 @@ def test_demo_connects_syncs_and_exports(demo_home) -> None:
     instance = get_instance()
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
     runs = instance.get_runs()
-    assert {r.tags.get("practice") for r in runs} == {"demo-csv", "demo-optix"}
-    assert {r.tags.get("trigger") for r in runs} == {"initial", "sync_now"}
+    assert {r.tags.get("practice") for r in runs} >= {
+        "demo-csv",
+        "demo-optix",
+        "demo-acuitas",
+        "demo-optisoft",
+        "demo-sycle",
+    }
+    assert {r.tags.get("trigger") for r in runs} >= {"initial", "sync_now"}
 
 
 def test_cli_errors_are_one_clear_line(demo_home) -> None:

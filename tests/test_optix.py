@@ -689,7 +689,8 @@ def test_sandbox_speaks_optix_errors(sandbox: OptixSandbox) -> None:
         assert int(limited.headers["Retry-After"]) >= 1
 
 
-def test_sandbox_speaks_optix_on_writes(sandbox: OptixSandbox) -> None:
+def test_sandbox_speaks_optix_on_writes(sandbox: OptixSandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "rate_limit_per_second", 0)  # raw httpx here: no retry on a 429
     base = f"{sandbox.url}/api/v2/practices/OPX-1001"
     auth = {"Authorization": f"Bearer {KEY}"}
     start = datetime.combine(date.today() + timedelta(days=800), datetime.min.time(), tzinfo=UTC)

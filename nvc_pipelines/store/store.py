@@ -348,6 +348,7 @@ class Store:
                 r.reason,
                 list(r.flags),
                 list(r.inferred_flags),
+                r.based_on,
             )
             for r in recalls
         ]
@@ -355,7 +356,8 @@ class Store:
             with conn.connection.driver_connection.cursor() as cur:
                 cur.execute(
                     "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
-                    "rule text, interval_months int, reason text, flags text[], inferred_flags text[]) ON COMMIT DROP"
+                    "rule text, interval_months int, reason text, flags text[], inferred_flags text[], based_on date) "
+                    "ON COMMIT DROP"
                 )
                 with cur.copy("COPY stage_recalls FROM STDIN") as copy:
                     for row in rows:
@@ -371,18 +373,18 @@ class Store:
             changed = conn.execute(
                 text(
                     "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, "
-                    "reason, flags, inferred_flags) "
+                    "reason, flags, inferred_flags, based_on) "
                     "SELECT pt.patient_id, :p, s.due_date, s.recall_source, s.rule, s.interval_months, s.reason, "
-                    "s.flags, s.inferred_flags FROM stage_recalls s JOIN patients pt "
+                    "s.flags, s.inferred_flags, s.based_on FROM stage_recalls s JOIN patients pt "
                     "ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id AND pt.active "
                     "ON CONFLICT (patient_id) DO UPDATE SET due_date = EXCLUDED.due_date, "
                     "recall_source = EXCLUDED.recall_source, rule = EXCLUDED.rule, "
                     "interval_months = EXCLUDED.interval_months, reason = EXCLUDED.reason, flags = EXCLUDED.flags, "
-                    "inferred_flags = EXCLUDED.inferred_flags, computed_at = now() "
+                    "inferred_flags = EXCLUDED.inferred_flags, based_on = EXCLUDED.based_on, computed_at = now() "
                     "WHERE (recalls.due_date, recalls.recall_source, recalls.rule, recalls.interval_months, "
-                    "recalls.reason, recalls.flags, recalls.inferred_flags) IS DISTINCT FROM (EXCLUDED.due_date, "
-                    "EXCLUDED.recall_source, EXCLUDED.rule, EXCLUDED.interval_months, EXCLUDED.reason, "
-                    "EXCLUDED.flags, EXCLUDED.inferred_flags)"
+                    "recalls.reason, recalls.flags, recalls.inferred_flags, recalls.based_on) IS DISTINCT FROM ("
+                    "EXCLUDED.due_date, EXCLUDED.recall_source, EXCLUDED.rule, EXCLUDED.interval_months, "
+                    "EXCLUDED.reason, EXCLUDED.flags, EXCLUDED.inferred_flags, EXCLUDED.based_on)"
                 ),
                 {"p": practice_id},
             ).rowcount

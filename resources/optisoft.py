@@ -1,0 +1,653 @@
+"""Optisoft: the practice database lives on the practice's own server, and the Optisoft Connector
+there connects OUT to Optisoft's relay. NVC talks to the relay only, never into the practice.
+
+Settings: `server_address` (the relay's address, as shown in the Optisoft Connector) and
+`practice_code`; secrets: `db_username` and `db_password`, the practice database login the
+practice created for NVC, which the connector checks against the database on every request.
+
+Every call is one named operation, `POST /relay/v1/practices/{code}/query` with
+`{"operation", "params", "credentials"}`; the relay hands it to the connector and returns its answer
+(`{"data": {"columns", "rows", "more"}}` for reads). Reads page by keyset on `(ModifiedDate, id)`.
+Optisoft keeps times as UK wall-clock time, so times go out as Europe/London local time and come
+back to UTC through `parse_pms_datetime`. Bookings go into the Diary against a GOC-registered
+clinician, which is checked before anything is written; each write carries `nvc_marker(key)` so a
+retry finds the first write instead of booking twice. Every error becomes a `PmsError` with a stable
+`problem` code and what to check; the database login never appears in a message or a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+from zoneinfo import ZoneInfo
+
+import httpx
+from dagster import ConfigurableResource
+
+from nvc_pipelines.model import (
+    Appointment,
+    BookingRequest,
+    BookingResult,
+    ClinicalRecord,
+    NoteKind,
+    NoteResult,
+    PatientNote,
+    PmsKind,
+    Practice,
+    ReadResult,
+    RecordBatch,
+)
+from nvc_pipelines.normalise import (
+    AppointmentDraft,
+    ClinicalDraft,
+    InvalidValue,
+    PatientDraft,
+    build_appointment,
+    build_clinical,
+    collect,
+    collect_records,
+    find_nvc_reference,
+    map_risk_categories,
+    nvc_marker,
+    parse_pms_datetime,
+)
+from resources.http import HttpStatusError, PmsHttp, UnsafeUrl
+from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
+
+log = logging.getLogger(__name__)
+
+PMS_NAME = "Optisoft"
+API_PREFIX = "/relay/v1"
+UK = ZoneInfo("Europe/London")
+GOC_NUMBER = re.compile(r"^0[12]-\d{5}$")  # 01- optometrist, 02- dispensing optician
+
+# Optisoft's diary codes -> the canonical values, and back.
+STATUSES = {"booked": "booked", "arrived": "booked", "completed": "completed", "cancelled": "cancelled"}
+STATUSES |= {"dna": "no_show", "did not attend": "no_show"}
+APPOINTMENT_TYPES = {"ST": "eye_test", "CLA": "contact_lens", "CLF": "contact_lens", "FU": "follow_up"}
+APPOINTMENT_TYPES |= {"COL": "collection", "OTH": "other"}
+APPT_TYPE_CODES = {"eye_test": "ST", "contact_lens": "CLA", "follow_up": "FU", "collection": "COL", "other": "OTH"}
+NOTE_CATEGORIES = {NoteKind.CALL_ATTEMPT: "Call attempt", NoteKind.CALL_OUTCOME: "Call outcome"}
+OUTCOME_LABELS = {
+    "booked": "Booked",
+    "no_answer": "No answer",
+    "voicemail": "Left voicemail",
+    "declined": "Declined",
+    "wrong_number": "Wrong number",
+    "callback": "Call back",
+}
+
+CHECK_SERVER = (
+    "the server_address setting (the relay address shown in the Optisoft Connector's settings at the practice), "
+    "and that this server can reach it (firewall, proxy, network)"
+)
+CHECK_LOGIN = (
+    "the db_username and db_password secrets: the Optisoft database login the practice created for NVC "
+    "(a typo, or a password changed at the practice, is the usual cause)"
+)
+CHECK_CODE = "the practice_code setting: the code shown in the Optisoft Connector at the practice (e.g. OS-1234)"
+CHECK_CONNECTOR = (
+    "that the Optisoft Connector service is running on the practice's server (Windows Services > Optisoft "
+    "Connector), that the server is switched on, and that it can reach the internet over HTTPS"
+)
+CHECK_CLINICIAN = (
+    "the clinician the booking names (clinician_ref): the GOC number of an active clinician in Optisoft > "
+    "Admin > Clinicians; an eye test needs an optometrist (01-), not a dispensing optician (02-)"
+)
+CHECK_WRITE = "ask the practice to give NVC's database login write access (Optisoft > Admin > Database users)"
+CHECK_BUG = "this is a bug in the Optisoft integration; report it with this message"
+
+# The connector's refusals of a booking or note: (problem, check).
+BOOKING_PROBLEMS: dict[str, tuple[str, str]] = {
+    "SLOT_TAKEN": ("slot_taken", "offer the patient another time; the diary changed since the slot was offered"),
+    "PATIENT_NOT_FOUND": ("patient_not_found", "whether the patient was merged or archived in Optisoft"),
+    "CLINICIAN_NOT_FOUND": ("invalid_clinician", CHECK_CLINICIAN),
+    "CLINICIAN_INACTIVE": ("invalid_clinician", CHECK_CLINICIAN),
+    "CLINICIAN_NOT_OPTOMETRIST": ("invalid_clinician", CHECK_CLINICIAN),
+}
+
+
+def uk_local(value: datetime) -> datetime:
+    """An instant as the practice's wall clock shows it (a naive datetime is taken as UTC)."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return aware.astimezone(UK)
+
+
+def uk_stamp(value: datetime) -> str:
+    """An instant as Optisoft stores it: UK wall-clock time to the millisecond (naive is taken as UTC)."""
+    local = uk_local(value)
+    return local.strftime("%Y-%m-%d %H:%M:%S.") + f"{local.microsecond // 1000:03d}"
+
+
+def since_param(since: datetime) -> str:
+    """`since` as Optisoft compares it: UK wall-clock time to the millisecond, rounded down.
+
+    In the hour the clocks go back, wall-clock times repeat, so a record changed in the second pass
+    can carry an earlier time than `since` from the first pass. Then the bound drops to the start of
+    that hour: a few records come twice (harmless), none is missed.
+    """
+    local = uk_local(since)
+    if local.fold == 0 and local.replace(fold=1).utcoffset() != local.utcoffset():
+        return local.strftime("%Y-%m-%d %H:00:00.000")
+    return uk_stamp(since)
+
+
+def _utc(raw: Any) -> datetime | None:
+    try:
+        return parse_pms_datetime(raw, "ModifiedDate") if raw else None
+    except InvalidValue:
+        return None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def optisoft_draft(row: dict[str, Any]) -> PatientDraft:
+    """One `Patients` row (with its eye-test recall joined on) as the shared draft."""
+    address = ", ".join(str(row[k]).strip() for k in ("Address1", "Town", "Postcode") if row.get(k))
+    return PatientDraft(
+        pms_patient_id=_text(row.get("PatientID")),
+        first_name=row.get("Forename"),
+        last_name=row.get("Surname"),
+        phones=[row.get("Mobile"), row.get("HomePhone")],
+        date_of_birth=row.get("DOB"),
+        email=row.get("Email"),
+        address=address or None,
+        last_eye_test_date=row.get("LastExamDate"),
+        risk_category=row.get("Alerts"),  # "Diabetic; FH glaucoma": mapped, unknown alerts kept raw
+        clinical_notes=row.get("Notes"),
+        recall_due_date=row.get("RecallDue"),
+        updated_at=_utc(row.get("ModifiedDate")),
+    )
+
+
+def appointment_draft(row: dict[str, Any]) -> AppointmentDraft:
+    """One `Diary` row: a UK local start and a duration; the NVC reference is read from the comment."""
+    status = str(row.get("Status") or "").strip()
+    appt_type = str(row.get("ApptType") or "").strip().upper()
+    duration = row.get("Duration")
+    return AppointmentDraft(
+        pms_appointment_id=_text(row.get("DiaryID")),
+        pms_patient_id=_text(row.get("PatientID")),
+        starts_at=row.get("StartDateTime"),
+        duration_minutes=int(duration) if isinstance(duration, int | float) and duration > 0 else None,
+        status=STATUSES.get(status.lower(), status or None),
+        appointment_type=APPOINTMENT_TYPES.get(appt_type, "other"),
+        clinician=row.get("ClinicianName"),
+        notes=row.get("Comment"),
+        nvc_reference=find_nvc_reference(row.get("Comment")),
+        updated_at=_utc(row.get("ModifiedDate")),
+    )
+
+
+def clinical_draft(row: dict[str, Any]) -> ClinicalDraft:
+    """One `Exams` row; its alert labels become canonical flags, unknown ones stay raw."""
+    known, unknown = map_risk_categories(row.get("Alerts"))
+    return ClinicalDraft(
+        pms_record_id=_text(row.get("ExamID")),
+        pms_patient_id=_text(row.get("PatientID")),
+        exam_date=row.get("ExamDate"),
+        record_type="sight_test",
+        flags=known + unknown,
+        notes=row.get("Notes"),
+        iop_right_mmhg=row.get("IOPR"),
+        iop_left_mmhg=row.get("IOPL"),
+        clinician=row.get("ClinicianName"),
+        updated_at=_utc(row.get("ModifiedDate")),
+    )
+
+
+class OptisoftClient:
+    """One practice's Optisoft connection through the relay (implements `PmsClient`)."""
+
+    kind = PmsKind.OPTISOFT
+
+    def __init__(
+        self,
+        practice: Practice,
+        *,
+        server_address: str,
+        practice_code: str,
+        db_username: str,
+        db_password: str,
+        page_size: int,
+        timeout_seconds: float,
+        max_attempts: int,
+        backoff_seconds: float,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.practice = practice
+        self.practice_code = practice_code
+        self.page_size = page_size
+        self._credentials = {"username": db_username, "password": db_password}
+        try:
+            self.http = PmsHttp(
+                server_address,
+                timeout_seconds=timeout_seconds,
+                max_attempts=max_attempts,
+                backoff_seconds=backoff_seconds,
+                transport=transport,
+                on_retry=self._on_retry,
+            )
+        except UnsafeUrl as exc:
+            raise self._fail(
+                "unsafe_url",
+                f"{exc}.",
+                "the server_address setting: it must be the https:// address of the Optisoft relay",
+            ) from None
+        prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
+        self._query_path = f"{prefix}/practices/{quote(practice_code, safe='')}/query"
+
+    def __repr__(self) -> str:
+        return f"OptisoftClient(practice={self.practice.practice_id!r}, practice_code={self.practice_code!r})"
+
+    # --- errors ------------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        password, username = self._credentials["password"], self._credentials["username"]
+        if password:
+            text = text.replace(password, "<db password>")
+        if username:
+            text = re.sub(rf"(?<![\w-]){re.escape(username)}(?![\w-])", "<db username>", text)
+        return text
+
+    def _fail(self, problem: str, message: str, check: str = "") -> PmsConnectionFailed:
+        return PmsConnectionFailed(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
+
+    def _error(self, problem: str, message: str, check: str = "") -> PmsError:
+        return PmsError(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
+
+    def _on_retry(self, message: str) -> None:
+        log.warning("%s practice %s: %s", PMS_NAME, self.practice.practice_id, self._scrub(message))
+
+    def _translate(self, exc: Exception) -> PmsError:
+        """Turn a relay answer or transport failure into an error naming the problem and what to check."""
+        if not isinstance(exc, HttpStatusError):
+            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                what = "could not connect to the Optisoft relay at"
+            elif isinstance(exc, httpx.TimeoutException):
+                what = "timed out waiting for the Optisoft relay at"
+            else:
+                what = "lost the connection to the Optisoft relay at"
+            return self._fail(
+                "unreachable", f"{what} {self.http.base_url} ({type(exc).__name__}: {exc}).", CHECK_SERVER
+            )
+        body = exc.body if isinstance(exc.body, dict) else {}
+        code = str(body.get("code") or "")
+        detail = str(body.get("message") or ("" if body else str(exc.body or "")[:200])).strip().rstrip(".")
+        said = f" (Optisoft said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
+        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
+        pc = self.practice_code
+        if code == "CONNECTOR_OFFLINE":
+            return self._fail(
+                "connector_offline",
+                f"the Optisoft Connector at practice {pc} is not connected to the relay{said}.",
+                CHECK_CONNECTOR,
+            )
+        if code == "CONNECTOR_TIMEOUT":
+            return self._fail(
+                "connector_timeout",
+                f"the Optisoft Connector at practice {pc} took the request but did not answer in time{said}.",
+                "whether the practice's server is overloaded or its database slow; the next sync will retry",
+            )
+        if code == "DB_LOGIN_FAILED":
+            return self._fail("invalid_credentials", f"the practice database refused the login{said}.", CHECK_LOGIN)
+        if code == "PRACTICE_CODE_UNKNOWN":
+            return self._fail("practice_not_found", f"the relay knows no practice with code {pc}{said}.", CHECK_CODE)
+        if code == "DB_PERMISSION_DENIED":
+            return self._error("permission_denied", f"NVC's database login may only read{said}.", CHECK_WRITE)
+        if code in BOOKING_PROBLEMS:
+            problem, check = BOOKING_PROBLEMS[code]
+            return self._error(problem, f"Optisoft refused the write{said}.", check)
+        if exc.status == 429:
+            return self._fail(
+                "rate_limited",
+                f"the relay kept rate-limiting requests after {attempts}{said}.",
+                "whether another integration is using the relay heavily; the next sync will retry",
+            )
+        if exc.status == 404:
+            return self._fail(
+                "pms_error", f"{self.http.base_url} is not an Optisoft relay (HTTP 404){said}.", CHECK_SERVER
+            )
+        if exc.status >= 500:
+            return self._fail(
+                "pms_error",
+                f"the Optisoft relay answered HTTP {exc.status} after {attempts}{said}.",
+                "Optisoft's status page, and the connector's log at the practice; the next sync will retry",
+            )
+        return self._error("bad_request", f"Optisoft refused the request with HTTP {exc.status}{said}.", CHECK_BUG)
+
+    # --- the relay -------------------------------------------------------------------------------
+
+    def _send(self, operation: str, params: dict[str, Any], *, retry: bool) -> dict[str, Any]:
+        """One operation through the relay; raises the raw HTTP/transport error for the caller."""
+        body = {"operation": operation, "params": params, "credentials": self._credentials}
+        answer = self.http.request("POST", self._query_path, retry=retry, json=body)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, dict):
+            raise self._fail("pms_error", f"the relay's answer to {operation} had no data.", CHECK_SERVER)
+        return data
+
+    def _query(self, operation: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A read: safe to retry, so transient failures are retried by `PmsHttp`."""
+        try:
+            return self._send(operation, params or {}, retry=True)
+        except (HttpStatusError, httpx.TransportError) as exc:
+            raise self._translate(exc) from None
+
+    def _result_set(self, operation: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """`{"columns", "rows"}` as dicts; a malformed row is passed on (to end as a rejected row)."""
+        columns, rows = data.get("columns"), data.get("rows")
+        if not isinstance(columns, list) or not isinstance(rows, list):
+            raise self._fail("pms_error", f"the answer to {operation} was not a result set.", CHECK_SERVER)
+        return [dict(zip(columns, row, strict=False)) if isinstance(row, list) else {"unexpected": row} for row in rows]
+
+    def _rows(self, operation: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return self._result_set(operation, self._query(operation, params))
+
+    def iter_rows(self, operation: str, id_column: str, since: datetime | None) -> Iterator[dict[str, Any]]:
+        """Every row of a keyset-paged operation in `(ModifiedDate, id)` order, page by page."""
+        params: dict[str, Any] = {"limit": self.page_size}
+        if since is not None:
+            params["modifiedSince"] = since_param(since)
+        while True:
+            data = self._query(operation, params)
+            records = self._result_set(operation, data)
+            yield from records
+            if not data.get("more"):
+                return
+            last = next((r for r in reversed(records) if "unexpected" not in r), {})
+            key = [last.get("ModifiedDate"), last.get(id_column)]
+            if not isinstance(key[0], str) or key[1] is None or key == params.get("after"):
+                raise self._fail("pms_error", f"{operation} paging did not move on.", "Optisoft's status page")
+            params["after"] = key
+
+    def _latest(self, operation: str, id_column: str, since: datetime | None) -> list[tuple[str, dict[str, Any]]]:
+        """Rows by id; a row edited while we page moves behind the key and comes back later, newer."""
+        latest: dict[str, dict[str, Any]] = {}
+        anonymous: list[dict[str, Any]] = []
+        for row in self.iter_rows(operation, id_column, since):
+            row_id = _text(row.get(id_column))
+            if row_id:
+                latest.pop(row_id, None)
+                latest[row_id] = row
+            else:
+                anonymous.append(row)
+        out = list(latest.items())
+        out += [(f"row-without-id-{n}", row) for n, row in enumerate(anonymous, 1)]
+        return out
+
+    def _scope(self, kind: str, since: datetime | None) -> str:
+        scope = "full" if since is None else f"since {since_param(since)} UK"
+        return f"optisoft:{self.practice_code} {kind} {scope}"
+
+    # --- PmsClient: reads ------------------------------------------------------------------------
+
+    def test_connection(self) -> ConnectionInfo:
+        """`practice.info` proves the relay, the practice code, the running connector and the login."""
+        data = self._query("practice.info")
+        can_write = bool(data.get("canWrite"))
+        rights = "read and write" if can_write else "only read (bookings and call notes cannot be written back)"
+        return ConnectionInfo(
+            pms=PMS_NAME,
+            practice_name=data.get("practiceName"),
+            version=data.get("optisoftVersion"),
+            detail=f"Optisoft practice {self.practice_code} via the Optisoft Connector; the database login can {rights}",
+        )
+
+    def read_patients(self, since: datetime | None, today: date) -> ReadResult:
+        """Patients changed since `since` (all when None) with their eye-test recall (`Recalls`,
+        type ST) joined on. A recall edited on its own changes no patient row, so an incremental
+        read also asks which recalls changed and fetches those patients."""
+        rows = self._latest("patients.list", "PatientID", since)
+        if since is not None:
+            seen = {row_id for row_id, _ in rows}
+            changed = self._rows("recalls.changed", {"modifiedSince": since_param(since)})
+            missing = [str(r.get("PatientID")) for r in changed if str(r.get("PatientID")) not in seen]
+            for start in range(0, len(missing), 500):
+                extra = self._rows("patients.get", {"patientIds": missing[start : start + 500]})
+                rows += [(str(row.get("PatientID")), row) for row in extra]
+        drafts = [(f"optisoft:patient:{row_id}", raw, optisoft_draft(raw)) for row_id, raw in rows]
+        return collect(
+            self.practice.practice_id, drafts, today, strict=False, source_ref=self._scope("patients", since)
+        )
+
+    def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
+        rows = self._latest("appointments.list", "DiaryID", since)
+        drafts = [(f"optisoft:diary:{row_id}", raw, appointment_draft(raw)) for row_id, raw in rows]
+        return collect_records(
+            drafts,
+            lambda d: build_appointment(self.practice.practice_id, d),
+            lambda a: a.pms_appointment_id,
+            source_ref=self._scope("diary", since),
+        )
+
+    def read_clinical_records(self, since: datetime | None) -> RecordBatch[ClinicalRecord]:
+        today = datetime.now(UK).date()
+        rows = self._latest("exams.list", "ExamID", since)
+        drafts = [(f"optisoft:exam:{row_id}", raw, clinical_draft(raw)) for row_id, raw in rows]
+        return collect_records(
+            drafts,
+            lambda d: build_clinical(self.practice.practice_id, d, today),
+            lambda r: r.pms_record_id,
+            source_ref=self._scope("exams", since),
+        )
+
+    # --- PmsClient: writes -----------------------------------------------------------------------
+
+    def _goc_number(self, booking: BookingRequest) -> str:
+        """The booking's GOC number, if it is well formed and fits the appointment (no call needed)."""
+        goc = (booking.clinician_ref or "").strip()
+        if not goc:
+            raise self._error(
+                "invalid_clinician",
+                "a booking needs the clinician's GOC number (Optisoft's diary is per clinician).",
+                CHECK_CLINICIAN,
+            )
+        if not GOC_NUMBER.fullmatch(goc):
+            raise self._error(
+                "invalid_clinician",
+                f"{goc[:30]!r} is not a GOC registration number (01-12345 for an optometrist, 02-12345 for a "
+                "dispensing optician).",
+                CHECK_CLINICIAN,
+            )
+        if booking.appointment_type == "eye_test" and not goc.startswith("01-"):
+            raise self._error(
+                "invalid_clinician",
+                f"{goc} is a dispensing optician (02-); an eye test must be booked with an optometrist (01-).",
+                CHECK_CLINICIAN,
+            )
+        return goc
+
+    def _check_clinician(self, goc: str) -> None:
+        """`invalid_clinician` unless the GOC number names an active clinician at this practice."""
+        found = self._rows("clinicians.get", {"gocNumber": goc})
+        if not found:
+            raise self._error(
+                "invalid_clinician",
+                f"no clinician with GOC number {goc} is set up in this practice's Optisoft.",
+                CHECK_CLINICIAN,
+            )
+        if not found[0].get("Active"):
+            raise self._error(
+                "invalid_clinician",
+                f"{found[0].get('Name') or 'the clinician'} ({goc}) is not active in this practice's Optisoft.",
+                CHECK_CLINICIAN,
+            )
+
+    def _booking_params(self, booking: BookingRequest, goc: str, marker: str) -> dict[str, Any]:
+        def invalid(message: str) -> PmsError:
+            return self._error("invalid_booking", message, CHECK_BUG)
+
+        if booking.starts_at.tzinfo is None or booking.ends_at.tzinfo is None:
+            raise invalid("the booking's times have no time zone.")
+        start = booking.starts_at.astimezone(UK)
+        if start.second or start.microsecond:
+            raise invalid(f"the booking starts at {start:%H:%M:%S}; Optisoft's diary books whole minutes.")
+        minutes = (booking.ends_at - booking.starts_at) / timedelta(minutes=1)
+        if minutes != int(minutes) or not 5 <= minutes <= 480:
+            raise invalid(f"the booking lasts {minutes:g} minutes; it must be 5 to 480 whole minutes.")
+        appt_type = APPT_TYPE_CODES.get(booking.appointment_type)
+        if appt_type is None:
+            raise invalid(f"appointment type {booking.appointment_type!r} is not one Optisoft's diary has.")
+        comment = " ".join(filter(None, [(booking.notes or "").strip(), marker]))
+        return {
+            "patientId": booking.pms_patient_id,
+            "start": start.strftime("%Y-%m-%d %H:%M"),
+            "duration": int(minutes),
+            "apptType": appt_type,
+            "gocNumber": goc,
+            "comment": comment,
+            "marker": marker,
+        }
+
+    def _marker(self, key: str) -> str:
+        try:
+            return nvc_marker(key)
+        except InvalidValue as exc:
+            raise self._error("invalid_booking", str(exc), CHECK_BUG) from None
+
+    def _find(self, operation: str, id_column: str, marker: str) -> str | None:
+        rows = self._rows(operation, {"marker": marker})
+        return _text(rows[0].get(id_column)) if rows else None
+
+    def _write_once(self, operation: str, params: dict[str, Any], find: str, id_column: str) -> tuple[str, bool]:
+        """Write exactly once (the caller has already looked the marker up): after any answer that
+        leaves it unclear whether the write happened (a lost response, a 5xx, a slow connector), look
+        again before trying again. The connector also refuses a second row with the same marker."""
+        marker = params["marker"]
+        last: PmsError | None = None
+        for attempt in range(1, self.http.max_attempts + 1):
+            if attempt > 1:
+                time.sleep(min(self.http.backoff_seconds * 2 ** (attempt - 2), 10.0))
+            try:
+                data = self._send(operation, params, retry=False)
+                written = _text(data.get(id_column))
+                if not written:
+                    raise self._fail("pms_error", f"the answer to {operation} named no {id_column}.", CHECK_SERVER)
+                return written, bool(data.get("created"))
+            except (HttpStatusError, httpx.TransportError) as exc:
+                last = self._translate(exc)
+                log.warning(
+                    "%s practice %s: %s attempt %s failed: %s",
+                    PMS_NAME,
+                    self.practice.practice_id,
+                    operation,
+                    attempt,
+                    self._scrub(str(exc)),
+                )
+                if isinstance(exc, HttpStatusError) and exc.status == 429:
+                    time.sleep(min(exc.retry_after or 0.0, 10.0))
+                    continue
+                if isinstance(exc, HttpStatusError) and exc.status < 500:
+                    raise last from None  # a refusal: nothing was written
+                if last.problem == "connector_offline":
+                    continue  # never collected by the connector: nothing was written
+                found = self._find(find, id_column, marker)  # maybe written: look before trying again
+                if found:
+                    return found, True
+        if last is not None and last.problem == "unreachable":
+            raise self._error(
+                "lost_response",
+                f"{operation} got no answer after {self.http.max_attempts} attempts and was not written.",
+                CHECK_SERVER,
+            ) from None
+        raise last or self._error("pms_error", f"{operation} failed.", CHECK_SERVER)
+
+    def create_appointment(self, booking: BookingRequest) -> BookingResult:
+        """Book into Optisoft's Diary exactly once, against a valid, active GOC-registered clinician.
+
+        Refusals: `invalid_clinician`, `invalid_booking`, `slot_taken`, `patient_not_found`,
+        `permission_denied` (a read-only database login)."""
+        marker = self._marker(booking.idempotency_key)
+        goc = self._goc_number(booking)
+        params = self._booking_params(booking, goc, marker)
+        existing = self._find("diary.find", "DiaryID", marker)  # an earlier attempt may have booked it
+        if existing:
+            return BookingResult(existing, created=False)
+        self._check_clinician(goc)
+        diary_id, created = self._write_once("diary.book", params, "diary.find", "DiaryID")
+        return BookingResult(diary_id, created=created)
+
+    def add_note(self, note: PatientNote) -> NoteResult:
+        """A call attempt or call outcome in the patient's `ContactLog`, exactly once."""
+        marker = self._marker(note.idempotency_key)
+        outcome = OUTCOME_LABELS.get(note.outcome or "", (note.outcome or "").replace("_", " ").capitalize() or None)
+        params = {
+            "patientId": note.pms_patient_id,
+            "contactDate": uk_stamp(note.occurred_at),
+            "method": "Telephone",
+            "category": NOTE_CATEGORIES.get(note.kind, "Call outcome"),
+            "outcome": outcome,
+            "notes": " ".join(filter(None, [note.text.strip(), marker])),
+            "marker": marker,
+        }
+        existing = self._find("contactlog.find", "LogID", marker)
+        if existing:
+            return NoteResult(existing, created=False)
+        log_id, created = self._write_once("contactlog.add", params, "contactlog.find", "LogID")
+        return NoteResult(log_id, created=created)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> OptisoftClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OptisoftResource(ConfigurableResource):
+    """Optisoft connections through the Optisoft relay. Per practice: `server_address` (the relay)
+    and `practice_code`; secrets: `db_username` and `db_password` (the practice database login)."""
+
+    timeout_seconds: float = 45.0  # above the relay's own wait for the connector, so it reports a slow one
+    max_attempts: int = 4
+    page_size: int = 500
+    backoff_seconds: float = 0.5
+
+    def required_settings(self) -> tuple[str, ...]:
+        return ("server_address", "practice_code")
+
+    def optional_settings(self) -> tuple[str, ...]:
+        return ()
+
+    def required_secrets(self) -> tuple[str, ...]:
+        return ("db_username", "db_password")
+
+    def open(self, practice: Practice, credentials: dict[str, str]) -> OptisoftClient:
+        server_address = (practice.settings.get("server_address") or "").strip()
+        practice_code = (practice.settings.get("practice_code") or "").strip()
+        for name, value, check in (
+            ("server_address", server_address, CHECK_SERVER),
+            ("practice_code", practice_code, CHECK_CODE),
+        ):
+            if not value:
+                raise PmsConnectionFailed(
+                    PMS_NAME, practice.practice_id, "missing_setting", f"no {name} is set.", check
+                )
+        username = (credentials.get("db_username") or "").strip()
+        password = credentials.get("db_password") or ""
+        if not username or not password:
+            missing = "db_username" if not username else "db_password"
+            raise PmsConnectionFailed(
+                PMS_NAME, practice.practice_id, "missing_secret", f"no {missing} is stored.", CHECK_LOGIN
+            )
+        return OptisoftClient(
+            practice,
+            server_address=server_address,
+            practice_code=practice_code,
+            db_username=username,
+            db_password=password,
+            page_size=self.page_size,
+            timeout_seconds=self.timeout_seconds,
+            max_attempts=self.max_attempts,
+            backoff_seconds=self.backoff_seconds,
+        )
