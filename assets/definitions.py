@@ -1,7 +1,7 @@
 """The sync domain's definitions."""
 
-from dagster import Definitions, load_assets_from_modules
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from assets import sync
+from assets import checks, sync
 
-defs = Definitions(assets=load_assets_from_modules([sync]))
+defs = Definitions(assets=load_assets_from_modules([sync]), asset_checks=load_asset_checks_from_modules([checks]))

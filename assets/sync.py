@@ -13,7 +13,16 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
-from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from assets.partitions import practices_partitions
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
@@ -28,6 +37,7 @@ from resources.store import StoreResource
 GROUP = "practice_sync"
 FULL_SYNC_TAG = "nvc/full_sync"
 ALLOW_DROP_TAG = "nvc/allow_drop"
+VOLUME_CHECK = "volume_drop_within_limit"
 
 
 def _connected_practice(store: Store, practice_id: str) -> Practice:
@@ -58,6 +68,7 @@ def sync_stream(
     read: Callable[[PmsClient, datetime | None], tuple[Sequence[Any], Sequence[RejectedRow], str]],
     extra: Callable[[Sequence[Any]], dict[str, Any]] | None = None,
     prepare: Callable[[Store, str, list[Any], list[RejectedRow]], int] | None = None,
+    volume_check: bool = False,
 ) -> MaterializeResult:
     """Plan (full or incremental), read through the PMS resource, merge into the store with the
     cursor in one transaction, and report what happened."""
@@ -101,7 +112,22 @@ def sync_stream(
             max_drop_share=guard,
         )
     except VolumeDropRefused as exc:
-        raise Failure(description=f"{practice.pms_kind} (practice {practice_id}): {exc}") from None
+        message = f"{practice.pms_kind} (practice {practice_id}): {exc}"
+        if not volume_check:
+            raise Failure(description=message) from None
+        context.log.error(message)
+        return MaterializeResult(
+            metadata={"pms": str(practice.pms_kind), "mode": "full", "refused": True, "written": 0},
+            check_results=[
+                AssetCheckResult(
+                    check_name=VOLUME_CHECK,
+                    passed=False,
+                    severity=AssetCheckSeverity.ERROR,
+                    description=message,
+                    metadata={"rows_read": len(records) + len(rejected)},
+                )
+            ],
+        )
     rows_read = len(records) + len(rejected)
     context.log.info(
         f"{practice_id} ({practice.pms_kind}) {spec.name}, {plan.reason}: read {rows_read}, inserted {counts.inserted}, "
@@ -124,7 +150,17 @@ def sync_stream(
             "matched_to_existing": matched,
             "rejection_reasons": _reasons_md(rejected),
             **(extra(records) if extra else {}),
-        }
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name=VOLUME_CHECK,
+                passed=True,
+                description=f"{counts.deactivated} record(s) deactivated, within the allowed share",
+                metadata={"deactivated": counts.deactivated},
+            )
+        ]
+        if volume_check
+        else [],
     )
 
 
@@ -163,9 +199,20 @@ def _read_clinical(client: PmsClient, since: datetime | None):
     group_name=GROUP,
     kinds={"postgres"},
     description="The practice's patients, read from its PMS, normalised and merged into the store.",
+    check_specs=[
+        AssetCheckSpec(
+            VOLUME_CHECK,
+            asset="patients",
+            blocking=True,
+            description="A full read may not deactivate more than the practice's max_drop_share (default 20%) of "
+            "its active patients; when it would, nothing is written and recalls and the call list are not rebuilt.",
+        )
+    ],
 )
 def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
-    return sync_stream(context, store, pms, PATIENTS, _read_patients, _patient_extra, _match_patients)
+    return sync_stream(
+        context, store, pms, PATIENTS, _read_patients, _patient_extra, _match_patients, volume_check=True
+    )
 
 
 @asset(

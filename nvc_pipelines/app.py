@@ -15,7 +15,7 @@ from typing import Any
 from nvc_pipelines.instance import get_instance
 from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.recall import SETTING_PREFIX, RecallRules
-from nvc_pipelines.store import Store
+from nvc_pipelines.store import PracticeNotFound, Store
 from resources.protocol import ConnectionInfo
 
 PARTITIONS = "practices"
@@ -41,15 +41,35 @@ def pms_requirements(kind: PmsKind) -> tuple[tuple[str, ...], tuple[str, ...], t
     return resource.required_settings(), resource.optional_settings(), resource.required_secrets()
 
 
+# Settings every practice may have, whatever its PMS: name -> (min, max).
+SYNC_SETTINGS: dict[str, tuple[float, float]] = {
+    "full_sync_every_days": (1, 90),
+    "max_drop_share": (0, 1),
+    "min_callable_share": (0, 1),
+}
+
+
 def check_settings(kind: PmsKind, settings: dict[str, str], secrets: dict[str, str]) -> None:
     required, optional, needed_secrets = pms_requirements(kind)
     missing = [k for k in required if not settings.get(k)]
     if missing:
         raise SettingsError(f"{kind} needs the setting(s) {', '.join(missing)} (--setting KEY=VALUE)")
-    unknown = [k for k in settings if k not in required + optional and not k.startswith(SETTING_PREFIX)]
+    unknown = [
+        k
+        for k in settings
+        if k not in required + optional and k not in SYNC_SETTINGS and not k.startswith(SETTING_PREFIX)
+    ]
     if unknown:
-        allowed = ", ".join((*required, *optional, SETTING_PREFIX + "<rule>"))
+        allowed = ", ".join((*required, *optional, *SYNC_SETTINGS, SETTING_PREFIX + "<rule>"))
         raise SettingsError(f"unknown setting(s) {', '.join(unknown)} for {kind}; allowed: {allowed}")
+    for key, (low, high) in SYNC_SETTINGS.items():
+        if key in settings:
+            try:
+                value = float(settings[key])
+            except ValueError:
+                raise SettingsError(f"setting {key} must be a number, got {settings[key]!r}") from None
+            if not low <= value <= high:
+                raise SettingsError(f"setting {key} must be between {low:g} and {high:g}, got {value:g}")
     RecallRules.from_settings(settings)  # refuse a bad override now, not at 2am
     missing_secrets = [k for k in needed_secrets if not secrets.get(k)]
     if missing_secrets:
@@ -59,13 +79,27 @@ def check_settings(kind: PmsKind, settings: dict[str, str], secrets: dict[str, s
 def connect_practice(
     practice_id: str,
     kind: PmsKind,
-    name: str,
+    name: str | None,
     settings: dict[str, str],
     secrets: dict[str, str],
     *,
     replace: bool = False,
 ) -> tuple[Practice, ConnectionInfo]:
-    """Test the connection first; only a working connection is saved and gets its partition."""
+    """Test the connection first; only a working connection is saved and gets its partition.
+
+    With `replace`, an existing practice keeps every setting and secret not given again (so a new
+    API token is all an expired one needs), and `name` None keeps its display name.
+    """
+    if replace:
+        try:
+            existing = open_store().get_practice(practice_id)
+        except PracticeNotFound:
+            existing = None
+        if existing is not None and existing.pms_kind == kind:
+            settings = {**existing.settings, **settings}
+            secrets = {**open_store().practice_credentials(practice_id), **secrets}
+            name = name or existing.display_name
+    name = name or practice_id
     check_settings(kind, settings, secrets)
     candidate = Practice(practice_id, name, kind, settings, "connected")
     client = _gateway().open(candidate, secrets)

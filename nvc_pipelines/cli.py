@@ -94,7 +94,11 @@ def _read_secrets(names: tuple[str, ...]) -> dict[str, str]:
 @click.option("--pms", "kind", type=click.Choice([k.value for k in PmsKind]), required=True)
 @click.option("--name", default=None, help="Display name (default: the practice id).")
 @click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE", help="Non-secret setting; repeat.")
-@click.option("--update", is_flag=True, help="Replace the settings of an already connected practice.")
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Change a connected practice: only the settings and secrets (NVC_PMS_<NAME>) given are replaced.",
+)
 @click.option("--group", "group_id", default=None, help="Add the practice to this practice group.")
 def practice_connect(
     practice_id: str, kind: str, name: str | None, settings: tuple[str, ...], update: bool, group_id: str | None
@@ -107,9 +111,16 @@ def practice_connect(
 
     pms = PmsKind(kind)
     parsed = _parse_settings(settings)
+    if group_id:
+        app.open_store().group_practices(group_id)  # an unknown group fails before anything is saved
     _, _, secret_names = app.pms_requirements(pms)
-    secrets = _read_secrets(secret_names)
-    practice_, info = app.connect_practice(practice_id, pms, name or practice_id, parsed, secrets, replace=update)
+    if update:  # only the secrets given are replaced; the others are kept
+        secrets = {n: os.environ[secret_env_name(n)] for n in secret_names if os.environ.get(secret_env_name(n))}
+        if not secrets and not parsed and sys.stdin.isatty():
+            secrets = _read_secrets(secret_names)
+    else:
+        secrets = _read_secrets(secret_names)
+    practice_, info = app.connect_practice(practice_id, pms, name, parsed, secrets, replace=update)
     if group_id:
         app.open_store().set_group(practice_id, group_id)
     detail = ", ".join(x for x in (info.practice_name, info.version and f"version {info.version}", info.detail) if x)

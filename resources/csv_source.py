@@ -193,6 +193,15 @@ def _bad_encoding(practice_id: str, name: str, codec: str) -> CsvFileRefused:
     )
 
 
+def _line_too_long(practice_id: str, name: str) -> CsvFileRefused:
+    return CsvFileRefused(
+        practice_id,
+        "malformed_csv",
+        f"{name} has a line longer than {_MAX_LINE_BYTES // (1024 * 1024)} MB: it is not a patient list",
+        "export the patient list as CSV",
+    )
+
+
 def _byte_lines(stream: BinaryIO, practice_id: str, name: str) -> Iterator[bytes]:
     """Physical lines (ending CRLF, LF or a lone CR, ends kept) read in chunks: memory stays flat."""
     pending = b""
@@ -201,12 +210,7 @@ def _byte_lines(stream: BinaryIO, practice_id: str, name: str) -> Iterator[bytes
         pending = b"" if lines[-1].endswith(b"\n") else lines.pop()  # incomplete, or a CR whose LF may follow
         yield from lines
         if len(pending) > _MAX_LINE_BYTES:
-            raise CsvFileRefused(
-                practice_id,
-                "malformed_csv",
-                f"{name} has a line longer than {_MAX_LINE_BYTES // (1024 * 1024)} MB: it is not a patient list",
-                "export the patient list as CSV",
-            )
+            raise _line_too_long(practice_id, name)
     if pending:
         yield pending
 
@@ -271,6 +275,8 @@ class _Lines:
                 f"{self._name} line {number} contains NUL bytes: the file is damaged or not a text export",
                 "export the patient list as CSV again",
             )
+        if len(line) > _MAX_LINE_BYTES:
+            raise _line_too_long(self._practice_id, self._name)
         return line
 
     def peek(self, nonblank: int) -> list[str]:
@@ -365,7 +371,10 @@ def _find_layout(lines: _Lines, practice_id: str, name: str) -> _Layout:
             where = f"; header read from line {index + 1}" if index else ""
         else:
             index, text = first
-            cells = next(csv.reader([text], delimiter=sniff_delimiter(text)), [])
+            try:
+                cells = next(csv.reader([text], delimiter=sniff_delimiter(text)), [])
+            except csv.Error:
+                cells = [text]
             found = set()
             where = f"; no header row in the first {HEADER_SEARCH_LINES} lines"
         missing = [c for c in REQUIRED_COLUMNS if c not in found]
@@ -396,13 +405,18 @@ def _records(lines: _Lines, layout: _Layout, practice_id: str, name: str) -> Ite
         except StopIteration:
             return
         except csv.Error as exc:
-            if "unexpected end of data" in str(exc) or "field limit" in str(exc):
+            if "unexpected end of data" in str(exc):
+                problem = 'opens a quoted value (") that is never closed'
+            elif "field limit" in str(exc):
+                problem = f'has a value over {csv.field_size_limit() // 1024} KB long, usually a quote (") never closed'
+            else:
+                problem = ""
+            if problem:
                 raise CsvFileRefused(
                     practice_id,
                     "malformed_csv",
-                    f'{name} line {start} opens a quoted value (") that is never closed, so the rest of the file '
-                    "cannot be read reliably",
-                    "close or remove that quote mark and export again",
+                    f"{name} line {start} {problem}, so the rest of the file cannot be read reliably",
+                    "close or remove that quote mark (or shorten the value) and export again",
                 ) from None
             text = "".join(lines.current).rstrip("\r\n")
             yield start, None, f'row is not valid CSV ({exc}): check the quote marks (") on this row', text
@@ -416,7 +430,8 @@ def _too_many_rows(practice_id: str, name: str) -> CsvFileRefused:
         practice_id,
         "too_many_rows",
         f"{name} has more than {MAX_ROWS:,} patient rows; one practice's patient list is far smaller",
-        "check the file is this practice's own patient list (not a group-wide export), or export only current patients",
+        "that the file is this practice's own patient list (not a group-wide export); if so, export only current "
+        "patients",
     )
 
 
@@ -507,6 +522,18 @@ def _count_line_ends(path: Path) -> int:
 
 def read_csv_file(path: Path, practice_id: str, today: date) -> ReadResult:
     """Read one CSV file from disk, streamed (its text is never held whole), or refuse it whole."""
+    try:
+        return _read_file(path, practice_id, today)
+    except OSError as exc:  # gone, locked by another program, a network share dropping out
+        raise CsvFileRefused(
+            practice_id,
+            "file_unreadable",
+            f"{path.name} could not be read ({exc.strerror or exc})",
+            "that the file still exists and is not open in another program, then sync again",
+        ) from None
+
+
+def _read_file(path: Path, practice_id: str, today: date) -> ReadResult:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise CsvFileRefused(

@@ -147,6 +147,16 @@ def test_wrong_api_key_is_refused_and_nothing_is_saved(demo_home) -> None:
         right = runner.invoke(main, args, env={"NVC_PMS_API_KEY": "right-key"})
         assert right.exit_code == 0, right.output
         assert runner.invoke(main, ["sync", "new-optix"]).exit_code == 0
+        # --update keeps what is not given again: the key, the Optix ids, the display name.
+        update = ["practice", "connect", "new-optix", "--pms", "optix", "--update"]
+        changed = runner.invoke(
+            main, [*update, "--setting", "recall_interval.default=18", "--setting", "max_drop_share=0.5"]
+        )
+        assert changed.exit_code == 0, changed.output
+        bad_share = runner.invoke(main, [*update, "--setting", "max_drop_share=5"])
+        assert bad_share.exit_code == 1 and "between 0 and 1" in bad_share.output
+        no_group = runner.invoke(main, [*update, "--group", "nope"])
+        assert no_group.exit_code == 1 and "no group 'nope'" in no_group.output
     assert "new-optix" in runner.invoke(main, ["practice", "list"]).output
 
 

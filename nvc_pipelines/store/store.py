@@ -492,6 +492,38 @@ class Store:
             )
             return dict(row)
 
+    # --- what the data-quality checks read -----------------------------------------------------------
+
+    def quality_rows(self, practice_id: str, kind: str) -> list[dict[str, Any]]:
+        """The rows a check validates: active patients, active appointments, or recalls with their
+        patient's state."""
+        queries = {
+            "patients": "SELECT pms_patient_id, first_name, last_name, phones, date_of_birth, last_eye_test_date, "
+            "risk_flags FROM patients WHERE practice_id = :p AND active",
+            "appointments": "SELECT pms_appointment_id, pms_patient_id, starts_at, ends_at, status FROM appointments "
+            "WHERE practice_id = :p AND active",
+            "recalls": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule, r.interval_months, r.based_on, "
+            "pt.active AS patient_active FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
+            "WHERE r.practice_id = :p",
+        }
+        with self.begin() as conn:
+            return [dict(r) for r in conn.execute(text(queries[kind]), {"p": practice_id}).mappings()]
+
+    def all_patient_ids(self, practice_id: str) -> set[str]:
+        with self.begin() as conn:
+            return set(
+                conn.execute(
+                    text("SELECT pms_patient_id FROM patients WHERE practice_id = :p"), {"p": practice_id}
+                ).scalars()
+            )
+
+    def last_successful_sync(self, practice_id: str, stream: str = "patients") -> datetime | None:
+        with self.begin() as conn:
+            return conn.execute(
+                text("SELECT last_sync_at FROM sync_cursors WHERE practice_id = :p AND stream = :s"),
+                {"p": practice_id, "s": stream},
+            ).scalar_one_or_none()
+
     # --- practice groups (multi-location) ---------------------------------------------------------
 
     def add_group(self, group_id: str, display_name: str) -> None:

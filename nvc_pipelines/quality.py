@@ -1,0 +1,252 @@
+"""Data-quality expectations on what the store holds, evaluated with Great Expectations.
+
+Each report validates the DataFrame in hand with an ephemeral GX context (no GX project folder to
+maintain) and returns counts plus up to 20 failing rows with names and phone numbers masked, fit
+for Dagster's event log. Great Expectations is imported here lazily: it costs seconds to import,
+and nothing that does not validate should pay for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from functools import cache
+from typing import Any
+
+from nvc_pipelines.model import RISK_FLAGS, AppointmentStatus
+from nvc_pipelines.recall import RecallRules, add_months
+
+MAX_EXAMPLES = 20
+UK_E164 = r"^\+44[1-9]\d{8,9}$"
+DEFAULT_MIN_CALLABLE_SHARE = 0.9
+FRESHNESS_HOURS = 26
+
+
+@dataclass(slots=True)
+class Report:
+    """The outcome of one check: passed, what each expectation found, and masked example rows."""
+
+    passed: bool
+    counts: dict[str, int | float] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    description: str = ""
+
+
+def mask_name(name: Any) -> str:
+    text = str(name or "")
+    return text[:1] + "•" * max(len(text) - 1, 0)
+
+
+def mask_phone(phone: Any) -> str:
+    text = str(phone or "")
+    return text[:4] + "•" * max(len(text) - 7, 0) + text[-3:] if len(text) > 7 else "•" * len(text)
+
+
+def _masked(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in ("first_name", "last_name"):
+            out[key] = mask_name(value)
+        elif key in ("phone", "phones"):
+            out[key] = [mask_phone(v) for v in value] if isinstance(value, list | tuple) else mask_phone(value)
+        elif isinstance(value, date | datetime):
+            out[key] = value.isoformat()
+        else:
+            out[key] = value
+    return out
+
+
+@cache
+def _gx():
+    """One ephemeral GX context per process, with its progress bars kept out of the logs."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        context.data_sources.add_pandas("nvc").add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all")
+    )
+    return gx, batch
+
+
+def validate(frame: Any, expectations: Sequence[tuple[str, Any]]) -> dict[str, list[int]]:
+    """Run named expectations on a pandas DataFrame; returns the failing row indexes per name."""
+    gx, batch_definition = _gx()
+    if len(frame) == 0:
+        return {name: [] for name, _ in expectations}
+    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
+    failing: dict[str, list[int]] = {}
+    for name, build in expectations:
+        result = batch.validate(build(gx.expectations), result_format={"result_format": "COMPLETE"})
+        failing[name] = [] if result.success else list(result.result.get("unexpected_index_list") or [0])
+    return failing
+
+
+def _report(frame: Any, failing: dict[str, list[int]], columns: Iterable[str], **counts: Any) -> Report:
+    failures = {name: len(rows) for name, rows in failing.items() if rows}
+    examples: list[dict[str, Any]] = []
+    for name, rows in failing.items():
+        for index in rows[: MAX_EXAMPLES - len(examples)]:
+            if index in frame.index:
+                record = {c: frame.at[index, c] for c in columns if c in frame.columns}
+                examples.append({"check": name, **_masked(record)})
+    passed = not failures
+    summary = "all expectations met" if passed else "; ".join(f"{n}: {c} row(s)" for n, c in failures.items())
+    return Report(passed, {"rows": len(frame), **counts}, failures, examples, summary)
+
+
+def patients_report(rows: list[dict[str, Any]], today: date, min_callable_share: float) -> Report:
+    """Identity unique; phones valid UK E.164; birth in the past and age under 120; last test not in
+    the future nor before birth; flags known; enough patients callable."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        rows,
+        columns=[
+            "pms_patient_id",
+            "first_name",
+            "last_name",
+            "phones",
+            "date_of_birth",
+            "last_eye_test_date",
+            "risk_flags",
+        ],
+    )
+    frame["dob_days_ago"] = [(today - d).days if d else None for d in frame["date_of_birth"]]
+    frame["test_days_ago"] = [(today - d).days if d else None for d in frame["last_eye_test_date"]]
+    frame["test_after_birth_days"] = [
+        (t - d).days if (t and d) else None
+        for t, d in zip(frame["last_eye_test_date"], frame["date_of_birth"], strict=True)
+    ]
+    frame["callable"] = [1 if p else 0 for p in frame["phones"]]
+    phones = frame[["pms_patient_id", "phones"]].explode("phones").dropna().rename(columns={"phones": "phone"})
+    flags = (
+        frame[["pms_patient_id", "risk_flags"]].explode("risk_flags").dropna().rename(columns={"risk_flags": "flag"})
+    )
+    failing = validate(
+        frame,
+        [
+            ("unique_identity", lambda e: e.ExpectColumnValuesToBeUnique(column="pms_patient_id")),
+            (
+                "birth_in_past_and_age_under_120",
+                lambda e: e.ExpectColumnValuesToBeBetween(
+                    column="dob_days_ago", min_value=0, max_value=int(120 * 365.25)
+                ),
+            ),
+            ("last_test_not_in_future", lambda e: e.ExpectColumnValuesToBeBetween(column="test_days_ago", min_value=0)),
+            (
+                "last_test_not_before_birth",
+                lambda e: e.ExpectColumnValuesToBeBetween(column="test_after_birth_days", min_value=0),
+            ),
+        ],
+    )
+    # Phones and flags are lists: validate them exploded, then point failures back at their patient rows.
+    phone_rows = phones.reset_index()
+    phone_fail = validate(
+        phone_rows, [("valid", lambda e: e.ExpectColumnValuesToMatchRegex(column="phone", regex=UK_E164))]
+    )
+    failing["phones_valid_uk_e164"] = sorted({int(phone_rows.at[i, "index"]) for i in phone_fail["valid"]})
+    flag_rows = flags.reset_index()
+    flag_fail = validate(
+        flag_rows, [("known", lambda e: e.ExpectColumnValuesToBeInSet(column="flag", value_set=sorted(RISK_FLAGS)))]
+    )
+    failing["risk_flags_known"] = sorted({int(flag_rows.at[i, "index"]) for i in flag_fail["known"]})
+    share = float(frame["callable"].mean()) if len(frame) else 1.0
+    share_fail = validate(
+        frame,
+        [("share", lambda e: e.ExpectColumnMeanToBeBetween(column="callable", min_value=min_callable_share))],
+    )
+    failing["callable_share"] = [i for i in frame.index if not frame.at[i, "callable"]] if share_fail["share"] else []
+    columns = [
+        "pms_patient_id",
+        "first_name",
+        "last_name",
+        "phones",
+        "date_of_birth",
+        "last_eye_test_date",
+        "risk_flags",
+    ]
+    return _report(frame, failing, columns, callable_share=round(share, 4), min_callable_share=min_callable_share)
+
+
+def appointments_report(rows: list[dict[str, Any]], patient_ids: set[str]) -> Report:
+    """Start before end, a known status, and every appointment's patient exists."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=["pms_appointment_id", "pms_patient_id", "starts_at", "ends_at", "status"])
+    frame["minutes"] = [(e - s).total_seconds() / 60 for s, e in zip(frame["starts_at"], frame["ends_at"], strict=True)]
+    frame["patient_known"] = [pid in patient_ids for pid in frame["pms_patient_id"]]
+    failing = validate(
+        frame,
+        [
+            ("starts_before_it_ends", lambda e: e.ExpectColumnValuesToBeBetween(column="minutes", min_value=1)),
+            (
+                "status_known",
+                lambda e: e.ExpectColumnValuesToBeInSet(column="status", value_set=[str(s) for s in AppointmentStatus]),
+            ),
+            ("patient_exists", lambda e: e.ExpectColumnValuesToBeInSet(column="patient_known", value_set=[True])),
+        ],
+    )
+    return _report(frame, failing, ["pms_appointment_id", "pms_patient_id", "starts_at", "ends_at", "status"])
+
+
+def recalls_report(rows: list[dict[str, Any]], rules: RecallRules) -> Report:
+    """Due after the test it counts from; the interval is the rule's (and the date follows from it);
+    no recall for an inactive or erased patient."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        rows,
+        columns=[
+            "pms_patient_id",
+            "due_date",
+            "recall_source",
+            "rule",
+            "interval_months",
+            "based_on",
+            "patient_active",
+        ],
+    )
+    frame["days_after_test"] = [
+        (d - b).days if b else None for d, b in zip(frame["due_date"], frame["based_on"], strict=True)
+    ]
+
+    def interval_matches(row: Any) -> bool:
+        if row["recall_source"] == "pms":
+            return True
+        months = int(row["interval_months"])
+        return rules.intervals.get(row["rule"]) == months and add_months(row["based_on"], months) == row["due_date"]
+
+    frame["interval_matches_rule"] = [interval_matches(r) for _, r in frame.iterrows()] if len(frame) else []
+    failing = validate(
+        frame,
+        [
+            ("due_after_last_test", lambda e: e.ExpectColumnValuesToBeBetween(column="days_after_test", min_value=1)),
+            (
+                "interval_matches_rule",
+                lambda e: e.ExpectColumnValuesToBeInSet(column="interval_matches_rule", value_set=[True]),
+            ),
+            ("patient_active", lambda e: e.ExpectColumnValuesToBeInSet(column="patient_active", value_set=[True])),
+        ],
+    )
+    return _report(
+        frame, failing, ["pms_patient_id", "due_date", "recall_source", "rule", "interval_months", "based_on"]
+    )
+
+
+def freshness_report(last_success: datetime | None, now: datetime, max_age_hours: float = FRESHNESS_HOURS) -> Report:
+    """A practice whose last successful sync is older than 26 hours (or never) is stale."""
+    if last_success is None:
+        return Report(False, {}, {"never_synced": 1}, [], "the practice has never synced successfully")
+    age = now - last_success
+    hours = round(age.total_seconds() / 3600, 2)
+    passed = age <= timedelta(hours=max_age_hours)
+    text = f"last successful sync {hours} h ago" + ("" if passed else f", over the {max_age_hours} h allowed")
+    return Report(passed, {"hours_since_sync": hours, "max_age_hours": max_age_hours}, {}, [], text)

@@ -1,0 +1,196 @@
+"""Data-quality checks: Great Expectations on real store data, visible as Dagster asset checks."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from dagster import instance_for_test
+from sqlalchemy import text
+
+from nvc_pipelines import quality
+from nvc_pipelines.definitions import defs
+from nvc_pipelines.model import PmsKind
+from nvc_pipelines.recall import RecallRules
+from nvc_pipelines.store import Store
+from resources.csv_source import SEED_COLUMNS
+
+TODAY = date(2026, 11, 25)
+
+
+def _csv(path: Path, n: int, start: int = 0) -> None:
+    lines = [",".join(SEED_COLUMNS)]
+    for i in range(start, start + n):
+        lines.append(f"Pat{i},Lee,07700 900{i:03d},15/01/2024,standard,,")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _run(practice_id: str, instance):
+    job = defs.resolve_job_def("practice_sync")
+    return job.execute_in_process(partition_key=practice_id, instance=instance, raise_on_error=False)
+
+
+def _checks(result) -> dict[str, object]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def test_checks_run_with_the_sync_and_pass_on_good_data(database_url: str, store: Store, tmp_path: Path) -> None:
+    _csv(tmp_path / "export.csv", 12)
+    store.add_practice("q-good", "Q", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("practices", ["q-good"])
+        result = _run("q-good", instance)
+    assert result.success
+    checks = _checks(result)
+    assert set(checks) >= {
+        "patients_are_valid",
+        "patients_are_fresh",
+        "appointments_are_valid",
+        "recalls_are_valid",
+        "volume_drop_within_limit",
+    }
+    assert all(c.passed for c in checks.values())
+    assert checks["patients_are_valid"].metadata["rows"].value == 12
+
+
+def test_a_broken_extract_is_blocked_before_recalls_and_the_call_list(
+    database_url: str, store: Store, tmp_path: Path
+) -> None:
+    _csv(tmp_path / "export.csv", 10)
+    store.add_practice("q-drop", "Q", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("practices", ["q-drop"])
+        assert _run("q-drop", instance).success
+        before = store.export_practice("q-drop")
+        calls_before = store.call_list("q-drop")
+        _csv(tmp_path / "export.csv", 2)  # the PMS "lost" 8 of 10 patients
+        result = _run("q-drop", instance)
+    assert not result.success
+    volume = _checks(result)["volume_drop_within_limit"]
+    assert not volume.passed and "8 (80%) would be marked inactive" in volume.description
+    done = (
+        {m.asset_key.to_user_string() for m in result.get_asset_materialization_events_as_asset_materializations()}
+        if hasattr(result, "get_asset_materialization_events_as_asset_materializations")
+        else {
+            e.step_materialization_data.materialization.asset_key.to_user_string()
+            for e in result.get_asset_materialization_events()
+        }
+    )
+    assert "recalls" not in done and "call_list" not in done
+    after = store.export_practice("q-drop")
+    assert after["patients"] == before["patients"] and store.call_list("q-drop") == calls_before
+
+
+def test_bad_stored_rows_fail_with_masked_examples(database_url: str, store: Store, tmp_path: Path) -> None:
+    _csv(tmp_path / "export.csv", 5)
+    store.add_practice("q-bad", "Q", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("practices", ["q-bad"])
+        assert _run("q-bad", instance).success
+        with store.begin() as conn:  # what a buggy dialect could have written
+            conn.execute(
+                text(
+                    "UPDATE patients SET phones = ARRAY['+15551234567'], date_of_birth = :future, "
+                    "risk_flags = ARRAY['myopia'] WHERE practice_id = 'q-bad' AND first_name = 'Pat1'"
+                ),
+                {"future": date.today() + timedelta(days=30)},
+            )
+        checks = _checks(_run("q-bad", instance))
+    bad = checks["patients_are_valid"]
+    assert not bad.passed
+    failures = bad.metadata["failures"].value
+    assert failures["phones_valid_uk_e164"] == 1 and failures["risk_flags_known"] == 1
+    assert failures["birth_in_past_and_age_under_120"] == 1
+    shown = json.dumps(bad.metadata["examples"].value, ensure_ascii=False)
+    assert "Pat1" not in shown and "+15551234567" not in shown and "P•••" in shown
+
+
+def test_reports_catch_each_rule() -> None:
+    rows = [
+        {
+            "pms_patient_id": "1",
+            "first_name": "Ann",
+            "last_name": "Lee",
+            "phones": ["+447700900001"],
+            "date_of_birth": date(1990, 1, 1),
+            "last_eye_test_date": date(1989, 1, 1),
+            "risk_flags": [],
+        },
+        {
+            "pms_patient_id": "1",
+            "first_name": "Bob",
+            "last_name": "Kay",
+            "phones": [],
+            "date_of_birth": date(1890, 1, 1),
+            "last_eye_test_date": TODAY + timedelta(days=3),
+            "risk_flags": [],
+        },
+    ]
+    report = quality.patients_report(rows, TODAY, 0.9)
+    assert not report.passed
+    assert set(report.failures) == {
+        "unique_identity",
+        "birth_in_past_and_age_under_120",
+        "last_test_not_in_future",
+        "last_test_not_before_birth",
+        "callable_share",
+    }
+    assert len(report.examples) <= quality.MAX_EXAMPLES
+
+    appts = [
+        {
+            "pms_appointment_id": "a",
+            "pms_patient_id": "1",
+            "starts_at": datetime(2026, 1, 1, 10, tzinfo=UTC),
+            "ends_at": datetime(2026, 1, 1, 9, tzinfo=UTC),
+            "status": "booked",
+        },
+        {
+            "pms_appointment_id": "b",
+            "pms_patient_id": "ghost",
+            "starts_at": datetime(2026, 1, 1, 10, tzinfo=UTC),
+            "ends_at": datetime(2026, 1, 1, 11, tzinfo=UTC),
+            "status": "maybe",
+        },
+    ]
+    assert set(quality.appointments_report(appts, {"1"}).failures) == {
+        "starts_before_it_ends",
+        "status_known",
+        "patient_exists",
+    }
+
+    rules = RecallRules.from_settings({})
+    recalls = [
+        {
+            "pms_patient_id": "1",
+            "due_date": date(2026, 1, 1),
+            "recall_source": "computed",
+            "rule": "default",
+            "interval_months": 12,
+            "based_on": date(2025, 1, 1),
+            "patient_active": True,
+        },
+        {
+            "pms_patient_id": "2",
+            "due_date": date(2024, 1, 1),
+            "recall_source": "computed",
+            "rule": "default",
+            "interval_months": 24,
+            "based_on": date(2025, 1, 1),
+            "patient_active": False,
+        },
+    ]
+    assert set(quality.recalls_report(recalls, rules).failures) == {
+        "due_after_last_test",
+        "interval_matches_rule",
+        "patient_active",
+    }
+
+
+@pytest.mark.parametrize("hours,passed", [(1, True), (25.9, True), (26.5, False)])
+def test_freshness(hours: float, passed: bool) -> None:
+    now = datetime(2026, 11, 25, 12, tzinfo=UTC)
+    assert quality.freshness_report(now - timedelta(hours=hours), now).passed is passed
+    assert quality.freshness_report(None, now).passed is False
