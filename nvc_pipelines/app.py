@@ -115,12 +115,18 @@ def connect_practice(
     return practice, info
 
 
-def disconnect_practice(practice_id: str) -> None:
-    """Stop syncing a practice: its partition goes, its data and run history stay."""
-    open_store().set_status(practice_id, "disconnected")
+def disconnect_practice(practice_id: str) -> int:
+    """Stop syncing a practice: its partition goes, its data and run history stay. Bookings and notes
+    not yet delivered end as failed (returns how many) so ops can act on them."""
+    from nvc_pipelines.writeback import fail_all
+
+    store = open_store()
+    store.set_status(practice_id, "disconnected")
+    failed = fail_all(store, practice_id, "practice_disconnected", f"practice {practice_id} was disconnected")
     instance = get_instance()
     if instance.has_dynamic_partition(PARTITIONS, practice_id):
         instance.delete_dynamic_partition(PARTITIONS, practice_id)
+    return failed
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from nvc_pipelines.crypto import SecretKeyError
     from nvc_pipelines.recall import RecallConfigError
     from nvc_pipelines.store import PracticeExists, PracticeNotFound, StoreUnavailable
+    from nvc_pipelines.writeback import OutboxError
     from resources.gateway import UnsupportedPms
     from resources.protocol import PmsError
 
     return (
         ValueError,  # the store's and the model's refusals of bad ids and arguments
         SettingsError,
+        OutboxError,
         SecretKeyError,
         RecallConfigError,
         PracticeExists,
@@ -149,8 +151,12 @@ def practice_disconnect(practice_id: str) -> None:
     """Stop syncing a practice; its data and sync history are kept."""
     from nvc_pipelines.app import disconnect_practice
 
-    disconnect_practice(practice_id)
+    failed = disconnect_practice(practice_id)
     click.echo(f"Disconnected {practice_id}; its data and run history are kept.")
+    if failed:
+        click.secho(
+            f"{failed} undelivered booking(s)/note(s) marked failed: see `nvc outbox {practice_id}`.", fg="yellow"
+        )
 
 
 # --- sync and data --------------------------------------------------------------------------------
@@ -319,6 +325,98 @@ def group_list() -> None:
 
     for g in open_store().groups():
         click.echo(f"{g['group_id']:20} {g['display_name']:30} {', '.join(g['practices']) or '(no locations)'}")
+
+
+# --- the outbox (what the AI calling system writes) --------------------------------------------------
+
+
+def _key(key: str | None, prefix: str) -> str:
+    import uuid
+
+    return key or f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@main.group(cls=_Group)
+def booking() -> None:
+    """Bookings made on AI calls, written into the PMS by the writeback sensor."""
+
+
+@booking.command("add")
+@click.argument("practice_id")
+@click.option("--patient", "patient_id", required=True, help="The patient's PMS id.")
+@click.option("--start", required=True, help="Start, ISO 8601 (e.g. 2026-12-01T09:30:00+00:00; no offset = UK time).")
+@click.option("--minutes", default=30, show_default=True)
+@click.option("--type", "appointment_type", default="eye_test", show_default=True)
+@click.option("--clinician", default=None, help="Clinician reference (Optisoft: GOC number).")
+@click.option("--notes", default=None)
+@click.option("--key", default=None, help="Idempotency key (default: a new one). The same key is one booking.")
+def booking_add(practice_id, patient_id, start, minutes, appointment_type, clinician, notes, key) -> None:
+    """Record a booking as the AI calling system does; it reaches the PMS within seconds."""
+    from nvc_pipelines import writeback
+    from nvc_pipelines.app import open_store
+
+    key = _key(key, "bk")
+    outbox_id, created = writeback.add_booking(
+        open_store(), practice_id, key, patient_id, start, minutes, appointment_type, clinician, notes
+    )
+    click.echo(f"{'Queued' if created else 'Already queued'} booking {key} (outbox {outbox_id})")
+
+
+def _call_event(kind: str, practice_id: str, patient_id: str, outcome: str | None, text: str, key: str | None) -> None:
+    from nvc_pipelines import writeback
+    from nvc_pipelines.app import open_store
+
+    key = _key(key, "call")
+    outbox_id, created = writeback.add_call_event(open_store(), practice_id, kind, key, patient_id, text, outcome)
+    click.echo(f"{'Queued' if created else 'Already queued'} {kind.replace('_', ' ')} {key} (outbox {outbox_id})")
+
+
+@main.group("call-attempt", cls=_Group)
+def call_attempt() -> None:
+    """Call attempt logs for the patient's PMS record."""
+
+
+@call_attempt.command("add")
+@click.argument("practice_id")
+@click.option("--patient", "patient_id", required=True)
+@click.option("--outcome", default="no_answer", show_default=True, help="no_answer, voicemail, busy, wrong_number...")
+@click.option("--text", "text_", default="NVC recall call attempt", show_default=True)
+@click.option("--key", default=None)
+def call_attempt_add(practice_id, patient_id, outcome, text_, key) -> None:
+    _call_event("call_attempt", practice_id, patient_id, outcome, text_, key)
+
+
+@main.group("call-outcome", cls=_Group)
+def call_outcome() -> None:
+    """Call outcome notes for the patient's PMS record."""
+
+
+@call_outcome.command("add")
+@click.argument("practice_id")
+@click.option("--patient", "patient_id", required=True)
+@click.option("--outcome", required=True, help="booked, declined, call_back, moved_away...")
+@click.option("--text", "text_", required=True)
+@click.option("--key", default=None)
+def call_outcome_add(practice_id, patient_id, outcome, text_, key) -> None:
+    _call_event("call_outcome", practice_id, patient_id, outcome, text_, key)
+
+
+@main.command("outbox")
+@click.argument("practice_id")
+@click.option("--status", type=click.Choice(["pending", "sent", "confirmed", "failed", "dead_letter"]), default=None)
+def outbox_cmd(practice_id: str, status: str | None) -> None:
+    """The practice's outbox: what was written back, what is waiting, and what failed and why."""
+    from nvc_pipelines import writeback
+    from nvc_pipelines.app import open_store
+
+    rows = writeback.outbox_rows(open_store(), practice_id, status)
+    click.echo(f"{len(rows)} outbox row(s)")
+    for r in rows:
+        why = f"  {r['problem']}: {r['last_error']}" if r["status"] in ("failed", "dead_letter") else ""
+        click.echo(
+            f"{r['outbox_id']:>6} {r['kind']:13} {r['idempotency_key']:24} {r['status']:11} "
+            f"attempts={r['attempts']} pms={r['pms_record_id'] or '-'}{why}"
+        )
 
 
 # --- local services -------------------------------------------------------------------------------

@@ -116,49 +116,54 @@ def write_demo_csv(folder: Path, n: int = 40, seed: int = 11) -> Path:
     return path
 
 
+def demo_connections(sandboxes: dict[str, SandboxServer]) -> list[tuple[str, PmsKind, str, dict, dict]]:
+    """(practice id, PMS, name, settings, secrets) of the demo practice on each sandbox."""
+    return [
+        (
+            "demo-optix",
+            PmsKind.OPTIX,
+            "Demo Eyecare (Optix)",
+            {"practice_id": DEMO_OPTIX_PRACTICE, "api_url": sandboxes["optix"].url},
+            {"api_key": DEMO_OPTIX_KEY},
+        ),
+        (
+            "demo-acuitas",
+            PmsKind.ACUITAS,
+            "Demo Vision Centre (Acuitas)",
+            {"server_url": sandboxes["acuitas"].url, "database": DEMO_ACUITAS_DATABASE},
+            dict(DEMO_ACUITAS_LOGIN),
+        ),
+        (
+            "demo-optisoft",
+            PmsKind.OPTISOFT,
+            "Demo Opticians (Optisoft)",
+            {"server_address": sandboxes["optisoft"].url, "practice_code": DEMO_OPTISOFT_PRACTICE},
+            dict(DEMO_OPTISOFT_LOGIN),
+        ),
+        (
+            "demo-sycle",
+            PmsKind.SYCLE,
+            "Demo Hearing & Eyes (Sycle)",
+            {
+                "account_url": sandboxes["sycle"].url,
+                "location_id": DEMO_SYCLE_LOCATION,
+                "field_map.last_eye_test": "custom_3",
+                "field_map.recall_due": "custom_5",
+            },
+            {"api_token": DEMO_SYCLE_TOKEN},
+        ),
+    ]
+
+
 def connect_demo_practices(sandboxes: dict[str, SandboxServer]) -> list[str]:
     """Connect one demo practice per source; re-running the demo updates them in place."""
     drop = nvc_home() / "demo" / "csv-drop"
     write_demo_csv(drop)
     app.connect_practice("demo-csv", PmsKind.CSV, "Demo Opticians (CSV upload)", {"path": str(drop)}, {}, replace=True)
-    app.connect_practice(
-        "demo-optix",
-        PmsKind.OPTIX,
-        "Demo Eyecare (Optix)",
-        {"practice_id": DEMO_OPTIX_PRACTICE, "api_url": sandboxes["optix"].url},
-        {"api_key": DEMO_OPTIX_KEY},
-        replace=True,
-    )
-    app.connect_practice(
-        "demo-acuitas",
-        PmsKind.ACUITAS,
-        "Demo Vision Centre (Acuitas)",
-        {"server_url": sandboxes["acuitas"].url, "database": DEMO_ACUITAS_DATABASE},
-        DEMO_ACUITAS_LOGIN,
-        replace=True,
-    )
-    app.connect_practice(
-        "demo-optisoft",
-        PmsKind.OPTISOFT,
-        "Demo Opticians (Optisoft)",
-        {"server_address": sandboxes["optisoft"].url, "practice_code": DEMO_OPTISOFT_PRACTICE},
-        DEMO_OPTISOFT_LOGIN,
-        replace=True,
-    )
-    app.connect_practice(
-        "demo-sycle",
-        PmsKind.SYCLE,
-        "Demo Hearing & Eyes (Sycle)",
-        {
-            "account_url": sandboxes["sycle"].url,
-            "location_id": DEMO_SYCLE_LOCATION,
-            "field_map.last_eye_test": "custom_3",
-            "field_map.recall_due": "custom_5",
-        },
-        {"api_token": DEMO_SYCLE_TOKEN},
-        replace=True,
-    )
-    return ["demo-csv", "demo-optix", "demo-acuitas", "demo-optisoft", "demo-sycle"]
+    connections = demo_connections(sandboxes)
+    for practice_id, kind, name, settings, secrets in connections:
+        app.connect_practice(practice_id, kind, name, settings, secrets, replace=True)
+    return ["demo-csv", *(c[0] for c in connections)]
 
 
 def _repo_root() -> Path:

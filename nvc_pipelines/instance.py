@@ -2,7 +2,8 @@
 
 When `dagster.yaml` is missing, or was written by nvc (first line `# managed by nvc`), it is
 (re)written to point run, event-log and schedule storage at the store's server (its own database),
-so the demo exercises production storage. A hand-written `dagster.yaml` is never touched.
+so the demo exercises production storage. Runs launch at once (no queue): a booking made on a call
+must reach the PMS within seconds. A hand-written `dagster.yaml` is never touched.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def ensure_dagster_home() -> Path:
         "storage:\n"
         "  postgres:\n"
         f"    postgres_url: {url_yaml}\n"
+        "run_coordinator:\n"
+        "  module: dagster.core.run_coordinator\n"
+        "  class: DefaultRunCoordinator\n"
         "telemetry:\n"
         "  enabled: false\n"
     )

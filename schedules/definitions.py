@@ -4,5 +4,10 @@ from dagster import Definitions
 
 from schedules.jobs import practice_sync_job
 from schedules.nightly import nightly_pms_sync
+from schedules.writeback import booking_writeback_job, booking_writeback_sensor
 
-defs = Definitions(jobs=[practice_sync_job], schedules=[nightly_pms_sync])
+defs = Definitions(
+    jobs=[practice_sync_job, booking_writeback_job],
+    schedules=[nightly_pms_sync],
+    sensors=[booking_writeback_sensor],
+)

@@ -108,3 +108,38 @@ def test_materialising_a_partition_on_the_webserver_syncs_the_practice(dagster_d
         if e.is_dagster_event and e.dagster_event.is_step_materialization
     }
     assert materialised == {"patients", "appointments", "clinical_records", "recalls", "call_list"}
+
+
+def test_a_booking_reaches_the_pms_through_the_daemons_sensor(dagster_dev: int) -> None:
+    """The writeback path as it runs in production: outbox row -> sensor tick -> run -> PMS."""
+    from datetime import UTC, date, datetime, timedelta
+
+    from nvc_pipelines import writeback
+    from nvc_pipelines.sandboxes.optix import OptixSandbox
+
+    with OptixSandbox(practices={"OPX-77": 5}, api_keys={"web-key": "OPX-77"}) as sandbox:
+        app.connect_practice(
+            "web-optix",
+            PmsKind.OPTIX,
+            "Web Optix",
+            {"practice_id": "OPX-77", "api_url": sandbox.url},
+            {"api_key": "web-key"},
+        )
+        patient = sandbox.patients("OPX-77")[0]
+        start = datetime.combine(date.today() + timedelta(days=30), datetime.min.time(), tzinfo=UTC) + timedelta(
+            hours=10
+        )
+        started = time.monotonic()
+        writeback.add_booking(app.open_store(), "web-optix", "web-booking-1", f"P{patient.index:07d}", start)
+        while time.monotonic() - started < 90:
+            if any(a["nvc_reference"] == "web-booking-1" for a in sandbox.nvc_appointments("OPX-77")):
+                break
+            time.sleep(0.2)
+        latency = time.monotonic() - started
+        print(f"\noutbox -> Optix sandbox through the daemon: {latency:.1f} s")
+        assert [a["nvc_reference"] for a in sandbox.nvc_appointments("OPX-77")] == ["web-booking-1"]
+    # Latency is measured by bench/writeback_latency.py, not asserted here.
+    rows = writeback.outbox_rows(app.open_store(), "web-optix")
+    assert [r["status"] for r in rows] == ["confirmed"]
+    runs = get_instance().get_runs()
+    assert any(r.tags.get("trigger") == "writeback" and r.tags.get("practice") == "web-optix" for r in runs)

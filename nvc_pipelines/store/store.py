@@ -420,7 +420,8 @@ class Store:
     def rebuild_call_list(self, practice_id: str, today: date) -> dict[str, int]:
         """Who the AI caller phones: active patients whose recall is due or overdue, who have a
         callable phone (mobiles first; phones of records merged into them count) and no future
-        booked appointment (theirs or a merged record's). Replaced whole, in one transaction;
+        booked appointment (theirs or a merged record's, in the PMS or booked on a call and still in
+        the outbox). Replaced whole, in one transaction;
         returns who is listed and why the others due are not."""
         with self.begin() as conn:
             conn.execute(
@@ -434,9 +435,12 @@ class Store:
                     "   WHERE m.merged_into = pt.patient_id), '{}') AS refs "
                     " FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
                     " WHERE r.practice_id = :p AND pt.active AND r.due_date <= :today) "
-                    "SELECT *, cardinality(phones) > 0 AS callable, EXISTS ("
+                    "SELECT *, cardinality(phones) > 0 AS callable, (EXISTS ("
                     " SELECT 1 FROM appointments a WHERE a.practice_id = :p AND a.active "
-                    " AND a.pms_patient_id = ANY(refs) AND a.status = 'booked' AND a.starts_at > now()) AS booked "
+                    " AND a.pms_patient_id = ANY(refs) AND a.status = 'booked' AND a.starts_at > now()) OR EXISTS ("
+                    " SELECT 1 FROM outbox o WHERE o.practice_id = :p AND o.kind = 'booking' "
+                    " AND o.pms_patient_id = ANY(refs) AND o.status IN ('pending', 'sent', 'confirmed') "
+                    " AND (o.payload->>'starts_at')::timestamptz > now())) AS booked "
                     "FROM people"
                 ),
                 {"p": practice_id, "today": today},

@@ -1,0 +1,87 @@
+"""`booking_writebacks`: deliver a practice's outbox (bookings, call outcomes, call attempts) to its PMS.
+
+Launched by `booking_writeback_sensor` within seconds of a new outbox row; the business rules
+(exactly once, backoff, dead letters) live in `nvc_pipelines.writeback`.
+"""
+
+import statistics
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.partitions import practices_partitions
+from nvc_pipelines import writeback
+from resources.gateway import PmsGateway, UnsupportedPms
+from resources.protocol import PmsError
+from resources.store import StoreResource
+
+DELIVERED_CHECK = "writebacks_delivered"
+
+
+@asset(
+    partitions_def=practices_partitions,
+    group_name="writeback",
+    kinds={"postgres"},
+    description="Bookings and call notes from AI calls, written into the practice's PMS exactly once.",
+    check_specs=[
+        AssetCheckSpec(
+            DELIVERED_CHECK,
+            asset="booking_writebacks",
+            description="Every outbox row this run handled reached the PMS or is waiting to retry; a failure "
+            "(slot taken, patient gone, practice disconnected, retries exhausted) needs ops.",
+        )
+    ],
+)
+def booking_writebacks(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
+    db = store.open()
+    practice_id = context.partition_key
+    practice = db.get_practice(practice_id)
+    if practice.status != "connected":
+        failed = writeback.fail_all(
+            db, practice_id, "practice_disconnected", f"practice {practice_id} was disconnected before delivery"
+        )
+        report = writeback.DeliveryReport(failed=failed)
+    else:
+        try:
+            client = pms.open(practice, db.practice_credentials(practice_id))
+        except (PmsError, UnsupportedPms) as exc:
+            raise Failure(description=str(exc)) from None
+        try:
+            report = writeback.deliver(db, practice_id, client, error_types=(PmsError,), log=context.log.info)
+        finally:
+            client.close()
+    latencies = report.latencies_seconds
+    problems = sorted({f["problem"] for f in report.failures}) or (["practice_disconnected"] if report.failed else [])
+    ok = report.failed == 0 and report.dead_lettered == 0
+    return MaterializeResult(
+        metadata={
+            "pms": str(practice.pms_kind),
+            "confirmed": report.confirmed,
+            "already_in_pms": report.already_there,
+            "retry_later": report.retry_later,
+            "failed": report.failed,
+            "dead_lettered": report.dead_lettered,
+            "latency_p50_seconds": round(statistics.median(latencies), 3) if latencies else 0.0,
+            "latency_max_seconds": round(max(latencies), 3) if latencies else 0.0,
+            "failures": MetadataValue.json(report.failures[:20]),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name=DELIVERED_CHECK,
+                passed=ok,
+                severity=AssetCheckSeverity.ERROR,
+                description="all delivered or retrying"
+                if ok
+                else f"{report.failed} failed, {report.dead_lettered} dead-lettered ({', '.join(problems)}); "
+                f"see `nvc outbox {practice_id} --status failed`",
+            )
+        ],
+    )

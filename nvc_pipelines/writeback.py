@@ -1,0 +1,288 @@
+"""The outbox and its delivery into a PMS: exactly once, never lost, failures spelt out.
+
+Rows move `pending -> sent -> confirmed`. A row is marked `sent` (and committed) before the PMS is
+called, so a crash mid-call leaves evidence; every attempt goes through the client's
+lookup-before-create, which finds a write whose response was lost. Transient failures go back to
+`pending` with exponential backoff; after `MAX_ATTEMPTS` the row is `dead_letter`. A refusal that
+retrying cannot fix (slot taken, patient gone, practice disconnected, invalid clinician) ends as
+`failed` with its reason for ops to act on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import text
+
+from nvc_pipelines.model import BookingRequest, NoteKind, PatientNote
+from nvc_pipelines.normalise import InvalidValue, nvc_marker, parse_pms_datetime
+
+MAX_ATTEMPTS = 8
+BASE_BACKOFF = timedelta(seconds=5)
+MAX_BACKOFF = timedelta(minutes=30)
+TRANSIENT_PROBLEMS = frozenset(
+    {
+        "pms_error",
+        "unreachable",
+        "rate_limited",
+        "lost_response",
+        "connector_offline",
+        "connector_timeout",
+        "session_expired",
+    }
+)
+
+
+class OutboxError(ValueError):
+    """An outbox entry that cannot be accepted (the message says why)."""
+
+
+class Writer(Protocol):
+    def create_appointment(self, booking: BookingRequest) -> Any: ...
+
+    def add_note(self, note: PatientNote) -> Any: ...
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    confirmed: int = 0
+    already_there: int = 0
+    retry_later: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    latencies_seconds: list[float] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _payload_booking(
+    starts_at: datetime, minutes: int, appointment_type: str, clinician_ref: str | None, notes: str | None
+) -> dict[str, Any]:
+    if minutes < 5 or minutes > 240:
+        raise OutboxError(f"appointment length {minutes} minutes is not plausible (5-240)")
+    if starts_at.tzinfo is None:
+        raise OutboxError("booking start must carry a time zone")
+    return {
+        "starts_at": starts_at.astimezone(UTC).isoformat(),
+        "ends_at": (starts_at + timedelta(minutes=minutes)).astimezone(UTC).isoformat(),
+        "appointment_type": appointment_type,
+        "clinician_ref": clinician_ref,
+        "notes": notes,
+    }
+
+
+def add_booking(
+    store: Any,
+    practice_id: str,
+    idempotency_key: str,
+    pms_patient_id: str,
+    starts_at: datetime | str,
+    minutes: int = 30,
+    appointment_type: str = "eye_test",
+    clinician_ref: str | None = None,
+    notes: str | None = None,
+) -> tuple[int, bool]:
+    """Record a booking made on a call; returns (outbox id, created). The same key twice is one booking."""
+    try:
+        nvc_marker(idempotency_key)
+        start = starts_at if isinstance(starts_at, datetime) else parse_pms_datetime(starts_at, "start")
+    except InvalidValue as exc:
+        raise OutboxError(str(exc)) from None
+    payload = _payload_booking(start, minutes, appointment_type, clinician_ref, notes)
+    return _insert(store, practice_id, "booking", idempotency_key, pms_patient_id, payload)
+
+
+def add_call_event(
+    store: Any,
+    practice_id: str,
+    kind: str,
+    idempotency_key: str,
+    pms_patient_id: str,
+    text_: str,
+    outcome: str | None = None,
+    occurred_at: datetime | None = None,
+) -> tuple[int, bool]:
+    """Record a call attempt or a call outcome note for the patient's record."""
+    if kind not in (NoteKind.CALL_ATTEMPT, NoteKind.CALL_OUTCOME):
+        raise OutboxError(f"unknown call event kind {kind!r}")
+    try:
+        nvc_marker(idempotency_key)
+    except InvalidValue as exc:
+        raise OutboxError(str(exc)) from None
+    if not text_.strip():
+        raise OutboxError("a call note needs some text")
+    payload = {"text": text_.strip(), "outcome": outcome, "occurred_at": (occurred_at or datetime.now(UTC)).isoformat()}
+    return _insert(store, practice_id, str(kind), idempotency_key, pms_patient_id, payload)
+
+
+def _insert(store: Any, practice_id: str, kind: str, key: str, pms_patient_id: str, payload: dict[str, Any]):
+    store.get_practice(practice_id)
+    with store.begin() as conn:
+        row = conn.execute(
+            text(
+                "INSERT INTO outbox (practice_id, kind, idempotency_key, pms_patient_id, payload) "
+                "VALUES (:p, :k, :key, :pid, CAST(:payload AS jsonb)) "
+                "ON CONFLICT (practice_id, idempotency_key) DO NOTHING RETURNING outbox_id"
+            ),
+            {"p": practice_id, "k": kind, "key": key, "pid": pms_patient_id, "payload": json.dumps(payload)},
+        ).scalar_one_or_none()
+        if row is not None:
+            conn.execute(text("NOTIFY nvc_outbox"))
+            store.audit(conn, "outbox", practice_id, f"outbox_{kind}", [pms_patient_id], detail={"key": key})
+            return row, True
+        existing = conn.execute(
+            text("SELECT outbox_id, kind, pms_patient_id FROM outbox WHERE practice_id = :p AND idempotency_key = :k"),
+            {"p": practice_id, "k": key},
+        ).one()
+    if (existing.kind, existing.pms_patient_id) != (kind, pms_patient_id):
+        raise OutboxError(f"idempotency key {key!r} was already used for a different {existing.kind}")
+    return existing.outbox_id, False
+
+
+def due_practices(store: Any, now: datetime | None = None) -> dict[str, str]:
+    """Practices with outbox rows due now -> a fingerprint of those rows (ids and attempt counts),
+    which the sensor uses as its run key: the same due rows never launch two runs."""
+    with store.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT practice_id, string_agg(outbox_id || '.' || attempts, ',' ORDER BY outbox_id) AS fp "
+                "FROM outbox WHERE status IN ('pending', 'sent') AND next_attempt_at <= :now GROUP BY practice_id"
+            ),
+            {"now": now or datetime.now(UTC)},
+        ).all()
+    return {r.practice_id: r.fp for r in rows}
+
+
+def _backoff(attempts: int) -> timedelta:
+    return min(BASE_BACKOFF * (2 ** max(attempts - 1, 0)), MAX_BACKOFF)
+
+
+def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
+    """Claim due rows (status `sent`, attempts + 1) in their own committed transaction; rows another
+    run is working on are skipped, so two runs never deliver the same row at once."""
+    with store.begin() as conn:
+        return conn.execute(
+            text(
+                "UPDATE outbox o SET status = 'sent', attempts = o.attempts + 1, sent_at = now(), updated_at = now(), "
+                "next_attempt_at = now() + interval '2 minutes' "
+                "WHERE o.outbox_id IN (SELECT outbox_id FROM outbox WHERE practice_id = :p "
+                "  AND status IN ('pending', 'sent') AND next_attempt_at <= now() ORDER BY outbox_id "
+                "  LIMIT :n FOR UPDATE SKIP LOCKED) "
+                "RETURNING o.*"
+            ),
+            {"p": practice_id, "n": limit},
+        ).all()
+
+
+def _finish(store: Any, outbox_id: int, status: str, **values: Any) -> None:
+    sets = ", ".join(f"{k} = :{k}" for k in values)
+    with store.begin() as conn:
+        conn.execute(
+            text(
+                f"UPDATE outbox SET status = :status, updated_at = now(){', ' + sets if sets else ''}"
+                + (", finished_at = now()" if status in ("confirmed", "failed", "dead_letter") else "")
+                + " WHERE outbox_id = :id"
+            ),
+            {"status": status, "id": outbox_id, **values},
+        )
+
+
+def fail_all(store: Any, practice_id: str, problem: str, reason: str) -> int:
+    """End every open row of a practice as failed (e.g. the practice was disconnected)."""
+    with store.begin() as conn:
+        return conn.execute(
+            text(
+                "UPDATE outbox SET status = 'failed', problem = :pr, last_error = :why, finished_at = now(), "
+                "updated_at = now() WHERE practice_id = :p AND status IN ('pending', 'sent')"
+            ),
+            {"p": practice_id, "pr": problem, "why": reason},
+        ).rowcount
+
+
+def deliver(
+    store: Any,
+    practice_id: str,
+    writer: Writer,
+    *,
+    error_types: tuple[type[BaseException], ...],
+    limit: int = 500,
+    max_attempts: int = MAX_ATTEMPTS,
+    log: Callable[[str], None] | None = None,
+) -> DeliveryReport:
+    """Write every due outbox row of the practice into its PMS once."""
+    report = DeliveryReport()
+    for row in _claim(store, practice_id, limit):
+        payload = row.payload
+        try:
+            if row.kind == "booking":
+                result = writer.create_appointment(
+                    BookingRequest(
+                        row.idempotency_key,
+                        row.pms_patient_id,
+                        datetime.fromisoformat(payload["starts_at"]),
+                        datetime.fromisoformat(payload["ends_at"]),
+                        payload.get("appointment_type") or "eye_test",
+                        payload.get("clinician_ref"),
+                        payload.get("notes"),
+                    )
+                )
+                record_id, created = result.pms_appointment_id, result.created
+            else:
+                result = writer.add_note(
+                    PatientNote(
+                        row.idempotency_key,
+                        row.pms_patient_id,
+                        NoteKind(row.kind),
+                        datetime.fromisoformat(payload["occurred_at"]),
+                        payload["text"],
+                        payload.get("outcome"),
+                    )
+                )
+                record_id, created = result.pms_note_id, result.created
+        except error_types as exc:
+            problem = getattr(exc, "problem", "pms_error")
+            if problem in TRANSIENT_PROBLEMS and row.attempts < max_attempts:
+                _finish(
+                    store,
+                    row.outbox_id,
+                    "pending",
+                    problem=problem,
+                    last_error=str(exc),
+                    next_attempt_at=datetime.now(UTC) + _backoff(row.attempts),
+                )
+                report.retry_later += 1
+            else:
+                status = "dead_letter" if problem in TRANSIENT_PROBLEMS else "failed"
+                _finish(store, row.outbox_id, status, problem=problem, last_error=str(exc))
+                if status == "dead_letter":
+                    report.dead_lettered += 1
+                else:
+                    report.failed += 1
+                report.failures.append(
+                    {"outbox_id": row.outbox_id, "kind": row.kind, "status": status, "problem": problem}
+                )
+            if log:
+                log(f"outbox {row.outbox_id} ({row.kind}) attempt {row.attempts}: {problem}")
+            continue
+        _finish(store, row.outbox_id, "confirmed", pms_record_id=str(record_id), problem=None, last_error=None)
+        report.confirmed += 1
+        if not created:
+            report.already_there += 1
+        report.latencies_seconds.append((datetime.now(UTC) - row.created_at).total_seconds())
+    return report
+
+
+def outbox_rows(store: Any, practice_id: str, status: str | None = None) -> list[dict[str, Any]]:
+    with store.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT outbox_id, kind, idempotency_key, pms_patient_id, status, attempts, problem, last_error, "
+                "pms_record_id, created_at, finished_at FROM outbox WHERE practice_id = :p "
+                "AND (CAST(:s AS text) IS NULL OR status = :s) ORDER BY outbox_id"
+            ),
+            {"p": practice_id, "s": status},
+        ).mappings()
+        return [dict(r) for r in rows]
