@@ -25,6 +25,7 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
+from nvc_pipelines.erasure import load_suppressions
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
 from nvc_pipelines.store import PracticeNotFound, Store
@@ -96,6 +97,7 @@ def sync_stream(
             description=str(exc),
             metadata={"pms": str(practice.pms_kind), "problem": getattr(exc, "problem", "unsupported_pms")},
         ) from None
+    records, suppressed = _drop_erased(db, practice_id, spec, list(records))
     matched = prepare(db, practice_id, records, rejected) if prepare else 0
     guard = None if tags.get(ALLOW_DROP_TAG) == "true" else max_drop_share(practice.settings)
     try:
@@ -128,7 +130,7 @@ def sync_stream(
                 )
             ],
         )
-    rows_read = len(records) + len(rejected)
+    rows_read = len(records) + len(rejected) + suppressed
     context.log.info(
         f"{practice_id} ({practice.pms_kind}) {spec.name}, {plan.reason}: read {rows_read}, inserted {counts.inserted}, "
         f"updated {counts.updated}, unchanged {counts.unchanged}, rejected {counts.rejected}, "
@@ -148,6 +150,7 @@ def sync_stream(
             "deactivated": counts.deactivated,
             "duration_seconds": round(time.monotonic() - started, 3),
             "matched_to_existing": matched,
+            "suppressed_erased": suppressed,
             "rejection_reasons": _reasons_md(rejected),
             **(extra(records) if extra else {}),
         },
@@ -162,6 +165,18 @@ def sync_stream(
         if volume_check
         else [],
     )
+
+
+def _drop_erased(db: Store, practice_id: str, spec: StreamSpec, records: list[Any]) -> tuple[list[Any], int]:
+    """Leave out everyone erased under GDPR (matched by keyed hashes, see `nvc_pipelines.erasure`)."""
+    suppressions = load_suppressions(db, practice_id)
+    if not suppressions:
+        return records, 0
+    if spec is PATIENTS:
+        kept = [r for r in records if not suppressions.erased_patient(r)]
+    else:
+        kept = [r for r in records if not suppressions.erased_id(r.pms_patient_id)]
+    return kept, len(records) - len(kept)
 
 
 def _read_patients(client: PmsClient, since: datetime | None):

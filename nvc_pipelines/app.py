@@ -147,9 +147,15 @@ def actor() -> str:
         return "cli:unknown"
 
 
-def export_data(practice_id: str | None, group_id: str | None = None) -> dict[str, Any]:
-    """One practice's export, or a group's: each location's export under `practices`, audited."""
+def export_data(practice_id: str | None, group_id: str | None = None, patient_ref: str | None = None) -> dict[str, Any]:
+    """One practice's export (or one patient's), or a group's: each location's export under
+    `practices`. Every export is in the audit log."""
     store = open_store()
+    if patient_ref:
+        data = store.export_practice(practice_id, patient_ref=patient_ref)
+        with store.begin(practice_id) as conn:
+            store.audit(conn, actor(), practice_id, "export_patient", [patient_ref])
+        return data
     if group_id:
         members = store.group_practices(group_id)
         data: dict[str, Any] = {"group_id": group_id, "practices": [store.export_practice(p) for p in members]}
@@ -159,8 +165,8 @@ def export_data(practice_id: str | None, group_id: str | None = None) -> dict[st
     else:
         data = store.export_practice(practice_id)
         audited = [practice_id]
-    with store.begin() as conn:
-        for pid in audited:
+    for pid in audited:
+        with store.begin(pid) as conn:
             store.audit(conn, actor(), pid, "export", detail={"group": group_id} if group_id else {})
     return data
 

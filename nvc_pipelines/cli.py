@@ -187,9 +187,12 @@ def sync(practice_id: str, full: bool, allow_drop: bool) -> None:
 @main.command("export")
 @click.argument("practice_id", required=False)
 @click.option("--group", "group_id", default=None, help="Export every location of a practice group together.")
+@click.option("--patient", "patient_ref", default=None, help="Only this patient (PMS id): data portability.")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def export(practice_id: str | None, group_id: str | None, fmt: str, output: Path | None) -> None:
+def export(
+    practice_id: str | None, group_id: str | None, patient_ref: str | None, fmt: str, output: Path | None
+) -> None:
     """Everything held about a practice's patients (and its rejected rows), as JSON or CSV.
 
     CSV writes patients to OUTPUT and rejected rows beside it as <name>-rejected.csv.
@@ -198,7 +201,7 @@ def export(practice_id: str | None, group_id: str | None, fmt: str, output: Path
 
     if bool(practice_id) == bool(group_id):
         _fail("give a PRACTICE_ID or --group GROUP_ID")
-    data = export_data(practice_id, group_id)
+    data = export_data(practice_id, group_id, patient_ref)
     if fmt == "json":
         text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
         if output:
@@ -235,9 +238,9 @@ def csv_template(path: Path | None) -> None:
 @click.argument("practice_id")
 def call_list_cmd(practice_id: str) -> None:
     """Who the AI caller phones for a practice, most overdue first (as of the last sync)."""
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.app import actor, open_store
 
-    rows = open_store().call_list(practice_id)
+    rows = open_store().call_list(practice_id, actor=actor())
     click.echo(f"{len(rows)} patient(s) to call")
     for r in rows:
         click.echo(f"{r['pms_patient_id']:24} {r['due_date']}  {r['days_overdue']:>5}d overdue  {r['reason']}")
@@ -325,6 +328,38 @@ def group_list() -> None:
 
     for g in open_store().groups():
         click.echo(f"{g['group_id']:20} {g['display_name']:30} {', '.join(g['practices']) or '(no locations)'}")
+
+
+@main.command("audit")
+@click.argument("practice_id")
+@click.option("--limit", default=50, show_default=True)
+def audit_cmd(practice_id: str, limit: int) -> None:
+    """Who read or wrote the practice's patient data, newest first (the audit log is append-only)."""
+    from nvc_pipelines.app import open_store
+
+    for e in open_store().audit_entries(practice_id, limit):
+        refs = f" records={','.join(e['record_refs'])}" if e["record_refs"] else ""
+        run = f" run={e['run_id']}" if e["run_id"] else ""
+        click.echo(f"{e['at']:%Y-%m-%d %H:%M:%S} {e['actor']:28} {e['action']:22}{refs}{run} {json.dumps(e['detail'])}")
+
+
+@main.command("erase")
+@click.argument("practice_id")
+@click.argument("patient_ref")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def erase_cmd(practice_id: str, patient_ref: str, yes: bool) -> None:
+    """GDPR erasure: remove a patient's personal data from NVC's store (never from the PMS) and keep
+    them from being imported again."""
+    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.erasure import erase_patient
+
+    if not yes:
+        click.confirm(
+            f"Erase patient {patient_ref} of {practice_id} from NVC's store? This cannot be undone", abort=True
+        )
+    removed = erase_patient(open_store(), practice_id, patient_ref, actor())
+    click.echo("Erased: " + ", ".join(f"{k}={v}" for k, v in removed.items() if v))
+    click.echo("A suppression (keyed hash, no personal data) keeps them out of future syncs. The PMS is unchanged.")
 
 
 # --- the outbox (what the AI calling system writes) --------------------------------------------------

@@ -120,7 +120,7 @@ def add_call_event(
 
 def _insert(store: Any, practice_id: str, kind: str, key: str, pms_patient_id: str, payload: dict[str, Any]):
     store.get_practice(practice_id)
-    with store.begin() as conn:
+    with store.begin(practice_id) as conn:
         row = conn.execute(
             text(
                 "INSERT INTO outbox (practice_id, kind, idempotency_key, pms_patient_id, payload) "
@@ -144,7 +144,8 @@ def _insert(store: Any, practice_id: str, kind: str, key: str, pms_patient_id: s
 
 def due_practices(store: Any, now: datetime | None = None) -> dict[str, str]:
     """Practices with outbox rows due now -> a fingerprint of those rows (ids and attempt counts),
-    which the sensor uses as its run key: the same due rows never launch two runs."""
+    which the sensor uses as its run key: the same due rows never launch two runs. (Runs as the
+    owner: it spans practices, and reads only row ids and attempt counts.)"""
     with store.begin() as conn:
         rows = conn.execute(
             text(
@@ -163,7 +164,7 @@ def _backoff(attempts: int) -> timedelta:
 def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
     """Claim due rows (status `sent`, attempts + 1) in their own committed transaction; rows another
     run is working on are skipped, so two runs never deliver the same row at once."""
-    with store.begin() as conn:
+    with store.begin(practice_id) as conn:
         return conn.execute(
             text(
                 "UPDATE outbox o SET status = 'sent', attempts = o.attempts + 1, sent_at = now(), updated_at = now(), "
@@ -177,9 +178,9 @@ def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
         ).all()
 
 
-def _finish(store: Any, outbox_id: int, status: str, **values: Any) -> None:
+def _finish(store: Any, practice_id: str, outbox_id: int, status: str, **values: Any) -> None:
     sets = ", ".join(f"{k} = :{k}" for k in values)
-    with store.begin() as conn:
+    with store.begin(practice_id) as conn:
         conn.execute(
             text(
                 f"UPDATE outbox SET status = :status, updated_at = now(){', ' + sets if sets else ''}"
@@ -192,7 +193,7 @@ def _finish(store: Any, outbox_id: int, status: str, **values: Any) -> None:
 
 def fail_all(store: Any, practice_id: str, problem: str, reason: str) -> int:
     """End every open row of a practice as failed (e.g. the practice was disconnected)."""
-    with store.begin() as conn:
+    with store.begin(practice_id) as conn:
         return conn.execute(
             text(
                 "UPDATE outbox SET status = 'failed', problem = :pr, last_error = :why, finished_at = now(), "
@@ -247,6 +248,7 @@ def deliver(
             if problem in TRANSIENT_PROBLEMS and row.attempts < max_attempts:
                 _finish(
                     store,
+                    practice_id,
                     row.outbox_id,
                     "pending",
                     problem=problem,
@@ -256,7 +258,7 @@ def deliver(
                 report.retry_later += 1
             else:
                 status = "dead_letter" if problem in TRANSIENT_PROBLEMS else "failed"
-                _finish(store, row.outbox_id, status, problem=problem, last_error=str(exc))
+                _finish(store, practice_id, row.outbox_id, status, problem=problem, last_error=str(exc))
                 if status == "dead_letter":
                     report.dead_lettered += 1
                 else:
@@ -267,7 +269,9 @@ def deliver(
             if log:
                 log(f"outbox {row.outbox_id} ({row.kind}) attempt {row.attempts}: {problem}")
             continue
-        _finish(store, row.outbox_id, "confirmed", pms_record_id=str(record_id), problem=None, last_error=None)
+        _finish(
+            store, practice_id, row.outbox_id, "confirmed", pms_record_id=str(record_id), problem=None, last_error=None
+        )
         report.confirmed += 1
         if not created:
             report.already_there += 1
@@ -276,7 +280,7 @@ def deliver(
 
 
 def outbox_rows(store: Any, practice_id: str, status: str | None = None) -> list[dict[str, Any]]:
-    with store.begin() as conn:
+    with store.begin(practice_id) as conn:
         rows = conn.execute(
             text(
                 "SELECT outbox_id, kind, idempotency_key, pms_patient_id, status, attempts, problem, last_error, "

@@ -399,7 +399,6 @@ def test_100mb_seed_file_is_refused_quickly_without_reading_it_into_memory(tmp_p
     print(f"100 MB seed file ({rows:,} rows): refused in {elapsed:.2f} s")
     assert isinstance(result, CsvFileRefused) and result.problem == "too_many_rows"
     assert f"more than {MAX_ROWS:,} patient rows" in str(result)
-    assert elapsed < 20
 
 
 MEASURE = """
@@ -418,7 +417,7 @@ print(json.dumps({
 """
 
 
-def test_100mb_wide_pms_export_imports_streamed_in_bounded_time_and_memory(tmp_path: Path) -> None:
+def test_100mb_wide_pms_export_imports_streamed_in_bounded_memory(tmp_path: Path) -> None:
     """~100 MB of a PMS export with 20 extra columns (~100,000 patients): every row imported, the text
     never held whole. Run in its own process so its peak memory is its own."""
     path = tmp_path / "pms-export-100mb.csv"
@@ -434,7 +433,6 @@ def test_100mb_wide_pms_export_imports_streamed_in_bounded_time_and_memory(tmp_p
         f"peak RSS {measured['max_rss_mb']:.0f} MB"
     )
     assert measured["patients"] == rows and measured["rejected"] == []
-    assert measured["seconds"] < 60
     assert measured["max_rss_mb"] < 1024
 
 

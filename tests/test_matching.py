@@ -93,4 +93,4 @@ def test_merge_keeps_phones_and_history_and_is_undoable(store: Store) -> None:
     store.undo_merge("m1", merge_id, actor="ops:test")
     assert [p.pms_patient_id for p in store.load_patients("m1")] == ["A1", "A2"]
     actions = [e["action"] for e in store.audit_entries("m1")]
-    assert actions == ["unmerge", "merge"]
+    assert [a for a in actions if a in ("merge", "unmerge")] == ["unmerge", "merge"]

@@ -39,6 +39,7 @@ from nvc_pipelines.store.db import StoreUnavailable, engine_for, ensure_database
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_stream
 
 _MIGRATED: set[str] = set()  # URLs already migrated by this process
+APP_ROLE = "nvc_app"
 
 
 class PracticeNotFound(LookupError):
@@ -112,9 +113,15 @@ class Store:
         return store
 
     @contextmanager
-    def begin(self) -> Iterator[Connection]:
+    def begin(self, practice_id: str | None = None) -> Iterator[Connection]:
+        """One transaction. With `practice_id`, it runs as the application role `nvc_app` scoped to
+        that practice (`SET LOCAL`): row-level security then hides every other practice's rows and
+        refuses writes into them. Without, it runs as the owner: migrations and the registry only."""
         try:
             with self.engine.begin() as conn:
+                if practice_id is not None:
+                    conn.execute(text(f"SET LOCAL ROLE {APP_ROLE}"))
+                    conn.execute(text("SELECT set_config('nvc.practice_id', :p, true)"), {"p": practice_id})
                 yield conn
         except OperationalError as exc:
             raise StoreUnavailable(
@@ -270,7 +277,7 @@ class Store:
         an incremental read replaces only the rejections of the rows it re-read. The cursor is
         committed with the data it covers, so a killed run re-reads from the old cursor.
         """
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             with conn.connection.driver_connection.cursor() as cur:
                 counts = merge_stream(cur, spec, practice_id, records, full=full, max_drop_share=max_drop_share)
             stream_source = f"{source}:{spec.name}" if source else spec.name
@@ -315,10 +322,24 @@ class Store:
                 {"p": practice_id, "stream": spec.name, "cursor": cursor_at, "full": full},
             )
             conn.execute(text("UPDATE practices SET last_sync_at = now() WHERE practice_id = :p"), {"p": practice_id})
+            self.audit(
+                conn,
+                f"pipeline:{run_id}" if run_id else "pipeline",
+                practice_id,
+                f"sync_{spec.name}",
+                run_id=run_id,
+                detail={
+                    "full": full,
+                    "inserted": counts.inserted,
+                    "updated": counts.updated,
+                    "deactivated": counts.deactivated,
+                    "rejected": len(rejected),
+                },
+            )
         return WriteCounts(counts.inserted, counts.updated, counts.unchanged, len(rejected), counts.deactivated)
 
     def stream_state(self, practice_id: str, stream: str) -> StreamState:
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             row = conn.execute(
                 text("SELECT cursor_at, last_full_sync_at FROM sync_cursors WHERE practice_id = :p AND stream = :s"),
                 {"p": practice_id, "s": stream},
@@ -328,7 +349,7 @@ class Store:
     def load_patients(self, practice_id: str, *, include_merged: bool = False) -> list[Patient]:
         """Active patients (plus merged-away records when asked, for matching)."""
         where = "(active OR merged_into IS NOT NULL)" if include_merged else "active"
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             rows = conn.execute(
                 text(f"SELECT * FROM patients WHERE practice_id = :p AND {where} ORDER BY pms_patient_id"),
                 {"p": practice_id},
@@ -352,7 +373,7 @@ class Store:
             )
             for r in recalls
         ]
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             with conn.connection.driver_connection.cursor() as cur:
                 cur.execute(
                     "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
@@ -393,7 +414,7 @@ class Store:
     def load_clinical_records(self, practice_id: str) -> dict[str, list[ClinicalRecord]]:
         """Active clinical records by PMS patient id."""
         out: dict[str, list[ClinicalRecord]] = {}
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             rows = conn.execute(
                 text("SELECT * FROM clinical_records WHERE practice_id = :p AND active ORDER BY exam_date"),
                 {"p": practice_id},
@@ -423,7 +444,7 @@ class Store:
         booked appointment (theirs or a merged record's, in the PMS or booked on a call and still in
         the outbox). Replaced whole, in one transaction;
         returns who is listed and why the others due are not."""
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             conn.execute(
                 text(
                     "CREATE TEMP TABLE due_people ON COMMIT DROP AS "
@@ -466,8 +487,11 @@ class Store:
             ).rowcount
         return counts
 
-    def call_list(self, practice_id: str) -> list[dict[str, Any]]:
-        with self.begin() as conn:
+    def call_list(self, practice_id: str, actor: str | None = None) -> list[dict[str, Any]]:
+        """The call list; reading it as someone (`actor`) is recorded in the audit log."""
+        with self.begin(practice_id) as conn:
+            if actor:
+                self.audit(conn, actor, practice_id, "read_call_list")
             rows = conn.execute(
                 text(
                     "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, c.phone, c.due_date, c.days_overdue, "
@@ -479,7 +503,7 @@ class Store:
             return [dict(r) for r in rows]
 
     def recall_summary(self, practice_id: str, today: date) -> dict[str, int]:
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             row = (
                 conn.execute(
                     text(
@@ -510,11 +534,11 @@ class Store:
             "pt.active AS patient_active FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
             "WHERE r.practice_id = :p",
         }
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             return [dict(r) for r in conn.execute(text(queries[kind]), {"p": practice_id}).mappings()]
 
     def all_patient_ids(self, practice_id: str) -> set[str]:
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             return set(
                 conn.execute(
                     text("SELECT pms_patient_id FROM patients WHERE practice_id = :p"), {"p": practice_id}
@@ -522,7 +546,7 @@ class Store:
             )
 
     def last_successful_sync(self, practice_id: str, stream: str = "patients") -> datetime | None:
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             return conn.execute(
                 text("SELECT last_sync_at FROM sync_cursors WHERE practice_id = :p AND stream = :s"),
                 {"p": practice_id, "s": stream},
@@ -619,7 +643,7 @@ class Store:
         carries its phones and appointments too; nothing is deleted, and `undo_merge` reverses it."""
         if keep == merged:
             raise ValueError("a patient cannot be merged into itself")
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             keep_id, merged_id = self._patient_ids(conn, practice_id, [keep, merged])
             state = conn.execute(
                 text("SELECT patient_id, merged_into, active FROM patients WHERE patient_id = ANY(:ids)"),
@@ -645,7 +669,7 @@ class Store:
         return merge_id
 
     def undo_merge(self, practice_id: str, merge_id: int, actor: str) -> None:
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             row = conn.execute(
                 text(
                     "SELECT m.*, k.pms_patient_id AS keep_ref, o.pms_patient_id AS merged_ref FROM patient_merges m "
@@ -700,7 +724,7 @@ class Store:
         )
 
     def audit_entries(self, practice_id: str, limit: int = 200) -> list[dict[str, Any]]:
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             rows = conn.execute(
                 text("SELECT * FROM audit_log WHERE practice_id = :p ORDER BY audit_id DESC LIMIT :n"),
                 {"p": practice_id, "n": limit},
@@ -709,10 +733,13 @@ class Store:
 
     # --- export ------------------------------------------------------------------------------------
 
-    def export_practice(self, practice_id: str) -> dict[str, Any]:
-        """Everything held about one practice's patients, in the documented export shape."""
+    def export_practice(self, practice_id: str, patient_ref: str | None = None) -> dict[str, Any]:
+        """Everything held about one practice's patients (or one patient: `patient_ref` is a PMS id),
+        in the documented export shape."""
         self.get_practice(practice_id)
-        with self.begin() as conn:
+        if patient_ref is not None and patient_ref not in self.all_patient_ids(practice_id):
+            raise PracticeNotFound(f"practice {practice_id} has no patient {patient_ref!r}")
+        with self.begin(practice_id) as conn:
             patients = (
                 conn.execute(
                     text(
@@ -720,9 +747,10 @@ class Store:
                         "r.reason AS recall_reason, r.inferred_flags, m.pms_patient_id AS merged_into_id "
                         "FROM patients pt LEFT JOIN recalls r ON r.patient_id = pt.patient_id "
                         "LEFT JOIN patients m ON m.patient_id = pt.merged_into "
-                        "WHERE pt.practice_id = :p ORDER BY pt.pms_patient_id"
+                        "WHERE pt.practice_id = :p AND (CAST(:one AS text) IS NULL OR pt.pms_patient_id = :one) "
+                        "ORDER BY pt.pms_patient_id"
                     ),
-                    {"p": practice_id},
+                    {"p": practice_id, "one": patient_ref},
                 )
                 .mappings()
                 .all()
@@ -732,9 +760,10 @@ class Store:
                     text(
                         "SELECT pms_appointment_id, pms_patient_id, starts_at, ends_at, status, appointment_type, "
                         "clinician, notes, nvc_reference, active FROM appointments WHERE practice_id = :p "
+                        "AND (CAST(:one AS text) IS NULL OR pms_patient_id = :one) "
                         "ORDER BY starts_at, pms_appointment_id"
                     ),
-                    {"p": practice_id},
+                    {"p": practice_id, "one": patient_ref},
                 )
                 .mappings()
                 .all()
@@ -744,9 +773,10 @@ class Store:
                     text(
                         "SELECT pms_record_id, pms_patient_id, exam_date, record_type, flags, unknown_flags, notes, "
                         "iop_right_mmhg, iop_left_mmhg, clinician, active FROM clinical_records WHERE practice_id = :p "
+                        "AND (CAST(:one AS text) IS NULL OR pms_patient_id = :one) "
                         "ORDER BY exam_date, pms_record_id"
                     ),
-                    {"p": practice_id},
+                    {"p": practice_id, "one": patient_ref},
                 )
                 .mappings()
                 .all()
@@ -755,9 +785,9 @@ class Store:
                 conn.execute(
                     text(
                         "SELECT source, source_ref, row_ref, reason, raw, rejected_at FROM rejected_rows "
-                        "WHERE practice_id = :p ORDER BY rejected_id"
+                        "WHERE practice_id = :p AND CAST(:one AS text) IS NULL ORDER BY rejected_id"
                     ),
-                    {"p": practice_id},
+                    {"p": practice_id, "one": patient_ref},
                 )
                 .mappings()
                 .all()
@@ -768,7 +798,7 @@ class Store:
                 return float(value)
             return value.isoformat() if isinstance(value, date | datetime) else value
 
-        return {
+        data = {
             "practice_id": practice_id,
             "patients": [
                 {
@@ -806,3 +836,6 @@ class Store:
             ],
             "rejected_rows": [{k: iso(v) for k, v in r.items()} for r in rejected],
         }
+        if patient_ref is not None:
+            data["patient"] = patient_ref
+        return data

@@ -1,0 +1,129 @@
+"""Right to erasure: remove a patient's personal data from the store and keep them out.
+
+Erasure deletes the patient's rows from NVC's store (patient, recalls, call list, appointments,
+clinical records, outbox, rejected rows naming them) and records a suppression: keyed hashes
+(HMAC-SHA256) of their PMS id and of their name with each phone number, no personal data, so the
+next sync, full or incremental, does not import them again. A phone alone is never enough: family
+members sharing a landline keep being imported. Nothing is ever deleted in the PMS. The key comes from
+`NVC_SUPPRESSION_KEY` (base64), or is generated once into `$NVC_HOME/suppression.key`; it is kept
+apart from `NVC_SECRET_KEY` so rotating that key does not forget who was erased.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import text
+
+from nvc_pipelines.config import nvc_home
+from nvc_pipelines.model import Patient
+
+
+def suppression_key() -> bytes:
+    env = os.environ.get("NVC_SUPPRESSION_KEY")
+    if env:
+        return base64.b64decode(env)
+    path = nvc_home() / "suppression.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+    return base64.b64decode(path.read_text().strip())
+
+
+def value_hash(practice_id: str, kind: str, value: str, key: bytes | None = None) -> str:
+    return hmac.new(key or suppression_key(), f"{practice_id}|{kind}|{value}".encode(), hashlib.sha256).hexdigest()
+
+
+class Suppressions:
+    """The erased identities of one practice, for filtering a sync's rows."""
+
+    def __init__(self, practice_id: str, hashes: Iterable[tuple[str, str]]):
+        self.practice_id = practice_id
+        self.key = suppression_key()
+        self.ids = {h for kind, h in hashes if kind == "pms_patient_id"}
+        self.name_phones = {h for kind, h in hashes if kind == "name_phone"}
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.name_phones)
+
+    def erased_id(self, pms_patient_id: str) -> bool:
+        return value_hash(self.practice_id, "pms_patient_id", pms_patient_id, self.key) in self.ids
+
+    def erased_patient(self, patient: Patient) -> bool:
+        name = _name(patient.first_name, patient.last_name)
+        return self.erased_id(patient.pms_patient_id) or any(
+            value_hash(self.practice_id, "name_phone", f"{name}|{p.e164}", self.key) in self.name_phones
+            for p in patient.phones
+        )
+
+
+def _name(first: str | None, last: str | None) -> str:
+    return " ".join(f"{first or ''} {last or ''}".casefold().split())
+
+
+def load_suppressions(store: Any, practice_id: str) -> Suppressions:
+    with store.begin(practice_id) as conn:
+        rows = conn.execute(
+            text("SELECT kind, value_hash FROM suppressions WHERE practice_id = :p"), {"p": practice_id}
+        )
+        return Suppressions(practice_id, [(r.kind, r.value_hash) for r in rows])
+
+
+def erase_patient(store: Any, practice_id: str, patient_ref: str, actor: str) -> dict[str, int]:
+    """Erase one patient (PMS id or NVC patient id) in one transaction; returns what was removed."""
+    from nvc_pipelines.store import PracticeNotFound
+
+    store.get_practice(practice_id)
+    key = suppression_key()
+    with store.begin(practice_id) as conn:
+        row = conn.execute(
+            text(
+                "SELECT patient_id, pms_patient_id, phones, first_name, last_name FROM patients WHERE practice_id = :p "
+                "AND (pms_patient_id = :ref OR patient_id::text = :ref) FOR UPDATE"
+            ),
+            {"p": practice_id, "ref": patient_ref},
+        ).one_or_none()
+        if row is None:
+            raise PracticeNotFound(f"practice {practice_id} has no patient {patient_ref!r}")
+        pid, ref, phones = row.patient_id, row.pms_patient_id, list(row.phones)
+        name = _name(row.first_name, row.last_name)
+        scope = {"p": practice_id, "ref": ref, "id": pid}
+        removed: dict[str, int] = {}
+        for table, where in (
+            ("call_list", "patient_id = :id"),
+            ("recalls", "patient_id = :id"),
+            ("appointments", "pms_patient_id = :ref"),
+            ("clinical_records", "pms_patient_id = :ref"),
+            ("outbox", "pms_patient_id = :ref"),
+            ("patient_merges", "keep_patient_id = :id OR merged_patient_id = :id"),
+        ):
+            removed[table] = conn.execute(
+                text(f"DELETE FROM {table} WHERE practice_id = :p AND ({where})"), scope
+            ).rowcount
+        removed["rejected_rows"] = conn.execute(
+            text(
+                "DELETE FROM rejected_rows WHERE practice_id = :p AND (row_ref LIKE '%' || :ref || '%' "
+                "OR EXISTS (SELECT 1 FROM unnest(CAST(:needles AS text[])) n WHERE raw::text LIKE '%' || n || '%'))"
+            ),
+            {**scope, "needles": phones + [p.replace("+44", "0", 1) for p in phones]},
+        ).rowcount
+        conn.execute(text("UPDATE patients SET merged_into = NULL WHERE merged_into = :id"), scope)
+        removed["patients"] = conn.execute(text("DELETE FROM patients WHERE patient_id = :id"), scope).rowcount
+        hashes = [("pms_patient_id", value_hash(practice_id, "pms_patient_id", ref, key))]
+        hashes += [("name_phone", value_hash(practice_id, "name_phone", f"{name}|{p}", key)) for p in phones]
+        for kind, digest in hashes:
+            conn.execute(
+                text(
+                    "INSERT INTO suppressions (practice_id, kind, value_hash) VALUES (:p, :k, :h) "
+                    "ON CONFLICT DO NOTHING"
+                ),
+                {"p": practice_id, "k": kind, "h": digest},
+            )
+        store.audit(conn, actor, practice_id, "erase", [hashes[0][1][:16]], detail=removed)
+    return removed
