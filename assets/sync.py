@@ -6,6 +6,7 @@ their clinical records, and `call_list` from recalls and booked appointments. Ea
 what it did as materialisation metadata, which the UI plots over time.
 """
 
+import os
 import re
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    RetryRequested,
     asset,
 )
 
@@ -39,6 +41,17 @@ GROUP = "practice_sync"
 FULL_SYNC_TAG = "nvc/full_sync"
 ALLOW_DROP_TAG = "nvc/allow_drop"
 VOLUME_CHECK = "volume_drop_within_limit"
+# A PMS that is briefly down or throttling gets two more tries with backoff before the run fails;
+# a wrong key or a missing practice fails at once (retrying cannot fix it).
+TRANSIENT_PROBLEMS = frozenset(
+    {"unreachable", "pms_error", "rate_limited", "connector_offline", "connector_timeout", "lost_response"}
+)
+STEP_RETRIES = 2
+
+
+def retry_base_seconds() -> float:
+    """`NVC_RETRY_BASE_SECONDS` (default 30): the first wait before retrying a sync step."""
+    return float(os.environ.get("NVC_RETRY_BASE_SECONDS", "30"))
 
 
 def _connected_practice(store: Store, practice_id: str) -> Practice:
@@ -93,9 +106,14 @@ def sync_stream(
         finally:
             client.close()
     except (PmsError, UnsupportedPms) as exc:
+        problem = getattr(exc, "problem", "unsupported_pms")
+        if problem in TRANSIENT_PROBLEMS and context.retry_number < STEP_RETRIES:
+            wait = retry_base_seconds() * 2**context.retry_number
+            context.log.warning(f"{exc} - retrying in {wait:g} s ({context.retry_number + 1}/{STEP_RETRIES})")
+            raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait) from exc
         raise Failure(
             description=str(exc),
-            metadata={"pms": str(practice.pms_kind), "problem": getattr(exc, "problem", "unsupported_pms")},
+            metadata={"pms": str(practice.pms_kind), "problem": problem, "attempts": context.retry_number + 1},
         ) from None
     records, suppressed = _drop_erased(db, practice_id, spec, list(records))
     matched = prepare(db, practice_id, records, rejected) if prepare else 0

@@ -264,3 +264,70 @@ def json_dumps(value: Any) -> str:
     import json
 
     return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def sync_now_remote(practice_id: str, url: str) -> tuple[str, str]:
+    """Launch the practice's sync on a running webserver through Dagster's GraphQL client; returns
+    (run id, link to the run in the UI). The daemon and run launcher then do the work."""
+    from urllib.parse import urlsplit
+
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    practice = open_store().get_practice(practice_id)
+    if practice.status != "connected":
+        raise SettingsError(f"practice {practice_id} is {practice.status}; connect it again to sync")
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    client = DagsterGraphQLClient(
+        parts.hostname or "127.0.0.1", port_number=parts.port, use_https=parts.scheme == "https"
+    )
+    try:
+        run_id = client.submit_job_execution(
+            "practice_sync",
+            repository_location_name="nvc_pipelines",
+            repository_name="__repository__",
+            tags={
+                "dagster/partition": practice_id,
+                "practice": practice_id,
+                "pms": str(practice.pms_kind),
+                "trigger": "sync_now",
+            },
+        )
+    except DagsterGraphQLClientError as exc:
+        raise SettingsError(f"the webserver at {url} refused the run: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors come as several types
+        raise SettingsError(f"cannot reach the Dagster webserver at {url}: {exc}") from None
+    return run_id, f"{parts.scheme}://{parts.netloc}/runs/{run_id}"
+
+
+def sync_log(practice_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The practice's sync history from the Dagster instance (the same runs the UI lists)."""
+    from dagster import DagsterEventType, RunsFilter
+
+    instance = get_instance()
+    runs = instance.get_runs(filters=RunsFilter(tags={"dagster/partition": practice_id}), limit=limit)
+    out = []
+    for run in runs:
+        stats = instance.get_run_stats(run.run_id)
+        error = None
+        if run.status.value == "FAILURE":
+            failures = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.STEP_FAILURE).records
+            messages = []
+            for record in failures:
+                data = record.event_log_entry.dagster_event.step_failure_data
+                messages.append(
+                    (data.user_failure_data.description if data.user_failure_data else None)
+                    or data.error.message.strip()
+                )
+            error = "; ".join(dict.fromkeys(messages)) or None
+        out.append(
+            {
+                "run_id": run.run_id,
+                "job": run.job_name,
+                "status": run.status.value,
+                "trigger": run.tags.get("trigger", "ui"),
+                "started": stats.start_time,
+                "seconds": (stats.end_time - stats.start_time) if stats.end_time and stats.start_time else None,
+                "error": error,
+            }
+        )
+    return out

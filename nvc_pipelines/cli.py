@@ -362,6 +362,56 @@ def erase_cmd(practice_id: str, patient_ref: str, yes: bool) -> None:
     click.echo("A suppression (keyed hash, no personal data) keeps them out of future syncs. The PMS is unchanged.")
 
 
+@main.command("sync-now")
+@click.argument("practice_id")
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="The Dagster webserver.")
+def sync_now(practice_id: str, url: str) -> None:
+    """Launch the practice's sync on a running webserver (as the UI's Materialize does)."""
+    from nvc_pipelines.app import sync_now_remote
+
+    run_id, link = sync_now_remote(practice_id, url)
+    click.echo(f"Launched run {run_id}\n{link}")
+
+
+@main.command("sync-log")
+@click.argument("practice_id")
+@click.option("--limit", default=20, show_default=True)
+def sync_log_cmd(practice_id: str, limit: int) -> None:
+    """The practice's sync history, from the Dagster run history (newest first)."""
+    from datetime import UTC, datetime
+
+    from nvc_pipelines.app import sync_log
+
+    rows = sync_log(practice_id, limit)
+    if not rows:
+        click.echo(f"No runs yet for {practice_id}.")
+    for r in rows:
+        when = datetime.fromtimestamp(r["started"], UTC).strftime("%Y-%m-%d %H:%M:%S") if r["started"] else "-"
+        took = f"{r['seconds']:.1f}s" if r["seconds"] is not None else "-"
+        line = f"{when}  {r['status']:9} {r['job']:18} trigger={r['trigger']:9} {took:>7}  {r['run_id']}"
+        click.secho(line, fg="red" if r["status"] == "FAILURE" else None)
+        if r["error"]:
+            click.echo(f"    {r['error']}")
+
+
+@main.command("alerts")
+@click.argument("practice_id", required=False)
+@click.option("--limit", default=20, show_default=True)
+def alerts_cmd(practice_id: str | None, limit: int) -> None:
+    """Failed syncs and writebacks, newest first; three failures in a row are critical."""
+    from nvc_pipelines.alerts import recent_alerts
+    from nvc_pipelines.app import open_store
+
+    rows = recent_alerts(open_store(), practice_id, limit)
+    click.echo(f"{len(rows)} alert(s)")
+    for a in rows:
+        click.secho(
+            f"{a['raised_at']:%Y-%m-%d %H:%M} {a['severity']:8} {a['practice_id']:18} {a['job_name']:18} "
+            f"x{a['consecutive']}  {a['message']}",
+            fg="red" if a["severity"] == "critical" else "yellow",
+        )
+
+
 # --- the outbox (what the AI calling system writes) --------------------------------------------------
 
 
@@ -512,6 +562,14 @@ def store_stop() -> None:
 
     click.echo("Stopped." if stop_server() else "The embedded server was not running.")
 
+
+def _add_rotate_key() -> None:
+    from nvc_pipelines.crypto import rotate_key_command
+
+    main.add_command(rotate_key_command())
+
+
+_add_rotate_key()
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,30 @@
-"""PMS credentials encrypted at rest with AES-256-GCM.
+"""PMS credentials encrypted at rest with AES-256-GCM, and rotation of the key that protects them.
 
 The key comes from `NVC_SECRET_KEY` (32 bytes, base64). Without it, a key is generated once into
 `$NVC_HOME/secret.key` (mode 0600) so the embedded demo works out of the box; production sets the
 environment variable. The practice id is bound in as associated data, so a ciphertext copied onto
 another practice's row does not decrypt.
+
+Key ring. New blobs are always sealed with the current key; opening tries the current key first,
+then the older keys still accepted during a rotation: `NVC_SECRET_KEY_PREVIOUS` (one key, or several
+separated by commas or spaces), and for the file-held key `$NVC_HOME/secret.key.previous` and a
+pending `$NVC_HOME/secret.key.new` (left only by a rotation interrupted between its commit and its
+file switch, so nothing is ever locked out).
+
+Rotation (`rotate_key`) re-encrypts every practice's blob from the key ring to the new key in one
+transaction: each blob must open first, and if any does not, nothing is written. Procedure with an
+environment key (several processes: webserver, daemon, run workers):
+
+1. optionally, let every process accept the new key first: `NVC_SECRET_KEY_PREVIOUS=<new>`;
+2. `nvc rotate-key` (new key on standard input or in `NVC_NEW_SECRET_KEY`);
+3. set `NVC_SECRET_KEY=<new>` and `NVC_SECRET_KEY_PREVIOUS=<old>` everywhere and restart;
+4. once every process runs with the new key, remove `NVC_SECRET_KEY_PREVIOUS` (and run
+   `nvc rotate-key` again only if a practice was connected by a process still on the old key:
+   `unreadable_practices` lists those, and re-running converges).
+
+With the file-held key (the embedded default) `rotate_key` does steps 1-3 itself: the new key is
+written to `secret.key.new` before the transaction, and after the commit the old key moves to
+`secret.key.previous` and the new one replaces `secret.key` atomically.
 """
 
 from __future__ import annotations
@@ -11,7 +32,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,6 +46,13 @@ from nvc_pipelines.config import nvc_home
 
 _NONCE_BYTES = 12
 _VERSION = b"\x01"
+
+KEY_ENV = "NVC_SECRET_KEY"
+PREVIOUS_KEY_ENV = "NVC_SECRET_KEY_PREVIOUS"
+NEW_KEY_ENV = "NVC_NEW_SECRET_KEY"  # where `nvc rotate-key` reads the new key from (else standard input)
+KEY_FILE = "secret.key"
+PREVIOUS_KEY_FILE = "secret.key.previous"
+PENDING_KEY_FILE = "secret.key.new"
 
 
 class SecretKeyError(RuntimeError):
@@ -36,38 +69,358 @@ def _decode_key(text: str, origin: str) -> bytes:
     return key
 
 
+def _encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
 def generate_key() -> str:
-    return base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()
+    return _encode_key(AESGCM.generate_key(bit_length=256))
+
+
+def _key_path() -> Path:
+    return nvc_home() / KEY_FILE
+
+
+def _read_key_file(path: Path) -> bytes | None:
+    return _decode_key(path.read_text(), str(path)) if path.exists() else None
+
+
+def _write_key_file(path: Path, key: bytes) -> None:
+    """Write a key atomically with mode 0600: a temporary file in the same folder, fsynced, renamed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_encode_key(key) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_key() -> bytes:
-    env = os.environ.get("NVC_SECRET_KEY")
+    """The current key: `NVC_SECRET_KEY`, else `$NVC_HOME/secret.key` (created on first use)."""
+    env = os.environ.get(KEY_ENV)
     if env:
-        return _decode_key(env, "NVC_SECRET_KEY")
-    path: Path = nvc_home() / "secret.key"
+        return _decode_key(env, KEY_ENV)
+    path = _key_path()
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(generate_key() + "\n")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(generate_key() + "\n")
     return _decode_key(path.read_text(), str(path))
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """The current key (seals everything new) and older keys still accepted for opening."""
+
+    current: bytes
+    previous: tuple[bytes, ...] = ()
+    source: str = KEY_ENV  # KEY_ENV, or the path of the key file
+
+    @property
+    def from_file(self) -> bool:
+        return self.source != KEY_ENV
+
+    @property
+    def decryption_keys(self) -> tuple[bytes, ...]:
+        """Current first, then the others, without repeats."""
+        keys: list[bytes] = []
+        for key in (self.current, *self.previous):
+            if key not in keys:
+                keys.append(key)
+        return tuple(keys)
+
+
+def load_key_ring() -> KeyRing:
+    """The key ring from the environment (or the key file and its rotation companions)."""
+    current = load_key()
+    previous: list[bytes] = []
+    extra = os.environ.get(PREVIOUS_KEY_ENV, "")
+    for n, part in enumerate(p for p in re.split(r"[,\s]+", extra) if p):
+        previous.append(_decode_key(part, f"{PREVIOUS_KEY_ENV} (key {n + 1})"))
+    if os.environ.get(KEY_ENV):
+        return KeyRing(current, tuple(previous), KEY_ENV)
+    home = nvc_home()
+    for name in (PREVIOUS_KEY_FILE, PENDING_KEY_FILE):
+        key = _read_key_file(home / name)
+        if key is not None:
+            previous.append(key)
+    return KeyRing(current, tuple(previous), str(home / KEY_FILE))
+
+
+def _keys(key: bytes | Sequence[bytes] | KeyRing | None) -> tuple[bytes, ...]:
+    if key is None:
+        return load_key_ring().decryption_keys
+    if isinstance(key, KeyRing):
+        return key.decryption_keys
+    if isinstance(key, bytes | bytearray):
+        return (bytes(key),)
+    return tuple(key)
+
+
 def encrypt_credentials(practice_id: str, credentials: dict[str, str], key: bytes | None = None) -> bytes:
+    """Seal `credentials` for `practice_id` with `key` (default: the current key)."""
     nonce = os.urandom(_NONCE_BYTES)
     plaintext = json.dumps(credentials, sort_keys=True).encode()
     return _VERSION + nonce + AESGCM(key or load_key()).encrypt(nonce, plaintext, practice_id.encode())
 
 
-def decrypt_credentials(practice_id: str, blob: bytes | None, key: bytes | None = None) -> dict[str, str]:
+def _open(practice_id: str, blob: bytes, keys: Sequence[bytes]) -> tuple[dict[str, str], bytes] | None:
+    """(credentials, the key that opened them), or None when no key does."""
+    nonce, ciphertext = blob[1 : 1 + _NONCE_BYTES], blob[1 + _NONCE_BYTES :]
+    for key in keys:
+        try:
+            plaintext = AESGCM(key).decrypt(nonce, ciphertext, practice_id.encode())
+        except InvalidTag:
+            continue
+        return json.loads(plaintext), key
+    return None
+
+
+def decrypt_credentials(
+    practice_id: str, blob: bytes | None, key: bytes | Sequence[bytes] | KeyRing | None = None
+) -> dict[str, str]:
+    """Open a practice's blob with `key` (one key, several, or a ring; default: the key ring)."""
     if not blob:
         return {}
+    blob = bytes(blob)
     if blob[:1] != _VERSION:
         raise SecretKeyError(f"credentials of practice {practice_id} are in an unknown format")
-    nonce, ciphertext = blob[1 : 1 + _NONCE_BYTES], blob[1 + _NONCE_BYTES :]
-    try:
-        plaintext = AESGCM(key or load_key()).decrypt(nonce, ciphertext, practice_id.encode())
-    except InvalidTag:
+    opened = _open(practice_id, blob, _keys(key))
+    if opened is None:
         raise SecretKeyError(
-            f"credentials of practice {practice_id} cannot be decrypted with the current NVC_SECRET_KEY"
-        ) from None
-    return json.loads(plaintext)
+            f"credentials of practice {practice_id} cannot be decrypted with the current {KEY_ENV}"
+            + (f" (nor {PREVIOUS_KEY_ENV})" if key is None else "")
+        )
+    return opened[0]
+
+
+# --- rotation (pure) ------------------------------------------------------------------------------
+
+
+def rotate_credentials(
+    rows: Iterable[tuple[str, bytes | None]],
+    old_keys: bytes | Sequence[bytes] | KeyRing,
+    new_key: bytes,
+) -> list[tuple[str, bytes]]:
+    """Re-seal each `(practice_id, blob)` under `new_key`; all or nothing.
+
+    Every blob must open with one of `old_keys` (its practice id as associated data) and its new blob
+    must open with `new_key` to the same credentials, else `SecretKeyError` names every practice that
+    failed and nothing is returned. Rows without credentials are left out. Pure: no I/O.
+    """
+    if len(new_key) != 32:
+        raise SecretKeyError(f"the new key must be 32 bytes (AES-256), got {len(new_key)}")
+    keys = _keys(old_keys)
+    out: list[tuple[str, bytes]] = []
+    failed: list[str] = []
+    for practice_id, blob in rows:
+        if not blob:
+            continue
+        blob = bytes(blob)
+        opened = _open(practice_id, blob, keys) if blob[:1] == _VERSION else None
+        if opened is None:
+            failed.append(practice_id)
+            continue
+        credentials = opened[0]
+        sealed = encrypt_credentials(practice_id, credentials, new_key)
+        if decrypt_credentials(practice_id, sealed, new_key) != credentials:  # pragma: no cover - AES-GCM bug
+            failed.append(practice_id)
+            continue
+        out.append((practice_id, sealed))
+    if failed:
+        raise SecretKeyError(
+            f"nothing was rotated: the credentials of {len(failed)} practice(s) cannot be decrypted with the "
+            f"current keys ({', '.join(sorted(failed))}); set {PREVIOUS_KEY_ENV} to the key that sealed them, "
+            "or connect those practices again"
+        )
+    return out
+
+
+def unreadable_practices(
+    rows: Iterable[tuple[str, bytes | None]], keys: bytes | Sequence[bytes] | KeyRing
+) -> list[str]:
+    """The practices whose blob none of `keys` opens (a check before dropping a previous key)."""
+    ks = _keys(keys)
+    return [pid for pid, blob in rows if blob and (bytes(blob)[:1] != _VERSION or _open(pid, bytes(blob), ks) is None)]
+
+
+# --- rotation (store) -----------------------------------------------------------------------------
+
+
+def _select_blobs(conn: Any, *, lock: bool) -> list[tuple[str, bytes]]:
+    from sqlalchemy import text
+
+    sql = "SELECT practice_id, credentials FROM practices WHERE credentials IS NOT NULL ORDER BY practice_id"
+    return [(r.practice_id, bytes(r.credentials)) for r in conn.execute(text(sql + (" FOR UPDATE" if lock else "")))]
+
+
+def rotate_key(store: Any, new_key_b64: str, *, actor: str = "cli:rotate-key") -> int:
+    """Re-encrypt every practice's credentials from the key ring to `new_key_b64` in ONE transaction;
+    returns how many practices were rotated.
+
+    The practices table is locked against concurrent writes for the transaction; any blob that does
+    not open rolls everything back (`SecretKeyError`). One `rotate_key` audit entry per practice
+    commits with the rotation (no key material in it). With an environment key the caller then
+    switches `NVC_SECRET_KEY` (keeping the old one in `NVC_SECRET_KEY_PREVIOUS` until every process
+    has the new one); with the file-held key the file is switched here, crash-safely.
+    """
+    from sqlalchemy import text
+
+    new_key = _decode_key(new_key_b64, "the new key")
+    ring = load_key_ring()
+    if new_key == ring.current:
+        raise SecretKeyError("the new key is the current key; generate a new one (`nvc_pipelines.crypto.generate_key`)")
+    home = nvc_home()
+    pending = home / PENDING_KEY_FILE
+    staged = False
+    if ring.from_file:
+        # Stage the new key on disk before any blob is sealed with it, so a crash anywhere leaves
+        # every blob openable (`load_key_ring` accepts a pending key).
+        existing = _read_key_file(pending)
+        if existing is not None and existing != new_key:
+            raise SecretKeyError(
+                f"an earlier key rotation was interrupted: {pending} holds its new key. Finish it first "
+                "(`nvc rotate-key --finish`, i.e. `finish_interrupted_rotation`), then rotate again"
+            )
+        _write_key_file(pending, new_key)
+        staged = True
+    try:
+        with store.begin() as conn:
+            # Blocks connects/updates until the commit; they reseal after it under the same ring.
+            conn.execute(text("LOCK TABLE practices IN SHARE ROW EXCLUSIVE MODE"))
+            rows = _select_blobs(conn, lock=True)
+            # The new key is accepted too, so a rotation re-run after an interruption converges.
+            rotated = rotate_credentials(rows, (*ring.decryption_keys, new_key), new_key)
+            if rotated:
+                conn.execute(
+                    text("UPDATE practices SET credentials = :blob WHERE practice_id = :id"),
+                    [{"id": pid, "blob": blob} for pid, blob in rotated],
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO audit_log (actor, practice_id, action, detail) "
+                        "VALUES (:actor, :p, 'rotate_key', CAST(:detail AS jsonb))"
+                    ),
+                    [
+                        {"actor": actor, "p": pid, "detail": json.dumps({"key_source": _source_label(ring)})}
+                        for pid, _ in rotated
+                    ],
+                )
+    except BaseException:
+        if staged and not _sealed_with(store, new_key):
+            pending.unlink(missing_ok=True)  # surely nothing committed: the rotation never happened
+        raise
+    if ring.from_file:
+        _write_key_file(home / PREVIOUS_KEY_FILE, ring.current)
+        os.replace(pending, home / KEY_FILE)
+        dir_fd = os.open(home, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return len(rotated)
+
+
+def _sealed_with(store: Any, key: bytes) -> bool:
+    """Whether any stored blob opens with `key`; True when that cannot be told (a failure at COMMIT
+    may still have committed, so the staged key must then stay on disk)."""
+    try:
+        with store.begin() as conn:
+            rows = _select_blobs(conn, lock=False)
+    except Exception:  # noqa: BLE001 - unknown means keep the key
+        return True
+    return any(pid not in unreadable_practices([(pid, blob)], key) for pid, blob in rows)
+
+
+def finish_interrupted_rotation(store: Any, *, actor: str = "cli:rotate-key") -> int | None:
+    """Complete a file-key rotation that stopped before its file switch (`secret.key.new` left behind):
+    rotate to that pending key. None when there is nothing to finish."""
+    if os.environ.get(KEY_ENV):
+        return None
+    pending = _read_key_file(nvc_home() / PENDING_KEY_FILE)
+    if pending is None:
+        return None
+    if pending == load_key():  # switched already; only the leftover file remains
+        (nvc_home() / PENDING_KEY_FILE).unlink(missing_ok=True)
+        return 0
+    return rotate_key(store, _encode_key(pending), actor=actor)
+
+
+def _source_label(ring: KeyRing) -> str:
+    return "env" if not ring.from_file else "file"
+
+
+def unreadable_stored_practices(store: Any, keys: bytes | Sequence[bytes] | KeyRing | None = None) -> list[str]:
+    """Practices in the store whose credentials `keys` (default: the current key alone) cannot open:
+    empty means `NVC_SECRET_KEY_PREVIOUS` (and `secret.key.previous`) can be removed."""
+    with store.begin() as conn:
+        rows = _select_blobs(conn, lock=False)
+    return unreadable_practices(rows, keys if keys is not None else load_key())
+
+
+def forget_previous_key_file() -> bool:
+    """Delete `$NVC_HOME/secret.key.previous` (after `unreadable_stored_practices` came back empty)."""
+    path = nvc_home() / PREVIOUS_KEY_FILE
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
+
+
+# --- CLI (to be wired into nvc_pipelines/cli.py as `main.add_command(rotate_key_command())`) -------
+
+
+def rotate_key_command():  # -> click.Command
+    """`nvc rotate-key [--generate]`: the new key from `NVC_NEW_SECRET_KEY` or standard input (never argv,
+    which other users can read in the process list and which shell history keeps)."""
+    import sys
+
+    import click
+
+    @click.command("rotate-key")
+    @click.option("--generate", is_flag=True, help="Generate the new key instead of reading it.")
+    @click.option("--finish", is_flag=True, help="Finish a rotation of $NVC_HOME/secret.key that was interrupted.")
+    def command(generate: bool, finish: bool) -> None:
+        """Re-encrypt every practice's PMS credentials under a new secret key, in one transaction."""
+        from nvc_pipelines.app import actor, open_store
+
+        if finish:
+            done = finish_interrupted_rotation(open_store(), actor=actor())
+            click.echo("No interrupted rotation to finish." if done is None else f"Finished: {done} practice(s).")
+            return
+        if generate:
+            new_key = generate_key()
+        else:
+            new_key = os.environ.get(NEW_KEY_ENV) or ""
+            if not new_key:
+                if sys.stdin.isatty():
+                    new_key = click.prompt("New secret key (base64, 32 bytes)", hide_input=True)
+                else:
+                    new_key = sys.stdin.readline()
+        ring_from_file = not os.environ.get(KEY_ENV)
+        count = rotate_key(open_store(), new_key.strip(), actor=actor())
+        click.echo(f"Rotated the credentials of {count} practice(s).")
+        if ring_from_file:
+            click.echo(f"{nvc_home() / KEY_FILE} now holds the new key; the old one is in {PREVIOUS_KEY_FILE}.")
+        else:
+            if generate:
+                click.echo(f"New key (shown once; store it in your secret manager): {new_key}")
+            click.echo(
+                f"Now set {KEY_ENV} to the new key and {PREVIOUS_KEY_ENV} to the old one for every process, "
+                f"restart them, then remove {PREVIOUS_KEY_ENV}."
+            )
+
+    return command

@@ -2,6 +2,12 @@
 
 Only idempotent reads are retried automatically; writes go through the caller's own
 lookup-before-retry logic (a PMS without idempotency keys must not get a second booking).
+
+Transport security: certificates are always verified (chain and host name), TLS 1.2 is the floor
+and TLS 1.3 is negotiated whenever the server offers it; plain `http://` is only accepted to this
+machine itself (the sandboxes). A practice-hosted server with a private CA is trusted through an
+explicit CA bundle (`ca_bundle`), never by turning verification off; with a bundle, only the CAs in
+it are trusted for that connection. Redirects are not followed (one to `http://` would leak).
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ import ipaddress
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
@@ -22,6 +29,10 @@ MAX_RETRY_AFTER_SECONDS = 60.0
 
 class UnsafeUrl(ValueError):
     """A PMS URL that would send patient data or secrets in clear, or is not a URL at all."""
+
+
+class CaBundleError(ValueError):
+    """The CA bundle given for a practice's server is missing or holds no usable certificate."""
 
 
 @dataclass(slots=True)
@@ -45,20 +56,66 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_url(url: str) -> str:
-    """Return `url` without a trailing slash if it is https, or http on loopback (the sandboxes)."""
+def _shown(url: str) -> str:
+    """`url` as messages may quote it: no user name, password, query or fragment (they may hold a token)."""
     parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UnsafeUrl(f"{url!r} is not a web address; it must start with https://")
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise UnsafeUrl(f"{url!r} uses plain http://; patient data must travel over https://")
+    try:
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        host = f"[{host}]" if ":" in host else host
+    except ValueError:
+        host, port = parts.netloc.rpartition("@")[2], ""
+    if not parts.scheme:
+        return repr(url.strip().split("?", 1)[0].split("#", 1)[0].rpartition("@")[2])
+    return repr(urlunsplit((parts.scheme, host + port, parts.path, "", "")))
+
+
+def check_url(url: str) -> str:
+    """Return `url` without a trailing slash if it is https, or http on loopback (the sandboxes).
+
+    A URL carrying a user name or password (`https://user:pass@host`) is refused too: secrets belong
+    in the encrypted secrets, not in a setting that messages and logs quote. Refusals never quote the
+    URL's user name, password, query or fragment."""
+    parts = urlsplit(url.strip())
+    try:
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise UnsafeUrl(f"{_shown(url)} is not a valid web address") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise UnsafeUrl(f"{_shown(url)} is not a web address; it must start with https://")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeUrl(
+            f"the address {_shown(url)} carries a user name or password; give the address alone and the "
+            "login as the practice's secrets"
+        )
+    if parts.scheme == "http" and not is_loopback(hostname):
+        raise UnsafeUrl(f"{_shown(url)} uses plain http://; patient data must travel over https://")
     return url.strip().rstrip("/")
 
 
-def tls_context() -> ssl.SSLContext:
-    """Certificate verification on, TLS 1.2 at least (1.3 negotiated where the server has it)."""
-    ctx = ssl.create_default_context()
+def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """Certificate verification on, TLS 1.2 at least (1.3 negotiated where the server has it).
+
+    `ca_bundle` (a PEM file) replaces the system CAs for this connection: a practice's own server with
+    a private CA is trusted through it, and nothing else about verification changes."""
+    if ca_bundle is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        path = Path(ca_bundle).expanduser()
+        if not path.is_file():
+            raise CaBundleError(f"the CA bundle {str(path)!r} does not exist or is not a file")
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(path))
+        except ssl.SSLError as exc:
+            raise CaBundleError(f"the CA bundle {str(path)!r} holds no usable PEM certificate ({exc})") from None
+        if not ctx.get_ca_certs():
+            raise CaBundleError(f"the CA bundle {str(path)!r} holds no CA certificate")
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     return ctx
 
 
@@ -92,8 +149,12 @@ class PmsHttp:
         backoff_seconds: float = 0.5,
         transport: httpx.BaseTransport | None = None,
         on_retry: Callable[[str], None] | None = None,
+        ca_bundle: str | None = None,
     ):
+        """`ca_bundle`: a PEM file of the CA(s) that signed a practice-hosted server's certificate (a
+        private CA); default None trusts the system CAs. Verification is never switched off."""
         self.base_url = check_url(base_url)
+        self.ca_bundle = ca_bundle
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.on_retry = on_retry
@@ -102,7 +163,7 @@ class PmsHttp:
             headers={"Accept": "application/json", "User-Agent": "nvc-pipelines/0.1", **(headers or {})},
             auth=auth,
             timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)),
-            verify=tls_context(),
+            verify=tls_context(ca_bundle),
             transport=transport,
             follow_redirects=False,
         )

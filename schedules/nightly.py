@@ -3,6 +3,7 @@
 from dagster import DefaultScheduleStatus, RunRequest, ScheduleEvaluationContext, schedule
 
 from assets.partitions import practices_partitions
+from resources.store import StoreResource
 from schedules.jobs import practice_sync_job
 
 
@@ -14,11 +15,12 @@ from schedules.jobs import practice_sync_job
     default_status=DefaultScheduleStatus.RUNNING,
     description="Sync every connected practice at 02:00 Europe/London.",
 )
-def nightly_pms_sync(context: ScheduleEvaluationContext):
+def nightly_pms_sync(context: ScheduleEvaluationContext, store: StoreResource):
     night = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    kinds = {p["practice_id"]: p["pms_kind"] for p in store.open().list_practices()}
     for practice_id in practices_partitions.get_partition_keys(dynamic_partitions_store=context.instance):
         yield RunRequest(
             run_key=f"nightly:{practice_id}:{night}",
             partition_key=practice_id,
-            tags={"practice": practice_id, "trigger": "schedule"},
+            tags={"practice": practice_id, "pms": kinds.get(practice_id, "unknown"), "trigger": "schedule"},
         )

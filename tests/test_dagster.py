@@ -47,16 +47,22 @@ def test_definitions_hold_the_assets_job_and_schedule() -> None:
     assert {"patients", "appointments", "clinical_records", "recalls", "call_list"} <= keys
 
 
-def test_nightly_schedule_requests_one_run_per_practice(instance: DagsterInstance) -> None:
+def test_nightly_schedule_requests_one_run_per_practice(
+    instance: DagsterInstance, store: Store, database_url: str
+) -> None:
+    store.add_practice("alpha", "Alpha", PmsKind.CSV, {"path": "/drop/alpha"}, {})
+    store.add_practice("beta", "Beta", PmsKind.OPTIX, {"practice_id": "OPX-1"}, {"api_key": "k"})
     instance.add_dynamic_partitions("practices", ["alpha", "beta"])
     when = datetime(2026, 7, 1, 2, 0, tzinfo=ZoneInfo("Europe/London"))  # BST: 01:00 UTC
-    context = build_schedule_context(instance=instance, scheduled_execution_time=when)
+    context = build_schedule_context(
+        instance=instance, scheduled_execution_time=when, resources={"store": StoreResource(database_url=database_url)}
+    )
     requests = list(nightly_pms_sync(context))
     assert [(r.partition_key, r.run_key) for r in requests] == [
         ("alpha", "nightly:alpha:2026-07-01"),
         ("beta", "nightly:beta:2026-07-01"),
     ]
-    assert all(r.tags["trigger"] == "schedule" for r in requests)
+    assert [(r.tags["trigger"], r.tags["pms"]) for r in requests] == [("schedule", "csv"), ("schedule", "optix")]
 
 
 def test_csv_practice_materialises_patients_then_recalls(

@@ -143,3 +143,50 @@ def test_a_booking_reaches_the_pms_through_the_daemons_sensor(dagster_dev: int) 
     assert [r["status"] for r in rows] == ["confirmed"]
     runs = get_instance().get_runs()
     assert any(r.tags.get("trigger") == "writeback" and r.tags.get("practice") == "web-optix" for r in runs)
+
+
+def test_ops_flow_initial_sync_sync_now_alerts_and_sync_log(dagster_dev: int, tmp_path: Path) -> None:
+    """Connect -> the initial-sync sensor syncs it; `nvc sync-now` launches through GraphQL; a PMS that
+    is down fails three times in a row -> the failure sensor records a critical alert; `nvc sync-log`
+    shows all of it from the instance."""
+    from click.testing import CliRunner
+
+    from nvc_pipelines.alerts import recent_alerts
+    from nvc_pipelines.cli import main
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "export.csv").write_text(template_text(), encoding="utf-8")
+    app.connect_practice("ops-csv", PmsKind.CSV, "Ops CSV", {"path": str(drop)}, {})
+    store = app.open_store()
+    deadline = time.monotonic() + 120
+    while store.stream_state("ops-csv", "patients").cursor_at is None and time.monotonic() < deadline:
+        if any(p["practice_id"] == "ops-csv" and p["last_sync_at"] for p in store.list_practices()):
+            break
+        time.sleep(0.5)
+    runs = get_instance().get_runs()
+    assert any(r.tags.get("trigger") == "initial" and r.tags.get("practice") == "ops-csv" for r in runs)
+
+    runner = CliRunner()
+    url = f"http://127.0.0.1:{dagster_dev}"
+    (drop / "export.csv").write_text("first_name,last_name\nA,B\n", encoding="utf-8")  # a broken export
+    client = DagsterGraphQLClient("127.0.0.1", port_number=dagster_dev)
+    for _ in range(3):
+        launched = runner.invoke(main, ["sync-now", "ops-csv", "--url", url])
+        assert launched.exit_code == 0, launched.output
+        run_id = launched.output.split()[2]
+        assert f"{url}/runs/{run_id}" in launched.output
+        while client.get_run_status(run_id) not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE):
+            assert time.monotonic() < deadline + 120
+            time.sleep(0.5)
+        assert client.get_run_status(run_id) == DagsterRunStatus.FAILURE
+    while len(recent_alerts(store, "ops-csv")) < 3 and time.monotonic() < deadline + 240:
+        time.sleep(0.5)
+    alerts = recent_alerts(store, "ops-csv")
+    assert [a["severity"] for a in alerts[:1]] == ["critical"] and alerts[0]["consecutive"] == 3
+    assert "missing the required column(s)" in alerts[0]["message"]
+
+    log = runner.invoke(main, ["sync-log", "ops-csv"])
+    assert log.exit_code == 0, log.output
+    assert "trigger=initial" in log.output and "trigger=sync_now" in log.output
+    assert "FAILURE" in log.output and "CSV import (practice ops-csv)" in log.output

@@ -1,0 +1,103 @@
+"""Benchmark: full sync of a large Optix practice through the product path, against a floor and to_sql.
+
+    .venv/bin/python bench/full_sync.py [--patients 200000] [--rate-limit 0]
+
+In a temporary NVC_HOME with the embedded PostgreSQL, an Optix sandbox practice of N patients
+(default 200,000) is synced three ways, each in its own process (so peak RSS is its own):
+
+- product: `app.sync_practice(..., full=True)`, the real `practice_sync` Dagster job in process on the
+  dagster-postgres instance (patients, appointments, clinical records, recalls, call list and the
+  asset checks); the `patients` asset's own duration is read from its materialisation metadata;
+- floor: the same patient pages (same page size) fetched with plain httpx and streamed into one
+  `COPY` of the raw fields: nothing normalised, nothing merged;
+- to_sql: the usual hand-written script: the same fetch, `pandas.json_normalize`, `DataFrame.to_sql`.
+
+Then (unless `--no-parts`) the patients asset's components are timed directly, without Dagster, into
+a second practice: the client's fetch, its normalising, the content hashes, and the store's merge.
+
+Ratios are against the floor and to_sql measured in the same run. The sandbox is served from this
+process, seeded and warmed (every page rendered once) before anything is timed; its rate limit is
+off by default so the figures are NVC's cost, not the sandbox's throttle. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _harness import bench_environment, print_metadata, print_steps, product_page_size, run_child
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--patients", type=int, default=200_000)
+    parser.add_argument("--rate-limit", type=float, default=0.0, help="sandbox requests/s (0: off)")
+    parser.add_argument("--no-parts", action="store_true", help="skip the component timings")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary NVC_HOME")
+    args = parser.parse_args()
+
+    with bench_environment(args.patients, rate_limit=args.rate_limit, keep=args.keep) as (_home, sandbox):
+        page_size = product_page_size()
+        print(f"page size {page_size} (OptixResource default), {-(-args.patients // page_size)} pages", flush=True)
+        reports = {}
+        for variant, argv in (
+            ("floor", (sandbox.url, str(page_size))),
+            ("to_sql", (sandbox.url, str(page_size))),
+            ("product", ("full",)),
+        ):
+            print(f"running {variant}...", flush=True)
+            reports[variant] = run_child(variant, *argv)
+            print(f"  {reports[variant]['seconds']:.1f} s", flush=True)
+        if not args.no_parts:
+            print("timing the patients asset's components...", flush=True)
+            reports["parts"] = run_child("parts")
+        throttled = sandbox.throttled
+
+    floor, to_sql, product = reports["floor"], reports["to_sql"], reports["product"]
+    patients_meta = product["metadata"].get("patients", {})
+    patients_seconds = float(patients_meta.get("duration_seconds", 0.0))
+    rows = product["rows"]
+
+    print(f"\nfull sync of {args.patients:,} Optix patients (page size {page_size}); ratios against this run")
+    header = (
+        f"  {'variant':<34} {'wall s':>8} {'rows':>9} {'rows/s':>9} {'x floor':>8} {'x to_sql':>9} {'peak RSS':>10}"
+    )
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+
+    def line(name: str, seconds: float, n: int, rss: str) -> None:
+        print(
+            f"  {name:<34} {seconds:8.2f} {n:9,} {n / seconds if seconds else 0:9,.0f} "
+            f"{seconds / floor['seconds']:8.2f} {seconds / to_sql['seconds']:9.2f} {rss:>10}"
+        )
+
+    line("floor (httpx + COPY raw)", floor["seconds"], floor["rows"], f"{floor['peak_rss_mb']:.0f} MB")
+    line("to_sql (httpx + pandas.to_sql)", to_sql["seconds"], to_sql["rows"], f"{to_sql['peak_rss_mb']:.0f} MB")
+    line("product: patients asset", patients_seconds, rows, "(in job)")
+    line("product: whole practice_sync job", product["seconds"], rows, f"{product['peak_rss_mb']:.0f} MB")
+    print(
+        f"\n  RSS after imports: floor {floor['imported_rss_mb']:.0f} MB, to_sql {to_sql['imported_rss_mb']:.0f} MB, "
+        f"product {product['imported_rss_mb']:.0f} MB (Dagster and the code location loaded)"
+    )
+    print(
+        f"  product process: imports {product['import_seconds']:.1f} s, whole process {product['process_seconds']:.1f} s"
+    )
+    print("  the job also read (materialisation metadata):")
+    print_metadata(product, ("mode", "rows_read", "inserted", "recalls", "listed", "duration_seconds"))
+    print_steps("product", product)
+    parts = reports.get("parts")
+    if parts:
+        fetch, read = parts["fetch_seconds"], parts["read_seconds"]
+        print("\npatients asset components, called directly (no Dagster), into a second practice:")
+        print(
+            f"  OptixClient fetch only (httpx pages + JSON)       {fetch:8.2f} s   x floor {fetch / floor['seconds']:.2f}"
+        )
+        print(f"  OptixClient.read_patients (fetch + normalise)     {read:8.2f} s   normalise ~{read - fetch:.2f} s")
+        print(f"  staging values + sha256 content hash (Python)     {parts['values_and_hash_seconds']:8.2f} s")
+        print(f"  Store.write_patients (hash + COPY + merge)        {parts['write_seconds']:8.2f} s")
+        print(f"  peak RSS of that process                          {parts['peak_rss_mb']:8.0f} MB")
+    if throttled:
+        print(f"\n  note: the sandbox answered {throttled} requests with 429 (rate limit {args.rate_limit:g}/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Failure alerts: every failed practice run is recorded; the third failure in a row is critical.
+
+Delivery is optional: `NVC_ALERT_WEBHOOK_URL` receives a JSON POST (Slack-compatible `text` field),
+and `NVC_ALERT_EMAIL_TO` with `NVC_SMTP_HOST` (and optional `NVC_SMTP_PORT`, `NVC_ALERT_EMAIL_FROM`)
+sends an email. A delivery failure is logged and recorded, never raised: alerting must not fail a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import smtplib
+from email.message import EmailMessage
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+
+log = logging.getLogger(__name__)
+CRITICAL_AFTER = 3
+
+
+def record_failure(
+    store: Any, practice_id: str, run_id: str, job_name: str, message: str, consecutive: int
+) -> dict[str, Any]:
+    """Record the alert for a failed run (once per run) and deliver it where configured."""
+    severity = "critical" if consecutive >= CRITICAL_AFTER else "warning"
+    headline = f"[{severity.upper()}] {job_name} failed for practice {practice_id}"
+    if consecutive > 1:
+        headline += f" ({consecutive} failures in a row)"
+    body = f"{headline}\n{message}\nrun {run_id}"
+    delivered = deliver(headline, body)
+    with store.begin(practice_id) as conn:
+        conn.execute(
+            text(
+                "INSERT INTO alerts (practice_id, run_id, job_name, message, consecutive, severity, delivered_to) "
+                "VALUES (:p, :r, :j, :m, :c, :s, :d) ON CONFLICT (run_id) DO NOTHING"
+            ),
+            {
+                "p": practice_id,
+                "r": run_id,
+                "j": job_name,
+                "m": message,
+                "c": consecutive,
+                "s": severity,
+                "d": delivered,
+            },
+        )
+    return {"severity": severity, "headline": headline, "delivered_to": delivered}
+
+
+def deliver(headline: str, body: str) -> list[str]:
+    delivered: list[str] = []
+    webhook = os.environ.get("NVC_ALERT_WEBHOOK_URL")
+    if webhook:
+        try:
+            httpx.post(webhook, json={"text": body}, timeout=10).raise_for_status()
+            delivered.append("webhook")
+        except httpx.HTTPError as exc:
+            log.warning("alert webhook failed: %s", exc)
+    to = os.environ.get("NVC_ALERT_EMAIL_TO")
+    host = os.environ.get("NVC_SMTP_HOST")
+    if to and host:
+        message = EmailMessage()
+        message["Subject"] = headline
+        message["From"] = os.environ.get("NVC_ALERT_EMAIL_FROM", "nvc-pipelines@localhost")
+        message["To"] = to
+        message.set_content(body)
+        try:
+            with smtplib.SMTP(host, int(os.environ.get("NVC_SMTP_PORT", "25")), timeout=10) as smtp:
+                smtp.send_message(message)
+            delivered.append("email")
+        except (OSError, smtplib.SMTPException) as exc:
+            log.warning("alert email failed: %s", exc)
+    return delivered
+
+
+def recent_alerts(store: Any, practice_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    with store.begin(practice_id) as conn:
+        rows = conn.execute(
+            text(
+                "SELECT * FROM alerts WHERE (CAST(:p AS text) IS NULL OR practice_id = :p) "
+                "ORDER BY raised_at DESC LIMIT :n"
+            ),
+            {"p": practice_id, "n": limit},
+        ).mappings()
+        return [dict(r) for r in rows]

@@ -1,0 +1,77 @@
+"""Operations sensors: a practice's first sync right after it connects, and failure alerts."""
+
+from dagster import (
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    RunsFilter,
+    SensorEvaluationContext,
+    SkipReason,
+    run_failure_sensor,
+    sensor,
+)
+
+from assets.partitions import practices_partitions
+from nvc_pipelines import alerts
+from resources.store import StoreResource
+from schedules.jobs import practice_sync_job
+from schedules.writeback import booking_writeback_job
+
+
+@sensor(
+    name="initial_sync_sensor",
+    job=practice_sync_job,
+    minimum_interval_seconds=15,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Launches the first full sync of every practice that connected and has never synced.",
+)
+def initial_sync_sensor(context: SensorEvaluationContext, store: StoreResource):
+    partitions = set(practices_partitions.get_partition_keys(dynamic_partitions_store=context.instance))
+    requests = [
+        RunRequest(
+            run_key=f"initial:{p['practice_id']}:{p['connected_at'].isoformat()}",
+            partition_key=p["practice_id"],
+            tags={"practice": p["practice_id"], "pms": p["pms_kind"], "trigger": "initial"},
+        )
+        for p in store.open().list_practices()
+        if p["status"] == "connected" and p["last_sync_at"] is None and p["practice_id"] in partitions
+    ]
+    return requests or SkipReason("every connected practice has synced at least once")
+
+
+def _consecutive_failures(context: RunFailureSensorContext, partition: str) -> int:
+    runs = context.instance.get_runs(
+        filters=RunsFilter(job_name=context.dagster_run.job_name, tags={"dagster/partition": partition}), limit=10
+    )
+    count = 0
+    for run in runs:  # newest first
+        if run.status != DagsterRunStatus.FAILURE:
+            break
+        count += 1
+    return max(count, 1)
+
+
+@run_failure_sensor(
+    name="run_failure_alert_sensor",
+    monitored_jobs=[practice_sync_job, booking_writeback_job],
+    minimum_interval_seconds=5,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Records an alert for every failed sync or writeback (critical at three in a row) and sends it "
+    "to the webhook or email address configured.",
+)
+def run_failure_alert_sensor(context: RunFailureSensorContext, store: StoreResource):
+    run = context.dagster_run
+    partition = run.tags.get("dagster/partition") or run.tags.get("practice")
+    if not partition:
+        return
+    reasons = []
+    for event in context.get_step_failure_events():
+        data = event.step_failure_data
+        description = data.user_failure_data.description if data.user_failure_data else None
+        reasons.append(description or data.error.message.strip())
+    message = "; ".join(reasons) or context.failure_event.message or "run failed"
+    outcome = alerts.record_failure(
+        store.open(), partition, run.run_id, run.job_name, message, _consecutive_failures(context, partition)
+    )
+    context.log.info(outcome["headline"])
