@@ -4,7 +4,7 @@ The parent process owns a temporary NVC_HOME with the embedded PostgreSQL and th
 (served from the parent's threads, warmed before anything is timed). Each measured variant runs in a
 child process (`python bench/_harness.py <variant> ...`) that prints one JSON line: its own wall
 time around the work (imports excluded, reported apart), its RSS after imports and its peak RSS
-(`getrusage(RUSAGE_SELF).ru_maxrss`), so every variant's memory is its own.
+(`VmHWM` of its own address space), so every variant's memory is its own.
 
 Not a test: nothing here asserts a time.
 """
@@ -32,7 +32,14 @@ BENCH_DATABASE = "bench"  # floor and to_sql tables live here, on the same serve
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's RSS high-water mark (`VmHWM`). Not `getrusage().ru_maxrss`: Linux carries the
+    parent's high-water mark across fork and exec into it, so a child started by a parent holding a
+    200,000-patient sandbox would report the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float:

@@ -32,6 +32,11 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=200_000)
     parser.add_argument("--rate-limit", type=float, default=0.0, help="sandbox requests/s (0: off)")
     parser.add_argument("--no-parts", action="store_true", help="skip the component timings")
+    parser.add_argument(
+        "--skip-job",
+        action="store_true",
+        help="skip the practice_sync job (floor, to_sql and component timings only: for sizes the job cannot do quickly)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary NVC_HOME")
     args = parser.parse_args()
 
@@ -39,11 +44,10 @@ def main() -> None:
         page_size = product_page_size()
         print(f"page size {page_size} (OptixResource default), {-(-args.patients // page_size)} pages", flush=True)
         reports = {}
-        for variant, argv in (
-            ("floor", (sandbox.url, str(page_size))),
-            ("to_sql", (sandbox.url, str(page_size))),
-            ("product", ("full",)),
-        ):
+        variants = [("floor", (sandbox.url, str(page_size))), ("to_sql", (sandbox.url, str(page_size)))]
+        if not args.skip_job:
+            variants.append(("product", ("full",)))
+        for variant, argv in variants:
             print(f"running {variant}...", flush=True)
             reports[variant] = run_child(variant, *argv)
             print(f"  {reports[variant]['seconds']:.1f} s", flush=True)
@@ -52,10 +56,7 @@ def main() -> None:
             reports["parts"] = run_child("parts")
         throttled = sandbox.throttled
 
-    floor, to_sql, product = reports["floor"], reports["to_sql"], reports["product"]
-    patients_meta = product["metadata"].get("patients", {})
-    patients_seconds = float(patients_meta.get("duration_seconds", 0.0))
-    rows = product["rows"]
+    floor, to_sql, product = reports["floor"], reports["to_sql"], reports.get("product")
 
     print(f"\nfull sync of {args.patients:,} Optix patients (page size {page_size}); ratios against this run")
     header = (
@@ -72,18 +73,14 @@ def main() -> None:
 
     line("floor (httpx + COPY raw)", floor["seconds"], floor["rows"], f"{floor['peak_rss_mb']:.0f} MB")
     line("to_sql (httpx + pandas.to_sql)", to_sql["seconds"], to_sql["rows"], f"{to_sql['peak_rss_mb']:.0f} MB")
-    line("product: patients asset", patients_seconds, rows, "(in job)")
-    line("product: whole practice_sync job", product["seconds"], rows, f"{product['peak_rss_mb']:.0f} MB")
-    print(
-        f"\n  RSS after imports: floor {floor['imported_rss_mb']:.0f} MB, to_sql {to_sql['imported_rss_mb']:.0f} MB, "
-        f"product {product['imported_rss_mb']:.0f} MB (Dagster and the code location loaded)"
-    )
-    print(
-        f"  product process: imports {product['import_seconds']:.1f} s, whole process {product['process_seconds']:.1f} s"
-    )
-    print("  the job also read (materialisation metadata):")
-    print_metadata(product, ("mode", "rows_read", "inserted", "recalls", "listed", "duration_seconds"))
-    print_steps("product", product)
+    if product is None:
+        print("  (practice_sync job skipped: --skip-job)")
+    else:
+        patients_seconds = float(product["metadata"].get("patients", {}).get("duration_seconds", 0.0))
+        rows = product["rows"]
+        line("product: patients asset", patients_seconds, rows, "(in job)")
+        line("product: whole practice_sync job", product["seconds"], rows, f"{product['peak_rss_mb']:.0f} MB")
+        print_product(floor, to_sql, product)
     parts = reports.get("parts")
     if parts:
         fetch, read = parts["fetch_seconds"], parts["read_seconds"]
@@ -97,6 +94,19 @@ def main() -> None:
         print(f"  peak RSS of that process                          {parts['peak_rss_mb']:8.0f} MB")
     if throttled:
         print(f"\n  note: the sandbox answered {throttled} requests with 429 (rate limit {args.rate_limit:g}/s)")
+
+
+def print_product(floor: dict, to_sql: dict, product: dict) -> None:
+    print(
+        f"\n  RSS after imports: floor {floor['imported_rss_mb']:.0f} MB, to_sql {to_sql['imported_rss_mb']:.0f} MB, "
+        f"product {product['imported_rss_mb']:.0f} MB (Dagster and the code location loaded)"
+    )
+    print(
+        f"  product process: imports {product['import_seconds']:.1f} s, whole process {product['process_seconds']:.1f} s"
+    )
+    print("  the job also read (materialisation metadata):")
+    print_metadata(product, ("mode", "rows_read", "inserted", "recalls", "listed", "duration_seconds"))
+    print_steps("product", product)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,8 @@ def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
 def _finish(store: Any, practice_id: str, outbox_id: int, status: str, **values: Any) -> None:
     sets = ", ".join(f"{k} = :{k}" for k in values)
     with store.begin(practice_id) as conn:
+        if status == "confirmed":
+            store.audit(conn, "writeback", practice_id, "write_to_pms", detail={"outbox_id": outbox_id})
         conn.execute(
             text(
                 f"UPDATE outbox SET status = :status, updated_at = now(){', ' + sets if sets else ''}"

@@ -58,7 +58,7 @@ from nvc_pipelines.normalise import (
     nvc_marker,
     parse_pms_datetime,
 )
-from resources.http import RETRYABLE_STATUS, HttpStatusError, PmsHttp, UnsafeUrl, check_url
+from resources.http import RETRYABLE_STATUS, CaBundleError, HttpStatusError, PmsHttp, UnsafeUrl, check_url
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,7 @@ class AcuitasClient:
         max_attempts: int,
         backoff_seconds: float,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | None = None,
     ):
         self.practice = practice
         self.database = database
@@ -339,15 +340,23 @@ class AcuitasClient:
             ) from None
         self._prefix = "" if base.endswith(API_PREFIX) else API_PREFIX
         self._auth = _AcuitasSession(f"{base}{self._prefix}/session", database, username, password)
-        self.http = PmsHttp(
-            base,
-            auth=self._auth,
-            timeout_seconds=timeout_seconds,
-            max_attempts=self.max_attempts,
-            backoff_seconds=backoff_seconds,
-            transport=transport,
-            on_retry=self._on_retry,
-        )
+        try:
+            self.http = PmsHttp(
+                base,
+                auth=self._auth,
+                timeout_seconds=timeout_seconds,
+                max_attempts=self.max_attempts,
+                backoff_seconds=backoff_seconds,
+                transport=transport,
+                on_retry=self._on_retry,
+                ca_bundle=ca_bundle,
+            )
+        except CaBundleError as exc:
+            raise self._fail(
+                "tls_certificate",
+                f"{exc}.",
+                "the ca_bundle setting: a PEM file on this server holding the practice's own CA certificate",
+            ) from None
 
     def __repr__(self) -> str:
         return f"AcuitasClient(practice={self.practice.practice_id!r}, database={self.database!r})"
@@ -796,7 +805,8 @@ class AcuitasResource(ConfigurableResource):
         return ("server_url", "database")
 
     def optional_settings(self) -> tuple[str, ...]:
-        return ()
+        # A practice server whose certificate comes from the practice's own CA: trust that CA only.
+        return ("ca_bundle",)
 
     def required_secrets(self) -> tuple[str, ...]:
         return ("api_username", "api_password")
@@ -830,4 +840,5 @@ class AcuitasResource(ConfigurableResource):
             timeout_seconds=self.timeout_seconds,
             max_attempts=self.max_attempts,
             backoff_seconds=self.backoff_seconds,
+            ca_bundle=(practice.settings.get("ca_bundle") or "").strip() or None,
         )

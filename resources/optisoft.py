@@ -252,9 +252,10 @@ class OptisoftClient:
     def _scrub(self, text: str) -> str:
         password, username = self._credentials["password"], self._credentials["username"]
         if password:
-            text = text.replace(password, "<db password>")
+            text = re.sub(re.escape(password), "<db password>", text, flags=re.IGNORECASE)
         if username:
-            text = re.sub(rf"(?<![\w-]){re.escape(username)}(?![\w-])", "<db username>", text)
+            # Servers echo logins in any case (SQL Server logins are case-insensitive).
+            text = re.sub(rf"(?<![\w-]){re.escape(username)}(?![\w-])", "<db username>", text, flags=re.IGNORECASE)
         return text
 
     def _fail(self, problem: str, message: str, check: str = "") -> PmsConnectionFailed:

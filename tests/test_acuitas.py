@@ -379,7 +379,7 @@ def test_connection_failures_say_what_to_check(
 def test_settings_secrets_and_urls(acuitas: AcuitasSandbox) -> None:
     resource = AcuitasResource()
     assert resource.required_settings() == ("server_url", "database")
-    assert resource.optional_settings() == ()
+    assert resource.optional_settings() == ("ca_bundle",)
     assert resource.required_secrets() == ("api_username", "api_password")
     with pytest.raises(PmsConnectionFailed) as failure:
         resource.open(practice(acuitas.url, database=""), {"api_username": USERNAME, "api_password": PASSWORD})
@@ -513,3 +513,15 @@ def test_the_client_never_deletes(acuitas: AcuitasSandbox) -> None:
     assert acuitas.request_log
     assert {method for method, _ in acuitas.request_log} <= {"GET", "POST"}
     assert not any(name.startswith(("delete", "remove")) for name in dir(AcuitasClient))
+
+
+def test_a_practice_ca_bundle_that_cannot_be_used_is_a_clear_tls_failure(tmp_path) -> None:
+    settings = {"server_url": "https://acuitas.practice.example:8443", "database": DATABASE}
+    for bundle in (tmp_path / "missing.pem", tmp_path / "empty.pem"):
+        if bundle.name == "empty.pem":
+            bundle.write_text("not a certificate\n")
+        p = Practice("demo-acuitas", "Demo", PmsKind.ACUITAS, {**settings, "ca_bundle": str(bundle)}, "connected")
+        with pytest.raises(PmsConnectionFailed) as info:
+            AcuitasResource().open(p, {"api_username": USERNAME, "api_password": PASSWORD})
+        assert info.value.problem == "tls_certificate" and "ca_bundle" in str(info.value)
+        assert PASSWORD not in str(info.value)

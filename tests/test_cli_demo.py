@@ -88,6 +88,19 @@ def test_demo_connects_syncs_and_exports(demo_home) -> None:
 
     instance = get_instance()
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    # Rows in = rows stored + rows rejected (+ erased, skipped), for every stream of every sync.
+    from dagster import AssetKey
+
+    checked = 0
+    for key in ("patients", "appointments", "clinical_records"):
+        for record in instance.fetch_materializations(AssetKey(key), limit=100).records:
+            meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            stored = (
+                meta["inserted"] + meta["updated"] + meta["unchanged"] + meta["rejected"] + meta["suppressed_erased"]
+            )
+            assert meta["rows_read"] == stored, (key, meta)
+            checked += 1
+    assert checked >= 15  # three streams of five demo practices, at least
     runs = instance.get_runs()
     assert {r.tags.get("practice") for r in runs} >= {
         "demo-csv",

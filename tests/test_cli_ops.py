@@ -66,3 +66,24 @@ def test_groups_list_and_export_together(store: Store) -> None:
     audit = store.audit_entries("loc-north")
     assert audit[0]["action"] == "export"
     assert "export" not in {e["action"] for e in store.audit_entries("elsewhere")}
+
+
+def test_csv_export_neutralises_spreadsheet_formulas(store: Store, tmp_path) -> None:
+    """OWASP CSV injection: a cell starting with = + - @ tab or CR is prefixed with a quote."""
+    store.add_practice("inj", "Inj", PmsKind.CSV, {}, {})
+    evil = Patient(
+        "inj", "E1", '=HYPERLINK("http://evil.example","x")', "@SUM(A1)", [MOBILE], last_eye_test_date=date(2024, 1, 1)
+    )
+    evil.clinical_notes = "-2+3"
+    store.write_patients(
+        "inj", "csv", ReadResult([evil], [RejectedRow("l2", "bad", {"name": "+cmd"})]), None, full=True
+    )
+    out = tmp_path / "inj.csv"
+    assert CliRunner().invoke(main, ["export", "inj", "--format", "csv", "--output", str(out)]).exit_code == 0
+    import csv
+
+    row = next(csv.DictReader(out.read_text(encoding="utf-8-sig").splitlines()))
+    assert row["first_name"].startswith("'=") and row["last_name"] == "'@SUM(A1)"
+    assert row["phones"] == "+447700900321"  # an E.164 phone is data, not a formula
+    rejected = next(csv.DictReader((tmp_path / "inj-rejected.csv").read_text(encoding="utf-8-sig").splitlines()))
+    assert rejected["raw"].startswith("{") and "+cmd" in rejected["raw"]  # raw values as JSON: never a formula

@@ -409,6 +409,9 @@ class Store:
                 ),
                 {"p": practice_id},
             ).rowcount
+            self.audit(
+                conn, "pipeline", practice_id, "compute_recalls", detail={"changed": changed, "removed": removed}
+            )
         return changed + removed
 
     def load_clinical_records(self, practice_id: str) -> dict[str, list[ClinicalRecord]]:
@@ -485,6 +488,7 @@ class Store:
                 ),
                 {"p": practice_id, "today": today},
             ).rowcount
+            self.audit(conn, "pipeline", practice_id, "build_call_list", detail=dict(counts))
         return counts
 
     def call_list(self, practice_id: str, actor: str | None = None) -> list[dict[str, Any]]:
