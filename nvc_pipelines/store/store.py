@@ -459,12 +459,22 @@ class Store:
                     "   WHERE m.merged_into = pt.patient_id), '{}') AS refs "
                     " FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
                     " WHERE r.practice_id = :p AND pt.active AND r.due_date <= :today) "
-                    "SELECT *, cardinality(phones) > 0 AS callable, (EXISTS ("
-                    " SELECT 1 FROM appointments a WHERE a.practice_id = :p AND a.active "
-                    " AND a.pms_patient_id = ANY(refs) AND a.status = 'booked' AND a.starts_at > now()) OR EXISTS ("
-                    " SELECT 1 FROM outbox o WHERE o.practice_id = :p AND o.kind = 'booking' "
-                    " AND o.pms_patient_id = ANY(refs) AND o.status IN ('pending', 'sent', 'confirmed') "
-                    " AND (o.payload->>'starts_at')::timestamptz > now())) AS booked "
+                    # The references are unnested into rows so "already booked" is a plain join that
+                    # uses the indexes; `= ANY(array || ...)` is not leakproof, so under row-level
+                    # security it scanned every appointment for every due patient.
+                    ", person_refs AS (SELECT p.patient_id, u.ref FROM people p "
+                    " CROSS JOIN LATERAL unnest(p.refs) AS u(ref)), "
+                    "booked AS ("
+                    " SELECT pr.patient_id FROM person_refs pr JOIN appointments a "
+                    "  ON a.practice_id = :p AND a.pms_patient_id = pr.ref "
+                    "  WHERE a.active AND a.status = 'booked' AND a.starts_at > now() "
+                    " UNION "
+                    " SELECT pr.patient_id FROM person_refs pr JOIN outbox o "
+                    "  ON o.practice_id = :p AND o.pms_patient_id = pr.ref "
+                    "  WHERE o.kind = 'booking' AND o.status IN ('pending', 'sent', 'confirmed') "
+                    "  AND (o.payload->>'starts_at')::timestamptz > now()) "
+                    "SELECT people.*, cardinality(phones) > 0 AS callable, "
+                    "people.patient_id IN (SELECT patient_id FROM booked) AS booked "
                     "FROM people"
                 ),
                 {"p": practice_id, "today": today},
