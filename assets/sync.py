@@ -11,6 +11,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -285,24 +286,45 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
         rules = RecallRules.from_settings(practice.settings)
     except RecallConfigError as exc:
         raise Failure(description=f"practice {practice_id}: {exc}") from None
-    patient_rows = db.load_patients(practice_id)
-    clinical = db.load_clinical_records(practice_id)
+    # A recall depends only on its patient's row, their clinical records and the rules: after an
+    # incremental sync only patients whose data changed since their recall was computed are redone.
+    state = db.recall_state(practice_id)
+    fingerprint = rules.fingerprint()
+    plan = plan_sync(
+        state.computed_at,
+        state.last_full_at if state.fingerprint == fingerprint else None,
+        state.now,
+        force_full=context.run.tags.get(FULL_SYNC_TAG) == "true",
+        full_every=full_every(practice.settings),
+    )
+    if state.fingerprint not in (None, fingerprint):
+        plan = replace(plan, reason="recall rules or logic changed")
+    targets = db.recall_targets(practice_id, everyone=plan.full)
+    only = None if plan.full else targets.keys()
+    patient_rows = db.load_patients(practice_id, only=only)
+    clinical = db.load_clinical_records(practice_id, only=only)
     computed = [recall_with_clinical(p, clinical.get(p.pms_patient_id, []), rules) for p in patient_rows]
     found = [r for r in computed if r is not None]
-    changed = db.write_recalls(practice_id, found)
+    changed = db.write_recalls(practice_id, found, scope=only, seen=targets, fingerprint=fingerprint)
     summary = db.recall_summary(practice_id, date.today())
+    context.log.info(
+        f"recalls for {practice_id}: {len(patient_rows)} "
+        + (f"patients recomputed, all ({plan.reason})" if plan.full else "patients with changed data recomputed")
+    )
     return MaterializeResult(
         metadata={
-            "patients": len(patient_rows),
+            "mode": "full" if plan.full else "incremental",
+            "patients": summary["active_patients"],
+            "recomputed": len(patient_rows),
             "recalls": summary["total"],
-            "without_recall": len(patient_rows) - len(found),
+            "without_recall": summary["active_patients"] - summary["total"],
             "changed": changed,
             "due_now": summary["due_now"],
             "due_next_30_days": summary["due_30_days"],
             "from_pms": summary["from_pms"],
             "computed": summary["computed"],
-            "with_inferred_flags": sum(1 for r in found if r.inferred_flags),
-            "by_rule": MetadataValue.json(dict(sorted(Counter(r.rule for r in found).items()))),
+            "with_inferred_flags": summary["with_inferred_flags"],
+            "by_rule": MetadataValue.json(summary["by_rule"]),
             "duration_seconds": round(time.monotonic() - started, 3),
         }
     )

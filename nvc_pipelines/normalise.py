@@ -80,24 +80,35 @@ def normalise_phone(raw: str) -> Phone:
             digits = "+" + digits
         elif not digits.startswith("0") and len(digits) == 10:
             digits = "0" + digits  # leading zero lost by a spreadsheet
-    try:
-        parsed = phonenumbers.parse(digits, "GB")
-    except phonenumbers.NumberParseException as exc:
-        raise InvalidValue(f"phone number {text!r} is not a phone number ({exc})") from None
+    plain = _PLAIN_UK.match(digits)
+    if plain:  # the common shapes: what `parse(digits, "GB")` would return, without its generic scan
+        parsed = phonenumbers.PhoneNumber(country_code=44, national_number=int(plain.group(1)))
+    else:
+        try:
+            parsed = phonenumbers.parse(digits, "GB")
+        except phonenumbers.NumberParseException as exc:
+            raise InvalidValue(f"phone number {text!r} is not a phone number ({exc})") from None
     if parsed.country_code != 44:
         raise InvalidValue(f"phone number {text!r} is not a UK number")
     national = str(parsed.national_number)
-    drama = is_ofcom_drama_number(national)
-    if not drama and not phonenumbers.is_valid_number(parsed):
-        raise InvalidValue(f"phone number {text!r} is not a valid UK number")
-    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    return Phone(e164=e164, type=_phone_type(parsed, national, drama))
+    if is_ofcom_drama_number(national):
+        kind = PhoneType.MOBILE if national.startswith("7") else PhoneType.LANDLINE
+    else:
+        # `number_type` is UNKNOWN exactly when `is_valid_number` is False (both match the number
+        # against the region's patterns), so one call does both: phones are most of a sync's CPU.
+        kind = _phone_type(phonenumbers.number_type(parsed))
+        if kind is None:
+            raise InvalidValue(f"phone number {text!r} is not a valid UK number")
+    return Phone(e164=f"+44{national}", type=kind)
 
 
-def _phone_type(parsed: phonenumbers.PhoneNumber, national: str, drama: bool) -> PhoneType:
-    if drama:
-        return PhoneType.MOBILE if national.startswith("7") else PhoneType.LANDLINE
-    kind = phonenumbers.number_type(parsed)
+_PLAIN_UK = re.compile(r"^(?:\+44|0)([1-9]\d{9})$")
+
+
+def _phone_type(kind: int) -> PhoneType | None:
+    """NVC's phone type for a `phonenumbers` type; None for an invalid number."""
+    if kind == PhoneNumberType.UNKNOWN:
+        return None
     if kind == PhoneNumberType.MOBILE:
         return PhoneType.MOBILE
     if kind in (PhoneNumberType.FIXED_LINE, PhoneNumberType.FIXED_LINE_OR_MOBILE):
@@ -144,6 +155,11 @@ def parse_uk_date(raw: str | None, field_name: str) -> date | None:
         return None
     if "T" in text:  # ISO timestamp: keep the date part
         text = text.split("T", 1)[0]
+    if len(text) == 10 and text[4] == "-" and text[7] == "-":  # ISO, what every API sends: no strptime scan
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            pass  # not a real date: the formats below refuse it with the same message
     for fmt in _DATE_FORMATS:
         try:
             return datetime.strptime(text, fmt).date()

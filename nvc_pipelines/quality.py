@@ -77,15 +77,32 @@ def _gx():
 
 
 def validate(frame: Any, expectations: Sequence[tuple[str, Any]]) -> dict[str, list[int]]:
-    """Run named expectations on a pandas DataFrame; returns the failing row indexes per name."""
+    """Run named expectations on a pandas DataFrame; returns the failing row indexes per name.
+
+    They run as one suite on a frame cut down to the columns they name: GX fingerprints the whole
+    frame for every batch it makes, and a column of lists or dates makes it pickle every row.
+    """
     gx, batch_definition = _gx()
     if len(frame) == 0:
         return {name: [] for name, _ in expectations}
-    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
-    failing: dict[str, list[int]] = {}
+    built = []
     for name, build in expectations:
-        result = batch.validate(build(gx.expectations), result_format={"result_format": "COMPLETE"})
-        failing[name] = [] if result.success else list(result.result.get("unexpected_index_list") or [0])
+        expectation = build(gx.expectations)
+        expectation.meta = {"nvc_check": name}  # results come back keyed by this, not by position
+        built.append(expectation)
+    columns = list(dict.fromkeys(expectation.column for expectation in built))
+    suite = gx.ExpectationSuite(name="nvc", expectations=built)
+    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame[columns]})
+    result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+    failing: dict[str, list[int]] = {}
+    for outcome in result.results:
+        name = outcome.expectation_config.meta["nvc_check"]
+        if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+            raise RuntimeError(f"expectation {name} could not run: {outcome.exception_info.get('exception_message')}")
+        failing[name] = [] if outcome.success else list(outcome.result.get("unexpected_index_list") or [0])
+    missing = [name for name, _ in expectations if name not in failing]
+    if missing:
+        raise RuntimeError(f"Great Expectations returned no result for {missing}")
     return failing
 
 
@@ -218,13 +235,22 @@ def recalls_report(rows: list[dict[str, Any]], rules: RecallRules) -> Report:
         (d - b).days if b else None for d, b in zip(frame["due_date"], frame["based_on"], strict=True)
     ]
 
-    def interval_matches(row: Any) -> bool:
-        if row["recall_source"] == "pms":
+    def interval_matches(source: str, rule: str, months: Any, based_on: date, due: date) -> bool:
+        if source == "pms":
             return True
-        months = int(row["interval_months"])
-        return rules.intervals.get(row["rule"]) == months and add_months(row["based_on"], months) == row["due_date"]
+        return rules.intervals.get(rule) == int(months) and add_months(based_on, int(months)) == due
 
-    frame["interval_matches_rule"] = [interval_matches(r) for _, r in frame.iterrows()] if len(frame) else []
+    frame["interval_matches_rule"] = [
+        interval_matches(*values)
+        for values in zip(
+            frame["recall_source"],
+            frame["rule"],
+            frame["interval_months"],
+            frame["based_on"],
+            frame["due_date"],
+            strict=True,
+        )
+    ]
     failing = validate(
         frame,
         [

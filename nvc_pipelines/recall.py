@@ -8,6 +8,8 @@ override any interval through its settings (`recall_interval.<rule>=<months>`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
@@ -29,6 +31,9 @@ DEFAULT_INTERVALS: dict[str, int] = {
 }
 
 SETTING_PREFIX = "recall_interval."
+# Bump when a change to this module or to the tagger can change a computed recall: every practice's
+# recalls are then recomputed in full on its next sync, not just those of patients that changed.
+RECALL_LOGIC_VERSION = 1
 
 
 class RecallConfigError(ValueError):
@@ -58,6 +63,12 @@ class RecallRules:
                 raise RecallConfigError(f"setting {key!r} must be between 1 and 120 months, got {months}")
             intervals[rule] = months
         return cls(intervals)
+
+    def fingerprint(self) -> str:
+        """Identifies these intervals and this version of the recall logic: stored recalls computed
+        with another fingerprint are all recomputed."""
+        body = json.dumps({"logic": RECALL_LOGIC_VERSION, "intervals": dict(sorted(self.intervals.items()))})
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def add_months(start: date, months: int) -> date:

@@ -33,6 +33,9 @@ TRANSIENT_PROBLEMS = frozenset(
         "connector_offline",
         "connector_timeout",
         "session_expired",
+        # A refused certificate is fixed by people (renewal, a CA bundle), often within the backoff
+        # window; a booking made on a call should wait for that rather than fail at once.
+        "tls_certificate",
     }
 )
 

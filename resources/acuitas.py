@@ -29,7 +29,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from dagster import ConfigurableResource
 
 from nvc_pipelines.model import (
     Appointment,
@@ -58,7 +57,14 @@ from nvc_pipelines.normalise import (
     nvc_marker,
     parse_pms_datetime,
 )
-from resources.http import RETRYABLE_STATUS, CaBundleError, HttpStatusError, PmsHttp, UnsafeUrl, check_url
+from resources.http import (
+    RETRYABLE_STATUS,
+    FailureWords,
+    HttpPmsResource,
+    HttpStatusError,
+    open_http,
+    translate_common,
+)
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,7 @@ NOTE_TEXT_MAX = 2000
 REQUIRED_ROLES = ("API Read", "Diary Write")
 MAX_PASSES = 3  # re-reads of a filtered list that changed while it was paged
 SESSION_ERRORS = frozenset({"TOKEN_EXPIRED", "INVALID_TOKEN"})
+NAMED_CODES = frozenset({"DATABASE_NOT_FOUND", "PATIENT_NOT_FOUND", "SLOT_UNAVAILABLE"})  # whatever the status
 
 # Acuitas clinical alert codes -> the recall rules' flags. Other codes (AMB, CAT, ...) pass through raw.
 ALERT_CODES: dict[str, str] = {
@@ -112,9 +119,16 @@ CHECK_ROLES = (
 CHECK_VERSION = (
     "the Acuitas version on the practice server (Help > About); the practice (or Ocuco support) can upgrade it"
 )
-CHECK_TLS = (
-    "the practice server's TLS certificate: it must be valid for the host name in server_url and issued by a "
-    "trusted certificate authority (a self-signed certificate is refused)"
+WORDS = FailureWords(
+    pms=PMS_NAME,
+    throttler="Acuitas",
+    answerer="the Acuitas server",
+    place="the Acuitas server at ",
+    heavy_user="the practice server's API",
+    url_setting="server_url",
+    check_url=CHECK_URL,
+    check_server_error="that the Acuitas API service on the practice server is healthy (restart it if needed)",
+    tls_owner="the practice server's",
 )
 
 
@@ -235,8 +249,8 @@ class _AcuitasSession(httpx.Auth):
 
     requires_response_body = True
 
-    def __init__(self, session_url: str, database: str, username: str, password: str):
-        self._session_url = session_url
+    def __init__(self, database: str, username: str, password: str):
+        self.session_url = ""  # set once the client has checked the server's address
         self._database = database
         self._username = username
         self._password = password
@@ -249,7 +263,7 @@ class _AcuitasSession(httpx.Auth):
 
     def _login_request(self) -> httpx.Request:
         body = {"database": self._database, "username": self._username, "password": self._password}
-        return httpx.Request("POST", self._session_url, json=body, headers={"Accept": "application/json"})
+        return httpx.Request("POST", self.session_url, json=body, headers={"Accept": "application/json"})
 
     def _accept(self, response: httpx.Response) -> bool:
         if response.status_code != 200:
@@ -328,35 +342,22 @@ class AcuitasClient:
         self._password = password
         self._username = username
         self._version: str | None = None
-        self._auth: _AcuitasSession | None = None
-        try:
-            base = check_url(server_url)
-        except UnsafeUrl as exc:
-            raise self._fail(
-                "unsafe_url",
-                f"{exc}.",
-                "the server_url setting: it must be the https:// address of the Acuitas API service on the "
-                "practice server (plain http:// is only allowed to this machine itself)",
-            ) from None
-        self._prefix = "" if base.endswith(API_PREFIX) else API_PREFIX
-        self._auth = _AcuitasSession(f"{base}{self._prefix}/session", database, username, password)
-        try:
-            self.http = PmsHttp(
-                base,
-                auth=self._auth,
-                timeout_seconds=timeout_seconds,
-                max_attempts=self.max_attempts,
-                backoff_seconds=backoff_seconds,
-                transport=transport,
-                on_retry=self._on_retry,
-                ca_bundle=ca_bundle,
-            )
-        except CaBundleError as exc:
-            raise self._fail(
-                "tls_certificate",
-                f"{exc}.",
-                "the ca_bundle setting: a PEM file on this server holding the practice's own CA certificate",
-            ) from None
+        self._auth = _AcuitasSession(database, username, password)
+        self.http = open_http(
+            server_url,
+            self._fail,
+            check_unsafe="the server_url setting: it must be the https:// address of the Acuitas API service on "
+            "the practice server (plain http:// is only allowed to this machine itself)",
+            ca_bundle=ca_bundle,
+            auth=self._auth,
+            timeout_seconds=timeout_seconds,
+            max_attempts=self.max_attempts,
+            backoff_seconds=backoff_seconds,
+            transport=transport,
+            on_retry=self._on_retry,
+        )
+        self._prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
+        self._auth.session_url = f"{self.http.base_url}{self._prefix}/session"
 
     def __repr__(self) -> str:
         return f"AcuitasClient(practice={self.practice.practice_id!r}, database={self.database!r})"
@@ -364,8 +365,7 @@ class AcuitasClient:
     # --- errors ------------------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        token = self._auth.token if self._auth is not None else None
-        for secret, label in ((token, "<session token>"), (self._password, "<password>")):
+        for secret, label in ((self._auth.token, "<session token>"), (self._password, "<password>")):
             if secret:
                 text = text.replace(secret, label)
         return text
@@ -387,24 +387,16 @@ class AcuitasClient:
 
     def _translate(self, exc: Exception, *, invalid: str = "bad_request") -> PmsError:
         """Turn an HTTP or transport failure into an error that names the problem and what to check."""
-        if not isinstance(exc, HttpStatusError):
-            text = f"{type(exc).__name__}: {exc}"
-            if "CERTIFICATE_VERIFY_FAILED" in text.upper():
-                return self._fail(
-                    "tls_certificate", f"the TLS certificate of {self.http.base_url} was refused ({text}).", CHECK_TLS
-                )
-            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-                what = "could not connect to"
-            elif isinstance(exc, httpx.TimeoutException):
-                what = "timed out waiting for"
-            else:
-                what = "lost the connection to"
-            return self._fail("unreachable", f"{what} the Acuitas server at {self.http.base_url} ({text}).", CHECK_URL)
-        code = _error_code(exc.body)
-        detail = str(exc.body.get("Message") or "") if isinstance(exc.body, dict) else str(exc.body or "")[:200]
-        detail = self._scrub_reply(detail.strip().rstrip("."))
-        said = f" (Acuitas said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
-        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
+        code, said = "", ""
+        if isinstance(exc, HttpStatusError):
+            code = _error_code(exc.body)
+            detail = str(exc.body.get("Message") or "") if isinstance(exc.body, dict) else str(exc.body or "")[:200]
+            said = WORDS.said(code, self._scrub_reply(detail.strip().rstrip(".")))
+        # A code naming the problem outranks the status the shared translation reads.
+        common = None if code in NAMED_CODES else translate_common(exc, self.http, WORDS, self._fail, said=said)
+        if common is not None:
+            return common
+        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
         db = self.database
         if exc.status == 401 and code in SESSION_ERRORS:
             return self._fail(
@@ -441,18 +433,6 @@ class AcuitasClient:
                 "api_not_found",
                 f"{self.http.base_url} did not answer as an Acuitas API server (HTTP 404{said}).",
                 CHECK_URL,
-            )
-        if exc.status == 429:
-            return self._fail(
-                "rate_limited",
-                f"Acuitas kept rate-limiting requests after {attempts}{said}.",
-                "whether another integration is using the practice server's API heavily; the next sync will retry",
-            )
-        if exc.status >= 500:
-            return self._fail(
-                "pms_error",
-                f"the Acuitas server answered HTTP {exc.status} after {attempts}{said}.",
-                "that the Acuitas API service on the practice server is healthy (restart it if needed); the next sync will retry",
             )
         if invalid != "bad_request" and exc.status in (400, 422):
             what = "booking" if invalid == "invalid_booking" else "call note"
@@ -792,21 +772,12 @@ class AcuitasClient:
         self.close()
 
 
-class AcuitasResource(ConfigurableResource):
+class AcuitasResource(HttpPmsResource):
     """Acuitas connections. Per practice: `server_url` (the practice server's Acuitas API address) and
     `database` (the Acuitas database name); secrets: `api_username`, `api_password`."""
 
-    timeout_seconds: float = 30.0
-    max_attempts: int = 5
-    page_size: int = 100
-    backoff_seconds: float = 0.5
-
     def required_settings(self) -> tuple[str, ...]:
         return ("server_url", "database")
-
-    def optional_settings(self) -> tuple[str, ...]:
-        # A practice server whose certificate comes from the practice's own CA: trust that CA only.
-        return ("ca_bundle",)
 
     def required_secrets(self) -> tuple[str, ...]:
         return ("api_username", "api_password")
@@ -836,9 +807,5 @@ class AcuitasResource(ConfigurableResource):
             database=settings["database"],
             username=secrets["api_username"],
             password=secrets["api_password"],
-            page_size=self.page_size,
-            timeout_seconds=self.timeout_seconds,
-            max_attempts=self.max_attempts,
-            backoff_seconds=self.backoff_seconds,
-            ca_bundle=(practice.settings.get("ca_bundle") or "").strip() or None,
+            **self.client_options(practice),
         )

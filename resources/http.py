@@ -1,4 +1,6 @@
-"""The HTTP client every cloud/server PMS shares: TLS, timeouts, and retries that honour `Retry-After`.
+"""The HTTP client every cloud/server PMS shares: TLS, timeouts, retries that honour `Retry-After`,
+the failures every such PMS reports alike (`translate_common`, worded per PMS by `FailureWords`),
+and the settings every such resource takes (`HttpPmsResource`).
 
 Only idempotent reads are retried automatically; writes go through the caller's own
 lookup-before-retry logic (a PMS without idempotency keys must not get a second booking).
@@ -6,25 +8,37 @@ lookup-before-retry logic (a PMS without idempotency keys must not get a second 
 Transport security: certificates are always verified (chain and host name), TLS 1.2 is the floor
 and TLS 1.3 is negotiated whenever the server offers it; plain `http://` is only accepted to this
 machine itself (the sandboxes). A practice-hosted server with a private CA is trusted through an
-explicit CA bundle (`ca_bundle`), never by turning verification off; with a bundle, only the CAs in
-it are trusted for that connection. Redirects are not followed (one to `http://` would leak).
+explicit CA bundle (`ca_bundle`, a setting every HTTP PMS accepts), never by turning verification
+off; with a bundle, only the CAs in it are trusted for that connection. A refused certificate is its
+own problem (`tls_certificate`), never retried. Redirects are not followed (one to `http://` would leak).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from dagster import ConfigurableResource
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from nvc_pipelines.model import Practice
+from resources.protocol import PmsError
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_SECONDS = 60.0
+CA_BUNDLE_SETTING = "ca_bundle"
+# The problem code of a refused server certificate or an unusable CA bundle: an operator fixes it, so
+# it is not retried (unlike `unreachable`).
+TLS_PROBLEM = "tls_certificate"
+CHECK_CA_BUNDLE = "the ca_bundle setting: a PEM file on this server holding the practice's own CA certificate"
+
+Fail = Callable[[str, str, str], PmsError]
 
 
 class UnsafeUrl(ValueError):
@@ -119,6 +133,24 @@ def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
+def ca_bundle_of(settings: Mapping[str, str]) -> str | None:
+    """The practice's optional `ca_bundle` setting (a PEM file path), or None to trust the system CAs."""
+    return (settings.get(CA_BUNDLE_SETTING) or "").strip() or None
+
+
+def is_certificate_failure(exc: BaseException) -> bool:
+    """Whether a transport failure is the server's certificate being refused: retrying cannot fix it,
+    and "unreachable" would send the operator to the firewall instead of the certificate."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> ssl; bounded, so a cyclic chain cannot loop
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc).upper()
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("Retry-After")
     if value is None:
@@ -132,7 +164,22 @@ def _retry_after(response: httpx.Response) -> float | None:
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, HttpStatusError):
         return exc.status in RETRYABLE_STATUS
-    return isinstance(exc, httpx.TransportError)
+    return isinstance(exc, httpx.TransportError) and not is_certificate_failure(exc)
+
+
+class SecretAuth(httpx.Auth):
+    """Sends `Authorization: <scheme> <secret>` per request, so the secret is never part of the
+    client's default headers or of any repr (a log line or a traceback would show it)."""
+
+    def __init__(self, scheme: str, secret: str):
+        self._header = f"{scheme} {secret}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._header
+        yield request
+
+    def __repr__(self) -> str:
+        return "SecretAuth(<redacted>)"
 
 
 class PmsHttp:
@@ -209,3 +256,120 @@ class PmsHttp:
 
     def close(self) -> None:
         self.client.close()
+
+
+# --- failures every HTTP PMS shares ------------------------------------------------------------------
+
+
+def attempts_text(count: int) -> str:
+    """`5 attempts` / `1 attempt`, as the messages quote how hard NVC tried."""
+    return f"{count} attempt{'s' if count != 1 else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class FailureWords:
+    """How one PMS is named in the failures every HTTP PMS shares, so each message reads naturally
+    ("the Optisoft relay answered HTTP 503") while the logic stays in one place."""
+
+    pms: str  # in "(Optix said: ...)"
+    throttler: str  # who "kept rate-limiting requests": "Optix", "the relay"
+    answerer: str  # who "answered HTTP 503": "Optix", "the Acuitas server"
+    place: str  # before the address in "could not connect to ...": "" or "the Acuitas server at "
+    heavy_user: str  # "whether another integration is using <the same API key> heavily"
+    url_setting: str  # the setting holding the address: "api_url", "server_url"
+    check_url: str  # what to check when the address cannot be reached
+    check_server_error: str  # what to check on a 5xx, before "; the next sync will retry"
+    tls_owner: str  # whose certificate: "the practice server's", "the Optix API's"
+
+    def said(self, code: str, detail: str) -> str:
+        """` (Optix said: code: detail)`, or "" when the PMS said nothing useful."""
+        return f" ({self.pms} said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
+
+    @property
+    def check_tls(self) -> str:
+        return (
+            f"{self.tls_owner} TLS certificate: it must be valid for the host name in {self.url_setting} and issued "
+            "by a trusted certificate authority (a self-signed certificate is refused); a certificate from a "
+            "private CA (the practice's own, or a TLS-inspecting proxy's) is trusted only through the ca_bundle "
+            "setting, a PEM file of that CA on this server"
+        )
+
+
+def open_http(
+    base_url: str,
+    fail: Fail,
+    *,
+    check_unsafe: str,
+    unsafe_message: str | None = None,
+    ca_bundle: str | None = None,
+    **options: Any,
+) -> PmsHttp:
+    """A `PmsHttp` for one practice; an unsafe address (`unsafe_url`) or an unusable CA bundle
+    (`tls_certificate`) is raised through `fail` as that practice's problem, before any request."""
+    try:
+        return PmsHttp(base_url, ca_bundle=ca_bundle, **options)
+    except UnsafeUrl as exc:
+        raise fail("unsafe_url", unsafe_message or f"{exc}.", check_unsafe) from None
+    except CaBundleError as exc:
+        raise fail(TLS_PROBLEM, f"{exc}.", CHECK_CA_BUNDLE) from None
+
+
+def translate_common(
+    exc: Exception, http: PmsHttp, words: FailureWords, fail: Fail, *, said: str = ""
+) -> PmsError | None:
+    """The failures every HTTP PMS shares, as problems: a refused certificate (`tls_certificate`), no
+    answer (`unreachable`), 429 after retries (`rate_limited`) and 5xx (`pms_error`).
+
+    Returns None for any other status, for the dialect to read. `said` is what the PMS said (from
+    `words.said`). A resource calls this before its own status cases; an error code that names its
+    problem whatever the status (Optisoft's connector reports itself with 503/504) is read first.
+    """
+    if not isinstance(exc, HttpStatusError):
+        text = f"{type(exc).__name__}: {exc}"
+        if is_certificate_failure(exc):
+            return fail(TLS_PROBLEM, f"the TLS certificate of {http.base_url} was refused ({text}).", words.check_tls)
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            what = "could not connect to"
+        elif isinstance(exc, httpx.TimeoutException):
+            what = "timed out waiting for"
+        else:
+            what = "lost the connection to"
+        return fail("unreachable", f"{what} {words.place}{http.base_url} ({text}).", words.check_url)
+    attempts = attempts_text(http.max_attempts)
+    if exc.status == 429:
+        return fail(
+            "rate_limited",
+            f"{words.throttler} kept rate-limiting requests after {attempts}{said}.",
+            f"whether another integration is using {words.heavy_user} heavily; the next sync will retry",
+        )
+    if exc.status >= 500:
+        return fail(
+            "pms_error",
+            f"{words.answerer} answered HTTP {exc.status} after {attempts}{said}.",
+            f"{words.check_server_error}; the next sync will retry",
+        )
+    return None
+
+
+class HttpPmsResource(ConfigurableResource):
+    """What every HTTP PMS resource is configured with (once per deployment; a PMS may change the
+    defaults), and the per-practice `ca_bundle` setting every one of them accepts."""
+
+    timeout_seconds: float = 30.0
+    max_attempts: int = 5
+    page_size: int = 100
+    backoff_seconds: float = 0.5
+
+    def optional_settings(self) -> tuple[str, ...]:
+        # ca_bundle: a private CA's PEM file (a practice's own, or a TLS-inspecting proxy's); only it is trusted.
+        return (CA_BUNDLE_SETTING,)
+
+    def client_options(self, practice: Practice) -> dict[str, Any]:
+        """The options every HTTP PMS client takes: this deployment's, and the practice's CA bundle."""
+        return {
+            "page_size": self.page_size,
+            "timeout_seconds": self.timeout_seconds,
+            "max_attempts": self.max_attempts,
+            "backoff_seconds": self.backoff_seconds,
+            "ca_bundle": ca_bundle_of(practice.settings),
+        }

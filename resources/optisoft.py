@@ -27,7 +27,6 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
-from dagster import ConfigurableResource
 
 from nvc_pipelines.model import (
     Appointment,
@@ -56,7 +55,13 @@ from nvc_pipelines.normalise import (
     nvc_marker,
     parse_pms_datetime,
 )
-from resources.http import HttpStatusError, PmsHttp, UnsafeUrl
+from resources.http import (
+    FailureWords,
+    HttpPmsResource,
+    HttpStatusError,
+    open_http,
+    translate_common,
+)
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
 log = logging.getLogger(__name__)
@@ -101,6 +106,17 @@ CHECK_CLINICIAN = (
 )
 CHECK_WRITE = "ask the practice to give NVC's database login write access (Optisoft > Admin > Database users)"
 CHECK_BUG = "this is a bug in the Optisoft integration; report it with this message"
+WORDS = FailureWords(
+    pms=PMS_NAME,
+    throttler="the relay",
+    answerer="the Optisoft relay",
+    place="the Optisoft relay at ",
+    heavy_user="the relay",
+    url_setting="server_address",
+    check_url=CHECK_SERVER,
+    check_server_error="Optisoft's status page, and the connector's log at the practice",
+    tls_owner="the Optisoft relay's",
+)
 
 # The connector's refusals of a booking or note: (problem, check).
 BOOKING_PROBLEMS: dict[str, tuple[str, str]] = {
@@ -221,26 +237,23 @@ class OptisoftClient:
         max_attempts: int,
         backoff_seconds: float,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | None = None,
     ):
         self.practice = practice
         self.practice_code = practice_code
         self.page_size = page_size
         self._credentials = {"username": db_username, "password": db_password}
-        try:
-            self.http = PmsHttp(
-                server_address,
-                timeout_seconds=timeout_seconds,
-                max_attempts=max_attempts,
-                backoff_seconds=backoff_seconds,
-                transport=transport,
-                on_retry=self._on_retry,
-            )
-        except UnsafeUrl as exc:
-            raise self._fail(
-                "unsafe_url",
-                f"{exc}.",
-                "the server_address setting: it must be the https:// address of the Optisoft relay",
-            ) from None
+        self.http = open_http(
+            server_address,
+            self._fail,
+            check_unsafe="the server_address setting: it must be the https:// address of the Optisoft relay",
+            ca_bundle=ca_bundle,
+            timeout_seconds=timeout_seconds,
+            max_attempts=max_attempts,
+            backoff_seconds=backoff_seconds,
+            transport=transport,
+            on_retry=self._on_retry,
+        )
         prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
         self._query_path = f"{prefix}/practices/{quote(practice_code, safe='')}/query"
 
@@ -269,21 +282,28 @@ class OptisoftClient:
 
     def _translate(self, exc: Exception) -> PmsError:
         """Turn a relay answer or transport failure into an error naming the problem and what to check."""
-        if not isinstance(exc, HttpStatusError):
-            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-                what = "could not connect to the Optisoft relay at"
-            elif isinstance(exc, httpx.TimeoutException):
-                what = "timed out waiting for the Optisoft relay at"
-            else:
-                what = "lost the connection to the Optisoft relay at"
+        said = ""
+        if isinstance(exc, HttpStatusError):
+            body = exc.body if isinstance(exc.body, dict) else {}
+            code = str(body.get("code") or "")
+            detail = str(body.get("message") or ("" if body else str(exc.body or "")[:200])).strip().rstrip(".")
+            said = WORDS.said(code, detail)
+            # The relay's and the connector's own codes first: they arrive as 503/504 and say more.
+            named = self._named_problem(code, said)
+            if named is not None:
+                return named
+        common = translate_common(exc, self.http, WORDS, self._fail, said=said)
+        if common is not None:
+            return common
+        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
+        if exc.status == 404:
             return self._fail(
-                "unreachable", f"{what} {self.http.base_url} ({type(exc).__name__}: {exc}).", CHECK_SERVER
+                "pms_error", f"{self.http.base_url} is not an Optisoft relay (HTTP 404){said}.", CHECK_SERVER
             )
-        body = exc.body if isinstance(exc.body, dict) else {}
-        code = str(body.get("code") or "")
-        detail = str(body.get("message") or ("" if body else str(exc.body or "")[:200])).strip().rstrip(".")
-        said = f" (Optisoft said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
-        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
+        return self._error("bad_request", f"Optisoft refused the request with HTTP {exc.status}{said}.", CHECK_BUG)
+
+    def _named_problem(self, code: str, said: str) -> PmsError | None:
+        """The problem an Optisoft error code names, whatever the HTTP status (None: not one of them)."""
         pc = self.practice_code
         if code == "CONNECTOR_OFFLINE":
             return self._fail(
@@ -306,23 +326,7 @@ class OptisoftClient:
         if code in BOOKING_PROBLEMS:
             problem, check = BOOKING_PROBLEMS[code]
             return self._error(problem, f"Optisoft refused the write{said}.", check)
-        if exc.status == 429:
-            return self._fail(
-                "rate_limited",
-                f"the relay kept rate-limiting requests after {attempts}{said}.",
-                "whether another integration is using the relay heavily; the next sync will retry",
-            )
-        if exc.status == 404:
-            return self._fail(
-                "pms_error", f"{self.http.base_url} is not an Optisoft relay (HTTP 404){said}.", CHECK_SERVER
-            )
-        if exc.status >= 500:
-            return self._fail(
-                "pms_error",
-                f"the Optisoft relay answered HTTP {exc.status} after {attempts}{said}.",
-                "Optisoft's status page, and the connector's log at the practice; the next sync will retry",
-            )
-        return self._error("bad_request", f"Optisoft refused the request with HTTP {exc.status}{said}.", CHECK_BUG)
+        return None
 
     # --- the relay -------------------------------------------------------------------------------
 
@@ -605,20 +609,16 @@ class OptisoftClient:
         self.close()
 
 
-class OptisoftResource(ConfigurableResource):
+class OptisoftResource(HttpPmsResource):
     """Optisoft connections through the Optisoft relay. Per practice: `server_address` (the relay)
     and `practice_code`; secrets: `db_username` and `db_password` (the practice database login)."""
 
     timeout_seconds: float = 45.0  # above the relay's own wait for the connector, so it reports a slow one
     max_attempts: int = 4
     page_size: int = 500
-    backoff_seconds: float = 0.5
 
     def required_settings(self) -> tuple[str, ...]:
         return ("server_address", "practice_code")
-
-    def optional_settings(self) -> tuple[str, ...]:
-        return ()
 
     def required_secrets(self) -> tuple[str, ...]:
         return ("db_username", "db_password")
@@ -647,8 +647,5 @@ class OptisoftResource(ConfigurableResource):
             practice_code=practice_code,
             db_username=username,
             db_password=password,
-            page_size=self.page_size,
-            timeout_seconds=self.timeout_seconds,
-            max_attempts=self.max_attempts,
-            backoff_seconds=self.backoff_seconds,
+            **self.client_options(practice),
         )

@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-from dagster import ConfigurableResource
 
 from nvc_pipelines.model import (
     Appointment,
@@ -52,7 +51,17 @@ from nvc_pipelines.normalise import (
     nvc_marker,
     parse_pms_datetime,
 )
-from resources.http import RETRYABLE_STATUS, HttpStatusError, PmsHttp, UnsafeUrl
+from resources.http import (
+    RETRYABLE_STATUS,
+    FailureWords,
+    HttpPmsResource,
+    HttpStatusError,
+    SecretAuth,
+    attempts_text,
+    is_certificate_failure,
+    open_http,
+    translate_common,
+)
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
 log = logging.getLogger(__name__)
@@ -97,20 +106,17 @@ CHECK_KEY = (
 CHECK_URL = "the api_url setting, and that this server can reach it (firewall, proxy, network)"
 CHECK_RETRY = "Optix's status page; the write is safe to retry (NVC looks for its earlier attempt first)"
 CHECK_BUG = "this is a bug in the Optix integration or the booking sent to it; report it with this message"
-
-
-class _BearerAuth(httpx.Auth):
-    """Adds the API key per request, so it is never part of the client's default headers or a repr."""
-
-    def __init__(self, api_key: str):
-        self._api_key = api_key
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._api_key}"
-        yield request
-
-    def __repr__(self) -> str:
-        return "_BearerAuth(<redacted>)"
+WORDS = FailureWords(
+    pms=PMS_NAME,
+    throttler="Optix",
+    answerer="Optix",
+    place="",
+    heavy_user="the same API key",
+    url_setting="api_url",
+    check_url=CHECK_URL,
+    check_server_error="Optix's status page",
+    tls_owner="the Optix API's",
+)
 
 
 def optix_draft(row: dict[str, Any]) -> PatientDraft:
@@ -214,10 +220,8 @@ def _error_code(exc: HttpStatusError) -> str:
 def _said(exc: HttpStatusError) -> str:
     """` (Optix said: code: message)`, or "" when Optix said nothing useful."""
     error = exc.body.get("error") if isinstance(exc.body, dict) else None
-    code = str(error.get("code", "")) if isinstance(error, dict) else ""
     detail = str(error.get("message", "")) if isinstance(error, dict) else str(exc.body or "")[:200]
-    detail = detail.strip().rstrip(".")
-    return f" (Optix said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
+    return WORDS.said(_error_code(exc), detail.strip().rstrip("."))
 
 
 def _describe(exc: Exception | None) -> str:
@@ -261,25 +265,24 @@ class OptixClient:
         max_attempts: int,
         backoff_seconds: float,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | None = None,
     ):
         self.practice = practice
         self.optix_practice_id = optix_practice_id
         self.page_size = page_size
         self._secret = api_key
-        try:
-            self.http = PmsHttp(
-                api_url,
-                auth=_BearerAuth(api_key),
-                timeout_seconds=timeout_seconds,
-                max_attempts=max_attempts,
-                backoff_seconds=backoff_seconds,
-                transport=transport,
-                on_retry=self._on_retry,
-            )
-        except UnsafeUrl as exc:
-            raise self._fail(
-                "unsafe_url", f"{exc}.", "the api_url setting: it must be the https:// address of the Optix API"
-            ) from None
+        self.http = open_http(
+            api_url,
+            self._fail,
+            check_unsafe="the api_url setting: it must be the https:// address of the Optix API",
+            ca_bundle=ca_bundle,
+            auth=SecretAuth("Bearer", api_key),
+            timeout_seconds=timeout_seconds,
+            max_attempts=max_attempts,
+            backoff_seconds=backoff_seconds,
+            transport=transport,
+            on_retry=self._on_retry,
+        )
         # Accept the API root with or without the version prefix.
         self._prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
         self._practice_path = f"{self._prefix}/practices/{quote(optix_practice_id, safe='')}"
@@ -300,20 +303,12 @@ class OptixClient:
 
     def _translate(self, exc: Exception) -> PmsError:
         """Turn an HTTP or transport failure into an error that names the problem and what to check."""
-        if not isinstance(exc, HttpStatusError):
-            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-                what = "could not connect to"
-            elif isinstance(exc, httpx.TimeoutException):
-                what = "timed out waiting for"
-            else:
-                what = "lost the connection to"
-            return self._fail("unreachable", f"{what} {self.http.base_url} ({type(exc).__name__}: {exc}).", CHECK_URL)
-        error = exc.body.get("error") if isinstance(exc.body, dict) else None
-        code = str(error.get("code", "")) if isinstance(error, dict) else ""
-        detail = str(error.get("message", "")) if isinstance(error, dict) else str(exc.body or "")[:200]
-        detail = detail.strip().rstrip(".")
-        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
-        said = f" (Optix said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
+        said = _said(exc) if isinstance(exc, HttpStatusError) else ""
+        common = translate_common(exc, self.http, WORDS, self._fail, said=said)
+        if common is not None:
+            return common
+        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
+        code = _error_code(exc)
         pid = self.optix_practice_id
         if exc.status == 401:
             return self._fail("invalid_credentials", f"The API key was rejected{said}.", CHECK_KEY)
@@ -338,18 +333,6 @@ class OptixClient:
                 "practice_not_found",
                 f"Optix has no practice {pid} for this API key{said}.",
                 "the practice_id setting (the Optix Practice ID, e.g. OPX-1234) and that the API key belongs to it",
-            )
-        if exc.status == 429:
-            return self._fail(
-                "rate_limited",
-                f"Optix kept rate-limiting requests after {attempts}{said}.",
-                "whether another integration is using the same API key heavily; the next sync will retry",
-            )
-        if exc.status >= 500:
-            return self._fail(
-                "pms_error",
-                f"Optix answered HTTP {exc.status} after {attempts}{said}.",
-                "Optix's status page; the next sync will retry",
             )
         return PmsError(
             PMS_NAME,
@@ -591,6 +574,8 @@ class OptixClient:
                 answer = self.http.request("POST", path, retry=False, json=body)
             except httpx.TransportError as exc:
                 last = exc
+                if is_certificate_failure(exc):
+                    raise self._translate(exc) from None  # nothing was sent, and retrying cannot fix it
                 if isinstance(exc, NOT_SENT):
                     self._on_retry(f"{what}: could not reach Optix ({type(exc).__name__}); nothing was sent")
                     continue
@@ -641,7 +626,7 @@ class OptixClient:
             ) from None
 
     def _gave_up(self, what: str, last: Exception | None) -> PmsError:
-        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
+        attempts = attempts_text(self.http.max_attempts)
         if isinstance(last, NOT_SENT):
             return self._write_error(
                 "unreachable", f"could not reach {self.http.base_url} for the {what} after {attempts}.", CHECK_URL
@@ -684,21 +669,18 @@ class OptixClient:
         self.close()
 
 
-class OptixResource(ConfigurableResource):
+class OptixResource(HttpPmsResource):
     """Optix connections. Per practice: `practice_id` (the Optix Practice ID), optional `api_url`;
     secret: `api_key`."""
 
-    timeout_seconds: float = 30.0
-    max_attempts: int = 5
     page_size: int = 500
-    backoff_seconds: float = 0.5
     default_api_url: str = "https://api.optix.cloud"
 
     def required_settings(self) -> tuple[str, ...]:
         return ("practice_id",)
 
     def optional_settings(self) -> tuple[str, ...]:
-        return ("api_url",)
+        return ("api_url", *super().optional_settings())
 
     def required_secrets(self) -> tuple[str, ...]:
         return ("api_key",)
@@ -723,8 +705,5 @@ class OptixResource(ConfigurableResource):
             api_url=(practice.settings.get("api_url") or "").strip() or self.default_api_url,
             optix_practice_id=optix_practice_id,
             api_key=api_key,
-            page_size=self.page_size,
-            timeout_seconds=self.timeout_seconds,
-            max_attempts=self.max_attempts,
-            backoff_seconds=self.backoff_seconds,
+            **self.client_options(practice),
         )

@@ -19,14 +19,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime
 from functools import partial
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
-from dagster import ConfigurableResource
 
 from nvc_pipelines.model import (
     Appointment,
@@ -57,7 +56,14 @@ from nvc_pipelines.normalise import (
     parse_pms_datetime,
     parse_uk_date,
 )
-from resources.http import HttpStatusError, PmsHttp, UnsafeUrl
+from resources.http import (
+    FailureWords,
+    HttpPmsResource,
+    HttpStatusError,
+    SecretAuth,
+    open_http,
+    translate_common,
+)
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
 log = logging.getLogger(__name__)
@@ -263,25 +269,22 @@ CHECK_URL = (
     "the account_url setting (the https:// address the practice signs in to Sycle with, e.g. "
     "https://brightsight.sycle.net), and that this server can reach it (firewall, proxy, network)"
 )
+WORDS = FailureWords(
+    pms=PMS_NAME,
+    throttler="Sycle",
+    answerer="Sycle",
+    place="",
+    heavy_user="the same API token",
+    url_setting="account_url",
+    check_url=CHECK_URL,
+    check_server_error="Sycle's status page",
+    tls_owner="the Sycle server's",
+)
 
 # Joining alerts and recalls per patient: up to this many patients, look them up by id; beyond, read all.
 JOIN_BY_ID_LIMIT = 1000
 IDS_PER_REQUEST = 100
 MAX_PAGES = 100_000
-
-
-class _TokenAuth(httpx.Auth):
-    """Adds the token per request, so it is never part of the client's default headers or a repr."""
-
-    def __init__(self, token: str):
-        self._token = token
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Token {self._token}"
-        yield request
-
-    def __repr__(self) -> str:
-        return "_TokenAuth(<redacted>)"
 
 
 def alert_flags(label: Any) -> list[str]:
@@ -438,6 +441,7 @@ class SycleClient:
         max_attempts: int = 5,
         backoff_seconds: float = 0.5,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | None = None,
     ):
         self.practice = practice
         self.location_id = location_id
@@ -446,24 +450,21 @@ class SycleClient:
         self._secret = api_token
         self._resolved: dict[str, str] | None = None
         self._field_notes: list[str] = []
-        try:
-            self.http = PmsHttp(
-                account_url,
-                auth=_TokenAuth(api_token),
-                timeout_seconds=timeout_seconds,
-                max_attempts=max_attempts,
-                backoff_seconds=backoff_seconds,
-                transport=transport,
-                on_retry=self._on_retry,
-            )
-        except UnsafeUrl:
-            raise self._fail(
-                "unsafe_url",
-                f"the account URL {account_url.strip()!r} must start with https:// (patient data and the API "
-                "token must never travel in clear).",
-                "the account_url setting: the https:// address the practice signs in to Sycle with, "
-                "e.g. https://brightsight.sycle.net",
-            ) from None
+        self.http = open_http(
+            account_url,
+            self._fail,
+            unsafe_message=f"the account URL {account_url.strip()!r} must start with https:// (patient data and "
+            "the API token must never travel in clear).",
+            check_unsafe="the account_url setting: the https:// address the practice signs in to Sycle with, "
+            "e.g. https://brightsight.sycle.net",
+            ca_bundle=ca_bundle,
+            auth=SecretAuth("Token", api_token),
+            timeout_seconds=timeout_seconds,
+            max_attempts=max_attempts,
+            backoff_seconds=backoff_seconds,
+            transport=transport,
+            on_retry=self._on_retry,
+        )
         self._prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
         self._location_path = f"{self._prefix}/locations/{quote(location_id, safe='')}"
         self.account = urlsplit(self.http.base_url).netloc
@@ -496,17 +497,14 @@ class SycleClient:
 
     def _translate(self, exc: Exception) -> PmsError:
         """Turn an HTTP or transport failure into an error that names the problem and what to check."""
-        if not isinstance(exc, HttpStatusError):
-            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-                what = "could not connect to"
-            elif isinstance(exc, httpx.TimeoutException):
-                what = "timed out waiting for"
-            else:
-                what = "lost the connection to"
-            return self._fail("unreachable", f"{what} {self.http.base_url} ({type(exc).__name__}: {exc}).", CHECK_URL)
-        code, detail = self._said(exc.body)
-        said = f" (Sycle said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
-        attempts = f"{self.http.max_attempts} attempt{'s' if self.http.max_attempts != 1 else ''}"
+        code, said = "", ""
+        if isinstance(exc, HttpStatusError):
+            code, detail = self._said(exc.body)
+            said = WORDS.said(code, detail)
+        common = translate_common(exc, self.http, WORDS, self._fail, said=said)
+        if common is not None:
+            return common
+        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
         loc = self.location_id
         if exc.status == 401 and code == "token_expired":
             return self._fail("token_expired", f"the API token has expired{said}.", CHECK_EXPIRED)
@@ -529,18 +527,6 @@ class SycleClient:
                 "patient_not_found",
                 f"Sycle has no patient with that id at location {loc}{said}.",
                 "whether the patient was merged or removed in Sycle; re-sync the practice",
-            )
-        if exc.status == 429:
-            return self._fail(
-                "rate_limited",
-                f"Sycle kept rate-limiting requests after {attempts}{said}.",
-                "whether another integration is using the same API token heavily; the next sync will retry",
-            )
-        if exc.status >= 500:
-            return self._fail(
-                "pms_error",
-                f"Sycle answered HTTP {exc.status} after {attempts}{said}.",
-                "Sycle's status page; the next sync will retry",
             )
         if exc.status == 404:
             return self._fail(
@@ -794,7 +780,7 @@ class SycleClient:
 
     def _write_error(self, exc: HttpStatusError, invalid: str) -> PmsError:
         code, detail = self._said(exc.body)
-        said = f" (Sycle said: {code}{': ' if code and detail else ''}{detail})" if code or detail else ""
+        said = WORDS.said(code, detail)
         if exc.status == 409 and code == "slot_conflict":
             return self._error(
                 "slot_taken",
@@ -921,20 +907,15 @@ class SycleClient:
         self.close()
 
 
-class SycleResource(ConfigurableResource):
+class SycleResource(HttpPmsResource):
     """Sycle connections. Per practice: `account_url`, `location_id`, optional `field_map.<target>`
     (targets: last_eye_test, recall_due, mobile, phone, email); secret: `api_token`."""
-
-    timeout_seconds: float = 30.0
-    max_attempts: int = 5
-    page_size: int = 100
-    backoff_seconds: float = 0.5
 
     def required_settings(self) -> tuple[str, ...]:
         return ("account_url", "location_id")
 
     def optional_settings(self) -> tuple[str, ...]:
-        return tuple(FIELD_MAP_PREFIX + target for target in FIELD_MAP_TARGETS)
+        return (*(FIELD_MAP_PREFIX + target for target in FIELD_MAP_TARGETS), *super().optional_settings())
 
     def required_secrets(self) -> tuple[str, ...]:
         return ("api_token",)
@@ -965,8 +946,5 @@ class SycleResource(ConfigurableResource):
             location_id=location_id,
             api_token=api_token,
             field_map=field_map,
-            page_size=self.page_size,
-            timeout_seconds=self.timeout_seconds,
-            max_attempts=self.max_attempts,
-            backoff_seconds=self.backoff_seconds,
+            **self.client_options(practice),
         )

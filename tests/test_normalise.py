@@ -1,6 +1,9 @@
+import re
 from datetime import date
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nvc_pipelines.model import PhoneType
 from nvc_pipelines.normalise import (
@@ -119,3 +122,66 @@ def test_rows_without_ids_get_a_stable_identity_and_duplicates_are_rejected() ->
     assert [p.first_name for p in result.patients] == ["Siân", "Tom"]
     assert result.rejected[0].row_ref == "line 3" and "duplicate of line 2" in result.rejected[0].reason
     assert result.rows_read == 3
+
+
+def _reference_phone(digits: str) -> tuple[str, PhoneType] | None:
+    """The slow, obvious way with the library's own calls: parse, validate, format, classify."""
+    import phonenumbers
+    from phonenumbers import PhoneNumberType
+
+    from nvc_pipelines.normalise import is_ofcom_drama_number
+
+    try:
+        parsed = phonenumbers.parse(digits, "GB")
+    except phonenumbers.NumberParseException:
+        return None
+    national = str(parsed.national_number)
+    if parsed.country_code != 44:
+        return None
+    if is_ofcom_drama_number(national):
+        return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164), (
+            PhoneType.MOBILE if national.startswith("7") else PhoneType.LANDLINE
+        )
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    kind = phonenumbers.number_type(parsed)
+    ours = (
+        PhoneType.MOBILE
+        if kind == PhoneNumberType.MOBILE
+        else PhoneType.LANDLINE
+        if kind in (PhoneNumberType.FIXED_LINE, PhoneNumberType.FIXED_LINE_OR_MOBILE)
+        else PhoneType.OTHER
+    )
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164), ours
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    prefix=st.sampled_from(["0", "+44", "+44 ", "0044", "44"]),
+    national=st.from_regex(r"[1-9][0-9]{8,10}", fullmatch=True),
+)
+def test_phone_fast_path_agrees_with_phonenumbers(prefix: str, national: str) -> None:
+    """The shortcut for plain `0…`/`+44…` numbers gives what phonenumbers' parse + is_valid gives."""
+    raw = prefix + national
+    digits = re.sub(r"[^\d+]", "", raw)
+    expected = _reference_phone("+" + digits[2:] if digits.startswith("00") else digits)
+    try:
+        phone = normalise_phone(raw)
+    except InvalidValue:
+        assert expected is None or raw.startswith("44") and len(national) != 10
+        return
+    if raw.startswith("44"):  # bare 44 + 10 digits is read as international; otherwise as national
+        return
+    assert (phone.e164, phone.type) == expected
+
+
+@pytest.mark.parametrize("raw", ["2024-01-15", "2024-02-29", "15/01/2024", "2024-01-15T10:30:00Z"])
+def test_iso_fast_path_gives_the_same_dates(raw: str) -> None:
+    expected = date.fromisoformat(raw[:10]) if "-" in raw[:5] else date(2024, 1, 15)
+    assert parse_uk_date(raw, "d") == expected
+
+
+@pytest.mark.parametrize("raw", ["2024-02-30", "2024-13-01", "2024-1-155"])
+def test_impossible_iso_dates_are_refused_not_guessed(raw: str) -> None:
+    with pytest.raises(InvalidValue, match="is not a date"):
+        parse_uk_date(raw, "last_eye_test_date")

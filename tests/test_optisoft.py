@@ -465,7 +465,7 @@ def test_since_is_sent_as_uk_local_time() -> None:
 def test_settings_and_secrets_are_named() -> None:
     resource = OptisoftResource()
     assert resource.required_settings() == ("server_address", "practice_code")
-    assert resource.optional_settings() == ()
+    assert resource.optional_settings() == ("ca_bundle",)
     assert resource.required_secrets() == ("db_username", "db_password")
     secrets = {"db_username": USERNAME, "db_password": PASSWORD}
     cases = [

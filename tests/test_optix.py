@@ -274,7 +274,7 @@ def test_unsafe_urls_are_refused_before_any_request(url: str) -> None:
 def test_missing_settings_and_secrets_are_named() -> None:
     resource = OptixResource()
     assert resource.required_settings() == ("practice_id",)
-    assert resource.optional_settings() == ("api_url",)
+    assert resource.optional_settings() == ("api_url", "ca_bundle")
     assert resource.required_secrets() == ("api_key",)
     with pytest.raises(PmsConnectionFailed) as failure:
         resource.open(practice("https://api.optix.cloud", ""), {"api_key": KEY})

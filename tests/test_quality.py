@@ -194,3 +194,38 @@ def test_freshness(hours: float, passed: bool) -> None:
     now = datetime(2026, 11, 25, 12, tzinfo=UTC)
     assert quality.freshness_report(now - timedelta(hours=hours), now).passed is passed
     assert quality.freshness_report(None, now).passed is False
+
+
+def _good_patient(n: int) -> dict:
+    return {
+        "pms_patient_id": str(n),
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "phones": [f"+44770090000{n}"],
+        "date_of_birth": date(1990, 1, 1),
+        "last_eye_test_date": date(2025, 1, 1),
+        "risk_flags": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "change,rule",
+    [
+        ({"pms_patient_id": "0"}, "unique_identity"),
+        ({"date_of_birth": date(1890, 1, 1)}, "birth_in_past_and_age_under_120"),
+        ({"last_eye_test_date": TODAY + timedelta(days=3)}, "last_test_not_in_future"),
+        ({"last_eye_test_date": date(1989, 1, 1)}, "last_test_not_before_birth"),
+        ({"phones": ["+15551234567"]}, "phones_valid_uk_e164"),
+        ({"risk_flags": ["wobbly"]}, "risk_flags_known"),
+    ],
+)
+def test_each_patient_rule_fails_alone_on_its_own_row(change: dict, rule: str) -> None:
+    """One bad row among good ones: only its rule fails, pointing at that row (the rules run as one
+    suite, so this proves each result is matched to its own rule)."""
+    rows = [_good_patient(n) for n in range(4)]
+    rows[2] = {**rows[2], **change}
+    report = quality.patients_report(rows, TODAY, 0.5)
+    assert report.failures == ({rule: 2} if rule == "unique_identity" else {rule: 1})
+    assert {e["check"] for e in report.examples} == {rule}
+    if rule != "unique_identity":
+        assert [e["pms_patient_id"] for e in report.examples] == ["2"]

@@ -84,7 +84,16 @@ def test_recalls_replace_and_report_changes(store: Store, practice: str) -> None
     assert store.write_recalls(practice, recalls) == 0
     assert store.write_recalls(practice, recalls[:1]) == 1  # the dropped one
     summary = store.recall_summary(practice, date(2026, 6, 1))
-    assert summary == {"total": 1, "due_now": 1, "due_30_days": 0, "from_pms": 0, "computed": 1}
+    assert summary == {
+        "total": 1,
+        "due_now": 1,
+        "due_30_days": 0,
+        "from_pms": 0,
+        "computed": 1,
+        "with_inferred_flags": 0,
+        "active_patients": 2,
+        "by_rule": {"default": 1},
+    }
 
 
 def test_export_shape(store: Store, practice: str) -> None:

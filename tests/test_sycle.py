@@ -418,6 +418,7 @@ def test_settings_secrets_and_missing_ones() -> None:
         "field_map.mobile",
         "field_map.phone",
         "field_map.email",
+        "ca_bundle",
     )
     assert resource.required_secrets() == ("api_token",)
     url = "https://brightsight.sycle.net"

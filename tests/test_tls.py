@@ -1,8 +1,11 @@
-"""Transport security of `PmsHttp` against real TLS servers on loopback.
+"""Transport security of `PmsHttp`, and of every HTTP PMS resource, against real TLS servers on loopback.
 
 A private CA and server certificates are made here with `cryptography`; each server is Python's
 `http.server` behind `ssl`, with a TCP relay in front that records every byte the client sends, so
-the tests prove not only that a request fails but that nothing readable left this machine.
+the tests prove not only that a request fails but that nothing readable left this machine. For the
+PMS resources the TLS server fronts that PMS's sandbox (forwarding each request to it), so a
+practice's `ca_bundle` is proved end to end: a refused certificate is a `tls_certificate` problem
+naming the PMS, the practice and what to check, and the practice's CA lets the connection test pass.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import socket
 import ssl
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,7 +32,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from resources.http import CaBundleError, PmsHttp, UnsafeUrl, check_url, tls_context
+from nvc_pipelines.model import PmsKind, Practice
+from nvc_pipelines.sandboxes.acuitas import AcuitasSandbox
+from nvc_pipelines.sandboxes.base import SandboxServer
+from nvc_pipelines.sandboxes.optisoft import OptisoftSandbox
+from nvc_pipelines.sandboxes.optix import OptixSandbox
+from nvc_pipelines.sandboxes.sycle import SycleSandbox
+from resources.acuitas import AcuitasResource
+from resources.http import (
+    CA_BUNDLE_SETTING,
+    CaBundleError,
+    PmsHttp,
+    UnsafeUrl,
+    check_url,
+    is_certificate_failure,
+    tls_context,
+)
+from resources.optisoft import OptisoftResource
+from resources.optix import OptixResource
+from resources.protocol import PmsConnectionFailed
+from resources.sycle import SycleResource
 
 SECRET = "tls-test-secret-7Hq2"
 SECRET_PATH = "/patients/confidential-path"
@@ -126,16 +149,43 @@ class TlsServer:
     handshake_errors: list[str]
 
 
+# Headers that belong to one connection, not to the request: not passed on to the upstream sandbox.
+_HOP_HEADERS = frozenset({"host", "connection", "content-length", "keep-alive", "transfer-encoding"})
+
+
 class _Handler(BaseHTTPRequestHandler):
+    """Answers `{"ok", "tls"}`, or, with an `upstream` sandbox, passes the request on to it (the
+    sandbox behind TLS, as a practice's server or a PMS's cloud is)."""
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._answer()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self._answer()
+
+    def _answer(self) -> None:
         version = self.connection.version() if isinstance(self.connection, ssl.SSLSocket) else None
         self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "tls": version})
-        body = json.dumps({"ok": True, "tls": version}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        status, headers, body = 200, {"Content-Type": "application/json"}, json.dumps({"ok": True, "tls": version})
+        if self.server.upstream:
+            length = int(self.headers.get("Content-Length") or 0)
+            sent = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+            answer = httpx.request(
+                self.command,
+                self.server.upstream + self.path,
+                headers=sent,
+                content=self.rfile.read(length) if length else None,
+                timeout=30,
+            )
+            status, body = answer.status_code, answer.text
+            headers = {k: answer.headers[k] for k in ("Content-Type", "Retry-After") if k in answer.headers}
+        payload = body.encode()
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(payload)
 
     def log_message(self, format: str, *args) -> None:  # quiet
         pass
@@ -144,9 +194,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _TlsHttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, context: ssl.SSLContext):
+    def __init__(self, context: ssl.SSLContext, upstream: str | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.context = context
+        self.upstream = upstream
         self.seen: list[dict] = []
         self.handshake_errors: list[str] = []
 
@@ -186,8 +237,10 @@ def tls_server(
     *,
     versions: tuple[ssl.TLSVersion, ssl.TLSVersion] | None = None,
     legacy: bool = False,
+    upstream: str | None = None,
 ) -> Iterator[TlsServer]:
-    """An HTTPS server with `cert` (optionally pinned to TLS `versions`), behind a recording relay."""
+    """An HTTPS server with `cert` (optionally pinned to TLS `versions`, optionally fronting the
+    plain-http `upstream`), behind a recording relay."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(*map(str, cert))
     if legacy:
@@ -196,7 +249,7 @@ def tls_server(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ctx.minimum_version, ctx.maximum_version = versions
-    server = _TlsHttpServer(ctx)
+    server = _TlsHttpServer(ctx, upstream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
     wire = bytearray()
@@ -236,10 +289,10 @@ def _client(url: str, ca_bundle: str | Path | None = None) -> PmsHttp:
     )
 
 
-def _assert_nothing_readable_left(server: TlsServer) -> None:
+def _assert_nothing_readable_left(server: TlsServer, secrets: Iterable[str] = (SECRET, SECRET_PATH)) -> None:
     wire = bytes(server.wire)
     assert wire, "the relay saw no traffic at all"
-    for needle in (SECRET, SECRET_PATH, "Authorization", "GET "):
+    for needle in (*secrets, "Authorization", "GET ", "POST "):
         assert needle.encode() not in wire, f"{needle!r} crossed the wire in clear"
 
 
@@ -396,3 +449,161 @@ def test_check_url_refuses_unsafe_addresses(url: str) -> None:
 )
 def test_check_url_accepts_https_and_loopback_http(url: str) -> None:
     assert check_url(url) == url.rstrip("/")
+
+
+def test_a_refused_certificate_is_not_retried(pki: Pki) -> None:
+    retries: list[str] = []
+    with tls_server(pki.server("not-retried")) as server:
+        client = PmsHttp(server.url, max_attempts=4, backoff_seconds=0.01, on_retry=retries.append)
+        with pytest.raises(httpx.ConnectError) as caught:
+            client.get(SECRET_PATH)
+        client.close()
+    assert is_certificate_failure(caught.value)  # found on the cause chain, down to ssl's own error
+    assert retries == []  # retrying cannot fix a certificate: one attempt, then the problem
+    assert not is_certificate_failure(httpx.ConnectError("[Errno 111] Connection refused"))
+
+
+# --- every HTTP PMS resource: a practice's CA bundle, and refused certificates as their own problem ------
+
+
+@dataclass(frozen=True)
+class PmsCase:
+    """How to connect one PMS kind to its sandbox: the URL setting, the other settings, the secrets."""
+
+    kind: PmsKind
+    name: str  # as messages name the PMS
+    url_setting: str
+    settings: dict[str, str]
+    secrets: dict[str, str]
+    sandbox: Callable[[], SandboxServer]
+    resource: Callable[[], Any]
+
+    def practice(self, url: str, ca_bundle: str | Path | None = None) -> Practice:
+        settings = {self.url_setting: url, **self.settings}
+        if ca_bundle is not None:
+            settings[CA_BUNDLE_SETTING] = str(ca_bundle)
+        return Practice(f"tls-{self.kind}", "TLS test", self.kind, settings, "connected")
+
+    def open(self, url: str, ca_bundle: str | Path | None = None) -> Any:
+        return self.resource().open(self.practice(url, ca_bundle), dict(self.secrets))
+
+
+QUICK = {"max_attempts": 3, "backoff_seconds": 0.01, "timeout_seconds": 15}
+PMS_CASES = {
+    "optix": PmsCase(
+        PmsKind.OPTIX,
+        "Optix",
+        "api_url",
+        {"practice_id": "OPX-1001"},
+        {"api_key": "optix-demo-key"},
+        OptixSandbox,
+        lambda: OptixResource(**QUICK),
+    ),
+    "acuitas": PmsCase(
+        PmsKind.ACUITAS,
+        "Acuitas",
+        "server_url",
+        {"database": "ACUITAS_DEMO"},
+        {"api_username": "nvc_api", "api_password": "demo-password"},
+        AcuitasSandbox,
+        lambda: AcuitasResource(**QUICK),
+    ),
+    "optisoft": PmsCase(
+        PmsKind.OPTISOFT,
+        "Optisoft",
+        "server_address",
+        {"practice_code": "OS-1001"},
+        {"db_username": "NVC_LINK", "db_password": "optisoft-demo-password"},
+        lambda: OptisoftSandbox(offline_after_seconds=5.0, poll_wait_seconds=3.0),
+        lambda: OptisoftResource(**QUICK),
+    ),
+    "sycle": PmsCase(
+        PmsKind.SYCLE,
+        "Sycle",
+        "account_url",
+        {"location_id": "LOC-1"},
+        {"api_token": "sycle-demo-token"},
+        SycleSandbox,
+        lambda: SycleResource(**QUICK),
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PMS_CASES))
+def pms(request: pytest.FixtureRequest) -> Iterator[tuple[PmsCase, SandboxServer]]:
+    """Each PMS kind with its sandbox running (once per kind for this module)."""
+    case = PMS_CASES[request.param]
+    with case.sandbox() as sandbox:
+        yield case, sandbox
+
+
+def test_every_pms_connects_through_the_practice_ca_bundle(pms: tuple[PmsCase, SandboxServer], pki: Pki) -> None:
+    case, sandbox = pms
+    with tls_server(pki.server(f"{case.kind}-trusted"), upstream=sandbox.url) as front:
+        with case.open(front.url, pki.ca_pem) as client:
+            info = client.test_connection()
+        assert info.pms == case.name
+        assert front.requests and {r["tls"] for r in front.requests} == {"TLSv1.3"}
+        _assert_nothing_readable_left(front, case.secrets.values())  # the secrets went, but only inside TLS
+
+
+@pytest.mark.parametrize(
+    ("cert", "bundle", "why"),
+    [
+        ("private", None, "unable to get local issuer certificate"),  # the system CAs do not know the practice's
+        ("private", "other", "unable to get local issuer certificate"),  # nor does another CA's bundle
+        ("wrong-host", "ca", "mismatch"),  # the right CA does not excuse the wrong host name
+        ("expired", "ca", "certificate has expired"),
+    ],
+)
+def test_every_pms_reports_a_refused_certificate_as_its_own_problem(
+    pms: tuple[PmsCase, SandboxServer],
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+    cert: str,
+    bundle: str | None,
+    why: str,
+) -> None:
+    case, sandbox = pms
+    hosts = ("pms.example.org",) if cert == "wrong-host" else ("localhost", "127.0.0.1")
+    served = pki.server(f"{case.kind}-{cert}", hosts=hosts, expired=cert == "expired")
+    ca_bundle = {None: None, "other": pki.other_ca_pem, "ca": pki.ca_pem}[bundle]
+    reached = len(sandbox.request_log)
+    with tls_server(served, upstream=sandbox.url) as front:
+        with case.open(front.url, ca_bundle) as client, pytest.raises(PmsConnectionFailed) as caught:
+            client.test_connection()
+        error = caught.value
+        assert error.problem == "tls_certificate" and error.pms == case.name
+        message = str(error)
+        assert message.startswith(
+            f"{case.name} (practice tls-{case.kind}): Connection failed: the TLS certificate of {front.url} was refused"
+        )
+        assert "CERTIFICATE_VERIFY_FAILED" in message and why in message
+        # What to check: the certificate, the setting holding the address, and the ca_bundle way in.
+        assert "TLS certificate" in error.check and case.url_setting in error.check
+        assert "self-signed" in error.check and CA_BUNDLE_SETTING in error.check
+        assert not any(secret in message for secret in case.secrets.values())
+        assert "retrying" not in caplog.text  # refused once, not retried as if the server were down
+        assert front.requests == [] and len(sandbox.request_log) == reached  # no request got through
+        _assert_nothing_readable_left(front, case.secrets.values())
+
+
+@pytest.mark.parametrize("kind", sorted(PMS_CASES))
+def test_every_http_pms_takes_a_ca_bundle_and_refuses_an_unusable_one(kind: str, tmp_path: Path, pki: Pki) -> None:
+    case = PMS_CASES[kind]
+    assert CA_BUNDLE_SETTING in case.resource().optional_settings()
+    not_pem = tmp_path / "not-a-certificate.pem"
+    not_pem.write_text("not a certificate\n")
+    _, private_key = pki.server(f"{kind}-leaf")
+    for bundle, said in (
+        (tmp_path / "missing.pem", "does not exist"),
+        (not_pem, "holds no"),
+        (private_key, "holds no"),  # a private key is not a CA bundle
+    ):
+        with pytest.raises(PmsConnectionFailed) as caught:
+            case.open("https://127.0.0.1:9", bundle)  # refused before any connection is tried
+        error = caught.value
+        assert error.problem == "tls_certificate" and error.pms == case.name
+        assert said in str(error) and str(bundle) in str(error)
+        assert error.check.startswith("the ca_bundle setting: a PEM file")
+        assert not any(secret in str(error) for secret in case.secrets.values())

@@ -19,11 +19,9 @@ The dialect the client has to cope with:
 from __future__ import annotations
 
 import hmac
-import math
 import random
 import re
 import secrets
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -212,6 +210,13 @@ class AcuitasSandbox(SandboxServer):
     """
 
     name = "acuitas"
+    problem = staticmethod(_error)
+    stock_errors = {
+        404: ("NOT_FOUND", "No API route {path}."),
+        429: ("RATE_LIMITED", "Too many requests; try again shortly."),
+        500: ("INTERNAL_ERROR", "An unexpected error occurred."),
+        503: ("SERVICE_UNAVAILABLE", "The Acuitas API service is starting."),
+    }
 
     def __init__(
         self,
@@ -235,11 +240,9 @@ class AcuitasSandbox(SandboxServer):
         self.seed = seed
         self.today = today
         self.token_ttl_seconds = 1200.0
-        self.throttled = 0  # 429s sent, so tests can prove a retry happened
         self.logins = 0  # successful POST /session, so tests can prove a re-login happened
         self._sessions: dict[str, _Session] = {}
         self._data: dict[str, _Database] = {}
-        self._load_lock = threading.Lock()
         self.route("GET", BASE + "/version", self._get_version)
         if self.version_tuple >= (8, 0):  # Acuitas 7 has no API at all: only the version probe answers
             self.route("POST", BASE + "/session", self._login)
@@ -265,14 +268,8 @@ class AcuitasSandbox(SandboxServer):
     # --- data --------------------------------------------------------------------------------------
 
     def _load(self, database: str) -> _Database:
-        """Seed a database on first use (once, even with concurrent requests)."""
-        data = self._data.get(database)
-        if data is not None:
-            return data
-        with self._load_lock:
-            if database not in self._data:
-                self._data[database] = self._seed(database)
-            return self._data[database]
+        """The database, seeded on first use."""
+        return self.once(self._data, database, lambda: self._seed(database))
 
     def _seed(self, database: str) -> _Database:
         seed = database_seed(self.seed, database)
@@ -367,17 +364,10 @@ class AcuitasSandbox(SandboxServer):
         data = self._load(practice_ref)
         stamp = now or datetime.now(UTC)
         with self.lock:
-            ids = list(data.patient_ids)
-            wanted = round(len(ids) * count) if isinstance(count, float) else count
-            rng = random.Random(f"{database_seed(self.seed, practice_ref)}:{stamp.isoformat()}")
-            chosen = sorted(rng.sample(ids, max(0, min(wanted, len(ids)))))
+            chosen = self.touch_sample(list(data.patient_ids), count, database_seed(self.seed, practice_ref), stamp)
+            day = stamp.astimezone(UK_TZ).date()
             for k, patient_id in enumerate(chosen):
-                patient = data.patients[patient_id]
-                if k % 2 == 0:
-                    changes: dict[str, Any] = {"mobile": f"07700 900{(patient.index * 7 + k) % 1000:03d}"}
-                else:
-                    changes = {"last_eye_test": stamp.astimezone(UK_TZ).date(), "recall_due": None}
-                self._edit(data, patient_id, stamp, changes)
+                self._edit(data, patient_id, stamp, self.touch_change(data.patients[patient_id], k, day))
         return [str(pid) for pid in chosen]
 
     def _edit(self, data: _Database, patient_id: int, stamp: datetime, changes: dict[str, Any]) -> SeedPatient:
@@ -586,21 +576,13 @@ class AcuitasSandbox(SandboxServer):
 
     # --- lists -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _paging(request: Request) -> tuple[int, int]:
-        def number(name: str, default: int, low: int, high: int) -> int:
-            raw = request.query.get(name)
-            if raw is None:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                value = low - 1
-            if not low <= value <= high:
-                raise _error(400, "INVALID_PARAMETER", f"{name} must be a whole number from {low} to {high}.")
-            return value
+    def bad_parameter(self, name: str, message: str) -> HttpProblem:
+        return _error(400, "INVALID_PARAMETER", message)
 
-        return number("offset", 0, 0, 10**9), number("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    def _paging(self, request: Request) -> tuple[int, int]:
+        return self.int_query(request, "offset", 0, 0, 10**9), self.int_query(
+            request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT
+        )
 
     @staticmethod
     def _since(request: Request) -> datetime | None:
@@ -787,34 +769,3 @@ class AcuitasSandbox(SandboxServer):
             data.next_note += 1
             data.call_notes.setdefault(patient_id, []).append(note)
         return Response(201, {"CallNoteId": note.note_id, "PatientId": patient_id})
-
-    # --- errors in Acuitas's envelope --------------------------------------------------------------
-
-    def rate_limit_response(self, retry_after: float) -> Response:
-        with self.lock:
-            self.throttled += 1
-        return Response(
-            429,
-            {"Status": "Error", "ErrorCode": "RATE_LIMITED", "Message": "Too many requests; try again shortly."},
-            {"Retry-After": str(max(1, math.ceil(retry_after)))},
-        )
-
-    def server_error_response(self) -> Response:
-        return Response(
-            500, {"Status": "Error", "ErrorCode": "INTERNAL_ERROR", "Message": "An unexpected error occurred."}
-        )
-
-    def unavailable_response(self) -> Response:
-        return Response(
-            503,
-            {"Status": "Error", "ErrorCode": "SERVICE_UNAVAILABLE", "Message": "The Acuitas API service is starting."},
-            {"Retry-After": "1"},
-        )
-
-    def dispatch(self, request: Request) -> Response:
-        response = super().dispatch(request)
-        if response.status == 404 and isinstance(response.body, dict) and response.body.get("error") == "not_found":
-            return Response(
-                404, {"Status": "Error", "ErrorCode": "NOT_FOUND", "Message": f"No API route {request.path}."}
-            )
-        return response

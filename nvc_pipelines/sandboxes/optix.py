@@ -24,9 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import random
-import threading
 import zlib
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
@@ -175,7 +173,6 @@ class _PracticeData:
     rendered: dict[str, dict[str, Any]]
     order: list[tuple[str, str]]
     seeded: list[SeedPatient]
-    diary: _Diary | None = None
 
 
 class OptixSandbox(SandboxServer):
@@ -188,6 +185,13 @@ class OptixSandbox(SandboxServer):
     """
 
     name = "optix"
+    problem = staticmethod(_optix_error)
+    stock_errors = {
+        404: ("not_found", "No route for {path}."),
+        429: ("rate_limited", "Too many requests; slow down."),
+        500: ("internal_error", "An unexpected error occurred."),
+        503: ("service_unavailable", "Optix is under maintenance."),
+    }
 
     def __init__(
         self,
@@ -208,9 +212,8 @@ class OptixSandbox(SandboxServer):
         self.seed = seed
         self.page_size_max = page_size_max
         self.today = today
-        self.throttled = 0  # 429s sent (token bucket or injected), so tests can prove a retry happened
         self._data: dict[str, _PracticeData] = {}
-        self._load_lock = threading.Lock()
+        self._diaries: dict[str, _Diary] = {}
         self.route("GET", BASE + "/practices/{practice_id}", self._get_practice)
         self.route("GET", BASE + "/practices/{practice_id}/patients", self._list_patients)
         self.route("GET", BASE + "/practices/{practice_id}/clinicians", self._list_clinicians)
@@ -226,30 +229,24 @@ class OptixSandbox(SandboxServer):
         return self.seed * 1_000_003 + zlib.crc32(practice_id.encode())
 
     def _load(self, practice_id: str) -> _PracticeData:
-        """Seed a practice on first use (once, even with concurrent requests)."""
-        data = self._data.get(practice_id)
-        if data is not None:
-            return data
-        with self._load_lock:
-            if practice_id not in self._data:
-                seed = self._practice_seed(practice_id)
-                records = seed_patients(self.practices[practice_id], seed=seed, today=self.today)
-                patients = {_patient_id(p.index): p for p in records}
-                order = sorted((optix_timestamp(p.updated_at), pid) for pid, p in patients.items())
-                rng = random.Random(seed)
-                name = f"{rng.choice(records).last_name if records else 'Demo'} {rng.choice(_PRACTICE_NAMES)}"
-                self._data[practice_id] = _PracticeData(name, patients, {}, order, records)
-            return self._data[practice_id]
+        """The practice's patients, seeded on first use."""
+        return self.once(self._data, practice_id, lambda: self._seed_practice(practice_id))
+
+    def _seed_practice(self, practice_id: str) -> _PracticeData:
+        seed = self._practice_seed(practice_id)
+        records = seed_patients(self.practices[practice_id], seed=seed, today=self.today)
+        patients = {_patient_id(p.index): p for p in records}
+        order = sorted((optix_timestamp(p.updated_at), pid) for pid, p in patients.items())
+        rng = random.Random(seed)
+        name = f"{rng.choice(records).last_name if records else 'Demo'} {rng.choice(_PRACTICE_NAMES)}"
+        return _PracticeData(name, patients, {}, order, records)
 
     def _diary(self, practice_id: str) -> _Diary:
-        """Seed the practice's appointments and clinical records on first use (once)."""
-        data = self._load(practice_id)
-        if data.diary is not None:
-            return data.diary
-        with self._load_lock:
-            if data.diary is None:
-                data.diary = self._seed_diary(practice_id, data.seeded)
-            return data.diary
+        """The practice's appointments and clinical records, seeded on first use (from the patients
+        as first seeded, so the diary is the same whatever `touch` did since)."""
+        return self.once(
+            self._diaries, practice_id, lambda: self._seed_diary(practice_id, self._load(practice_id).seeded)
+        )
 
     def _seed_diary(self, practice_id: str, patients: list[SeedPatient]) -> _Diary:
         seed = self._practice_seed(practice_id)
@@ -335,16 +332,9 @@ class OptixSandbox(SandboxServer):
         stamp = now or datetime.now(UTC)
         with self.lock:
             ids = sorted(data.patients)
-            wanted = round(len(ids) * fraction_or_count) if isinstance(fraction_or_count, float) else fraction_or_count
-            rng = random.Random(f"{self._practice_seed(practice_id)}:{stamp.isoformat()}")
-            chosen = sorted(rng.sample(ids, max(0, min(wanted, len(ids)))))
+            chosen = self.touch_sample(ids, fraction_or_count, self._practice_seed(practice_id), stamp)
             for k, patient_id in enumerate(chosen):
-                patient = data.patients[patient_id]
-                if k % 2 == 0:
-                    changes: dict[str, Any] = {"mobile": f"07700 900{(patient.index * 7 + k) % 1000:03d}"}
-                else:
-                    changes = {"last_eye_test": stamp.date(), "recall_due": None}
-                self._edit(data, patient_id, stamp, changes)
+                self._edit(data, patient_id, stamp, self.touch_change(data.patients[patient_id], k, stamp.date()))
             data.order = sorted((optix_timestamp(p.updated_at), pid) for pid, p in data.patients.items())
         return chosen
 
@@ -404,13 +394,12 @@ class OptixSandbox(SandboxServer):
 
     def _authorise(self, request: Request) -> _PracticeData:
         practice_id = request.params["practice_id"]
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+        key = self.credential(request, "Bearer")
+        if key not in self.api_keys:
             raise _optix_error(
                 401, "invalid_api_key", "The API key is missing, invalid or revoked.", {"WWW-Authenticate": "Bearer"}
             )
-        if self.api_keys[key.strip()] != practice_id or practice_id not in self.practices:
+        if self.api_keys[key] != practice_id or practice_id not in self.practices:
             raise _optix_error(404, "practice_not_found", f"No practice {practice_id} is available to this API key.")
         if practice_id in self.api_access_disabled:
             raise _optix_error(403, "api_access_disabled", "API access is disabled for this practice.")
@@ -429,7 +418,7 @@ class OptixSandbox(SandboxServer):
     ) -> Response:
         """One page of `order()` (sorted `(updatedAt, id)` keys, read under the lock) after
         `updatedSince` and `cursor`, rendered by `render(id)`."""
-        limit = self._limit(request.query.get("limit"))
+        limit = self.int_query(request, "limit", DEFAULT_LIMIT, 1, self.page_size_max)
         start_key: tuple[str, str] | None = None
         if "updatedSince" in request.query:
             start_key = (optix_timestamp(self._timestamp(request.query["updatedSince"], "updatedSince")), "")
@@ -635,17 +624,6 @@ class OptixSandbox(SandboxServer):
             cached = data.rendered[patient_id] = self.render(data.patients[patient_id])
         return cached
 
-    def _limit(self, raw: str | None) -> int:
-        if raw is None:
-            return DEFAULT_LIMIT
-        try:
-            limit = int(raw)
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= self.page_size_max:
-            raise _optix_error(400, "invalid_limit", f"limit must be between 1 and {self.page_size_max}.")
-        return limit
-
     @staticmethod
     def _timestamp(raw: str, name: str) -> datetime:
         """A query-string timestamp; one without an offset is UTC, as Optix documents."""
@@ -668,30 +646,3 @@ class OptixSandbox(SandboxServer):
         except (ValueError, TypeError, binascii.Error):
             raise _optix_error(400, "invalid_cursor", "The cursor is malformed or has expired.") from None
         return stamp, patient_id
-
-    # --- errors in Optix's envelope ----------------------------------------------------------------
-
-    def rate_limit_response(self, retry_after: float) -> Response:
-        with self.lock:
-            self.throttled += 1
-        return Response(
-            429,
-            {"error": {"code": "rate_limited", "message": "Too many requests; slow down."}},
-            {"Retry-After": str(max(1, math.ceil(retry_after)))},
-        )
-
-    def server_error_response(self) -> Response:
-        return Response(500, {"error": {"code": "internal_error", "message": "An unexpected error occurred."}})
-
-    def unavailable_response(self) -> Response:
-        return Response(
-            503,
-            {"error": {"code": "service_unavailable", "message": "Optix is under maintenance."}},
-            {"Retry-After": "1"},
-        )
-
-    def dispatch(self, request: Request) -> Response:
-        response = super().dispatch(request)
-        if response.status == 404 and isinstance(response.body, dict) and response.body.get("error") == "not_found":
-            return Response(404, {"error": {"code": "not_found", "message": f"No route for {request.path}."}})
-        return response

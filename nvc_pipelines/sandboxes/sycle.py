@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 import zlib
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -163,6 +162,13 @@ class SycleSandbox(SandboxServer):
     """
 
     name = "sycle"
+    problem = staticmethod(_sycle_error)
+    stock_errors = {
+        404: ("not_found", "No route for {path}."),
+        429: ("rate_limited", "Rate limit exceeded; retry later."),
+        500: ("internal_error", "Something went wrong."),
+        503: ("maintenance", "Sycle is down for maintenance."),
+    }
 
     def __init__(
         self,
@@ -183,11 +189,9 @@ class SycleSandbox(SandboxServer):
         self.seed = seed
         self.today = today
         self.custom_fields: dict[str, tuple[str, str, str]] = dict(DEFAULT_CUSTOM_FIELDS)
-        self.throttled = 0  # 429s sent, so tests can prove a retry happened
         self.clinicians = seed_clinicians(seed)
         self._providers = {_provider_id(c): c for c in self.clinicians}
         self._data: dict[str, _Location] = {}
-        self._load_lock = threading.Lock()
         loc = BASE + "/locations/{location_id}"
         self.route("GET", BASE + "/locations", self._list_locations)
         self.route("GET", loc + "/fields", self._list_fields)
@@ -207,14 +211,8 @@ class SycleSandbox(SandboxServer):
         return self.seed * 1_000_003 + zlib.crc32(location_id.encode())
 
     def _load(self, location_id: str) -> _Location:
-        """Seed a location on first use (once, even with concurrent requests)."""
-        data = self._data.get(location_id)
-        if data is not None:
-            return data
-        with self._load_lock:
-            if location_id not in self._data:
-                self._data[location_id] = self._seed_location(location_id)
-            return self._data[location_id]
+        """The location, seeded on first use."""
+        return self.once(self._data, location_id, lambda: self._seed_location(location_id))
 
     def _seed_location(self, location_id: str) -> _Location:
         ordinal = list(self.locations).index(location_id) + 1
@@ -447,8 +445,7 @@ class SycleSandbox(SandboxServer):
         data = self._load(practice_ref)
         stamp = now or datetime.now(UTC)
         with self.lock:
-            rng = random.Random(f"{self._location_seed(practice_ref)}:{stamp.isoformat()}")
-            chosen = sorted(rng.sample(data.order, max(0, min(count, len(data.order)))), key=int)
+            chosen = self.touch_sample(data.order, count, self._location_seed(practice_ref), stamp, key=int)
             wanted = {int(pid) for pid in chosen}
             open_recalls: dict[int, list[dict[str, Any]]] = {}
             for recall in data.recalls:
@@ -459,11 +456,8 @@ class SycleSandbox(SandboxServer):
                 ):
                     open_recalls.setdefault(recall["patient_id"], []).append(recall)
             for k, patient_id in enumerate(chosen):
-                patient = data.patients[patient_id]
-                if k % 2 == 0:
-                    changes: dict[str, Any] = {"mobile": f"07700 900{(patient.index * 7 + k) % 1000:03d}"}
-                else:
-                    changes = {"last_eye_test": stamp.date(), "recall_due": None}
+                changes = self.touch_change(data.patients[patient_id], k, stamp.date())
+                if "last_eye_test" in changes:
                     for recall in open_recalls.get(int(patient_id), []):
                         recall.update(status="completed", updated_at=stamp)
                 self._edit(data, patient_id, stamp, changes)
@@ -520,9 +514,9 @@ class SycleSandbox(SandboxServer):
     # --- dialect: auth, paging, filters ------------------------------------------------------------
 
     def _authorise(self, request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = self.credential(request, "Token")
         with self.lock:
-            status = self.tokens.get(token.strip()) if scheme.lower() == "token" else None
+            status = self.tokens.get(token) if token else None
         if status is None:
             raise _sycle_error(
                 401, "token_invalid", "The API token is missing or invalid.", {"WWW-Authenticate": "Token"}
@@ -541,18 +535,8 @@ class SycleSandbox(SandboxServer):
             raise _sycle_error(404, "location_not_found", f"No location {location_id} in this account.")
         return self._load(location_id)
 
-    @staticmethod
-    def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-        raw = request.query.get(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise _sycle_error(422, f"invalid_{name}", f"{name} must be a whole number from {low} to {high}.")
-        return value
+    def bad_parameter(self, name: str, message: str) -> HttpProblem:
+        return _sycle_error(422, f"invalid_{name}", message)
 
     @staticmethod
     def _since(request: Request) -> datetime | None:
@@ -582,8 +566,8 @@ class SycleSandbox(SandboxServer):
         return wanted
 
     def _page(self, request: Request, key: str, rows: list[Any], render: Any = _out) -> Response:
-        page = self._int_param(request, "page", 1, 1, 1_000_000)
-        per_page = self._int_param(request, "per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE)
+        page = self.int_query(request, "page", 1, 1, 1_000_000)
+        per_page = self.int_query(request, "per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE)
         total = len(rows)
         chunk = rows[(page - 1) * per_page : page * per_page]
         meta = {"page": page, "per_page": per_page, "total_pages": math.ceil(total / per_page), "total_count": total}
@@ -776,28 +760,3 @@ class SycleSandbox(SandboxServer):
             data.next_id += 1
             data.communications.append(row)
             return Response(201, {"communication": _out(row)})
-
-    # --- errors in Sycle's envelope ------------------------------------------------------------------
-
-    def rate_limit_response(self, retry_after: float) -> Response:
-        with self.lock:
-            self.throttled += 1
-        return Response(
-            429,
-            {"errors": [{"code": "rate_limited", "detail": "Rate limit exceeded; retry later."}]},
-            {"Retry-After": str(max(1, math.ceil(retry_after)))},
-        )
-
-    def server_error_response(self) -> Response:
-        return Response(500, {"errors": [{"code": "internal_error", "detail": "Something went wrong."}]})
-
-    def unavailable_response(self) -> Response:
-        return Response(
-            503, {"errors": [{"code": "maintenance", "detail": "Sycle is down for maintenance."}]}, {"Retry-After": "1"}
-        )
-
-    def dispatch(self, request: Request) -> Response:
-        response = super().dispatch(request)
-        if response.status == 404 and isinstance(response.body, dict) and response.body.get("error") == "not_found":
-            return Response(404, {"errors": [{"code": "not_found", "detail": f"No route for {request.path}."}]})
-        return response

@@ -8,7 +8,7 @@ practice and asset, so a killed run leaves the previous state and a re-run conve
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -65,6 +65,16 @@ class WriteCounts:
 class StreamState:
     cursor_at: datetime | None
     last_full_sync_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecallState:
+    """The database clock now, and the last recall computation's watermark, full run and fingerprint."""
+
+    now: datetime
+    computed_at: datetime | None
+    last_full_at: datetime | None
+    fingerprint: str | None
 
 
 def _json_default(value: Any) -> str:
@@ -280,6 +290,14 @@ class Store:
         with self.begin(practice_id) as conn:
             with conn.connection.driver_connection.cursor() as cur:
                 counts = merge_stream(cur, spec, practice_id, records, full=full, max_drop_share=max_drop_share)
+            if counts.patients_touched:  # their recalls read these rows: recompute them
+                conn.execute(
+                    text(
+                        "UPDATE patients SET change_seq = change_seq + 1 "
+                        "WHERE practice_id = :p AND pms_patient_id = ANY(:ids)"
+                    ),
+                    {"p": practice_id, "ids": sorted(counts.patients_touched)},
+                )
             stream_source = f"{source}:{spec.name}" if source else spec.name
             if full:
                 conn.execute(
@@ -346,19 +364,59 @@ class Store:
             ).one_or_none()
         return StreamState(row.cursor_at, row.last_full_sync_at) if row else StreamState(None, None)
 
-    def load_patients(self, practice_id: str, *, include_merged: bool = False) -> list[Patient]:
-        """Active patients (plus merged-away records when asked, for matching)."""
+    def load_patients(
+        self, practice_id: str, *, include_merged: bool = False, only: Collection[str] | None = None
+    ) -> list[Patient]:
+        """Active patients (plus merged-away records when asked, for matching); only those PMS ids when
+        `only` is given."""
         where = "(active OR merged_into IS NOT NULL)" if include_merged else "active"
+        params: dict[str, Any] = {"p": practice_id}
+        if only is not None:
+            where += " AND pms_patient_id = ANY(:only)"
+            params["only"] = list(only)
         with self.begin(practice_id) as conn:
             rows = conn.execute(
-                text(f"SELECT * FROM patients WHERE practice_id = :p AND {where} ORDER BY pms_patient_id"),
-                {"p": practice_id},
+                text(f"SELECT * FROM patients WHERE practice_id = :p AND {where} ORDER BY pms_patient_id"), params
             )
             return [_patient_from_row(r) for r in rows]
 
-    def write_recalls(self, practice_id: str, recalls: Iterable[Recall]) -> int:
-        """Replace the practice's recalls with `recalls` in one transaction; returns how many were added,
-        changed or removed."""
+    def recall_state(self, practice_id: str) -> RecallState:
+        """What the practice's recalls were last computed with, and the database's clock now."""
+        with self.begin(practice_id) as conn:
+            row = conn.execute(
+                text(
+                    "SELECT now() AS now, c.cursor_at, c.last_full_sync_at, c.fingerprint FROM (SELECT 1) one "
+                    "LEFT JOIN sync_cursors c ON c.practice_id = :p AND c.stream = 'recalls'"
+                ),
+                {"p": practice_id},
+            ).one()
+        return RecallState(row.now, row.cursor_at, row.last_full_sync_at, row.fingerprint)
+
+    def recall_targets(self, practice_id: str, *, everyone: bool) -> dict[str, int]:
+        """PMS id -> `change_seq` of the patients whose recall must be recomputed: every patient, or
+        those whose data changed since their recall was computed (active or not: an inactive one's
+        recall is removed)."""
+        stale = "" if everyone else " AND change_seq <> recall_seq"
+        with self.begin(practice_id) as conn:
+            rows = conn.execute(
+                text(f"SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p{stale}"),
+                {"p": practice_id},
+            )
+            return dict(rows.tuples().all())
+
+    def write_recalls(
+        self,
+        practice_id: str,
+        recalls: Iterable[Recall],
+        *,
+        scope: Collection[str] | None = None,
+        seen: Mapping[str, int] | None = None,
+        fingerprint: str | None = None,
+    ) -> int:
+        """Replace the practice's recalls with `recalls` in one transaction (only those of the PMS ids in
+        `scope` when given); returns how many were added, changed or removed. `seen` (PMS id ->
+        `change_seq` read before computing) marks those patients' recalls as computed from that
+        state, and `fingerprint` the rules used, in the same transaction."""
         rows = [
             (
                 r.pms_patient_id,
@@ -383,13 +441,21 @@ class Store:
                 with cur.copy("COPY stage_recalls FROM STDIN") as copy:
                     for row in rows:
                         copy.write_row(row)
+            in_scope = ""
+            params: dict[str, Any] = {"p": practice_id}
+            if scope is not None:
+                in_scope = (
+                    " AND r.patient_id IN (SELECT patient_id FROM patients WHERE practice_id = :p"
+                    " AND pms_patient_id = ANY(:scope))"
+                )
+                params["scope"] = list(scope)
             removed = conn.execute(
                 text(
-                    "DELETE FROM recalls r WHERE r.practice_id = :p AND NOT EXISTS ("
+                    "DELETE FROM recalls r WHERE r.practice_id = :p" + in_scope + " AND NOT EXISTS ("
                     " SELECT 1 FROM stage_recalls s JOIN patients pt ON pt.practice_id = :p "
                     " AND pt.pms_patient_id = s.pms_patient_id WHERE pt.patient_id = r.patient_id AND pt.active)"
                 ),
-                {"p": practice_id},
+                params,
             ).rowcount
             changed = conn.execute(
                 text(
@@ -409,18 +475,52 @@ class Store:
                 ),
                 {"p": practice_id},
             ).rowcount
+            if seen:
+                with conn.connection.driver_connection.cursor() as cur:
+                    cur.execute("CREATE TEMP TABLE stage_seen (pms_patient_id text, seq bigint) ON COMMIT DROP")
+                    with cur.copy("COPY stage_seen FROM STDIN") as copy:
+                        for item in seen.items():
+                            copy.write_row(item)
+                # Only ever raised to what was read: a bump committed meanwhile stays visible as due.
+                conn.execute(
+                    text(
+                        "UPDATE patients p SET recall_seq = s.seq FROM stage_seen s WHERE p.practice_id = :p "
+                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq"
+                    ),
+                    {"p": practice_id},
+                )
+            if fingerprint is not None:
+                conn.execute(
+                    text(
+                        "INSERT INTO sync_cursors (practice_id, stream, cursor_at, last_full_sync_at, fingerprint) "
+                        "VALUES (:p, 'recalls', now(), CASE WHEN :full THEN now() END, :fp) "
+                        "ON CONFLICT (practice_id, stream) DO UPDATE SET cursor_at = EXCLUDED.cursor_at, "
+                        "last_full_sync_at = COALESCE(EXCLUDED.last_full_sync_at, sync_cursors.last_full_sync_at), "
+                        "fingerprint = EXCLUDED.fingerprint, last_sync_at = now()"
+                    ),
+                    {"p": practice_id, "full": scope is None, "fp": fingerprint},
+                )
             self.audit(
-                conn, "pipeline", practice_id, "compute_recalls", detail={"changed": changed, "removed": removed}
+                conn,
+                "pipeline",
+                practice_id,
+                "compute_recalls",
+                detail={"changed": changed, "removed": removed, "scope": "all" if scope is None else len(scope)},
             )
         return changed + removed
 
-    def load_clinical_records(self, practice_id: str) -> dict[str, list[ClinicalRecord]]:
-        """Active clinical records by PMS patient id."""
+    def load_clinical_records(
+        self, practice_id: str, only: Collection[str] | None = None
+    ) -> dict[str, list[ClinicalRecord]]:
+        """Active clinical records by PMS patient id (only those patients' when `only` is given)."""
         out: dict[str, list[ClinicalRecord]] = {}
+        where, params = "", {"p": practice_id}
+        if only is not None:
+            where, params["only"] = " AND pms_patient_id = ANY(:only)", list(only)
         with self.begin(practice_id) as conn:
             rows = conn.execute(
-                text("SELECT * FROM clinical_records WHERE practice_id = :p AND active ORDER BY exam_date"),
-                {"p": practice_id},
+                text(f"SELECT * FROM clinical_records WHERE practice_id = :p AND active{where} ORDER BY exam_date"),
+                params,
             )
             for r in rows:
                 out.setdefault(r.pms_patient_id, []).append(
@@ -516,7 +616,7 @@ class Store:
             ).mappings()
             return [dict(r) for r in rows]
 
-    def recall_summary(self, practice_id: str, today: date) -> dict[str, int]:
+    def recall_summary(self, practice_id: str, today: date) -> dict[str, Any]:
         with self.begin(practice_id) as conn:
             row = (
                 conn.execute(
@@ -524,7 +624,9 @@ class Store:
                         "SELECT count(*) AS total, count(*) FILTER (WHERE due_date <= :today) AS due_now, "
                         "count(*) FILTER (WHERE due_date > :today AND due_date <= :today + 30) AS due_30_days, "
                         "count(*) FILTER (WHERE recall_source = 'pms') AS from_pms, "
-                        "count(*) FILTER (WHERE recall_source = 'computed') AS computed "
+                        "count(*) FILTER (WHERE recall_source = 'computed') AS computed, "
+                        "count(*) FILTER (WHERE inferred_flags <> '{}') AS with_inferred_flags, "
+                        "(SELECT count(*) FROM patients WHERE practice_id = :p AND active) AS active_patients "
                         "FROM recalls WHERE practice_id = :p"
                     ),
                     {"p": practice_id, "today": today},
@@ -532,7 +634,11 @@ class Store:
                 .mappings()
                 .one()
             )
-            return dict(row)
+            by_rule = conn.execute(
+                text("SELECT rule, count(*) FROM recalls WHERE practice_id = :p GROUP BY rule ORDER BY rule"),
+                {"p": practice_id},
+            ).all()
+            return {**row, "by_rule": dict(by_rule)}
 
     # --- what the data-quality checks read -----------------------------------------------------------
 
@@ -666,7 +772,10 @@ class Store:
             if any(r.merged_into is not None for r in state):
                 raise ValueError("one of these patients is already merged; undo that merge first")
             conn.execute(
-                text("UPDATE patients SET merged_into = :k, active = false, updated_at = now() WHERE patient_id = :m"),
+                text(
+                    "UPDATE patients SET merged_into = :k, active = false, updated_at = now(), "
+                    "change_seq = change_seq + 1 WHERE patient_id = :m"
+                ),
                 {"k": keep_id, "m": merged_id},
             )
             conn.execute(
@@ -698,7 +807,10 @@ class Store:
             if row.undone_at is not None:
                 raise ValueError(f"merge {merge_id} was already undone")
             conn.execute(
-                text("UPDATE patients SET merged_into = NULL, active = true, updated_at = now() WHERE patient_id = :m"),
+                text(
+                    "UPDATE patients SET merged_into = NULL, active = true, updated_at = now(), "
+                    "change_seq = change_seq + 1 WHERE patient_id = :m"
+                ),
                 {"m": row.merged_patient_id},
             )
             conn.execute(

@@ -33,6 +33,11 @@ class StreamSpec:
     values: Callable[[Any], tuple[Any, ...]]
     # What `active` becomes when the source sends a row again (a merged patient stays merged).
     reactivate: str = "true"
+    # Extra `SET` for a row that changes or is deactivated (patients bump their recall input).
+    on_change: str = ""
+    # A stream that feeds recalls by patient (clinical records): the changed rows' patients are
+    # returned so their recalls are recomputed.
+    patient_ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,7 @@ class MergeCounts:
     updated: int
     unchanged: int
     deactivated: int
+    patients_touched: frozenset[str] = frozenset()  # `patient_ref` of changed rows, when the spec has one
 
 
 def _json_default(value: Any) -> Any:
@@ -133,6 +139,7 @@ PATIENTS = StreamSpec(
     ),
     _patient_values,
     reactivate="patients.merged_into IS NULL",
+    on_change="change_seq = patients.change_seq + 1",
 )
 APPOINTMENTS = StreamSpec(
     "appointments",
@@ -172,6 +179,7 @@ CLINICAL_RECORDS = StreamSpec(
         "source_updated_at",
     ),
     _clinical_values,
+    patient_ref="pms_patient_id",
 )
 
 
@@ -208,22 +216,33 @@ def merge_stream(
                 "Nothing was changed. Check the PMS export/API; if the practice really removed them, "
                 "re-run with the tag nvc/allow_drop=true"
             )
+    touched: set[str] = set()
+    ref = f"t.{spec.patient_ref}" if spec.patient_ref else "NULL"
+    bump = f", {spec.on_change.replace(f'{spec.table}.', 't.')}" if spec.on_change else ""
+    if full:
         cur.execute(
-            f"UPDATE {spec.table} t SET active = false, updated_at = now() WHERE t.practice_id = %s AND t.active "
-            f"AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.{spec.key} = t.{spec.key})",
+            f"UPDATE {spec.table} t SET active = false, updated_at = now(){bump} WHERE t.practice_id = %s "
+            f"AND t.active AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.{spec.key} = t.{spec.key}) "
+            f"RETURNING {ref}",
             (practice_id,),
         )
-        deactivated = cur.rowcount
+        gone_refs = cur.fetchall()
+        deactivated = len(gone_refs)
+        touched.update(r[0] for r in gone_refs if r[0] is not None)
 
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[2:])
+    returned_ref = f"{spec.table}.{spec.patient_ref}" if spec.patient_ref else "NULL"
     cur.execute(
         f"INSERT INTO {spec.table} ({cols}) SELECT {cols} FROM {stage} "
         f"ON CONFLICT (practice_id, {spec.key}) DO UPDATE SET {updates}, active = {spec.reactivate}, "
-        "updated_at = now() "
+        f"updated_at = now(){', ' + spec.on_change if spec.on_change else ''} "
         f"WHERE {spec.table}.content_hash IS DISTINCT FROM EXCLUDED.content_hash "
         f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
-        "RETURNING (xmax = 0)"
+        f"RETURNING (xmax = 0), {returned_ref}"
     )
-    flags = [r[0] for r in cur.fetchall()]
-    inserted = sum(flags)
-    return MergeCounts(inserted, len(flags) - inserted, len(records) - len(flags), deactivated)
+    returned = cur.fetchall()
+    touched.update(r[1] for r in returned if r[1] is not None)
+    inserted = sum(1 for r in returned if r[0])
+    return MergeCounts(
+        inserted, len(returned) - inserted, len(records) - len(returned), deactivated, frozenset(touched)
+    )

@@ -25,20 +25,13 @@ write the connector reports as applied.
 
 from __future__ import annotations
 
-import json
-import math
 import secrets
-import select
-import socket
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from nvc_pipelines.sandboxes.base import HttpProblem, Request, Response, SandboxServer
 
@@ -56,17 +49,6 @@ CONNECTOR_ERROR_STATUS: dict[str, int] = {
     "SLOT_TAKEN": 409,
     "DB_ERROR": 502,
 }
-
-
-def _never() -> bool:
-    return False
-
-
-@dataclass(slots=True)
-class RelayRequest(Request):
-    """A request plus a probe telling whether the caller has hung up (for long polls)."""
-
-    peer_gone: Callable[[], bool] = _never
 
 
 @dataclass(slots=True)
@@ -108,6 +90,13 @@ class OptisoftRelay(SandboxServer):
     """The relay, served for real on loopback. Practices are registered with their connector token."""
 
     name = "optisoft-relay"
+    problem = staticmethod(relay_error)
+    stock_errors = {
+        404: ("NOT_FOUND", "No relay endpoint {method} {path}."),
+        429: ("RATE_LIMITED", "Too many requests for this practice."),
+        500: ("RELAY_ERROR", "The relay hit an unexpected error."),
+        503: ("RELAY_MAINTENANCE", "The relay is being updated."),
+    }
 
     def __init__(
         self,
@@ -171,8 +160,8 @@ class OptisoftRelay(SandboxServer):
 
     def _connector_link(self, request: Request) -> _Link:
         link = self._link(request)
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme != "Connector" or not secrets.compare_digest(token.strip(), link.token):
+        token = self.credential(request, "Connector")
+        if not token or not secrets.compare_digest(token, link.token):
             raise relay_error(401, "CONNECTOR_UNAUTHORISED", "The connector token is missing or wrong.")
         return link
 
@@ -241,7 +230,6 @@ class OptisoftRelay(SandboxServer):
             wait = min(max(float(request.query.get("wait", "20")), 0.0), self.max_poll_wait_seconds)
         except ValueError:
             wait = 20.0
-        peer_gone = request.peer_gone if isinstance(request, RelayRequest) else _never
         deadline = time.monotonic() + wait
         hung_up = False
         with self._cond:
@@ -254,7 +242,7 @@ class OptisoftRelay(SandboxServer):
             self._cond.notify_all()
             try:
                 while True:
-                    if peer_gone():  # stopped or crashed mid-poll: never hand it a job
+                    if request.peer_gone():  # stopped or crashed mid-poll: never hand it a job
                         hung_up = True
                         return Response(204)
                     if link.queue:
@@ -298,109 +286,12 @@ class OptisoftRelay(SandboxServer):
             self._cond.notify_all()
         return Response(200, {"goodbye": True})
 
-    # --- errors in the relay's envelope ---------------------------------------------------------------
+    # --- HTTP: faults model the NVC <-> relay leg only ----------------------------------------------
 
-    def rate_limit_response(self, retry_after: float) -> Response:
-        return Response(
-            429,
-            {"code": "RATE_LIMITED", "message": "Too many requests for this practice."},
-            {"Retry-After": str(max(1, math.ceil(retry_after)))},
-        )
+    def faults_apply(self, path: str) -> bool:
+        return not path.startswith(CONNECTOR_PREFIX)
 
-    def server_error_response(self) -> Response:
-        return Response(500, {"code": "RELAY_ERROR", "message": "The relay hit an unexpected error."})
-
-    def unavailable_response(self) -> Response:
-        return Response(
-            503, {"code": "RELAY_MAINTENANCE", "message": "The relay is being updated."}, {"Retry-After": "1"}
-        )
-
-    def dispatch(self, request: Request) -> Response:
-        response = super().dispatch(request)
-        if response.status == 404 and isinstance(response.body, dict) and response.body.get("error") == "not_found":
-            return Response(
-                404, {"code": "NOT_FOUND", "message": f"No relay endpoint {request.method} {request.path}."}
-            )
-        return response
-
-    # --- HTTP -------------------------------------------------------------------------------------
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        """Like the base handler, but faults apply to NVC's requests only, long polls can tell when
-        the connector hangs up, and a lost response follows only a write that was applied."""
-        relay = self
-
-        class _Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-            def _peer_gone(self) -> bool:
-                try:
-                    readable, _, _ = select.select([self.connection], [], [], 0)
-                    return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-                except OSError:
-                    return True
-
-            def _handle(self) -> None:
-                faults = relay.faults
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                parts = urlsplit(self.path)
-                nvc_side = not parts.path.startswith(CONNECTOR_PREFIX)
-                roll = lost_roll = 1.0
-                if nvc_side:
-                    if faults.latency_seconds:
-                        time.sleep(faults.latency_seconds)
-                    with relay.lock:
-                        roll, lost_roll = relay.rng.random(), relay.rng.random()
-                    if faults.drop_rate and roll < faults.drop_rate:
-                        self.close_connection = True
-                        self.connection.close()
-                        return
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw.decode("utf-8", "replace")
-                request = RelayRequest(
-                    self.command,
-                    parts.path,
-                    {k: v[-1] for k, v in parse_qs(parts.query).items()},
-                    {k.lower(): v for k, v in self.headers.items()},
-                    body,
-                    peer_gone=self._peer_gone,
-                )
-                if nvc_side and faults.down:
-                    response = relay.unavailable_response()
-                elif nvc_side and (wait := relay._rate_limited()) is not None:
-                    response = relay.rate_limit_response(wait)
-                elif nvc_side and faults.rate_429 and roll < faults.drop_rate + faults.rate_429:
-                    response = relay.rate_limit_response(1)
-                elif nvc_side and faults.rate_500 and roll < faults.drop_rate + faults.rate_429 + faults.rate_500:
-                    response = relay.server_error_response()
-                else:
-                    response = relay.dispatch(request)
-                    if (
-                        nvc_side
-                        and isinstance(response, RelayResponse)
-                        and response.write_applied
-                        and lost_roll < faults.lost_response_after_write_rate
-                    ):
-                        self.close_connection = True
-                        self.connection.close()
-                        return
-                payload = b"" if response.body is None else json.dumps(response.body, default=str).encode()
-                self.send_response(response.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for key, value in response.headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if payload:
-                    self.wfile.write(payload)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
-
-        return _Handler
+    def loses_response(self, request: Request, response: Response, roll: float) -> bool:
+        """Only a write the connector reports as applied is lost (the question is whether NVC finds it)."""
+        applied = isinstance(response, RelayResponse) and response.write_applied
+        return applied and roll < self.faults.lost_response_after_write_rate
