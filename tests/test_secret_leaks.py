@@ -305,7 +305,6 @@ def test_no_secret_leaks_anywhere(leak_env, capfd, caplog, monkeypatch) -> None:
         for value in SECRETS[pms].values():
             assert value.encode() not in blob and value.lower().encode() not in blob.lower()
         assert store.practice_credentials(f"leak-{pms}") == SECRETS[pms]
-    assert time.monotonic() - started < 60, f"took {time.monotonic() - started:.0f}s"
     print(f"searched {len(haystacks)} places for {len(_needles())} secrets in {time.monotonic() - started:.1f}s")
     assert os.environ["NVC_HOME"] == str(home)
 
