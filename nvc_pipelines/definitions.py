@@ -2,7 +2,7 @@
 
 import os
 
-from dagster import Definitions, EnvVar
+from dagster import Definitions, EnvVar, in_process_executor
 
 import assets.definitions as sync_domain
 import schedules.definitions as scheduling_domain
@@ -37,4 +37,10 @@ def pms_gateway() -> PmsGateway:
 
 resources = {"store": _store(), "pms": pms_gateway()}
 
-defs = Definitions.merge(sync_domain.defs, scheduling_domain.defs, Definitions(resources=resources))
+# In process by default, so Materialize in the UI (Dagster's implicit asset job) runs a practice's
+# sync like `practice_sync` does, not one process per step.
+defs = Definitions.merge(
+    sync_domain.defs,
+    scheduling_domain.defs,
+    Definitions(resources=resources, executor=in_process_executor),
+)

@@ -64,3 +64,20 @@ def database_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def store(database_url: str) -> Iterator[Store]:
     yield Store.open(database_url)
+
+
+@pytest.fixture
+def dagster_dev(nvc_env: Path) -> Iterator[int]:
+    """`dagster dev -w workspace.yaml` (webserver + daemon) on this test's embedded store; yields its port."""
+    from nvc_pipelines import app
+    from nvc_pipelines.instance import ensure_dagster_home
+    from nvc_pipelines.store.embedded import stop_server
+    from tests import services
+
+    app.open_store()
+    ensure_dagster_home()
+    try:
+        with services.dagster_dev(nvc_env) as port:
+            yield port
+    finally:
+        stop_server()

@@ -6,75 +6,16 @@ embedded store, exactly as `nvc dev` starts it.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
-import pytest
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
 
 from nvc_pipelines import app
-from nvc_pipelines.instance import ensure_dagster_home, get_instance
+from nvc_pipelines.instance import get_instance
 from nvc_pipelines.model import PmsKind
-from nvc_pipelines.store.embedded import stop_server
 from resources.csv_source import template_text
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def dagster_dev(nvc_env: Path):
-    app.open_store()
-    ensure_dagster_home()
-    port = _free_port()
-    log = (nvc_env / "dagster-dev.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "dev",
-            "-w",
-            "workspace.yaml",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=REPO,
-        env={**os.environ, "NVC_HOME": str(nvc_env)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, (nvc_env / "dagster-dev.log").read_text()
-        time.sleep(0.5)
-    else:
-        pytest.fail("dagster dev did not start:\n" + (nvc_env / "dagster-dev.log").read_text())
-    yield port
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    stop_server()
 
 
 def test_materialising_a_partition_on_the_webserver_syncs_the_practice(dagster_dev: int, tmp_path: Path) -> None:
@@ -177,10 +118,11 @@ def test_ops_flow_initial_sync_sync_now_alerts_and_sync_log(dagster_dev: int, tm
         run_id = launched.output.split()[2]
         assert f"{url}/runs/{run_id}" in launched.output
         while client.get_run_status(run_id) not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE):
-            assert time.monotonic() < deadline + 120
+            assert time.monotonic() < deadline + 600, f"run {run_id} still {client.get_run_status(run_id)}"
             time.sleep(0.5)
         assert client.get_run_status(run_id) == DagsterRunStatus.FAILURE
-    while len(recent_alerts(store, "ops-csv")) < 3 and time.monotonic() < deadline + 240:
+    # Liveness waits, not timings: generous, so a loaded CI machine is slow rather than red.
+    while len(recent_alerts(store, "ops-csv")) < 3 and time.monotonic() < deadline + 600:
         time.sleep(0.5)
     alerts = recent_alerts(store, "ops-csv")
     assert [a["severity"] for a in alerts[:1]] == ["critical"] and alerts[0]["consecutive"] == 3
