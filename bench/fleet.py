@@ -113,23 +113,29 @@ def run_timings(instance: Any, run_id: str) -> dict[str, float | str | None]:
     }
 
 
-def wait_for_runs(instance: Any, trigger: str, expected: int, timeout: float) -> list[Any]:
+def wait_for_runs(instance: Any, trigger: str, partitions: set[str], timeout: float) -> list[Any]:
+    """Every run with tag `trigger` for these partitions, once each partition's last run (a retry
+    replaces the run it retries) has ended."""
     from dagster import DagsterRunStatus, RunsFilter
 
     done = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
     deadline = time.monotonic() + timeout
     last_print = 0.0
     while True:
-        runs = instance.get_runs(filters=RunsFilter(tags={"trigger": trigger, "fleet": "yes"}))
-        runs = [r for r in runs if r.tags.get("dagster/partition", "").startswith("fleet-")]
-        finished = [r for r in runs if r.status in done and not _will_retry(r, runs)]
-        if len(runs) >= expected and len(finished) >= expected:
+        runs = [
+            r
+            for r in instance.get_runs(filters=RunsFilter(tags={"trigger": trigger}))
+            if r.tags.get("dagster/partition") in partitions
+        ]
+        final = [r for r in runs if not _will_retry(r, runs)]
+        finished = [r for r in final if r.status in done]
+        if len(finished) == len(final) and {r.tags["dagster/partition"] for r in finished} >= partitions:
             return runs
         if time.monotonic() - last_print > 15:
             print(f"  {trigger}: {len(runs)} runs created, {len(finished)} finished", flush=True)
             last_print = time.monotonic()
         if time.monotonic() > deadline:
-            raise SystemExit(f"{trigger}: only {len(finished)} of {expected} runs finished in {timeout:.0f} s")
+            raise SystemExit(f"{trigger}: only {len(finished)} of {len(partitions)} runs finished in {timeout:.0f} s")
         time.sleep(2)
 
 
@@ -285,7 +291,7 @@ def main() -> None:
         )
         instance = get_instance()
         print("pass initial: the initial_sync_sensor queues every first sync...", flush=True)
-        runs = wait_for_initial(instance, fleet, args.timeout)
+        runs = wait_for_runs(instance, "initial", set(fleet), args.timeout)
         initial = summarise(instance, runs, base_first, limits)
         print_pass("initial (first syncs, launched by initial_sync_sensor)", initial)
 
@@ -304,7 +310,7 @@ def main() -> None:
                     "fleet": "yes",
                 },
             )
-        runs = wait_for_runs(instance, "schedule", len(fleet), args.timeout)
+        runs = wait_for_runs(instance, "schedule", set(fleet), args.timeout)
         nightly = summarise(instance, runs, base_nightly, limits)
         print_pass("nightly (incremental, queued like the 02:00 schedule)", nightly)
         print(f"\ncoordinator config used: {json.dumps(coordinator)}")
@@ -336,34 +342,6 @@ def _graphql_client(port: int):
             pass
         time.sleep(0.5)
     raise SystemExit("dagster dev did not start")
-
-
-def wait_for_initial(instance: Any, fleet: list[str], timeout: float) -> list[Any]:
-    from dagster import DagsterRunStatus, RunsFilter
-
-    done = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-    wanted = set(fleet)
-    deadline = time.monotonic() + timeout
-    last_print = 0.0
-    while True:
-        runs = [
-            r
-            for r in instance.get_runs(filters=RunsFilter(tags={"trigger": "initial"}))
-            if r.tags.get("dagster/partition") in wanted
-        ]
-        finished = [r for r in runs if r.status in done and not _will_retry(r, runs)]
-        covered = {r.tags["dagster/partition"] for r in finished if r.status == DagsterRunStatus.SUCCESS}
-        failed_final = [r for r in finished if r.status != DagsterRunStatus.SUCCESS]
-        if len(covered) + len(failed_final) >= len(wanted) and len(finished) == len(
-            [r for r in runs if not _will_retry(r, runs)]
-        ):
-            return runs
-        if time.monotonic() - last_print > 15:
-            print(f"  initial: {len(runs)} runs created, {len(finished)} finished", flush=True)
-            last_print = time.monotonic()
-        if time.monotonic() > deadline:
-            raise SystemExit(f"initial: only {len(finished)} of {len(wanted)} runs finished in {timeout:.0f} s")
-        time.sleep(2)
 
 
 if __name__ == "__main__":

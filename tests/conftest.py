@@ -81,3 +81,18 @@ def dagster_dev(nvc_env: Path) -> Iterator[int]:
             yield port
     finally:
         stop_server()
+
+
+@pytest.fixture
+def pg_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment the production instance configs (deploy/dagster.yaml, the Helm chart's) read
+    Dagster's PostgreSQL from: placeholders, for validating those configs."""
+    for name, value in {
+        "DAGSTER_PG_PASSWORD": "not-a-real-password",
+        "NVC_DAGSTER_PG_HOST": "db.internal",
+        "NVC_DAGSTER_PG_PORT": "5432",
+        "NVC_DAGSTER_PG_DB": "dagster",
+        "NVC_DAGSTER_PG_USER": "dagster",
+        "NVC_DAGSTER_PG_PASSWORD": "not-a-real-password",
+    }.items():
+        monkeypatch.setenv(name, value)

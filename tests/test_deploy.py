@@ -13,15 +13,7 @@ from dagster._core.instance.config import dagster_instance_config, pg_config
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
-def test_production_instance_config_validates(tmp_path: Path, monkeypatch) -> None:
-    for name, value in {
-        "NVC_DAGSTER_PG_HOST": "db.internal",
-        "NVC_DAGSTER_PG_PORT": "5432",
-        "NVC_DAGSTER_PG_DB": "dagster",
-        "NVC_DAGSTER_PG_USER": "dagster",
-        "NVC_DAGSTER_PG_PASSWORD": "not-a-real-password",
-    }.items():
-        monkeypatch.setenv(name, value)
+def test_production_instance_config_validates(tmp_path: Path, pg_env: None) -> None:
     shutil.copy(DEPLOY / "dagster.yaml", tmp_path / "dagster.yaml")
     config, _ = dagster_instance_config(str(tmp_path))  # raises on an instance-level schema error
     # Configurable classes are only checked when instantiated: check them against their own schemas.

@@ -636,19 +636,6 @@ def drift(values: dict, tmp_path: Path) -> dict:
     return {key: (helm[key], mine[key]) for key in helm if helm[key] != mine[key]}
 
 
-@pytest.fixture
-def pg_env(monkeypatch) -> None:
-    for name, value in {
-        "DAGSTER_PG_PASSWORD": "not-a-real-password",
-        "NVC_DAGSTER_PG_HOST": "db.internal",
-        "NVC_DAGSTER_PG_PORT": "5432",
-        "NVC_DAGSTER_PG_DB": "dagster",
-        "NVC_DAGSTER_PG_USER": "dagster",
-        "NVC_DAGSTER_PG_PASSWORD": "not-a-real-password",
-    }.items():
-        monkeypatch.setenv(name, value)
-
-
 def test_helm_and_deploy_dagster_yaml_agree(tmp_path: Path, pg_env) -> None:
     assert drift(our_values(), tmp_path) == {}
     limits = at(our_values(), f"{QUEUED}.tagConcurrencyLimits")
