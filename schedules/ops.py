@@ -41,15 +41,22 @@ def initial_sync_sensor(context: SensorEvaluationContext, store: StoreResource):
 
 
 def _consecutive_failures(context: RunFailureSensorContext, partition: str) -> int:
+    """This failure plus the failures of the practice's runs just before it.
+
+    Counted back from this run, never from the newest run: the sensor can see a run's failure event
+    before the run's stored status says FAILURE, and a newer run may already be under way.
+    """
     runs = context.instance.get_runs(
-        filters=RunsFilter(job_name=context.dagster_run.job_name, tags={"dagster/partition": partition}), limit=10
+        filters=RunsFilter(job_name=context.dagster_run.job_name, tags={"dagster/partition": partition}), limit=20
     )
-    count = 0
-    for run in runs:  # newest first
+    ids = [run.run_id for run in runs]  # newest first
+    older = runs[ids.index(context.dagster_run.run_id) + 1 :] if context.dagster_run.run_id in ids else []
+    count = 1
+    for run in older:
         if run.status != DagsterRunStatus.FAILURE:
             break
         count += 1
-    return max(count, 1)
+    return count
 
 
 @run_failure_sensor(
