@@ -30,24 +30,17 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -222,7 +215,10 @@ def main() -> None:
     os.environ["NVC_HOME"] = str(home)
     os.environ.pop("NVC_DATABASE_URL", None)
     os.environ.pop("DAGSTER_HOME", None)
+    from dagster_graphql import DagsterGraphQLClient
+
     from nvc_pipelines import app
+    from nvc_pipelines.devserver import dagster_dev
     from nvc_pipelines.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
     from nvc_pipelines.sandboxes.optix import OptixSandbox
@@ -240,7 +236,7 @@ def main() -> None:
         api_keys={f"key-{pid}": sid for pid, sid in sandbox_ids.items()},
         rate_limit_per_second=0,
     ).start()
-    proc = None
+    services = ExitStack()
     try:
         app.open_store()
         dagster_home = ensure_dagster_home()
@@ -279,23 +275,14 @@ def main() -> None:
         for pid in fleet:
             connect(pid)
         print(f"connected {len(fleet)} practices in {time.perf_counter() - t0:.1f} s", flush=True)
-        port = _free_port()
-        log = (home / "dagster-dev.log").open("w")
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-p", str(port)],
-            cwd=REPO,
-            env=os.environ.copy(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        port = services.enter_context(dagster_dev(home, startup_timeout=120))  # webserver + daemon
         instance = get_instance()
         print("pass initial: the initial_sync_sensor queues every first sync...", flush=True)
         runs = wait_for_runs(instance, "initial", set(fleet), args.timeout)
         initial = summarise(instance, runs, base_first, limits)
         print_pass("initial (first syncs, launched by initial_sync_sensor)", initial)
 
-        client = _graphql_client(port)
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port)
         print(f"\npass nightly: {len(fleet)} runs submitted through GraphQL with the schedule's tags...", flush=True)
         for pid in fleet:
             client.submit_job_execution(
@@ -315,33 +302,13 @@ def main() -> None:
         print_pass("nightly (incremental, queued like the 02:00 schedule)", nightly)
         print(f"\ncoordinator config used: {json.dumps(coordinator)}")
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        services.close()
         sandbox.stop()
         stop_server()
         if args.keep:
             print(f"kept {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)
-
-
-def _graphql_client(port: int):
-    import httpx
-    from dagster_graphql import DagsterGraphQLClient
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=1).status_code == 200:
-                return DagsterGraphQLClient("127.0.0.1", port_number=port)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("dagster dev did not start")
 
 
 if __name__ == "__main__":
