@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import text
 
 from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.sandboxes.acuitas import AcuitasSandbox
@@ -607,3 +608,44 @@ def test_every_http_pms_takes_a_ca_bundle_and_refuses_an_unusable_one(kind: str,
         assert said in str(error) and str(bundle) in str(error)
         assert error.check.startswith("the ca_bundle setting: a PEM file")
         assert not any(secret in str(error) for secret in case.secrets.values())
+
+
+def test_a_booking_refused_for_the_certificate_waits_and_lands_once_the_ca_is_given(pki: Pki, store: Any) -> None:
+    """A certificate is fixed by people within hours: the booking backs off (not `failed`), is
+    dead-lettered only after the last attempt, and goes in once the practice's CA bundle is set."""
+    from nvc_pipelines import writeback
+    from resources.protocol import PmsError
+
+    case = PMS_CASES["optix"]
+    store.add_practice("tls-optix", "TLS Optix", PmsKind.OPTIX, dict(case.settings), dict(case.secrets))
+    start = dt.datetime.now(dt.UTC).replace(microsecond=0, second=0, minute=0) + dt.timedelta(days=20, hours=2)
+    with (
+        OptixSandbox() as sandbox,
+        tls_server(pki.server("optix-wb", hosts=("127.0.0.1",)), upstream=sandbox.url) as front,
+    ):
+        patient = f"P{sandbox.patients('OPX-1001')[0].index:07d}"
+        writeback.add_booking(store, "tls-optix", "tls-booking-1", patient, start)
+        with case.open(front.url) as client:  # the system trust store: the practice CA is refused
+            report = writeback.deliver(store, "tls-optix", client, error_types=(PmsError,))
+        (row,) = writeback.outbox_rows(store, "tls-optix")
+        assert (report.retry_later, report.failed, row["status"], row["problem"]) == (
+            1,
+            0,
+            "pending",
+            "tls_certificate",
+        )
+        assert "TLS certificate" in row["last_error"] and sandbox.nvc_appointments("OPX-1001") == []
+
+        with store.begin() as conn:  # due again now
+            conn.execute(text("UPDATE outbox SET next_attempt_at = now() WHERE practice_id = 'tls-optix'"))
+        with case.open(front.url, pki.ca_pem) as client:  # the practice's CA bundle is now set
+            report = writeback.deliver(store, "tls-optix", client, error_types=(PmsError,))
+        assert report.confirmed == 1
+        assert [r["status"] for r in writeback.outbox_rows(store, "tls-optix")] == ["confirmed"]
+        assert [a["nvc_reference"] for a in sandbox.nvc_appointments("OPX-1001")] == ["tls-booking-1"]
+
+        writeback.add_booking(store, "tls-optix", "tls-booking-2", patient, start + dt.timedelta(hours=1))
+        with case.open(front.url) as client:  # on its last attempt a refused certificate dead-letters
+            report = writeback.deliver(store, "tls-optix", client, error_types=(PmsError,), max_attempts=1)
+        assert report.dead_lettered == 1
+        assert writeback.outbox_rows(store, "tls-optix", "dead_letter")[0]["problem"] == "tls_certificate"
