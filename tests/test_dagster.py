@@ -107,3 +107,27 @@ def test_refused_file_fails_the_run_with_a_clear_message_and_keeps_the_store(
     description = failure.step_failure_data.user_failure_data.description
     assert "missing the required column(s) phone_number, last_eye_test_date" in description
     assert store.export_practice("csv-b") == before
+
+
+def test_consecutive_failures_count_back_from_the_failed_run(instance: DagsterInstance) -> None:
+    """The failure sensor may see a run's failure before its stored status says FAILURE, and a newer
+    run may already be going: the count starts at the failed run and goes back, never from the newest."""
+    from types import SimpleNamespace
+
+    from dagster import DagsterRun, DagsterRunStatus
+
+    from schedules.ops import _consecutive_failures
+
+    def run(run_id: str, status: DagsterRunStatus) -> DagsterRun:
+        return instance.add_run(
+            DagsterRun(job_name="practice_sync", run_id=run_id, status=status, tags={"dagster/partition": "p"})
+        )
+
+    run("r0", DagsterRunStatus.SUCCESS)
+    run("r1", DagsterRunStatus.FAILURE)
+    run("r2", DagsterRunStatus.FAILURE)
+    third = run("r3", DagsterRunStatus.STARTED)  # its failure event is in, its status not yet
+    run("r4", DagsterRunStatus.STARTED)  # a newer run already under way
+    context = SimpleNamespace(instance=instance, dagster_run=third)
+    assert _consecutive_failures(context, "p") == 3
+    assert _consecutive_failures(SimpleNamespace(instance=instance, dagster_run=instance.get_run_by_id("r1")), "p") == 1
