@@ -28,6 +28,7 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
+from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.erasure import load_suppressions
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
@@ -330,25 +331,58 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
     )
 
 
+CALLABLE_CHECK = "no_uncallable_patient_listed"
+
+
 @asset(
     partitions_def=practices_partitions,
     group_name=GROUP,
     deps=[recalls, appointments],
     kinds={"postgres"},
-    description="Who the AI caller phones: due or overdue, callable, and not already booked in the PMS.",
+    description="Who the AI caller phones: one entry per number (a household is one call), whom to ask for and "
+    "when; every due patient not listed has a reason (deceased, gone away, do not call, asked not to be called, "
+    "booked, snoozed, attempts exhausted, no callable number).",
+    check_specs=[
+        AssetCheckSpec(
+            CALLABLE_CHECK,
+            asset="call_list",
+            description="No listed entry belongs to a patient who is deceased, gone away or inactive in the PMS, "
+            "whom the practice may not phone, or who asked not to be called (checked in SQL, apart from the rules "
+            "that build the list).",
+        )
+    ],
 )
 def call_list(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
     started = time.monotonic()
     practice_id = context.partition_key
     db = store.open()
-    _connected_practice(db, practice_id)
-    counts = db.rebuild_call_list(practice_id, date.today())
+    practice = _connected_practice(db, practice_id)
+    try:
+        settings = CallSettings.from_settings(practice.settings)
+    except CallSettingsError as exc:
+        raise Failure(description=f"practice {practice_id}: {exc}") from None
+    counts = db.rebuild_call_list(practice_id, settings=settings)
+    bad = db.call_list_violations(practice_id)
+    not_listed = counts["not_listed"]
     return MaterializeResult(
         metadata={
-            "listed": counts["listed"],
+            "entries": counts["entries"],
+            "people_listed": counts["people_listed"],
+            "households": counts["households"],
             "due_or_overdue": counts["due"],
-            "excluded_no_phone": counts["no_phone"],
-            "excluded_already_booked": counts["already_booked"],
+            **{f"not_listed_{code}": n for code, n in not_listed.items()},
+            "not_listed": MetadataValue.json(not_listed),
             "duration_seconds": round(time.monotonic() - started, 3),
-        }
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name=CALLABLE_CHECK,
+                passed=not bad,
+                severity=AssetCheckSeverity.ERROR,
+                description="every listed patient may be called"
+                if not bad
+                else f"{len(bad)} listed patient(s) must not be called",
+                metadata={"violations": MetadataValue.json([b["pms_patient_id"] for b in bad[:50]])},
+            )
+        ],
     )

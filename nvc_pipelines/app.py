@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from nvc_pipelines.calling import SETTING_NAMES as CALL_SETTING_NAMES
+from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.instance import get_instance
 from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.recall import SETTING_PREFIX, RecallRules
@@ -57,10 +59,13 @@ def check_settings(kind: PmsKind, settings: dict[str, str], secrets: dict[str, s
     unknown = [
         k
         for k in settings
-        if k not in required + optional and k not in SYNC_SETTINGS and not k.startswith(SETTING_PREFIX)
+        if k not in required + optional
+        and k not in SYNC_SETTINGS
+        and k not in CALL_SETTING_NAMES
+        and not k.startswith(SETTING_PREFIX)
     ]
     if unknown:
-        allowed = ", ".join((*required, *optional, *SYNC_SETTINGS, SETTING_PREFIX + "<rule>"))
+        allowed = ", ".join((*required, *optional, *SYNC_SETTINGS, *CALL_SETTING_NAMES, SETTING_PREFIX + "<rule>"))
         raise SettingsError(f"unknown setting(s) {', '.join(unknown)} for {kind}; allowed: {allowed}")
     for key, (low, high) in SYNC_SETTINGS.items():
         if key in settings:
@@ -71,6 +76,10 @@ def check_settings(kind: PmsKind, settings: dict[str, str], secrets: dict[str, s
             if not low <= value <= high:
                 raise SettingsError(f"setting {key} must be between {low:g} and {high:g}, got {value:g}")
     RecallRules.from_settings(settings)  # refuse a bad override now, not at 2am
+    try:
+        CallSettings.from_settings(settings)
+    except CallSettingsError as exc:
+        raise SettingsError(str(exc)) from None
     missing_secrets = [k for k in needed_secrets if not secrets.get(k)]
     if missing_secrets:
         raise SettingsError(f"{kind} needs the secret(s) {', '.join(missing_secrets)}")
@@ -245,6 +254,11 @@ def export_csv(data: dict[str, Any]) -> tuple[str, str]:
         "recall_source",
         "recall_rule",
         "active",
+        "status",
+        "status_date",
+        "phone_recall",
+        "no_recall",
+        "guardian_name",
     ]
     writer = csv.DictWriter(patients, columns, extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nvc_pipelines.model import PmsKind
+from nvc_pipelines.model import CallOutcome, PmsKind
 
 
 def _fail(message: str) -> None:
@@ -224,7 +224,7 @@ def export(
 @main.command("csv-template")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path), required=False)
 def csv_template(path: Path | None) -> None:
-    """Write the CSV import template with two example rows (to PATH or standard output)."""
+    """Write the CSV import template: every column the importer reads, with example rows (to PATH or stdout)."""
     from resources.csv_source import template_text
 
     if path:
@@ -234,16 +234,127 @@ def csv_template(path: Path | None) -> None:
         click.echo(template_text(), nl=False)
 
 
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns as wide as their widest cell (a header row, then the rows), for people to read."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    for row in (headers, *rows):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _iso(value: object) -> object:
+    from datetime import date, datetime
+
+    from nvc_pipelines.calling import UK_TZ
+
+    if isinstance(value, datetime):
+        return value.astimezone(UK_TZ).isoformat()
+    return value.isoformat() if isinstance(value, date) else value
+
+
+def _when(value) -> str:
+    from nvc_pipelines.calling import UK_TZ
+
+    return value.astimezone(UK_TZ).strftime("%a %d %b %H:%M")
+
+
 @main.command("call-list")
 @click.argument("practice_id")
-def call_list_cmd(practice_id: str) -> None:
-    """Who the AI caller phones for a practice, most overdue first (as of the last sync)."""
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--why", "why_patient", default=None, metavar="PATIENT", help="Explain one patient (PMS id).")
+def call_list_cmd(practice_id: str, fmt: str, why_patient: str | None) -> None:
+    """Who the AI caller phones: one entry per number, whom to ask for, when; and every due patient
+    not listed with the reason (as of the last sync or call outcome)."""
     from nvc_pipelines.app import actor, open_store
 
-    rows = open_store().call_list(practice_id, actor=actor())
-    click.echo(f"{len(rows)} patient(s) to call")
-    for r in rows:
-        click.echo(f"{r['pms_patient_id']:24} {r['due_date']}  {r['days_overdue']:>5}d overdue  {r['reason']}")
+    store = open_store()
+    if why_patient is not None:
+        found = store.call_list_why(practice_id, why_patient, actor=actor())
+        if fmt == "json":
+            click.echo(json.dumps({k: _iso(v) for k, v in found.items()}, indent=2, ensure_ascii=False))
+            return
+        name = f"{found['first_name']} {found['last_name']} ({found['pms_patient_id']})"
+        if found["listed"]:
+            also = f", in the same call as {', '.join(found['same_call'])}" if found["same_call"] else ""
+            click.echo(
+                f"{name} is on the call list: {found['phone']}, ask for {found['ask_for']}, "
+                f"from {_when(found['earliest_call_at'])}{also}. Due {found['due_date']}: {found['recall_reason']}."
+            )
+        else:
+            click.echo(f"{name} is not on the call list: {found['reason_code']}. {found['detail']}.")
+        return
+    view = store.call_list_view(practice_id, actor=actor())
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "entries": [
+                        {
+                            **e,
+                            "earliest_call_at": _iso(e["earliest_call_at"]),
+                            "people": [{k: _iso(v) for k, v in p.items()} for p in e["people"]],
+                        }
+                        for e in view["entries"]
+                    ],
+                    "not_listed": [{k: _iso(v) for k, v in n.items()} for n in view["not_listed"]],
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return
+    entries, not_listed = view["entries"], view["not_listed"]
+    people = sum(len(e["people"]) for e in entries)
+    click.echo(
+        f"{len(entries)} number(s) to call for {people} due patient(s); {len(not_listed)} due patient(s) not listed"
+    )
+    rows: list[tuple[str, ...]] = []
+    for e in entries:
+        for i, p in enumerate(e["people"]):
+            first = i == 0
+            rows.append(
+                (
+                    e["phone"] if first else "",
+                    e["ask_for"] if first else "",
+                    f"{p['first_name']} {p['last_name']} ({p['pms_patient_id']})",
+                    str(p["due_date"]),
+                    p["reason"],
+                    _when(e["earliest_call_at"]) if first else "",
+                )
+            )
+    if rows:
+        _table(("PHONE", "ASK FOR", "PEOPLE", "DUE", "REASON", "EARLIEST CALL"), rows)
+    if not_listed:
+        click.echo("")
+        click.echo("Not listed:")
+        _table(
+            ("PATIENT", "DUE", "REASON", "DETAIL"),
+            [
+                (
+                    f"{n['first_name']} {n['last_name']} ({n['pms_patient_id']})",
+                    str(n["due_date"]),
+                    n["reason_code"],
+                    n["detail"],
+                )
+                for n in not_listed
+            ],
+        )
+
+
+@main.group(cls=_Group)
+def contact() -> None:
+    """Who may be called: lift a patient's request not to be called."""
+
+
+@contact.command("allow")
+@click.argument("practice_id")
+@click.argument("patient_id")
+@click.option("--why", default="lifted by an operator", show_default=True, help="Recorded in the audit log.")
+def contact_allow(practice_id: str, patient_id: str, why: str) -> None:
+    """Let a patient who asked not to be called (or was reported deceased on a call) be called again."""
+    from nvc_pipelines.app import actor, open_store
+
+    lifted = open_store().lift_contact_suppression(practice_id, patient_id, actor(), why)
+    click.echo(f"Lifted {', '.join(lifted)} for {patient_id}; the call list was updated (audited)")
 
 
 @main.command("rejected")
@@ -447,43 +558,61 @@ def booking_add(practice_id, patient_id, start, minutes, appointment_type, clini
     click.echo(f"{'Queued' if created else 'Already queued'} booking {key} (outbox {outbox_id})")
 
 
-def _call_event(kind: str, practice_id: str, patient_id: str, outcome: str | None, text: str, key: str | None) -> None:
+def _call_event(
+    kind: str, practice_id: str, patient_id: str, outcome: str, text: str, key: str | None, phone: str | None
+) -> None:
     from nvc_pipelines import writeback
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.app import actor, open_store
 
     key = _key(key, "call")
-    outbox_id, created = writeback.add_call_event(open_store(), practice_id, kind, key, patient_id, text, outcome)
-    click.echo(f"{'Queued' if created else 'Already queued'} {kind.replace('_', ' ')} {key} (outbox {outbox_id})")
+    outbox_id, created = writeback.add_call_event(
+        open_store(), practice_id, kind, key, patient_id, text, outcome, phone=phone, actor=actor()
+    )
+    what = kind.replace("_", " ")
+    if created:
+        click.echo(
+            f"Recorded {what} {key} ({outcome}); the call list reflects it now; note queued (outbox {outbox_id})"
+        )
+    else:
+        click.echo(f"Already recorded {what} {key} (outbox {outbox_id})")
+
+
+_OUTCOME = click.Choice([str(o) for o in CallOutcome])
+_PHONE_HELP = "The number dialled (default: the patient's number on the call list)."
 
 
 @main.group("call-attempt", cls=_Group)
 def call_attempt() -> None:
-    """Call attempt logs for the patient's PMS record."""
+    """Call attempts, as the AI calling system records them: logged in the PMS, counted on the list."""
 
 
 @call_attempt.command("add")
 @click.argument("practice_id")
 @click.option("--patient", "patient_id", required=True)
-@click.option("--outcome", default="no_answer", show_default=True, help="no_answer, voicemail, busy, wrong_number...")
+@click.option("--outcome", type=_OUTCOME, default="no_answer", show_default=True)
 @click.option("--text", "text_", default="NVC recall call attempt", show_default=True)
+@click.option("--phone", default=None, help=_PHONE_HELP)
 @click.option("--key", default=None)
-def call_attempt_add(practice_id, patient_id, outcome, text_, key) -> None:
-    _call_event("call_attempt", practice_id, patient_id, outcome, text_, key)
+def call_attempt_add(practice_id, patient_id, outcome, text_, phone, key) -> None:
+    """Record a call attempt; its outcome changes the call list at once."""
+    _call_event("call_attempt", practice_id, patient_id, outcome, text_, key, phone)
 
 
 @main.group("call-outcome", cls=_Group)
 def call_outcome() -> None:
-    """Call outcome notes for the patient's PMS record."""
+    """Call outcomes, as the AI calling system records them: a note in the PMS, and the list changes."""
 
 
 @call_outcome.command("add")
 @click.argument("practice_id")
 @click.option("--patient", "patient_id", required=True)
-@click.option("--outcome", required=True, help="booked, declined, call_back, moved_away...")
+@click.option("--outcome", type=_OUTCOME, required=True)
 @click.option("--text", "text_", required=True)
+@click.option("--phone", default=None, help=_PHONE_HELP)
 @click.option("--key", default=None)
-def call_outcome_add(practice_id, patient_id, outcome, text_, key) -> None:
-    _call_event("call_outcome", practice_id, patient_id, outcome, text_, key)
+def call_outcome_add(practice_id, patient_id, outcome, text_, phone, key) -> None:
+    """Record what a call came to; its effect on the call list applies at once (see docs/calling.md)."""
+    _call_event("call_outcome", practice_id, patient_id, outcome, text_, key, phone)
 
 
 @main.command("outbox")

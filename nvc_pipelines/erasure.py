@@ -101,6 +101,8 @@ def erase_patient(store: Any, practice_id: str, patient_ref: str, actor: str) ->
             ("appointments", "pms_patient_id = :ref"),
             ("clinical_records", "pms_patient_id = :ref"),
             ("outbox", "pms_patient_id = :ref"),
+            ("contact_suppressions", "pms_patient_id = :ref"),
+            ("call_events", "pms_patient_id = :ref"),
             ("patient_merges", "keep_patient_id = :id OR merged_patient_id = :id"),
         ):
             removed[table] = conn.execute(

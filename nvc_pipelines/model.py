@@ -32,6 +32,40 @@ RISK_FLAGS: frozenset[str] = frozenset(
 )
 
 
+class PatientStatus(StrEnum):
+    """What the practice's record says about the person, in NVC's words (each PMS has its own)."""
+
+    ACTIVE = "active"
+    DECEASED = "deceased"
+    GONE_AWAY = "gone_away"  # moved away / "gone away" returned post: the practice has lost them
+    INACTIVE = "inactive"  # archived, left the practice, or otherwise not to be recalled
+
+
+class Channel(StrEnum):
+    PHONE = "phone"
+    SMS = "sms"
+    EMAIL = "email"
+
+
+@dataclass(frozen=True, slots=True)
+class ContactPreferences:
+    """What the patient agreed to be contacted by, as the practice recorded it.
+
+    `phone_recall` False means the practice must not phone them about recalls ("do not call",
+    "no telephone recall"). `no_recall` is a recall-suppression flag: no recall by any channel.
+    `channels` are the consented channels where the PMS records consent (None: it records none,
+    which is not a refusal).
+    """
+
+    phone_recall: bool = True
+    no_recall: bool = False
+    channels: frozenset[Channel] | None = None
+
+    @property
+    def may_phone(self) -> bool:
+        return self.phone_recall and not self.no_recall and (self.channels is None or Channel.PHONE in self.channels)
+
+
 @dataclass(frozen=True, slots=True)
 class Phone:
     """A validated UK phone number in E.164 form."""
@@ -63,6 +97,10 @@ class Patient:
     clinical_notes: str | None = None
     pms_recall_due_date: date | None = None
     source_updated_at: datetime | None = None
+    status: PatientStatus = PatientStatus.ACTIVE
+    status_date: date | None = None  # e.g. the date of death, where the PMS records it
+    contact: ContactPreferences = field(default_factory=ContactPreferences)
+    guardian_name: str | None = None  # parent or guardian to ask for when calling about a child
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +235,20 @@ class BookingRequest:
 class BookingResult:
     pms_appointment_id: str
     created: bool  # False when an earlier attempt had already created it
+
+
+class CallOutcome(StrEnum):
+    """What a call (or an attempt at one) came to: the one vocabulary of the AI calling system."""
+
+    BOOKED = "booked"
+    NO_ANSWER = "no_answer"
+    VOICEMAIL = "voicemail"
+    BUSY = "busy"
+    WRONG_NUMBER = "wrong_number"
+    DECLINED = "declined"
+    CALL_BACK_LATER = "call_back_later"
+    ASKED_NOT_TO_BE_CALLED = "asked_not_to_be_called"
+    DECEASED = "deceased"
 
 
 class NoteKind(StrEnum):

@@ -22,8 +22,11 @@ from nvc_pipelines.model import (
     RISK_FLAGS,
     Appointment,
     AppointmentStatus,
+    Channel,
     ClinicalRecord,
+    ContactPreferences,
     Patient,
+    PatientStatus,
     Phone,
     PhoneType,
     ReadResult,
@@ -253,6 +256,66 @@ class PatientDraft:
     clinical_notes: str | None = None
     recall_due_date: str | None = None
     updated_at: datetime | None = None
+    # Contact, already in NVC's words (each dialect maps its own vocabulary): a `PatientStatus`
+    # value (None: active), phone recall allowed (None: not recorded, so allowed), a no-recall flag,
+    # consented channels where the PMS records consent (None: it records none), and a guardian.
+    status: str | None = None
+    status_date: str | None = None
+    phone_recall: bool | None = None
+    no_recall: bool = False
+    channels: Iterable[str] | None = None
+    guardian_name: str | None = None
+    # Spreadsheet cells (CSV): `deceased` is yes/no or a date of death, `do_not_call` yes/no.
+    deceased: str | None = None
+    do_not_call: str | None = None
+
+
+_YES = frozenset({"yes", "y", "true", "t", "1"})
+_NO = frozenset({"no", "n", "false", "f", "0", ""})
+
+
+def parse_yes_no(raw: Any, field_name: str) -> bool:
+    """A yes/no cell: yes/no, y/n, true/false, 1/0 in any case; blank is no."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw if raw is not None else "").strip().lower()
+    if text in _YES:
+        return True
+    if text in _NO:
+        return False
+    raise InvalidValue(f"{field_name} {str(raw).strip()!r} is not yes or no (use yes/no, y/n, true/false or 1/0)")
+
+
+def parse_deceased(raw: Any) -> tuple[bool, date | None]:
+    """A `deceased` cell: yes/no as `parse_yes_no`, or the date of death (which means yes)."""
+    try:
+        return parse_yes_no(raw, "deceased"), None
+    except InvalidValue:
+        pass
+    try:
+        day = parse_uk_date(str(raw), "deceased")
+    except InvalidValue:
+        raise InvalidValue(
+            f"deceased {str(raw).strip()!r} is neither yes/no nor a date (DD/MM/YYYY or YYYY-MM-DD)"
+        ) from None
+    return True, day
+
+
+def _contact(draft: PatientDraft, reasons: list[str]) -> ContactPreferences:
+    channels: frozenset[Channel] | None = None
+    if draft.channels is not None:
+        known: set[Channel] = set()
+        for value in draft.channels:
+            try:
+                known.add(Channel(str(value).strip().lower()))
+            except ValueError:
+                reasons.append(f"contact channel {value!r} is not known (phone, sms or email)")
+        channels = frozenset(known)
+    return ContactPreferences(
+        phone_recall=True if draft.phone_recall is None else bool(draft.phone_recall),
+        no_recall=bool(draft.no_recall),
+        channels=channels,
+    )
 
 
 def derived_patient_key(first_name: str, last_name: str, phone_e164: str) -> str:
@@ -297,6 +360,31 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
         recall_due = None
     if dob and last_test and last_test < dob:
         reasons.append(f"last_eye_test_date {last_test.isoformat()} is before date_of_birth {dob.isoformat()}")
+    status = PatientStatus.ACTIVE
+    try:
+        status = PatientStatus((draft.status or "active").strip().lower())
+    except ValueError:
+        reasons.append(f"patient status {draft.status!r} is not known")
+    died = status == PatientStatus.DECEASED
+    status_date = date_field(draft.status_date, "date of death" if died else "status date", False)
+    if draft.deceased is not None:
+        try:
+            died_now, died_on = parse_deceased(draft.deceased)
+        except InvalidValue as exc:
+            reasons.append(str(exc))
+        else:
+            if died_now:
+                status, status_date = (
+                    PatientStatus.DECEASED,
+                    status_date or date_field(died_on.isoformat() if died_on else None, "date of death", False),
+                )
+    contact = _contact(draft, reasons)
+    if draft.do_not_call is not None:
+        try:
+            if parse_yes_no(draft.do_not_call, "do_not_call"):
+                contact = ContactPreferences(False, contact.no_recall, contact.channels)
+        except InvalidValue as exc:
+            reasons.append(str(exc))
     if reasons:
         raise InvalidValue("; ".join(reasons))
 
@@ -324,6 +412,10 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
         clinical_notes=(draft.clinical_notes or "").strip() or None,
         pms_recall_due_date=recall_due,
         source_updated_at=draft.updated_at,
+        status=status,
+        status_date=status_date,
+        contact=contact,
+        guardian_name=clean_name(draft.guardian_name) or None,
     )
 
 

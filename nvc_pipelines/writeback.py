@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 from sqlalchemy import text
 
-from nvc_pipelines.model import BookingRequest, NoteKind, PatientNote
-from nvc_pipelines.normalise import InvalidValue, nvc_marker, parse_pms_datetime
+from nvc_pipelines.model import BookingRequest, CallOutcome, NoteKind, PatientNote
+from nvc_pipelines.normalise import InvalidValue, normalise_phone, nvc_marker, parse_pms_datetime
+from nvc_pipelines.store import calls
 
 MAX_ATTEMPTS = 8
 BASE_BACKOFF = timedelta(seconds=5)
@@ -95,7 +96,36 @@ def add_booking(
     except InvalidValue as exc:
         raise OutboxError(str(exc)) from None
     payload = _payload_booking(start, minutes, appointment_type, clinician_ref, notes)
-    return _insert(store, practice_id, "booking", idempotency_key, pms_patient_id, payload)
+
+    def off_the_list(conn: Any, outbox_id: int) -> None:  # booked: the household is placed again at once
+        patient_id = conn.execute(
+            text(
+                "SELECT COALESCE(merged_into, patient_id) FROM patients WHERE practice_id = :p AND pms_patient_id = :r"
+            ),
+            {"p": practice_id, "r": pms_patient_id},
+        ).scalar_one_or_none()
+        if patient_id is not None:
+            calls.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
+
+    return _insert(store, practice_id, "booking", idempotency_key, pms_patient_id, payload, off_the_list)
+
+
+OUTCOMES = tuple(str(o) for o in CallOutcome)
+# What the practice's staff read in the PMS note beside the call's own words.
+_STAFF_NOTE = {
+    CallOutcome.ASKED_NOT_TO_BE_CALLED: "The patient asked not to be phoned about recalls; NVC will not call them "
+    "again unless the practice asks it to.",
+    CallOutcome.DECEASED: "Reported as deceased on this call. Please check and update the patient's record; NVC will "
+    "not call them again.",
+}
+
+
+def call_outcome(value: str | None) -> CallOutcome:
+    """One of the calling system's outcomes, or a clear refusal naming them all."""
+    try:
+        return CallOutcome(str(value or "").strip())
+    except ValueError:
+        raise OutboxError(f"call outcome {value!r} is not known; use one of: {', '.join(OUTCOMES)}") from None
 
 
 def add_call_event(
@@ -107,21 +137,55 @@ def add_call_event(
     text_: str,
     outcome: str | None = None,
     occurred_at: datetime | None = None,
+    phone: str | None = None,
+    actor: str = "calling-system",
 ) -> tuple[int, bool]:
-    """Record a call attempt or a call outcome note for the patient's record."""
+    """Record a call attempt or outcome: a note for the PMS (through the outbox) and its effect on
+    the call list (suppressed, number set aside, attempt counted, snoozed), in one transaction."""
     if kind not in (NoteKind.CALL_ATTEMPT, NoteKind.CALL_OUTCOME):
         raise OutboxError(f"unknown call event kind {kind!r}")
+    result = call_outcome(outcome)
     try:
         nvc_marker(idempotency_key)
+        dialled = normalise_phone(phone).e164 if phone else None
     except InvalidValue as exc:
         raise OutboxError(str(exc)) from None
     if not text_.strip():
         raise OutboxError("a call note needs some text")
-    payload = {"text": text_.strip(), "outcome": outcome, "occurred_at": (occurred_at or datetime.now(UTC)).isoformat()}
-    return _insert(store, practice_id, str(kind), idempotency_key, pms_patient_id, payload)
+    when = occurred_at or datetime.now(UTC)
+    if when.tzinfo is None:
+        raise OutboxError("the call's time must carry a time zone")
+    note = text_.strip() + (f" {_STAFF_NOTE[result]}" if result in _STAFF_NOTE else "")
+    payload = {"text": note, "outcome": str(result), "occurred_at": when.isoformat(), "phone": dialled}
+
+    def apply(conn: Any, outbox_id: int) -> None:
+        calls.record_event(
+            conn,
+            practice_id,
+            kind=str(kind),
+            pms_patient_id=pms_patient_id,
+            outcome=result,
+            occurred_at=when,
+            phone=dialled,
+            outbox_id=outbox_id,
+            actor=actor,
+            now=datetime.now(UTC),
+        )
+
+    return _insert(store, practice_id, str(kind), idempotency_key, pms_patient_id, payload, apply)
 
 
-def _insert(store: Any, practice_id: str, kind: str, key: str, pms_patient_id: str, payload: dict[str, Any]):
+def _insert(
+    store: Any,
+    practice_id: str,
+    kind: str,
+    key: str,
+    pms_patient_id: str,
+    payload: dict[str, Any],
+    on_insert: Callable[[Any, int], None] | None = None,
+):
+    """Add one outbox row (once per idempotency key); `on_insert(conn, outbox_id)` runs in the same
+    transaction when the row is new, so its effect commits with it or not at all."""
     store.get_practice(practice_id)
     with store.begin(practice_id) as conn:
         row = conn.execute(
@@ -133,6 +197,8 @@ def _insert(store: Any, practice_id: str, kind: str, key: str, pms_patient_id: s
             {"p": practice_id, "k": kind, "key": key, "pid": pms_patient_id, "payload": json.dumps(payload)},
         ).scalar_one_or_none()
         if row is not None:
+            if on_insert is not None:
+                on_insert(conn, row)
             conn.execute(text("NOTIFY nvc_outbox"))
             store.audit(conn, "outbox", practice_id, f"outbox_{kind}", [pms_patient_id], detail={"key": key})
             return row, True

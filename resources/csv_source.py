@@ -1,7 +1,9 @@
 """The generic CSV upload: a file, or a folder the practice drops its exports into (newest file wins).
 
 Format: `first_name,last_name,phone_number,last_eye_test_date,risk_category,last_clinical_test_date,
-clinical_condition_notes` plus optional `date_of_birth,email,address,pms_patient_id`. Headers match
+clinical_condition_notes` plus optional `date_of_birth,email,address,pms_patient_id,deceased,
+do_not_call,guardian_name` (`deceased`: yes/no or the date of death; `do_not_call`: yes/no; y/n,
+true/false and 1/0 work too, blank is no). Headers match
 case-insensitively, ignoring spaces, underscores and a BOM. A file is either read whole (each row
 imported or rejected with its reason) or refused whole with a message; never half-imported.
 
@@ -59,12 +61,27 @@ SEED_COLUMNS = (
     "last_clinical_test_date",
     "clinical_condition_notes",
 )
-OPTIONAL_COLUMNS = ("date_of_birth", "email", "address", "pms_patient_id")
-REQUIRED_COLUMNS = ("first_name", "last_name", "phone_number", "last_eye_test_date")
-TEMPLATE_ROWS = (
-    ("Siân", "Jones", "07700 900123", "15/01/2024", "diabetic", "15/01/2024", "Type 2 diabetes - annual review"),
-    ("Tom", "O'Neill", "+44 161 496 0456", "2023-06-30", "standard", "", ""),
+OPTIONAL_COLUMNS = (
+    "date_of_birth",
+    "email",
+    "address",
+    "pms_patient_id",
+    "deceased",
+    "do_not_call",
+    "guardian_name",
 )
+REQUIRED_COLUMNS = ("first_name", "last_name", "phone_number", "last_eye_test_date")
+TEMPLATE_COLUMNS = (*SEED_COLUMNS, *OPTIONAL_COLUMNS)
+# Every column the importer reads, and example rows: an adult, and a parent and child on one landline
+# (one call covers both; the caller asks for the parent).
+TEMPLATE_ROWS = (
+    ("Siân", "Jones", "07700 900123", "15/01/2024", "diabetic", "15/01/2024", "Type 2 diabetes - annual review",
+     "12/03/1961", "sian.jones@example.com", "4 Mill Lane, Leeds, LS6 2AB", "", "no", "no", ""),
+    ("Tom", "O'Neill", "+44 161 496 0456", "2023-06-30", "standard", "", "",
+     "1978-09-02", "", "", "", "", "no", ""),
+    ("Alfie", "O'Neill", "0161 496 0456", "2024-09-12", "standard", "", "",
+     "2017-05-20", "", "", "", "", "", "Tom O'Neill"),
+)  # fmt: skip
 MAX_FILE_BYTES = 512 * 1024 * 1024
 # Far more than one practice's patient list. Normalising a row costs ~60 us and ~1.2 KB (200,000 rows
 # read in ~12 s and ~300 MB on a 2-core box), so this bounds a read; a bigger file is refused up front
@@ -95,10 +112,10 @@ _KNOWN = {header_key(c): c for c in (*SEED_COLUMNS, *OPTIONAL_COLUMNS)}
 
 
 def template_text() -> str:
-    """The CSV template with two example rows (what `nvc csv-template` writes)."""
+    """The CSV template: every column the importer reads, with example rows (`nvc csv-template`)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(SEED_COLUMNS)
+    writer.writerow(TEMPLATE_COLUMNS)
     writer.writerows(TEMPLATE_ROWS)
     return out.getvalue()
 
@@ -485,6 +502,9 @@ def _parse(
                     last_clinical_test_date=value.get("last_clinical_test_date"),
                     risk_category=value.get("risk_category"),
                     clinical_notes=value.get("clinical_condition_notes"),
+                    deceased=value.get("deceased"),
+                    do_not_call=value.get("do_not_call"),
+                    guardian_name=value.get("guardian_name"),
                 ),
             )
 

@@ -185,9 +185,9 @@ def test_csv_template_and_csv_export(demo_home, tmp_path: Path) -> None:
     template = runner.invoke(main, ["csv-template"]).output
     assert template.splitlines()[0] == (
         "first_name,last_name,phone_number,last_eye_test_date,risk_category,last_clinical_test_date,"
-        "clinical_condition_notes"
+        "clinical_condition_notes,date_of_birth,email,address,pms_patient_id,deceased,do_not_call,guardian_name"
     )
-    assert len(template.splitlines()) == 3
+    assert len(template.splitlines()) == 4
     out = tmp_path / "export.csv"
     assert runner.invoke(main, ["export", "demo-csv", "--format", "csv", "--output", str(out)]).exit_code == 0
     assert out.read_text(encoding="utf-8-sig").startswith("pms_patient_id,first_name")

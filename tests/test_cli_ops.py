@@ -33,7 +33,10 @@ def test_call_list_rejected_duplicates_and_merge(store: Store) -> None:
     _seed(store, "ops-1")
     runner = CliRunner()
     calls = runner.invoke(main, ["call-list", "ops-1"])
-    assert "2 patient(s) to call" in calls.output and "B1" not in calls.output  # B1 has no phone
+    # A1 and A2 share one mobile: one call names both; B1 has no phone and is listed apart, with the reason.
+    assert "1 number(s) to call for 2 due patient(s); 1 due patient(s) not listed" in calls.output
+    assert "PHONE" in calls.output and "Ann Lee (A1)" in calls.output and "Ann Lee (A2)" in calls.output
+    assert "Bob Kay (B1)" in calls.output and "no_callable_number" in calls.output
 
     rejected = runner.invoke(main, ["rejected", "ops-1"])
     assert "f.csv:line 9" in rejected.output and "phone number is missing" in rejected.output

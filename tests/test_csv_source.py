@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from nvc_pipelines.model import PmsKind, Practice
+from nvc_pipelines.model import PatientStatus, PmsKind, Practice
 from resources.csv_source import CsvFileRefused, CsvResource, parse_csv, template_text
 from resources.protocol import PmsConnectionFailed
 
@@ -17,10 +17,50 @@ def practice(path: Path) -> Practice:
 
 def test_template_round_trips_through_the_importer() -> None:
     result = parse_csv(template_text(), "p", "template.csv", TODAY)
-    assert len(result.patients) == 2 and not result.rejected
-    sian = result.patients[0]
+    assert len(result.patients) == 3 and not result.rejected
+    sian, tom, alfie = result.patients
     assert sian.first_name == "Siân" and sian.phones[0].e164 == "+447700900123"
     assert sian.risk_flags == ["diabetic"] and sian.last_eye_test_date == date(2024, 1, 15)
+    assert sian.contact.may_phone and sian.status == PatientStatus.ACTIVE
+    assert tom.contact.may_phone and tom.phones == alfie.phones
+    assert alfie.guardian_name == "Tom O'Neill" and alfie.date_of_birth == date(2017, 5, 20)
+
+
+@pytest.mark.parametrize(
+    ("deceased", "do_not_call", "status", "died_on", "may_phone"),
+    [
+        ("", "", PatientStatus.ACTIVE, None, True),
+        ("no", "N", PatientStatus.ACTIVE, None, True),
+        ("Yes", "true", PatientStatus.DECEASED, None, False),
+        ("1", "0", PatientStatus.DECEASED, None, True),
+        ("03/11/2026", "", PatientStatus.DECEASED, date(2026, 11, 3), True),
+        ("2026-10-01", "y", PatientStatus.DECEASED, date(2026, 10, 1), False),
+        ("FALSE", "yes", PatientStatus.ACTIVE, None, False),
+    ],
+)
+def test_deceased_and_do_not_call_columns(deceased, do_not_call, status, died_on, may_phone) -> None:
+    text = (
+        f"{HEADER},Deceased,Do Not Call,Guardian Name\nAnn,Lee,07700 900100,15/01/2024,,,,{deceased},{do_not_call},\n"
+    )
+    result = parse_csv(text, "p", "f.csv", TODAY)
+    assert not result.rejected, result.rejected
+    ann = result.patients[0]
+    assert (ann.status, ann.status_date, ann.contact.may_phone) == (status, died_on, may_phone)
+
+
+@pytest.mark.parametrize(
+    ("deceased", "do_not_call", "reason"),
+    [
+        ("maybe", "", "deceased 'maybe' is neither yes/no nor a date"),
+        ("", "perhaps", "do_not_call 'perhaps' is not yes or no"),
+        ("31/02/2026", "", "deceased '31/02/2026' is neither yes/no nor a date"),
+        ("01/01/2099", "", "date of death 2099-01-01 is in the future"),
+    ],
+)
+def test_bad_contact_cells_are_rejected_with_their_reason(deceased, do_not_call, reason) -> None:
+    text = f"{HEADER},deceased,do_not_call\nAnn,Lee,07700 900100,15/01/2024,,,,{deceased},{do_not_call}\n"
+    result = parse_csv(text, "p", "f.csv", TODAY)
+    assert not result.patients and reason in result.rejected[0].reason
 
 
 def test_headers_match_ignoring_case_spaces_underscores_and_bom() -> None:

@@ -75,17 +75,19 @@ def test_csv_practice_materialises_patients_then_recalls(
     first = materialize(ALL, partition_key="csv-a", instance=instance, resources=_resources(database_url))
     assert first.success
     meta = _meta(first, "patients")
-    assert (meta["rows_read"], meta["inserted"], meta["updated"], meta["rejected"]) == (3, 2, 0, 1)
+    assert (meta["rows_read"], meta["inserted"], meta["updated"], meta["rejected"]) == (4, 3, 0, 1)
     assert meta["rows_read"] == meta["inserted"] + meta["updated"] + meta["unchanged"] + meta["rejected"]
     rec = _meta(first, "recalls")
-    assert rec["recalls"] == 2 and rec["by_rule"] == {"default": 1, "diabetic": 1}
+    assert rec["recalls"] == 3 and rec["by_rule"] == {"default": 1, "diabetic": 1, "under_16": 1}
     calls = _meta(first, "call_list")
-    assert calls["listed"] == calls["due_or_overdue"] == 2  # both tests were long enough ago
-    assert [c["last_name"] for c in store.call_list("csv-a")] == ["Jones", "O'Neill"]  # most overdue first
+    assert calls["people_listed"] == calls["due_or_overdue"] == 3  # every test was long enough ago
+    assert calls["entries"] == calls["households"] + 1 == 2  # the O'Neills share a landline: one call
+    assert [c["last_name"] for c in store.call_list("csv-a")] == ["Jones", "O'Neill", "O'Neill"]  # most overdue first
+    assert {c["ask_for"] for c in store.call_list("csv-a") if c["first_name"] == "Alfie"} == {"Tom O'Neill"}
 
     again = materialize(ALL, partition_key="csv-a", instance=instance, resources=_resources(database_url))
     meta = _meta(again, "patients")
-    assert (meta["inserted"], meta["updated"], meta["unchanged"]) == (0, 0, 2)
+    assert (meta["inserted"], meta["updated"], meta["unchanged"]) == (0, 0, 3)
     assert _meta(again, "recalls")["changed"] == 0
 
 

@@ -147,7 +147,7 @@ def test_failures_are_clear_and_visible(store: Store, database_url: str, sandbox
     writeback.add_booking(store, practice_id, "taken-b", pid, _slot(4000))  # the same slot, booked twice
     writeback.add_booking(store, practice_id, "ghost", "NO-SUCH-PATIENT", _slot(4001))
     with pytest.raises(writeback.OutboxError, match="already used"):
-        writeback.add_call_event(store, practice_id, "call_attempt", "taken-a", pid, "no answer")
+        writeback.add_call_event(store, practice_id, "call_attempt", "taken-a", pid, "no answer", "no_answer")
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("practices", [practice_id])
         result = materialize(
@@ -186,7 +186,7 @@ def test_call_events_and_the_next_sync_links_the_booking(store: Store, database_
         writeback.add_call_event(
             store, practice_id, "call_outcome", "link-2", called, "Booked for an eye test", "booked"
         )
-        writeback.add_call_event(store, practice_id, "call_attempt", "link-3", called, "Rang once", "answered")
+        writeback.add_call_event(store, practice_id, "call_attempt", "link-3", called, "Rang once", "no_answer")
         store.rebuild_call_list(practice_id, date.today())
         assert called not in {c["pms_patient_id"] for c in store.call_list(practice_id)}  # booked: not called again
         assert materialize(

@@ -11,7 +11,7 @@ import json
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from importlib import resources
 from typing import Any
@@ -22,11 +22,15 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from nvc_pipelines.calling import UK_TZ, CallSettings
 from nvc_pipelines.crypto import decrypt_credentials, encrypt_credentials
 from nvc_pipelines.matching import DERIVED_PREFIX, DuplicatePair, find_duplicates, resolve_derived_identities
 from nvc_pipelines.model import (
+    Channel,
     ClinicalRecord,
+    ContactPreferences,
     Patient,
+    PatientStatus,
     Phone,
     PhoneType,
     PmsKind,
@@ -35,6 +39,7 @@ from nvc_pipelines.model import (
     Recall,
     RejectedRow,
 )
+from nvc_pipelines.store import calls
 from nvc_pipelines.store.db import StoreUnavailable, engine_for, ensure_database, store_url
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_stream
 
@@ -100,6 +105,14 @@ def _patient_from_row(row: Any) -> Patient:
         clinical_notes=row.clinical_notes,
         pms_recall_due_date=row.pms_recall_due_date,
         source_updated_at=row.source_updated_at,
+        status=PatientStatus(row.pms_status),
+        status_date=row.status_date,
+        contact=ContactPreferences(
+            phone_recall=row.phone_recall,
+            no_recall=row.no_recall,
+            channels=None if row.contact_channels is None else frozenset(Channel(c) for c in row.contact_channels),
+        ),
+        guardian_name=row.guardian_name,
     )
 
 
@@ -541,80 +554,94 @@ class Store:
                 )
         return out
 
-    def rebuild_call_list(self, practice_id: str, today: date) -> dict[str, int]:
-        """Who the AI caller phones: active patients whose recall is due or overdue, who have a
-        callable phone (mobiles first; phones of records merged into them count) and no future
-        booked appointment (theirs or a merged record's, in the PMS or booked on a call and still in
-        the outbox). Replaced whole, in one transaction;
-        returns who is listed and why the others due are not."""
+    def rebuild_call_list(
+        self,
+        practice_id: str,
+        today: date | None = None,
+        *,
+        now: datetime | None = None,
+        settings: CallSettings | None = None,
+    ) -> dict[str, Any]:
+        """Place every due patient of the practice again (see `nvc_pipelines.calling`): listed on the
+        entry of one number, or not listed with the reason. Replaced whole, in one transaction;
+        returns people listed, entries, households and the due people not listed by reason.
+
+        `today` decides who is due (default: today in the UK); `now`, when calls may be made."""
+        now = now or datetime.now(UTC)
+        today = today or now.astimezone(UK_TZ).date()
         with self.begin(practice_id) as conn:
-            conn.execute(
-                text(
-                    "CREATE TEMP TABLE due_people ON COMMIT DROP AS "
-                    "WITH people AS ("
-                    " SELECT pt.patient_id, r.due_date, r.reason, "
-                    "  pt.phones || COALESCE((SELECT array_agg(ph) FROM patients m, unnest(m.phones) ph "
-                    "   WHERE m.merged_into = pt.patient_id), '{}') AS phones, "
-                    "  ARRAY[pt.pms_patient_id] || COALESCE((SELECT array_agg(m.pms_patient_id) FROM patients m "
-                    "   WHERE m.merged_into = pt.patient_id), '{}') AS refs "
-                    " FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
-                    " WHERE r.practice_id = :p AND pt.active AND r.due_date <= :today) "
-                    # The references are unnested into rows so "already booked" is a plain join that
-                    # uses the indexes; `= ANY(array || ...)` is not leakproof, so under row-level
-                    # security it scanned every appointment for every due patient.
-                    ", person_refs AS (SELECT p.patient_id, u.ref FROM people p "
-                    " CROSS JOIN LATERAL unnest(p.refs) AS u(ref)), "
-                    "booked AS ("
-                    " SELECT pr.patient_id FROM person_refs pr JOIN appointments a "
-                    "  ON a.practice_id = :p AND a.pms_patient_id = pr.ref "
-                    "  WHERE a.active AND a.status = 'booked' AND a.starts_at > now() "
-                    " UNION "
-                    " SELECT pr.patient_id FROM person_refs pr JOIN outbox o "
-                    "  ON o.practice_id = :p AND o.pms_patient_id = pr.ref "
-                    "  WHERE o.kind = 'booking' AND o.status IN ('pending', 'sent', 'confirmed') "
-                    "  AND (o.payload->>'starts_at')::timestamptz > now()) "
-                    "SELECT people.*, cardinality(phones) > 0 AS callable, "
-                    "people.patient_id IN (SELECT patient_id FROM booked) AS booked "
-                    "FROM people"
-                ),
-                {"p": practice_id, "today": today},
-            )
-            counts = dict(
-                conn.execute(
-                    text(
-                        "SELECT count(*) AS due, count(*) FILTER (WHERE NOT callable) AS no_phone, "
-                        "count(*) FILTER (WHERE callable AND booked) AS already_booked FROM due_people"
-                    )
-                )
-                .mappings()
-                .one()
-            )
-            conn.execute(text("DELETE FROM call_list WHERE practice_id = :p"), {"p": practice_id})
-            counts["listed"] = conn.execute(
-                text(
-                    "INSERT INTO call_list (patient_id, practice_id, phone, due_date, days_overdue, reason) "
-                    "SELECT patient_id, :p, phones[1], due_date, :today - due_date, reason FROM due_people "
-                    "WHERE callable AND NOT booked"
-                ),
-                {"p": practice_id, "today": today},
-            ).rowcount
-            self.audit(conn, "pipeline", practice_id, "build_call_list", detail=dict(counts))
+            settings = settings or calls.practice_call_settings(conn, practice_id)
+            counts = calls.rebuild(conn, practice_id, today=today, now=now, settings=settings)
+            self.audit(conn, "pipeline", practice_id, "build_call_list", detail=counts)
         return counts
 
     def call_list(self, practice_id: str, actor: str | None = None) -> list[dict[str, Any]]:
-        """The call list; reading it as someone (`actor`) is recorded in the audit log."""
+        """The people on the call list, one row each (most overdue first), with the number, whom to
+        ask for and when; reading it as someone (`actor`) is recorded in the audit log."""
         with self.begin(practice_id) as conn:
             if actor:
                 self.audit(conn, actor, practice_id, "read_call_list")
             rows = conn.execute(
                 text(
-                    "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, c.phone, c.due_date, c.days_overdue, "
-                    "c.reason FROM call_list c JOIN patients pt USING (patient_id) WHERE c.practice_id = :p "
-                    "ORDER BY c.days_overdue DESC, pt.pms_patient_id"
+                    "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, c.phone, c.due_date, c.reason, c.ask_for, "
+                    "c.earliest_call_at FROM call_list c JOIN patients pt USING (patient_id) "
+                    "WHERE c.practice_id = :p AND c.listed ORDER BY c.due_date, pt.pms_patient_id"
                 ),
                 {"p": practice_id},
             ).mappings()
             return [dict(r) for r in rows]
+
+    def call_list_view(self, practice_id: str, actor: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """`{"entries": [...], "not_listed": [...]}`: one entry per number to dial, and every due
+        patient who is not on the list with the reason."""
+        self.get_practice(practice_id)
+        with self.begin(practice_id) as conn:
+            if actor:
+                self.audit(conn, actor, practice_id, "read_call_list")
+            return calls.entries(conn, practice_id)
+
+    def call_list_why(self, practice_id: str, pms_patient_id: str, actor: str | None = None) -> dict[str, Any]:
+        """Why one patient is, or is not, on the call list."""
+        self.get_practice(practice_id)
+        with self.begin(practice_id) as conn:
+            found = calls.why(conn, practice_id, pms_patient_id, datetime.now(UTC).astimezone(UK_TZ).date())
+            if found is None:
+                raise PracticeNotFound(f"practice {practice_id} has no patient {pms_patient_id!r}")
+            if actor:
+                self.audit(conn, actor, practice_id, "read_call_list", [pms_patient_id])
+        return found
+
+    def call_list_violations(self, practice_id: str) -> list[dict[str, Any]]:
+        with self.begin(practice_id) as conn:
+            return calls.violations(conn, practice_id)
+
+    def lift_contact_suppression(self, practice_id: str, pms_patient_id: str, actor: str, why: str) -> list[str]:
+        """Let a patient who asked not to be called (or was reported deceased on a call) be called
+        again: audited, and their household placed again at once. Returns the reasons lifted."""
+        self.get_practice(practice_id)
+        with self.begin(practice_id) as conn:
+            patient_id = conn.execute(
+                text(
+                    "SELECT COALESCE(merged_into, patient_id) FROM patients WHERE practice_id = :p "
+                    "AND pms_patient_id = :ref"
+                ),
+                {"p": practice_id, "ref": pms_patient_id},
+            ).scalar_one_or_none()
+            if patient_id is None:
+                raise PracticeNotFound(f"practice {practice_id} has no patient {pms_patient_id!r}")
+            lifted = calls.lift(conn, practice_id, pms_patient_id, actor, why)
+            if not lifted:
+                raise ValueError(f"patient {pms_patient_id} of {practice_id} has no call suppression to lift")
+            self.audit(
+                conn,
+                actor,
+                practice_id,
+                "lift_contact_suppression",
+                [pms_patient_id],
+                detail={"lifted": lifted, "why": why},
+            )
+            calls.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
+        return lifted
 
     def recall_summary(self, practice_id: str, today: date) -> dict[str, Any]:
         with self.begin(practice_id) as conn:
@@ -907,6 +934,30 @@ class Store:
                 .mappings()
                 .all()
             )
+            call_events = (
+                conn.execute(
+                    text(
+                        "SELECT pms_patient_id, kind, outcome, phone, recall_due_date, occurred_at, actor "
+                        "FROM call_events WHERE practice_id = :p AND (CAST(:one AS text) IS NULL OR pms_patient_id = :one) "
+                        "ORDER BY event_id"
+                    ),
+                    {"p": practice_id, "one": patient_ref},
+                )
+                .mappings()
+                .all()
+            )
+            contact_suppressions = (
+                conn.execute(
+                    text(
+                        "SELECT pms_patient_id, reason, created_at, lifted_at, lifted_by, lift_reason "
+                        "FROM contact_suppressions WHERE practice_id = :p "
+                        "AND (CAST(:one AS text) IS NULL OR pms_patient_id = :one) ORDER BY suppression_id"
+                    ),
+                    {"p": practice_id, "one": patient_ref},
+                )
+                .mappings()
+                .all()
+            )
             rejected = (
                 conn.execute(
                     text(
@@ -947,6 +998,12 @@ class Store:
                     "inferred_flags": list(p["inferred_flags"] or []),
                     "active": p["active"],
                     "merged_into": p["merged_into_id"],
+                    "status": p["pms_status"],
+                    "status_date": iso(p["status_date"]),
+                    "phone_recall": p["phone_recall"],
+                    "no_recall": p["no_recall"],
+                    "contact_channels": None if p["contact_channels"] is None else list(p["contact_channels"]),
+                    "guardian_name": p["guardian_name"],
                 }
                 for p in patients
             ],
@@ -960,6 +1017,8 @@ class Store:
                 }
                 for c in clinical
             ],
+            "call_events": [{k: iso(v) for k, v in e.items()} for e in call_events],
+            "contact_suppressions": [{k: iso(v) for k, v in c.items()} for c in contact_suppressions],
             "rejected_rows": [{k: iso(v) for k, v in r.items()} for r in rejected],
         }
         if patient_ref is not None:

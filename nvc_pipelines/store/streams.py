@@ -79,6 +79,12 @@ def _patient_values(p: Patient) -> tuple[Any, ...]:
         p.clinical_notes,
         p.pms_recall_due_date,
         p.source_updated_at,
+        str(p.status),
+        p.status_date,
+        p.contact.phone_recall,
+        p.contact.no_recall,
+        None if p.contact.channels is None else sorted(str(c) for c in p.contact.channels),
+        p.guardian_name,
     )
 
 
@@ -136,6 +142,12 @@ PATIENTS = StreamSpec(
         "clinical_notes",
         "pms_recall_due_date",
         "source_updated_at",
+        "pms_status",
+        "status_date",
+        "phone_recall",
+        "no_recall",
+        "contact_channels",
+        "guardian_name",
     ),
     _patient_values,
     reactivate="patients.merged_into IS NULL",

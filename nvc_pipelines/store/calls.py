@@ -1,0 +1,461 @@
+"""The call list's tables: due people gathered in one query, placed by `nvc_pipelines.calling`, and
+written back in the caller's transaction; call events, and suppressions an operator can lift.
+
+Everything here runs inside a transaction scoped to one practice (`Store.begin(practice_id)`), so
+row-level security applies, and an outcome, its suppression and the call list it changes commit
+together: the list is never seen without the outcome's effect.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Sequence
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from nvc_pipelines.calling import (
+    REASON_CODES,
+    SUPPRESSING,
+    UK_TZ,
+    CallEvent,
+    CallSettings,
+    DuePerson,
+    Placement,
+    entry_ask_for,
+    place,
+)
+from nvc_pipelines.model import CallOutcome
+
+# The due people of a practice (or of a scope: patients by id, or anyone on given numbers), with the
+# references of records merged into them, whether they are booked and any open suppression. The
+# references are unnested into rows so "booked" and "suppressed" are plain joins that use the
+# indexes: `= ANY(array)` is not leakproof, so under row-level security it scanned every row.
+_GATHER = """
+CREATE TEMP TABLE due_people ON COMMIT DROP AS
+WITH people AS (
+    SELECT pt.patient_id, pt.pms_patient_id, pt.first_name, pt.last_name, pt.date_of_birth, pt.pms_status,
+        pt.status_date, pt.phone_recall, pt.no_recall, pt.contact_channels, pt.guardian_name, r.due_date, r.reason,
+        pt.phones || COALESCE((SELECT array_agg(ph) FROM patients m, unnest(m.phones) ph
+            WHERE m.merged_into = pt.patient_id), '{}') AS phones,
+        ARRAY[pt.pms_patient_id] || COALESCE((SELECT array_agg(m.pms_patient_id) FROM patients m
+            WHERE m.merged_into = pt.patient_id), '{}') AS refs
+    FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id
+    WHERE r.practice_id = :p AND pt.practice_id = :p AND pt.active AND r.due_date <= :today {scope}
+), person_refs AS (
+    SELECT p.patient_id, u.ref FROM people p CROSS JOIN LATERAL unnest(p.refs) AS u(ref)
+), booked AS (
+    SELECT pr.patient_id FROM person_refs pr JOIN appointments a ON a.practice_id = :p AND a.pms_patient_id = pr.ref
+    WHERE a.active AND a.status = 'booked' AND a.starts_at > :now
+    UNION
+    SELECT pr.patient_id FROM person_refs pr JOIN outbox o ON o.practice_id = :p AND o.pms_patient_id = pr.ref
+    WHERE o.kind = 'booking' AND o.status IN ('pending', 'sent', 'confirmed')
+        AND (o.payload->>'starts_at')::timestamptz > :now
+), suppressed AS (
+    SELECT pr.patient_id, CASE WHEN bool_or(s.reason = 'deceased') THEN 'deceased' ELSE min(s.reason) END AS reason
+    FROM person_refs pr JOIN contact_suppressions s ON s.practice_id = :p AND s.pms_patient_id = pr.ref
+    WHERE s.lifted_at IS NULL GROUP BY pr.patient_id
+)
+SELECT people.*, people.patient_id IN (SELECT patient_id FROM booked) AS booked, suppressed.reason AS suppressed
+FROM people LEFT JOIN suppressed USING (patient_id)
+"""
+_SCOPE = (
+    " AND (pt.patient_id = ANY(:ids) OR pt.phones && CAST(:phones AS text[]) OR EXISTS (SELECT 1 FROM patients m"
+    " WHERE m.merged_into = pt.patient_id AND m.phones && CAST(:phones AS text[])))"
+)
+
+
+def _gather(conn: Connection, practice_id: str, today: date, now: datetime, scope: Scope | None) -> list[DuePerson]:
+    params: dict[str, Any] = {"p": practice_id, "today": today, "now": now}
+    sql = _GATHER.replace("{scope}", _SCOPE if scope else "")
+    if scope:
+        params |= {"ids": sorted(scope.patient_ids), "phones": sorted(scope.phones)}
+    conn.execute(text("DROP TABLE IF EXISTS due_people"))
+    conn.execute(text(sql), params)
+    conn.execute(text("ANALYZE due_people"))  # a temp table has no statistics: the joins below need them
+    people = {
+        r.patient_id: DuePerson(
+            patient_id=r.patient_id,
+            pms_patient_id=r.pms_patient_id,
+            first_name=r.first_name,
+            last_name=r.last_name,
+            date_of_birth=r.date_of_birth,
+            due_date=r.due_date,
+            reason=r.reason,
+            phones=list(r.phones),
+            status=r.pms_status,
+            status_date=r.status_date,
+            phone_recall=r.phone_recall,
+            no_recall=r.no_recall,
+            channels=None if r.contact_channels is None else list(r.contact_channels),
+            guardian_name=r.guardian_name,
+            booked=r.booked,
+            suppressed=r.suppressed,
+        )
+        for r in conn.execute(text("SELECT * FROM due_people"))
+    }
+    events = conn.execute(
+        text(
+            "SELECT d.patient_id, e.outcome, e.occurred_at, e.phone, e.recall_due_date FROM due_people d "
+            "CROSS JOIN LATERAL unnest(d.refs) AS u(ref) JOIN call_events e ON e.practice_id = :p "
+            "AND e.pms_patient_id = u.ref ORDER BY e.occurred_at"
+        ),
+        {"p": practice_id},
+    )
+    for r in events:
+        people[r.patient_id].events.append(CallEvent(CallOutcome(r.outcome), r.occurred_at, r.phone, r.recall_due_date))
+    return list(people.values())
+
+
+class Scope:
+    """Part of a practice's list to place again: these patients, and everyone on these numbers."""
+
+    def __init__(self, patient_ids: Collection[int] = (), phones: Collection[str] = ()):
+        self.patient_ids = set(patient_ids)
+        self.phones = set(phones)
+
+    def __bool__(self) -> bool:
+        return bool(self.patient_ids or self.phones)
+
+
+def practice_call_settings(conn: Connection, practice_id: str) -> CallSettings:
+    settings = conn.execute(
+        text("SELECT settings FROM practices WHERE practice_id = :p"), {"p": practice_id}
+    ).scalar_one()
+    return CallSettings.from_settings(settings or {})
+
+
+def rebuild(
+    conn: Connection,
+    practice_id: str,
+    *,
+    today: date,
+    now: datetime,
+    settings: CallSettings,
+    scope: Scope | None = None,
+) -> dict[str, Any]:
+    """Place the practice's due people again (all of them, or those in `scope`) and replace their
+    rows of the call list; returns counts by reason (for the whole practice)."""
+    people = _gather(conn, practice_id, today, now, scope)
+    numbers = sorted({p for person in people for p in person.phones})
+    last_calls = dict(
+        conn.execute(
+            text(
+                "SELECT phone, max(occurred_at) FROM call_events WHERE practice_id = :p AND phone = ANY(:phones) "
+                "AND occurred_at > :since GROUP BY phone"
+            ),
+            {"p": practice_id, "phones": numbers, "since": now - timedelta(days=2)},
+        ).all()
+    )
+    placements = place(people, last_calls, settings, now)
+    by_id = {p.patient_id: p for p in people}
+    if scope is None:
+        conn.execute(text("DELETE FROM call_list WHERE practice_id = :p"), {"p": practice_id})
+    else:
+        conn.execute(
+            text(
+                "DELETE FROM call_list WHERE practice_id = :p AND (patient_id = ANY(:ids) "
+                "OR (listed AND phone = ANY(:phones)))"
+            ),
+            {"p": practice_id, "ids": sorted(scope.patient_ids | set(by_id)), "phones": sorted(scope.phones)},
+        )
+    _write(conn, practice_id, placements, by_id)
+    return counts(conn, practice_id)
+
+
+def _write(conn: Connection, practice_id: str, placements: Sequence[Placement], by_id: dict[int, DuePerson]) -> None:
+    if not placements:
+        return
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS stage_call_list")
+        cur.execute(
+            "CREATE TEMP TABLE stage_call_list (patient_id bigint, due_date date, reason text, listed boolean, "
+            "phone text, ask_for text, earliest_call_at timestamptz, reason_code text, detail text) ON COMMIT DROP"
+        )
+        with cur.copy("COPY stage_call_list FROM STDIN") as copy:
+            for p in placements:
+                person = by_id[p.patient_id]
+                copy.write_row(
+                    (
+                        p.patient_id,
+                        person.due_date,
+                        person.reason,
+                        p.listed,
+                        p.phone,
+                        p.ask_for,
+                        p.earliest_call_at,
+                        p.reason_code,
+                        p.detail,
+                    )
+                )
+    conn.execute(
+        text(
+            "INSERT INTO call_list (patient_id, practice_id, due_date, reason, listed, phone, ask_for, earliest_call_at, "
+            "reason_code, detail) SELECT patient_id, :p, due_date, reason, listed, phone, ask_for, earliest_call_at, "
+            "reason_code, detail FROM stage_call_list"
+        ),
+        {"p": practice_id},
+    )
+
+
+def counts(conn: Connection, practice_id: str) -> dict[str, Any]:
+    """People listed, entries (numbers to call), households (entries covering several people), and
+    the due people not listed by reason."""
+    row = conn.execute(
+        text(
+            "SELECT count(*) AS due, count(*) FILTER (WHERE listed) AS people_listed, "
+            "count(DISTINCT phone) FILTER (WHERE listed) AS entries FROM call_list WHERE practice_id = :p"
+        ),
+        {"p": practice_id},
+    ).one()
+    households = conn.execute(
+        text(
+            "SELECT count(*) FROM (SELECT phone FROM call_list WHERE practice_id = :p AND listed GROUP BY phone "
+            "HAVING count(*) > 1) h"
+        ),
+        {"p": practice_id},
+    ).scalar_one()
+    reasons = Counter(
+        dict(
+            conn.execute(
+                text(
+                    "SELECT reason_code, count(*) FROM call_list WHERE practice_id = :p AND NOT listed "
+                    "GROUP BY reason_code"
+                ),
+                {"p": practice_id},
+            ).all()
+        )
+    )
+    return {
+        "due": row.due,
+        "people_listed": row.people_listed,
+        "entries": row.entries,
+        "households": households,
+        "not_listed": {code: reasons.get(code, 0) for code in REASON_CODES if code != "not_due"},
+    }
+
+
+def record_event(
+    conn: Connection,
+    practice_id: str,
+    *,
+    kind: str,
+    pms_patient_id: str,
+    outcome: CallOutcome,
+    occurred_at: datetime,
+    phone: str | None,
+    outbox_id: int | None,
+    actor: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """Record what a call came to and apply its effect on the list in this same transaction:
+    suppress (asked not to be called, deceased), set the number aside (wrong number), count the
+    attempt or snooze; then place the patient's household again."""
+    patient = conn.execute(
+        text(
+            "SELECT pt.patient_id, COALESCE(pt.merged_into, pt.patient_id) AS kept_id, pt.phones, "
+            "(SELECT r.due_date FROM recalls r WHERE r.patient_id = COALESCE(pt.merged_into, pt.patient_id)) AS due, "
+            "(SELECT c.phone FROM call_list c WHERE c.patient_id = COALESCE(pt.merged_into, pt.patient_id) "
+            " AND c.listed) AS listed_phone "
+            "FROM patients pt WHERE pt.practice_id = :p AND pt.pms_patient_id = :ref"
+        ),
+        {"p": practice_id, "ref": pms_patient_id},
+    ).one_or_none()
+    dialled = phone or (patient and (patient.listed_phone or (patient.phones[0] if patient.phones else None)))
+    event_id = conn.execute(
+        text(
+            "INSERT INTO call_events (practice_id, pms_patient_id, kind, outcome, phone, recall_due_date, occurred_at, "
+            "outbox_id, actor) VALUES (:p, :ref, :kind, :outcome, :phone, :due, :at, :outbox, :actor) RETURNING event_id"
+        ),
+        {
+            "p": practice_id,
+            "ref": pms_patient_id,
+            "kind": kind,
+            "outcome": str(outcome),
+            "phone": dialled,
+            "due": patient.due if patient else None,
+            "at": occurred_at,
+            "outbox": outbox_id,
+            "actor": actor,
+        },
+    ).scalar_one()
+    if outcome in SUPPRESSING:
+        conn.execute(
+            text(
+                "INSERT INTO contact_suppressions (practice_id, pms_patient_id, reason, event_id) "
+                "VALUES (:p, :ref, :reason, :event) "
+                "ON CONFLICT (practice_id, pms_patient_id, reason) WHERE lifted_at IS NULL DO NOTHING"
+            ),
+            {"p": practice_id, "ref": pms_patient_id, "reason": str(outcome), "event": event_id},
+        )
+    if patient is None:
+        return {"event_id": event_id, "phone": dialled, "placed": None}
+    return {
+        "event_id": event_id,
+        "phone": dialled,
+        "placed": refresh_patient(conn, practice_id, patient.kept_id, now, dialled),
+    }
+
+
+def refresh_patient(
+    conn: Connection, practice_id: str, patient_id: int, now: datetime, extra_phone: str | None = None
+) -> dict[str, Any]:
+    """Place one patient's household again (everyone on any of their numbers)."""
+    phones = conn.execute(
+        text(
+            "SELECT pt.phones || COALESCE((SELECT array_agg(ph) FROM patients m, unnest(m.phones) ph "
+            "WHERE m.merged_into = pt.patient_id), '{}') FROM patients pt WHERE pt.patient_id = :id"
+        ),
+        {"id": patient_id},
+    ).scalar_one()
+    scope = Scope({patient_id}, {*phones, *([extra_phone] if extra_phone else [])})
+    today = now.astimezone(UK_TZ).date()
+    settings = practice_call_settings(conn, practice_id)
+    return rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope)
+
+
+def lift(conn: Connection, practice_id: str, pms_patient_id: str, actor: str, why: str) -> list[str]:
+    """Lift a patient's open suppressions (theirs and those of records merged into them); returns
+    the reasons lifted."""
+    rows = conn.execute(
+        text(
+            "UPDATE contact_suppressions s SET lifted_at = now(), lifted_by = :actor, lift_reason = :why "
+            "WHERE s.practice_id = :p AND s.lifted_at IS NULL AND s.pms_patient_id IN ("
+            " SELECT pt.pms_patient_id FROM patients pt WHERE pt.practice_id = :p AND (pt.pms_patient_id = :ref"
+            " OR pt.merged_into = (SELECT patient_id FROM patients WHERE practice_id = :p AND pms_patient_id = :ref)))"
+            " RETURNING s.reason"
+        ),
+        {"p": practice_id, "ref": pms_patient_id, "actor": actor, "why": why},
+    ).scalars()
+    return sorted(set(rows))
+
+
+def entries(conn: Connection, practice_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The list as the caller dials it: one entry per number (most overdue first), and every due
+    patient not listed with the reason."""
+    rows = conn.execute(
+        text(
+            "SELECT c.*, pt.pms_patient_id, pt.first_name, pt.last_name FROM call_list c JOIN patients pt "
+            "USING (patient_id) WHERE c.practice_id = :p ORDER BY c.due_date, pt.pms_patient_id"
+        ),
+        {"p": practice_id},
+    ).mappings()
+    by_phone: dict[str, list[dict[str, Any]]] = {}
+    not_listed: list[dict[str, Any]] = []
+    for r in rows:
+        if r["listed"]:
+            by_phone.setdefault(r["phone"], []).append(dict(r))
+        else:
+            not_listed.append(
+                {
+                    "pms_patient_id": r["pms_patient_id"],
+                    "first_name": r["first_name"],
+                    "last_name": r["last_name"],
+                    "due_date": r["due_date"],
+                    "reason_code": r["reason_code"],
+                    "detail": r["detail"],
+                }
+            )
+    out = [
+        {
+            "phone": phone,
+            "ask_for": entry_ask_for(people),
+            "earliest_call_at": max(p["earliest_call_at"] for p in people),
+            "people": [
+                {
+                    "pms_patient_id": p["pms_patient_id"],
+                    "first_name": p["first_name"],
+                    "last_name": p["last_name"],
+                    "due_date": p["due_date"],
+                    "reason": p["reason"],
+                }
+                for p in people
+            ],
+        }
+        for phone, people in by_phone.items()
+    ]
+    out.sort(key=lambda e: (min(p["due_date"] for p in e["people"]), e["phone"]))
+    not_listed.sort(key=lambda n: (REASON_CODES.index(n["reason_code"]), n["pms_patient_id"]))
+    return {"entries": out, "not_listed": not_listed}
+
+
+def why(conn: Connection, practice_id: str, pms_patient_id: str, today: date) -> dict[str, Any] | None:
+    """Why one patient is or is not on the list (None: the practice has no such patient)."""
+    row = conn.execute(
+        text(
+            "SELECT pt.patient_id, pt.pms_patient_id, pt.first_name, pt.last_name, pt.active, pt.phones, "
+            "k.pms_patient_id AS merged_into, r.due_date, r.reason AS recall_reason, c.listed, c.phone, c.ask_for, "
+            "c.earliest_call_at, c.reason_code, c.detail FROM patients pt "
+            "LEFT JOIN patients k ON k.patient_id = pt.merged_into "
+            "LEFT JOIN recalls r ON r.patient_id = pt.patient_id "
+            "LEFT JOIN call_list c ON c.patient_id = pt.patient_id "
+            "WHERE pt.practice_id = :p AND pt.pms_patient_id = :ref"
+        ),
+        {"p": practice_id, "ref": pms_patient_id},
+    ).one_or_none()
+    if row is None:
+        return None
+    out: dict[str, Any] = {
+        "pms_patient_id": row.pms_patient_id,
+        "first_name": row.first_name,
+        "last_name": row.last_name,
+        "due_date": row.due_date,
+        "recall_reason": row.recall_reason,
+    }
+    if row.merged_into:
+        return out | {
+            "listed": False,
+            "reason_code": "inactive",
+            "detail": f"merged into {row.merged_into}: look that patient up",
+        }
+    if not row.active:
+        return out | {"listed": False, "reason_code": "inactive", "detail": "no longer in the PMS's records"}
+    if row.listed is None:
+        if row.due_date is None:
+            detail = "no recall: no last eye test on record"
+        elif row.due_date > today:
+            detail = f"not due until {row.due_date.isoformat()}"
+        else:
+            detail = "due, but the call list has not been rebuilt since (next sync)"
+        return out | {"listed": False, "reason_code": "not_due", "detail": detail}
+    if row.listed:
+        household = conn.execute(
+            text(
+                "SELECT pt.pms_patient_id, c.ask_for, c.earliest_call_at FROM call_list c JOIN patients pt "
+                "USING (patient_id) WHERE c.practice_id = :p AND c.listed AND c.phone = :phone "
+                "ORDER BY pt.pms_patient_id"
+            ),
+            {"p": practice_id, "phone": row.phone},
+        ).mappings()
+        people = [dict(h) for h in household]
+        return out | {
+            "listed": True,
+            "phone": row.phone,
+            "ask_for": entry_ask_for(people),
+            "earliest_call_at": max(p["earliest_call_at"] for p in people),
+            "same_call": [p["pms_patient_id"] for p in people if p["pms_patient_id"] != row.pms_patient_id],
+        }
+    return out | {"listed": False, "reason_code": row.reason_code, "detail": row.detail}
+
+
+def violations(conn: Connection, practice_id: str) -> list[dict[str, Any]]:
+    """Listed people whom nobody may call: deceased, gone away, inactive, no phone recall, or an open
+    suppression on them or a record merged into them. Written apart from the placing rules, in SQL,
+    so the asset check holds those rules to account."""
+    rows = conn.execute(
+        text(
+            "SELECT pt.pms_patient_id, pt.pms_status, pt.phone_recall, pt.no_recall, "
+            "(SELECT string_agg(DISTINCT s.reason, ',') FROM contact_suppressions s JOIN patients r "
+            " ON r.practice_id = s.practice_id AND r.pms_patient_id = s.pms_patient_id "
+            " WHERE s.practice_id = :p AND s.lifted_at IS NULL "
+            " AND (r.patient_id = pt.patient_id OR r.merged_into = pt.patient_id)) AS suppressed "
+            "FROM call_list c JOIN patients pt USING (patient_id) WHERE c.practice_id = :p AND c.listed"
+        ),
+        {"p": practice_id},
+    ).mappings()
+    return [
+        dict(r)
+        for r in rows
+        if r["pms_status"] != "active" or not r["phone_recall"] or r["no_recall"] or r["suppressed"]
+    ]

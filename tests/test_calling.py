@@ -1,0 +1,518 @@
+"""The call list is safe to dial: the placing rules on their own, then through the real store, where a
+call outcome changes the list in the transaction that records it, and survives syncs and merges."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+
+from nvc_pipelines import writeback
+from nvc_pipelines.calling import (
+    UK_TZ,
+    CallEvent,
+    CallSettings,
+    CallSettingsError,
+    DuePerson,
+    ask_for,
+    entry_ask_for,
+    place,
+)
+from nvc_pipelines.cli import main
+from nvc_pipelines.model import (
+    CallOutcome,
+    Channel,
+    ContactPreferences,
+    Patient,
+    PatientStatus,
+    Phone,
+    PhoneType,
+    PmsKind,
+    ReadResult,
+)
+from nvc_pipelines.recall import RecallRules, compute_recall
+from nvc_pipelines.store import Store
+
+SETTINGS = CallSettings()
+# A Monday in term time, 10:00 UK (GMT).
+MONDAY = datetime(2026, 11, 23, 10, 0, tzinfo=UK_TZ)
+
+
+def uk(y: int, m: int, d: int, hh: int = 0, mm: int = 0) -> datetime:
+    return datetime(y, m, d, hh, mm, tzinfo=UK_TZ)
+
+
+# --- calling hours and bank holidays ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("at", "expected"),
+    [
+        (uk(2026, 11, 23, 10, 0), uk(2026, 11, 23, 10, 0)),  # open now
+        (uk(2026, 11, 23, 7, 30), uk(2026, 11, 23, 9, 0)),  # before opening
+        (uk(2026, 11, 23, 18, 0), uk(2026, 11, 24, 9, 0)),  # closing time is closed
+        (uk(2026, 11, 27, 18, 30), uk(2026, 11, 30, 9, 0)),  # Friday evening -> Monday
+        (uk(2026, 11, 28, 12, 0), uk(2026, 11, 30, 9, 0)),  # Saturday
+        (uk(2026, 12, 24, 18, 5), uk(2026, 12, 29, 9, 0)),  # Christmas, Boxing Day observed on Monday 28th
+        (uk(2027, 3, 25, 19, 0), uk(2027, 3, 30, 9, 0)),  # Good Friday and Easter Monday
+        (uk(2027, 7, 1, 8, 0), uk(2027, 7, 1, 9, 0)),  # summer time: 09:00 BST
+    ],
+)
+def test_next_open_keeps_to_hours_weekdays_and_bank_holidays(at: datetime, expected: datetime) -> None:
+    got = SETTINGS.next_open(at)
+    assert got == expected and got.utcoffset() == expected.utcoffset()
+
+
+def test_nations_have_their_own_bank_holidays() -> None:
+    st_andrews = uk(2026, 11, 30, 9, 30)  # a Scottish bank holiday, a working day in England
+    assert SETTINGS.next_open(st_andrews) == st_andrews
+    scotland = CallSettings.from_settings({"calling_nation": "Scotland"})
+    assert scotland.next_open(st_andrews) == uk(2026, 12, 1, 9, 0)
+    assert CallSettings.from_settings({"calling_nation": "northern_ireland"}).next_open(uk(2027, 3, 17, 10)) == uk(
+        2027, 3, 18, 9
+    )  # St Patrick's Day
+
+
+def test_practice_settings_for_hours_days_and_limits() -> None:
+    s = CallSettings.from_settings(
+        {"calling_hours": "10:00-16:30", "calling_days": "tue-sat", "max_attempts": "5", "retry_after_days": "1"}
+    )
+    assert s.next_open(uk(2026, 11, 23, 11)) == uk(2026, 11, 24, 10)  # Monday is not a calling day
+    assert s.next_open(uk(2026, 11, 28, 16, 29)) == uk(2026, 11, 28, 16, 29)  # Saturday is
+    assert s.max_attempts == 5 and s.retry_after == timedelta(days=1)
+    assert CallSettings.from_settings({"calling_days": "mon,wed,fri"}).days == frozenset({0, 2, 4})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"calling_hours": "9-5"}, "calling_hours '9-5' is not HH:MM-HH:MM"),
+        ({"calling_hours": "18:00-09:00"}, "close before they open"),
+        ({"calling_days": "weekdays"}, "calling_days 'weekdays' is not like mon-fri"),
+        ({"calling_nation": "france"}, "calling_nation 'france' is not known"),
+        ({"max_attempts": "0"}, "max_attempts '0' must be between 1 and 20"),
+        ({"snooze_declined_days": "soon"}, "snooze_declined_days 'soon' is not a number"),
+    ],
+)
+def test_unusable_settings_are_refused_with_the_reason(settings: dict[str, str], message: str) -> None:
+    with pytest.raises(CallSettingsError, match=message):
+        CallSettings.from_settings(settings)
+
+
+# --- the placing rules --------------------------------------------------------------------------------
+
+DUE = date(2026, 10, 1)
+MOB, HOME = "+447700900001", "+441134960001"
+
+
+def person(pid: int = 1, **values) -> DuePerson:
+    fields = {
+        "patient_id": pid,
+        "pms_patient_id": f"P{pid}",
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "date_of_birth": date(1970, 1, 1),
+        "due_date": DUE,
+        "reason": "routine sight test every 2 years",
+        "phones": [MOB, HOME],
+    }
+    return DuePerson(**{**fields, **values})
+
+
+def one(p: DuePerson, now: datetime = MONDAY, last_calls: dict | None = None):
+    return place([p], last_calls or {}, SETTINGS, now)[0]
+
+
+def call(outcome: CallOutcome, at: datetime, phone: str | None = MOB, due: date | None = DUE) -> CallEvent:
+    return CallEvent(outcome, at, phone, due)
+
+
+@pytest.mark.parametrize(
+    ("values", "code"),
+    [
+        ({"status": "deceased", "status_date": date(2026, 9, 1)}, "deceased"),
+        ({"suppressed": "deceased"}, "deceased"),
+        ({"status": "gone_away"}, "gone_away"),
+        ({"status": "inactive"}, "inactive"),
+        ({"suppressed": "asked_not_to_be_called"}, "asked_not_to_be_called"),
+        ({"phone_recall": False}, "do_not_call"),
+        ({"no_recall": True}, "do_not_call"),
+        ({"channels": ["sms", "email"]}, "do_not_call"),
+        ({"booked": True}, "booked"),
+        ({"phones": []}, "no_callable_number"),
+        # The gravest reason wins: a deceased patient who also opted out is reported deceased.
+        ({"status": "deceased", "phone_recall": False, "booked": True}, "deceased"),
+    ],
+)
+def test_who_is_kept_off_the_list_and_why(values: dict, code: str) -> None:
+    placed = one(person(**values))
+    assert not placed.listed and placed.reason_code == code and placed.detail
+
+
+def test_consent_recorded_with_phone_allows_a_call() -> None:
+    assert one(person(channels=["phone", "sms"])).listed
+
+
+def test_wrong_number_moves_to_the_next_number_then_none() -> None:
+    first = person(events=[call(CallOutcome.WRONG_NUMBER, MONDAY - timedelta(hours=1))])
+    placed = one(first)
+    assert placed.listed and placed.phone == HOME
+    both = person(
+        events=[
+            call(CallOutcome.WRONG_NUMBER, MONDAY - timedelta(days=3)),
+            call(CallOutcome.WRONG_NUMBER, MONDAY - timedelta(hours=1), HOME),
+        ]
+    )
+    placed = one(both)
+    assert placed.reason_code == "no_callable_number" and "wrong number" in placed.detail
+
+
+def test_unanswered_calls_are_spaced_and_capped_per_recall_cycle() -> None:
+    yesterday = MONDAY - timedelta(days=1)
+    placed = one(person(events=[call(CallOutcome.NO_ANSWER, yesterday)]))
+    assert placed.listed and placed.earliest_call_at == yesterday + timedelta(days=2)  # Tuesday 10:00
+    three = [call(o, MONDAY - timedelta(days=d)) for o, d in ((CallOutcome.NO_ANSWER, 9), (CallOutcome.VOICEMAIL, 6),
+                                                               (CallOutcome.BUSY, 3))]  # fmt: skip
+    assert one(person(events=three)).reason_code == "attempts_exhausted"
+    # Attempts made for an earlier recall do not count against this one.
+    older = [CallEvent(e.outcome, e.occurred_at, e.phone, date(2024, 10, 1)) for e in three]
+    assert one(person(events=older)).listed
+    assert (
+        CallSettings.from_settings({"max_attempts": "4"})
+        and place([person(events=three)], {}, CallSettings.from_settings({"max_attempts": "4"}), MONDAY)[0].listed
+    )
+
+
+def test_declined_and_call_back_later_snooze() -> None:
+    declined = person(events=[call(CallOutcome.DECLINED, MONDAY - timedelta(days=29))])
+    assert one(declined).reason_code == "snoozed"
+    assert one(declined, now=MONDAY + timedelta(days=2)).listed  # 30 days on
+    later = person(events=[call(CallOutcome.CALL_BACK_LATER, MONDAY - timedelta(days=1))])
+    assert one(later).reason_code == "snoozed"
+    placed = one(later, now=MONDAY + timedelta(days=1))
+    assert placed.listed and placed.earliest_call_at == MONDAY + timedelta(days=1)
+
+
+def test_booked_on_a_call_holds_until_the_booking_shows() -> None:
+    booked = person(events=[call(CallOutcome.BOOKED, MONDAY - timedelta(days=3))])
+    assert one(booked).reason_code == "booked"
+    assert one(booked, now=MONDAY + timedelta(days=12)).listed  # held 14 days at most
+
+
+def test_at_most_one_call_per_number_per_day() -> None:
+    called_this_morning = {MOB: MONDAY - timedelta(hours=1)}  # about someone else on the same number
+    placed = one(person(), last_calls=called_this_morning)
+    assert placed.earliest_call_at == uk(2026, 11, 24, 9, 0)
+    friday_evening = uk(2026, 11, 27, 17, 0)
+    assert one(person(), now=friday_evening, last_calls={MOB: friday_evening}).earliest_call_at == uk(2026, 11, 30, 9)
+
+
+def test_children_are_called_through_their_guardian() -> None:
+    child = person(first_name="Alfie", last_name="Kay", date_of_birth=date(2017, 5, 20), guardian_name="Mrs Jo Kay")
+    assert ask_for(child, MONDAY.date()) == "Mrs Jo Kay"
+    orphan_record = person(first_name="Alfie", date_of_birth=date(2017, 5, 20))
+    assert ask_for(orphan_record, MONDAY.date()) == "parent or guardian of Alfie"
+    sixteen_today = person(date_of_birth=date(2010, 11, 23))
+    assert ask_for(sixteen_today, MONDAY.date()) == "Ann Lee"
+    household = [{"ask_for": "Jo Kay"}, {"ask_for": "Mrs Jo Kay"}, {"ask_for": "Sam Kay"}]
+    assert entry_ask_for(household) == "Jo Kay or Sam Kay"
+
+
+# --- through the store ---------------------------------------------------------------------------------
+
+TODAY = date.today()
+
+
+def _patient(practice_id: str, pid: str, first: str, last: str, phones: list[str], **extra) -> Patient:
+    kinds = [PhoneType.MOBILE if p.startswith("+447") else PhoneType.LANDLINE for p in phones]
+    return Patient(
+        practice_id,
+        pid,
+        first,
+        last,
+        [Phone(p, k) for p, k in zip(phones, kinds, strict=True)],
+        last_eye_test_date=extra.pop("last_test", TODAY - timedelta(days=900)),
+        **extra,
+    )
+
+
+def _sync(store: Store, practice_id: str, people: list[Patient], *, full: bool = True) -> None:
+    store.write_patients(practice_id, "csv", ReadResult(people), None, full=full)
+    rules = RecallRules.from_settings({})
+    recalls = [r for r in (compute_recall(p, rules) for p in store.load_patients(practice_id)) if r is not None]
+    store.write_recalls(practice_id, recalls)
+    store.rebuild_call_list(practice_id)
+
+
+def _family(practice_id: str) -> list[Patient]:
+    return [
+        _patient(practice_id, "H1", "Helen", "Skinner", ["+441134960500"]),
+        _patient(practice_id, "H2", "Gavin", "Skinner", ["+441134960500"], date_of_birth=TODAY - timedelta(days=3300),
+                 guardian_name="Mrs Helen Skinner", last_test=TODAY - timedelta(days=400)),
+        _patient(practice_id, "S1", "Sam", "Okafor", ["+447700900610", "+441134960610"]),
+        _patient(practice_id, "D1", "Dora", "Hale", ["+447700900620"], status=PatientStatus.DECEASED,
+                 status_date=TODAY - timedelta(days=20)),
+        _patient(practice_id, "N1", "Nat", "Ives", ["+447700900630"], contact=ContactPreferences(phone_recall=False)),
+        _patient(practice_id, "E1", "Emma", "Ng", ["+447700900640"],
+                 contact=ContactPreferences(channels=frozenset({Channel.EMAIL}))),
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def family(store: Store) -> str:
+    store.add_practice("fam", "Family practice", PmsKind.CSV, {}, {})
+    _sync(store, "fam", _family("fam"))
+    return "fam"
+
+
+def _view(store: Store, practice_id: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    view = store.call_list_view(practice_id)
+    entries = {e["phone"]: [p["pms_patient_id"] for p in e["people"]] for e in view["entries"]}
+    return entries, {n["pms_patient_id"]: n["reason_code"] for n in view["not_listed"]}
+
+
+def test_households_children_and_every_due_patient_accounted_for(store: Store, family: str) -> None:
+    view = store.call_list_view(family)
+    entries, not_listed = _view(store, family)
+    assert entries == {"+441134960500": ["H1", "H2"], "+447700900610": ["S1"]}
+    home = next(e for e in view["entries"] if e["phone"] == "+441134960500")
+    assert home["ask_for"] == "Helen Skinner"  # the mother is named; her son's guardian is the same person
+    assert home["earliest_call_at"] == CallSettings().next_open(home["earliest_call_at"])
+    assert not_listed == {"D1": "deceased", "N1": "do_not_call", "E1": "do_not_call"}
+    due = {p.pms_patient_id for p in store.load_patients(family)}
+    assert {pid for pids in entries.values() for pid in pids} | set(not_listed) == due
+
+
+def test_an_objection_applies_at_once_and_survives_syncs_and_merges(store: Store, family: str) -> None:
+    writeback.add_call_event(
+        store, family, "call_outcome", "obj-1", "S1", "Please don't ring again", "asked_not_to_be_called"
+    )
+    # No rebuild: the outcome's own transaction took Sam off the list.
+    entries, not_listed = _view(store, family)
+    assert "+447700900610" not in entries and not_listed["S1"] == "asked_not_to_be_called"
+    note = writeback.outbox_rows(store, family)[-1]
+    assert note["kind"] == "call_outcome" and note["status"] == "pending"  # staff still see it in the PMS
+    _sync(store, family, _family(family), full=True)  # a full reconcile
+    assert _view(store, family)[1]["S1"] == "asked_not_to_be_called"
+    # A duplicate record of Sam arrives and is merged into the objecting one, or the other way round:
+    # the objection holds for the person, whichever record is kept.
+    twin = _patient(family, "S2", "Samuel", "Okafor", ["+447700900611"])
+    _sync(store, family, [*_family(family), twin])
+    store.merge_patients(family, "S2", "S1", "ops")
+    store.rebuild_call_list(family)
+    entries, not_listed = _view(store, family)
+    assert not_listed.get("S2") == "asked_not_to_be_called" and "+447700900611" not in entries
+
+
+def test_lifting_an_objection_is_audited_and_applies_at_once(store: Store, family: str) -> None:
+    runner = CliRunner()
+    recorded = runner.invoke(
+        main, ["call-outcome", "add", family, "--patient", "S1", "--outcome", "asked_not_to_be_called", "--text", "x"]
+    )
+    assert recorded.exit_code == 0, recorded.output
+    assert _view(store, family)[1]["S1"] == "asked_not_to_be_called"
+    lifted = runner.invoke(
+        main, ["contact", "allow", family, "S1", "--why", "patient rang the practice to opt back in"]
+    )
+    assert lifted.exit_code == 0 and "Lifted asked_not_to_be_called for S1" in lifted.output
+    assert "S1" in _view(store, family)[0]["+447700900610"]
+    audit = store.audit_entries(family)
+    assert any(
+        a["action"] == "lift_contact_suppression" and a["detail"]["why"].startswith("patient rang") for a in audit
+    )
+    again = runner.invoke(main, ["contact", "allow", family, "S1"])
+    assert again.exit_code == 1 and "no call suppression to lift" in again.output
+
+
+def test_deceased_on_a_call_and_wrong_numbers(store: Store, family: str) -> None:
+    writeback.add_call_event(store, family, "call_outcome", "dec-1", "H1", "Son says she died", "deceased")
+    entries, not_listed = _view(store, family)
+    assert not_listed["H1"] == "deceased" and entries["+441134960500"] == ["H2"]  # the boy is still due
+    text_ = writeback.outbox_rows(store, family)[-1]
+    assert text_["kind"] == "call_outcome"
+    with store.begin(family) as conn:
+        note = conn.execute(text("SELECT payload->>'text' FROM outbox WHERE idempotency_key = 'dec-1'")).scalar_one()
+    assert "Please check and update the patient's record" in note
+    writeback.add_call_event(store, family, "call_attempt", "wn-1", "S1", "Not Sam", "wrong_number")
+    entries, _ = _view(store, family)
+    assert entries.get("+441134960610") == ["S1"] and "+447700900610" not in entries  # his landline now
+    writeback.add_call_event(
+        store, family, "call_attempt", "wn-2", "S1", "Not Sam", "wrong_number", phone="0113 496 0610"
+    )
+    assert _view(store, family)[1]["S1"] == "no_callable_number"
+
+
+def test_unanswered_calls_exhaust_and_snoozes_hold(store: Store, family: str) -> None:
+    start = datetime.now(UTC) - timedelta(days=10)
+    for i, outcome in enumerate(("no_answer", "voicemail")):
+        writeback.add_call_event(
+            store, family, "call_attempt", f"na-{i}", "S1", "-", outcome, start + timedelta(days=3 * i)
+        )
+    why = store.call_list_why(family, "S1")
+    assert why["listed"] and why["earliest_call_at"] >= start + timedelta(days=5)
+    writeback.add_call_event(store, family, "call_attempt", "na-2", "S1", "-", "busy", start + timedelta(days=6))
+    why = store.call_list_why(family, "S1")
+    assert why["reason_code"] == "attempts_exhausted" and "3 unanswered calls" in why["detail"]
+    writeback.add_call_event(store, family, "call_outcome", "dcl", "H1", "Not now", "declined")
+    assert _view(store, family)[1]["H1"] == "snoozed"
+    assert _view(store, family)[0]["+441134960500"] == ["H2"]
+
+
+def test_cli_table_json_why_and_refusals(store: Store, family: str) -> None:
+    runner = CliRunner()
+    table = runner.invoke(main, ["call-list", family])
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0] == "2 number(s) to call for 3 due patient(s); 3 due patient(s) not listed"
+    assert lines[1].split() == ["PHONE", "ASK", "FOR", "PEOPLE", "DUE", "REASON", "EARLIEST", "CALL"]
+    assert "Gavin Skinner (H2)" in table.output and "Not listed:" in table.output and "Dora Hale (D1)" in table.output
+    data = json.loads(runner.invoke(main, ["call-list", family, "--format", "json"]).output)
+    assert set(data) == {"entries", "not_listed"}
+    entry = next(e for e in data["entries"] if len(e["people"]) == 2)
+    assert set(entry) == {"phone", "ask_for", "earliest_call_at", "people"}
+    assert set(entry["people"][0]) == {"pms_patient_id", "first_name", "last_name", "due_date", "reason"}
+    assert datetime.fromisoformat(entry["earliest_call_at"]).utcoffset() is not None
+    assert {n["reason_code"] for n in data["not_listed"]} == {"deceased", "do_not_call"}
+    assert all(n["detail"] for n in data["not_listed"])
+    why = runner.invoke(main, ["call-list", family, "--why", "H2"])
+    assert "is on the call list: +441134960500, ask for Helen Skinner" in why.output and "same call as H1" in why.output
+    why = runner.invoke(main, ["call-list", family, "--why", "D1"])
+    assert "is not on the call list: deceased" in why.output
+    bad = runner.invoke(
+        main, ["call-outcome", "add", family, "--patient", "S1", "--outcome", "moved_away", "--text", "x"]
+    )
+    assert bad.exit_code == 2 and "'moved_away' is not one of" in bad.output
+    with pytest.raises(writeback.OutboxError, match="call outcome 'answered' is not known; use one of: booked"):
+        writeback.add_call_event(store, family, "call_attempt", "k", "S1", "x", "answered")
+    missing = runner.invoke(main, ["call-list", family, "--why", "NOPE"])
+    assert missing.exit_code == 1 and "has no patient 'NOPE'" in missing.output
+
+
+def test_the_check_finds_a_listed_patient_who_must_not_be_called(store: Store, family: str) -> None:
+    assert store.call_list_violations(family) == []
+    with store.begin(family) as conn:  # the PMS changed under a list not yet rebuilt
+        conn.execute(text("UPDATE patients SET pms_status = 'deceased' WHERE pms_patient_id = 'S1'"))
+    assert [v["pms_patient_id"] for v in store.call_list_violations(family)] == ["S1"]
+    store.rebuild_call_list(family)
+    assert store.call_list_violations(family) == []
+
+
+# --- property: over any sequence of syncs and call outcomes ---------------------------------------------
+
+_PHONES = ["+447700900701", "+447700900702", "+441134960703", "+441134960704"]
+_counter = iter(range(10**6))
+
+contact_patient_st = st.builds(
+    lambda i, phones, status, recall, child, due: (i, phones, status, recall, child, due),
+    i=st.integers(0, 5),
+    phones=st.lists(st.sampled_from(_PHONES), max_size=2, unique=True),
+    status=st.sampled_from(["active", "active", "active", "deceased", "gone_away", "inactive"]),
+    recall=st.sampled_from(["yes", "yes", "no_phone", "no_recall"]),
+    child=st.booleans(),
+    due=st.booleans(),
+)
+op_st = st.one_of(
+    st.tuples(st.just("sync"), st.lists(contact_patient_st, max_size=6, unique_by=lambda t: t[0]), st.booleans()),
+    st.tuples(st.just("call"), st.integers(0, 5), st.sampled_from([str(o) for o in CallOutcome]),
+              st.sampled_from([None, *_PHONES])),
+    st.tuples(st.just("lift"), st.integers(0, 5)),
+)  # fmt: skip
+
+
+def _build(practice_id: str, spec: tuple) -> Patient:
+    i, phones, status, recall, child, due = spec
+    return _patient(
+        practice_id,
+        f"Q{i}",
+        f"First{i}",
+        "Prop",
+        list(phones),
+        status=PatientStatus(status),
+        contact=ContactPreferences(phone_recall=recall != "no_phone", no_recall=recall == "no_recall"),
+        date_of_birth=TODAY - timedelta(days=3000 if child else 15000),
+        guardian_name="Pat Prop" if child else None,
+        last_test=TODAY - timedelta(days=900 if due else 30),
+    )
+
+
+def _check_invariants(store: Store, practice_id: str, settings: CallSettings) -> None:
+    now = datetime.now(UTC)
+    with store.begin(practice_id) as conn:
+        due = set(
+            conn.execute(
+                text(
+                    "SELECT pt.pms_patient_id FROM recalls r JOIN patients pt USING (patient_id) "
+                    "WHERE pt.active AND r.due_date <= :today"
+                ),
+                {"today": now.astimezone(UK_TZ).date()},
+            ).scalars()
+        )
+        rows = conn.execute(
+            text(
+                "SELECT pt.pms_patient_id, pt.pms_status, pt.phone_recall, pt.no_recall, c.listed, c.phone, "
+                "r.due_date FROM call_list c JOIN patients pt USING (patient_id) JOIN recalls r USING (patient_id)"
+            )
+        ).all()
+        suppressed = set(
+            conn.execute(text("SELECT pms_patient_id FROM contact_suppressions WHERE lifted_at IS NULL")).scalars()
+        )
+        events = conn.execute(
+            text(
+                "SELECT pms_patient_id, outcome, occurred_at, phone, recall_due_date FROM call_events ORDER BY event_id"
+            )
+        ).all()
+    seen = [r.pms_patient_id for r in rows]
+    assert len(seen) == len(set(seen)) and set(seen) == due  # every due patient once: listed or with a reason
+    for r in rows:
+        if not r.listed:
+            continue
+        mine = [e for e in events if e.pms_patient_id == r.pms_patient_id]
+        assert r.pms_status == "active" and r.phone_recall and not r.no_recall
+        assert r.pms_patient_id not in suppressed
+        unanswered = [
+            e for e in mine if e.outcome in ("no_answer", "voicemail", "busy") and e.recall_due_date == r.due_date
+        ]
+        assert len(unanswered) < settings.max_attempts
+        snoozes = [e for e in mine if e.outcome in ("declined", "call_back_later")]
+        if snoozes:
+            last = snoozes[-1]
+            hold = settings.snooze_declined if last.outcome == "declined" else settings.snooze_call_back
+            assert last.occurred_at + hold <= now
+        assert r.phone not in {e.phone for e in mine if e.outcome == "wrong_number"}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op_st, min_size=1, max_size=8))
+def test_no_sequence_of_syncs_and_outcomes_lists_someone_it_must_not(store: Store, ops: list[tuple]) -> None:
+    practice_id = f"cprop-{next(_counter)}"
+    store.add_practice(practice_id, practice_id, PmsKind.CSV, {}, {})
+    known: set[int] = set()
+    for op in ops:
+        if op[0] == "sync":
+            people = [_build(practice_id, spec) for spec in op[1]]
+            known = {spec[0] for spec in op[1]}
+            _sync(store, practice_id, people, full=op[2])
+        elif op[0] == "call" and op[1] in known:
+            writeback.add_call_event(
+                store, practice_id, "call_outcome", f"k{next(_counter)}", f"Q{op[1]}", "-", op[2], phone=op[3]
+            )
+        elif op[0] == "lift" and op[1] in known:
+            with contextlib.suppress(ValueError):  # nothing to lift
+                store.lift_contact_suppression(practice_id, f"Q{op[1]}", "ops", "test")
+        _check_invariants(store, practice_id, SETTINGS)
+
+
+def test_erasure_removes_calls_and_suppressions(store: Store, family: str) -> None:
+    from nvc_pipelines.erasure import erase_patient
+
+    writeback.add_call_event(store, family, "call_outcome", "er-1", "S1", "No thanks", "asked_not_to_be_called")
+    removed = erase_patient(store, family, "S1", "ops")
+    assert removed["call_events"] == 1 and removed["contact_suppressions"] == 1
+    data = store.export_practice(family)
+    assert not [e for e in data["call_events"] if e["pms_patient_id"] == "S1"] and data["contact_suppressions"] == []
