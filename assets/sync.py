@@ -325,6 +325,7 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
             "from_pms": summary["from_pms"],
             "computed": summary["computed"],
             "with_inferred_flags": summary["with_inferred_flags"],
+            "pms_later_than_guideline": summary["pms_later_than_guideline"],
             "by_rule": MetadataValue.json(summary["by_rule"]),
             "duration_seconds": round(time.monotonic() - started, 3),
         }

@@ -270,7 +270,7 @@ def _step_seconds(instance: Any, run_id: str) -> dict[str, float]:
     return out
 
 
-def child_product(full: bool) -> dict[str, Any]:
+def child_product(full: bool, practice_id: str = PRACTICE_ID) -> dict[str, Any]:
     """The product path: `app.sync_practice`, the real `practice_sync` job in process on the
     dagster-postgres instance, exactly as `nvc sync` runs it."""
     t_import = time.perf_counter()
@@ -281,7 +281,7 @@ def child_product(full: bool) -> dict[str, Any]:
     import_seconds = time.perf_counter() - t_import
     imported_rss = current_rss_mb()
     t0 = time.perf_counter()
-    outcome = app.sync_practice(PRACTICE_ID, trigger="bench", full=full)
+    outcome = app.sync_practice(practice_id, trigger="bench", full=full)
     seconds = time.perf_counter() - t0
     if not outcome.success:
         raise SystemExit(f"sync failed: {outcome.error}")
@@ -352,7 +352,7 @@ def child_main(argv: list[str]) -> None:
     elif variant == "parts":
         report = child_parts()
     elif variant == "product":
-        report = child_product(full=argv[1] == "full")
+        report = child_product(full=argv[1] == "full", practice_id=argv[2] if len(argv) > 2 else PRACTICE_ID)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     report["peak_rss_mb"] = peak_rss_mb()

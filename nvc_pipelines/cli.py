@@ -340,6 +340,49 @@ def call_list_cmd(practice_id: str, fmt: str, why_patient: str | None) -> None:
         )
 
 
+@main.command("recalls")
+@click.argument("practice_id")
+@click.option(
+    "--warnings",
+    "warnings_only",
+    is_flag=True,
+    help="Patients whose PMS recall date is later than the guideline's, for the practice to review.",
+)
+def recalls_cmd(practice_id: str, warnings_only: bool) -> None:
+    """The practice's recalls by rule; `--warnings` lists PMS dates later than the 2002 guideline's."""
+    from datetime import date
+
+    from nvc_pipelines.app import open_store
+
+    store = open_store()
+    if not warnings_only:
+        store.get_practice(practice_id)
+        summary = store.recall_summary(practice_id, date.today())
+        click.echo(
+            f"{summary['total']} recall(s) for {summary['active_patients']} active patient(s): "
+            f"{summary['due_now']} due now, {summary['due_30_days']} in the next 30 days; {summary['from_pms']} "
+            f"from the PMS, {summary['computed']} computed; {summary['pms_later_than_guideline']} PMS date(s) "
+            "later than the guideline (--warnings lists them)"
+        )
+        _table(("RULE", "PATIENTS"), [(rule, str(n)) for rule, n in summary["by_rule"].items()])
+        return
+    rows = store.recall_warnings(practice_id)
+    click.echo(f"{len(rows)} patient(s) recalled later in the PMS than the guideline")
+    if rows:
+        _table(
+            ("PATIENT", "PMS DATE", "GUIDELINE", "FLAGS"),
+            [
+                (
+                    f"{r['first_name']} {r['last_name']} ({r['pms_patient_id']})",
+                    str(r["pms_due_date"]),
+                    str(r["guideline_due_date"]),
+                    ", ".join(r["flags"]) or "-",
+                )
+                for r in rows
+            ],
+        )
+
+
 @main.group(cls=_Group)
 def contact() -> None:
     """Who may be called: lift a patient's request not to be called."""

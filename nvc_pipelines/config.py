@@ -24,3 +24,21 @@ def dagster_home() -> Path:
 def external_database_url() -> str | None:
     """`$NVC_DATABASE_URL` when set: the store lives on that PostgreSQL instead of the embedded one."""
     return os.environ.get("NVC_DATABASE_URL") or None
+
+
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 1800
+
+
+def statement_timeout_seconds() -> int:
+    """`$NVC_STATEMENT_TIMEOUT_SECONDS` (default 1800): the longest one store statement may run.
+
+    The biggest statement of a 200,000-patient sync takes seconds; one running for half an hour is
+    stuck (a lock, a bad plan), and is cancelled with an error naming this setting."""
+    raw = os.environ.get("NVC_STATEMENT_TIMEOUT_SECONDS") or str(DEFAULT_STATEMENT_TIMEOUT_SECONDS)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"NVC_STATEMENT_TIMEOUT_SECONDS must be a whole number of seconds, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"NVC_STATEMENT_TIMEOUT_SECONDS must be at least 1, got {value}")
+    return value

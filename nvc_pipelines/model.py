@@ -27,8 +27,18 @@ class PhoneType(StrEnum):
 
 
 # Clinical flags known to the recall rules. Anything else a source sends is kept raw and reported.
+# The last three are the child rules of the 2002 memorandum (they shorten a child's interval only).
 RISK_FLAGS: frozenset[str] = frozenset(
-    {"diabetic", "glaucoma", "glaucoma_suspect", "ocular_hypertension", "glaucoma_family_history"}
+    {
+        "diabetic",
+        "glaucoma",
+        "glaucoma_suspect",
+        "ocular_hypertension",
+        "glaucoma_family_history",
+        "binocular_vision_anomaly",
+        "corrected_refractive_error",
+        "progressive_myopia",
+    }
 )
 
 
@@ -53,8 +63,10 @@ class ContactPreferences:
 
     `phone_recall` False means the practice must not phone them about recalls ("do not call",
     "no telephone recall"). `no_recall` is a recall-suppression flag: no recall by any channel.
-    `channels` are the consented channels where the PMS records consent (None: it records none,
-    which is not a refusal).
+    `channels` are the channels the patient may be contacted by, where the PMS records consent
+    (None: it records none, which is not a refusal). A PMS that records consent for some channels
+    only (SMS and email, say) lists `phone` unless the patient refused it, so an unasked question is
+    never read as a "no".
     """
 
     phone_recall: bool = True
@@ -150,6 +162,9 @@ class Recall:
     flags: tuple[str, ...] = ()
     inferred_flags: tuple[str, ...] = ()
     based_on: date | None = None  # the last eye test a computed date counts from
+    # "pms_later_than_guideline": the PMS date (which wins) is later than the rules would give.
+    warnings: tuple[str, ...] = ()
+    guideline_due_date: date | None = None  # what the rules give, beside a PMS date
 
 
 class AppointmentStatus(StrEnum):

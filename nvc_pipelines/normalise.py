@@ -204,6 +204,17 @@ _RISK_ALIASES: dict[str, str | None] = {
     "family history of glaucoma": "glaucoma_family_history",
     "fh glaucoma": "glaucoma_family_history",
     "fhg": "glaucoma_family_history",
+    # The memorandum's child conditions (they shorten a child's interval; see recall.py).
+    "binocular vision anomaly": "binocular_vision_anomaly",
+    "bv anomaly": "binocular_vision_anomaly",
+    "squint": "binocular_vision_anomaly",
+    "strabismus": "binocular_vision_anomaly",
+    "amblyopia": "binocular_vision_anomaly",
+    "lazy eye": "binocular_vision_anomaly",
+    "corrected refractive error": "corrected_refractive_error",
+    "rapidly progressing myopia": "progressive_myopia",
+    "progressive myopia": "progressive_myopia",
+    "progressing myopia": "progressive_myopia",
     # Values that mean "no special risk".
     "standard": None,
     "routine": None,
@@ -365,8 +376,17 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
         status = PatientStatus((draft.status or "active").strip().lower())
     except ValueError:
         reasons.append(f"patient status {draft.status!r} is not known")
-    died = status == PatientStatus.DECEASED
-    status_date = date_field(draft.status_date, "date of death" if died else "status date", False)
+    if status == PatientStatus.DECEASED:
+        # A PMS that marks someone deceased is believed even when its date is unreadable or in the
+        # future: rejecting the row would leave the stored copy, alive and callable, in place.
+        try:
+            status_date = parse_uk_date(draft.status_date, "date of death")
+        except InvalidValue:
+            status_date = None
+        if status_date is not None and status_date > today:
+            status_date = None
+    else:
+        status_date = date_field(draft.status_date, "status date", False)
     if draft.deceased is not None:
         try:
             died_now, died_on = parse_deceased(draft.deceased)

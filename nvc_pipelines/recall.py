@@ -19,6 +19,8 @@ from dateutil.relativedelta import relativedelta
 from nvc_pipelines.model import ClinicalRecord, Patient, Recall
 from nvc_pipelines.tagging import infer_from_iop, infer_from_text, inferred_flags
 
+# The memorandum of understanding on sight-test intervals (FODO, AOP, College of Optometrists and
+# the Department of Health, 2002), as months; each practice may override any of them.
 DEFAULT_INTERVALS: dict[str, int] = {
     "default": 24,
     "under_16": 12,
@@ -28,12 +30,33 @@ DEFAULT_INTERVALS: dict[str, int] = {
     "glaucoma_suspect": 12,
     "ocular_hypertension": 12,
     "glaucoma_family_history": 12,  # applies at 40 or over, or when the age is unknown
+    # Children: under 7 with a binocular vision anomaly or a corrected refractive error, and 7 to 15
+    # with a binocular vision anomaly or rapidly progressing myopia (age known, at the last test).
+    "under_7_binocular_vision_anomaly": 6,
+    "under_7_corrected_refractive_error": 6,
+    "aged_7_to_15_binocular_vision_anomaly": 6,
+    "aged_7_to_15_progressive_myopia": 6,
+}
+# Where each rule comes from, for the operator guide's table.
+RULE_SOURCES: dict[str, str] = {
+    "default": "memorandum 2002: patients 16-69 without a risk factor, every 2 years",
+    "under_16": "memorandum 2002: under 16, every year",
+    "aged_70_plus": "memorandum 2002: 70 or over, every year",
+    "diabetic": "memorandum 2002: diabetes, every year",
+    "glaucoma": "NVC default, not in the memorandum: diagnosed glaucoma, every year (most are also under the HES)",
+    "glaucoma_suspect": "NVC default, not in the memorandum: glaucoma suspect, every year",
+    "ocular_hypertension": "memorandum 2002: ocular hypertension not in a monitoring scheme, every year",
+    "glaucoma_family_history": "memorandum 2002: 40 or over with a first-degree family history of glaucoma, every year",
+    "under_7_binocular_vision_anomaly": "memorandum 2002: under 7 with a binocular vision anomaly, every 6 months",
+    "under_7_corrected_refractive_error": "memorandum 2002: under 7 with a corrected refractive error, every 6 months",
+    "aged_7_to_15_binocular_vision_anomaly": "memorandum 2002: 7 to 15 with a binocular vision anomaly, every 6 months",
+    "aged_7_to_15_progressive_myopia": "memorandum 2002: 7 to 15 with rapidly progressing myopia, every 6 months",
 }
 
 SETTING_PREFIX = "recall_interval."
 # Bump when a change to this module or to the tagger can change a computed recall: every practice's
 # recalls are then recomputed in full on its next sync, not just those of patients that changed.
-RECALL_LOGIC_VERSION = 1
+RECALL_LOGIC_VERSION = 2
 
 
 class RecallConfigError(ValueError):
@@ -97,6 +120,14 @@ def applicable_rules(patient: Patient) -> list[str]:
             rules.append(flag)
     if "glaucoma_family_history" in patient.risk_flags and (age is None or age >= 40):
         rules.append("glaucoma_family_history")
+    if age is not None and age < 7:
+        for flag in ("binocular_vision_anomaly", "corrected_refractive_error"):
+            if flag in patient.risk_flags:
+                rules.append(f"under_7_{flag}")
+    elif age is not None and age < 16:
+        for flag in ("binocular_vision_anomaly", "progressive_myopia"):
+            if flag in patient.risk_flags:
+                rules.append(f"aged_7_to_15_{flag}")
     return rules
 
 
@@ -108,17 +139,38 @@ def compute_recall(patient: Patient, rules: RecallRules, inferred: Mapping[str, 
     """
     inferred = dict(inferred or {})
     flags = tuple(sorted(set(patient.risk_flags) | set(inferred)))
+    guideline = _guideline(patient, flags, rules, inferred)
     if patient.pms_recall_due_date is not None:
+        warnings: tuple[str, ...] = ()
+        reason = "recall date set in the PMS"
+        if guideline is not None and patient.pms_recall_due_date > guideline.due_date:
+            warnings = (PMS_LATER,)
+            reason += (
+                f"; later than the guideline ({guideline.rule}: {guideline.due_date.isoformat()}), "
+                "for the practice to review"
+            )
         return Recall(
             patient.pms_patient_id,
             patient.pms_recall_due_date,
             "pms",
             "pms",
             None,
-            "recall date set in the PMS",
+            reason,
             flags,
             tuple(sorted(inferred)),
+            warnings=warnings,
+            guideline_due_date=guideline.due_date if guideline else None,
         )
+    return guideline
+
+
+PMS_LATER = "pms_later_than_guideline"
+
+
+def _guideline(
+    patient: Patient, flags: tuple[str, ...], rules: RecallRules, inferred: Mapping[str, str]
+) -> Recall | None:
+    """The recall the rules give, from the last eye test (None without one)."""
     if patient.last_eye_test_date is None:
         return None
     candidates = applicable_rules(replace(patient, risk_flags=list(flags)))
@@ -126,8 +178,9 @@ def compute_recall(patient: Patient, rules: RecallRules, inferred: Mapping[str, 
     rule = min(reversed(candidates), key=lambda r: rules.intervals[r])
     months = rules.intervals[rule]
     reason = f"{rule}: {months} months after the last eye test on {patient.last_eye_test_date.isoformat()}"
-    if rule in inferred:
-        reason += f" (flag inferred from clinical notes: {inferred[rule]!r})"
+    flag = next((f for f in inferred if rule == f or rule.endswith(f"_{f}")), None)
+    if flag is not None:
+        reason += f" (flag inferred from clinical notes: {inferred[flag]!r})"
     return Recall(
         patient.pms_patient_id,
         add_months(patient.last_eye_test_date, months),

@@ -90,3 +90,24 @@ def test_csv_export_neutralises_spreadsheet_formulas(store: Store, tmp_path) -> 
     assert row["phones"] == "+447700900321"  # an E.164 phone is data, not a formula
     rejected = next(csv.DictReader((tmp_path / "inj-rejected.csv").read_text(encoding="utf-8-sig").splitlines()))
     assert rejected["raw"].startswith("{") and "+cmd" in rejected["raw"]  # raw values as JSON: never a formula
+
+
+def test_recalls_later_in_the_pms_than_the_guideline_are_listed_for_review(store: Store) -> None:
+    store.add_practice("warn", "warn", PmsKind.CSV, {}, {})
+    people = [
+        Patient("warn", "D1", "Dee", "Ray", [MOBILE], last_eye_test_date=date(2024, 3, 1), risk_flags=["diabetic"],
+                pms_recall_due_date=date(2026, 3, 1)),  # a diabetic recalled in 2 years
+        Patient("warn", "D2", "Eve", "Ray", [MOBILE], last_eye_test_date=date(2024, 3, 1), risk_flags=["diabetic"],
+                pms_recall_due_date=date(2025, 3, 1)),
+    ]  # fmt: skip
+    store.write_patients("warn", "csv", ReadResult(people), None, full=True)
+    rules = RecallRules.from_settings({})
+    store.write_recalls("warn", [compute_recall(p, rules) for p in store.load_patients("warn")])
+    assert store.recall_summary("warn", date(2026, 11, 25))["pms_later_than_guideline"] == 1
+    runner = CliRunner()
+    listed = runner.invoke(main, ["recalls", "warn", "--warnings"])
+    assert listed.exit_code == 0, listed.output
+    assert "1 patient(s) recalled later in the PMS than the guideline" in listed.output
+    assert "Dee Ray (D1)  2026-03-01  2025-03-01  diabetic" in listed.output and "D2" not in listed.output
+    summary = runner.invoke(main, ["recalls", "warn"])
+    assert "2 recall(s) for 2 active patient(s)" in summary.output and "1 PMS date(s) later" in summary.output

@@ -185,3 +185,18 @@ def test_iso_fast_path_gives_the_same_dates(raw: str) -> None:
 def test_impossible_iso_dates_are_refused_not_guessed(raw: str) -> None:
     with pytest.raises(InvalidValue, match="is not a date"):
         parse_uk_date(raw, "last_eye_test_date")
+
+
+def test_a_pms_deceased_mark_holds_even_with_a_bad_date() -> None:
+    from nvc_pipelines.model import PatientStatus
+    from nvc_pipelines.normalise import PatientDraft, build_patient
+
+    for raw in ("31/02/2024", "01/01/2999", "unknown", None):
+        draft = PatientDraft("P1", "Ann", "Lee", ["07700 900123"], status="deceased", status_date=raw)
+        patient = build_patient("p", draft, date(2026, 11, 25), strict=False)
+        assert patient.status == PatientStatus.DECEASED and patient.status_date is None
+    ok = build_patient("p", PatientDraft("P1", "Ann", "Lee", status="deceased", status_date="2026-10-01"),
+                       date(2026, 11, 25), strict=False)  # fmt: skip
+    assert ok.status_date == date(2026, 10, 1)
+    with pytest.raises(InvalidValue, match="patient status 'zombie' is not known"):
+        build_patient("p", PatientDraft("P1", "Ann", "Lee", status="zombie"), date(2026, 11, 25), strict=False)

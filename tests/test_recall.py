@@ -67,3 +67,71 @@ def test_bad_overrides_are_refused(settings, message) -> None:
 
 def test_no_test_date_and_no_pms_date_means_no_recall() -> None:
     assert compute_recall(patient(last_eye_test_date=None), RULES) is None
+
+
+# --- the memorandum's child rules (age at the last test, 2024-03-01; the birthday counts on the day) ---
+
+
+@pytest.mark.parametrize(
+    "dob,flags,months,rule",
+    [
+        (date(2017, 3, 2), ["binocular_vision_anomaly"], 6, "under_7_binocular_vision_anomaly"),  # 6
+        (date(2017, 3, 2), ["corrected_refractive_error"], 6, "under_7_corrected_refractive_error"),
+        (date(2017, 3, 2), ["progressive_myopia"], 12, "under_16"),  # myopia counts from 7
+        (date(2017, 3, 2), [], 12, "under_16"),
+        (date(2017, 3, 1), ["binocular_vision_anomaly"], 6, "aged_7_to_15_binocular_vision_anomaly"),  # 7 today
+        (date(2017, 3, 1), ["corrected_refractive_error"], 12, "under_16"),  # a prescription alone: yearly at 7
+        (date(2017, 3, 1), ["progressive_myopia"], 6, "aged_7_to_15_progressive_myopia"),
+        (date(2008, 3, 2), ["binocular_vision_anomaly"], 6, "aged_7_to_15_binocular_vision_anomaly"),  # 15
+        (date(2008, 3, 2), ["progressive_myopia"], 6, "aged_7_to_15_progressive_myopia"),
+        (date(2008, 3, 1), ["binocular_vision_anomaly", "progressive_myopia"], 24, "default"),  # 16 today
+        (None, ["binocular_vision_anomaly", "corrected_refractive_error"], 24, "default"),  # age unknown
+        (date(2012, 1, 1), ["diabetic", "binocular_vision_anomaly"], 6, "aged_7_to_15_binocular_vision_anomaly"),
+    ],
+)
+def test_child_intervals(dob, flags, months, rule) -> None:
+    r = compute_recall(patient(date_of_birth=dob, risk_flags=flags), RULES)
+    assert (r.rule, r.interval_months) == (rule, months)
+    assert r.due_date == add_months(date(2024, 3, 1), months)
+
+
+def test_child_rules_clamp_month_ends_and_take_overrides() -> None:
+    late_august = patient(date_of_birth=date(2019, 1, 1), risk_flags=["corrected_refractive_error"],
+                          last_eye_test_date=date(2024, 8, 31))  # fmt: skip
+    assert compute_recall(late_august, RULES).due_date == date(2025, 2, 28)
+    rules = RecallRules.from_settings({"recall_interval.under_7_corrected_refractive_error": "4"})
+    assert compute_recall(late_august, rules).due_date == date(2024, 12, 31)
+    # Both under-7 rules apply: the shortest wins and the reason names one of them.
+    both = compute_recall(patient(date_of_birth=date(2019, 1, 1), risk_flags=["binocular_vision_anomaly",
+                                                                              "corrected_refractive_error"]), RULES)  # fmt: skip
+    assert both.interval_months == 6 and both.rule.startswith("under_7_")
+
+
+def test_a_pms_date_later_than_the_guideline_wins_with_a_warning() -> None:
+    late = compute_recall(patient(risk_flags=["diabetic"], pms_recall_due_date=date(2026, 3, 1)), RULES)
+    assert (late.due_date, late.recall_source) == (date(2026, 3, 1), "pms")
+    assert late.warnings == ("pms_later_than_guideline",) and late.guideline_due_date == date(2025, 3, 1)
+    assert "later than the guideline (diabetic: 2025-03-01)" in late.reason
+    early = compute_recall(patient(risk_flags=["diabetic"], pms_recall_due_date=date(2024, 12, 1)), RULES)
+    assert early.warnings == () and early.guideline_due_date == date(2025, 3, 1)
+    same = compute_recall(patient(pms_recall_due_date=date(2026, 3, 1)), RULES)  # the 2-year guideline itself
+    assert same.warnings == ()
+    untested = compute_recall(patient(last_eye_test_date=None, pms_recall_due_date=date(2030, 1, 1)), RULES)
+    assert untested.warnings == () and untested.guideline_due_date is None
+
+
+@pytest.mark.parametrize(
+    "cell,flags",
+    [
+        ("Squint; corrected refractive error", ["binocular_vision_anomaly", "corrected_refractive_error"]),
+        ("Rapidly Progressing Myopia", ["progressive_myopia"]),
+        ("binocular_vision_anomaly,amblyopia", ["binocular_vision_anomaly"]),
+        ("STRABISMUS, diabetic", ["binocular_vision_anomaly", "diabetic"]),
+        ("lazy eye", ["binocular_vision_anomaly"]),
+        ("progressive_myopia", ["progressive_myopia"]),
+    ],
+)
+def test_risk_categories_name_the_child_conditions(cell: str, flags: list[str]) -> None:
+    from nvc_pipelines.normalise import map_risk_categories
+
+    assert sorted(map_risk_categories(cell)[0]) == sorted(flags)

@@ -91,6 +91,7 @@ def test_recalls_replace_and_report_changes(store: Store, practice: str) -> None
         "from_pms": 0,
         "computed": 1,
         "with_inferred_flags": 0,
+        "pms_later_than_guideline": 0,
         "active_patients": 2,
         "by_rule": {"default": 1},
     }

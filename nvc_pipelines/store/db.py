@@ -9,7 +9,7 @@ from psycopg import sql
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 
-from nvc_pipelines.config import external_database_url
+from nvc_pipelines.config import external_database_url, statement_timeout_seconds
 from nvc_pipelines.store.embedded import server_url
 
 STORE_DATABASE = "nvc"
@@ -53,7 +53,22 @@ def ensure_database(url: URL) -> None:
         ) from None
 
 
+# The server checks every few seconds that the client of a running query is still there, so a killed
+# `nvc sync` or run process does not leave its query running for minutes (PostgreSQL 14+); TCP
+# keepalives do the same across a network that drops the connection silently.
+CLIENT_CHECK_SECONDS = 5
+
+
+def connect_args() -> dict[str, object]:
+    options = (
+        f"-c client_connection_check_interval={CLIENT_CHECK_SECONDS}s "
+        f"-c statement_timeout={statement_timeout_seconds()}s"
+    )
+    return {"options": options, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+            "keepalives_count": 3}  # fmt: skip
+
+
 @cache
 def engine_for(url_text: str) -> Engine:
-    """One pooled engine per URL per process."""
-    return create_engine(url_text, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    """One pooled engine per URL per process, its sessions bounded (see `connect_args`)."""
+    return create_engine(url_text, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args())

@@ -18,11 +18,13 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from psycopg.errors import QueryCanceled
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from nvc_pipelines.calling import UK_TZ, CallSettings
+from nvc_pipelines.config import statement_timeout_seconds
 from nvc_pipelines.crypto import decrypt_credentials, encrypt_credentials
 from nvc_pipelines.matching import DERIVED_PREFIX, DuplicatePair, find_duplicates, resolve_derived_identities
 from nvc_pipelines.model import (
@@ -147,6 +149,12 @@ class Store:
                     conn.execute(text("SELECT set_config('nvc.practice_id', :p, true)"), {"p": practice_id})
                 yield conn
         except OperationalError as exc:
+            if isinstance(exc.orig, QueryCanceled) and "statement timeout" in str(exc.orig):
+                raise StoreUnavailable(
+                    f"A store statement ran longer than NVC_STATEMENT_TIMEOUT_SECONDS ({statement_timeout_seconds()} s) "
+                    "and was cancelled; nothing of it was written. Check for locks or a stuck query "
+                    "(pg_stat_activity), or raise NVC_STATEMENT_TIMEOUT_SECONDS."
+                ) from None
             raise StoreUnavailable(
                 f"The store's PostgreSQL failed: {str(exc.orig).strip()}. Check the server and NVC_DATABASE_URL; "
                 "nothing was written."
@@ -441,6 +449,8 @@ class Store:
                 list(r.flags),
                 list(r.inferred_flags),
                 r.based_on,
+                list(r.warnings),
+                r.guideline_due_date,
             )
             for r in recalls
         ]
@@ -448,12 +458,14 @@ class Store:
             with conn.connection.driver_connection.cursor() as cur:
                 cur.execute(
                     "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
-                    "rule text, interval_months int, reason text, flags text[], inferred_flags text[], based_on date) "
+                    "rule text, interval_months int, reason text, flags text[], inferred_flags text[], based_on date, "
+                    "warnings text[], guideline_due_date date) "
                     "ON COMMIT DROP"
                 )
                 with cur.copy("COPY stage_recalls FROM STDIN") as copy:
                     for row in rows:
                         copy.write_row(row)
+                cur.execute("ANALYZE stage_recalls")  # temp tables have no statistics: the joins need them
             in_scope = ""
             params: dict[str, Any] = {"p": practice_id}
             if scope is not None:
@@ -473,18 +485,21 @@ class Store:
             changed = conn.execute(
                 text(
                     "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, "
-                    "reason, flags, inferred_flags, based_on) "
+                    "reason, flags, inferred_flags, based_on, warnings, guideline_due_date) "
                     "SELECT pt.patient_id, :p, s.due_date, s.recall_source, s.rule, s.interval_months, s.reason, "
-                    "s.flags, s.inferred_flags, s.based_on FROM stage_recalls s JOIN patients pt "
-                    "ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id AND pt.active "
+                    "s.flags, s.inferred_flags, s.based_on, s.warnings, s.guideline_due_date FROM stage_recalls s "
+                    "JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id AND pt.active "
                     "ON CONFLICT (patient_id) DO UPDATE SET due_date = EXCLUDED.due_date, "
                     "recall_source = EXCLUDED.recall_source, rule = EXCLUDED.rule, "
                     "interval_months = EXCLUDED.interval_months, reason = EXCLUDED.reason, flags = EXCLUDED.flags, "
-                    "inferred_flags = EXCLUDED.inferred_flags, based_on = EXCLUDED.based_on, computed_at = now() "
+                    "inferred_flags = EXCLUDED.inferred_flags, based_on = EXCLUDED.based_on, "
+                    "warnings = EXCLUDED.warnings, guideline_due_date = EXCLUDED.guideline_due_date, computed_at = now() "
                     "WHERE (recalls.due_date, recalls.recall_source, recalls.rule, recalls.interval_months, "
-                    "recalls.reason, recalls.flags, recalls.inferred_flags, recalls.based_on) IS DISTINCT FROM ("
+                    "recalls.reason, recalls.flags, recalls.inferred_flags, recalls.based_on, recalls.warnings, "
+                    "recalls.guideline_due_date) IS DISTINCT FROM ("
                     "EXCLUDED.due_date, EXCLUDED.recall_source, EXCLUDED.rule, EXCLUDED.interval_months, "
-                    "EXCLUDED.reason, EXCLUDED.flags, EXCLUDED.inferred_flags, EXCLUDED.based_on)"
+                    "EXCLUDED.reason, EXCLUDED.flags, EXCLUDED.inferred_flags, EXCLUDED.based_on, EXCLUDED.warnings, "
+                    "EXCLUDED.guideline_due_date)"
                 ),
                 {"p": practice_id},
             ).rowcount
@@ -494,6 +509,7 @@ class Store:
                     with cur.copy("COPY stage_seen FROM STDIN") as copy:
                         for item in seen.items():
                             copy.write_row(item)
+                    cur.execute("ANALYZE stage_seen")
                 # Only ever raised to what was read: a bump committed meanwhile stays visible as due.
                 conn.execute(
                     text(
@@ -653,6 +669,7 @@ class Store:
                         "count(*) FILTER (WHERE recall_source = 'pms') AS from_pms, "
                         "count(*) FILTER (WHERE recall_source = 'computed') AS computed, "
                         "count(*) FILTER (WHERE inferred_flags <> '{}') AS with_inferred_flags, "
+                        "count(*) FILTER (WHERE 'pms_later_than_guideline' = ANY(warnings)) AS pms_later_than_guideline, "
                         "(SELECT count(*) FROM patients WHERE practice_id = :p AND active) AS active_patients "
                         "FROM recalls WHERE practice_id = :p"
                     ),
@@ -666,6 +683,21 @@ class Store:
                 {"p": practice_id},
             ).all()
             return {**row, "by_rule": dict(by_rule)}
+
+    def recall_warnings(self, practice_id: str) -> list[dict[str, Any]]:
+        """Patients whose PMS recall date (which wins) is later than the guideline's, for review."""
+        self.get_practice(practice_id)
+        with self.begin(practice_id) as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, r.due_date AS pms_due_date, "
+                    "r.guideline_due_date, r.flags, r.warnings FROM recalls r JOIN patients pt USING (patient_id) "
+                    "WHERE r.practice_id = :p AND r.warnings <> '{}' ORDER BY r.due_date - r.guideline_due_date DESC, "
+                    "pt.pms_patient_id"
+                ),
+                {"p": practice_id},
+            ).mappings()
+            return [dict(r) for r in rows]
 
     # --- what the data-quality checks read -----------------------------------------------------------
 
