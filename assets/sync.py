@@ -29,7 +29,7 @@ from dagster import (
 
 from assets.partitions import practices_partitions
 from nvc_pipelines.calling import CallSettings, CallSettingsError
-from nvc_pipelines.erasure import load_suppressions
+from nvc_pipelines.erasure import drop_erased
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
 from nvc_pipelines.store import PracticeNotFound, Store
@@ -189,14 +189,7 @@ def sync_stream(
 
 def _drop_erased(db: Store, practice_id: str, spec: StreamSpec, records: list[Any]) -> tuple[list[Any], int]:
     """Leave out everyone erased under GDPR (matched by keyed hashes, see `nvc_pipelines.erasure`)."""
-    suppressions = load_suppressions(db, practice_id)
-    if not suppressions:
-        return records, 0
-    if spec is PATIENTS:
-        kept = [r for r in records if not suppressions.erased_patient(r)]
-    else:
-        kept = [r for r in records if not suppressions.erased_id(r.pms_patient_id)]
-    return kept, len(records) - len(kept)
+    return drop_erased(db, practice_id, records, patients=spec is PATIENTS)
 
 
 def _read_patients(client: PmsClient, since: datetime | None):

@@ -48,6 +48,8 @@ SYNC_SETTINGS: dict[str, tuple[float, float]] = {
     "full_sync_every_days": (1, 90),
     "max_drop_share": (0, 1),
     "min_callable_share": (0, 1),
+    "intraday_every_minutes": (5, 240),
+    "check_max_age_minutes": (1, 60),
 }
 
 
@@ -178,6 +180,25 @@ def export_data(practice_id: str | None, group_id: str | None = None, patient_re
         with store.begin(pid) as conn:
             store.audit(conn, actor(), pid, "export", detail={"group": group_id} if group_id else {})
     return data
+
+
+def check_number(practice_id: str, phone: str) -> Any:
+    """The calling system's question just before dialling: `call` or `skip`, on fresh data (see
+    `nvc_pipelines.intraday.check_before_dial`)."""
+    from nvc_pipelines import intraday
+    from resources.gateway import UnsupportedPms
+    from resources.protocol import PmsError
+
+    store = open_store()
+    practice = store.get_practice(practice_id)
+    gateway = _gateway()
+    return intraday.check_before_dial(
+        store,
+        practice,
+        phone,
+        lambda: gateway.open(practice, store.practice_credentials(practice_id)),
+        (PmsError, UnsupportedPms),
+    )
 
 
 def sync_practice(

@@ -164,7 +164,13 @@ def practice_disconnect(practice_id: str) -> None:
 
 def print_outcome(practice_id: str, outcome) -> None:
     for asset_name, meta in outcome.metadata.items():
-        shown = {k: v for k, v in meta.items() if not isinstance(v, dict | list) and k != "rejection_reasons"}
+        shown = {
+            k: v
+            for k, v in meta.items()
+            if not isinstance(v, dict | list)
+            and k != "rejection_reasons"
+            and not (k.startswith("not_listed_") and not v)
+        }
         click.echo(f"  {asset_name}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if outcome.success:
         click.secho(f"Synced {practice_id} (run {outcome.run_id})", fg="green")
@@ -261,11 +267,29 @@ def _when(value) -> str:
 @click.argument("practice_id")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--why", "why_patient", default=None, metavar="PATIENT", help="Explain one patient (PMS id).")
-def call_list_cmd(practice_id: str, fmt: str, why_patient: str | None) -> None:
+@click.option(
+    "--check",
+    "check_phone",
+    default=None,
+    metavar="PHONE",
+    help="Just before dialling: re-read the PMS if the list is older than a few minutes, then answer call or skip.",
+)
+def call_list_cmd(practice_id: str, fmt: str, why_patient: str | None, check_phone: str | None) -> None:
     """Who the AI caller phones: one entry per number, whom to ask for, when; and every due patient
     not listed with the reason (as of the last sync or call outcome)."""
     from nvc_pipelines.app import actor, open_store
 
+    if check_phone is not None:
+        from nvc_pipelines.app import check_number
+
+        answer = check_number(practice_id, check_phone)
+        if fmt == "json":
+            click.echo(json.dumps({
+                "answer": answer.answer, "reason": answer.reason, "phone": answer.phone, "people": list(answer.people),
+                "refreshed_at": _iso(answer.refreshed_at), "stale": answer.stale}))  # fmt: skip
+        else:
+            click.echo(f"{answer.answer}: {answer.phone}: {answer.reason}")
+        return
     store = open_store()
     if why_patient is not None:
         found = store.call_list_why(practice_id, why_patient, actor=actor())

@@ -43,6 +43,9 @@ _RISK_WORDS = {
     "glaucoma_suspect": "glaucoma suspect",
     "ocular_hypertension": "OHT",
     "glaucoma_family_history": "family history glaucoma",
+    "binocular_vision_anomaly": "Squint",
+    "corrected_refractive_error": "corrected refractive error",
+    "progressive_myopia": "rapidly progressing myopia",
 }
 
 
@@ -100,6 +103,9 @@ def write_demo_csv(folder: Path, n: int = 40, seed: int = 11) -> Path:
                 "last_clinical_test_date",
                 "clinical_condition_notes",
                 "date_of_birth",
+                "deceased",
+                "do_not_call",
+                "guardian_name",
             ]
         )
         for p in seed_patients(n, seed=seed):
@@ -107,7 +113,23 @@ def write_demo_csv(folder: Path, n: int = 40, seed: int = 11) -> Path:
             risk = "; ".join(_RISK_WORDS[f] for f in p.flags) or "standard"
             test = p.last_eye_test.strftime("%d/%m/%Y") if p.last_eye_test else ""
             dob = p.date_of_birth.strftime("%d/%m/%Y") if p.date_of_birth else ""
-            writer.writerow([p.first_name, p.last_name, phone, test, risk, test, p.clinical_notes or "", dob])
+            died = (p.status_date.strftime("%d/%m/%Y") if p.status_date else "yes") if p.status == "deceased" else ""
+            no_calls = "yes" if not p.phone_recall or p.no_recall else ""
+            writer.writerow(
+                [
+                    p.first_name,
+                    p.last_name,
+                    phone,
+                    test,
+                    risk,
+                    test,
+                    p.clinical_notes or "",
+                    dob,
+                    died,
+                    no_calls,
+                    p.guardian_name or "",
+                ]  # fmt: skip
+            )
         # What real exports contain: kept as rejected rows with their reasons, never dropped.
         writer.writerow(["Gwen", "Price", "", "12/03/2024", "standard", "", "", ""])
         writer.writerow(["Rhys", "Morgan", "07700 900999", "31/02/2024", "standard", "", "", ""])
@@ -149,6 +171,7 @@ def demo_connections(sandboxes: dict[str, SandboxServer]) -> list[tuple[str, Pms
                 "location_id": DEMO_SYCLE_LOCATION,
                 "field_map.last_eye_test": "custom_3",
                 "field_map.recall_due": "custom_5",
+                "field_map.date_of_death": "custom_6",
             },
             {"api_token": DEMO_SYCLE_TOKEN},
         ),

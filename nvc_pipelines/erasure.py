@@ -75,6 +75,19 @@ def load_suppressions(store: Any, practice_id: str) -> Suppressions:
         return Suppressions(practice_id, [(r.kind, r.value_hash) for r in rows])
 
 
+def drop_erased(store: Any, practice_id: str, records: list[Any], *, patients: bool) -> tuple[list[Any], int]:
+    """Leave out everyone erased under GDPR (patients by keyed hashes of id and name+phone, other
+    records by their patient's id); returns what is kept and how many were left out."""
+    suppressions = load_suppressions(store, practice_id)
+    if not suppressions:
+        return records, 0
+    if patients:
+        kept = [r for r in records if not suppressions.erased_patient(r)]
+    else:
+        kept = [r for r in records if not suppressions.erased_id(r.pms_patient_id)]
+    return kept, len(records) - len(kept)
+
+
 def erase_patient(store: Any, practice_id: str, patient_ref: str, actor: str) -> dict[str, int]:
     """Erase one patient (PMS id or NVC patient id) in one transaction; returns what was removed."""
     from nvc_pipelines.store import PracticeNotFound

@@ -276,7 +276,8 @@ class PatientDraft:
     no_recall: bool = False
     channels: Iterable[str] | None = None
     guardian_name: str | None = None
-    # Spreadsheet cells (CSV): `deceased` is yes/no or a date of death, `do_not_call` yes/no.
+    # Cells typed by people (CSV columns, free-typed PMS fields): `deceased` is yes/no or a date of
+    # death, `do_not_call` yes/no.
     deceased: str | None = None
     do_not_call: str | None = None
 

@@ -7,10 +7,16 @@ A practice connects with its server's address (`server_url`), the Acuitas databa
 The dialect: a session token from `POST /acuitas/api/session`, sent as `X-Acuitas-Token` and renewed
 once, transparently, when Acuitas says it expired; offset/limit paging in id order with
 `modifiedSince` in UK local time; PascalCase records with day-first dates and local times without an
-offset; clinical alerts as Acuitas codes. The diary has no idempotency key, so a booking carries
-`nvc_marker(key)` at the start of its `Comments` and is looked up (by patient and day) before it is
-made and after any response that was lost. Call outcomes and call attempts both go to the patient's
-call notes, marked in `Reference`.
+offset; clinical alerts as Acuitas codes. A patient's state comes from `RecordStatus` plus the
+`Deceased` and `GoneAway` ticks (the ticks win: a receptionist ticks "deceased" without archiving),
+contact preferences from the GDPR "Data Processing" screen (`DataProcessing.RecallConsent` and
+`DataProcessing.Channels`), and the person to ask for from `ParentGuardian`. A status code, tick or
+consent word this client does not know rejects the patient's row with the word in the reason (never
+a guess: a guess could phone someone the practice has marked not to be).
+
+The diary has no idempotency key, so a booking carries `nvc_marker(key)` at the start of its
+`Comments` and is looked up (by patient and day) before it is made and after any response that was
+lost. Call outcomes and call attempts both go to the patient's call notes, marked in `Reference`.
 
 Every error becomes a `PmsError` with a stable `problem` code and what the practice should check.
 The password and the session token travel only in the login body and the token header: no message
@@ -42,6 +48,7 @@ from nvc_pipelines.model import (
     Practice,
     ReadResult,
     RecordBatch,
+    RejectedRow,
 )
 from nvc_pipelines.normalise import (
     UK_TZ,
@@ -80,13 +87,17 @@ MAX_PASSES = 3  # re-reads of a filtered list that changed while it was paged
 SESSION_ERRORS = frozenset({"TOKEN_EXPIRED", "INVALID_TOKEN"})
 NAMED_CODES = frozenset({"DATABASE_NOT_FOUND", "PATIENT_NOT_FOUND", "SLOT_UNAVAILABLE"})  # whatever the status
 
-# Acuitas clinical alert codes -> the recall rules' flags. Other codes (AMB, CAT, ...) pass through raw.
+# Acuitas clinical alert codes -> the recall rules' flags. Other codes (CAT, ...) pass through raw.
 ALERT_CODES: dict[str, str] = {
     "DIA": "diabetic",
     "GLA": "glaucoma",
     "GLS": "glaucoma_suspect",
     "OHT": "ocular_hypertension",
     "FHG": "glaucoma_family_history",
+    "BVA": "binocular_vision_anomaly",
+    "AMB": "binocular_vision_anomaly",  # amblyopia, which Acuitas also raises from notes
+    "SPX": "corrected_refractive_error",
+    "PMY": "progressive_myopia",
 }
 # Diary status codes -> AppointmentStatus values ("arrived" is still a booking until it completes).
 STATUS_CODES: dict[str, str] = {
@@ -99,6 +110,39 @@ STATUS_CODES: dict[str, str] = {
 TYPE_CODES: dict[str, str] = {"ST": "eye_test", "CL": "contact_lens", "FU": "follow_up", "COL": "collection"}
 TYPE_FOR_BOOKING: dict[str, str] = {kind: code for code, kind in TYPE_CODES.items()}
 EXAM_TYPES: dict[str, str] = {"ST": "sight_test", "CL": "contact_lens_check", "FU": "follow_up"}
+# Patient RecordStatus codes -> PatientStatus values (blank or absent, as from a server that predates
+# the field, is active). The Deceased and GoneAway ticks outrank the code.
+RECORD_STATUS: dict[str, str] = {
+    "ACT": "active",
+    "ARC": "inactive",  # archived
+    "LFT": "inactive",  # left the practice
+    "MRG": "inactive",  # merged into another record (which carries on)
+    "DEC": "deceased",
+    "": "active",
+}
+# Data Processing screen, per channel: opted in, opted out, never asked.
+CHANNEL_CHOICES: dict[str, bool | None] = {"optin": True, "optout": False, "": None}
+# Data Processing screen, consent to be recalled: only a refusal stops recalls (recall is care, and an
+# unfinished or lapsed GDPR screen is not a "no").
+RECALL_CONSENT: dict[str, bool] = {
+    "agreed": False,
+    "rejected": True,
+    "tobecompleted": False,
+    "expired": False,
+    "": False,
+}
+_CHANNELS = (("Telephone", "phone"), ("SMS", "sms"), ("Email", "email"))
+_TICKS: dict[str, bool] = {
+    "true": True,
+    "y": True,
+    "yes": True,
+    "1": True,
+    "false": False,
+    "n": False,
+    "no": False,
+    "0": False,
+    "": False,
+}
 
 CHECK_LOGIN = (
     "the api_username and api_password: the Acuitas user set up for NVC (Acuitas > Administration > Users); "
@@ -172,8 +216,84 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+def _word(raw: Any) -> str:
+    """A code or choice compared as Acuitas means it: case, spaces and hyphens do not matter."""
+    return re.sub(r"[\s_-]+", "", "" if raw is None else str(raw)).lower()
+
+
+def _tick(row: dict[str, Any], name: str, problems: list[str]) -> bool:
+    raw = row.get(name)
+    if isinstance(raw, bool):
+        return raw
+    tick = _TICKS.get(_word(raw))
+    if tick is None:
+        problems.append(f"Acuitas {name} {raw!r} is not a tick (true or false)")
+        return False
+    return tick
+
+
+def acuitas_contact(row: dict[str, Any]) -> dict[str, Any]:
+    """The status, contact and guardian fields of a `PatientDraft`, from one Acuitas patient.
+
+    Raises `InvalidValue` naming every word it cannot read: an unknown `RecordStatus` code, a tick
+    that is not true/false, a channel that is not OptIn/OptOut/blank, an unknown `RecallConsent`.
+    """
+    problems: list[str] = []
+    code = str(row.get("RecordStatus") or "").strip().upper()
+    status = RECORD_STATUS.get(code)
+    died_on = _uk_date_text(row.get("DateOfDeath")) or None
+    deceased, gone_away = _tick(row, "Deceased", problems), _tick(row, "GoneAway", problems)
+    status_date = None
+    if deceased or status == "deceased" or died_on:  # a date of death says so too
+        status, status_date = "deceased", died_on
+    elif gone_away:
+        status, status_date = "gone_away", _uk_date_text(row.get("GoneAwayDate")) or None
+    elif status is None:  # the ticks settle it whatever the code; without them the code must be known
+        known = ", ".join(c for c in RECORD_STATUS if c)
+        problems.append(f"Acuitas RecordStatus {code!r} is not known ({known})")
+
+    screen = row.get("DataProcessing")
+    if screen is None:
+        screen = {}  # a server without the Data Processing screen records no preferences
+    elif not isinstance(screen, dict):
+        problems.append(f"Acuitas DataProcessing {str(screen)[:40]!r} is not a Data Processing record")
+        screen = {}
+    consent = screen.get("RecallConsent")
+    no_recall = RECALL_CONSENT.get(_word(consent))
+    if no_recall is None:
+        problems.append(f"Acuitas RecallConsent {consent!r} is not known (Agreed, Rejected, To Be Completed, Expired)")
+    raw_channels = screen.get("Channels")
+    if raw_channels is None:
+        raw_channels = {}
+    elif not isinstance(raw_channels, dict):
+        problems.append(f"Acuitas DataProcessing Channels {str(raw_channels)[:40]!r} is not a set of channel choices")
+        raw_channels = {}
+    choices: dict[str, bool | None] = {}
+    for name, channel in _CHANNELS:
+        raw = raw_channels.get(name)
+        if _word(raw) not in CHANNEL_CHOICES:
+            problems.append(f"Acuitas {name} choice {raw!r} is not known (OptIn, OptOut or blank)")
+        choices[channel] = CHANNEL_CHOICES.get(_word(raw))
+    if problems:
+        raise InvalidValue("; ".join(problems))
+    # Channels count as recorded once any was answered; then the consented ones, phone unless opted out.
+    recorded = any(choice is not None for choice in choices.values())
+    channels = [c for c, choice in choices.items() if choice or (c == "phone" and choice is None)]
+    return {
+        "status": status,
+        "status_date": status_date,
+        "phone_recall": choices["phone"],
+        "no_recall": bool(no_recall),
+        "channels": channels if recorded else None,
+        "guardian_name": _text(row.get("ParentGuardian")),
+    }
+
+
 def acuitas_draft(row: dict[str, Any]) -> PatientDraft:
-    """Translate one Acuitas patient into the shared draft; unknown alert codes are kept raw."""
+    """Translate one Acuitas patient into the shared draft; unknown alert codes are kept raw.
+
+    Raises `InvalidValue` for a status or contact word it cannot read (see `acuitas_contact`).
+    """
     parts = (row.get(k) for k in ("Address1", "Address2", "Town", "County", "Postcode"))
     return PatientDraft(
         pms_patient_id=_text(row.get("PatientId")),
@@ -188,6 +308,7 @@ def acuitas_draft(row: dict[str, Any]) -> PatientDraft:
         clinical_notes=_text(row.get("Notes")),
         recall_due_date=_uk_date_text(row.get("RecallDue")),
         updated_at=_local_timestamp(row.get("Modified")),
+        **acuitas_contact(row),
     )
 
 
@@ -569,10 +690,18 @@ class AcuitasClient:
     def read_patients(self, since: datetime | None, today: date) -> ReadResult:
         """Patients modified since `since` (inclusive, to the second; all when None), normalised."""
         latest, anonymous = self._latest(self.iter_patient_rows(since), "PatientId")
-        rows = [(pid, raw, acuitas_draft(raw)) for pid, raw in latest.items()]
-        rows += [(f"acuitas:patient-without-id-{n}", raw, acuitas_draft(raw)) for n, raw in enumerate(anonymous, 1)]
+        refs = [(pid, raw) for pid, raw in latest.items()]
+        refs += [(f"acuitas:patient-without-id-{n}", raw) for n, raw in enumerate(anonymous, 1)]
+        rows, unreadable = [], []
+        for ref, raw in refs:
+            try:
+                rows.append((ref, raw, acuitas_draft(raw)))
+            except InvalidValue as exc:  # a status or consent word this client cannot read
+                unreadable.append(RejectedRow(ref, str(exc), raw))
         source_ref = f"acuitas:{self.database} patients {self._scope(since)}"
-        return collect(self.practice.practice_id, rows, today, strict=False, source_ref=source_ref)
+        result = collect(self.practice.practice_id, rows, today, strict=False, source_ref=source_ref)
+        result.rejected.extend(unreadable)
+        return result
 
     def _read_records(
         self,

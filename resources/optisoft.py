@@ -13,14 +13,35 @@ back to UTC through `parse_pms_datetime`. Bookings go into the Diary against a G
 clinician, which is checked before anything is written; each write carries `nvc_marker(key)` so a
 retry finds the first write instead of booking twice. Every error becomes a `PmsError` with a stable
 `problem` code and what to check; the database login never appears in a message or a log line.
+
+The patient record and its Recall tab, in NVC's words (`optisoft_draft`):
+
+- Status ticks: `Deceased` (or a `DeceasedDate`) -> deceased, with the date of death; `GoneAway` ->
+  gone_away; `Inactive` (archived) -> inactive; several ticked: the first of those wins.
+- `NoTelephoneRecall` ticked -> no phone recall; `NoRecall` ticked -> no recall by any channel;
+  `EmailConsent` / `SMSConsent` ticked -> the email / sms channel. Optisoft records no consent to be
+  phoned, so the phone channel is listed unless `NoTelephoneRecall` is ticked. `ParentGuardian` ->
+  the guardian to ask for.
+- A tick box that reads as neither ticked nor unticked counts the way that never makes anyone
+  callable: ticked for the boxes that stop calls, unticked for consent.
+- Up to three recall categories per patient (Spectacles, Contact Lenses, Schemes), each with up to
+  7 bands of months from the category's start date. The PMS recall date is when the Spectacles
+  category falls due (its due date; without one, start date + band 1's months). Contact lens and
+  scheme recalls are not eye tests and set no date.
+- "Suppressed by Appointment" on the Spectacles category, with a Next Appointment from today on:
+  the practice holds the recall until that visit, so the recall date is held to no earlier than the
+  appointment's day. It only ever moves a date later, never creates one and never changes contact
+  preferences; a tick whose appointment has passed is stale and ignored.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -54,7 +75,9 @@ from nvc_pipelines.normalise import (
     map_risk_categories,
     nvc_marker,
     parse_pms_datetime,
+    parse_uk_date,
 )
+from nvc_pipelines.recall import add_months
 from resources.http import (
     FailureWords,
     HttpPmsResource,
@@ -164,9 +187,189 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def optisoft_draft(row: dict[str, Any]) -> PatientDraft:
-    """One `Patients` row (with its eye-test recall joined on) as the shared draft."""
+def _day(raw: Any) -> date | None:
+    """A date Optisoft wrote (ISO, or ISO with a time as in the diary); None when it is not one."""
+    if isinstance(raw, date):
+        return raw if not isinstance(raw, datetime) else raw.date()
+    text = str(raw or "").strip()
+    try:
+        return date.fromisoformat(text[:10]) if len(text) >= 10 and text[4] == "-" else parse_uk_date(text, "date")
+    except (ValueError, InvalidValue):
+        return None
+
+
+def _int(raw: Any) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        return None
+
+
+# --- the patient record and its Recall tab, in NVC's words --------------------------------------------
+
+# Optisoft's tick boxes are bit columns: 1 (or -1, Access/VB's True), or words as drivers and exports spell them.
+_TICKED = frozenset({"1", "-1", "true", "t", "y", "yes"})
+_UNTICKED = frozenset({"", "0", "false", "f", "n", "no"})
+SPECTACLES = "ST"
+RECALL_TYPES = {"ST": "Spectacles", "CL": "Contact Lenses", "SC": "Schemes"}  # one category of each per patient
+MAX_BANDS = 7
+
+
+def ticked(raw: Any, *, unreadable: bool) -> bool:
+    """Whether a tick box is ticked. A value that is neither ticked nor unticked reads as `unreadable`:
+    callers pass True for boxes that stop calls and False for consent, so it never makes anyone callable."""
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    if isinstance(raw, int | float):
+        return raw != 0
+    text = str(raw).strip().lower()
+    if text in _TICKED:
+        return True
+    if text in _UNTICKED:
+        return False
+    return unreadable
+
+
+def patient_status(row: dict[str, Any], today: date) -> tuple[str | None, str | None]:
+    """(PatientStatus value or None for active, date of death) from the status ticks.
+
+    A date of death without the tick still means deceased. A date of death that is not a date or is
+    in the future is dropped (the tick stands): it must not get the row refused and leave an older,
+    callable copy of the patient in place.
+    """
+    died_on = str(row.get("DeceasedDate") or "").strip()
+    if ticked(row.get("Deceased"), unreadable=True) or died_on:
+        day = _day(died_on)
+        return "deceased", day.isoformat() if day and day <= today else None
+    if ticked(row.get("GoneAway"), unreadable=True):
+        return "gone_away", None
+    if ticked(row.get("Inactive"), unreadable=True):
+        return "inactive", None
+    return None, None
+
+
+def contact_preferences(row: dict[str, Any]) -> tuple[bool | None, bool, list[str] | None]:
+    """(phone_recall, no_recall, channels) from the Recall tab's ticks; None where the row has no such
+    column (a connector that does not serve them), which `build_patient` reads as "not recorded"."""
+    phone_recall = None
+    if "NoTelephoneRecall" in row:
+        phone_recall = not ticked(row["NoTelephoneRecall"], unreadable=True)
+    no_recall = ticked(row.get("NoRecall"), unreadable=True)
+    channels = None
+    if "SMSConsent" in row or "EmailConsent" in row:
+        channels = ["phone"] if phone_recall is not False else []
+        channels += [name for name, column in (("sms", "SMSConsent"), ("email", "EmailConsent"))
+                     if ticked(row.get(column), unreadable=False)]  # fmt: skip
+    return phone_recall, no_recall, channels
+
+
+@dataclass(frozen=True, slots=True)
+class RecallBand:
+    """One band of a recall category: a letter `months` after the category's start date (not after
+    the previous band), sent by `send_method` (Letter, Email, SMS or Telephone: how Optisoft sends it)."""
+
+    band: int  # 1-7
+    months: int
+    letter: str | None = None
+    send_method: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecallCategory:
+    """One of the patient's (up to three) recall categories on the Recall tab."""
+
+    recall_type: str  # ST Spectacles, CL Contact Lenses, SC Schemes
+    name: str | None
+    start_date: str | None
+    due_date: str | None  # when it falls due, as Optisoft keeps it
+    suppressed_by_appointment: bool
+    bands: tuple[RecallBand, ...]
+
+    def falls_due(self) -> str | None:
+        """The due date Optisoft keeps; without one, start date + the first band's months."""
+        if self.due_date:
+            return self.due_date
+        start = _day(self.start_date)
+        if start is None or not self.bands:
+            return None
+        return add_months(start, self.bands[0].months).isoformat()
+
+
+def recall_bands(raw: Any) -> tuple[RecallBand, ...]:
+    """A category's bands in band order. Optisoft has at most 7, numbered 1-7, each a positive number of
+    months; anything else (band 0 or 8+, a repeated number, no months) is not one and is ignored."""
+    bands: dict[int, RecallBand] = {}
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, dict):
+            continue
+        number, months = _int(item.get("band")), _int(item.get("months"))
+        if number is None or not 1 <= number <= MAX_BANDS or months is None or months <= 0 or number in bands:
+            continue
+        bands[number] = RecallBand(number, months, _text(item.get("letter")), _text(item.get("sendMethod")))
+    return tuple(bands[n] for n in sorted(bands))
+
+
+def recall_tab(raw: Any) -> dict[str, RecallCategory] | None:
+    """The Recall tab (`RecallTab`, a JSON list of categories) by recall type; None when there is none to
+    read. Should two categories of one type ever arrive, the one falling due first counts."""
+    if raw is None:
+        return None
+    try:
+        items = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    except ValueError:
+        return None
+    if not isinstance(items, list):
+        return None
+    tab: dict[str, RecallCategory] = {}
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        kind = str(item.get("recallType") or "").strip().upper()
+        if kind not in RECALL_TYPES:
+            continue
+        category = RecallCategory(
+            recall_type=kind,
+            name=_text(item.get("category")),
+            start_date=_text(item.get("startDate")),
+            due_date=str(item.get("dueDate") or "").strip() or None,
+            suppressed_by_appointment=ticked(item.get("suppressedByAppointment"), unreadable=True),
+            bands=recall_bands(item.get("bands")),
+        )
+        other = tab.get(kind)
+        if other is None or (category.falls_due() or "9999") < (other.falls_due() or "9999"):
+            tab[kind] = category
+    return tab
+
+
+def recall_due(row: dict[str, Any], today: date) -> str | None:
+    """The PMS recall date: when the Spectacles category falls due, held to no earlier than the Next
+    Appointment when "Suppressed by Appointment" is ticked and that appointment is today or later.
+
+    Without a readable Recall tab (an older connector), the `RecallDue` column Optisoft also serves.
+    """
+    tab = recall_tab(row.get("RecallTab"))
+    if tab is None:
+        return _text(row.get("RecallDue"))
+    spectacles = tab.get(SPECTACLES)
+    if spectacles is None:
+        return None
+    due = spectacles.falls_due()
+    if not spectacles.suppressed_by_appointment:
+        return due
+    due_day, appointment = _day(due), _day(row.get("NextAppointment"))
+    if due_day is None or appointment is None or appointment < today:
+        return due  # no date to hold, or a stale tick: the appointment has passed
+    return max(due_day, appointment).isoformat()
+
+
+def optisoft_draft(row: dict[str, Any], today: date | None = None) -> PatientDraft:
+    """One `Patients` row (with its Recall tab joined on) as the shared draft."""
+    today = today or datetime.now(UK).date()
     address = ", ".join(str(row[k]).strip() for k in ("Address1", "Town", "Postcode") if row.get(k))
+    status, status_date = patient_status(row, today)
+    phone_recall, no_recall, channels = contact_preferences(row)
     return PatientDraft(
         pms_patient_id=_text(row.get("PatientID")),
         first_name=row.get("Forename"),
@@ -178,8 +381,14 @@ def optisoft_draft(row: dict[str, Any]) -> PatientDraft:
         last_eye_test_date=row.get("LastExamDate"),
         risk_category=row.get("Alerts"),  # "Diabetic; FH glaucoma": mapped, unknown alerts kept raw
         clinical_notes=row.get("Notes"),
-        recall_due_date=row.get("RecallDue"),
+        recall_due_date=recall_due(row, today),
         updated_at=_utc(row.get("ModifiedDate")),
+        status=status,
+        status_date=status_date,
+        phone_recall=phone_recall,
+        no_recall=no_recall,
+        channels=channels,
+        guardian_name=_text(row.get("ParentGuardian")),
     )
 
 
@@ -407,9 +616,9 @@ class OptisoftClient:
         )
 
     def read_patients(self, since: datetime | None, today: date) -> ReadResult:
-        """Patients changed since `since` (all when None) with their eye-test recall (`Recalls`,
-        type ST) joined on. A recall edited on its own changes no patient row, so an incremental
-        read also asks which recalls changed and fetches those patients."""
+        """Patients changed since `since` (all when None) with their Recall tab joined on. A recall
+        edited on its own (a new date, the Suppressed by Appointment tick) changes no patient row, so an
+        incremental read also asks which recalls changed and fetches those patients."""
         rows = self._latest("patients.list", "PatientID", since)
         if since is not None:
             seen = {row_id for row_id, _ in rows}
@@ -418,7 +627,7 @@ class OptisoftClient:
             for start in range(0, len(missing), 500):
                 extra = self._rows("patients.get", {"patientIds": missing[start : start + 500]})
                 rows += [(str(row.get("PatientID")), row) for row in extra]
-        drafts = [(f"optisoft:patient:{row_id}", raw, optisoft_draft(raw)) for row_id, raw in rows]
+        drafts = [(f"optisoft:patient:{row_id}", raw, optisoft_draft(raw, today)) for row_id, raw in rows]
         return collect(
             self.practice.practice_id, drafts, today, strict=False, source_ref=self._scope("patients", since)
         )

@@ -9,6 +9,13 @@ has no idempotency keys, so each write carries NVC's key as an `[NVC:key]` marke
 did not get (a dropped connection, a timeout, a 5xx or 429) before posting again; a write is retried
 a bounded number of times. The next sync reads the marker back into `Appointment.nvc_reference`.
 
+Optix's words for reaching a patient become NVC's (`optix_contact`): `status` (`Active`,
+`Deceased`, `GoneAway`, `Archived`; a word NVC does not know rejects the row, naming it) with
+`deceasedDate` (a date of death means deceased, whatever `status` says), `contactPreferences`
+(`phoneRecall`, `smsConsent`, `emailConsent`, `excludeFromRecalls`; null or missing means nothing
+was recorded: phoning allowed, no consent channels known) and `responsibleAdult` (a child's
+parent or guardian, the name NVC's caller asks for).
+
 Every error becomes a `PmsError` with a stable `problem` code and what the practice should check.
 The API key travels only in the Authorization header: no message or log line here ever contains it.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -50,6 +58,7 @@ from nvc_pipelines.normalise import (
     find_nvc_reference,
     nvc_marker,
     parse_pms_datetime,
+    parse_yes_no,
 )
 from resources.http import (
     RETRYABLE_STATUS,
@@ -76,6 +85,18 @@ FLAG_CODES: dict[str, str] = {
     "GLS": "glaucoma_suspect",
     "OHT": "ocular_hypertension",
     "FHG": "glaucoma_family_history",
+    "BVA": "binocular_vision_anomaly",
+    "RXC": "corrected_refractive_error",
+    "MYP": "progressive_myopia",
+}
+
+# Optix patient statuses (lower-cased, letters only, so "GoneAway", "Gone Away" and "GONE_AWAY" agree)
+# -> canonical `PatientStatus` values. Any other word is passed on as it is and rejects the row by name.
+PATIENT_STATUSES: dict[str, str] = {
+    "active": "active",
+    "deceased": "deceased",
+    "goneaway": "gone_away",
+    "archived": "inactive",
 }
 
 # Optix appointment statuses (lower-cased) -> canonical. An unknown status is rejected with its value.
@@ -119,6 +140,59 @@ WORDS = FailureWords(
 )
 
 
+def _yes_no(value: Any, unreadable: bool) -> bool | None:
+    """An Optix boolean (JSON true/false; a yes/no string is read too); None when absent or blank,
+    `unreadable` (the safe reading for that field) when it is neither."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and not value.strip():
+        return None
+    try:
+        return parse_yes_no(value, "")
+    except InvalidValue:
+        return unreadable
+
+
+def optix_status(row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """`(status, date of death)` in NVC's words: `status` a `PatientStatus` value (None when Optix
+    sent none: active), or Optix's own word when NVC does not know it, which `build_patient` rejects
+    by name rather than guess. A `deceasedDate` means deceased, whatever `status` says."""
+    raw = _str_or_none(row.get("status"))
+    status = None if raw is None else PATIENT_STATUSES.get(re.sub(r"[^a-z]", "", raw.lower()), raw.strip())
+    died = _str_or_none(row.get("deceasedDate"))
+    return ("deceased" if died else status), died
+
+
+def optix_contact(row: dict[str, Any]) -> dict[str, Any]:
+    """`contactPreferences` and `responsibleAdult` as the `PatientDraft` contact fields.
+
+    No block (null or missing): nothing recorded, so phoning is allowed and no channels are known.
+    With one, the channels are phone (unless `phoneRecall` is false) plus SMS and email where
+    consent is true; a value that is not a yes/no reads the safe way (no phoning, no consent,
+    excluded from recalls).
+    """
+    prefs = row.get("contactPreferences")
+    fields: dict[str, Any] = {"phone_recall": None, "no_recall": False, "channels": None}
+    if isinstance(prefs, dict):
+        phone = _yes_no(prefs.get("phoneRecall"), unreadable=False)
+        sms = _yes_no(prefs.get("smsConsent"), unreadable=False)
+        email = _yes_no(prefs.get("emailConsent"), unreadable=False)
+        fields["phone_recall"] = phone
+        fields["no_recall"] = bool(_yes_no(prefs.get("excludeFromRecalls"), unreadable=True))
+        fields["channels"] = [
+            channel for channel, allowed in (("phone", phone is not False), ("sms", sms), ("email", email)) if allowed
+        ]
+    adult = row.get("responsibleAdult")
+    guardian: Any = None
+    if isinstance(adult, dict):
+        parts = (adult.get("title"), adult.get("forename"), adult.get("surname"))
+        guardian = adult.get("name") or " ".join(str(p) for p in parts if p) or None
+    elif isinstance(adult, str):
+        guardian = adult
+    fields["guardian_name"] = _str_or_none(guardian)
+    return fields
+
+
 def optix_draft(row: dict[str, Any]) -> PatientDraft:
     """Translate one Optix patient into the shared draft; unknown flag codes are kept raw."""
     contact = row.get("contact") or {}
@@ -129,6 +203,7 @@ def optix_draft(row: dict[str, Any]) -> PatientDraft:
         if flag and flag not in flags:
             flags.append(flag)
     parts = (address.get("line1"), address.get("line2"), address.get("town"), address.get("postcode"))
+    status, died = optix_status(row)
     return PatientDraft(
         pms_patient_id=str(row.get("patientId") or "") or None,
         first_name=row.get("forename"),
@@ -142,6 +217,9 @@ def optix_draft(row: dict[str, Any]) -> PatientDraft:
         clinical_notes=row.get("notes"),
         recall_due_date=row.get("recallDue"),
         updated_at=_parse_timestamp(row.get("updatedAt")),
+        status=status,
+        status_date=died,
+        **optix_contact(row),
     )
 
 

@@ -8,6 +8,11 @@ which one differs per account). Secret: `api_token` (Sycle tokens can expire).
 
 Reads: patients page by page (`page`/`per_page`, `meta.total_pages`), with the clinical alerts
 joined on as risk flags and the open eye exam recall recommendation as the PMS recall date.
+Sycle's words for reaching a patient become NVC's (`sycle_contact`): `status` (`active`,
+`inactive`, `deceased`, `moved`; a word NVC does not know rejects the row, naming it), the
+opt-out boxes `do_not_call`/`do_not_text`/`do_not_email` (a channel is allowed unless ticked),
+`recall_opt_out` and `responsible_party` (`Self` means no guardian); the date of death comes from
+the custom field `field_map.date_of_death` names (a date there means deceased).
 Writes: appointments and call communications, each created exactly once. Sycle has no idempotency
 key, so the NVC marker goes into the record's text and the client looks for it before creating and
 after any response that was lost. Every error becomes a `PmsError` with a stable `problem` and what
@@ -55,6 +60,7 @@ from nvc_pipelines.normalise import (
     nvc_marker,
     parse_pms_datetime,
     parse_uk_date,
+    parse_yes_no,
 )
 from resources.http import (
     FailureWords,
@@ -81,6 +87,7 @@ FIELD_MAP_TARGETS: dict[str, str] = {
     "mobile": "phone",
     "phone": "phone",
     "email": "email",
+    "date_of_death": "date",
 }
 # Sycle's standard fields for the targets every account has; the rest are suggested from labels.
 DEFAULT_FIELD_MAP: dict[str, str] = {"mobile": "cell_phone", "phone": "phone", "email": "email"}
@@ -134,6 +141,11 @@ _SUGGEST: dict[str, dict[str, Any]] = {
         "need": [{"email", "mail"}],
         "want": {"email", "e", "mail", "address"},
         "avoid": {"work", "office", "alt", "alternative"},
+    },
+    "date_of_death": {
+        "need": [{"death", "deceased", "died", "dod"}],
+        "want": {"date", "death", "deceased", "died"},
+        "avoid": {"birth", "updated", "recall", "exam", "test", "appointment"},
     },
 }
 
@@ -218,6 +230,16 @@ ALERT_FLAGS: dict[str, str] = {
     "fh glaucoma": "glaucoma_family_history",
     "family history glaucoma": "glaucoma_family_history",
 }
+# Sycle patient statuses (lower-cased) -> canonical `PatientStatus` values. Any other word is
+# passed on as it is and rejects the row by name.
+PATIENT_STATUSES: dict[str, str] = {
+    "active": "active",
+    "inactive": "inactive",
+    "deceased": "deceased",
+    "moved": "gone_away",
+}
+# `responsible_party` values that name no guardian: the patient answers for themselves.
+NO_GUARDIAN = frozenset({"self", "patient", "same as patient", "none", "n/a", "na", "-"})
 APPOINTMENT_TYPES_IN: dict[str, str] = {
     "eye exam": "eye_test",
     "eye test": "eye_test",
@@ -343,6 +365,49 @@ def _wire_id(patient_id: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def _ticked(value: Any) -> bool:
+    """A Sycle opt-out box: true/false (a yes/no string is read too); absent or blank is unticked,
+    anything else reads as ticked (the safe way: an opt-out is never lost)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    try:
+        return parse_yes_no(value, "")
+    except InvalidValue:
+        return True
+
+
+def sycle_contact(row: dict[str, Any], date_of_death: str | None) -> dict[str, Any]:
+    """Sycle's status, opt-out boxes and responsible party as the `PatientDraft` contact fields.
+
+    `date_of_death` is the mapped custom field's value as typed. With `status` deceased it is the
+    date of death (an unreadable one is dropped, the death is not); otherwise it is read like a
+    spreadsheet's `deceased` cell (a date, or yes/no), so a date there means deceased whatever
+    `status` says. A status NVC does not know is passed on as Sycle wrote it, so `build_patient` rejects the row
+    naming it rather than guessing. Sycle records refusals, not consent: each channel is allowed
+    unless its Do Not box is ticked. A responsible party of `Self` (or the patient's own name) is
+    no guardian.
+    """
+    raw = str(row.get("status") or "").strip()
+    status = PATIENT_STATUSES.get(" ".join(raw.lower().replace("_", " ").split()), raw) if raw else None
+    no_call = _ticked(row.get("do_not_call"))
+    refused = {"phone": no_call, "sms": _ticked(row.get("do_not_text")), "email": _ticked(row.get("do_not_email"))}
+    guardian = " ".join(str(row.get("responsible_party") or "").split())
+    name = " ".join(f"{row.get('first_name') or ''} {row.get('last_name') or ''}".split())
+    titled = " ".join(f"{row.get('title') or ''} {name}".split())
+    if guardian.lower() in NO_GUARDIAN or guardian.lower() in (name.lower(), titled.lower()):
+        guardian = ""  # "Self", or the patient named as their own responsible party
+    died = status == "deceased"
+    return {
+        "status": status,
+        "status_date": date_of_death if died else None,
+        "deceased": None if died else date_of_death,
+        "phone_recall": not no_call,
+        "no_recall": _ticked(row.get("recall_opt_out")),
+        "channels": [channel for channel, no in refused.items() if not no],
+        "guardian_name": guardian or None,
+    }
+
+
 def sycle_draft(
     row: dict[str, Any], field_map: dict[str, str], alerts: list[dict[str, Any]], recalls: list[dict[str, Any]]
 ) -> PatientDraft:
@@ -373,6 +438,7 @@ def sycle_draft(
         clinical_notes=row.get("notes"),
         recall_due_date=recall_due(recalls) or mapped("recall_due"),
         updated_at=_parse_timestamp(row.get("updated_at")),
+        **sycle_contact(row, mapped("date_of_death")),
     )
 
 
@@ -909,7 +975,7 @@ class SycleClient:
 
 class SycleResource(HttpPmsResource):
     """Sycle connections. Per practice: `account_url`, `location_id`, optional `field_map.<target>`
-    (targets: last_eye_test, recall_due, mobile, phone, email); secret: `api_token`."""
+    (targets: last_eye_test, recall_due, mobile, phone, email, date_of_death); secret: `api_token`."""
 
     def required_settings(self) -> tuple[str, ...]:
         return ("account_url", "location_id")

@@ -12,10 +12,14 @@ Fixtures a subclass provides:
   whose `test_connection()` must raise `PmsConnectionFailed` with that `problem`, and whose
   message must not contain `secret`.
 Class attributes: `practice_ref` (the sandbox's practice identifier), `clinician_ref` (or None).
+
+Every sandbox also offers `seed_records(practice_ref)`: PMS patient id -> the canonical `SeedPatient`
+it renders, which the contact checks compare the client's translation against.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
@@ -24,8 +28,10 @@ from nvc_pipelines.model import (
     RISK_FLAGS,
     AppointmentStatus,
     BookingRequest,
+    Channel,
     NoteKind,
     PatientNote,
+    PatientStatus,
 )
 from resources.protocol import ConnectionInfo, PmsClient, PmsConnectionFailed, PmsError
 
@@ -42,6 +48,7 @@ def future_slot(i: int, days_ahead: int = 400) -> tuple[datetime, datetime]:
 class PmsContract:
     practice_ref: str
     clinician_ref: str | None = None
+    records_date_of_death: bool = True  # False where the PMS keeps only a "deceased" tick
 
     def booking(self, patient_id: str, key: str, i: int) -> BookingRequest:
         start, end = future_slot(i)
@@ -65,6 +72,49 @@ class PmsContract:
         assert all(set(p.risk_flags) <= RISK_FLAGS for p in result.patients)
         assert any(p.pms_recall_due_date for p in result.patients)
         assert any(p.risk_flags for p in result.patients)
+
+    def test_status_contact_preferences_and_guardians(self, client, sandbox) -> None:
+        """The PMS's own words for deceased, moved away, archived, "no phone recall", consent, a
+        child's guardian and the memorandum's child conditions (squint, a child's prescription,
+        progressing myopia) all arrive in NVC's words, patient by patient, as the practice recorded them."""
+        truth = sandbox.seed_records(self.practice_ref)
+        got = {p.pms_patient_id: p for p in client.read_patients(None, TODAY).patients}
+        compared: Counter[str] = Counter()
+        for pid, seed in truth.items():
+            patient = got.get(pid)
+            if patient is None:  # rejected by normalisation (e.g. no name): covered elsewhere
+                continue
+            compared["patients"] += 1
+            assert patient.status == PatientStatus(seed.status), pid
+            if seed.status == "deceased" and seed.status_date and self.records_date_of_death:
+                assert patient.status_date == seed.status_date, pid
+            assert patient.contact.phone_recall == seed.phone_recall, pid
+            assert patient.contact.no_recall == seed.no_recall, pid
+            assert patient.guardian_name == seed.guardian_name, pid
+            channels = patient.contact.channels
+            if channels is not None and seed.sms_consent is not None:
+                assert (Channel.SMS in channels) == seed.sms_consent, pid
+            if channels is not None and seed.email_consent is not None:
+                assert (Channel.EMAIL in channels) == seed.email_consent, pid
+            child_flags = {"binocular_vision_anomaly", "corrected_refractive_error", "progressive_myopia"}
+            assert child_flags & set(seed.flags) <= set(patient.risk_flags), (pid, seed.flags, patient.risk_flags)
+            compared["child_condition"] += bool(child_flags & set(patient.risk_flags))
+            compared[str(patient.status)] += 1
+            compared["no_phone_recall"] += not patient.contact.phone_recall
+            compared["guardian"] += patient.guardian_name is not None
+            compared["channels_recorded"] += channels is not None
+        assert compared["patients"] >= len(truth) * 0.9
+        cases = (
+            "deceased",
+            "gone_away",
+            "inactive",
+            "no_phone_recall",
+            "guardian",
+            "channels_recorded",
+            "child_condition",
+        )
+        for case in cases:
+            assert compared[case] > 0, f"no {case} patient arrived: {dict(compared)}"
 
     def test_incremental_read_returns_only_what_changed(self, client, sandbox) -> None:
         since = datetime.now(UTC) - timedelta(seconds=1)

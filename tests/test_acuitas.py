@@ -13,11 +13,11 @@ from datetime import UTC, date, datetime, timedelta
 import httpx
 import pytest
 
-from nvc_pipelines.model import BookingRequest, NoteKind, PatientNote, PmsKind, Practice
-from nvc_pipelines.normalise import UK_TZ, build_appointment
+from nvc_pipelines.model import BookingRequest, Channel, NoteKind, PatientNote, PatientStatus, PmsKind, Practice
+from nvc_pipelines.normalise import UK_TZ, InvalidValue, build_appointment, build_patient
 from nvc_pipelines.sandboxes.acuitas import AcuitasSandbox, optom_codes
 from nvc_pipelines.sandboxes.base import Faults
-from resources.acuitas import AcuitasClient, AcuitasResource, acuitas_appointment_draft
+from resources.acuitas import AcuitasClient, AcuitasResource, acuitas_appointment_draft, acuitas_draft
 from resources.http import HttpStatusError
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
 from tests.pms_contract import PmsContract, future_slot
@@ -34,6 +34,7 @@ USERS = {
     "nvc_readonly": (READ_ONLY_PASSWORD, {"API Read"}),
     "nvc_noroles": (NO_ROLES_PASSWORD, set()),
 }
+CONTACT_DB = "ACUITAS_CONTACT"  # a database of their own for the status and contact tests' edits
 # An Acuitas optometrist's user code in the demo database (dispensing opticians' GOC numbers start 02-).
 OPTOM = next(code for code, c in optom_codes(DATABASE).items() if c.goc_number.startswith("01-"))
 
@@ -119,7 +120,8 @@ class TestAcuitasContract(PmsContract):
 
 @pytest.fixture(scope="module")
 def running_sandbox() -> Iterator[AcuitasSandbox]:
-    with AcuitasSandbox(databases={DATABASE: 50, "ACUITAS_BRANCH2": 230, "ACUITAS_BRANCH3": 40}, users=USERS) as server:
+    databases = {DATABASE: 50, "ACUITAS_BRANCH2": 230, "ACUITAS_BRANCH3": 40, CONTACT_DB: 60}
+    with AcuitasSandbox(databases=databases, users=USERS) as server:
         yield server
 
 
@@ -242,14 +244,15 @@ def test_diary_times_are_uk_local_time(start: str, expected: datetime) -> None:
 
 
 def test_unknown_alert_codes_are_kept_as_unknown(acuitas: AcuitasSandbox) -> None:
-    acuitas.update_patient(DATABASE, "100004", flags=["diabetic", "AMB"], clinical_notes=None)
+    acuitas.update_patient(DATABASE, "100004", flags=["diabetic", "AMB", "CAT"], clinical_notes=None)
     with open_client(acuitas.url) as client:
         patient = next(p for p in client.read_patients(None, date.today()).patients if p.pms_patient_id == "100004")
         exams = client.read_clinical_records(None).records
-    assert patient.risk_flags == ["diabetic"]
-    assert patient.unknown_risk_values == ["AMB"]
+    # AMB (amblyopia) is a binocular vision anomaly, which the child recall rules use; CAT is not.
+    assert patient.risk_flags == ["binocular_vision_anomaly", "diabetic"]
+    assert patient.unknown_risk_values == ["CAT"]
     # Exams carry the codes too; the recall codes map, the rest pass through.
-    assert all(set(r.unknown_flags) <= {"AMB", "CAT"} for r in exams)
+    assert all(set(r.unknown_flags) <= {"CAT"} for r in exams)
     assert any(r.flags for r in exams)
 
 
@@ -525,3 +528,249 @@ def test_a_practice_ca_bundle_that_cannot_be_used_is_a_clear_tls_failure(tmp_pat
             AcuitasResource().open(p, {"api_username": USERNAME, "api_password": PASSWORD})
         assert info.value.problem == "tls_certificate" and "ca_bundle" in str(info.value)
         assert PASSWORD not in str(info.value)
+
+
+# --- status, contact preferences and guardians -------------------------------------------------------
+
+TODAY = date.today()
+
+
+def patient_row(**fields: object) -> dict[str, object]:
+    """An Acuitas patient as the API sends it, with `fields` changed (None removes a field)."""
+    row: dict[str, object] = {
+        "PatientId": 100001,
+        "Title": "Mrs",
+        "Forename": "Siân",
+        "Surname": "O'Neill",
+        "DateOfBirth": "02/03/1965",
+        "MobileTel": "07700 900123",
+        "HomeTel": "",
+        "WorkTel": "",
+        "Email": "",
+        "LastSightTest": "05/12/2023",
+        "RecallDue": "05/12/2025",
+        "ClinicalAlerts": [],
+        "Notes": "",
+        "Modified": "01/06/2025 10:00:00",
+        "RecordStatus": "ACT",
+        "Deceased": False,
+        "DateOfDeath": "",
+        "GoneAway": False,
+        "GoneAwayDate": "",
+        "ParentGuardian": "",
+        "DataProcessing": {"RecallConsent": "Agreed", "Channels": {"Telephone": "OptIn", "SMS": "OptIn", "Email": ""}},
+    }
+    for name, value in fields.items():
+        if value is None:
+            row.pop(name, None)
+        else:
+            row[name] = value
+    return row
+
+
+def translate(**fields: object):
+    return build_patient("p", acuitas_draft(patient_row(**fields)), TODAY, strict=False)
+
+
+def screen(recall: str = "Agreed", telephone: object = "OptIn", sms: object = "", email: object = "") -> dict:
+    return {"RecallConsent": recall, "Channels": {"Telephone": telephone, "SMS": sms, "Email": email}}
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("ACT", PatientStatus.ACTIVE),
+        ("ARC", PatientStatus.INACTIVE),
+        ("LFT", PatientStatus.INACTIVE),
+        ("MRG", PatientStatus.INACTIVE),
+        ("DEC", PatientStatus.DECEASED),
+        ("", PatientStatus.ACTIVE),  # blank: never set
+        (None, PatientStatus.ACTIVE),  # absent: a server that predates the field
+        (" arc ", PatientStatus.INACTIVE),  # codes are read whatever their case and spacing
+    ],
+)
+def test_each_record_status_code(code: str | None, expected: PatientStatus) -> None:
+    patient = translate(RecordStatus=code)  # None: the field is absent
+    assert patient.status == expected
+    assert patient.status_date is None
+
+
+def test_the_deceased_tick_and_date_outrank_the_record_status() -> None:
+    ticked = translate(RecordStatus="ACT", Deceased=True, DateOfDeath="02/03/2025")  # ticked, not archived
+    assert (ticked.status, ticked.status_date) == (PatientStatus.DECEASED, date(2025, 3, 2))  # day first
+    no_date = translate(RecordStatus="ARC", Deceased=True)
+    assert (no_date.status, no_date.status_date) == (PatientStatus.DECEASED, None)
+    coded = translate(RecordStatus="DEC", DateOfDeath="27/10/2025")  # the code without the tick
+    assert (coded.status, coded.status_date) == (PatientStatus.DECEASED, date(2025, 10, 27))
+    dated = translate(DateOfDeath="27/10/2025")  # a date of death with no tick still means deceased
+    assert dated.status == PatientStatus.DECEASED
+    old_server = translate(Deceased="Y", DateOfDeath="27/10/2025 00:00:00")
+    assert (old_server.status, old_server.status_date) == (PatientStatus.DECEASED, date(2025, 10, 27))
+    both = translate(Deceased=True, GoneAway=True, DateOfDeath="01/01/2025")
+    assert both.status == PatientStatus.DECEASED
+
+
+def test_gone_away_is_a_tick_on_an_active_record() -> None:
+    moved = translate(GoneAway=True)
+    assert (moved.status, moved.status_date) == (PatientStatus.GONE_AWAY, None)
+    dated = translate(GoneAway="true", GoneAwayDate="14/08/2025")
+    assert (dated.status, dated.status_date) == (PatientStatus.GONE_AWAY, date(2025, 8, 14))
+    archived_and_moved = translate(RecordStatus="ARC", GoneAway=True)
+    assert archived_and_moved.status == PatientStatus.GONE_AWAY
+
+
+def test_unknown_words_reject_the_row_with_the_word_in_the_reason() -> None:
+    with pytest.raises(InvalidValue, match=r"RecordStatus 'SUS' is not known \(ACT, ARC, LFT, MRG, DEC\)"):
+        acuitas_draft(patient_row(RecordStatus="SUS"))
+    with pytest.raises(InvalidValue, match="Deceased 'maybe' is not a tick"):
+        acuitas_draft(patient_row(Deceased="maybe"))
+    with pytest.raises(InvalidValue, match="RecallConsent 'Pending' is not known"):
+        acuitas_draft(patient_row(DataProcessing=screen(recall="Pending")))
+    with pytest.raises(InvalidValue, match="Telephone choice 'Ask first' is not known") as both:
+        acuitas_draft(patient_row(RecordStatus="XX", DataProcessing=screen(telephone="Ask first")))
+    assert "RecordStatus 'XX'" in str(both.value)  # every unreadable word is named at once
+    with pytest.raises(InvalidValue, match="not a Data Processing record"):
+        acuitas_draft(patient_row(DataProcessing="Agreed"))
+    # A tick settles the status whatever an unknown code says.
+    assert translate(RecordStatus="SUS", Deceased=True).status == PatientStatus.DECEASED
+    assert translate(RecordStatus="SUS", GoneAway=True).status == PatientStatus.GONE_AWAY
+    # A date of death that cannot be read does not undo the tick: still deceased, with no date (a
+    # rejected row would leave the stored copy alive and callable).
+    unreadable = translate(Deceased=True, DateOfDeath="31/02/2025")
+    assert unreadable.status == PatientStatus.DECEASED and unreadable.status_date is None
+
+
+@pytest.mark.parametrize(
+    ("recall", "no_recall"),
+    [("Agreed", False), ("Rejected", True), ("To Be Completed", False), ("Expired", False), ("", False)],
+)
+def test_recall_consent_only_a_refusal_stops_recalls(recall: str, no_recall: bool) -> None:
+    patient = translate(DataProcessing=screen(recall=recall))
+    assert patient.contact.no_recall is no_recall
+    assert patient.contact.phone_recall is True
+
+
+def test_channel_choices_become_phone_recall_and_consented_channels() -> None:
+    objector = translate(DataProcessing=screen(telephone="OptOut", sms="OptIn", email="OptOut"))
+    assert objector.contact.phone_recall is False
+    assert objector.contact.channels == {Channel.SMS}
+    assert objector.contact.may_phone is False
+    happy = translate(DataProcessing=screen(telephone="Opt In", sms="opt-out", email="OPTIN"))
+    assert happy.contact.phone_recall is True and happy.contact.channels == {Channel.PHONE, Channel.EMAIL}
+    assert happy.contact.may_phone is True
+    # Telephone never asked but SMS answered: channels are recorded, and the phone is not refused.
+    unasked = translate(DataProcessing=screen(telephone="", sms="OptOut"))
+    assert unasked.contact.phone_recall is True
+    assert unasked.contact.channels == {Channel.PHONE} and unasked.contact.may_phone is True
+
+
+def test_missing_contact_fields_are_not_a_refusal() -> None:
+    for fields in (
+        {"DataProcessing": None},  # a server without the Data Processing screen
+        {"DataProcessing": {}},
+        {"DataProcessing": {"RecallConsent": "To Be Completed"}},
+        {"DataProcessing": screen(recall="To Be Completed", telephone="", sms="", email="")},
+        {"DataProcessing": {"RecallConsent": "", "Channels": {"Telephone": None}}},
+    ):
+        patient = translate(**fields)
+        assert patient.contact.phone_recall is True, fields
+        assert patient.contact.no_recall is False, fields
+        assert patient.contact.channels is None, fields
+        assert patient.contact.may_phone is True, fields
+    bare = translate(
+        RecordStatus=None, Deceased=None, DateOfDeath=None, GoneAway=None, ParentGuardian=None, DataProcessing=None
+    )
+    assert (bare.status, bare.status_date, bare.guardian_name) == (PatientStatus.ACTIVE, None, None)
+
+
+def test_guardian_present_or_absent() -> None:
+    child = translate(ParentGuardian="  Mrs  Siân O'Neill ", Forename="Alfie", Title="Master")
+    assert child.guardian_name == "Mrs Siân O'Neill"  # spacing tidied, spelling kept
+    for blank in ("", "   ", None):
+        assert translate(ParentGuardian=blank).guardian_name is None
+
+
+def test_the_sandbox_renders_status_and_contact_in_acuitas_words(acuitas: AcuitasSandbox) -> None:
+    truth = acuitas.seed_records(CONTACT_DB)
+    assert len(truth) == 60 and all(pid.isdigit() for pid in truth)
+
+    def first(test) -> str:
+        return next(pid for pid, p in truth.items() if test(p))
+
+    cases = {
+        "deceased": first(lambda p: p.status == "deceased" and p.status_date),
+        "gone_away": first(lambda p: p.status == "gone_away"),
+        "inactive": first(lambda p: p.status == "inactive"),
+        "objector": first(lambda p: p.status == "active" and not p.phone_recall),
+        "child": first(lambda p: p.guardian_name),
+    }
+    with httpx.Client(base_url=acuitas.url) as http:
+        auth = login(http, database=CONTACT_DB)
+        rows = {k: http.get(f"/acuitas/api/patients/{pid}", headers=auth).json() for k, pid in cases.items()}
+    dead = rows["deceased"]
+    assert (dead["RecordStatus"], dead["Deceased"], dead["GoneAway"]) == ("DEC", True, False)
+    assert dead["DateOfDeath"] == truth[cases["deceased"]].status_date.strftime("%d/%m/%Y")
+    moved = rows["gone_away"]
+    assert (moved["RecordStatus"], moved["GoneAway"], moved["Deceased"], moved["DateOfDeath"]) == (
+        "ACT",
+        True,
+        False,
+        "",
+    )
+    assert rows["inactive"]["RecordStatus"] == "ARC"
+    assert rows["objector"]["DataProcessing"]["Channels"]["Telephone"] == "OptOut"
+    assert rows["child"]["ParentGuardian"] == truth[cases["child"]].guardian_name
+    assert all(set(r["DataProcessing"]) == {"RecallConsent", "Channels"} for r in rows.values())
+    assert all(set(r["DataProcessing"]["Channels"]) == {"Telephone", "SMS", "Email"} for r in rows.values())
+    assert rows["objector"]["ParentGuardian"] == ""  # blanks as "", never null
+
+
+def test_a_patient_marked_deceased_or_opted_out_mid_day_arrives_incrementally(acuitas: AcuitasSandbox) -> None:
+    truth = acuitas.seed_records(CONTACT_DB)
+    callable_ids = [
+        pid for pid, p in truth.items() if p.status == "active" and p.phone_recall and not p.no_recall and p.mobile
+    ]
+    died, objector, refused, guarded = callable_ids[:4]
+    with open_client(acuitas.url, CONTACT_DB) as client:
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        assert client.read_patients(since, TODAY).patients == []  # nothing changed yet
+        acuitas.update_patient(CONTACT_DB, died, status="deceased", status_date=TODAY - timedelta(days=2))
+        acuitas.update_patient(CONTACT_DB, objector, phone_recall=False)
+        acuitas.update_patient(CONTACT_DB, refused, no_recall=True, sms_consent=False, email_consent=None)
+        acuitas.update_patient(CONTACT_DB, guarded, guardian_name="Mr Tom O'Neill")
+        changed = client.read_patients(since, TODAY)
+    assert changed.rejected == []
+    got = {p.pms_patient_id: p for p in changed.patients}
+    assert set(got) == {died, objector, refused, guarded}
+    assert (got[died].status, got[died].status_date) == (PatientStatus.DECEASED, TODAY - timedelta(days=2))
+    assert got[objector].contact.phone_recall is False and got[objector].contact.may_phone is False
+    assert got[objector].status == PatientStatus.ACTIVE
+    assert got[refused].contact.no_recall is True and got[refused].contact.may_phone is False
+    assert Channel.SMS not in (got[refused].contact.channels or ())
+    assert got[guarded].guardian_name == "Mr Tom O'Neill"
+    # Each edit bumped Modified like any other field's.
+    assert all(p.source_updated_at and p.source_updated_at >= since.replace(microsecond=0) for p in got.values())
+
+
+def test_an_unknown_status_code_is_a_rejected_row_not_a_guess(acuitas: AcuitasSandbox) -> None:
+    truth = acuitas.seed_records(CONTACT_DB)
+    pid = next(pid for pid, p in truth.items() if p.status == "active")
+    before = truth[pid]
+    acuitas.update_patient(CONTACT_DB, pid, status="SUS")  # a code Acuitas may grow: sent verbatim
+    try:
+        with open_client(acuitas.url, CONTACT_DB) as client:
+            result = client.read_patients(None, TODAY)
+        rejected = {r.row_ref: r for r in result.rejected}
+        assert set(rejected) == {pid}
+        assert "Acuitas RecordStatus 'SUS' is not known" in rejected[pid].reason
+        assert rejected[pid].raw["RecordStatus"] == "SUS"
+        assert len(result.patients) == 59
+    finally:
+        acuitas.update_patient(CONTACT_DB, pid, status=before.status)
+
+
+def test_update_patient_refuses_contact_values_it_cannot_render(acuitas: AcuitasSandbox) -> None:
+    pid = next(iter(acuitas.seed_records(CONTACT_DB)))
+    for bad in ({"phone_recall": "no"}, {"sms_consent": "yes"}, {"status_date": "01/01/2025"}, {"status": ""}):
+        with pytest.raises(ValueError):
+            acuitas.update_patient(CONTACT_DB, pid, **bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,37 @@ def test_csv_template_and_csv_export(demo_home, tmp_path: Path) -> None:
     assert runner.invoke(main, ["export", "demo-csv", "--format", "csv", "--output", str(out)]).exit_code == 0
     assert out.read_text(encoding="utf-8-sig").startswith("pms_patient_id,first_name")
     assert (tmp_path / "export-rejected.csv").exists()
+
+
+@pytest.mark.parametrize("practice", ["demo-optix", "demo-acuitas", "demo-optisoft", "demo-sycle"])
+def test_demo_call_lists_are_safe_to_dial(demo_home, practice: str) -> None:
+    """Every demo PMS practice shows a household on one call, a child asked for through a guardian,
+    and deceased, moved-away, archived and opted-out patients kept off the list with their reason."""
+    runner, _ = demo_home
+    result = runner.invoke(main, ["call-list", practice, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.output)
+    households = [e for e in view["entries"] if len(e["people"]) > 1]
+    assert households, practice
+    exported = {
+        p["pms_patient_id"]: p for p in json.loads(runner.invoke(main, ["export", practice]).output)["patients"]
+    }
+    sixteen_years_ago = (date.today() - timedelta(days=16 * 365 + 4)).isoformat()
+    children = [
+        (e, exported[p["pms_patient_id"]])
+        for e in view["entries"]
+        for p in e["people"]
+        if (exported[p["pms_patient_id"]]["date_of_birth"] or "0") > sixteen_years_ago
+    ]
+    assert children, practice
+    for entry, child in children:  # asked for through the guardian the PMS names, else "parent or guardian of"
+        guardian = child["guardian_name"]
+        wanted = " ".join(guardian.split()[1:]) if guardian else f"parent or guardian of {child['first_name']}"
+        assert wanted in entry["ask_for"], (entry, guardian)
+    assert any(child["guardian_name"] for _, child in children)
+    reasons = {n["reason_code"] for n in view["not_listed"]}
+    assert {"deceased", "gone_away", "inactive", "do_not_call"} <= reasons, reasons
+    phones = [e["phone"] for e in view["entries"]]
+    assert len(phones) == len(set(phones))
+    table = runner.invoke(main, ["call-list", practice])
+    assert table.output.splitlines()[1].startswith("PHONE") and "Not listed:" in table.output

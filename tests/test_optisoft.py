@@ -4,6 +4,7 @@ that long-polls it and runs SQL on the practice's own (SQLite) database."""
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -20,10 +21,20 @@ import psutil
 import pytest
 
 import resources.optisoft as optisoft_resource
-from nvc_pipelines.model import BookingRequest, NoteKind, PatientNote, PmsKind, Practice
+from nvc_pipelines.model import BookingRequest, Channel, NoteKind, PatientNote, PatientStatus, PmsKind, Practice
+from nvc_pipelines.normalise import build_patient
+from nvc_pipelines.recall import add_months
 from nvc_pipelines.sandboxes.optisoft import ConnectorGone, OptisoftSandbox
 from nvc_pipelines.sandboxes.seed import seed_clinicians
-from resources.optisoft import OptisoftClient, OptisoftResource, since_param
+from resources.optisoft import (
+    MAX_BANDS,
+    OptisoftClient,
+    OptisoftResource,
+    optisoft_draft,
+    recall_bands,
+    recall_tab,
+    since_param,
+)
 from resources.protocol import PmsConnectionFailed, PmsError
 from tests.pms_contract import TODAY, PmsContract, future_slot
 
@@ -233,16 +244,20 @@ class TestOptisoftContract(PmsContract):
         assert str(rest[-1]["PatientID"]) == edited and rest[-1]["Mobile"] == "07700 900998"
 
     def test_recalls_come_from_the_recalls_table(self, client, sandbox) -> None:
+        # The Spectacles category's due date; "Suppressed by Appointment" holds it to a future appointment.
         due = {
-            str(r["PatientID"]): date.fromisoformat(r["Due"])
+            str(r["PatientID"]): max(date.fromisoformat(r["Due"]), date.fromisoformat(r["Held"] or r["Due"]))
             for r in sandbox.select(
                 PRACTICE,
-                "SELECT PatientID, MIN(DueDate) AS Due FROM Recalls WHERE RecallType = 'ST' GROUP BY PatientID",
+                "SELECT r.PatientID, r.DueDate AS Due, CASE WHEN r.SuppressedByAppt = 1 THEN"
+                " (SELECT MIN(substr(d.StartDateTime, 1, 10)) FROM Diary d WHERE d.PatientID = r.PatientID"
+                " AND d.Status = 'Booked' AND d.StartDateTime >= ?) END AS Held FROM Recalls r WHERE r.RecallType = 'ST'",
+                TODAY.isoformat(),
             )
         }
         lens_only = {
             str(r["PatientID"])
-            for r in sandbox.select(PRACTICE, "SELECT PatientID FROM Recalls WHERE RecallType = 'CL'")
+            for r in sandbox.select(PRACTICE, "SELECT PatientID FROM Recalls WHERE RecallType IN ('CL', 'SC')")
         } - set(due)
         patients = {p.pms_patient_id: p for p in client.read_patients(None, TODAY).patients}
         assert due and lens_only  # both kinds of recall really occur in the seeded practice
@@ -255,6 +270,120 @@ class TestOptisoftContract(PmsContract):
         sandbox.set_recall(PRACTICE, pid, date(2031, 3, 14))
         changed = client.read_patients(since, TODAY).patients
         assert [(p.pms_patient_id, p.pms_recall_due_date) for p in changed] == [(pid, date(2031, 3, 14))]
+
+    def test_the_recall_tab_is_seeded_as_optisoft_keeps_it(self, client, sandbox) -> None:
+        tabs = sandbox.select(
+            PRACTICE,
+            "SELECT r.PatientID, r.RecallType, r.StartDate, r.DueDate, r.NextBand, b.Months, b.SendMethod"
+            " FROM Recalls r JOIN RecallBands b ON b.CategoryID = r.CategoryID AND b.Band = 1",
+        )
+        assert {t["RecallType"] for t in tabs} == {"ST", "CL", "SC"}
+        for tab in tabs:  # each category falls due band 1's months after its start date
+            start, due = date.fromisoformat(tab["StartDate"]), date.fromisoformat(tab["DueDate"])
+            assert add_months(start, tab["Months"]) == due, tab
+        per_patient = sandbox.select(
+            PRACTICE, "SELECT MAX(n) AS n FROM (SELECT COUNT(*) AS n FROM Recalls GROUP BY PatientID)"
+        )
+        assert per_patient[0]["n"] <= 3
+        bands = sandbox.select(PRACTICE, "SELECT CategoryID, MAX(Band) AS Bands FROM RecallBands GROUP BY CategoryID")
+        assert max(b["Bands"] for b in bands) == 7
+        methods = {r["SendMethod"] for r in sandbox.select(PRACTICE, "SELECT DISTINCT SendMethod FROM RecallBands")}
+        assert methods == {"Letter", "Email", "SMS", "Telephone"}
+        # The seed's canonical fields, in Optisoft's ticks.
+        truth = sandbox.seed_records(PRACTICE)
+        rows = {str(r["PatientID"]): r for r in sandbox.select(PRACTICE, "SELECT * FROM Patients")}
+        for pid, seed in truth.items():
+            row = rows[pid]
+            assert (row["Deceased"], row["GoneAway"], row["Inactive"]) == (
+                int(seed.status == "deceased"),
+                int(seed.status == "gone_away"),
+                int(seed.status == "inactive"),
+            ), pid
+            assert row["NoTelephoneRecall"] == int(not seed.phone_recall) and row["NoRecall"] == int(seed.no_recall)
+            assert (row["SMSConsent"], row["EmailConsent"]) == (
+                int(bool(seed.sms_consent)),
+                int(bool(seed.email_consent)),
+            )
+            assert row["ParentGuardian"] == seed.guardian_name
+
+    def test_a_patient_marked_deceased_or_opted_out_mid_day_arrives_incrementally(self, client, sandbox) -> None:
+        truth = sandbox.seed_records(PRACTICE)
+        plain = [
+            pid
+            for pid, p in sorted(truth.items())
+            if p.status == "active" and p.phone_recall and not p.no_recall and p.sms_consent and p.guardian_name is None
+        ]
+        died, objector, lapsed = plain[-3:]
+        before = {p.pms_patient_id: p for p in client.read_patients(None, TODAY).patients}
+        assert all(before[pid].contact.may_phone for pid in (died, objector, lapsed))
+
+        since = datetime.now(UTC) - timedelta(milliseconds=5)
+        sandbox.update_contact(PRACTICE, died, status="deceased", status_date=TODAY - timedelta(days=2))
+        sandbox.update_patient(PRACTICE, objector, phone_recall=False, sms_consent=False, HomePhone=None)
+        sandbox.update_contact(PRACTICE, lapsed, status="gone_away", no_recall=True, guardian_name="Mr Ian  Ward")
+        changed = {p.pms_patient_id: p for p in client.read_patients(since, TODAY).patients}
+
+        assert set(changed) == {died, objector, lapsed}
+        assert (changed[died].status, changed[died].status_date) == ("deceased", TODAY - timedelta(days=2))
+        assert changed[objector].status == "active" and not changed[objector].contact.phone_recall
+        assert not {Channel.PHONE, Channel.SMS} & (changed[objector].contact.channels or {Channel.PHONE})
+        assert not changed[objector].contact.may_phone
+        assert (changed[lapsed].status, changed[lapsed].contact.no_recall) == ("gone_away", True)
+        assert changed[lapsed].guardian_name == "Mr Ian Ward"
+        # In Optisoft's own words, on the patient row whose ModifiedDate moved on.
+        rows = {
+            str(r["PatientID"]): r
+            for r in sandbox.select(
+                PRACTICE,
+                "SELECT PatientID, Deceased, DeceasedDate, GoneAway, NoRecall, NoTelephoneRecall, SMSConsent"
+                " FROM Patients WHERE ModifiedDate >= ?",
+                since_param(since),
+            )
+        }
+        assert (rows[died]["Deceased"], rows[died]["DeceasedDate"]) == (1, (TODAY - timedelta(days=2)).isoformat())
+        assert (rows[objector]["NoTelephoneRecall"], rows[objector]["SMSConsent"]) == (1, 0)
+        assert (rows[lapsed]["GoneAway"], rows[lapsed]["NoRecall"]) == (1, 1)
+        # The canonical truth follows, so the contract's comparison holds after the edit.
+        after = sandbox.seed_records(PRACTICE)
+        assert (after[died].status, after[objector].phone_recall, after[lapsed].status) == (
+            "deceased",
+            False,
+            "gone_away",
+        )
+
+        sandbox.update_contact(PRACTICE, died, status="active")  # a mistaken tick, cleared
+        again = client.read_patients(since, TODAY).patients
+        assert {(p.pms_patient_id, p.status, p.status_date) for p in again if p.pms_patient_id == died} == {
+            (died, "active", None)
+        }
+
+    def test_suppressed_by_appointment_holds_the_recall_until_the_appointment(self, client, sandbox) -> None:
+        free = sandbox.select(
+            PRACTICE,
+            "SELECT r.PatientID, r.DueDate FROM Recalls r WHERE r.RecallType = 'ST' AND r.SuppressedByAppt = 0"
+            " AND NOT EXISTS (SELECT 1 FROM Diary d WHERE d.PatientID = r.PatientID AND d.Status = 'Booked'"
+            " AND d.StartDateTime >= ?) ORDER BY r.PatientID",
+            TODAY.isoformat(),
+        )
+        pid = str(free[0]["PatientID"])
+        sandbox.set_recall(PRACTICE, pid, TODAY - timedelta(days=30))  # overdue: NVC would call
+        made = client.create_appointment(booking("os-held-1", pid, 106, OPTOMETRISTS[0]))
+        visit = client.read_appointments(None).records
+        day = next(a.starts_at for a in visit if a.pms_appointment_id == made.pms_appointment_id).date()
+        assert day > TODAY
+
+        since = datetime.now(UTC) - timedelta(milliseconds=5)
+        sandbox.suppress_recall(PRACTICE, pid)  # staff tick the box as they book
+        held = client.read_patients(since, TODAY).patients
+        assert [(p.pms_patient_id, p.pms_recall_due_date) for p in held] == [(pid, day)]
+        assert held[0].contact.may_phone == next(  # contact preferences untouched
+            p.contact.may_phone for p in client.read_patients(None, TODAY).patients if p.pms_patient_id == pid
+        )
+
+        since = datetime.now(UTC) - timedelta(milliseconds=5)
+        sandbox.suppress_recall(PRACTICE, pid, suppressed=False)
+        released = client.read_patients(since, TODAY).patients
+        assert [(p.pms_patient_id, p.pms_recall_due_date) for p in released] == [(pid, TODAY - timedelta(days=30))]
 
     def test_times_are_uk_local_in_the_diary_and_utc_in_nvc(self, client, sandbox) -> None:
         pid = patient_ids(sandbox)[5]
@@ -495,3 +624,181 @@ def test_unsafe_server_addresses_are_refused_before_any_request(url: str) -> Non
         open_client(url)
     assert failure.value.problem == "unsafe_url"
     assert PASSWORD not in str(failure.value) and USERNAME not in str(failure.value)
+
+
+# --- the dialect's translation, row by row -----------------------------------------------------------
+
+DAY = date(2026, 6, 15)
+
+
+def recall_category(kind: str = "ST", due: str | None = "2026-03-01", suppressed: Any = 0, **extra: Any) -> dict:
+    bands = [{"band": n, "months": 24 + n - 1, "letter": f"Recall {n}", "sendMethod": "Letter"} for n in (1, 2, 3)]
+    return {
+        "recallType": kind,
+        "category": "Spectacles 2 yearly",
+        "startDate": "2024-03-01",
+        "dueDate": due,
+        "nextBand": 1,
+        "nextLetterDate": due,
+        "suppressedByAppointment": suppressed,
+        "bands": bands,
+        **extra,
+    }
+
+
+def patient_row(**columns: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "PatientID": 10001,
+        "Forename": "Siân",
+        "Surname": "O'Neill",
+        "Mobile": "07700 900123",
+        "DOB": "1961-03-12",
+        "LastExamDate": "2024-03-01",
+        "RecallDue": "2026-03-01",
+        "Deceased": 0,
+        "DeceasedDate": None,
+        "GoneAway": 0,
+        "Inactive": 0,
+        "NoRecall": 0,
+        "NoTelephoneRecall": 0,
+        "EmailConsent": 0,
+        "SMSConsent": 0,
+        "ParentGuardian": None,
+        "RecallTab": [recall_category()],
+        "NextAppointment": None,
+        "ModifiedDate": "2026-06-01 10:00:00.000",
+    }
+    row.update(columns)
+    if isinstance(row["RecallTab"], list):
+        row["RecallTab"] = json.dumps(row["RecallTab"])  # as the connector serves it
+    return row
+
+
+def translate(**columns: Any):
+    return build_patient("demo-optisoft", optisoft_draft(patient_row(**columns), DAY), DAY, strict=False)
+
+
+@pytest.mark.parametrize(
+    ("columns", "status", "status_date"),
+    [
+        ({}, PatientStatus.ACTIVE, None),
+        ({"Deceased": 1, "DeceasedDate": "2026-05-02"}, PatientStatus.DECEASED, date(2026, 5, 2)),
+        ({"Deceased": -1}, PatientStatus.DECEASED, None),  # Access/VB's True, no date recorded
+        ({"Deceased": "True", "DeceasedDate": "02/05/2026"}, PatientStatus.DECEASED, date(2026, 5, 2)),
+        ({"Deceased": 0, "DeceasedDate": "2026-05-02"}, PatientStatus.DECEASED, date(2026, 5, 2)),  # a date says so
+        ({"Deceased": 1, "DeceasedDate": "2027-01-01"}, PatientStatus.DECEASED, None),  # mistyped: tick stands
+        ({"Deceased": 1, "DeceasedDate": "31/02/2026"}, PatientStatus.DECEASED, None),
+        ({"GoneAway": 1}, PatientStatus.GONE_AWAY, None),
+        ({"GoneAway": "Y"}, PatientStatus.GONE_AWAY, None),
+        ({"Inactive": 1}, PatientStatus.INACTIVE, None),
+        ({"Inactive": "archived?"}, PatientStatus.INACTIVE, None),  # unreadable: the tick that stops calls
+        ({"Deceased": 1, "GoneAway": 1, "Inactive": 1}, PatientStatus.DECEASED, None),
+        ({"GoneAway": 1, "Inactive": 1}, PatientStatus.GONE_AWAY, None),
+        ({"Deceased": "0", "GoneAway": "no", "Inactive": "false"}, PatientStatus.ACTIVE, None),
+    ],
+)
+def test_status_ticks_become_nvc_statuses(columns: dict, status: PatientStatus, status_date: date | None) -> None:
+    patient = translate(**columns)
+    assert (patient.status, patient.status_date) == (status, status_date)
+
+
+def test_consent_ticks_and_recall_preferences() -> None:
+    plain = translate().contact
+    assert (plain.phone_recall, plain.no_recall, plain.channels) == (True, False, frozenset({Channel.PHONE}))
+    assert plain.may_phone
+    ticked = translate(SMSConsent=1, EmailConsent=-1).contact
+    assert ticked.channels == {Channel.PHONE, Channel.SMS, Channel.EMAIL} and ticked.may_phone
+    assert translate(SMSConsent="Yes", EmailConsent="No").contact.channels == {Channel.PHONE, Channel.SMS}
+    assert translate(SMSConsent="?").contact.channels == {Channel.PHONE}  # unreadable consent: not given
+    no_phone = translate(NoTelephoneRecall=1, SMSConsent=1).contact
+    assert (no_phone.phone_recall, no_phone.channels, no_phone.may_phone) == (False, {Channel.SMS}, False)
+    assert translate(NoTelephoneRecall="??").contact.phone_recall is False  # unreadable: not phoned
+    no_recall = translate(NoRecall=1).contact
+    assert (no_recall.no_recall, no_recall.phone_recall, no_recall.may_phone) == (True, True, False)
+    # A connector that serves none of these columns: nothing recorded, nothing refused.
+    bare = {
+        k: v
+        for k, v in patient_row().items()
+        if k not in ("NoTelephoneRecall", "NoRecall", "SMSConsent", "EmailConsent")
+    }
+    old = build_patient("demo-optisoft", optisoft_draft(bare, DAY), DAY, strict=False).contact
+    assert (old.phone_recall, old.no_recall, old.channels) == (True, False, None)
+
+
+@pytest.mark.parametrize(
+    ("guardian", "expected"),
+    [("Mrs Jane  Smith", "Mrs Jane Smith"), ("Mr Seán O'Neill", "Mr Seán O'Neill"), ("", None), (None, None)],
+)
+def test_parent_or_guardian(guardian: str | None, expected: str | None) -> None:
+    assert translate(ParentGuardian=guardian).guardian_name == expected
+
+
+def test_the_recall_date_is_the_spectacles_category() -> None:
+    assert translate().pms_recall_due_date == date(2026, 3, 1)
+    lenses_and_plan = [recall_category("CL", "2026-01-01"), recall_category("SC", "2025-12-01")]
+    assert translate(RecallTab=lenses_and_plan).pms_recall_due_date is None  # not eye tests
+    both = [recall_category("CL", "2026-01-01"), recall_category("ST", "2026-04-30")]
+    assert translate(RecallTab=both).pms_recall_due_date == date(2026, 4, 30)
+    assert translate(RecallTab=[]).pms_recall_due_date is None  # no recall categories at all
+    # Without a due date Optisoft counts band 1's months from the start date.
+    assert translate(RecallTab=[recall_category(due=None)]).pms_recall_due_date == date(2026, 3, 1)
+    leap = recall_category(due=None, startDate="2024-02-29", bands=[{"band": 1, "months": 12}])
+    assert translate(RecallTab=[leap]).pms_recall_due_date == date(2025, 2, 28)
+    # Without a readable Recall tab (an older connector, or a garbled one): the RecallDue column.
+    assert translate(RecallTab=None, RecallDue="2026-02-01").pms_recall_due_date == date(2026, 2, 1)
+    assert translate(RecallTab="{not json", RecallDue="2026-02-01").pms_recall_due_date == date(2026, 2, 1)
+    # Two Spectacles categories cannot exist in Optisoft; should they arrive, the earlier counts.
+    twice = [recall_category(due="2026-05-01"), recall_category(due="2026-03-01")]
+    assert translate(RecallTab=twice).pms_recall_due_date == date(2026, 3, 1)
+    assert recall_tab('[{"recallType": "XX"}, 5, {"recallType": "st", "dueDate": "2026-01-01"}]')["ST"].due_date
+
+
+def test_a_category_has_at_most_seven_bands() -> None:
+    raw = [{"band": n, "months": 10 + n, "sendMethod": "SMS"} for n in range(0, 10)]
+    bands = recall_bands(raw)
+    assert [b.band for b in bands] == list(range(1, MAX_BANDS + 1)) and MAX_BANDS == 7
+    assert bands[0].months == 11 and bands[-1].months == 17
+    messy = [
+        {"band": 3, "months": 30},
+        {"band": 2, "months": 27},
+        {"band": 2, "months": 99},  # a repeated band number
+        {"band": "4", "months": "36", "letter": "Final", "sendMethod": "Telephone"},
+        {"band": 5, "months": 0},  # no months: not a band
+        {"band": 6},
+        {"band": True, "months": 12},
+        "band 7",
+    ]
+    assert [(b.band, b.months) for b in recall_bands(messy)] == [(2, 27), (3, 30), (4, 36)]
+    assert recall_bands(messy)[-1].send_method == "Telephone"
+    assert recall_bands(None) == ()
+    # With band 1 missing, the first band there is counts.
+    start_only = recall_category(due=None, bands=messy)
+    assert translate(RecallTab=[start_only]).pms_recall_due_date == date(2026, 6, 1)  # 2024-03-01 + 27 months
+
+
+@pytest.mark.parametrize(
+    ("due", "suppressed", "next_appointment", "expected"),
+    [
+        ("2026-03-01", 1, "2026-07-20 10:30", date(2026, 7, 20)),  # held until the visit
+        ("2026-03-01", "True", "2026-06-15 09:00", date(2026, 6, 15)),  # a visit later today still holds it
+        ("2026-09-01", 1, "2026-07-20 10:30", date(2026, 9, 1)),  # never moved earlier
+        ("2026-03-01", 1, "2026-06-14 16:00", date(2026, 3, 1)),  # the visit has passed: a stale tick
+        ("2026-03-01", 1, None, date(2026, 3, 1)),  # no appointment to hold it for
+        ("2026-03-01", 1, "not a date", date(2026, 3, 1)),
+        ("2026-03-01", 0, "2026-07-20 10:30", date(2026, 3, 1)),  # booked, not suppressed: the date stands
+        (None, 1, "2026-07-20 10:30", date(2026, 7, 20)),  # start + band 1 (1 Mar), held like any due date
+    ],
+)
+def test_suppressed_by_appointment(due: str | None, suppressed: Any, next_appointment: str | None, expected) -> None:
+    columns = {"RecallTab": [recall_category(due=due, suppressed=suppressed)], "NextAppointment": next_appointment}
+    patient = translate(**columns)
+    assert patient.pms_recall_due_date == expected
+    assert (patient.contact.no_recall, patient.contact.may_phone, patient.status) == (False, True, "active")
+
+
+def test_suppressed_by_appointment_never_creates_a_recall_date() -> None:
+    lenses = recall_category("CL", "2026-01-01", suppressed=1)
+    held = translate(RecallTab=[lenses], NextAppointment="2026-07-20 10:30")
+    assert held.pms_recall_due_date is None  # NVC computes from the last test, as for any patient without one
+    undated = recall_category(due=None, suppressed=1, startDate=None)
+    assert translate(RecallTab=[undated], NextAppointment="2026-07-20 10:30").pms_recall_due_date is None

@@ -21,18 +21,34 @@ import pytest
 from nvc_pipelines.model import (
     AppointmentStatus,
     BookingRequest,
+    Channel,
     NoteKind,
     NoteResult,
     PatientNote,
+    PatientStatus,
     PhoneType,
     PmsKind,
     Practice,
 )
-from nvc_pipelines.normalise import build_appointment, build_clinical, is_ofcom_drama_number, normalise_phone
+from nvc_pipelines.normalise import (
+    InvalidValue,
+    build_appointment,
+    build_clinical,
+    build_patient,
+    is_ofcom_drama_number,
+    normalise_phone,
+)
+from nvc_pipelines.sandboxes import seed as seed_module
 from nvc_pipelines.sandboxes.base import Faults
 from nvc_pipelines.sandboxes.optix import OptixSandbox
 from nvc_pipelines.sandboxes.seed import seed_patients
-from resources.optix import OptixClient, OptixResource, optix_appointment_draft, optix_clinical_draft
+from resources.optix import (
+    OptixClient,
+    OptixResource,
+    optix_appointment_draft,
+    optix_clinical_draft,
+    optix_draft,
+)
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
 from tests.pms_contract import PmsContract
 
@@ -176,6 +192,150 @@ def test_incremental_read_returns_only_changed_patients(sandbox: OptixSandbox) -
             assert patient.last_eye_test_date == seed.last_eye_test
         assert client.read_patients(datetime.now(UTC) + timedelta(seconds=1), date.today()).patients == []
         assert len(client.read_patients(None, date.today()).patients) == 50
+
+
+# --- status, contact preferences and guardians --------------------------------------------------------
+
+
+def optix_patient(**row: object):
+    """One Optix patient row (with `row` over the defaults) through the client's translation and the
+    shared normalisation."""
+    base = {"patientId": "P1", "forename": "Ann", "surname": "Lee", "contact": {"mobile": "07700 900123"}}
+    return build_patient("demo-optix", optix_draft({**base, **row}), date.today(), strict=False)
+
+
+@pytest.mark.parametrize(
+    ("word", "status"),
+    [
+        ("Active", PatientStatus.ACTIVE),
+        ("Deceased", PatientStatus.DECEASED),
+        ("GoneAway", PatientStatus.GONE_AWAY),
+        ("Gone Away", PatientStatus.GONE_AWAY),
+        ("GONE_AWAY", PatientStatus.GONE_AWAY),
+        ("Archived", PatientStatus.INACTIVE),
+        ("archived", PatientStatus.INACTIVE),
+        (None, PatientStatus.ACTIVE),  # an Optix without the field: nothing says otherwise
+        ("", PatientStatus.ACTIVE),
+    ],
+)
+def test_each_optix_status_word(word: str | None, status: PatientStatus) -> None:
+    assert optix_patient(status=word).status == status
+
+
+def test_an_unknown_optix_status_is_refused_by_name() -> None:
+    with pytest.raises(InvalidValue, match="patient status 'Merged' is not known"):
+        optix_patient(status="Merged")
+
+
+def test_a_date_of_death_means_deceased() -> None:
+    died = date.today() - timedelta(days=3)
+    patient = optix_patient(status="Deceased", deceasedDate=died.isoformat())
+    assert (patient.status, patient.status_date) == (PatientStatus.DECEASED, died)
+    # A receptionist who typed the date but left the status alone: the date wins.
+    assert optix_patient(status="Active", deceasedDate=died.isoformat()).status == PatientStatus.DECEASED
+    assert optix_patient(status="Deceased", deceasedDate=None).status_date is None
+    # A date Optix holds that cannot be a date of death: still deceased, without the date.
+    for bad in ((date.today() + timedelta(days=1)).isoformat(), "unknown"):
+        patient = optix_patient(status="Active", deceasedDate=bad)
+        assert (patient.status, patient.status_date) == (PatientStatus.DECEASED, None)
+
+
+def test_no_contact_preferences_means_nothing_recorded() -> None:
+    for prefs in ({}, {"contactPreferences": None}):
+        contact = optix_patient(**prefs).contact
+        assert (contact.phone_recall, contact.no_recall, contact.channels) == (True, False, None)
+        assert contact.may_phone
+
+
+def test_contact_preferences_in_optix_words() -> None:
+    def contact(**prefs: object):
+        return optix_patient(contactPreferences=prefs).contact
+
+    everything = contact(phoneRecall=True, smsConsent=True, emailConsent=True, excludeFromRecalls=False)
+    assert everything.channels == {Channel.PHONE, Channel.SMS, Channel.EMAIL} and everything.may_phone
+    no_phone = contact(phoneRecall=False, smsConsent=True, emailConsent=None, excludeFromRecalls=False)
+    assert no_phone.phone_recall is False and not no_phone.may_phone
+    assert no_phone.channels == {Channel.SMS}
+    asked_nothing = contact(phoneRecall=True, smsConsent=None, emailConsent=False)
+    assert asked_nothing.channels == {Channel.PHONE} and asked_nothing.may_phone
+    excluded = contact(phoneRecall=True, excludeFromRecalls=True)
+    assert excluded.no_recall and excluded.phone_recall and not excluded.may_phone
+    # Not a yes/no: read the safe way (no phoning, no consent, excluded), never as permission.
+    garbled = contact(phoneRecall="maybe", smsConsent="?", excludeFromRecalls="unsure")
+    assert (garbled.phone_recall, garbled.no_recall, garbled.channels) == (False, True, frozenset())
+    assert contact(phoneRecall="no", smsConsent="yes").channels == {Channel.SMS}
+
+
+def test_responsible_adult_is_the_guardian() -> None:
+    adult = {"name": "Mrs  Jane Smith", "relationship": "Parent/Guardian"}
+    assert optix_patient(responsibleAdult=adult).guardian_name == "Mrs Jane Smith"
+    split = {"title": "Mr", "forename": "Rhys", "surname": "Ap Rhys", "relationship": "Father"}
+    assert optix_patient(responsibleAdult=split).guardian_name == "Mr Rhys Ap Rhys"
+    assert optix_patient(responsibleAdult=None).guardian_name is None
+    assert optix_patient().guardian_name is None
+    assert optix_patient(responsibleAdult={"name": "  "}).guardian_name is None
+
+
+def test_sandbox_renders_contact_in_optix_words(sandbox: OptixSandbox) -> None:
+    rows = {}
+    with httpx.Client(headers={"Authorization": f"Bearer {OTHER_KEY}"}) as http:
+        for row in http.get(f"{sandbox.url}/api/v2/practices/OPX-2002/patients", params={"limit": 1000}).json()["data"]:
+            rows[row["patientId"]] = row
+    truth = sandbox.seed_records("OPX-2002")
+    assert set(rows) == set(truth)
+    assert {row["status"] for row in rows.values()} == {"Active", "Deceased", "GoneAway", "Archived"}
+    for pid, row in rows.items():
+        seed = truth[pid]
+        assert (row["deceasedDate"] is not None) == (seed.status == "deceased" and seed.status_date is not None)
+        prefs = row["contactPreferences"]
+        if prefs is None:
+            assert seed.phone_recall and not seed.no_recall and seed.sms_consent is seed.email_consent is None
+        else:
+            assert set(prefs) == {"phoneRecall", "smsConsent", "emailConsent", "excludeFromRecalls"}
+            assert prefs["phoneRecall"] == seed.phone_recall and prefs["excludeFromRecalls"] == seed.no_recall
+        adult = row["responsibleAdult"]
+        assert (adult["name"] if adult else None) == seed.guardian_name
+    assert any(row["contactPreferences"] is None for row in rows.values())
+    assert any(row["responsibleAdult"] for row in rows.values())
+
+
+def test_deceased_and_opted_out_mid_day_arrive_on_the_next_incremental_read(sandbox: OptixSandbox) -> None:
+    died = date.today() - timedelta(days=1)
+    with open_client(sandbox.url) as client:
+        before = client.read_patients(None, date.today()).patients
+        callable_adults = sorted(
+            p.pms_patient_id
+            for p in before
+            if p.status == PatientStatus.ACTIVE and p.contact.may_phone and p.guardian_name is None
+        )
+        dies, objects, child = callable_adults[-3:]
+        since = datetime.now(UTC)
+        sandbox.update_patient("OPX-1001", dies, status="deceased", status_date=died)
+        sandbox.update_patient("OPX-1001", objects, phone_recall=False, no_recall=True, sms_consent=False)
+        sandbox.update_patient("OPX-1001", child, guardian_name="Ms Kerry O'Neill")
+        changed = {p.pms_patient_id: p for p in client.read_patients(since, date.today()).patients}
+    assert set(changed) == {dies, objects, child}
+    assert (changed[dies].status, changed[dies].status_date) == (PatientStatus.DECEASED, died)
+    opted_out = changed[objects].contact
+    assert (opted_out.phone_recall, opted_out.no_recall, opted_out.may_phone) == (False, True, False)
+    assert opted_out.channels is not None and Channel.SMS not in opted_out.channels
+    assert changed[child].guardian_name == "Ms Kerry O'Neill"
+    stamps = [changed[pid].source_updated_at for pid in changed]
+    assert all(stamp is not None and stamp >= since - timedelta(milliseconds=1) for stamp in stamps)  # Optix: ms
+
+
+def test_an_optix_status_word_nvc_does_not_know_is_a_rejected_row(sandbox: OptixSandbox) -> None:
+    was = sandbox.seed_records("OPX-1001")["P0000043"].status
+    with open_client(sandbox.url) as client:
+        since = datetime.now(UTC)
+        sandbox.update_patient("OPX-1001", "P0000043", status="Merged")
+        try:
+            result = client.read_patients(since, date.today())
+        finally:
+            sandbox.update_patient("OPX-1001", "P0000043", status=was)
+    assert result.patients == []
+    assert [(r.row_ref, r.raw["status"]) for r in result.rejected] == [("optix:P0000043", "Merged")]
+    assert "patient status 'Merged' is not known" in result.rejected[0].reason
 
 
 def test_429_with_retry_after_is_retried_and_the_read_completes(caplog: pytest.LogCaptureFixture) -> None:
@@ -367,6 +527,7 @@ def test_clinical_records_map_optix_flag_codes(sandbox: OptixSandbox) -> None:
     rendered = {row["recordId"]: row for row in sandbox.clinical_records("OPX-2002")}
     codes = {"DIAB": "diabetic", "GLAU": "glaucoma", "GLS": "glaucoma_suspect", "OHT": "ocular_hypertension"}
     codes["FHG"] = "glaucoma_family_history"
+    codes |= {"BVA": "binocular_vision_anomaly", "RXC": "corrected_refractive_error", "MYP": "progressive_myopia"}
     with open_client(sandbox.url, "OPX-2002", OTHER_KEY, page_size=100) as client:
         batch = client.read_clinical_records(None)
     assert batch.rejected == [] and {r.pms_record_id for r in batch.records} == set(rendered)
@@ -791,9 +952,13 @@ def test_seed_is_uk_realistic() -> None:
     assert 0.03 < share(lambda p: p.date_of_birth is None) < 0.07
     assert 0.25 < share(lambda p: p.recall_due) < 0.35
     assert 0.06 < share(lambda p: "diabetic" in p.flags) < 0.10
-    mobiles = [p.mobile for p in patients if p.mobile]
-    assert len(mobiles) == len(set(mobiles))
-    assert sum(1 for m in mobiles if is_ofcom_drama_number(m.replace(" ", "")[1:])) == 1000
+    # A mobile is one person's, except a child reached on a parent's (the parent named as guardian).
+    holders: dict[str, list] = {}
+    for p in patients:
+        if p.mobile:
+            holders.setdefault(p.mobile, []).append(p)
+    assert all(sum(1 for h in held if not h.guardian_name) <= 1 for held in holders.values())
+    assert any(len(held) > 1 for held in holders.values())
     for patient in patients:
         for number in (patient.mobile, patient.landline):
             if number:
@@ -807,6 +972,16 @@ def test_seed_is_uk_realistic() -> None:
             assert 3 <= (day - patient.date_of_birth).days // 365 <= 96
     households = Counter((p.last_name, p.landline) for p in patients if p.landline)
     assert any(count > 1 for count in households.values())
+
+
+def test_seed_draws_distinct_numbers_before_households_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every number is drawn once, the 1,000 drama mobiles first; only the contact pass (children
+    joining a parent's household) makes two patients share one."""
+    monkeypatch.setattr(seed_module, "contact_pass", lambda *args: None)
+    patients = seed_patients(5000, seed=7, today=date(2025, 6, 1))
+    mobiles = [p.mobile for p in patients if p.mobile]
+    assert len(mobiles) == len(set(mobiles))
+    assert sum(1 for m in mobiles if is_ofcom_drama_number(m.replace(" ", "")[1:])) == 1000
 
 
 # Slow-ish (a few seconds): the biggest practice the product supports must seed and page quickly.

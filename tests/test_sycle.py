@@ -12,12 +12,22 @@ from datetime import UTC, date, datetime, timedelta
 import httpx
 import pytest
 
-from nvc_pipelines.model import BookingRequest, BookingResult, NoteKind, PatientNote, PhoneType, PmsKind, Practice
-from nvc_pipelines.normalise import normalise_phone
+from nvc_pipelines.model import (
+    BookingRequest,
+    BookingResult,
+    Channel,
+    NoteKind,
+    PatientNote,
+    PatientStatus,
+    PhoneType,
+    PmsKind,
+    Practice,
+)
+from nvc_pipelines.normalise import InvalidValue, build_patient, normalise_phone
 from nvc_pipelines.sandboxes.base import Faults
 from nvc_pipelines.sandboxes.sycle import OTHER_ALERTS, SycleSandbox
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
-from resources.sycle import SycleClient, SycleResource, suggest_field_mapping
+from resources.sycle import SycleClient, SycleResource, suggest_field_mapping, sycle_draft
 from tests.pms_contract import PmsContract, future_slot
 
 TOKEN = "sycle-token-9Kd2-test-secret"  # distinctive, so a leak into a message or log is easy to spot
@@ -247,6 +257,7 @@ def test_suggest_field_mapping() -> None:
         "mobile": "cell_phone",
         "phone": "phone",
         "email": "email",
+        "date_of_death": "custom_6",  # "Date of Death", never "Date of Birth"
     }
     other = [
         {"key": "tel", "label": "Telephone", "type": "phone"},
@@ -418,6 +429,7 @@ def test_settings_secrets_and_missing_ones() -> None:
         "field_map.mobile",
         "field_map.phone",
         "field_map.email",
+        "field_map.date_of_death",
         "ca_bundle",
     )
     assert resource.required_secrets() == ("api_token",)
@@ -462,3 +474,182 @@ def test_sandbox_speaks_sycle(sycle: SycleSandbox) -> None:
 
 def test_the_client_never_deletes() -> None:
     assert not any(name.startswith(("delete", "remove")) or "delete" in name for name in dir(SycleClient))
+
+
+# --- status, contact preferences and guardians ---------------------------------------------------------
+
+DEATH_MAP = {"date_of_death": "custom_6"}
+
+
+def sycle_patient(field_map: dict[str, str] | None = None, **row: object):
+    """One Sycle patient row (with `row` over the defaults) through the client's translation and the
+    shared normalisation."""
+    base: dict[str, object] = {
+        "patient_id": 1000001,
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "cell_phone": "07700 900123",
+        "custom_fields": {},
+    }
+    mapping = {"mobile": "cell_phone", **(DEATH_MAP if field_map is None else field_map)}
+    return build_patient("demo-sycle", sycle_draft({**base, **row}, mapping, [], []), TODAY, strict=False)
+
+
+@pytest.mark.parametrize(
+    ("word", "status"),
+    [
+        ("active", PatientStatus.ACTIVE),
+        ("inactive", PatientStatus.INACTIVE),
+        ("deceased", PatientStatus.DECEASED),
+        ("moved", PatientStatus.GONE_AWAY),
+        ("Moved", PatientStatus.GONE_AWAY),
+        ("Deceased", PatientStatus.DECEASED),
+        (None, PatientStatus.ACTIVE),  # an account without the field: nothing says otherwise
+        ("", PatientStatus.ACTIVE),
+    ],
+)
+def test_each_sycle_status_word(word: str | None, status: PatientStatus) -> None:
+    assert sycle_patient(status=word).status == status
+
+
+def test_an_unknown_sycle_status_is_refused_by_name() -> None:
+    with pytest.raises(InvalidValue, match="patient status 'prospect' is not known"):
+        sycle_patient(status="prospect")
+
+
+def test_the_date_of_death_comes_through_the_field_mapping() -> None:
+    died = TODAY - timedelta(days=10)
+    typed = died.strftime("%d/%m/%Y")
+    patient = sycle_patient(status="deceased", custom_fields={"custom_6": typed})
+    assert (patient.status, patient.status_date) == (PatientStatus.DECEASED, died)
+    # A date typed into the custom field while the status was left alone still means deceased.
+    assert sycle_patient(status="active", custom_fields={"custom_6": typed}).status == PatientStatus.DECEASED
+    # The field as a tick box ("Yes") is read too: deceased, no date.
+    ticked = sycle_patient(status="active", custom_fields={"custom_6": "Yes"})
+    assert (ticked.status, ticked.status_date) == (PatientStatus.DECEASED, None)
+    assert sycle_patient(status="active", custom_fields={"custom_6": ""}).status == PatientStatus.ACTIVE
+    # Unmapped: the status alone, without a date.
+    unmapped = sycle_patient({}, status="deceased", custom_fields={"custom_6": typed})
+    assert (unmapped.status, unmapped.status_date) == (PatientStatus.DECEASED, None)
+    # Sycle's status says deceased: believed, whatever was typed in the date field.
+    unsure = sycle_patient(status="deceased", custom_fields={"custom_6": "not sure"})
+    assert (unsure.status, unsure.status_date) == (PatientStatus.DECEASED, None)
+    # The status says otherwise and the field holds neither a date nor yes/no: refused by name.
+    with pytest.raises(InvalidValue, match="deceased 'not sure' is neither yes/no nor a date"):
+        sycle_patient(status="active", custom_fields={"custom_6": "not sure"})
+
+
+def test_sycle_opt_out_boxes() -> None:
+    unticked = sycle_patient(do_not_call=False, do_not_text=False, do_not_email=False, recall_opt_out=False)
+    assert unticked.contact.channels == {Channel.PHONE, Channel.SMS, Channel.EMAIL} and unticked.contact.may_phone
+    # An account whose patients lack the boxes: nothing refused.
+    bare = sycle_patient().contact
+    assert (bare.phone_recall, bare.no_recall, bare.channels) == (
+        True,
+        False,
+        {Channel.PHONE, Channel.SMS, Channel.EMAIL},
+    )
+    no_call = sycle_patient(do_not_call=True).contact
+    assert no_call.phone_recall is False and not no_call.may_phone and Channel.PHONE not in no_call.channels
+    no_text = sycle_patient(do_not_text=True, do_not_email="Y").contact
+    assert no_text.channels == {Channel.PHONE} and no_text.may_phone
+    opted_out = sycle_patient(recall_opt_out=True).contact
+    assert opted_out.no_recall and opted_out.phone_recall and not opted_out.may_phone
+    # A box Sycle filled with something that is not a yes/no keeps the refusal, never loses it.
+    garbled = sycle_patient(do_not_call="unknown", recall_opt_out="?").contact
+    assert (garbled.phone_recall, garbled.no_recall) == (False, True)
+
+
+@pytest.mark.parametrize(
+    ("party", "guardian"),
+    [
+        ("Mrs Jane Smith", "Mrs Jane Smith"),
+        ("  Mr   Rhys  Ap Rhys ", "Mr Rhys Ap Rhys"),
+        ("Self", None),
+        ("self", None),
+        ("N/A", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_the_responsible_party_is_the_guardian(party: str | None, guardian: str | None) -> None:
+    assert sycle_patient(responsible_party=party).guardian_name == guardian
+
+
+def test_a_patient_named_as_their_own_responsible_party_has_no_guardian() -> None:
+    assert sycle_patient(responsible_party="Ann Lee").guardian_name is None
+    assert sycle_patient(title="Dr", responsible_party="dr ann  lee").guardian_name is None
+    assert sycle_patient(responsible_party="Mr Tom Lee").guardian_name == "Mr Tom Lee"
+
+
+def test_sandbox_renders_contact_in_sycle_words(sycle: SycleSandbox) -> None:
+    truth = sycle.seed_records("LOC-1")
+    rows = {pid: sycle.patient_row("LOC-1", pid) for pid in truth}
+    assert {row["status"] for row in rows.values()} == {"active", "inactive", "deceased", "moved"}
+    for pid, row in rows.items():
+        seed = truth[pid]
+        assert row["do_not_call"] is (not seed.phone_recall) and row["recall_opt_out"] is seed.no_recall
+        assert row["do_not_text"] is (seed.sms_consent is False)
+        assert row["do_not_email"] is (seed.email_consent is False)
+        assert row["responsible_party"] == (seed.guardian_name or "Self")
+        dead = seed.status == "deceased" and seed.status_date
+        assert row["custom_fields"]["custom_6"] == (seed.status_date.strftime("%d/%m/%Y") if dead else "")
+    with httpx.Client(base_url=sycle.url, headers={"Authorization": f"Token {TOKEN}"}) as http:
+        fields = {f["key"]: f for f in http.get("/api/v1/locations/LOC-1/fields").json()["fields"]}
+    assert fields["custom_6"]["label"] == "Date of Death" and fields["custom_6"]["custom"]
+    assert {fields[k]["type"] for k in ("do_not_call", "do_not_text", "do_not_email", "recall_opt_out")} == {"boolean"}
+
+
+def test_deceased_and_opted_out_mid_day_arrive_on_the_next_incremental_read(sycle: SycleSandbox) -> None:
+    died = TODAY - timedelta(days=1)
+    with open_client(sycle.url) as client:
+        before = client.read_patients(None, TODAY).patients
+        callable_adults = sorted(
+            (
+                p.pms_patient_id
+                for p in before
+                if p.status == PatientStatus.ACTIVE and p.contact.may_phone and p.guardian_name is None
+            ),
+            key=int,
+        )
+        dies, objects, child = callable_adults[-3:]
+        since = datetime.now(UTC)
+        sycle.update_patient("LOC-1", dies, status="deceased", status_date=died)
+        sycle.update_patient("LOC-1", objects, phone_recall=False, no_recall=True, email_consent=False)
+        sycle.update_patient("LOC-1", child, guardian_name="Ms Kerry O'Neill")
+        changed = {p.pms_patient_id: p for p in client.read_patients(since, TODAY).patients}
+    assert set(changed) == {dies, objects, child}
+    assert (changed[dies].status, changed[dies].status_date) == (PatientStatus.DECEASED, died)
+    opted_out = changed[objects].contact
+    assert (opted_out.phone_recall, opted_out.no_recall, opted_out.may_phone) == (False, True, False)
+    assert opted_out.channels is not None and Channel.EMAIL not in opted_out.channels
+    assert changed[child].guardian_name == "Ms Kerry O'Neill"
+
+
+def test_without_a_date_of_death_field_only_the_status_says_deceased(sycle: SycleSandbox) -> None:
+    layout = dict(sycle.custom_fields)
+    sycle.set_custom_fields({k: v for k, v in layout.items() if v[2] != "date_of_death"})
+    try:
+        with open_client(sycle.url) as client:
+            info = client.test_connection()
+            patients = client.read_patients(None, TODAY).patients
+    finally:
+        sycle.set_custom_fields(layout)
+    assert "date_of_death" not in info.detail
+    dead = [p for p in patients if p.status == PatientStatus.DECEASED]
+    assert dead and all(p.status_date is None for p in dead)
+
+
+def test_a_sycle_status_word_nvc_does_not_know_is_a_rejected_row(sycle: SycleSandbox) -> None:
+    pid = sorted(sycle.seed_records("LOC-1"), key=int)[2]
+    was = sycle.seed_records("LOC-1")[pid].status
+    with open_client(sycle.url) as client:
+        since = datetime.now(UTC)
+        sycle.update_patient("LOC-1", pid, status="prospect")
+        try:
+            result = client.read_patients(since, TODAY)
+        finally:
+            sycle.update_patient("LOC-1", pid, status=was)
+    assert result.patients == []
+    assert [(r.row_ref, r.raw["status"]) for r in result.rejected] == [(f"sycle:{pid}", "prospect")]
+    assert "patient status 'prospect' is not known" in result.rejected[0].reason

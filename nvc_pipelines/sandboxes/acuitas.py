@@ -12,6 +12,13 @@ The dialect the client has to cope with:
   by `modifiedSince=dd/mm/yyyy HH:MM:SS` in UK local time;
 - PascalCase fields, UK day-first dates, local times without an offset, blanks as `""` rather than
   null, clinical alerts as Acuitas codes;
+- a patient's state as Acuitas keeps it: `RecordStatus` (`ACT` active, `ARC` archived, `LFT` left
+  the practice, `MRG` merged into another record, `DEC` deceased), the `Deceased` tick with
+  `DateOfDeath`, the `GoneAway` tick (post came back) with `GoneAwayDate` (a moved-away record stays
+  `ACT`), and `ParentGuardian` (the person to ask for, as the practice typed it);
+- contact preferences from Acuitas's GDPR "Data Processing" screen, as `DataProcessing`:
+  `RecallConsent` (`Agreed`, `Rejected`, `To Be Completed`, `Expired`) and `Channels` with
+  `Telephone`, `SMS` and `Email` each `OptIn`, `OptOut` or `""` (never asked);
 - errors as `{"Status": "Error", "ErrorCode", "Message"}`;
 - the diary has no idempotency key: a booking is found again by what was written into `Comments`.
 """
@@ -59,11 +66,17 @@ ACUITAS_ALERT_CODES: dict[str, str] = {
     "glaucoma_suspect": "GLS",
     "ocular_hypertension": "OHT",
     "glaucoma_family_history": "FHG",
+    "binocular_vision_anomaly": "BVA",
+    "corrected_refractive_error": "SPX",
+    "progressive_myopia": "PMY",
 }
 # Alerts Acuitas also raises that the recall rules do not use: derived from the seeded notes.
 _NOTE_ALERTS = (("amblyopia", "AMB"), ("cataract", "CAT"))
 STATUS_CODES: dict[str, str] = {"booked": "BK", "completed": "CMP", "cancelled": "CAN", "no_show": "DNA"}
 TYPE_CODES: dict[str, str] = {"eye_test": "ST", "contact_lens": "CL", "follow_up": "FU", "collection": "COL"}
+# Canonical patient status -> Acuitas RecordStatus. A moved-away record stays ACT, with the GoneAway
+# tick; a status Acuitas does not have (one a test stores) is rendered verbatim.
+RECORD_STATUS_CODES: dict[str, str] = {"active": "ACT", "deceased": "DEC", "gone_away": "ACT", "inactive": "ARC"}
 _PRACTICE_NAMES = ("Opticians", "Eyecare", "Optometrists", "Vision Centre")
 _TITLES = {"mr", "mrs", "ms", "miss", "mx", "dr", "prof", "sir", "dame", "rev"}
 
@@ -80,6 +93,11 @@ def uk_date(value: date | None) -> str:
 def uk_timestamp(value: datetime) -> str:
     """An aware instant as Acuitas writes it: UK wall-clock time, day first, no offset."""
     return value.astimezone(UK_TZ).strftime("%d/%m/%Y %H:%M:%S")
+
+
+def opt(consent: bool | None) -> str:
+    """A channel on the Data Processing screen: opted in, opted out, or never asked."""
+    return "" if consent is None else "OptIn" if consent else "OptOut"
 
 
 def database_seed(seed: int, database: str) -> int:
@@ -138,6 +156,29 @@ def _parse_local(raw: Any, formats: tuple[str, ...], what: str) -> datetime:
     expected = " or ".join(f.replace("%d", "dd").replace("%m", "mm").replace("%Y", "yyyy") for f in formats)
     expected = expected.replace("%H", "HH").replace("%M", "MM").replace("%S", "SS")
     raise _error(400, "VALIDATION_ERROR", f"{what} must be {expected} (UK local time).")
+
+
+def _check_contact_changes(changes: dict[str, Any]) -> None:
+    """Refuse an edit of the contact fields that the renderer could not show faithfully."""
+    problems = []
+    if "status" in changes and not (isinstance(changes["status"], str) and changes["status"].strip()):
+        problems.append("status must be a word (active, deceased, gone_away, inactive)")
+    for name in ("phone_recall", "no_recall"):
+        if name in changes and not isinstance(changes[name], bool):
+            problems.append(f"{name} must be True or False")
+    for name in ("sms_consent", "email_consent"):
+        if name in changes and changes[name] is not None and not isinstance(changes[name], bool):
+            problems.append(f"{name} must be True, False or None")
+    if "status_date" in changes and changes["status_date"] is not None and not isinstance(changes["status_date"], date):
+        problems.append("status_date must be a date or None")
+    if (
+        "guardian_name" in changes
+        and changes["guardian_name"] is not None
+        and not isinstance(changes["guardian_name"], str)
+    ):
+        problems.append("guardian_name must be text or None")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 @dataclass(slots=True)
@@ -339,10 +380,20 @@ class AcuitasSandbox(SandboxServer):
         """Change fields of one `SeedPatient` as a receptionist would, bumping `Modified`.
 
         `flags` may hold alert codes Acuitas knows but the recall rules do not; they are sent verbatim.
+        The contact fields are NVC's words, rendered in Acuitas's: `status` ("deceased", "gone_away",
+        "inactive", "active"; any other word is sent verbatim as the `RecordStatus`), `status_date`
+        (the date of death, or the gone-away date), `phone_recall`, `no_recall`, `sms_consent` and
+        `email_consent` (None: never asked) and `guardian_name`.
         """
+        _check_contact_changes(changes)
         data = self._load(database)
         with self.lock:
             return self._edit(data, int(patient_id), now or datetime.now(UTC), changes)
+
+    def seed_records(self, practice_ref: str) -> dict[str, SeedPatient]:
+        """What the database holds, in NVC's words, by PatientId as the API sends it (the contract
+        compares the client's translation of each rendered patient against these)."""
+        return self.patients(practice_ref)
 
     def add_patient(self, database: str, *, now: datetime | None = None, **fields: Any) -> str:
         """Register a new patient (next PatientId) copied from the first one with `fields` changed."""
@@ -472,6 +523,28 @@ class AcuitasSandbox(SandboxServer):
             "ClinicalAlerts": self._alerts(patient, patient.flags),
             "Notes": patient.clinical_notes or "",
             "Modified": uk_timestamp(patient.updated_at),
+            **self._state(patient),
+        }
+
+    @staticmethod
+    def _state(patient: SeedPatient) -> dict[str, Any]:
+        """Status, guardian and the Data Processing screen. A deceased record is DEC with the tick and
+        date; a gone-away one stays ACT with the GoneAway tick. Telephone is OptOut for a patient the
+        practice must not phone, OptIn once the screen was filled in (any channel answered), else
+        never asked; recall consent is Rejected for "no recall", else Agreed or To Be Completed."""
+        status = patient.status
+        channels = {"Telephone": "", "SMS": opt(patient.sms_consent), "Email": opt(patient.email_consent)}
+        answered = any(channels.values())
+        channels["Telephone"] = opt(False) if not patient.phone_recall else opt(True) if answered else ""
+        recall = "Rejected" if patient.no_recall else "Agreed" if answered else "To Be Completed"
+        return {
+            "RecordStatus": RECORD_STATUS_CODES.get(status, status),
+            "Deceased": status == "deceased",
+            "DateOfDeath": uk_date(patient.status_date) if status == "deceased" else "",
+            "GoneAway": status == "gone_away",
+            "GoneAwayDate": uk_date(patient.status_date) if status == "gone_away" else "",
+            "ParentGuardian": patient.guardian_name or "",
+            "DataProcessing": {"RecallConsent": recall, "Channels": channels},
         }
 
     def _rendered_patient(self, data: _Database, patient_id: int) -> dict[str, Any]:

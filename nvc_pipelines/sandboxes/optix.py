@@ -4,6 +4,15 @@ Optix's dialect, as the client has to cope with it: everything under `/api/v2/pr
 Bearer API key scoped to one practice, lists ordered by `(updatedAt, id)` with an opaque
 `nextCursor`, clinical flags as Optix's own short codes, and errors as `{"error": {"code", "message"}}`.
 
+A patient also carries what the practice recorded about reaching them, in Optix's words:
+
+- `status`: `Active`, `Deceased`, `GoneAway` (post came back "gone away": the practice has lost
+  them) or `Archived` (left the practice, not to be recalled), with `deceasedDate` (ISO date or null).
+- `contactPreferences`: `phoneRecall` (false: "no telephone recall"), `smsConsent` and
+  `emailConsent` (true, false, or null when never asked) and `excludeFromRecalls` (no recall by
+  any channel). The whole object is null for a patient whose preferences were never recorded.
+- `responsibleAdult`: `{"name", "relationship"}` of a child's parent or guardian, else null.
+
 Routes (all under `/api/v2/practices/{practiceId}`):
 
 - `GET ""`: the practice record; `GET /clinicians`: the diary's clinicians.
@@ -55,6 +64,9 @@ OPTIX_FLAG_CODES: dict[str, str] = {
     "glaucoma_suspect": "GLS",
     "ocular_hypertension": "OHT",
     "glaucoma_family_history": "FHG",
+    "binocular_vision_anomaly": "BVA",
+    "corrected_refractive_error": "RXC",
+    "progressive_myopia": "MYP",
 }
 _PRACTICE_NAMES = ("Vision", "Eyecare", "Opticians", "Eye Centre", "Optometrists")
 
@@ -71,6 +83,13 @@ OPTIX_TYPES: dict[str, str] = {
     "contact_lens": "CL_CHECK",
     "follow_up": "FOLLOW_UP",
     "collection": "COLLECTION",
+}
+# Canonical patient status -> Optix's. A status a test stores that is not canonical is rendered verbatim.
+OPTIX_PATIENT_STATUSES: dict[str, str] = {
+    "active": "Active",
+    "deceased": "Deceased",
+    "gone_away": "GoneAway",
+    "inactive": "Archived",
 }
 BOOKED_STATUSES = frozenset({"Booked", "Arrived"})  # statuses that hold a slot in the diary
 NOTE_CATEGORIES: dict[str, NoteKind] = {"RECALL_CALL": NoteKind.CALL_OUTCOME, "CALL_ATTEMPT": NoteKind.CALL_ATTEMPT}
@@ -305,15 +324,49 @@ class OptixSandbox(SandboxServer):
             "recallDue": patient.recall_due.isoformat() if patient.recall_due else None,
             "clinicalFlags": [OPTIX_FLAG_CODES.get(flag, flag) for flag in patient.flags],
             "notes": patient.clinical_notes,
+            "status": OPTIX_PATIENT_STATUSES.get(patient.status, patient.status),
+            "deceasedDate": (
+                patient.status_date.isoformat() if patient.status == "deceased" and patient.status_date else None
+            ),
+            "contactPreferences": self._contact_preferences(patient),
+            "responsibleAdult": (
+                {"name": patient.guardian_name, "relationship": "Parent/Guardian"} if patient.guardian_name else None
+            ),
             "updatedAt": optix_timestamp(patient.updated_at),
         }
+
+    @staticmethod
+    def _contact_preferences(patient: SeedPatient) -> dict[str, Any] | None:
+        """Optix's preferences block; null when nothing was ever recorded (all defaults, never asked)."""
+        if (
+            patient.phone_recall
+            and not patient.no_recall
+            and patient.sms_consent is None
+            and patient.email_consent is None
+        ):
+            return None
+        return {
+            "phoneRecall": patient.phone_recall,
+            "smsConsent": patient.sms_consent,
+            "emailConsent": patient.email_consent,
+            "excludeFromRecalls": patient.no_recall,
+        }
+
+    def seed_records(self, practice_id: str) -> dict[str, SeedPatient]:
+        """Optix patient id -> the canonical record the API renders (current, after any edits)."""
+        data = self._load(practice_id)
+        with self.lock:
+            return {pid: data.patients[pid] for pid in sorted(data.patients)}
 
     def update_patient(
         self, practice_id: str, patient_id: str, *, now: datetime | None = None, **changes: Any
     ) -> SeedPatient:
         """Change fields of one `SeedPatient` as a receptionist would, bumping `updatedAt`.
 
-        `flags` may hold codes Optix knows but the recall rules do not; they are sent verbatim.
+        Any field may change, the contact ones too (`status`, `status_date`, `phone_recall`,
+        `no_recall`, `sms_consent`, `email_consent`, `guardian_name`), so an incremental read sees a
+        patient marked deceased or opted out mid-day. `flags` may hold codes Optix knows but the
+        recall rules do not, and `status` a word Optix has but NVC does not; they are sent verbatim.
         """
         data = self._load(practice_id)
         with self.lock:

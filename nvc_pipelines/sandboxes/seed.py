@@ -47,6 +47,14 @@ class SeedPatient:
     flags: list[str]  # canonical names (model.RISK_FLAGS); each sandbox renders its own codes
     clinical_notes: str | None
     updated_at: datetime  # tz-aware UTC; when the PMS record last changed
+    # Contact, in NVC's words; each sandbox renders its own vocabulary (see `contact_pass`).
+    status: str = "active"  # active, deceased, gone_away, inactive
+    status_date: date | None = None  # date of death, for the deceased
+    phone_recall: bool = True  # False: the practice must not phone them about recalls
+    no_recall: bool = False  # no recall by any channel
+    sms_consent: bool | None = None  # None: the practice recorded nothing
+    email_consent: bool | None = None
+    guardian_name: str | None = None  # a child's parent or guardian, as the practice wrote it
 
 
 # (town, postcode area, dialling code without the 0, drama block as the local number's first digits).
@@ -304,7 +312,122 @@ def seed_patients(n: int, seed: int = 7, today: date | None = None) -> list[Seed
         patients.append(patient)
         if landline and not relative:
             household = patient
+    contact_pass(patients, seed, today)
     return patients
+
+
+# Shares of the contact states a practice's records carry (per patient, independently).
+CONTACT_RATES = {"deceased": 0.01, "gone_away": 0.01, "inactive": 0.01, "no_phone_recall": 0.02, "no_recall": 0.01}
+SHOWCASE_EVERY = 50  # each block of 50 patients has one of each case the call list must handle
+
+
+def _adult_name(p: SeedPatient) -> str:
+    return f"{p.title} {p.first_name} {p.last_name}"
+
+
+def contact_pass(patients: list[SeedPatient], seed: int, today: date) -> None:
+    """Status, contact preferences and guardians, drawn from their own RNG (the rest of the seed is
+    unchanged by them).
+
+    Children join a household: most are registered with a parent's landline and surname, the parent
+    named as guardian, and half of those reached on the parent's mobile. Each block of
+    `SHOWCASE_EVERY` patients also holds, due for a test, a parent and child on one number, a
+    deceased patient, one who asked not to be phoned, one who moved away and one the practice
+    archived, so even a 50-patient demo shows each.
+    """
+    rng = random.Random(seed * 43 + 1)
+    adult: SeedPatient | None = None
+    for p in patients:
+        age = _age(p.date_of_birth, today)
+        if age is not None and age < 16 and adult is not None and rng.random() < 0.8:
+            _join_household(p, adult, share_mobile=rng.random() < 0.5)
+        elif age is not None and age >= 25 and (p.landline or p.mobile):
+            adult = p
+        roll = rng.random()
+        if roll < CONTACT_RATES["deceased"]:
+            p.status, p.status_date = "deceased", _after(p.last_eye_test, today, rng)
+        elif roll < CONTACT_RATES["deceased"] + CONTACT_RATES["gone_away"]:
+            p.status = "gone_away"
+        elif roll < CONTACT_RATES["deceased"] + CONTACT_RATES["gone_away"] + CONTACT_RATES["inactive"]:
+            p.status = "inactive"
+        p.phone_recall = rng.random() >= CONTACT_RATES["no_phone_recall"]
+        p.no_recall = rng.random() < CONTACT_RATES["no_recall"]
+        p.sms_consent = (rng.random() < 0.85) if p.mobile else None
+        p.email_consent = (rng.random() < 0.75) if p.email else None
+    _child_conditions(patients, random.Random(seed * 47 + 3), today)
+    for start in range(0, len(patients) - SHOWCASE_EVERY + 1, SHOWCASE_EVERY):
+        _showcase(patients[start : start + SHOWCASE_EVERY], today)
+
+
+# The 2002 memorandum's child conditions, per child (age today): a binocular vision anomaly (squint,
+# amblyopia) in any child, a corrected refractive error (in glasses) under 7, rapidly progressing
+# myopia from 7 to 15.
+CHILD_RATES = {"binocular_vision_anomaly": 0.08, "corrected_refractive_error": 0.3, "progressive_myopia": 0.1}
+
+
+def _child_conditions(patients: list[SeedPatient], rng: random.Random, today: date) -> None:
+    for p in patients:
+        age = _age(p.date_of_birth, today)
+        if age is None or age >= 16:
+            continue
+        wanted = ["binocular_vision_anomaly"]
+        wanted.append("corrected_refractive_error" if age < 7 else "progressive_myopia")
+        for flag in wanted:
+            if rng.random() < CHILD_RATES[flag] and flag not in p.flags:
+                p.flags.append(flag)
+
+
+def _age(dob: date | None, today: date) -> int | None:
+    if dob is None:
+        return None
+    return today.year - dob.year - ((today.month, today.day) < (dob.month, dob.day))
+
+
+def _after(day: date | None, today: date, rng: random.Random) -> date:
+    start = day or today - timedelta(days=730)
+    return start + timedelta(days=int(rng.random() * max((today - start).days - 1, 1)))
+
+
+def _join_household(child: SeedPatient, parent: SeedPatient, *, share_mobile: bool) -> None:
+    child.last_name = parent.last_name
+    child.address_line1, child.town, child.postcode = parent.address_line1, parent.town, parent.postcode
+    child.landline = parent.landline
+    if share_mobile or not (child.landline or child.mobile):
+        child.mobile = parent.mobile
+    child.guardian_name = _adult_name(parent)
+    child.email = None
+
+
+def _due(p: SeedPatient, today: date, months_ago: int) -> None:
+    """Make `p` due: a last test `months_ago` months back and no PMS recall date."""
+    p.last_eye_test = today - timedelta(days=months_ago * 31)
+    p.recall_due = None
+
+
+def _showcase(block: list[SeedPatient], today: date) -> None:
+    parent, child, deceased, objector, moved, archived = (block[i] for i in (6, 7, 12, 18, 24, 30))
+    parent.date_of_birth = today - timedelta(days=41 * 365 + 100)
+    parent.title = "Mrs" if parent.title in ("Miss", "Master") else parent.title
+    parent.status, parent.status_date, parent.phone_recall, parent.no_recall = "active", None, True, False
+    parent.landline = parent.landline or child.landline
+    if not (parent.mobile or parent.landline):
+        parent.mobile = child.mobile
+    _due(parent, today, 26)
+    child.date_of_birth = today - timedelta(days=9 * 365 + 40)
+    child.title = "Master" if child.title in ("Mr", "Dr", "Master") else "Miss"
+    child.status, child.status_date, child.phone_recall, child.no_recall = "active", None, True, False
+    child.mobile = None
+    _join_household(child, parent, share_mobile=True)
+    child.flags = ["binocular_vision_anomaly"]  # a squint: the memorandum's 6-month rule for 7-15
+    _due(child, today, 26)  # overdue by either count, even where the PMS recalls every 2 years
+    deceased.status, deceased.status_date = "deceased", today - timedelta(days=40)
+    _due(deceased, today, 30)
+    objector.status, objector.phone_recall, objector.no_recall = "active", False, False
+    _due(objector, today, 28)
+    moved.status, moved.status_date = "gone_away", None
+    _due(moved, today, 27)
+    archived.status, archived.status_date = "inactive", None
+    _due(archived, today, 29)
 
 
 def _title(rand: Callable[[], float], is_female: bool, age: int) -> str:

@@ -9,6 +9,14 @@ clinical data the recall rules need spread over custom fields (`custom_fields.cu
 last eye exam in the default account layout), clinical alerts and recall recommendations. Errors
 are `{"errors": [{"code", "detail"}]}`.
 
+What the practice recorded about reaching a patient is in Sycle's words too. Standard fields:
+`status` (`active`, `inactive`, `deceased` or `moved`), Sycle's opt-out boxes `do_not_call`,
+`do_not_text` and `do_not_email` (Sycle records refusals, not consent: an unticked box is not a
+refusal), `recall_opt_out` (no recall by any channel) and `responsible_party` (a child's parent or
+guardian as typed, `Self` for a patient responsible for themselves). The date of death is not a
+standard field: UK accounts keep it in a custom field (`custom_fields.custom_6`, "Date of Death",
+typed day first, in the default layout), read through the same field mapping as the last eye exam.
+
 There is no DELETE route: nothing NVC does may remove data from a practice's system.
 """
 
@@ -53,8 +61,22 @@ STANDARD_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("city", "City", "text"),
     ("postcode", "Postcode", "text"),
     ("notes", "Notes", "text"),
+    ("status", "Patient Status", "choice"),
+    ("do_not_call", "Do Not Call", "boolean"),
+    ("do_not_text", "Do Not Text", "boolean"),
+    ("do_not_email", "Do Not Email", "boolean"),
+    ("recall_opt_out", "Opt Out of Recalls", "boolean"),
+    ("responsible_party", "Responsible Party", "text"),
     ("updated_at", "Last Updated", "datetime"),
 )
+# Canonical patient status -> Sycle's. A status a test stores that is not canonical is rendered verbatim.
+SYCLE_PATIENT_STATUSES: dict[str, str] = {
+    "active": "active",
+    "inactive": "inactive",
+    "deceased": "deceased",
+    "gone_away": "moved",
+}
+SELF = "Self"  # Sycle's responsible party for a patient who has no guardian
 
 # The account's custom fields: key -> (label, type, what the sandbox puts there). The "what" names
 # are the sandbox's own: see `_custom_value`. Tests may change the layout with `set_custom_fields`.
@@ -64,9 +86,10 @@ DEFAULT_CUSTOM_FIELDS: dict[str, tuple[str, str, str]] = {
     "custom_3": ("Last Eye Exam", "date", "last_eye_test"),
     "custom_4": ("Previous Eye Exam", "date", "previous_eye_test"),
     "custom_5": ("Recall Due", "date", "recall_due"),
+    "custom_6": ("Date of Death", "date", "date_of_death"),
 }
 CUSTOM_SOURCES = frozenset(
-    {"referral_source", "contact_time", "last_eye_test", "previous_eye_test", "recall_due", "blank"}
+    {"referral_source", "contact_time", "last_eye_test", "previous_eye_test", "recall_due", "date_of_death", "blank"}
 )
 
 # Canonical flag -> the alert labels receptionists and optometrists pick or type for it in Sycle.
@@ -76,6 +99,9 @@ ALERT_LABELS: dict[str, tuple[str, ...]] = {
     "glaucoma_suspect": ("Glaucoma Suspect",),
     "ocular_hypertension": ("OHT", "OHT", "Ocular Hypertension"),
     "glaucoma_family_history": ("Family Hx Glaucoma", "Family Hx Glaucoma", "FH Glaucoma"),
+    "binocular_vision_anomaly": ("Squint", "Amblyopia", "Binocular Vision Anomaly"),
+    "corrected_refractive_error": ("Corrected Refractive Error",),
+    "progressive_myopia": ("Progressive Myopia", "Rapidly Progressing Myopia"),
 }
 # Free-text alerts that are not recall risks (kept raw by the client, never dropped).
 OTHER_ALERTS = ("Allergic to fluorescein", "Latex allergy", "Wheelchair user - ground floor room")
@@ -354,6 +380,8 @@ class SycleSandbox(SandboxServer):
             return _uk_date(self._previous_eye_test(patient))
         if source == "recall_due":
             return _uk_date(patient.recall_due)
+        if source == "date_of_death":
+            return _uk_date(patient.status_date if patient.status == "deceased" else None)
         return ""
 
     def render(self, data: _Location, patient_id: str) -> dict[str, Any]:
@@ -380,6 +408,12 @@ class SycleSandbox(SandboxServer):
             "city": p.town,
             "postcode": p.postcode,
             "notes": p.clinical_notes,
+            "status": SYCLE_PATIENT_STATUSES.get(p.status, p.status),
+            "do_not_call": not p.phone_recall,
+            "do_not_text": p.sms_consent is False,
+            "do_not_email": p.email_consent is False,
+            "recall_opt_out": p.no_recall,
+            "responsible_party": p.guardian_name or SELF,
             "custom_fields": {key: self._custom_value(p, source) for key, (_, _, source) in self.custom_fields.items()},
             "updated_at": sycle_timestamp(p.updated_at),
         }
@@ -400,6 +434,10 @@ class SycleSandbox(SandboxServer):
         data = self._load(location_id)
         with self.lock:
             return {pid: data.patients[pid] for pid in data.order}
+
+    def seed_records(self, location_id: str) -> dict[str, SeedPatient]:
+        """Sycle patient id -> the canonical record the API renders (current, after any edits)."""
+        return self.patients(location_id)
 
     def patient_row(self, location_id: str, patient_id: str) -> dict[str, Any]:
         data = self._load(location_id)
@@ -423,7 +461,12 @@ class SycleSandbox(SandboxServer):
     def update_patient(
         self, location_id: str, patient_id: str, *, now: datetime | None = None, **changes: Any
     ) -> SeedPatient:
-        """Change fields of one `SeedPatient` as a receptionist would, bumping `updated_at`."""
+        """Change fields of one `SeedPatient` as a receptionist would, bumping `updated_at`.
+
+        Any field may change, the contact ones too (`status`, `status_date`, `phone_recall`,
+        `no_recall`, `sms_consent`, `email_consent`, `guardian_name`), so an incremental read sees a
+        patient marked deceased or opted out mid-day; a `status` NVC does not know is sent verbatim.
+        """
         data = self._load(location_id)
         with self.lock:
             return self._edit(data, patient_id, now or datetime.now(UTC), changes)

@@ -57,8 +57,12 @@ WITH people AS (
     FROM person_refs pr JOIN contact_suppressions s ON s.practice_id = :p AND s.pms_patient_id = pr.ref
     WHERE s.lifted_at IS NULL GROUP BY pr.patient_id
 )
-SELECT people.*, people.patient_id IN (SELECT patient_id FROM booked) AS booked, suppressed.reason AS suppressed
-FROM people LEFT JOIN suppressed USING (patient_id)
+-- Joins, not `patient_id IN (SELECT ... FROM booked)`: the planner ran that sub-plan once per due
+-- person (an anti-pattern that took minutes at 20,000 due patients).
+SELECT people.*, b.patient_id IS NOT NULL AS booked, suppressed.reason AS suppressed
+FROM people
+LEFT JOIN (SELECT DISTINCT patient_id FROM booked) b ON b.patient_id = people.patient_id
+LEFT JOIN suppressed ON suppressed.patient_id = people.patient_id
 """
 _SCOPE = (
     " AND (pt.patient_id = ANY(:ids) OR pt.phones && CAST(:phones AS text[]) OR EXISTS (SELECT 1 FROM patients m"
@@ -313,6 +317,97 @@ def refresh_patient(
     today = now.astimezone(UK_TZ).date()
     settings = practice_call_settings(conn, practice_id)
     return rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope)
+
+
+def refresh_refs(conn: Connection, practice_id: str, refs: Collection[str], now: datetime) -> dict[str, Any] | None:
+    """Place again the households of the patients with these PMS ids (read just now from the PMS):
+    a booking, a death or an opt-out the practice recorded today takes them off the list at once."""
+    if not refs:
+        return None
+    rows = conn.execute(
+        text(
+            "SELECT DISTINCT COALESCE(pt.merged_into, pt.patient_id) FROM patients pt "
+            "WHERE pt.practice_id = :p AND pt.pms_patient_id = ANY(:refs)"
+        ),
+        {"p": practice_id, "refs": sorted(refs)},
+    ).scalars()
+    ids = set(rows)
+    if not ids:
+        return None
+    phones = conn.execute(
+        text(
+            "SELECT DISTINCT ph FROM patients pt CROSS JOIN LATERAL unnest(pt.phones) ph "
+            "WHERE pt.practice_id = :p AND (pt.patient_id = ANY(:ids) OR pt.merged_into = ANY(:ids))"
+        ),
+        {"p": practice_id, "ids": sorted(ids)},
+    ).scalars()
+    settings = practice_call_settings(conn, practice_id)
+    today = now.astimezone(UK_TZ).date()
+    return rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=Scope(ids, set(phones)))
+
+
+def mark_refreshed(conn: Connection, practice_id: str, at: datetime, *, ok: bool, error: str | None = None) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO call_list_state (practice_id, refreshed_at, attempted_at, ok, error) "
+            "VALUES (:p, CASE WHEN :ok THEN CAST(:at AS timestamptz) END, :at, :ok, :error) "
+            "ON CONFLICT (practice_id) DO UPDATE SET attempted_at = EXCLUDED.attempted_at, ok = EXCLUDED.ok, "
+            "error = EXCLUDED.error, refreshed_at = COALESCE(EXCLUDED.refreshed_at, call_list_state.refreshed_at)"
+        ),
+        {"p": practice_id, "at": at, "ok": ok, "error": error},
+    )
+
+
+def claim(conn: Connection, practice_id: str, at: datetime) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO call_list_state (practice_id, attempted_at) VALUES (:p, :at) "
+            "ON CONFLICT (practice_id) DO UPDATE SET attempted_at = EXCLUDED.attempted_at"
+        ),
+        {"p": practice_id, "at": at},
+    )
+
+
+def state(conn: Connection, practice_id: str) -> dict[str, Any]:
+    row = (
+        conn.execute(text("SELECT * FROM call_list_state WHERE practice_id = :p"), {"p": practice_id})
+        .mappings()
+        .one_or_none()
+    )
+    built = conn.execute(
+        text("SELECT max(listed_at) FROM call_list WHERE practice_id = :p"), {"p": practice_id}
+    ).scalar_one()
+    out = dict(row) if row else {"refreshed_at": None, "attempted_at": None, "ok": True, "error": None,
+                                 "checks": 0, "check_misses": 0}  # fmt: skip
+    out["built_at"] = built
+    return out
+
+
+def count_check(conn: Connection, practice_id: str, *, miss: bool) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO call_list_state (practice_id, checks, check_misses) VALUES (:p, 1, :m) "
+            "ON CONFLICT (practice_id) DO UPDATE SET checks = call_list_state.checks + 1, "
+            "check_misses = call_list_state.check_misses + EXCLUDED.check_misses"
+        ),
+        {"p": practice_id, "m": int(miss)},
+    )
+
+
+def entry_for(conn: Connection, practice_id: str, phone: str) -> dict[str, Any]:
+    """The entry on this number, if any, and everyone due on this number who is not listed."""
+    rows = conn.execute(
+        text(
+            "SELECT c.*, pt.pms_patient_id, pt.first_name, pt.last_name FROM call_list c JOIN patients pt "
+            "USING (patient_id) WHERE c.practice_id = :p AND (c.phone = :phone OR (NOT c.listed "
+            "AND :phone = ANY(pt.phones))) ORDER BY pt.pms_patient_id"
+        ),
+        {"p": practice_id, "phone": phone},
+    ).mappings()
+    listed, off = [], []
+    for r in rows:
+        (listed if r["listed"] else off).append(dict(r))
+    return {"listed": listed, "not_listed": off}
 
 
 def lift(conn: Connection, practice_id: str, pms_patient_id: str, actor: str, why: str) -> list[str]:

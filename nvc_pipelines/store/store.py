@@ -301,8 +301,13 @@ class Store:
         full: bool,
         cursor_at: datetime | None = None,
         max_drop_share: float | None = None,
+        place_calls_at: datetime | None = None,
     ) -> WriteCounts:
         """Merge one read of a stream, its rejections and its cursor in one transaction.
+
+        With `place_calls_at` (an intraday read), the households of the patients read are placed on
+        the call list again in the same transaction, so what the practice changed today (a booking,
+        a death, an opt-out) is never written without its effect on the list.
 
         A full read replaces the stream's quarantine and reconciles (marks missing rows inactive);
         an incremental read replaces only the rejections of the rows it re-read. The cursor is
@@ -361,6 +366,8 @@ class Store:
                 {"p": practice_id, "stream": spec.name, "cursor": cursor_at, "full": full},
             )
             conn.execute(text("UPDATE practices SET last_sync_at = now() WHERE practice_id = :p"), {"p": practice_id})
+            if place_calls_at is not None:
+                calls.refresh_refs(conn, practice_id, {r.pms_patient_id for r in records}, place_calls_at)
             self.audit(
                 conn,
                 f"pipeline:{run_id}" if run_id else "pipeline",
@@ -626,6 +633,30 @@ class Store:
             if actor:
                 self.audit(conn, actor, practice_id, "read_call_list", [pms_patient_id])
         return found
+
+    def call_list_state(self, practice_id: str) -> dict[str, Any]:
+        """When the list was last built and last brought up to date during the day, and checks made."""
+        with self.begin(practice_id) as conn:
+            return calls.state(conn, practice_id)
+
+    def claim_call_list_refresh(self, practice_id: str, at: datetime) -> None:
+        """Record that an intraday refresh was requested now, so the next sensor tick waits for it."""
+        with self.begin(practice_id) as conn:
+            calls.claim(conn, practice_id, at)
+
+    def connected_practices(self) -> list[Practice]:
+        return [self.get_practice(r["practice_id"]) for r in self.list_practices() if r["status"] == "connected"]
+
+    def mark_call_list_refreshed(self, practice_id: str, at: datetime, *, ok: bool, error: str | None = None) -> None:
+        with self.begin(practice_id) as conn:
+            calls.mark_refreshed(conn, practice_id, at, ok=ok, error=error)
+
+    def call_list_entry(self, practice_id: str, phone: str, *, miss: bool | None = None) -> dict[str, Any]:
+        """Who is on the entry of `phone` (and who on it is not listed); `miss` counts a pre-dial check."""
+        with self.begin(practice_id) as conn:
+            if miss is not None:
+                calls.count_check(conn, practice_id, miss=miss)
+            return calls.entry_for(conn, practice_id, phone)
 
     def call_list_violations(self, practice_id: str) -> list[dict[str, Any]]:
         with self.begin(practice_id) as conn:

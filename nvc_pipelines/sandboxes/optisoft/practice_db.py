@@ -17,6 +17,27 @@ Conventions, as in Optisoft: ids are integers; dates are ISO `YYYY-MM-DD`; every
 diary run. Every statement executed is appended to a JSON-lines SQL log (statement text with its
 `?` placeholders, never the bound values: no patient data or login names in the log).
 
+The patient's record and Recall tab, as Optisoft.NET keeps them:
+
+- Status ticks on `Patients`: `Deceased` (with `DeceasedDate`, the date of death), `GoneAway`
+  (post came back: the practice has lost them) and `Inactive` (archived / left the practice).
+- Contact ticks: `EmailConsent` and `SMSConsent` (the Recall tab's "agreed to receive Email / SMS"
+  boxes), `NoTelephoneRecall` (this sandbox's design for "do not phone about recalls": a patient
+  tick, because send methods belong to a recall category that many patients share) and `NoRecall`
+  (no recall by any method). `ParentGuardian` is the parent or guardian named on a child's record.
+- Up to three recall categories per patient, one per recall type (`Recalls.RecallType`: `ST`
+  Spectacles, `CL` Contact Lenses, `SC` Schemes), each with a `StartDate` (normally the last exam),
+  the date the category falls due (`DueDate`: start date + band 1's months), the band whose letter
+  goes next and when (`NextBand`, `NextLetterDate`) and the "Suppressed by Appointment" tick
+  (`SuppressedByAppt`: staff booking a future appointment chose to hold the next recall letter).
+- `RecallCategories` and their `RecallBands`: up to 7 bands per category, each a number of months
+  from the category's start date (not from the previous band), a letter template and a send method
+  (Letter, Email, SMS or Telephone).
+
+`patients.list` / `patients.get` serve all of it on the patient row: the ticks as columns, the
+Recall tab as one JSON column (`RecallTab`, as SQL Server's `FOR JSON` would build it) and the tab's
+"Next Appointment" (`NextAppointment`: the first booked diary entry from today on).
+
 Standard library only (the seed data is imported when a database is first installed), so the
 connector process starts quickly.
 """
@@ -33,7 +54,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from calendar import monthrange
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -58,9 +80,34 @@ ALERT_LABELS = {
     "glaucoma_suspect": "Glaucoma suspect",
     "ocular_hypertension": "OHT",
     "glaucoma_family_history": "FH glaucoma",
+    "binocular_vision_anomaly": "Squint",
+    "corrected_refractive_error": "Corrected refractive error",
+    "progressive_myopia": "Progressive myopia",
 }
-RECALL_SIGHT_TEST = "ST"
+RECALL_SIGHT_TEST = "ST"  # the Spectacles recall category: the eye test
 RECALL_CONTACT_LENS = "CL"
+RECALL_SCHEMES = "SC"  # eyecare plans and other schemes
+# The practice's recall categories: (CategoryID, recall type, description, bands). A band is
+# (months from the start date, letter template, send method); Optisoft allows up to 7 per category.
+RECALL_CATEGORIES: tuple[tuple[int, str, str, tuple[tuple[int, str, str], ...]], ...] = (
+    (1, "ST", "Spectacles 2 yearly", (
+        (24, "Recall 1", "Letter"), (25, "Recall reminder", "SMS"), (26, "Recall 2", "Email"),
+        (27, "Recall 2", "Letter"), (28, "Recall phone list", "Telephone"), (30, "Final reminder", "Letter"),
+        (36, "Lapsed patient", "Letter"),
+    )),
+    (2, "ST", "Spectacles annual", (
+        (12, "Recall 1", "Letter"), (13, "Recall reminder", "SMS"), (15, "Recall 2", "Letter"),
+        (18, "Recall phone list", "Telephone"),
+    )),
+    (3, "ST", "Child annual", ((12, "Child recall", "Letter"), (13, "Recall reminder", "SMS"), (14, "Recall 2", "Letter"))),
+    (4, "CL", "Contact lens aftercare", ((12, "CL aftercare", "Letter"), (13, "CL reminder", "SMS"))),
+    (5, "CL", "Myopia control review", ((6, "Myopia control review", "Letter"), (7, "CL reminder", "SMS"))),
+    (6, "SC", "Eyecare plan annual", ((12, "Eyecare plan review", "Email"), (13, "Eyecare plan review", "Letter"))),
+)  # fmt: skip
+CATEGORY_TWO_YEARLY, CATEGORY_ANNUAL, CATEGORY_CHILD, CATEGORY_CL, CATEGORY_MYOPIA, CATEGORY_PLAN = 1, 2, 3, 4, 5, 6
+# The canonical contact fields (seed.SeedPatient's names) the practice desk can change.
+CONTACT_FIELDS = ("status", "status_date", "phone_recall", "no_recall", "sms_consent", "email_consent", "guardian_name")
+STATUSES = ("active", "deceased", "gone_away", "inactive")
 
 SCHEMA = """
 CREATE TABLE PracticeDetails (
@@ -73,14 +120,32 @@ CREATE TABLE Clinicians (
 CREATE TABLE Patients (
     PatientID INTEGER PRIMARY KEY, Title TEXT, Forename TEXT, Surname TEXT, DOB TEXT,
     Mobile TEXT, HomePhone TEXT, Email TEXT, Address1 TEXT, Town TEXT, Postcode TEXT,
-    LastExamDate TEXT, Notes TEXT, Alerts TEXT, CreatedDate TEXT, ModifiedDate TEXT NOT NULL
+    LastExamDate TEXT, Notes TEXT, Alerts TEXT,
+    Deceased INTEGER NOT NULL DEFAULT 0, DeceasedDate TEXT, GoneAway INTEGER NOT NULL DEFAULT 0,
+    Inactive INTEGER NOT NULL DEFAULT 0, NoRecall INTEGER NOT NULL DEFAULT 0,
+    NoTelephoneRecall INTEGER NOT NULL DEFAULT 0, EmailConsent INTEGER NOT NULL DEFAULT 0,
+    SMSConsent INTEGER NOT NULL DEFAULT 0, ParentGuardian TEXT,
+    CreatedDate TEXT, ModifiedDate TEXT NOT NULL
 );
 CREATE INDEX IX_Patients_Modified ON Patients (ModifiedDate, PatientID);
+CREATE TABLE RecallCategories (
+    CategoryID INTEGER PRIMARY KEY, RecallType TEXT NOT NULL CHECK (RecallType IN ('ST', 'CL', 'SC')),
+    Description TEXT NOT NULL, Active INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE RecallBands (
+    CategoryID INTEGER NOT NULL REFERENCES RecallCategories (CategoryID),
+    Band INTEGER NOT NULL CHECK (Band BETWEEN 1 AND 7), Months INTEGER NOT NULL CHECK (Months > 0),
+    Letter TEXT NOT NULL, SendMethod TEXT NOT NULL CHECK (SendMethod IN ('Letter', 'Email', 'SMS', 'Telephone')),
+    PRIMARY KEY (CategoryID, Band)
+);
 CREATE TABLE Recalls (
     RecallID INTEGER PRIMARY KEY, PatientID INTEGER NOT NULL REFERENCES Patients (PatientID),
-    RecallType TEXT NOT NULL, DueDate TEXT NOT NULL, ModifiedDate TEXT NOT NULL
+    RecallType TEXT NOT NULL CHECK (RecallType IN ('ST', 'CL', 'SC')),
+    CategoryID INTEGER REFERENCES RecallCategories (CategoryID), StartDate TEXT, DueDate TEXT NOT NULL,
+    NextBand INTEGER NOT NULL DEFAULT 1, NextLetterDate TEXT, SuppressedByAppt INTEGER NOT NULL DEFAULT 0,
+    ModifiedDate TEXT NOT NULL
 );
-CREATE INDEX IX_Recalls_Patient ON Recalls (PatientID, RecallType);
+CREATE UNIQUE INDEX IX_Recalls_Patient ON Recalls (PatientID, RecallType);
 CREATE INDEX IX_Recalls_Modified ON Recalls (ModifiedDate);
 CREATE TABLE Diary (
     DiaryID INTEGER PRIMARY KEY, PatientID INTEGER NOT NULL REFERENCES Patients (PatientID),
@@ -90,6 +155,7 @@ CREATE TABLE Diary (
 );
 CREATE INDEX IX_Diary_Modified ON Diary (ModifiedDate, DiaryID);
 CREATE INDEX IX_Diary_Clinician_Start ON Diary (ClinicianID, StartDateTime);
+CREATE INDEX IX_Diary_Patient_Start ON Diary (PatientID, StartDateTime);
 CREATE TABLE Exams (
     ExamID INTEGER PRIMARY KEY, PatientID INTEGER NOT NULL REFERENCES Patients (PatientID),
     ExamDate TEXT NOT NULL, IOPR REAL, IOPL REAL, Alerts TEXT, Notes TEXT,
@@ -135,6 +201,53 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(got, digest)
+
+
+def add_months(day: date, months: int) -> date:
+    """Calendar months, clamped to the month's end (31 Jan + 1 month = 28/29 Feb), as Optisoft counts bands."""
+    total = day.year * 12 + day.month - 1 + months
+    year, month = divmod(total, 12)
+    return date(year, month + 1, min(day.day, monthrange(year, month + 1)[1]))
+
+
+def _iso(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value.isoformat() if isinstance(value, date) else date.fromisoformat(str(value)[:10]).isoformat()
+
+
+def contact_columns(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical contact fields (`CONTACT_FIELDS`, seed.SeedPatient's names) as Optisoft's `Patients` columns.
+
+    Optisoft keeps a status as ticks (only one set), and only a date of death: `status_date` of any
+    other status has nowhere to go. Unrecorded consent (None) is an unticked box.
+    """
+    unknown = set(changes) - set(CONTACT_FIELDS)
+    if unknown:
+        raise ValueError(f"not contact fields: {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    status = changes.get("status")
+    if "status" in changes:
+        status = status or "active"
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        out |= {"Deceased": int(status == "deceased"), "GoneAway": int(status == "gone_away")}
+        out["Inactive"] = int(status == "inactive")
+        if status != "deceased":
+            out["DeceasedDate"] = None
+    if "status_date" in changes and status in (None, "deceased"):
+        out["DeceasedDate"] = _iso(changes["status_date"])
+    if "phone_recall" in changes:
+        out["NoTelephoneRecall"] = int(changes["phone_recall"] is False)
+    if "no_recall" in changes:
+        out["NoRecall"] = int(bool(changes["no_recall"]))
+    if "sms_consent" in changes:
+        out["SMSConsent"] = int(bool(changes["sms_consent"]))
+    if "email_consent" in changes:
+        out["EmailConsent"] = int(bool(changes["email_consent"]))
+    if "guardian_name" in changes:
+        out["ParentGuardian"] = changes["guardian_name"] or None
+    return out
 
 
 # --- the logged connection -----------------------------------------------------------------------
@@ -232,6 +345,9 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
     leaver = SeedClinician("C99", "Locum Optometrist (left)", f"01-{rng.randint(40000, 49999)}")
     clinician_ids = {c.code: n for n, c in enumerate([*clinicians, leaver], 1)}
     name = spec.get("practiceName") or f"{rng.choice(patients).last_name if patients else 'High Street'} Opticians"
+    appointments = seed_appointments(patients, seed=seed, today=today)
+    booked_ahead = {a.patient_index for a in appointments if a.status == "booked" and a.starts_at.date() >= today}
+    recall_rng = random.Random(seed * 7919 + 2)  # the Recall tab's own draws: the rest of the seed is unchanged
 
     with db.lock:
         for statement in (s.strip() for s in SCHEMA.split(";")):
@@ -259,6 +375,18 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
                 "INSERT INTO DbUsers (Username, PasswordHash, CanWrite) VALUES (?, ?, ?)",
                 [(u["username"], u["passwordHash"], 1 if u.get("canWrite") else 0) for u in spec.get("users", [])],
             )
+            db.executemany(
+                "INSERT INTO RecallCategories (CategoryID, RecallType, Description) VALUES (?, ?, ?)",
+                [(cid, kind, description) for cid, kind, description, _ in RECALL_CATEGORIES],
+            )
+            db.executemany(
+                "INSERT INTO RecallBands (CategoryID, Band, Months, Letter, SendMethod) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (cid, band, months, letter, method)
+                    for cid, _, _, bands in RECALL_CATEGORIES
+                    for band, (months, letter, method) in enumerate(bands, 1)
+                ],
+            )
             patient_rows, recall_rows, contact_rows = [], [], []
             for p in patients:
                 pid = PATIENT_ID_BASE + p.index
@@ -267,6 +395,7 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
                 wears_lenses = bool(p.clinical_notes and ("contact lens" in p.clinical_notes.lower()))
                 if wears_lenses:
                     alerts.append("CL wearer")  # an alert Optisoft practices use that is no recall risk
+                contact = contact_columns({f: getattr(p, f) for f in CONTACT_FIELDS})
                 patient_rows.append(
                     (
                         pid,
@@ -283,25 +412,27 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
                         p.last_eye_test.isoformat() if p.last_eye_test else None,
                         p.clinical_notes,
                         "; ".join(alerts) or None,
+                        *(contact[c] for c in _CONTACT_COLUMNS),
                         modified,
                         modified,
                     )
                 )
-                if p.recall_due:
-                    recall_rows.append((pid, RECALL_SIGHT_TEST, p.recall_due.isoformat(), modified))
-                if wears_lenses:  # contact lens aftercare recall: a different recall, not the eye test
-                    base = p.last_eye_test or today
-                    recall_rows.append((pid, RECALL_CONTACT_LENS, (base + timedelta(days=365)).isoformat(), modified))
-                if p.recall_due and p.recall_due < today and rng.random() < 0.5:  # the first recall letter
+                first_letter_sent = bool(p.recall_due and p.recall_due < today and rng.random() < 0.5)
+                if first_letter_sent:
                     contact_rows.append((pid, f"{p.recall_due.isoformat()} 10:00:00.000", "Letter", "Recall 1", "Sent"))
+                recall_rows += _seed_recall_tab(
+                    p, pid, modified, today, wears_lenses, first_letter_sent, p.index in booked_ahead, recall_rng
+                )
             db.executemany(
                 "INSERT INTO Patients (PatientID, Title, Forename, Surname, DOB, Mobile, HomePhone, Email, Address1,"
-                " Town, Postcode, LastExamDate, Notes, Alerts, CreatedDate, ModifiedDate)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f" Town, Postcode, LastExamDate, Notes, Alerts, {', '.join(_CONTACT_COLUMNS)}, CreatedDate,"
+                f" ModifiedDate) VALUES ({', '.join('?' * (16 + len(_CONTACT_COLUMNS)))})",
                 patient_rows,
             )
             db.executemany(
-                "INSERT INTO Recalls (PatientID, RecallType, DueDate, ModifiedDate) VALUES (?, ?, ?, ?)", recall_rows
+                "INSERT INTO Recalls (PatientID, RecallType, CategoryID, StartDate, DueDate, NextBand, NextLetterDate,"
+                " SuppressedByAppt, ModifiedDate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                recall_rows,
             )
             db.executemany(
                 "INSERT INTO ContactLog (PatientID, ContactDate, Method, Category, Outcome, CreatedBy)"
@@ -322,7 +453,7 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
                         a.notes,
                         uk_stamp(a.updated_at),
                     )
-                    for a in seed_appointments(patients, seed=seed, today=today)
+                    for a in appointments
                 ],
             )
             db.executemany(
@@ -344,6 +475,72 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
             )
 
 
+_CONTACT_COLUMNS = (
+    "Deceased", "DeceasedDate", "GoneAway", "Inactive", "NoRecall", "NoTelephoneRecall", "EmailConsent", "SMSConsent",
+    "ParentGuardian",
+)  # fmt: skip
+_BANDS = {cid: bands for cid, _, _, bands in RECALL_CATEGORIES}
+
+
+def _seed_recall_tab(
+    p: Any,
+    pid: int,
+    modified: str,
+    today: date,
+    wears_lenses: bool,
+    first_letter_sent: bool,
+    booked_ahead: bool,
+    rng: random.Random,
+) -> list[tuple[Any, ...]]:
+    """A seeded patient's Recall tab rows: (PatientID, RecallType, CategoryID, StartDate, DueDate,
+    NextBand, NextLetterDate, SuppressedByAppt, ModifiedDate).
+
+    Spectacles: the seed's recall date is start date + band 1 of an annual (child, or flagged/70+)
+    or 2-yearly category, so the date the category falls due is the seed's recall date exactly.
+    Contact lens wearers get an aftercare category, myopia-control children a 6-monthly one, and a
+    few adults an eyecare plan (Schemes). Staff booking a future appointment tick "Suppressed by
+    Appointment" on most Spectacles recalls.
+    """
+    rows: list[tuple[Any, ...]] = []
+    age = None
+    if p.date_of_birth:
+        age = (
+            today.year
+            - p.date_of_birth.year
+            - ((today.month, today.day) < (p.date_of_birth.month, p.date_of_birth.day))
+        )
+    start = p.last_eye_test or today
+    if p.recall_due:
+        months = (p.recall_due.year - start.year) * 12 + p.recall_due.month - start.month
+        cid = (
+            CATEGORY_TWO_YEARLY if months >= 24 else CATEGORY_CHILD if age is not None and age < 16 else CATEGORY_ANNUAL
+        )
+        bands = _BANDS[cid]
+        if add_months(start, bands[0][0]) != p.recall_due:  # not from the last test: count back from the date
+            start = add_months(p.recall_due, -bands[0][0])
+        next_band, next_letter = 1, p.recall_due
+        if first_letter_sent and len(bands) > 1:  # printed on the due date; band 2 counts on from there
+            next_band, next_letter = 2, add_months(p.recall_due, bands[1][0] - bands[0][0])
+        suppressed = int(booked_ahead and rng.random() < 0.6)
+        rows.append(
+            (pid, RECALL_SIGHT_TEST, cid, start.isoformat(), p.recall_due.isoformat(), next_band,
+             next_letter.isoformat(), suppressed, modified)
+        )  # fmt: skip
+    lens_category = None
+    if wears_lenses:
+        lens_category = CATEGORY_CL
+    elif p.clinical_notes and "misight" in p.clinical_notes.lower():
+        lens_category = CATEGORY_MYOPIA
+    base = p.last_eye_test or today
+    if lens_category is not None:  # contact lens aftercare: a different recall, not the eye test
+        due = add_months(base, _BANDS[lens_category][0][0]).isoformat()
+        rows.append((pid, RECALL_CONTACT_LENS, lens_category, base.isoformat(), due, 1, due, 0, modified))
+    if age is not None and age >= 18 and p.last_eye_test and rng.random() < 0.08:
+        due = add_months(p.last_eye_test, _BANDS[CATEGORY_PLAN][0][0]).isoformat()
+        rows.append((pid, RECALL_SCHEMES, CATEGORY_PLAN, p.last_eye_test.isoformat(), due, 1, due, 0, modified))
+    return rows
+
+
 # --- the connector's operations ------------------------------------------------------------------
 
 
@@ -356,10 +553,23 @@ class OperationError(Exception):
         self.message = message
 
 
+# The Recall tab as one JSON column: each recall category the patient has, with its bands.
+_RECALL_TAB = (
+    "(SELECT json_group_array(json_object('recallType', r.RecallType, 'category', c.Description,"
+    " 'startDate', r.StartDate, 'dueDate', r.DueDate, 'nextBand', r.NextBand, 'nextLetterDate', r.NextLetterDate,"
+    " 'suppressedByAppointment', r.SuppressedByAppt, 'bands', json((SELECT json_group_array(json_object("
+    "'band', b.Band, 'months', b.Months, 'letter', b.Letter, 'sendMethod', b.SendMethod))"
+    " FROM RecallBands b WHERE b.CategoryID = r.CategoryID)))) FROM Recalls r"
+    " LEFT JOIN RecallCategories c ON c.CategoryID = r.CategoryID WHERE r.PatientID = p.PatientID) AS RecallTab"
+)
 _PATIENT_SELECT = (
     "SELECT p.PatientID, p.Title, p.Forename, p.Surname, p.DOB, p.Mobile, p.HomePhone, p.Email, p.Address1,"
     " p.Town, p.Postcode, p.LastExamDate, p.Notes, p.Alerts,"
     " (SELECT MIN(r.DueDate) FROM Recalls r WHERE r.PatientID = p.PatientID AND r.RecallType = 'ST') AS RecallDue,"
+    " p.Deceased, p.DeceasedDate, p.GoneAway, p.Inactive, p.NoRecall, p.NoTelephoneRecall, p.EmailConsent,"
+    f" p.SMSConsent, p.ParentGuardian, {_RECALL_TAB},"
+    " (SELECT MIN(d.StartDateTime) FROM Diary d WHERE d.PatientID = p.PatientID AND d.Status = 'Booked'"
+    " AND d.StartDateTime >= date('now')) AS NextAppointment,"
     " p.ModifiedDate FROM Patients p"
 )
 _DIARY_SELECT = (
@@ -457,7 +667,7 @@ def _op_recalls_changed(db: PracticeDb, params: dict[str, Any], user: dict[str, 
     if since is None:
         raise OperationError("INVALID_PARAMS", "modifiedSince is required.")
     columns, rows = db.rows(
-        "SELECT DISTINCT PatientID FROM Recalls WHERE ModifiedDate >= ? AND RecallType = 'ST' ORDER BY PatientID",
+        "SELECT DISTINCT PatientID FROM Recalls WHERE ModifiedDate >= ? ORDER BY PatientID",
         (since,),
     )
     return {"columns": columns, "rows": rows, "more": False}
@@ -686,38 +896,75 @@ class StaffDesk:
                     "UPDATE Patients SET LastExamDate = ?, ModifiedDate = ? WHERE PatientID = ?",
                     (today.isoformat(), stamp, pid),
                 )
-                due = today.replace(year=today.year + 2) if (today.month, today.day) != (2, 29) else today
-                updated = self.db.execute(
-                    "UPDATE Recalls SET DueDate = ?, ModifiedDate = ? WHERE PatientID = ? AND RecallType = 'ST'",
-                    (due.isoformat(), stamp, pid),
-                )
-                if updated.rowcount == 0:
-                    self.db.execute(
-                        "INSERT INTO Recalls (PatientID, RecallType, DueDate, ModifiedDate) VALUES (?, 'ST', ?, ?)",
-                        (pid, due.isoformat(), stamp),
-                    )
+                self._restart_spectacles(pid, today, stamp)
         return [str(pid) for pid in chosen]
 
+    def _spectacles_band_one(self, pid: int) -> int | None:
+        row = self.db.one(
+            "SELECT b.Months FROM Recalls r JOIN RecallBands b ON b.CategoryID = r.CategoryID"
+            " WHERE r.PatientID = ? AND r.RecallType = 'ST' ORDER BY b.Band LIMIT 1",
+            (pid,),
+        )
+        return int(row[0]) if row else None
+
+    def _restart_spectacles(self, pid: int, start: date, stamp: str) -> None:
+        """An exam on `start`: the Spectacles category starts again from it (2-yearly when it had none),
+        band 1 is next, and any "Suppressed by Appointment" tick is cleared (the appointment happened)."""
+        months = self._spectacles_band_one(pid)
+        if months is None:
+            months = _BANDS[CATEGORY_TWO_YEARLY][0][0]
+            self.db.execute(
+                "INSERT INTO Recalls (PatientID, RecallType, CategoryID, StartDate, DueDate, NextBand, NextLetterDate,"
+                " SuppressedByAppt, ModifiedDate) VALUES (?, 'ST', ?, ?, ?, 1, ?, 0, ?)",
+                (pid, CATEGORY_TWO_YEARLY, start.isoformat(), *[add_months(start, months).isoformat()] * 2, stamp),
+            )
+            return
+        due = add_months(start, months).isoformat()
+        self.db.execute(
+            "UPDATE Recalls SET StartDate = ?, DueDate = ?, NextBand = 1, NextLetterDate = ?, SuppressedByAppt = 0,"
+            " ModifiedDate = ? WHERE PatientID = ? AND RecallType = 'ST'",
+            (start.isoformat(), due, due, stamp, pid),
+        )
+
     def update_patient(self, patient_id: str, changes: dict[str, Any], now: str) -> None:
+        """Receptionists edit a patient: `Patients` columns by name, and the contact fields in NVC's
+        words (`CONTACT_FIELDS`, rendered by `contact_columns`). The patient's ModifiedDate moves on."""
+        contact = {k: v for k, v in changes.items() if k in CONTACT_FIELDS}
+        changes = {**{k: v for k, v in changes.items() if k not in CONTACT_FIELDS}, **contact_columns(contact)}
         allowed = {"Title", "Forename", "Surname", "DOB", "Mobile", "HomePhone", "Email", "Address1", "Town"}
-        allowed |= {"Postcode", "LastExamDate", "Notes", "Alerts"}
+        allowed |= {"Postcode", "LastExamDate", "Notes", "Alerts", *_CONTACT_COLUMNS}
         unknown = set(changes) - allowed
         if unknown:
-            raise ValueError(f"not Patients columns: {sorted(unknown)}")
-        assignments = ", ".join(f"{column} = ?" for column in changes)
+            raise ValueError(f"not Patients columns or contact fields: {sorted(unknown)}")
+        assignments = "".join(f"{column} = ?, " for column in changes)
         with self.db.transaction():
             self.db.execute(
-                f"UPDATE Patients SET {assignments}, ModifiedDate = ? WHERE PatientID = ?",
+                f"UPDATE Patients SET {assignments}ModifiedDate = ? WHERE PatientID = ?",
                 [*changes.values(), uk_stamp(datetime.fromisoformat(now)), int(patient_id)],
             )
 
     def set_recall(self, patient_id: str, due: str, now: str) -> None:
-        """Change a patient's eye-test recall only (Optisoft's recall screen): the patient row is untouched."""
+        """Move a patient's Spectacles recall to fall due on `due` (Optisoft's recall screen): its start
+        date moves with it and band 1 is next. The patient row is untouched."""
+        pid, day = int(patient_id), date.fromisoformat(due)
+        months = self._spectacles_band_one(pid) or 0
         with self.db.transaction():
             self.db.execute(
-                "UPDATE Recalls SET DueDate = ?, ModifiedDate = ? WHERE PatientID = ? AND RecallType = 'ST'",
-                (due, uk_stamp(datetime.fromisoformat(now)), int(patient_id)),
+                "UPDATE Recalls SET StartDate = ?, DueDate = ?, NextBand = 1, NextLetterDate = ?, ModifiedDate = ?"
+                " WHERE PatientID = ? AND RecallType = 'ST'",
+                (add_months(day, -months).isoformat(), due, due, uk_stamp(datetime.fromisoformat(now)), pid),
             )
+
+    def suppress_recall(self, patient_id: str, suppressed: bool, now: str) -> None:
+        """Tick (or clear) "Suppressed by Appointment" on the patient's Spectacles recall, as staff do
+        when booking a future appointment. The patient row is untouched."""
+        with self.db.transaction():
+            updated = self.db.execute(
+                "UPDATE Recalls SET SuppressedByAppt = ?, ModifiedDate = ? WHERE PatientID = ? AND RecallType = 'ST'",
+                (int(bool(suppressed)), uk_stamp(datetime.fromisoformat(now)), int(patient_id)),
+            )
+            if updated.rowcount == 0:
+                raise ValueError(f"patient {patient_id} has no Spectacles recall")
 
     def nvc_appointments(self) -> list[dict[str, Any]]:
         rows = self.db.execute(

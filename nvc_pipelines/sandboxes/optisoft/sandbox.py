@@ -8,8 +8,10 @@ database file plus an Optisoft Connector running as its own OS process.
         optisoft.start_connector("OS-1001")
 
 Only the connector process opens a practice database. The inspection hooks (`patient_count`,
-`touch`, `nvc_appointments`, `nvc_notes`, ...) are sent to that process's practice-desk console
-over its stdin/stdout, so this process never touches the database either.
+`touch`, `nvc_appointments`, `nvc_notes`, `update_contact`, ...) are sent to that process's
+practice-desk console over its stdin/stdout, so this process never touches the database either.
+`seed_records` re-derives the canonical patients the database was seeded from (plus the contact
+changes made through `update_contact`) without opening it.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from nvc_pipelines.sandboxes.optisoft.connector import TOKEN_ENV
-from nvc_pipelines.sandboxes.optisoft.practice_db import hash_password
+from nvc_pipelines.sandboxes.optisoft.practice_db import CONTACT_FIELDS, PATIENT_ID_BASE, hash_password
 from nvc_pipelines.sandboxes.optisoft.relay import OptisoftRelay
+
+if TYPE_CHECKING:  # seed pulls in Faker; only `seed_records` needs it
+    from nvc_pipelines.sandboxes.seed import SeedPatient
 
 UK = ZoneInfo("Europe/London")
 DEFAULT_PRACTICE = "OS-1001"
@@ -246,6 +252,9 @@ class OptisoftSandbox(OptisoftRelay):
         self._own_directory = directory is None
         self.directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="optisoft-"))
         self.connectors: dict[str, OptisoftConnector] = {}
+        self._installs: dict[str, dict[str, Any]] = {}  # what each practice database was seeded from
+        self._seeded: dict[str, list[SeedPatient]] = {}
+        self._contact_edits: dict[str, dict[str, dict[str, Any]]] = {}  # practice -> patient id -> changes
         users = [
             {"username": name, "passwordHash": hash_password(password), "canWrite": can_write}
             for name, (password, can_write) in self.db_users.items()
@@ -258,6 +267,8 @@ class OptisoftSandbox(OptisoftRelay):
                 "today": (today or date.today()).isoformat(),
                 "users": users,
             }
+            self._installs[code] = {k: v for k, v in install.items() if k != "users"}
+            self._contact_edits[code] = {}
             self.connectors[code] = OptisoftConnector(
                 self.url, code, token, self.directory / code, install=install, poll_wait_seconds=poll_wait_seconds
             )
@@ -310,14 +321,62 @@ class OptisoftSandbox(OptisoftRelay):
         stamp = (now or datetime.now(UTC)).astimezone(UTC).isoformat()
         return list(self.connectors[practice_ref].console("touch", count=count, now=stamp))
 
-    def update_patient(self, practice_ref: str, patient_id: str, now: datetime | None = None, **columns: Any) -> None:
-        """Change `Patients` columns of one patient, bumping its ModifiedDate."""
+    def update_patient(self, practice_ref: str, patient_id: str, now: datetime | None = None, **changes: Any) -> None:
+        """Change one patient as a receptionist would, bumping its ModifiedDate: `Patients` columns by
+        name (`Mobile="07700 900998"`), and the contact fields in NVC's words (`status`, `status_date`,
+        `phone_recall`, `no_recall`, `sms_consent`, `email_consent`, `guardian_name`), rendered into
+        Optisoft's ticks, so an incremental read sees a patient marked deceased or opted out mid-day.
+        `seed_records` follows the contact fields."""
+        contact = {k: v for k, v in changes.items() if k in CONTACT_FIELDS}
+        if "status" in contact:
+            contact["status"] = contact["status"] or "active"
+        if isinstance(contact.get("status_date"), str):
+            contact["status_date"] = date.fromisoformat(contact["status_date"])
         stamp = (now or datetime.now(UTC)).astimezone(UTC).isoformat()
-        self.connectors[practice_ref].console("update_patient", patient_id=patient_id, changes=columns, now=stamp)
+        self.connectors[practice_ref].console(
+            "update_patient", patient_id=patient_id, changes={**changes, **contact}, now=stamp
+        )
+        if contact.get("status", "deceased") != "deceased":
+            contact["status_date"] = None  # Optisoft keeps only a date of death
+        if contact:
+            self._contact_edits[practice_ref].setdefault(str(patient_id), {}).update(contact)
+
+    def update_contact(self, practice_ref: str, patient_id: str, now: datetime | None = None, **changes: Any) -> None:
+        """`update_patient` with the contact fields only (anything else is refused)."""
+        unknown = set(changes) - set(CONTACT_FIELDS)
+        if unknown:
+            raise ValueError(f"not contact fields: {sorted(unknown)} (known: {', '.join(CONTACT_FIELDS)})")
+        self.update_patient(practice_ref, patient_id, now, **changes)
 
     def set_recall(self, practice_ref: str, patient_id: str, due: date, now: datetime | None = None) -> None:
         stamp = (now or datetime.now(UTC)).astimezone(UTC).isoformat()
         self.connectors[practice_ref].console("set_recall", patient_id=patient_id, due=due.isoformat(), now=stamp)
+
+    def suppress_recall(
+        self, practice_ref: str, patient_id: str, suppressed: bool = True, now: datetime | None = None
+    ) -> None:
+        """Tick (or clear) "Suppressed by Appointment" on the patient's Spectacles recall."""
+        stamp = (now or datetime.now(UTC)).astimezone(UTC).isoformat()
+        self.connectors[practice_ref].console(
+            "suppress_recall", patient_id=patient_id, suppressed=suppressed, now=stamp
+        )
+
+    def seed_records(self, practice_ref: str) -> dict[str, SeedPatient]:
+        """PatientID (as the client reports it) -> the canonical patient the database renders: the
+        seeded patients, with the changes made through `update_contact` applied."""
+        from nvc_pipelines.sandboxes.seed import seed_patients
+
+        spec = self._installs[practice_ref]
+        if practice_ref not in self._seeded:
+            self._seeded[practice_ref] = seed_patients(
+                int(spec["patients"]), seed=int(spec["seed"]), today=date.fromisoformat(spec["today"])
+            )
+        edits = self._contact_edits[practice_ref]
+        out = {}
+        for patient in self._seeded[practice_ref]:
+            pid = str(PATIENT_ID_BASE + patient.index)
+            out[pid] = replace(patient, **edits[pid]) if pid in edits else replace(patient)
+        return out
 
     def nvc_appointments(self, practice_ref: str) -> list[dict[str, Any]]:
         rows = self.connectors[practice_ref].console("nvc_appointments")
