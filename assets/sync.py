@@ -117,7 +117,8 @@ def sync_stream(
             description=str(exc),
             metadata={"pms": str(practice.pms_kind), "problem": problem, "attempts": context.retry_number + 1},
         ) from None
-    records, suppressed = _drop_erased(db, practice_id, spec, list(records))
+    rejected = list(rejected)
+    records, suppressed = _drop_erased(db, practice_id, spec, list(records), rejected)
     matched = prepare(db, practice_id, records, rejected) if prepare else 0
     guard = None if tags.get(ALLOW_DROP_TAG) == "true" else max_drop_share(practice.settings)
     try:
@@ -187,9 +188,12 @@ def sync_stream(
     )
 
 
-def _drop_erased(db: Store, practice_id: str, spec: StreamSpec, records: list[Any]) -> tuple[list[Any], int]:
-    """Leave out everyone erased under GDPR (matched by keyed hashes, see `nvc_pipelines.erasure`)."""
-    return drop_erased(db, practice_id, records, patients=spec is PATIENTS)
+def _drop_erased(
+    db: Store, practice_id: str, spec: StreamSpec, records: list[Any], rejected: list[RejectedRow]
+) -> tuple[list[Any], int]:
+    """Leave out everyone erased under GDPR, valid rows and invalid ones alike (matched by keyed
+    hashes, see `nvc_pipelines.erasure`)."""
+    return drop_erased(db, practice_id, records, patients=spec is PATIENTS, rejected=rejected)
 
 
 def _read_patients(client: PmsClient, since: datetime | None):

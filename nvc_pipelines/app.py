@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,15 +243,13 @@ def sync_practice(
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_PHONE_LIST = re.compile(r"^\+\d{7,15}(?:; \+\d{7,15})*$")
 
 
 def neutralise_cell(value: Any) -> Any:
-    """OWASP CSV-injection defence: a cell a spreadsheet would run as a formula is prefixed with `'`.
-
-    E.164 phone lists are left as they are: a spreadsheet reads them as numbers, never as formulas.
-    """
-    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PHONE_LIST.match(value):
+    """OWASP CSV-injection defence: a cell that starts with `= + - @`, a tab or a carriage return is
+    prefixed with `'`, phones included: a spreadsheet turns `+447700900123` into a formula or a
+    number (losing the `+`), so E.164 numbers are quoted too. Strip one leading `'` to read back."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
     return value
 

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,6 +64,48 @@ class Suppressions:
         )
 
 
+_WORD = re.compile(r"[^\W\d_][\w'’-]*")
+_NUMBER = re.compile(r"\+?\d[\d ()-]{8,}\d")
+
+
+def _erased_raw(suppressions: Suppressions, raw: Any) -> bool:
+    """A row nothing could be read from (broken quoting, too many cells): any UK number in it with
+    any two neighbouring words as a name, against the erased name+phone hashes."""
+    from nvc_pipelines.normalise import InvalidValue, normalise_phone
+
+    cells: list[str] = []
+    for value in raw.values() if isinstance(raw, dict) else [raw]:
+        cells.extend(str(v) for v in (value if isinstance(value, list | tuple) else [value]))
+    text = " ".join(cells)
+    phones = set()
+    for candidate in [*cells, *_NUMBER.findall(text)]:
+        try:
+            phones.add(normalise_phone(candidate).e164)
+        except InvalidValue:
+            continue
+    if not phones:
+        return False
+    words = _WORD.findall(text)
+    names = {_name(a, b) for a, b in zip(words, words[1:], strict=False)}
+    return any(
+        value_hash(suppressions.practice_id, "name_phone", f"{name}|{p}", suppressions.key) in suppressions.name_phones
+        for name in names
+        for p in phones
+    )
+
+
+def _erased_row(suppressions: Suppressions, identity: Any, raw: Any = None) -> bool:
+    if identity is None:
+        return _erased_raw(suppressions, raw)
+    if identity.pms_patient_id and suppressions.erased_id(identity.pms_patient_id):
+        return True
+    name = _name(identity.first_name, identity.last_name)
+    return any(
+        value_hash(suppressions.practice_id, "name_phone", f"{name}|{p}", suppressions.key) in suppressions.name_phones
+        for p in identity.phones
+    )
+
+
 def _name(first: str | None, last: str | None) -> str:
     return " ".join(f"{first or ''} {last or ''}".casefold().split())
 
@@ -75,9 +118,13 @@ def load_suppressions(store: Any, practice_id: str) -> Suppressions:
         return Suppressions(practice_id, [(r.kind, r.value_hash) for r in rows])
 
 
-def drop_erased(store: Any, practice_id: str, records: list[Any], *, patients: bool) -> tuple[list[Any], int]:
+def drop_erased(
+    store: Any, practice_id: str, records: list[Any], *, patients: bool, rejected: list[Any] | None = None
+) -> tuple[list[Any], int]:
     """Leave out everyone erased under GDPR (patients by keyed hashes of id and name+phone, other
-    records by their patient's id); returns what is kept and how many were left out."""
+    records by their patient's id), before anything of them is validated or kept; returns what is
+    kept and how many were left out. Rejected rows (in `rejected`, changed in place) that read as
+    an erased person are left out too, so a newer invalid row of hers keeps no personal data."""
     suppressions = load_suppressions(store, practice_id)
     if not suppressions:
         return records, 0
@@ -85,7 +132,12 @@ def drop_erased(store: Any, practice_id: str, records: list[Any], *, patients: b
         kept = [r for r in records if not suppressions.erased_patient(r)]
     else:
         kept = [r for r in records if not suppressions.erased_id(r.pms_patient_id)]
-    return kept, len(records) - len(kept)
+    dropped = len(records) - len(kept)
+    if rejected is not None:
+        before = len(rejected)
+        rejected[:] = [r for r in rejected if not _erased_row(suppressions, r.identity, r.raw)]
+        dropped += before - len(rejected)
+    return kept, dropped
 
 
 def erase_patient(store: Any, practice_id: str, patient_ref: str, actor: str) -> dict[str, int]:

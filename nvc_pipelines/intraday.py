@@ -116,7 +116,7 @@ def refresh(
         else:
             batch = client.read_appointments(since)
             records, rejected = list(batch.records), list(batch.rejected)
-        records, _ = drop_erased(store, practice_id, records, patients=spec is PATIENTS)
+        records, _ = drop_erased(store, practice_id, records, patients=spec is PATIENTS, rejected=rejected)
         counts = store.write_stream(
             practice_id,
             spec,

@@ -122,6 +122,17 @@ class RejectedRow:
     row_ref: str
     reason: str
     raw: dict[str, Any]
+    # Who the row seems to be about, as far as it could be read (not stored): lets an erased person's
+    # invalid row be recognised and left out, before anything of it is kept.
+    identity: RowIdentity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowIdentity:
+    pms_patient_id: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    phones: tuple[str, ...] = ()  # E.164
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -32,6 +33,7 @@ from nvc_pipelines.model import (
     ReadResult,
     RecordBatch,
     RejectedRow,
+    RowIdentity,
 )
 
 
@@ -182,6 +184,26 @@ def require_past_date(value: date | None, field_name: str, today: date) -> date:
 def clean_name(raw: str | None) -> str:
     """Collapse whitespace; keep the practice's own spelling and accents (Siân, Zoë, O'Neill)."""
     return " ".join(str(raw or "").split())
+
+
+# Text a wrong encoding leaves behind: UTF-8 read as Windows-1252/Latin-1 ("Ã©", "â€™"), a UTF-16
+# byte-order mark read as Latin-1 ("ÿþ"), and the replacement character of undecodable bytes.
+_MOJIBAKE = re.compile(r"Ã[\u0080-\u00bf]|â€|ÿþ|þÿ|ï»¿|\ufffd")
+
+
+def person_name(raw: str | None, field_name: str) -> str:
+    """A first or last name fit to say on a call: invisible formatting characters (bidi marks and
+    overrides, zero-width joiners) are removed, and a name that holds control characters, bytes a
+    wrong encoding garbled, or nothing visible is refused with the reason."""
+    text = str(raw or "")
+    if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text):
+        raise InvalidValue(f"{field_name} contains control characters (a broken export or wrong encoding?)")
+    if _MOJIBAKE.search(text):
+        raise InvalidValue(f"{field_name} {text!r} looks garbled by a wrong text encoding (re-export as UTF-8)")
+    visible = clean_name("".join(ch for ch in text if unicodedata.category(ch) != "Cf"))
+    if text.strip() and not any(ch.isalpha() for ch in visible):
+        raise InvalidValue(f"{field_name} has no letters (only marks, digits or invisible characters)")
+    return visible
 
 
 # Free-text risk categories as practices write them, mapped onto the recall rules' flags.
@@ -343,8 +365,15 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
     past last eye test; a PMS patient without them is still kept, just not callable or recallable.
     """
     reasons: list[str] = []
-    first, last = clean_name(draft.first_name), clean_name(draft.last_name)
-    if not first and not last:
+    first = last = ""
+    for label, raw in (("first_name", draft.first_name), ("last_name", draft.last_name)):
+        try:
+            value = person_name(raw, label)
+        except InvalidValue as exc:
+            reasons.append(str(exc))
+            value = ""
+        first, last = (value, last) if label == "first_name" else (first, value)
+    if not first and not last and not reasons:
         reasons.append("name is missing")
     phones, phone_problems = normalise_phones(draft.phones)
     if strict and not phones:
@@ -440,6 +469,16 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
     )
 
 
+def draft_identity(draft: PatientDraft) -> RowIdentity:
+    """Whom an invalid patient row is about, as far as it reads (for erasure: never stored)."""
+    phones, _ = normalise_phones(draft.phones)
+    first, last = clean_name(draft.first_name), clean_name(draft.last_name)
+    pms_id = (draft.pms_patient_id or "").strip() or None
+    if pms_id is None and phones and (first or last):
+        pms_id = derived_patient_key(first, last, phones[0].e164)
+    return RowIdentity(pms_id, first, last, tuple(p.e164 for p in phones))
+
+
 def collect(
     practice_id: str,
     rows: Iterable[tuple[str, dict[str, Any], PatientDraft]],
@@ -459,11 +498,14 @@ def collect(
         try:
             patient = build_patient(practice_id, draft, today, strict=strict)
         except InvalidValue as exc:
-            result.rejected.append(RejectedRow(row_ref, str(exc), raw))
+            result.rejected.append(RejectedRow(row_ref, str(exc), raw, draft_identity(draft)))
             continue
         first_ref = seen.setdefault(patient.pms_patient_id, row_ref)
         if first_ref != row_ref:
-            result.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw))
+            identity = RowIdentity(
+                patient.pms_patient_id, patient.first_name, patient.last_name, tuple(p.e164 for p in patient.phones)
+            )
+            result.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw, identity))
             continue
         result.patients.append(patient)
     return result
@@ -637,7 +679,8 @@ def collect_records(
         try:
             record = build(draft)
         except InvalidValue as exc:
-            batch.rejected.append(RejectedRow(row_ref, str(exc), raw))
+            about = (getattr(draft, "pms_patient_id", None) or "").strip() or None
+            batch.rejected.append(RejectedRow(row_ref, str(exc), raw, RowIdentity(about)))
             continue
         first_ref = seen.setdefault(identity(record), row_ref)
         if first_ref != row_ref:

@@ -87,7 +87,8 @@ def test_csv_export_neutralises_spreadsheet_formulas(store: Store, tmp_path) -> 
 
     row = next(csv.DictReader(out.read_text(encoding="utf-8-sig").splitlines()))
     assert row["first_name"].startswith("'=") and row["last_name"] == "'@SUM(A1)"
-    assert row["phones"] == "+447700900321"  # an E.164 phone is data, not a formula
+    # A spreadsheet reads +44... as a formula or a number (dropping the +): quoted like any other.
+    assert row["phones"] == "'+447700900321"
     rejected = next(csv.DictReader((tmp_path / "inj-rejected.csv").read_text(encoding="utf-8-sig").splitlines()))
     assert rejected["raw"].startswith("{") and "+cmd" in rejected["raw"]  # raw values as JSON: never a formula
 

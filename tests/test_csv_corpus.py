@@ -358,7 +358,7 @@ def test_the_limits_refuse_the_file_up_front(tmp_path: Path, monkeypatch: pytest
 # --- 100 MB ------------------------------------------------------------------------------------------
 
 HUNDRED_MB = 100 * 1024 * 1024
-SEED_HEADER = ",".join((*csv_source.SEED_COLUMNS, *csv_source.OPTIONAL_COLUMNS))
+SEED_HEADER = ",".join((*csv_source.SEED_COLUMNS, "date_of_birth", "email", "address", "pms_patient_id"))
 EXTRA_PMS_COLUMNS = [f"pms_field_{i:02d}" for i in range(20)]
 
 

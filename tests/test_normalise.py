@@ -200,3 +200,31 @@ def test_a_pms_deceased_mark_holds_even_with_a_bad_date() -> None:
     assert ok.status_date == date(2026, 10, 1)
     with pytest.raises(InvalidValue, match="patient status 'zombie' is not known"):
         build_patient("p", PatientDraft("P1", "Ann", "Lee", status="zombie"), date(2026, 11, 25), strict=False)
+
+
+@pytest.mark.parametrize(
+    ("first", "problem"),
+    [
+        ("\u200f\u200e\u202e", "first_name has no letters"),  # only bidi marks and an RTL override
+        ("\x81\x8d", "first_name contains control characters"),  # undecodable Windows-1252 bytes
+        ("Ann\x07", "first_name contains control characters"),
+        ("Badÿþ", "looks garbled by a wrong text encoding"),  # a UTF-16 byte-order mark read as Latin-1
+        ("JosÃ©", "looks garbled by a wrong text encoding"),  # UTF-8 read as Windows-1252
+        ("Ann\ufffd", "looks garbled by a wrong text encoding"),
+        ("1234", "first_name has no letters"),
+    ],
+)
+def test_names_that_are_not_names_are_rejected_with_the_reason(first: str, problem: str) -> None:
+    from nvc_pipelines.normalise import PatientDraft, build_patient
+
+    with pytest.raises(InvalidValue, match=problem):
+        build_patient("p", PatientDraft("P1", first, "Lee", ["07700 900123"]), date(2026, 11, 25), strict=False)
+
+
+def test_invisible_characters_around_a_real_name_are_removed() -> None:
+    from nvc_pipelines.normalise import PatientDraft, build_patient
+
+    patient = build_patient(
+        "p", PatientDraft("P1", "\u200fSiân\u202c", "O'Neill\u200d", ["07700 900123"]), date(2026, 11, 25), strict=False
+    )
+    assert (patient.first_name, patient.last_name) == ("Siân", "O'Neill")

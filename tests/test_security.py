@@ -190,6 +190,42 @@ def test_erasure_survives_full_syncs_and_spares_the_family(database_url: str, st
         assert personal not in dump and personal not in audit
 
 
+def test_an_erased_persons_invalid_row_keeps_no_personal_data(database_url: str, store: Store, tmp_path: Path) -> None:
+    """Erased, then a newer file where her row is invalid (a bad date; a broken line): none of her
+    name or number is stored again in the quarantine, nor shown by either export."""
+    _csv(tmp_path / "a.csv", [("Ann", "Lee", "07700 900123"), ("Bo", "Kay", "07700 900555")])
+    store.add_practice("gdpr-rej", "GDPR", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    job = defs.resolve_job_def("practice_sync")
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("practices", ["gdpr-rej"])
+        assert job.execute_in_process(partition_key="gdpr-rej", instance=instance).success
+        ann = next(p for p in store.export_practice("gdpr-rej")["patients"] if p["first_name"] == "Ann")
+        erase_patient(store, "gdpr-rej", ann["pms_patient_id"], "test")
+        (tmp_path / "a.csv").unlink()
+        lines = [
+            ",".join(SEED_COLUMNS),
+            "Ann,Lee,07700 900123,31/02/2024,standard,,",  # her row, invalid: an impossible date
+            "Ann,Lee,07700 900123,15/01/2024,standard,,,extra,cells",  # her row again, more cells than columns
+            "Bo,Kay,07700 900555,15/01/2024,standard,,",
+            "Cy,Day,07700 900777,31/02/2024,standard,,",  # someone else's invalid row: kept with its reason
+        ]
+        (tmp_path / "b.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        again = job.execute_in_process(partition_key="gdpr-rej", instance=instance)
+    assert again.success
+    meta = again.asset_materializations_for_node("patients")[0].metadata
+    assert meta["suppressed_erased"].value == 2
+    runner = CliRunner()
+    exported = runner.invoke(main, ["export", "gdpr-rej"]).output
+    assert "Cy" in exported  # the other invalid row is kept, with its reason
+    out = tmp_path / "export.csv"
+    assert runner.invoke(main, ["export", "gdpr-rej", "--format", "csv", "--output", str(out)]).exit_code == 0
+    csv_text = out.read_text(encoding="utf-8-sig") + (tmp_path / "export-rejected.csv").read_text(encoding="utf-8-sig")
+    with store.begin() as conn:
+        quarantine = json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM rejected_rows")).all()])
+    for personal in ("Ann", "900123"):
+        assert personal not in exported and personal not in csv_text and personal not in quarantine
+
+
 def test_erasure_survives_incremental_syncs(database_url: str, store: Store) -> None:
     with OptixSandbox(practices={"OPX-5": 6}, api_keys={"k5": "OPX-5"}) as sandbox:
         store.add_practice(
