@@ -145,6 +145,12 @@ def test_the_application_role_cannot_bypass_rls_and_the_audit_log_is_append_only
     for statement in ("UPDATE audit_log SET action = 'x'", "DELETE FROM audit_log"):
         with pytest.raises(DBAPIError, match="permission denied"), store.begin("prac-a") as conn:
             conn.execute(text(statement))
+    # Even the owner role (migrations, ops) cannot change or remove audit rows: a trigger refuses it.
+    for statement in ("UPDATE audit_log SET action = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
+        with pytest.raises(DBAPIError, match="the audit log is append-only"), store.begin() as conn:
+            conn.execute(text(statement))
+    with store.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM audit_log")).scalar_one() > 0
 
 
 def test_merges_exports_and_writeback_stay_inside_the_practice(two_practices: Store) -> None:
