@@ -240,6 +240,16 @@ def csv_template(path: Path | None) -> None:
         click.echo(template_text(), nl=False)
 
 
+def _known(practice_id: str):
+    """The store, once `practice_id` is known to be registered: a mistyped id is one clear error and a
+    non-zero exit, never an empty answer that looks like "nothing to do"."""
+    from nvc_pipelines.app import open_store
+
+    store = open_store()
+    store.get_practice(practice_id)
+    return store
+
+
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     """Columns as wide as their widest cell (a header row, then the rows), for people to read."""
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
@@ -428,9 +438,8 @@ def contact_allow(practice_id: str, patient_id: str, why: str) -> None:
 @click.argument("practice_id")
 def rejected_cmd(practice_id: str) -> None:
     """Rows the practice's last syncs could not import, with the reason for each."""
-    from nvc_pipelines.app import open_store
 
-    rows = open_store().export_practice(practice_id)["rejected_rows"]
+    rows = _known(practice_id).export_practice(practice_id)["rejected_rows"]
     click.echo(f"{len(rows)} rejected row(s)")
     for r in rows:
         click.echo(f"{r['source']:22} {r['row_ref']:34} {r['reason']}")
@@ -440,9 +449,8 @@ def rejected_cmd(practice_id: str) -> None:
 @click.argument("practice_id")
 def duplicates_cmd(practice_id: str) -> None:
     """Records that look like the same person (shared phone plus name, or name plus date of birth)."""
-    from nvc_pipelines.app import open_store
 
-    pairs = open_store().duplicates(practice_id)
+    pairs = _known(practice_id).duplicates(practice_id)
     click.echo(f"{len(pairs)} possible duplicate(s)")
     for d in pairs:
         click.echo(f"keep {d.keep:24} merge {d.other:24} ({d.reason})  ->  nvc merge {practice_id} {d.keep} {d.other}")
@@ -513,9 +521,8 @@ def group_list() -> None:
 @click.option("--limit", default=50, show_default=True)
 def audit_cmd(practice_id: str, limit: int) -> None:
     """Who read or wrote the practice's patient data, newest first (the audit log is append-only)."""
-    from nvc_pipelines.app import open_store
 
-    for e in open_store().audit_entries(practice_id, limit):
+    for e in _known(practice_id).audit_entries(practice_id, limit):
         refs = f" records={','.join(e['record_refs'])}" if e["record_refs"] else ""
         run = f" run={e['run_id']}" if e["run_id"] else ""
         click.echo(f"{e['at']:%Y-%m-%d %H:%M:%S} {e['actor']:28} {e['action']:22}{refs}{run} {json.dumps(e['detail'])}")
@@ -560,6 +567,7 @@ def sync_log_cmd(practice_id: str, limit: int) -> None:
 
     from nvc_pipelines.app import sync_log
 
+    _known(practice_id)
     rows = sync_log(practice_id, limit)
     if not rows:
         click.echo(f"No runs yet for {practice_id}.")
@@ -580,7 +588,7 @@ def alerts_cmd(practice_id: str | None, limit: int) -> None:
     from nvc_pipelines.alerts import recent_alerts
     from nvc_pipelines.app import open_store
 
-    rows = recent_alerts(open_store(), practice_id, limit)
+    rows = recent_alerts(_known(practice_id) if practice_id else open_store(), practice_id, limit)
     click.echo(f"{len(rows)} alert(s)")
     for a in rows:
         click.secho(
@@ -688,9 +696,8 @@ def call_outcome_add(practice_id, patient_id, outcome, text_, phone, key) -> Non
 def outbox_cmd(practice_id: str, status: str | None) -> None:
     """The practice's outbox: what was written back, what is waiting, and what failed and why."""
     from nvc_pipelines import writeback
-    from nvc_pipelines.app import open_store
 
-    rows = writeback.outbox_rows(open_store(), practice_id, status)
+    rows = writeback.outbox_rows(_known(practice_id), practice_id, status)
     click.echo(f"{len(rows)} outbox row(s)")
     for r in rows:
         why = f"  {r['problem']}: {r['last_error']}" if r["status"] in ("failed", "dead_letter") else ""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from datetime import date
 
+import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
 from nvc_pipelines.cli import main
 from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, ReadResult, RejectedRow
@@ -112,3 +114,29 @@ def test_recalls_later_in_the_pms_than_the_guideline_are_listed_for_review(store
     assert "Dee Ray (D1)  2026-03-01  2025-03-01  diabetic" in listed.output and "D2" not in listed.output
     summary = runner.invoke(main, ["recalls", "warn"])
     assert "2 recall(s) for 2 active patient(s)" in summary.output and "1 PMS date(s) later" in summary.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["call-list", "nope"],
+        ["call-list", "nope", "--format", "json"],
+        ["call-list", "nope", "--why", "P1"],
+        ["duplicates", "nope"],
+        ["rejected", "nope"],
+        ["sync-log", "nope"],
+        ["outbox", "nope"],
+        ["alerts", "nope"],
+        ["audit", "nope"],
+        ["recalls", "nope"],
+        ["recalls", "nope", "--warnings"],
+        ["contact", "allow", "nope", "P1"],
+    ],
+)
+def test_an_unknown_practice_is_one_clear_error(store: Store, args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "no practice 'nope' is registered (see `nvc practice list`)" in result.output
+    assert "Traceback" not in result.output
+    with store.begin() as conn:  # nothing was recorded about a practice that does not exist
+        assert not conn.execute(text("SELECT 1 FROM audit_log WHERE practice_id = 'nope'")).first()
