@@ -350,7 +350,10 @@ def sync_log(practice_id: str, limit: int = 20) -> list[dict[str, Any]]:
                     (data.user_failure_data.description if data.user_failure_data else None)
                     or data.error.message.strip()
                 )
-            error = "; ".join(dict.fromkeys(messages)) or None
+            if not messages:  # no step failed: the run itself did (e.g. its process died)
+                ended = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_FAILURE).records
+                messages = [r.event_log_entry.dagster_event.message or "" for r in ended]
+            error = "; ".join(m for m in dict.fromkeys(messages) if m) or None
         out.append(
             {
                 "run_id": run.run_id,

@@ -566,8 +566,11 @@ def sync_log_cmd(practice_id: str, limit: int) -> None:
     from datetime import UTC, datetime
 
     from nvc_pipelines.app import sync_log
+    from nvc_pipelines.instance import get_instance
+    from nvc_pipelines.runs import reap_dead_runs
 
     _known(practice_id)
+    reap_dead_runs(get_instance())  # a killed `nvc sync` shows as failed, not STARTED
     rows = sync_log(practice_id, limit)
     if not rows:
         click.echo(f"No runs yet for {practice_id}.")

@@ -5,11 +5,17 @@ from dagster import Definitions
 from schedules.intraday import intraday_refresh_job, intraday_sync_sensor
 from schedules.jobs import practice_sync_job
 from schedules.nightly import nightly_pms_sync
-from schedules.ops import initial_sync_sensor, run_failure_alert_sensor
+from schedules.ops import dead_run_sensor, initial_sync_sensor, run_failure_alert_sensor
 from schedules.writeback import booking_writeback_job, booking_writeback_sensor
 
 defs = Definitions(
     jobs=[practice_sync_job, booking_writeback_job, intraday_refresh_job],
     schedules=[nightly_pms_sync],
-    sensors=[booking_writeback_sensor, initial_sync_sensor, run_failure_alert_sensor, intraday_sync_sensor],
+    sensors=[
+        booking_writeback_sensor,
+        initial_sync_sensor,
+        run_failure_alert_sensor,
+        intraday_sync_sensor,
+        dead_run_sensor,
+    ],
 )

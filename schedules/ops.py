@@ -13,10 +13,23 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
-from nvc_pipelines import alerts
+from nvc_pipelines import alerts, runs
 from resources.store import StoreResource
 from schedules.jobs import practice_sync_job
 from schedules.writeback import booking_writeback_job
+
+
+@sensor(
+    name="dead_run_sensor",
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Ends as failed, with the reason, any run whose process died (killed or crashed) on this host.",
+)
+def dead_run_sensor(context: SensorEvaluationContext):
+    reaped = runs.reap_dead_runs(context.instance)
+    return SkipReason(
+        f"reported {len(reaped)} dead run(s) as failed: {', '.join(reaped)}" if reaped else "no dead runs"
+    )
 
 
 @sensor(

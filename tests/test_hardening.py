@@ -65,3 +65,47 @@ def test_a_stuck_statement_is_cancelled_with_an_error_naming_its_bound(
     with pytest.raises(StoreUnavailable) as info, store.begin() as conn:
         conn.execute(text("SELECT pg_sleep(5)"))
     assert "NVC_STATEMENT_TIMEOUT_SECONDS (1 s)" in str(info.value) and "nothing of it was written" in str(info.value)
+
+
+def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: str) -> None:
+    """`nvc sync` killed mid-run (kill -9): its run is reported failed with the reason, by the same
+    reaper the daemon's `dead_run_sensor` and `nvc sync-log` run."""
+    from click.testing import CliRunner
+    from dagster import DagsterRunStatus, RunsFilter
+
+    from nvc_pipelines import app
+    from nvc_pipelines.cli import main
+    from nvc_pipelines.instance import ensure_dagster_home, get_instance
+    from nvc_pipelines.model import PmsKind
+    from nvc_pipelines.runs import reap_dead_runs
+    from nvc_pipelines.sandboxes.optix import OptixSandbox
+
+    with OptixSandbox(practices={"OPX-9": 20}, api_keys={"k9": "OPX-9"}) as sandbox:
+        app.connect_practice("killed", PmsKind.OPTIX, "Killed", {"practice_id": "OPX-9", "api_url": sandbox.url},
+                             {"api_key": "k9"})  # fmt: skip
+        ensure_dagster_home()
+        sandbox.faults.latency_seconds = 30  # every PMS call hangs: the run is mid-sync when killed
+        nvc = os.path.join(os.path.dirname(sys.executable), "nvc")
+        child = subprocess.Popen([nvc, "sync", "killed"], env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)  # fmt: skip
+        instance = get_instance()
+        try:
+            started = []
+            for _ in range(600):  # up to 60 s for the run to start
+                started = instance.get_runs(
+                    RunsFilter(tags={"practice": "killed"}, statuses=[DagsterRunStatus.STARTED])
+                )
+                if started:
+                    break
+                time.sleep(0.1)
+            assert started, "the sync's run never started"
+            assert reap_dead_runs(instance) == []  # alive: left alone
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            sandbox.faults.latency_seconds = 0
+    assert reap_dead_runs(instance) == [started[0].run_id]
+    run = instance.get_run_by_id(started[0].run_id)
+    assert run.status == DagsterRunStatus.FAILURE
+    log = CliRunner().invoke(main, ["sync-log", "killed"])
+    assert "FAILURE" in log.output and "is no longer running" in log.output, log.output
