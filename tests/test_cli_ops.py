@@ -140,3 +140,19 @@ def test_an_unknown_practice_is_one_clear_error(store: Store, args: list[str]) -
     assert "Traceback" not in result.output
     with store.begin() as conn:  # nothing was recorded about a practice that does not exist
         assert not conn.execute(text("SELECT 1 FROM audit_log WHERE practice_id = 'nope'")).first()
+
+
+def test_dagsters_preview_warnings_stay_out_of_operators_output(database_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    nvc = os.path.join(os.path.dirname(sys.executable), "nvc")
+    # Connecting loads the code location (to learn what the PMS needs), which declares partitioned
+    # asset checks, a Dagster preview feature.
+    done = subprocess.run(
+        [nvc, "practice", "connect", "x", "--pms", "optix"], capture_output=True, text=True, env=os.environ.copy(),
+        timeout=120, input="",
+    )  # fmt: skip
+    assert done.returncode == 1 and "secret api_key not given" in done.stderr, done.stderr
+    assert "Warning" not in done.stderr and "Traceback" not in done.stderr, done.stderr
