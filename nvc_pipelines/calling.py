@@ -106,9 +106,9 @@ class CallSettings:
             ("booked_hold_days", "booked_hold", 0, 90),
         ):
             if key in settings:
-                values[attr] = timedelta(days=_number(settings, key, low, high))
+                values[attr] = timedelta(days=number_setting(settings, key, low, high))
         if "max_attempts" in settings:
-            values["max_attempts"] = int(_number(settings, "max_attempts", 1, 20))
+            values["max_attempts"] = int(number_setting(settings, "max_attempts", 1, 20))
         return replace(defaults, **values)
 
     def is_open_day(self, day: date) -> bool:
@@ -150,7 +150,8 @@ def _days(raw: str) -> frozenset[int]:
     return frozenset(days)
 
 
-def _number(settings: Mapping[str, str], key: str, low: float, high: float) -> float:
+def number_setting(settings: Mapping[str, str], key: str, low: float, high: float) -> float:
+    """A practice's numeric setting, refused with a message naming it when it is not a number in range."""
     try:
         value = float(settings[key])
     except ValueError:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from nvc_pipelines.calling import UK_TZ, CallSettings
+from nvc_pipelines.calling import UK_TZ, CallSettings, number_setting
 from nvc_pipelines.erasure import drop_erased
 from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.normalise import InvalidValue, normalise_phone
@@ -68,13 +68,7 @@ def check_max_age(settings: Mapping[str, str]) -> timedelta:
 def _minutes(settings: Mapping[str, str], key: str, default: timedelta, low: float, high: float) -> float:
     if key not in settings:
         return default.total_seconds() / 60
-    try:
-        value = float(settings[key])
-    except ValueError:
-        raise ValueError(f"setting {key} must be a number of minutes, got {settings[key]!r}") from None
-    if not low <= value <= high:
-        raise ValueError(f"setting {key} must be between {low:g} and {high:g} minutes, got {value:g}")
-    return value
+    return number_setting(settings, key, low, high)
 
 
 def supports_intraday(practice: Practice) -> bool:

@@ -305,18 +305,8 @@ def record_event(
 def refresh_patient(
     conn: Connection, practice_id: str, patient_id: int, now: datetime, extra_phone: str | None = None
 ) -> dict[str, Any]:
-    """Place one patient's household again (everyone on any of their numbers)."""
-    phones = conn.execute(
-        text(
-            "SELECT pt.phones || COALESCE((SELECT array_agg(ph) FROM patients m, unnest(m.phones) ph "
-            "WHERE m.merged_into = pt.patient_id), '{}') FROM patients pt WHERE pt.patient_id = :id"
-        ),
-        {"id": patient_id},
-    ).scalar_one()
-    scope = Scope({patient_id}, {*phones, *([extra_phone] if extra_phone else [])})
-    today = now.astimezone(UK_TZ).date()
-    settings = practice_call_settings(conn, practice_id)
-    return rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope)
+    """Place one patient's household again (everyone on any of their numbers, and `extra_phone`)."""
+    return _refresh_ids(conn, practice_id, {patient_id}, now, {extra_phone} if extra_phone else set())
 
 
 def refresh_refs(conn: Connection, practice_id: str, refs: Collection[str], now: datetime) -> dict[str, Any] | None:
@@ -324,16 +314,23 @@ def refresh_refs(conn: Connection, practice_id: str, refs: Collection[str], now:
     a booking, a death or an opt-out the practice recorded today takes them off the list at once."""
     if not refs:
         return None
-    rows = conn.execute(
-        text(
-            "SELECT DISTINCT COALESCE(pt.merged_into, pt.patient_id) FROM patients pt "
-            "WHERE pt.practice_id = :p AND pt.pms_patient_id = ANY(:refs)"
-        ),
-        {"p": practice_id, "refs": sorted(refs)},
-    ).scalars()
-    ids = set(rows)
-    if not ids:
-        return None
+    ids = set(
+        conn.execute(
+            text(
+                "SELECT DISTINCT COALESCE(pt.merged_into, pt.patient_id) FROM patients pt "
+                "WHERE pt.practice_id = :p AND pt.pms_patient_id = ANY(:refs)"
+            ),
+            {"p": practice_id, "refs": sorted(refs)},
+        ).scalars()
+    )
+    return _refresh_ids(conn, practice_id, ids, now, set()) if ids else None
+
+
+def _refresh_ids(
+    conn: Connection, practice_id: str, ids: set[int], now: datetime, extra_phones: set[str]
+) -> dict[str, Any]:
+    """Place these (kept) patients again, with everyone on any of their numbers or of records merged
+    into them: their households' entries are rebuilt whole."""
     phones = conn.execute(
         text(
             "SELECT DISTINCT ph FROM patients pt CROSS JOIN LATERAL unnest(pt.phones) ph "
@@ -343,7 +340,8 @@ def refresh_refs(conn: Connection, practice_id: str, refs: Collection[str], now:
     ).scalars()
     settings = practice_call_settings(conn, practice_id)
     today = now.astimezone(UK_TZ).date()
-    return rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=Scope(ids, set(phones)))
+    scope = Scope(ids, {*phones, *extra_phones})
+    return rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope)
 
 
 def mark_refreshed(conn: Connection, practice_id: str, at: datetime, *, ok: bool, error: str | None = None) -> None:

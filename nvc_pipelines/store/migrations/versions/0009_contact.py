@@ -17,6 +17,8 @@ Revises: 0008
 
 from alembic import op
 
+from nvc_pipelines.store.migrations.rls import practice_scoped
+
 revision = "0009"
 down_revision = "0008"
 branch_labels = None
@@ -114,16 +116,5 @@ def upgrade() -> None:
         """
     )
     for table in NEW_TABLES:
-        op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO nvc_app")
-        op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-        op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
-        op.execute(
-            f"CREATE POLICY practice_scope ON {table} TO nvc_app "
-            "USING (practice_id = current_setting('nvc.practice_id', true)) "
-            "WITH CHECK (practice_id = current_setting('nvc.practice_id', true))"
-        )
-        op.execute(
-            f"DO $$ BEGIN EXECUTE format('CREATE POLICY owner_all ON {table} TO %I USING (true) WITH CHECK (true)', "
-            "current_user); END $$"
-        )
+        practice_scoped(table)
     op.execute("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO nvc_app")

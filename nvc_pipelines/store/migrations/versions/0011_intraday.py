@@ -7,6 +7,8 @@ Revises: 0010
 
 from alembic import op
 
+from nvc_pipelines.store.migrations.rls import practice_scoped
+
 revision = "0011"
 down_revision = "0010"
 branch_labels = None
@@ -27,15 +29,4 @@ def upgrade() -> None:
         );
         """
     )
-    op.execute("GRANT SELECT, INSERT, UPDATE ON call_list_state TO nvc_app")
-    op.execute("ALTER TABLE call_list_state ENABLE ROW LEVEL SECURITY")
-    op.execute("ALTER TABLE call_list_state FORCE ROW LEVEL SECURITY")
-    op.execute(
-        "CREATE POLICY practice_scope ON call_list_state TO nvc_app "
-        "USING (practice_id = current_setting('nvc.practice_id', true)) "
-        "WITH CHECK (practice_id = current_setting('nvc.practice_id', true))"
-    )
-    op.execute(
-        "DO $$ BEGIN EXECUTE format('CREATE POLICY owner_all ON call_list_state TO %I USING (true) "
-        "WITH CHECK (true)', current_user); END $$"
-    )
+    practice_scoped("call_list_state", "SELECT, INSERT, UPDATE")
