@@ -9,12 +9,10 @@ from pathlib import Path
 
 import click
 
+from nvc_pipelines.console import fail, print_outcome
 from nvc_pipelines.model import CallOutcome, PmsKind
 
-
-def _fail(message: str) -> None:
-    click.secho(f"Error: {message}", fg="red", err=True)
-    sys.exit(1)
+_fail = fail
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -160,22 +158,6 @@ def practice_disconnect(practice_id: str) -> None:
 
 
 # --- sync and data --------------------------------------------------------------------------------
-
-
-def print_outcome(practice_id: str, outcome) -> None:
-    for asset_name, meta in outcome.metadata.items():
-        shown = {
-            k: v
-            for k, v in meta.items()
-            if not isinstance(v, dict | list)
-            and k != "rejection_reasons"
-            and not (k.startswith("not_listed_") and not v)
-        }
-        click.echo(f"  {asset_name}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    if outcome.success:
-        click.secho(f"Synced {practice_id} (run {outcome.run_id})", fg="green")
-    else:
-        _fail(f"sync of {practice_id} failed (run {outcome.run_id}): {outcome.error}")
 
 
 @main.command("sync")
@@ -769,13 +751,47 @@ def store_stop() -> None:
     click.echo("Stopped." if stop_server() else "The embedded server was not running.")
 
 
-def _add_rotate_key() -> None:
-    from nvc_pipelines.crypto import rotate_key_command
+@main.command("rotate-key")
+@click.option("--generate", is_flag=True, help="Generate the new key instead of reading it.")
+@click.option("--finish", is_flag=True, help="Finish a rotation of $NVC_HOME/secret.key that was interrupted.")
+def rotate_key_cmd(generate: bool, finish: bool) -> None:
+    """Re-encrypt every practice's PMS credentials under a new secret key, in one transaction.
 
-    main.add_command(rotate_key_command())
+    The new key comes from NVC_NEW_SECRET_KEY or standard input (never argv, which other users can
+    read in the process list and which shell history keeps)."""
+    from nvc_pipelines import crypto
+    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.config import nvc_home
 
+    if finish:
+        done = crypto.finish_interrupted_rotation(open_store(), actor=actor())
+        click.echo("No interrupted rotation to finish." if done is None else f"Finished: {done} practice(s).")
+        return
+    if generate:
+        new_key = crypto.generate_key()
+    else:
+        new_key = os.environ.get(crypto.NEW_KEY_ENV) or ""
+        if not new_key:
+            new_key = (
+                click.prompt("New secret key (base64, 32 bytes)", hide_input=True)
+                if sys.stdin.isatty()
+                else sys.stdin.readline()
+            )
+    ring_from_file = not os.environ.get(crypto.KEY_ENV)
+    count = crypto.rotate_key(open_store(), new_key.strip(), actor=actor())
+    click.echo(f"Rotated the credentials of {count} practice(s).")
+    if ring_from_file:
+        click.echo(
+            f"{nvc_home() / crypto.KEY_FILE} now holds the new key; the old one is in {crypto.PREVIOUS_KEY_FILE}."
+        )
+    else:
+        if generate:
+            click.echo(f"New key (shown once; store it in your secret manager): {new_key}")
+        click.echo(
+            f"Now set {crypto.KEY_ENV} to the new key and {crypto.PREVIOUS_KEY_ENV} to the old one for every process, "
+            f"restart them, then remove {crypto.PREVIOUS_KEY_ENV}."
+        )
 
-_add_rotate_key()
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ import click
 
 from nvc_pipelines import app
 from nvc_pipelines.config import nvc_home
+from nvc_pipelines.console import print_outcome
 from nvc_pipelines.instance import ensure_dagster_home
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.sandboxes.acuitas import AcuitasSandbox
@@ -209,8 +210,6 @@ def run_dagster_dev(port: int) -> int:
 
 
 def run_demo(*, ui: bool, ui_port: int, sandbox_port: int) -> None:
-    from nvc_pipelines.cli import print_outcome
-
     started = time.monotonic()
     app.open_store()
     home = ensure_dagster_home()

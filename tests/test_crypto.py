@@ -344,17 +344,17 @@ def test_failed_file_rotation_leaves_the_key_file_alone(store, monkeypatch, nvc_
 
 
 def test_rotate_key_command(store, monkeypatch) -> None:
-    """The click command meant for `nvc rotate-key` (wired in cli.py by its owner)."""
+    """`nvc rotate-key`: the new key from standard input; `--finish` when nothing was interrupted."""
     from click.testing import CliRunner
 
-    from nvc_pipelines.crypto import rotate_key_command
+    from nvc_pipelines.cli import main
 
     _add(store, "p0", {"api_key": "k"})
     new = generate_key()
-    result = CliRunner().invoke(rotate_key_command(), [], input=new + "\n")
+    result = CliRunner().invoke(main, ["rotate-key"], input=new + "\n")
     assert result.exit_code == 0, result.output
     assert "Rotated the credentials of 1 practice(s)" in result.output and new not in result.output
     monkeypatch.setenv(KEY_ENV, new)
     assert store.practice_credentials("p0") == {"api_key": "k"}
-    finish = CliRunner().invoke(rotate_key_command(), ["--finish"])
+    finish = CliRunner().invoke(main, ["rotate-key", "--finish"])
     assert finish.exit_code == 0 and "No interrupted rotation" in finish.output

@@ -7,7 +7,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from dagster import DagsterInstance, build_schedule_context, instance_for_test, materialize
+from dagster import AssetKey, DagsterInstance, build_schedule_context, instance_for_test, materialize
 
 from assets.sync import appointments, call_list, clinical_records, patients, recalls
 from nvc_pipelines.definitions import defs, pms_gateway
@@ -133,3 +133,12 @@ def test_consecutive_failures_count_back_from_the_failed_run(instance: DagsterIn
     context = SimpleNamespace(instance=instance, dagster_run=third)
     assert _consecutive_failures(context, "p") == 3
     assert _consecutive_failures(SimpleNamespace(instance=instance, dagster_run=instance.get_run_by_id("r1")), "p") == 1
+
+
+def test_assets_carry_references_to_their_source() -> None:
+    from nvc_pipelines.definitions import defs
+
+    for key in ("patients", "call_list", "recalls"):
+        spec = defs.get_assets_def(key).specs_by_key[AssetKey(key)]
+        refs = spec.metadata["dagster/code_references"].code_references
+        assert refs and refs[0].file_path.endswith("assets/sync.py") and refs[0].line_number > 0
