@@ -280,7 +280,7 @@ def _not_listed(person: DuePerson, settings: CallSettings, now: datetime) -> tup
             "attempts_exhausted",
             f"{len(unanswered)} unanswered calls for this recall (the limit is {settings.max_attempts})",
         )
-    if not _callable_phones(person):
+    if not (_callable_phones(person) if person.events else person.phones):
         if person.phones:
             return "no_callable_number", "every number on record was reported as a wrong number"
         return "no_callable_number", "no valid UK phone number on record"
@@ -303,12 +303,13 @@ def place(
     last call on their number, so placing one household again gives what placing all would."""
     today = _local_day(now)
     out: list[Placement] = []
+    opens: dict[datetime, datetime] = {}  # most people share one earliest moment: place it once
     for person in people:
         kept_off = _not_listed(person, settings, now)
         if kept_off is not None:
             out.append(Placement(person.patient_id, False, reason_code=kept_off[0], detail=kept_off[1]))
             continue
-        phone = _callable_phones(person)[0]
+        phone = (_callable_phones(person) if person.events else person.phones)[0]
         earliest = now
         unanswered = [e.occurred_at for e in person.events if e.outcome in UNANSWERED]
         if unanswered:
@@ -322,7 +323,7 @@ def place(
                 True,
                 phone=phone,
                 ask_for=ask_for(person, today),
-                earliest_call_at=settings.next_open(earliest),
+                earliest_call_at=opens.get(earliest) or opens.setdefault(earliest, settings.next_open(earliest)),
             )
         )
     return out

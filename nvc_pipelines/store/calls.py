@@ -29,40 +29,46 @@ from nvc_pipelines.calling import (
 from nvc_pipelines.model import CallOutcome
 
 # The due people of a practice (or of a scope: patients by id, or anyone on given numbers), with the
-# references of records merged into them, whether they are booked and any open suppression. The
-# references are unnested into rows so "booked" and "suppressed" are plain joins that use the
-# indexes: `= ANY(array)` is not leakproof, so under row-level security it scanned every row.
+# references and phones of records merged into them. Whether each is booked or suppressed is added
+# in separate steps against an indexed, analysed table of their references: a practice's rows that
+# were just bulk-loaded have no statistics yet, and one big statement then got a plan that ran for
+# minutes at 200,000 patients; each step here is a plain join the planner cannot get wrong.
 _GATHER = """
 CREATE TEMP TABLE due_people ON COMMIT DROP AS
-WITH people AS (
-    SELECT pt.patient_id, pt.pms_patient_id, pt.first_name, pt.last_name, pt.date_of_birth, pt.pms_status,
-        pt.status_date, pt.phone_recall, pt.no_recall, pt.contact_channels, pt.guardian_name, r.due_date, r.reason,
-        pt.phones || COALESCE((SELECT array_agg(ph) FROM patients m, unnest(m.phones) ph
-            WHERE m.merged_into = pt.patient_id), '{}') AS phones,
-        ARRAY[pt.pms_patient_id] || COALESCE((SELECT array_agg(m.pms_patient_id) FROM patients m
-            WHERE m.merged_into = pt.patient_id), '{}') AS refs
-    FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id
-    WHERE r.practice_id = :p AND pt.practice_id = :p AND pt.active AND r.due_date <= :today {scope}
-), person_refs AS (
-    SELECT p.patient_id, u.ref FROM people p CROSS JOIN LATERAL unnest(p.refs) AS u(ref)
-), booked AS (
-    SELECT pr.patient_id FROM person_refs pr JOIN appointments a ON a.practice_id = :p AND a.pms_patient_id = pr.ref
+SELECT pt.patient_id, pt.pms_patient_id, pt.first_name, pt.last_name, pt.date_of_birth, pt.pms_status,
+    pt.status_date, pt.phone_recall, pt.no_recall, pt.contact_channels, pt.guardian_name, r.due_date, r.reason,
+    pt.phones || COALESCE((SELECT array_agg(ph) FROM patients m, unnest(m.phones) ph
+        WHERE m.merged_into = pt.patient_id), '{}') AS phones,
+    ARRAY[pt.pms_patient_id] || COALESCE((SELECT array_agg(m.pms_patient_id) FROM patients m
+        WHERE m.merged_into = pt.patient_id), '{}') AS refs,
+    false AS booked, CAST(NULL AS text) AS suppressed
+FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id
+WHERE r.practice_id = :p AND pt.practice_id = :p AND pt.active AND r.due_date <= :today {scope}
+"""
+# The references are rows, so "booked" and "suppressed" are plain equality joins that use the
+# indexes: `= ANY(array)` is not leakproof, so under row-level security it scanned every row.
+_REFS = [
+    "CREATE TEMP TABLE due_refs ON COMMIT DROP AS "
+    "SELECT d.patient_id, u.ref FROM due_people d CROSS JOIN LATERAL unnest(d.refs) AS u(ref)",
+    "CREATE INDEX ON due_refs (ref)",
+    "ANALYZE due_refs",
+]
+_BOOKED = """
+UPDATE due_people d SET booked = true FROM (
+    SELECT r.patient_id FROM due_refs r JOIN appointments a ON a.practice_id = :p AND a.pms_patient_id = r.ref
     WHERE a.active AND a.status = 'booked' AND a.starts_at > :now
     UNION
-    SELECT pr.patient_id FROM person_refs pr JOIN outbox o ON o.practice_id = :p AND o.pms_patient_id = pr.ref
+    SELECT r.patient_id FROM due_refs r JOIN outbox o ON o.practice_id = :p AND o.pms_patient_id = r.ref
     WHERE o.kind = 'booking' AND o.status IN ('pending', 'sent', 'confirmed')
         AND (o.payload->>'starts_at')::timestamptz > :now
-), suppressed AS (
-    SELECT pr.patient_id, CASE WHEN bool_or(s.reason = 'deceased') THEN 'deceased' ELSE min(s.reason) END AS reason
-    FROM person_refs pr JOIN contact_suppressions s ON s.practice_id = :p AND s.pms_patient_id = pr.ref
-    WHERE s.lifted_at IS NULL GROUP BY pr.patient_id
-)
--- Joins, not `patient_id IN (SELECT ... FROM booked)`: the planner ran that sub-plan once per due
--- person (an anti-pattern that took minutes at 20,000 due patients).
-SELECT people.*, b.patient_id IS NOT NULL AS booked, suppressed.reason AS suppressed
-FROM people
-LEFT JOIN (SELECT DISTINCT patient_id FROM booked) b ON b.patient_id = people.patient_id
-LEFT JOIN suppressed ON suppressed.patient_id = people.patient_id
+) b WHERE d.patient_id = b.patient_id
+"""
+_SUPPRESSED = """
+UPDATE due_people d SET suppressed = s.reason FROM (
+    SELECT r.patient_id, CASE WHEN bool_or(c.reason = 'deceased') THEN 'deceased' ELSE min(c.reason) END AS reason
+    FROM due_refs r JOIN contact_suppressions c ON c.practice_id = :p AND c.pms_patient_id = r.ref
+    WHERE c.lifted_at IS NULL GROUP BY r.patient_id
+) s WHERE d.patient_id = s.patient_id
 """
 _SCOPE = (
     " AND (pt.patient_id = ANY(:ids) OR pt.phones && CAST(:phones AS text[]) OR EXISTS (SELECT 1 FROM patients m"
@@ -75,9 +81,13 @@ def _gather(conn: Connection, practice_id: str, today: date, now: datetime, scop
     sql = _GATHER.replace("{scope}", _SCOPE if scope else "")
     if scope:
         params |= {"ids": sorted(scope.patient_ids), "phones": sorted(scope.phones)}
-    conn.execute(text("DROP TABLE IF EXISTS due_people"))
+    conn.execute(text("DROP TABLE IF EXISTS due_people, due_refs"))
     conn.execute(text(sql), params)
     conn.execute(text("ANALYZE due_people"))  # a temp table has no statistics: the joins below need them
+    for statement in _REFS:
+        conn.execute(text(statement))
+    conn.execute(text(_BOOKED), {"p": practice_id, "now": now})
+    conn.execute(text(_SUPPRESSED), {"p": practice_id})
     people = {
         r.patient_id: DuePerson(
             patient_id=r.patient_id,
@@ -101,9 +111,8 @@ def _gather(conn: Connection, practice_id: str, today: date, now: datetime, scop
     }
     events = conn.execute(
         text(
-            "SELECT d.patient_id, e.outcome, e.occurred_at, e.phone, e.recall_due_date FROM due_people d "
-            "CROSS JOIN LATERAL unnest(d.refs) AS u(ref) JOIN call_events e ON e.practice_id = :p "
-            "AND e.pms_patient_id = u.ref ORDER BY e.occurred_at"
+            "SELECT r.patient_id, e.outcome, e.occurred_at, e.phone, e.recall_due_date FROM due_refs r "
+            "JOIN call_events e ON e.practice_id = :p AND e.pms_patient_id = r.ref ORDER BY e.occurred_at"
         ),
         {"p": practice_id},
     )
