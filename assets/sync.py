@@ -330,6 +330,7 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
 
 
 CALLABLE_CHECK = "no_uncallable_patient_listed"
+FRESH_CHECK = "call_list_is_fresh"
 
 
 @asset(
@@ -347,7 +348,13 @@ CALLABLE_CHECK = "no_uncallable_patient_listed"
             description="No listed entry belongs to a patient who is deceased, gone away or inactive in the PMS, "
             "whom the practice may not phone, or who asked not to be called (checked in SQL, apart from the rules "
             "that build the list).",
-        )
+        ),
+        AssetCheckSpec(
+            FRESH_CHECK,
+            asset="call_list",
+            description="The list reflects the PMS as of its last read: passes when a sync or an intraday refresh built "
+            "it, fails (red) when the practice's intraday read failed and the list is stale until the next one works.",
+        ),
     ],
 )
 def call_list(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
@@ -381,6 +388,7 @@ def call_list(context: AssetExecutionContext, store: StoreResource) -> Materiali
                 if not bad
                 else f"{len(bad)} listed patient(s) must not be called",
                 metadata={"violations": MetadataValue.json([b["pms_patient_id"] for b in bad[:50]])},
-            )
+            ),
+            AssetCheckResult(check_name=FRESH_CHECK, passed=True, description="built by this sync"),
         ],
     )

@@ -13,6 +13,9 @@ from collections import defaultdict
 from datetime import UTC, datetime
 
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
+    AssetKey,
     AssetMaterialization,
     AssetObservation,
     Config,
@@ -28,6 +31,7 @@ from dagster import (
     sensor,
 )
 
+from assets.sync import FRESH_CHECK
 from nvc_pipelines import intraday
 from resources.gateway import PmsGateway, UnsupportedPms
 from resources.protocol import PmsError
@@ -69,6 +73,7 @@ def refresh_call_lists(
                     metadata={"trigger": "intraday", "stale": True, "error": str(exc)},
                 )
             )
+            context.log_event(_freshness(practice_id, False, f"stale: the intraday read failed: {exc}"))
             continue
         context.log_event(
             AssetMaterialization(
@@ -83,11 +88,24 @@ def refresh_call_lists(
                 },
             )
         )
+        context.log_event(_freshness(practice_id, True, "brought up to date with the PMS just now"))
     if failed:
         raise Failure(
             description=f"intraday read failed for {len(failed)} of {len(config.practices)} practice(s); "
             "their call lists are marked stale: " + "; ".join(failed)
         )
+
+
+def _freshness(practice_id: str, passed: bool, description: str) -> AssetCheckEvaluation:
+    """The practice's `call_list_is_fresh` check: red in the UI while its list is stale."""
+    return AssetCheckEvaluation(
+        asset_key=AssetKey("call_list"),
+        check_name=FRESH_CHECK,
+        passed=passed,
+        severity=AssetCheckSeverity.ERROR,
+        partition=practice_id,
+        description=description,
+    )
 
 
 @job(

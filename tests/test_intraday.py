@@ -217,5 +217,13 @@ def test_the_sensor_batches_due_practices_and_the_run_refreshes_or_marks_stale(
         assert not down.success
         failure = next(e for e in down.all_events if e.is_step_failure)
         assert "marked stale" in failure.step_failure_data.user_failure_data.description
+        # The partition's call_list_is_fresh check: red for the practice that could not be read.
+        from dagster import AssetCheckKey
+
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            AssetCheckKey(AssetKey("call_list"), "call_list_is_fresh"), limit=10
+        )
+        by_partition = {r.event.dagster_event.event_specific_data.partition: r.status.value for r in history if r.event}
+        assert by_partition == {optix.practice_id: "SUCCEEDED", acuitas.practice_id: "FAILED"}, by_partition
     assert store.call_list_state(acuitas.practice_id)["ok"] is False
     assert store.call_list_state(optix.practice_id)["ok"] is True
