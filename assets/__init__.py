@@ -2,8 +2,10 @@
 
 import warnings
 
-from dagster import PreviewWarning
+from dagster import BetaWarning, PreviewWarning
 
-# Partitioned asset checks are a Dagster preview feature, chosen knowingly: its warning is kept out
-# of operators' output (the CLI, run logs, the daemon's log) instead of printed on every load.
+# Partitioned asset checks (a Dagster preview feature) and source code references (beta) are chosen
+# knowingly: their warnings are kept out of operators' output (the CLI, run logs, the daemon's log)
+# instead of printed on every load.
 warnings.filterwarnings("ignore", category=PreviewWarning)
+warnings.filterwarnings("ignore", category=BetaWarning)
