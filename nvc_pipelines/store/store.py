@@ -47,6 +47,7 @@ from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_stream
 
 _MIGRATED: set[str] = set()  # URLs already migrated by this process
 APP_ROLE = "nvc_app"
+BULK_ROWS = 5000  # rows written at once after which the table's statistics are refreshed
 
 
 class PracticeNotFound(LookupError):
@@ -382,6 +383,7 @@ class Store:
                     "rejected": len(rejected),
                 },
             )
+        self._analyze_after_bulk(spec.table, counts.inserted + counts.updated + counts.deactivated)
         return WriteCounts(counts.inserted, counts.updated, counts.unchanged, len(rejected), counts.deactivated)
 
     def stream_state(self, practice_id: str, stream: str) -> StreamState:
@@ -543,7 +545,18 @@ class Store:
                 "compute_recalls",
                 detail={"changed": changed, "removed": removed, "scope": "all" if scope is None else len(scope)},
             )
+        self._analyze_after_bulk("recalls", changed + removed)
         return changed + removed
+
+    def _analyze_after_bulk(self, table: str, rows: int) -> None:
+        """Refresh the planner's statistics after a bulk write (a first sync, a big reconcile), as the
+        owner (only a table's owner may ANALYZE it). Until autovacuum gets there, a practice's freshly
+        loaded rows look like none to the planner, and the call list's gather was then planned as a
+        nested loop that ran for minutes at 200,000 patients."""
+        if rows < BULK_ROWS:
+            return
+        with self.begin() as conn:
+            conn.execute(text(f"ANALYZE {table}"))
 
     def load_clinical_records(
         self, practice_id: str, only: Collection[str] | None = None
