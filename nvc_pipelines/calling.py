@@ -34,6 +34,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nvc_pipelines.model import CallOutcome
+from nvc_pipelines.recall import age_on
 
 UK_TZ = ZoneInfo("Europe/London")
 REASON_CODES: tuple[str, ...] = (
@@ -167,10 +168,6 @@ def bank_holidays(nation: str, year: int) -> frozenset[date]:
     import holidays
 
     return frozenset(holidays.country_holidays("GB", subdiv=NATIONS[nation], years=year))
-
-
-def age_on(dob: date, day: date) -> int:
-    return day.year - dob.year - ((day.month, day.day) < (dob.month, dob.day))
 
 
 @dataclass(slots=True)
