@@ -46,6 +46,14 @@ from nvc_pipelines.store.db import StoreUnavailable, engine_for, ensure_database
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_stream
 
 _MIGRATED: set[str] = set()  # URLs already migrated by this process
+
+
+def mark_migrated(url_text: str) -> None:
+    """Record that the database at `url_text` is at the newest revision (a copy of a migrated one),
+    so `Store.open` skips the no-op upgrade."""
+    _MIGRATED.add(url_text)
+
+
 APP_ROLE = "nvc_app"
 BULK_ROWS = 5000  # rows written at once after which the table's statistics are refreshed
 
@@ -116,6 +124,7 @@ def _patient_from_row(row: Any) -> Patient:
             channels=None if row.contact_channels is None else frozenset(Channel(c) for c in row.contact_channels),
         ),
         guardian_name=row.guardian_name,
+        name_review=row.name_review,
     )
 
 
