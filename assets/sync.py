@@ -212,6 +212,8 @@ def _patient_extra(records: Sequence[Any]) -> dict[str, Any]:
     callable_share = sum(1 for p in records if p.phones) / len(records) if records else 0.0
     return {
         "callable_share": round(callable_share, 4),
+        # Kept and callable, but a person should check the spelling (mixed-script look-alikes).
+        "names_for_review": sum(1 for p in records if p.name_review),
         "unknown_risk_values": MetadataValue.json(dict(unknown.most_common(50))),
     }
 

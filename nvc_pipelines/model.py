@@ -113,6 +113,9 @@ class Patient:
     status_date: date | None = None  # e.g. the date of death, where the PMS records it
     contact: ContactPreferences = field(default_factory=ContactPreferences)
     guardian_name: str | None = None  # parent or guardian to ask for when calling about a child
+    # Why a person should look at the name before it is said on a call (mixed-script look-alike
+    # letters, e.g. a Cyrillic "а" inside "Anna"); None when the name reads as it looks.
+    name_review: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

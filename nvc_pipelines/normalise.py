@@ -206,6 +206,30 @@ def person_name(raw: str | None, field_name: str) -> str:
     return visible
 
 
+def name_review(first_name: str, last_name: str) -> str | None:
+    """Why a kept name needs a person's look before the caller says it, or None.
+
+    A word mixing scripts with look-alike letters ("Аnna" with a Cyrillic А, "Αlex" with a Greek Α)
+    is a typing accident or a spoof; the caller's voice may mispronounce it and matching cannot see
+    through it. The row is kept and callable (the person is real), only flagged."""
+    words = [
+        (label, word)
+        for label, name in (("first_name", first_name), ("last_name", last_name))
+        for word in re.split(r"[\s\-'’]+", name)
+        if word and not word.isascii()  # plain ASCII is one script: skip the costly check
+    ]
+    if not words:
+        return None
+    from confusable_homoglyphs import categories, confusables  # ~0.1 s, only for non-ASCII names
+
+    mixed = [(label, word) for label, word in words if confusables.is_dangerous(word)]
+    if not mixed:
+        return None
+    label, word = mixed[0]
+    scripts = sorted(categories.unique_aliases(word) - {"COMMON", "INHERITED"})
+    return f"{label} mixes {' and '.join(s.title() for s in scripts)} letters that look alike (check the spelling)"
+
+
 # Free-text risk categories as practices write them, mapped onto the recall rules' flags.
 _RISK_ALIASES: dict[str, str | None] = {
     "diabetic": "diabetic",
@@ -465,6 +489,7 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
         status=status,
         status_date=status_date,
         contact=contact,
+        name_review=name_review(first, last),
         guardian_name=clean_name(draft.guardian_name) or None,
     )
 

@@ -228,3 +228,28 @@ def test_invisible_characters_around_a_real_name_are_removed() -> None:
         "p", PatientDraft("P1", "\u200fSiân\u202c", "O'Neill\u200d", ["07700 900123"]), date(2026, 11, 25), strict=False
     )
     assert (patient.first_name, patient.last_name) == ("Siân", "O'Neill")
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "review"),
+    [
+        ("Anna", "Lee", None),
+        ("Siân", "Ó Súilleabháin", None),  # accents are Latin letters, not another script
+        ("Иван", "Petrov", None),  # a whole word in one script is a name, not a look-alike
+        ("\u0410nna", "Lee", "first_name mixes Cyrillic and Latin letters"),  # Cyrillic А in "Anna"
+        ("Ann", "Sm\u0456th-Jones", "last_name mixes Cyrillic and Latin letters"),  # Ukrainian і
+        ("\u0391lex", "Lee", "first_name mixes Greek and Latin letters"),  # Greek Alpha
+    ],
+)
+def test_a_name_mixing_look_alike_scripts_is_kept_but_flagged_for_review(
+    first: str, last: str, review: str | None
+) -> None:
+    from nvc_pipelines.normalise import PatientDraft, build_patient
+
+    draft = PatientDraft("P1", first, last, ["07700 900123"], last_eye_test_date="01/02/2024")
+    patient = build_patient("p", draft, date(2026, 11, 25), strict=True)
+    assert patient.first_name == first and patient.phones  # kept and callable
+    if review is None:
+        assert patient.name_review is None
+    else:
+        assert patient.name_review is not None and patient.name_review.startswith(review)

@@ -111,3 +111,13 @@ def test_export_shape(store: Store, practice: str) -> None:
     assert p["phones"] == ["+447700900123"] and p["last_eye_test_date"] == "2024-01-01"
     assert (p["recall_due_date"], p["recall_source"], p["risk_flags"]) == ("2025-01-01", "computed", ["diabetic"])
     assert data["rejected_rows"][0]["reason"] == "bad" and data["rejected_rows"][0]["raw"] == {"x": 1}
+
+
+def test_a_name_flagged_for_review_is_stored_without_rewriting_unchanged_rows(store: Store, practice: str) -> None:
+    flagged = _patient("1", first_name="\u0410nna", name_review="first_name mixes Cyrillic and Latin letters")
+    store.write_patients(practice, "csv", ReadResult([flagged, _patient("2")], []), "run-1", full=True)
+    by_id = {p.pms_patient_id: p for p in store.load_patients(practice)}
+    assert by_id["1"].name_review == flagged.name_review and by_id["2"].name_review is None
+    # The flag follows from the name: a source that sends the same name again changes nothing.
+    again = store.write_patients(practice, "csv", ReadResult([flagged, _patient("2")], []), "run-2", full=True)
+    assert (again.updated, again.unchanged) == (0, 2)

@@ -38,6 +38,8 @@ class StreamSpec:
     # A stream that feeds recalls by patient (clinical records): the changed rows' patients are
     # returned so their recalls are recomputed.
     patient_ref: str | None = None
+    # Trailing columns derived from the others (not hashed: adding one does not rewrite every row).
+    derived: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ def _patient_values(p: Patient) -> tuple[Any, ...]:
         p.contact.no_recall,
         None if p.contact.channels is None else sorted(str(c) for c in p.contact.channels),
         p.guardian_name,
+        p.name_review,
     )
 
 
@@ -148,9 +151,11 @@ PATIENTS = StreamSpec(
         "no_recall",
         "contact_channels",
         "guardian_name",
+        "name_review",
     ),
     _patient_values,
     reactivate="patients.merged_into IS NULL",
+    derived=1,  # name_review follows from the names
     on_change="change_seq = patients.change_seq + 1",
 )
 APPOINTMENTS = StreamSpec(
@@ -211,7 +216,7 @@ def merge_stream(
     with cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
         for record in records:
             values = spec.values(record)
-            copy.write_row((*values, content_hash(values)))
+            copy.write_row((*values, content_hash(values[: len(values) - spec.derived])))
     # A temp table has no index and no statistics: without them the anti-joins below run as nested
     # loops over the stage, once per stored row (a 200,000-row re-sync took minutes, not seconds).
     cur.execute(f"CREATE INDEX ON {stage} ({spec.key})")
