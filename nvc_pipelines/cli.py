@@ -51,6 +51,9 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 def main() -> None:
     """NVC Pipelines: keep practices' PMS data in sync, compute recalls, write bookings back."""
+    from nvc_pipelines.store import embedded
+
+    embedded.on_start = lambda message: click.secho(message, err=True, fg="yellow")
 
 
 # --- practices ------------------------------------------------------------------------------------
@@ -712,9 +715,9 @@ def demo(ui: bool, port: int, sandbox_port: int) -> None:
 @click.option("--port", default=3000, show_default=True)
 def dev(port: int) -> None:
     """Start the store and `dagster dev -w workspace.yaml` on the persistent instance (no demo data)."""
-    from nvc_pipelines.demo import run_dagster_dev
+    from nvc_pipelines.demo import run_dev
 
-    sys.exit(run_dagster_dev(port))
+    sys.exit(run_dev(port))
 
 
 @main.command("sandbox")
@@ -748,7 +751,12 @@ def store_stop() -> None:
     """Stop the embedded PostgreSQL server (data is kept under $NVC_HOME/pg)."""
     from nvc_pipelines.store.embedded import stop_server
 
-    click.echo("Stopped." if stop_server() else "The embedded server was not running.")
+    stopped = stop_server()
+    click.echo(
+        f"Stopped {stopped}. The next nvc command starts it again."
+        if stopped
+        else "The embedded store was not running; nothing to stop."
+    )
 
 
 @main.command("rotate-key")

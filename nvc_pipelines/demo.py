@@ -10,16 +10,19 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import date
 from pathlib import Path
 
 import click
 
 from nvc_pipelines import app
-from nvc_pipelines.config import nvc_home
+from nvc_pipelines.config import external_database_url, nvc_home
 from nvc_pipelines.console import print_outcome
 from nvc_pipelines.instance import ensure_dagster_home
 from nvc_pipelines.model import PmsKind
@@ -29,6 +32,7 @@ from nvc_pipelines.sandboxes.optisoft import OptisoftSandbox
 from nvc_pipelines.sandboxes.optix import OptixSandbox
 from nvc_pipelines.sandboxes.seed import seed_patients
 from nvc_pipelines.sandboxes.sycle import SycleSandbox
+from nvc_pipelines.store.embedded import is_running, stop_server
 
 DEMO_OPTIX_PRACTICE = "OPX-1001"
 DEMO_OPTIX_KEY = "optix-demo-key"
@@ -195,38 +199,105 @@ def _repo_root() -> Path:
     return here if (here / "workspace.yaml").exists() else Path.cwd()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP all end the block through KeyboardInterrupt, so the `finally`
+    clauses that stop what was started run. SIGINT is re-armed too: a shell that starts a command in
+    the background (`nvc demo &`) has it ignored."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig in previous:
+        signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _stop_group(proc: subprocess.Popen, grace_seconds: float = 30) -> None:
+    """Stop `dagster dev` and everything it started (webserver, daemon, code servers, run processes):
+    SIGINT to its process group, which it handles as a clean shutdown; SIGKILL after the grace."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_dagster_dev(port: int) -> int:
-    """`dagster dev -w workspace.yaml` on the persistent (dagster-postgres) instance."""
+    """`dagster dev -w workspace.yaml` on the persistent (dagster-postgres) instance, until it exits or
+    this process is interrupted (Ctrl-C, SIGTERM, SIGHUP); then it is stopped with all it started."""
     app.open_store()
     ensure_dagster_home()
     exe = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
     cmd = [exe, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    click.echo(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C stops it)")
     env = {**os.environ, "NVC_HOME": str(nvc_home())}  # run processes must find the same store
-    try:
-        return subprocess.call(cmd, cwd=_repo_root(), env=env)
-    except KeyboardInterrupt:
-        return 0
+    with stopped_by_signals():
+        # Its own process group: a signal to this process reaches it only through `_stop_group`, once.
+        proc = subprocess.Popen(cmd, cwd=_repo_root(), env=env, start_new_session=True, preexec_fn=_default_sigint)
+        click.echo(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C or SIGTERM stops it)")
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            click.echo("Stopping the Dagster UI and daemon...")
+            return 0
+        finally:
+            _stop_group(proc)
 
 
 def run_demo(*, ui: bool, ui_port: int, sandbox_port: int) -> None:
+    """Store, sandboxes, demo practices and their first syncs, then the UI; on Ctrl-C or SIGTERM
+    everything it started stops (the store too, when the demo started it)."""
     started = time.monotonic()
-    app.open_store()
-    home = ensure_dagster_home()
-    click.echo(f"Store ready (NVC_HOME={nvc_home()}, DAGSTER_HOME={home})")
-    sandboxes = start_sandboxes(sandbox_port)
-    for name, server in sandboxes.items():
-        click.echo(f"{name} sandbox listening on {server.url}")
+    store_was_running = is_running()
+    sandboxes: dict[str, SandboxServer] = {}
     try:
-        for practice_id in connect_demo_practices(sandboxes):
-            click.echo(f"Connected {practice_id}; first sync...")
-            print_outcome(practice_id, app.sync_practice(practice_id, trigger="initial"))
-        click.echo(f"Demo ready in {time.monotonic() - started:.1f}s. Try `nvc export demo-optix`.")
-        if ui:
-            run_dagster_dev(ui_port)
+        with stopped_by_signals():
+            app.open_store()
+            home = ensure_dagster_home()
+            click.echo(f"Store ready (NVC_HOME={nvc_home()}, DAGSTER_HOME={home})")
+            sandboxes = start_sandboxes(sandbox_port)
+            for name, server in sandboxes.items():
+                click.echo(f"{name} sandbox listening on {server.url}")
+            for practice_id in connect_demo_practices(sandboxes):
+                click.echo(f"Connected {practice_id}; first sync...")
+                print_outcome(practice_id, app.sync_practice(practice_id, trigger="initial"))
+            click.echo(f"Demo ready in {time.monotonic() - started:.1f}s. Try `nvc export demo-optix`.")
+            if ui:
+                run_dagster_dev(ui_port)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.")
     finally:
         for server in sandboxes.values():
             server.stop()
+        if ui:
+            _stop_store_if_started(store_was_running)
+
+
+def _stop_store_if_started(was_running: bool) -> None:
+    if not was_running and external_database_url() is None and (stopped := stop_server()):
+        click.echo(f"Stopped {stopped}.")
+
+
+def run_dev(port: int) -> int:
+    """`nvc dev`: the store and `dagster dev`; on Ctrl-C or SIGTERM both stop (the store only when
+    this command started it)."""
+    store_was_running = is_running()
+    try:
+        return run_dagster_dev(port)
+    finally:
+        _stop_store_if_started(store_was_running)
 
 
 def serve_sandboxes(optix_port: int, patients: int) -> None:
@@ -240,8 +311,9 @@ def serve_sandboxes(optix_port: int, patients: int) -> None:
         f"Sycle: location {DEMO_SYCLE_LOCATION}, token {DEMO_SYCLE_TOKEN} (sandbox credentials only). Ctrl-C stops."
     )
     try:
-        while True:
-            time.sleep(3600)
+        with stopped_by_signals():
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:

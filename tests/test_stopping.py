@@ -1,0 +1,95 @@
+"""Stopping is easy: `nvc dev` (and `nvc demo`, which ends in the same code) stops everything it
+started on SIGTERM, also when started in the background; `nvc store stop` says what it stopped and
+the next command that starts the store again says so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from click.testing import CliRunner
+
+from nvc_pipelines.cli import main
+from nvc_pipelines.devserver import REPO, free_port
+from nvc_pipelines.store.embedded import is_running, stop_server
+
+
+def _ignore_sigint() -> None:
+    # What a non-interactive shell does for a command started with `&`: Ctrl-C never reaches it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_nvc_dev_in_the_background_stops_everything_it_started_on_sigterm(nvc_env: Path) -> None:
+    port = free_port()
+    nvc = str(Path(sys.executable).with_name("nvc"))
+    log = (nvc_env / "dev.out").open("w+")
+    proc = subprocess.Popen([nvc, "dev", "--port", str(port)], cwd=REPO, env=os.environ.copy(), stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log.seek(0) or log.read()
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the Dagster UI never answered")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("dagster" in " ".join(p.cmdline()) for p in started)
+        assert is_running()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+        gone, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        assert not is_running()  # it started the store, so it stopped it too
+        log.seek(0)
+        output = log.read()
+        assert "Stopped the embedded store" in output and "Traceback" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_server()
+
+
+def test_a_background_process_is_stopped_by_sigint_too(tmp_path: Path) -> None:
+    """SIGINT, ignored by a shell for background commands, is armed again inside the block."""
+    script = (
+        "import time\n"
+        "from nvc_pipelines.demo import stopped_by_signals\n"
+        "try:\n"
+        "    with stopped_by_signals():\n"
+        "        print('ready', flush=True); time.sleep(60)\n"
+        "except KeyboardInterrupt as exc:\n"
+        "    print('cleaned up after', exc, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "cleaned up after SIGINT" in out
+
+
+def test_store_stop_says_what_it_stopped_and_a_restart_says_so(nvc_env: Path) -> None:
+    runner = CliRunner()
+    started = runner.invoke(main, ["store", "start"])
+    assert started.exit_code == 0 and "Started the embedded store" in started.output, started.output
+    stopped = runner.invoke(main, ["store", "stop"])
+    assert stopped.exit_code == 0, stopped.output
+    assert "Stopped the embedded store (PostgreSQL pid" in stopped.output and "data kept in" in stopped.output
+    assert not is_running()
+    again = runner.invoke(main, ["store", "stop"])
+    assert "was not running; nothing to stop" in again.output
+    listing = runner.invoke(main, ["practice", "list"])
+    assert listing.exit_code == 0 and "Started the embedded store" in listing.output, listing.output
+    stop_server()
