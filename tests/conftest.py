@@ -37,6 +37,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, home: Path, key: str) -> None:
     monkeypatch.setenv("NVC_HOME", str(home))
     monkeypatch.setenv("NVC_SECRET_KEY", key)
     monkeypatch.delenv("NVC_DATABASE_URL", raising=False)
+    monkeypatch.delenv("NVC_OWNER_DATABASE_URL", raising=False)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv("NVC_RETRY_BASE_SECONDS", "0.05")  # a down PMS is retried, quickly, in tests
 
