@@ -62,7 +62,7 @@ def appointments_are_valid(context: AssetCheckExecutionContext, store: StoreReso
     db = store.open()
     practice_id = context.partition_key
     patient_ids = {r["pms_patient_id"] for r in db.quality_rows(practice_id, "patients")}
-    with db.begin() as conn:  # merged-away and inactive patients are still known patients
+    with db.begin(practice_id) as conn:  # merged-away and inactive patients are still known patients
         from sqlalchemy import text
 
         patient_ids |= set(

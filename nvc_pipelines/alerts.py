@@ -76,10 +76,13 @@ def deliver(headline: str, body: str) -> list[str]:
 
 
 def recent_alerts(store: Any, practice_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """One practice's alerts, or every practice's through the view `alert_log` (the application's
+    role sees no practice's rows outside a transaction scoped to it)."""
     with store.begin(practice_id) as conn:
         rows = conn.execute(
             text(
-                "SELECT * FROM alerts WHERE (CAST(:p AS text) IS NULL OR practice_id = :p) "
+                f"SELECT * FROM {'alerts' if practice_id else 'alert_log'} "
+                "WHERE (CAST(:p AS text) IS NULL OR practice_id = :p) "
                 "ORDER BY raised_at DESC LIMIT :n"
             ),
             {"p": practice_id, "n": limit},

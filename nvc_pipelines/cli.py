@@ -732,7 +732,7 @@ def sandbox(port: int, patients: int) -> None:
 
 @main.group(cls=_Group)
 def store() -> None:
-    """The embedded PostgreSQL store."""
+    """The store's PostgreSQL (embedded by default)."""
 
 
 @store.command("start")
@@ -744,6 +744,18 @@ def store_start() -> None:
     open_store()
     home = ensure_dagster_home()
     click.echo(f"Store ready; DAGSTER_HOME={home}")
+
+
+@store.command("migrate")
+def store_migrate() -> None:
+    """Bring the store's schema up to date as its owner (NVC_OWNER_DATABASE_URL; embedded: automatic)."""
+    from nvc_pipelines.store import Store, StoreUnavailable
+    from nvc_pipelines.store.db import store_urls
+
+    if store_urls().owner is None:
+        raise StoreUnavailable("Migrations run as the store's owner: set NVC_OWNER_DATABASE_URL to the owner's login.")
+    Store.open()  # migrates as the owner, then checks the application's login against the schema
+    click.echo("Store schema up to date.")
 
 
 @store.command("stop")

@@ -26,6 +26,12 @@ def external_database_url() -> str | None:
     return os.environ.get("NVC_DATABASE_URL") or None
 
 
+def owner_database_url() -> str | None:
+    """`$NVC_OWNER_DATABASE_URL` when set: the owner's login (migrations, administrative commands);
+    `NVC_DATABASE_URL` is then the application's (`nvc_service`). See docs/security.md."""
+    return os.environ.get("NVC_OWNER_DATABASE_URL") or None
+
+
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 1800
 
 

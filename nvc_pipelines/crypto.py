@@ -299,7 +299,7 @@ def rotate_key(store: Any, new_key_b64: str, *, actor: str = "cli:rotate-key") -
         _write_key_file(pending, new_key)
         staged = True
     try:
-        with store.begin() as conn:
+        with store.begin_owner() as conn:
             # Blocks connects/updates until the commit; they reseal after it under the same ring.
             conn.execute(text("LOCK TABLE practices IN SHARE ROW EXCLUSIVE MODE"))
             rows = _select_blobs(conn, lock=True)
@@ -339,7 +339,7 @@ def _sealed_with(store: Any, key: bytes) -> bool:
     """Whether any stored blob opens with `key`; True when that cannot be told (a failure at COMMIT
     may still have committed, so the staged key must then stay on disk)."""
     try:
-        with store.begin() as conn:
+        with store.begin_owner() as conn:
             rows = _select_blobs(conn, lock=False)
     except Exception:  # noqa: BLE001 - unknown means keep the key
         return True
@@ -367,7 +367,7 @@ def _source_label(ring: KeyRing) -> str:
 def unreadable_stored_practices(store: Any, keys: bytes | Sequence[bytes] | KeyRing | None = None) -> list[str]:
     """Practices in the store whose credentials `keys` (default: the current key alone) cannot open:
     empty means `NVC_SECRET_KEY_PREVIOUS` (and `secret.key.previous`) can be removed."""
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         rows = _select_blobs(conn, lock=False)
     return unreadable_practices(rows, keys if keys is not None else load_key())
 

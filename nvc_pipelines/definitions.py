@@ -16,11 +16,10 @@ from resources.sycle import SycleResource
 
 
 def _store() -> StoreResource:
-    # EnvVar keeps the URL (and its password) out of the UI; unset means the embedded server.
-    return (
-        StoreResource(database_url=EnvVar("NVC_DATABASE_URL"))
-        if os.environ.get("NVC_DATABASE_URL")
-        else StoreResource()
+    # EnvVar keeps the URLs (and their passwords) out of the UI; unset means the embedded server.
+    return StoreResource(
+        database_url=EnvVar("NVC_DATABASE_URL") if os.environ.get("NVC_DATABASE_URL") else None,
+        owner_database_url=EnvVar("NVC_OWNER_DATABASE_URL") if os.environ.get("NVC_OWNER_DATABASE_URL") else None,
     )
 
 

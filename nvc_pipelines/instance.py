@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nvc_pipelines.config import dagster_home, external_database_url
+from nvc_pipelines.config import dagster_home, external_database_url, owner_database_url
 from nvc_pipelines.store.db import dagster_storage_url, ensure_database
 
 MANAGED_MARK = "# managed by nvc"
@@ -27,7 +27,7 @@ def ensure_dagster_home() -> Path:
         return home
     url = dagster_storage_url()
     ensure_database(url)
-    if external_database_url():
+    if external_database_url() or owner_database_url():
         # Keep the password out of the file: children read it from the environment.
         os.environ[DAGSTER_URL_ENV] = url.render_as_string(hide_password=False)
         url_yaml = f"{{env: {DAGSTER_URL_ENV}}}"

@@ -213,13 +213,13 @@ def _insert(
 
 def due_practices(store: Any, now: datetime | None = None) -> dict[str, str]:
     """Practices with outbox rows due now -> a fingerprint of those rows (ids and attempt counts),
-    which the sensor uses as its run key: the same due rows never launch two runs. (Runs as the
-    owner: it spans practices, and reads only row ids and attempt counts.)"""
+    which the sensor uses as its run key: the same due rows never launch two runs. (It spans
+    practices, so it reads the view `outbox_due_rows`: row ids and attempt counts, nothing else.)"""
     with store.begin() as conn:
         rows = conn.execute(
             text(
                 "SELECT practice_id, string_agg(outbox_id || '.' || attempts, ',' ORDER BY outbox_id) AS fp "
-                "FROM outbox WHERE status IN ('pending', 'sent') AND next_attempt_at <= :now GROUP BY practice_id"
+                "FROM outbox_due_rows WHERE next_attempt_at <= :now GROUP BY practice_id"
             ),
             {"now": now or datetime.now(UTC)},
         ).all()

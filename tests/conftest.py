@@ -40,6 +40,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, home: Path, key: str) -> None:
     monkeypatch.setenv("NVC_HOME", str(home))
     monkeypatch.setenv("NVC_SECRET_KEY", key)
     monkeypatch.delenv("NVC_DATABASE_URL", raising=False)
+    monkeypatch.delenv("NVC_OWNER_DATABASE_URL", raising=False)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv("NVC_RETRY_BASE_SECONDS", "0.05")  # a down PMS is retried, quickly, in tests
 
@@ -61,7 +62,9 @@ def migrated_template(pg_server) -> str:
     of it (`CREATE DATABASE ... TEMPLATE`), which costs a fraction of migrating through every revision."""
     url = make_url(pg_server.get_uri()).set(database="t_template")
     store = Store.open(url)
-    store.engine.dispose()  # a template must have no open connections while it is copied
+    for engine in (store.engine, store.owner_engine):  # a template must have no open connections
+        if engine is not None:
+            engine.dispose()
     return url.database
 
 

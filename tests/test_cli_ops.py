@@ -138,7 +138,7 @@ def test_an_unknown_practice_is_one_clear_error(store: Store, args: list[str]) -
     assert result.exit_code == 1, result.output
     assert "no practice 'nope' is registered (see `nvc practice list`)" in result.output
     assert "Traceback" not in result.output
-    with store.begin() as conn:  # nothing was recorded about a practice that does not exist
+    with store.begin_owner() as conn:  # nothing was recorded about a practice that does not exist
         assert not conn.execute(text("SELECT 1 FROM audit_log WHERE practice_id = 'nope'")).first()
 
 

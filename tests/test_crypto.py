@@ -37,7 +37,7 @@ def _key() -> bytes:
 
 
 def _blobs(store) -> dict[str, bytes]:
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         rows = conn.execute(text("SELECT practice_id, credentials FROM practices WHERE credentials IS NOT NULL"))
         return {r.practice_id: bytes(r.credentials) for r in rows}
 
@@ -189,7 +189,7 @@ def test_rotate_key_failure_mid_rotation_rotates_nothing(store) -> None:
     for n in range(4):
         _add(store, f"p{n}", {"api_key": f"secret-{n}"})
     # p2's blob was sealed under a key nobody holds any more (the row sorts mid-table).
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         conn.execute(
             text("UPDATE practices SET credentials = :b WHERE practice_id = 'p2'"),
             {"b": encrypt_credentials("p2", {"api_key": "lost"}, _key())},
@@ -307,7 +307,7 @@ def test_an_ambiguous_commit_keeps_the_staged_key(store, monkeypatch, nvc_env) -
     old = load_key()
     _add(store, "p0", {"api_key": "k"})
     new = generate_key()
-    real_begin = store.begin
+    real_begin = store.begin_owner
     calls = []
 
     @contextmanager
@@ -318,7 +318,7 @@ def test_an_ambiguous_commit_keeps_the_staged_key(store, monkeypatch, nvc_env) -
         if len(calls) == 1:
             raise StoreUnavailable("connection lost during COMMIT")
 
-    monkeypatch.setattr(store, "begin", commit_then_lose_the_answer)
+    monkeypatch.setattr(store, "begin_owner", commit_then_lose_the_answer)
     with pytest.raises(StoreUnavailable):
         rotate_key(store, new)
     assert load_key() == old  # not switched: the caller saw a failure
@@ -332,7 +332,7 @@ def test_failed_file_rotation_leaves_the_key_file_alone(store, monkeypatch, nvc_
     monkeypatch.delenv(KEY_ENV)
     old = load_key()
     _add(store, "p0", {"api_key": "k"})
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         conn.execute(
             text("UPDATE practices SET credentials = :b WHERE practice_id = 'p0'"),
             {"b": encrypt_credentials("p0", {"api_key": "x"}, _key())},

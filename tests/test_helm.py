@@ -46,6 +46,9 @@ DOCS = ROOT / "docs" / "deploy.md"
 RELEASE, NAMESPACE = "dagster", "nvc"  # as in docs/deploy.md's `helm upgrade --install`
 APP_SECRET = "nvc-pipelines"
 APP_SECRET_KEYS = ("NVC_DATABASE_URL", "NVC_SECRET_KEY", "NVC_SUPPRESSION_KEY")
+# The store owner's login (migrations, administrative commands): the code server only, never a run pod.
+OWNER_SECRET = "nvc-pipelines-owner"
+OWNER_SECRET_KEY = "NVC_OWNER_DATABASE_URL"
 
 CODE = "dagster-user-deployments.deployments[]"
 K8S_LAUNCHER = "runLauncher.config.k8sRunLauncher"
@@ -712,19 +715,25 @@ def secret_problems(values: dict, code_text: str, docs: str) -> list[str]:
         for e in code.get("env") or []
         if SECRET_NAMES.search(e.get("name", "")) and "value" in e
     ]
-    # Both the code server (sensors, schedule) and every run pod get the app's secrets from the Secret.
-    for path in (f"{CODE}.envSecrets", f"{K8S_LAUNCHER}.envSecrets"):
-        if _names(at(values, path)) != [APP_SECRET]:
-            problems.append(f"{path}: should be exactly the Secret {APP_SECRET}")
+    # Both the code server (sensors, schedule) and every run pod get the app's secrets from the Secret;
+    # the owner's login goes to the code server only (migrations, operators' commands), never to a run.
+    if _names(at(values, f"{CODE}.envSecrets")) != [APP_SECRET, OWNER_SECRET]:
+        problems.append(f"{CODE}.envSecrets: should be exactly the Secrets {APP_SECRET} and {OWNER_SECRET}")
+    if _names(at(values, f"{K8S_LAUNCHER}.envSecrets")) != [APP_SECRET]:
+        problems.append(f"{K8S_LAUNCHER}.envSecrets: should be exactly the Secret {APP_SECRET} (no owner login)")
     if code["includeConfigInLaunchedRuns"] != {"enabled": False}:
         problems.append("includeConfigInLaunchedRuns: run pods are sized by runLauncher, not the code server")
     # The names are the ones the code reads, and the docs create the Secrets with them.
-    for name in APP_SECRET_KEYS:
+    for name in (*APP_SECRET_KEYS, OWNER_SECRET_KEY):
         if f'"{name}"' not in code_text:
             problems.append(f"the code no longer reads {name}")
         if f"--from-file={name}=" not in docs:
             problems.append(f"docs/deploy.md doesn't create {name}")
-    for secret, key in ((APP_SECRET, None), (values["global"]["postgresqlSecretName"], "postgresql-password")):
+    for secret, key in (
+        (APP_SECRET, None),
+        (OWNER_SECRET, OWNER_SECRET_KEY),
+        (values["global"]["postgresqlSecretName"], "postgresql-password"),
+    ):
         if f"kubectl create secret generic {secret}" not in docs or (key and f"--from-file={key}=" not in docs):
             problems.append(f"docs/deploy.md doesn't create the Secret {secret}")
     return problems
@@ -748,6 +757,8 @@ def test_no_secret_is_written_in_the_values() -> None:
         _set(["generatePostgresqlPasswordSecret"], True),
         _set([*LAUNCHER, "envSecrets"], []),
         _set([*DEPLOYMENT, "envSecrets"], [{"name": "nvc"}]),
+        _set([*DEPLOYMENT, "envSecrets"], [{"name": APP_SECRET}]),
+        _set([*LAUNCHER, "envSecrets"], [{"name": APP_SECRET}, {"name": OWNER_SECRET}]),
         _set([*DEPLOYMENT, "includeConfigInLaunchedRuns"], {"enabled": True}),
         _set(["global", "postgresqlSecretName"], "dagster-pg"),  # not the Secret the docs create
     ],

@@ -89,7 +89,7 @@ def test_bad_stored_rows_fail_with_masked_examples(database_url: str, store: Sto
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("practices", ["q-bad"])
         assert _run("q-bad", instance).success
-        with store.begin() as conn:  # what a buggy dialect could have written
+        with store.begin_owner() as conn:  # what a buggy dialect could have written
             conn.execute(
                 text(
                     "UPDATE patients SET phones = ARRAY['+15551234567'], date_of_birth = :future, "

@@ -56,7 +56,7 @@ def _sync(instance: DagsterInstance, database_url: str, tags: dict[str, str] | N
 
 
 def _recalls(store: Store) -> dict[str, tuple]:
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         rows = conn.execute(
             text(
                 "SELECT pt.first_name, r.due_date, r.rule, r.reason FROM recalls r "
@@ -132,11 +132,11 @@ def test_a_change_committed_while_recalls_are_computed_is_not_lost(
     _sync(instance, database_url)
     assert store.recall_targets("inc", everyone=False) == {}
 
-    with store.begin() as conn:  # a sync changes Cat's clinical records
+    with store.begin_owner() as conn:  # a sync changes Cat's clinical records
         conn.execute(text("UPDATE patients SET change_seq = change_seq + 1 WHERE first_name = 'Cat'"))
     targets = store.recall_targets("inc", everyone=False)
     assert list(targets) == [pid for (pid,) in _ids(store, "Cat")]
-    with store.begin() as conn:  # ... and another sync changes her again before the recall is written
+    with store.begin_owner() as conn:  # ... and another sync changes her again before the recall is written
         conn.execute(text("UPDATE patients SET change_seq = change_seq + 1 WHERE first_name = 'Cat'"))
     store.write_recalls("inc", [], scope=targets.keys(), seen=targets)
     assert store.recall_targets("inc", everyone=False).keys() == targets.keys()  # still due
@@ -145,7 +145,7 @@ def test_a_change_committed_while_recalls_are_computed_is_not_lost(
 
 
 def _ids(store: Store, first_name: str) -> list[tuple[str]]:
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         return conn.execute(
             text("SELECT pms_patient_id FROM patients WHERE practice_id = 'inc' AND first_name = :n"), {"n": first_name}
         ).all()

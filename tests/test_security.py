@@ -29,7 +29,7 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.recall import RecallRules, compute_recall
 from nvc_pipelines.sandboxes.optix import OptixSandbox
-from nvc_pipelines.store import PracticeNotFound, Store
+from nvc_pipelines.store import PracticeNotFound, Store, StoreUnavailable
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS
 from resources.csv_source import SEED_COLUMNS
 
@@ -143,13 +143,13 @@ def test_the_application_role_cannot_bypass_rls_and_the_audit_log_is_append_only
         )
         assert all(forced[t] for t in PRACTICE_TABLES)
     for statement in ("UPDATE audit_log SET action = 'x'", "DELETE FROM audit_log"):
-        with pytest.raises(DBAPIError, match="permission denied"), store.begin("prac-a") as conn:
+        with pytest.raises(StoreUnavailable, match="permission denied"), store.begin("prac-a") as conn:
             conn.execute(text(statement))
     # Even the owner role (migrations, ops) cannot change or remove audit rows: a trigger refuses it.
     for statement in ("UPDATE audit_log SET action = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
-        with pytest.raises(DBAPIError, match="the audit log is append-only"), store.begin() as conn:
+        with pytest.raises(DBAPIError, match="the audit log is append-only"), store.begin_owner() as conn:
             conn.execute(text(statement))
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         assert conn.execute(text("SELECT count(*) FROM audit_log")).scalar_one() > 0
 
 
@@ -189,7 +189,7 @@ def test_erasure_survives_full_syncs_and_spares_the_family(database_url: str, st
     assert writeback.outbox_rows(store, "gdpr") == []
     meta = again.asset_materializations_for_node("patients")[0].metadata
     assert meta["suppressed_erased"].value == 1
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         dump = json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM suppressions")).all()])
         audit = json.dumps([str(r) for r in conn.execute(text("SELECT * FROM audit_log WHERE action = 'erase'")).all()])
     for personal in ("Ann", "+441614960123", landline):
@@ -226,7 +226,7 @@ def test_an_erased_persons_invalid_row_keeps_no_personal_data(database_url: str,
     out = tmp_path / "export.csv"
     assert runner.invoke(main, ["export", "gdpr-rej", "--format", "csv", "--output", str(out)]).exit_code == 0
     csv_text = out.read_text(encoding="utf-8-sig") + (tmp_path / "export-rejected.csv").read_text(encoding="utf-8-sig")
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         quarantine = json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM rejected_rows")).all()])
     for personal in ("Ann", "900123"):
         assert personal not in exported and personal not in csv_text and personal not in quarantine

@@ -29,7 +29,7 @@ def practice(store: Store) -> str:
 
 
 def test_schema_is_migrated_by_code(store: Store) -> None:
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
         tables = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
     assert version == sorted(p.stem.split("_")[0] for p in MIGRATIONS.glob("0*.py"))[-1]
@@ -38,7 +38,7 @@ def test_schema_is_migrated_by_code(store: Store) -> None:
 
 
 def test_credentials_are_encrypted_at_rest(store: Store, practice: str) -> None:
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         blob = conn.execute(text("SELECT credentials FROM practices")).scalar_one()
     assert b"s3cret-value" not in bytes(blob)
     assert store.practice_credentials(practice) == {"api_key": "s3cret-value"}
@@ -68,7 +68,7 @@ def test_writes_are_idempotent_and_count_what_changed(store: Store, practice: st
     changed = ReadResult([_patient("1", last_name="Lee-Smith"), _patient("2")], [])
     third = store.write_patients(practice, "csv", changed, "run-3", full=True)
     assert (third.inserted, third.updated, third.unchanged, third.rejected) == (0, 1, 1, 0)
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         assert conn.execute(text("SELECT count(*) FROM patients")).scalar_one() == 2
         assert conn.execute(text("SELECT count(*) FROM rejected_rows")).scalar_one() == 0
     assert [p.last_name for p in store.load_patients(practice)] == ["Lee-Smith", "Lee"]

@@ -50,7 +50,7 @@ def _for(practice_id: str, patients: list[Patient]) -> ReadResult:
 
 
 def snapshot(store: Store, practice_id: str) -> set[tuple]:
-    with store.begin() as conn:
+    with store.begin_owner() as conn:
         rows = conn.execute(
             text(
                 "SELECT pms_patient_id, last_name, phones, last_eye_test_date, risk_flags, active "
@@ -105,7 +105,7 @@ def test_reconcile_soft_deletes_and_reactivates(store: Store) -> None:
     counts = store.write_patients(practice_id, "csv", _patients(practice_id, 9), None, full=True, max_drop_share=0.2)
     assert counts.deactivated == 1
     assert len(store.load_patients(practice_id)) == 9
-    with store.begin() as conn:  # history kept: soft delete only
+    with store.begin_owner() as conn:  # history kept: soft delete only
         assert (
             conn.execute(text("SELECT count(*) FROM patients WHERE practice_id = :p"), {"p": practice_id}).scalar()
             == 10

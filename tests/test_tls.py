@@ -636,7 +636,7 @@ def test_a_booking_refused_for_the_certificate_waits_and_lands_once_the_ca_is_gi
         )
         assert "TLS certificate" in row["last_error"] and sandbox.nvc_appointments("OPX-1001") == []
 
-        with store.begin() as conn:  # due again now
+        with store.begin_owner() as conn:  # due again now
             conn.execute(text("UPDATE outbox SET next_attempt_at = now() WHERE practice_id = 'tls-optix'"))
         with case.open(front.url, pki.ca_pem) as client:  # the practice's CA bundle is now set
             report = writeback.deliver(store, "tls-optix", client, error_types=(PmsError,))

@@ -67,7 +67,7 @@ def _drain(store: Store, practice_id: str, client) -> list[writeback.DeliveryRep
     reports = []
     for _ in range(30):
         reports.append(writeback.deliver(store, practice_id, client, error_types=(PmsError,)))
-        with store.begin() as conn:
+        with store.begin_owner() as conn:
             left = conn.execute(
                 text(
                     "UPDATE outbox SET next_attempt_at = now() WHERE practice_id = :p AND status IN ('pending', 'sent')"

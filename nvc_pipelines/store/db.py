@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import psycopg
@@ -9,11 +10,13 @@ from psycopg import sql
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 
-from nvc_pipelines.config import external_database_url, statement_timeout_seconds
+from nvc_pipelines.config import external_database_url, owner_database_url, statement_timeout_seconds
 from nvc_pipelines.store.embedded import server_url
 
 STORE_DATABASE = "nvc"
 DAGSTER_DATABASE = "dagster"
+APP_LOGIN = "nvc_service"  # the application's login role, created by migration 0013
+APP_ROLE = "nvc_app"  # the group role the row-level security policies and grants name
 
 
 class StoreUnavailable(RuntimeError):
@@ -21,15 +24,54 @@ class StoreUnavailable(RuntimeError):
 
 
 def _base_url() -> URL:
-    external = external_database_url()
+    """The server's URL with the most rights known: Dagster's storage needs to create its tables."""
+    external = owner_database_url() or external_database_url()
     return make_url(external) if external else server_url()
 
 
+@dataclass(frozen=True, slots=True)
+class StoreUrls:
+    """Where the application logs in, and where the owner does (None: this process has no owner
+    login, so it neither migrates nor runs administrative commands)."""
+
+    app: URL
+    owner: URL | None
+    app_derived: bool  # the app's URL is the owner's with the user swapped (say so when it is refused)
+
+
+def _psycopg(url: URL | str) -> URL:
+    return make_url(url).set(drivername="postgresql+psycopg")
+
+
+def _as_app(owner: URL) -> URL:
+    return owner.set(username=APP_LOGIN, password=None)
+
+
+def store_urls(url: URL | str | None = None, owner_url: URL | str | None = None) -> StoreUrls:
+    """The store's two logins (psycopg 3 driver, used for COPY).
+
+    With no `url`, `NVC_DATABASE_URL` and `NVC_OWNER_DATABASE_URL` are read (embedded server when
+    neither is set). A URL given alone is the owner's, and the application logs in as `nvc_service`
+    on the same server and database without a password (the embedded server and tests: local trust
+    authentication), unless that URL's user is `nvc_service` itself: then it is the application's,
+    and this process has no owner login (a run pod)."""
+    if url is None:
+        url, owner_url = external_database_url(), owner_url or owner_database_url()
+    if url is None:
+        owner = _psycopg(owner_url) if owner_url else _psycopg(server_url().set(database=STORE_DATABASE))
+        return StoreUrls(_as_app(owner), owner, app_derived=True)
+    given = _psycopg(url)
+    if owner_url is not None:
+        return StoreUrls(given, _psycopg(owner_url), app_derived=False)
+    if given.username == APP_LOGIN:
+        return StoreUrls(given, None, app_derived=False)
+    return StoreUrls(_as_app(given), given, app_derived=True)
+
+
 def store_url() -> URL:
-    """The store database with the psycopg 3 driver (used for COPY)."""
-    external = external_database_url()
-    url = make_url(external) if external else server_url().set(database=STORE_DATABASE)
-    return url.set(drivername="postgresql+psycopg")
+    """The owner's store URL (the application's when this process has no owner login)."""
+    urls = store_urls()
+    return urls.owner or urls.app
 
 
 def dagster_storage_url() -> URL:
@@ -49,7 +91,8 @@ def ensure_database(url: URL) -> None:
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(
             f"Cannot reach the store's PostgreSQL at {admin.render_as_string(hide_password=True)}: "
-            f"{str(exc).strip()}. Check that the server is running and NVC_DATABASE_URL is right."
+            f"{str(exc).strip()}. Check that the server is running and NVC_DATABASE_URL (NVC_OWNER_DATABASE_URL) "
+            "is right."
         ) from None
 
 

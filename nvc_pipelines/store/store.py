@@ -13,15 +13,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from functools import cache
 from importlib import resources
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from psycopg.errors import QueryCanceled
+from alembic.script import ScriptDirectory
+from psycopg.errors import InsufficientPrivilege, QueryCanceled
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from nvc_pipelines.calling import UK_TZ, CallSettings
 from nvc_pipelines.config import statement_timeout_seconds
@@ -42,19 +44,20 @@ from nvc_pipelines.model import (
     RejectedRow,
 )
 from nvc_pipelines.store import calls
-from nvc_pipelines.store.db import StoreUnavailable, engine_for, ensure_database, store_url
+from nvc_pipelines.store.db import APP_LOGIN, APP_ROLE, StoreUnavailable, engine_for, ensure_database, store_urls
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_stream
 
-_MIGRATED: set[str] = set()  # URLs already migrated by this process
+_MIGRATED: set[str] = set()  # owner URLs already migrated by this process
+_CHECKED: set[str] = set()  # application URLs whose role and schema this process checked
+_REFUSALS = ("permission denied", "must be owner", "must be superuser", "must be member")
 
 
-def mark_migrated(url_text: str) -> None:
-    """Record that the database at `url_text` is at the newest revision (a copy of a migrated one),
+def mark_migrated(owner_url: str) -> None:
+    """Record that the database at `owner_url` is at the newest revision (a copy of a migrated one),
     so `Store.open` skips the no-op upgrade."""
-    _MIGRATED.add(url_text)
+    _MIGRATED.add(str(make_url(owner_url).set(drivername="postgresql+psycopg")))
 
 
-APP_ROLE = "nvc_app"
 BULK_ROWS = 5000  # rows written at once after which the table's statistics are refreshed
 
 
@@ -93,6 +96,46 @@ class RecallState:
     fingerprint: str | None
 
 
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("nvc_pipelines.store") / "migrations"))
+    return cfg
+
+
+@cache
+def _revisions() -> tuple[str | None, frozenset[str]]:
+    """The code's newest schema revision, and every revision it knows."""
+    script = ScriptDirectory.from_config(_alembic_config())
+    return script.get_current_head(), frozenset(r.revision for r in script.walk_revisions())
+
+
+@contextmanager
+def _transaction(engine: Engine, setting: str) -> Iterator[Connection]:
+    """One transaction on `engine`, its failures turned into one line that says what to check."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except OperationalError as exc:
+        if isinstance(exc.orig, QueryCanceled) and "statement timeout" in str(exc.orig):
+            raise StoreUnavailable(
+                f"A store statement ran longer than NVC_STATEMENT_TIMEOUT_SECONDS ({statement_timeout_seconds()} s) "
+                "and was cancelled; nothing of it was written. Check for locks or a stuck query "
+                "(pg_stat_activity), or raise NVC_STATEMENT_TIMEOUT_SECONDS."
+            ) from None
+        raise StoreUnavailable(
+            f"The store's PostgreSQL failed: {str(exc.orig).strip()}. Check the server and {setting}; "
+            "nothing was written."
+        ) from None
+    except ProgrammingError as exc:
+        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if not isinstance(exc.orig, InsufficientPrivilege) or not message.startswith(_REFUSALS):
+            raise
+        raise StoreUnavailable(
+            f"The store refused {engine.url.username}: {message}. Its rights come from the migrations: run "
+            "`nvc store migrate` with NVC_OWNER_DATABASE_URL set (the owner's login); nothing was written."
+        ) from None
+
+
 def _json_default(value: Any) -> str:
     if isinstance(value, date | datetime):
         return value.isoformat()
@@ -129,53 +172,116 @@ def _patient_from_row(row: Any) -> Patient:
 
 
 class Store:
-    """Plain-Python access to the store; the Dagster `StoreResource` and the CLI both go through it."""
+    """Plain-Python access to the store; the Dagster `StoreResource` and the CLI both go through it.
 
-    def __init__(self, engine: Engine):
+    Two logins: the application's (`engine`, role `nvc_service`: no superuser, owns nothing, member
+    of `nvc_app` only) for everything the pipelines, sensors and the CLI do, and the owner's
+    (`owner_engine`) for migrations and the administrative commands (see `begin_owner`)."""
+
+    def __init__(self, engine: Engine, owner_engine: Engine | None = None, *, app_derived: bool = False):
         self.engine = engine
+        self.owner_engine = owner_engine
+        self._app_derived = app_derived
 
     @classmethod
-    def open(cls, url: URL | str | None = None, *, migrate: bool = True) -> Store:
-        """Open the store at `url` (default: `NVC_DATABASE_URL` or the embedded server), creating and
-        migrating its database when needed."""
-        target = store_url() if url is None else make_url(url).set(drivername="postgresql+psycopg")
-        ensure_database(target)
-        url_text = target.render_as_string(hide_password=False)
-        store = cls(engine_for(url_text))
-        if migrate and url_text not in _MIGRATED:
+    def open(cls, url: URL | str | None = None, *, owner_url: URL | str | None = None, migrate: bool = True) -> Store:
+        """Open the store (default: `NVC_DATABASE_URL` and `NVC_OWNER_DATABASE_URL`, or the embedded
+        server; see `store_urls`), creating and migrating its database when this process has the owner's
+        login, and checking that the application's login is neither a superuser nor behind the schema."""
+        urls = store_urls(url, owner_url)
+        owner_engine = None
+        if urls.owner is not None:
+            ensure_database(urls.owner)
+            owner_engine = engine_for(urls.owner.render_as_string(hide_password=False))
+        app_text = urls.app.render_as_string(hide_password=False)
+        store = cls(engine_for(app_text), owner_engine, app_derived=urls.app_derived)
+        if migrate and owner_engine is not None and str(owner_engine.url) not in _MIGRATED:
             store.migrate()
-            _MIGRATED.add(url_text)
+            _MIGRATED.add(str(owner_engine.url))
+        if app_text not in _CHECKED:
+            store._check_app_login()
+            _CHECKED.add(app_text)
         return store
+
+    def _check_app_login(self) -> None:
+        """Refuse to run the application as a superuser, as a role that bypasses row-level security, or
+        against a schema its code does not know, with a line that says what to set."""
+        user = self.engine.url.username
+        try:
+            with self.engine.connect() as conn:
+                role = conn.execute(
+                    text(
+                        "SELECT rolsuper, rolbypassrls, "
+                        "to_regrole(:app) IS NOT NULL AND pg_has_role(current_user, :app, 'USAGE') AS app, "
+                        "to_regclass('public.alembic_version') IS NOT NULL AS migrated FROM pg_roles "
+                        "WHERE rolname = current_user"
+                    ),
+                    {"app": APP_ROLE},
+                ).one()
+                version = (
+                    conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one_or_none()
+                    if role.migrated and role.app
+                    else None
+                )
+        except OperationalError as exc:
+            hint = (
+                f" The application logs in as {APP_LOGIN} on the owner's server and database, without a password; "
+                f"where the server asks for one, set NVC_DATABASE_URL to {APP_LOGIN}'s login and "
+                "NVC_OWNER_DATABASE_URL to the owner's (docs/security.md)."
+                if self._app_derived
+                else " Check NVC_DATABASE_URL."
+            )
+            raise StoreUnavailable(
+                f"Cannot log in to the store as the application's role {user}: {str(exc.orig).strip()}.{hint}"
+            ) from None
+        if role.rolsuper or role.rolbypassrls:
+            raise StoreUnavailable(
+                f"The application would log in to the store as {user}, a superuser or a role that bypasses "
+                f"row-level security. Set NVC_DATABASE_URL to the login of {APP_LOGIN} (created by the migrations) "
+                "and NVC_OWNER_DATABASE_URL to the owner's (docs/security.md)."
+            )
+        if not role.app or version is None:
+            raise StoreUnavailable(
+                f"The store's schema is not set up for the application's role {user}: run the migrations as the "
+                "owner (`nvc store migrate` with NVC_OWNER_DATABASE_URL set), and make sure that role is "
+                f"{APP_LOGIN} or a member of {APP_ROLE}."
+            )
+        head, known = _revisions()
+        if version != head and version in known:  # older than the code (a newer one: a run of the last release)
+            raise StoreUnavailable(
+                f"The store's schema is at revision {version}, this code needs {head}: run "
+                "`nvc store migrate` with NVC_OWNER_DATABASE_URL set (the owner's login), then retry."
+            )
 
     @contextmanager
     def begin(self, practice_id: str | None = None) -> Iterator[Connection]:
-        """One transaction. With `practice_id`, it runs as the application role `nvc_app` scoped to
-        that practice (`SET LOCAL`): row-level security then hides every other practice's rows and
-        refuses writes into them. Without, it runs as the owner: migrations and the registry only."""
-        try:
-            with self.engine.begin() as conn:
-                if practice_id is not None:
-                    conn.execute(text(f"SET LOCAL ROLE {APP_ROLE}"))
-                    conn.execute(text("SELECT set_config('nvc.practice_id', :p, true)"), {"p": practice_id})
-                yield conn
-        except OperationalError as exc:
-            if isinstance(exc.orig, QueryCanceled) and "statement timeout" in str(exc.orig):
-                raise StoreUnavailable(
-                    f"A store statement ran longer than NVC_STATEMENT_TIMEOUT_SECONDS ({statement_timeout_seconds()} s) "
-                    "and was cancelled; nothing of it was written. Check for locks or a stuck query "
-                    "(pg_stat_activity), or raise NVC_STATEMENT_TIMEOUT_SECONDS."
-                ) from None
+        """One transaction as the application (`nvc_service`). With `practice_id`, it is scoped to that
+        practice (`SET LOCAL nvc.practice_id`): row-level security then hides every other practice's
+        rows and refuses writes into them. Without, it sees no practice's rows, only the views made
+        for reads across practices (`practice_registry`, `outbox_due_rows`, `alert_log`)."""
+        with _transaction(self.engine, "NVC_DATABASE_URL") as conn:
+            if practice_id is not None:
+                conn.execute(text("SELECT set_config('nvc.practice_id', :p, true)"), {"p": practice_id})
+            yield conn
+
+    @contextmanager
+    def begin_owner(self) -> Iterator[Connection]:
+        """One transaction as the owner, for migrations and administrative commands only: registering,
+        disconnecting and grouping practices, rotating the key. The application never needs it."""
+        if self.owner_engine is None:
             raise StoreUnavailable(
-                f"The store's PostgreSQL failed: {str(exc.orig).strip()}. Check the server and NVC_DATABASE_URL; "
-                "nothing was written."
-            ) from None
+                "This is an administrative command: it needs the store owner's login, and this process has only "
+                f"the application's ({self.engine.url.username}). Run it with NVC_OWNER_DATABASE_URL set."
+            )
+        with _transaction(self.owner_engine, "NVC_OWNER_DATABASE_URL") as conn:
+            yield conn
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (idempotent, serialised by an advisory lock)."""
-        cfg = Config()
-        cfg.set_main_option("script_location", str(resources.files("nvc_pipelines.store") / "migrations"))
-        with self.begin() as conn:
+        """Bring the schema to the newest Alembic revision as the owner (idempotent, serialised by an
+        advisory lock)."""
+        with self.begin_owner() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
+            cfg = _alembic_config()
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
@@ -194,7 +300,7 @@ class Store:
         """Register a practice (or re-connect a disconnected one); `replace` updates a connected one."""
         blob = encrypt_credentials(practice_id, credentials) if credentials else None
         try:
-            with self.begin() as conn:
+            with self.begin_owner() as conn:
                 existing = conn.execute(
                     text("SELECT pms_kind, status FROM practices WHERE practice_id = :id FOR UPDATE"),
                     {"id": practice_id},
@@ -227,7 +333,7 @@ class Store:
         return self.get_practice(practice_id)
 
     def get_practice(self, practice_id: str) -> Practice:
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             row = conn.execute(
                 text("SELECT * FROM practices WHERE practice_id = :id"), {"id": practice_id}
             ).one_or_none()
@@ -244,27 +350,26 @@ class Store:
 
     def practice_credentials(self, practice_id: str) -> dict[str, str]:
         """Decrypted secrets, for a resource about to talk to the PMS; never log or return them further."""
-        with self.begin() as conn:
+        with self.begin(practice_id) as conn:
             blob = conn.execute(
                 text("SELECT credentials FROM practices WHERE practice_id = :id"), {"id": practice_id}
             ).scalar_one_or_none()
         return decrypt_credentials(practice_id, blob)
 
     def list_practices(self) -> list[dict[str, Any]]:
-        """The registry with per-practice counts; secrets are never selected."""
+        """The registry with per-practice counts, through the view made for the application's reads
+        across practices (no settings, no credentials)."""
         with self.begin() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT p.practice_id, p.display_name, p.pms_kind, p.status, p.group_id, p.connected_at, "
-                    "p.last_sync_at, "
-                    "(SELECT count(*) FROM patients pt WHERE pt.practice_id = p.practice_id AND pt.active) AS patients "
-                    "FROM practices p ORDER BY p.practice_id"
+                    "SELECT practice_id, display_name, pms_kind, status, group_id, connected_at, last_sync_at, patients "
+                    "FROM practice_registry ORDER BY practice_id"
                 )
             ).mappings()
             return [dict(r) for r in rows]
 
     def set_status(self, practice_id: str, status: str) -> None:
-        with self.begin() as conn:
+        with self.begin_owner() as conn:
             n = conn.execute(
                 text("UPDATE practices SET status = :s WHERE practice_id = :id"),
                 {"s": status, "id": practice_id},
@@ -558,14 +663,15 @@ class Store:
         return changed + removed
 
     def _analyze_after_bulk(self, table: str, rows: int) -> None:
-        """Refresh the planner's statistics after a bulk write (a first sync, a big reconcile), as the
-        owner (only a table's owner may ANALYZE it). Until autovacuum gets there, a practice's freshly
-        loaded rows look like none to the planner, and the call list's gather was then planned as a
-        nested loop that ran for minutes at 200,000 patients."""
+        """Refresh the planner's statistics after a bulk write (a first sync, a big reconcile). Only a
+        table's owner may ANALYZE it, so the application calls `nvc_analyze`, the owner's function that
+        does only that, on only the tables it bulk-writes. Until autovacuum gets there, a practice's
+        freshly loaded rows look like none to the planner, and the call list's gather was then planned
+        as a nested loop that ran for minutes at 200,000 patients."""
         if rows < BULK_ROWS:
             return
         with self.begin() as conn:
-            conn.execute(text(f"ANALYZE {table}"))
+            conn.execute(text("SELECT nvc_analyze(:t)"), {"t": table})
 
     def load_clinical_records(
         self, practice_id: str, only: Collection[str] | None = None
@@ -788,7 +894,7 @@ class Store:
 
     def add_group(self, group_id: str, display_name: str) -> None:
         try:
-            with self.begin() as conn:
+            with self.begin_owner() as conn:
                 conn.execute(
                     text(
                         "INSERT INTO practice_groups (group_id, display_name) VALUES (:g, :n) "
@@ -802,7 +908,7 @@ class Store:
             ) from None
 
     def set_group(self, practice_id: str, group_id: str | None) -> None:
-        with self.begin() as conn:
+        with self.begin_owner() as conn:
             if (
                 group_id is not None
                 and not conn.execute(text("SELECT 1 FROM practice_groups WHERE group_id = :g"), {"g": group_id}).first()
@@ -819,7 +925,7 @@ class Store:
                 text(
                     "SELECT g.group_id, g.display_name, coalesce(array_agg(p.practice_id ORDER BY p.practice_id) "
                     "FILTER (WHERE p.practice_id IS NOT NULL), '{}') AS practices FROM practice_groups g "
-                    "LEFT JOIN practices p ON p.group_id = g.group_id GROUP BY g.group_id ORDER BY g.group_id"
+                    "LEFT JOIN practice_registry p ON p.group_id = g.group_id GROUP BY g.group_id ORDER BY g.group_id"
                 )
             ).mappings()
             return [dict(r) for r in rows]
