@@ -15,7 +15,7 @@ from nvc_pipelines.store.embedded import server_url
 
 STORE_DATABASE = "nvc"
 DAGSTER_DATABASE = "dagster"
-APP_LOGIN = "nvc_service"  # the application's login role, created by migration 0013
+APP_LOGIN = "nvc_service"  # the application's login role, created by migration 0014
 APP_ROLE = "nvc_app"  # the group role the row-level security policies and grants name
 
 

@@ -1,6 +1,6 @@
 """Row-level security for a table that holds one practice's rows (used by the migrations).
 
-The application role `nvc_app` (the login `nvc_service` is its member, see 0013) sees and writes only
+The application role `nvc_app` (the login `nvc_service` is its member, see 0014) sees and writes only
 rows whose `practice_id` is the transaction's `nvc.practice_id` (`SET LOCAL`, see `Store.begin`); the
 owner role that runs migrations keeps an
 explicit policy of its own, and `FORCE` makes the policies apply to the table's owner too.

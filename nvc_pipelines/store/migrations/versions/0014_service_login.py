@@ -12,14 +12,14 @@ What the application reads across practices (the sensors, the schedule, `nvc pra
 the statistics refresh after a bulk write through one SECURITY DEFINER function limited to the
 tables the application bulk-writes.
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 """
 
 from alembic import op
 
-revision = "0013"
-down_revision = "0012"
+revision = "0014"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
