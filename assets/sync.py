@@ -6,7 +6,6 @@ their clinical records, and `call_list` from recalls and booked appointments. Ea
 what it did as materialisation metadata, which the UI plots over time.
 """
 
-import os
 import re
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.erasure import drop_erased
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
+from nvc_pipelines.retry import STEP_RETRIES, step_retries, step_wait
 from nvc_pipelines.store import PracticeNotFound, Store
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS, StreamSpec, VolumeDropRefused
 from nvc_pipelines.sync import full_every, max_drop_share, next_cursor, plan_sync
@@ -43,17 +43,6 @@ GROUP = "practice_sync"
 FULL_SYNC_TAG = "nvc/full_sync"
 ALLOW_DROP_TAG = "nvc/allow_drop"
 VOLUME_CHECK = "volume_drop_within_limit"
-# A PMS that is briefly down or throttling gets two more tries with backoff before the run fails;
-# a wrong key or a missing practice fails at once (retrying cannot fix it).
-TRANSIENT_PROBLEMS = frozenset(
-    {"unreachable", "pms_error", "rate_limited", "connector_offline", "connector_timeout", "lost_response"}
-)
-STEP_RETRIES = 2
-
-
-def retry_base_seconds() -> float:
-    """`NVC_RETRY_BASE_SECONDS` (default 30): the first wait before retrying a sync step."""
-    return float(os.environ.get("NVC_RETRY_BASE_SECONDS", "30"))
 
 
 def _connected_practice(store: Store, practice_id: str) -> Practice:
@@ -109,8 +98,9 @@ def sync_stream(
             client.close()
     except (PmsError, UnsupportedPms) as exc:
         problem = getattr(exc, "problem", "unsupported_pms")
-        if problem in TRANSIENT_PROBLEMS and context.retry_number < STEP_RETRIES:
-            wait = retry_base_seconds() * 2**context.retry_number
+        # A PMS briefly down or throttling is retried with backoff; a wrong key fails at once.
+        if step_retries(problem, context.retry_number):
+            wait = step_wait(context.retry_number)
             context.log.warning(f"{exc} - retrying in {wait:g} s ({context.retry_number + 1}/{STEP_RETRIES})")
             raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait) from exc
         raise Failure(

@@ -262,8 +262,14 @@ class BookingRequest:
 
 @dataclass(frozen=True, slots=True)
 class BookingResult:
+    """A booking in the PMS. `created`: True when this call's write made it, including a write whose
+    answer was lost and that was then found by its marker; False only when it was there before this
+    call wrote anything (an earlier call, or the practice, made it). The same for every PMS
+    (`resources.base.PmsClientBase.write_exactly_once`), so the outbox's `already_there` counts
+    deliveries that wrote nothing."""
+
     pms_appointment_id: str
-    created: bool  # False when an earlier attempt had already created it
+    created: bool
 
 
 class CallOutcome(StrEnum):
@@ -299,5 +305,7 @@ class PatientNote:
 
 @dataclass(frozen=True, slots=True)
 class NoteResult:
+    """A note in the PMS; `created` means what it means for `BookingResult`."""
+
     pms_note_id: str
     created: bool

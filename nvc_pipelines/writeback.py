@@ -20,25 +20,11 @@ from sqlalchemy import text
 
 from nvc_pipelines.model import BookingRequest, CallOutcome, NoteKind, PatientNote
 from nvc_pipelines.normalise import InvalidValue, normalise_phone, nvc_marker, parse_pms_datetime
+from nvc_pipelines.retry import OUTBOX_MAX_ATTEMPTS, outbox_backoff, outbox_retries
 from nvc_pipelines.store import calls
 
-MAX_ATTEMPTS = 8
-BASE_BACKOFF = timedelta(seconds=5)
-MAX_BACKOFF = timedelta(minutes=30)
-TRANSIENT_PROBLEMS = frozenset(
-    {
-        "pms_error",
-        "unreachable",
-        "rate_limited",
-        "lost_response",
-        "connector_offline",
-        "connector_timeout",
-        "session_expired",
-        # A refused certificate is fixed by people (renewal, a CA bundle), often within the backoff
-        # window; a booking made on a call should wait for that rather than fail at once.
-        "tls_certificate",
-    }
-)
+# The policy (which problems wait for a later attempt, and how long) is `nvc_pipelines.retry`'s.
+MAX_ATTEMPTS = OUTBOX_MAX_ATTEMPTS
 
 
 class OutboxError(ValueError):
@@ -226,10 +212,6 @@ def due_practices(store: Any, now: datetime | None = None) -> dict[str, str]:
     return {r.practice_id: r.fp for r in rows}
 
 
-def _backoff(attempts: int) -> timedelta:
-    return min(BASE_BACKOFF * (2 ** max(attempts - 1, 0)), MAX_BACKOFF)
-
-
 def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
     """Claim due rows (status `sent`, attempts + 1) in their own committed transaction; rows another
     run is working on are skipped, so two runs never deliver the same row at once."""
@@ -316,7 +298,7 @@ def deliver(
                 record_id, created = result.pms_note_id, result.created
         except error_types as exc:
             problem = getattr(exc, "problem", "pms_error")
-            if problem in TRANSIENT_PROBLEMS and row.attempts < max_attempts:
+            if outbox_retries(problem) and row.attempts < max_attempts:
                 _finish(
                     store,
                     practice_id,
@@ -324,11 +306,11 @@ def deliver(
                     "pending",
                     problem=problem,
                     last_error=str(exc),
-                    next_attempt_at=datetime.now(UTC) + _backoff(row.attempts),
+                    next_attempt_at=datetime.now(UTC) + outbox_backoff(row.attempts),
                 )
                 report.retry_later += 1
             else:
-                status = "dead_letter" if problem in TRANSIENT_PROBLEMS else "failed"
+                status = "dead_letter" if outbox_retries(problem) else "failed"
                 _finish(store, practice_id, row.outbox_id, status, problem=problem, last_error=str(exc))
                 if status == "dead_letter":
                     report.dead_lettered += 1

@@ -64,15 +64,9 @@ from nvc_pipelines.normalise import (
     nvc_marker,
     parse_pms_datetime,
 )
-from resources.http import (
-    RETRYABLE_STATUS,
-    FailureWords,
-    HttpPmsResource,
-    HttpStatusError,
-    open_http,
-    translate_common,
-)
-from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
+from resources.base import WRITES, ErrorRule, PmsClientBase, Secret
+from resources.http import FailureWords, HttpPmsResource
+from resources.protocol import ConnectionInfo
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +79,6 @@ NOTE_TEXT_MAX = 2000
 REQUIRED_ROLES = ("API Read", "Diary Write")
 MAX_PASSES = 3  # re-reads of a filtered list that changed while it was paged
 SESSION_ERRORS = frozenset({"TOKEN_EXPIRED", "INVALID_TOKEN"})
-NAMED_CODES = frozenset({"DATABASE_NOT_FOUND", "PATIENT_NOT_FOUND", "SLOT_UNAVAILABLE"})  # whatever the status
 
 # Acuitas clinical alert codes -> the recall rules' flags. Other codes (CAT, ...) pass through raw.
 ALERT_CODES: dict[str, str] = {
@@ -173,6 +166,63 @@ WORDS = FailureWords(
     check_url=CHECK_URL,
     check_server_error="that the Acuitas API service on the practice server is healthy (restart it if needed)",
     tls_owner="the practice server's",
+)
+CHECK_SLOT = "offer the patient another time; someone at the practice booked this slot first"
+# Acuitas's answers beyond the ones every HTTP PMS shares (`{db}`: the database name). Its
+# `ErrorCode`s that name a problem outrank the status (`first`).
+ERRORS: tuple[ErrorRule, ...] = (
+    ErrorRule(
+        "database_not_found",
+        "the Acuitas server has no database called {db!r}{said}.",
+        CHECK_DATABASE,
+        code="DATABASE_NOT_FOUND",
+        first=True,
+    ),
+    ErrorRule(
+        "patient_not_found",
+        "Acuitas database {db} has no such patient{said}.",
+        "whether the patient was merged or removed in Acuitas since the last sync; the next sync refreshes the list",
+        code="PATIENT_NOT_FOUND",
+        first=True,
+        connection=False,
+    ),
+    ErrorRule(
+        "slot_taken",
+        "the diary slot is no longer free{said}.",
+        CHECK_SLOT,
+        code="SLOT_UNAVAILABLE",
+        first=True,
+        connection=False,
+    ),
+    ErrorRule(
+        "session_expired",
+        "Acuitas ended the API session straight after a fresh login{said}.",
+        "the practice server's clock, and the API session timeout in Acuitas's server settings",
+        status=401,
+        code=SESSION_ERRORS,
+    ),
+    ErrorRule("invalid_credentials", "Acuitas rejected the API username or password{said}.", CHECK_LOGIN, status=401),
+    ErrorRule(
+        "insufficient_permissions",
+        "the Acuitas user NVC logs in as lacks a role it needs{said}.",
+        CHECK_ROLES,
+        status=403,
+    ),
+    ErrorRule("slot_taken", "the diary slot is no longer free{said}.", CHECK_SLOT, status=409, connection=False),
+    ErrorRule(
+        "api_not_found",
+        "{base_url} did not answer as an Acuitas API server (HTTP 404{said}).",
+        CHECK_URL,
+        status=404,
+    ),
+    ErrorRule(
+        "invalid_{kind}",
+        "Acuitas refused the {thing}{said}.",
+        "the {thing} the call made (time, length, appointment type, optom code, text length)",
+        status=(400, 422),
+        on=WRITES,
+        connection=False,
+    ),
 )
 
 
@@ -435,10 +485,19 @@ class _AcuitasSession(httpx.Auth):
         yield request
 
 
-class AcuitasClient:
+class AcuitasClient(PmsClientBase):
     """One practice's connection to its Acuitas server (implements `PmsClient`)."""
 
     kind = PmsKind.ACUITAS
+    pms_name = PMS_NAME
+    words = WORDS
+    errors = ERRORS
+    fallback = ErrorRule(
+        "bad_request",
+        "Acuitas refused the request with HTTP {status}{said}.",
+        "this is a bug in the Acuitas integration; report it with this message",
+        connection=False,
+    )
 
     def __init__(
         self,
@@ -464,10 +523,9 @@ class AcuitasClient:
         self._username = username
         self._version: str | None = None
         self._auth = _AcuitasSession(database, username, password)
-        self.http = open_http(
+        self.http = self._open_http(
             server_url,
-            self._fail,
-            check_unsafe="the server_url setting: it must be the https:// address of the Acuitas API service on "
+            "the server_url setting: it must be the https:// address of the Acuitas API service on "
             "the practice server (plain http:// is only allowed to this machine itself)",
             ca_bundle=ca_bundle,
             auth=self._auth,
@@ -475,7 +533,6 @@ class AcuitasClient:
             max_attempts=self.max_attempts,
             backoff_seconds=backoff_seconds,
             transport=transport,
-            on_retry=self._on_retry,
         )
         self._prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
         self._auth.session_url = f"{self.http.base_url}{self._prefix}/session"
@@ -485,94 +542,21 @@ class AcuitasClient:
 
     # --- errors ------------------------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
-        for secret, label in ((self._auth.token, "<session token>"), (self._password, "<password>")):
-            if secret:
-                text = text.replace(secret, label)
-        return text
-
-    def _scrub_reply(self, text: str) -> str:
-        """What Acuitas said, without the username (a stored secret) should a message quote it."""
-        if self._username:
-            text = re.sub(re.escape(self._username), "<api username>", text, flags=re.IGNORECASE)
-        return self._scrub(text)
-
-    def _fail(self, problem: str, message: str, check: str = "") -> PmsConnectionFailed:
-        return PmsConnectionFailed(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
-
-    def _error(self, problem: str, message: str, check: str = "") -> PmsError:
-        return PmsError(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
-
-    def _on_retry(self, message: str) -> None:
-        log.warning("%s practice %s: %s", PMS_NAME, self.practice.practice_id, self._scrub(message))
-
-    def _translate(self, exc: Exception, *, invalid: str = "bad_request") -> PmsError:
-        """Turn an HTTP or transport failure into an error that names the problem and what to check."""
-        code, said = "", ""
-        if isinstance(exc, HttpStatusError):
-            code = _error_code(exc.body)
-            detail = str(exc.body.get("Message") or "") if isinstance(exc.body, dict) else str(exc.body or "")[:200]
-            said = WORDS.said(code, self._scrub_reply(detail.strip().rstrip(".")))
-        # A code naming the problem outranks the status the shared translation reads.
-        common = None if code in NAMED_CODES else translate_common(exc, self.http, WORDS, self._fail, said=said)
-        if common is not None:
-            return common
-        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
-        db = self.database
-        if exc.status == 401 and code in SESSION_ERRORS:
-            return self._fail(
-                "session_expired",
-                f"Acuitas ended the API session straight after a fresh login{said}.",
-                "the practice server's clock, and the API session timeout in Acuitas's server settings",
-            )
-        if exc.status == 401:
-            return self._fail(
-                "invalid_credentials", f"Acuitas rejected the API username or password{said}.", CHECK_LOGIN
-            )
-        if code == "DATABASE_NOT_FOUND":
-            return self._fail(
-                "database_not_found", f"the Acuitas server has no database called {db!r}{said}.", CHECK_DATABASE
-            )
-        if exc.status == 403:
-            return self._fail(
-                "insufficient_permissions", f"the Acuitas user NVC logs in as lacks a role it needs{said}.", CHECK_ROLES
-            )
-        if code == "PATIENT_NOT_FOUND":
-            return self._error(
-                "patient_not_found",
-                f"Acuitas database {db} has no such patient{said}.",
-                "whether the patient was merged or removed in Acuitas since the last sync; the next sync refreshes the list",
-            )
-        if code == "SLOT_UNAVAILABLE" or exc.status == 409:
-            return self._error(
-                "slot_taken",
-                f"the diary slot is no longer free{said}.",
-                "offer the patient another time; someone at the practice booked this slot first",
-            )
-        if exc.status == 404:
-            return self._fail(
-                "api_not_found",
-                f"{self.http.base_url} did not answer as an Acuitas API server (HTTP 404{said}).",
-                CHECK_URL,
-            )
-        if invalid != "bad_request" and exc.status in (400, 422):
-            what = "booking" if invalid == "invalid_booking" else "call note"
-            return self._error(
-                invalid,
-                f"Acuitas refused the {what}{said}.",
-                f"the {what} the call made (time, length, appointment type, optom code, text length)",
-            )
-        return self._error(
-            "bad_request",
-            f"Acuitas refused the request with HTTP {exc.status}{said}.",
-            "this is a bug in the Acuitas integration; report it with this message",
+    def _secrets(self) -> tuple[Secret, ...]:
+        # The username too, should a message quote what Acuitas said about the login.
+        return (
+            Secret(self._auth.token or "", "<session token>"),
+            Secret(self._password, "<password>"),
+            Secret(self._username, "<api username>", whole_word=True),
         )
 
-    def _get(self, path: str, **params: Any) -> Any:
-        try:
-            return self.http.get(path, **params)
-        except (HttpStatusError, httpx.TransportError) as exc:
-            raise self._translate(exc) from None
+    def _reply(self, body: Any) -> tuple[str, str]:
+        if isinstance(body, dict):
+            return _error_code(body), str(body.get("Message") or "")
+        return "", str(body or "")[:200]
+
+    def _error_context(self) -> dict[str, Any]:
+        return {**super()._error_context(), "db": self.database}
 
     # --- version and connection --------------------------------------------------------------------
 
@@ -748,65 +732,14 @@ class AcuitasClient:
 
     # --- writes ------------------------------------------------------------------------------------
 
-    def _write_once(
-        self,
-        path: str,
-        payload: dict[str, Any],
-        lookup: Callable[[], str | None],
-        what: str,
-        invalid: str,
-    ) -> tuple[str, bool]:
-        """POST exactly once: look it up first, and again after any failure that may hide a landed write.
+    def _poster(self, path: str, payload: dict[str, Any], id_field: str) -> Callable[[], str | None]:
+        """One POST of `payload`; the new record's id, or None when Acuitas's answer names none."""
 
-        Acuitas has no idempotency key, so the lookup (by the NVC marker the write carries) is the
-        only safe way to know whether an unanswered POST landed. Returns `(id, created)`: `created`
-        is False when the record was already there before this call.
-        """
-        self._check_version()
-        uncertain = False  # an earlier POST in this call may have landed
-        failure: Exception | None = None
-        for attempt in range(self.max_attempts):
-            if failure is not None:
-                time.sleep(self._write_wait(failure, attempt))
-            found = lookup()
-            if found:
-                return found, uncertain
-            try:
-                body = self.http.request("POST", path, retry=False, json=payload)
-            except HttpStatusError as exc:
-                if exc.status not in RETRYABLE_STATUS:
-                    raise self._translate(exc, invalid=invalid) from None
-                failure, uncertain = exc, uncertain or exc.status != 429
-                self._on_retry(f"{what} attempt {attempt + 1} failed ({exc}); looking it up before retrying")
-                continue
-            except httpx.TransportError as exc:
-                failure, uncertain = exc, True
-                self._on_retry(f"{what} attempt {attempt + 1} got no answer ({type(exc).__name__}); looking it up")
-                continue
-            new_id = _text(body.get(self._id_field(path))) if isinstance(body, dict) else None
-            found = new_id or lookup()
-            if found:
-                return found, True
-            raise self._error("pms_error", f"Acuitas accepted the {what} but returned no id.", CHECK_URL)
-        found = lookup()
-        if found:
-            return found, uncertain
-        if isinstance(failure, HttpStatusError):
-            raise self._translate(failure)
-        raise self._error(
-            "lost_response",
-            f"the {what} got no answer after {self.max_attempts} attempts and is not in Acuitas.",
-            "the connection to the practice server; the outbox will retry",
-        )
+        def send() -> str | None:
+            body = self.http.request("POST", path, retry=False, json=payload)
+            return _text(body.get(id_field)) if isinstance(body, dict) else None
 
-    @staticmethod
-    def _id_field(path: str) -> str:
-        return "CallNoteId" if path.endswith("/callnotes") else "AppointmentId"
-
-    def _write_wait(self, failure: Exception, attempt: int) -> float:
-        if isinstance(failure, HttpStatusError) and failure.retry_after is not None:
-            return min(failure.retry_after, 30.0)
-        return min(self.backoff_seconds * 2 ** (attempt - 1), 30.0)
+        return send
 
     def _find_booking(self, booking: BookingRequest, key: str, start_text: str) -> str | None:
         """The diary entry for this booking: the one carrying its marker, else an entry for the same
@@ -848,12 +781,12 @@ class AcuitasClient:
             "Optom": booking.clinician_ref or "",
             "Comments": comments,
         }
-        new_id, created = self._write_once(
-            f"{self._prefix}/diary",
-            payload,
-            lambda: self._find_booking(booking, booking.idempotency_key, start_text),
+        self._check_version()
+        new_id, created = self.write_exactly_once(
             "booking",
-            "invalid_booking",
+            "booking",
+            self._poster(f"{self._prefix}/diary", payload, "AppointmentId"),
+            lambda: self._find_booking(booking, booking.idempotency_key, start_text),
         )
         return BookingResult(pms_appointment_id=new_id, created=created)
 
@@ -880,25 +813,14 @@ class AcuitasClient:
             "Reference": marker,
         }
         path = f"{self._prefix}/patients/{quote(note.pms_patient_id, safe='')}/callnotes"
-        new_id, created = self._write_once(
-            path,
-            payload,
-            lambda: self._find_note(note.pms_patient_id, note.idempotency_key),
+        self._check_version()
+        new_id, created = self.write_exactly_once(
+            "note",
             "call note",
-            "invalid_note",
+            self._poster(path, payload, "CallNoteId"),
+            lambda: self._find_note(note.pms_patient_id, note.idempotency_key),
         )
         return NoteResult(pms_note_id=new_id, created=created)
-
-    # --- lifecycle ---------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> AcuitasClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AcuitasResource(HttpPmsResource):
@@ -912,29 +834,20 @@ class AcuitasResource(HttpPmsResource):
         return ("api_username", "api_password")
 
     def open(self, practice: Practice, credentials: dict[str, str]) -> AcuitasClient:
-        settings = {k: (practice.settings.get(k) or "").strip() for k in self.required_settings()}
-        # The password is used exactly as stored (it may really start or end with a space).
-        secrets = {"api_username": (credentials.get("api_username") or "").strip()}
-        secrets["api_password"] = credentials.get("api_password") or ""
         checks = {
-            "server_url": "the server_url setting: the https:// address (and port) of the Acuitas API on the practice server",
+            "server_url": "the server_url setting: the https:// address (and port) of the Acuitas API on the practice "
+            "server",
             "database": CHECK_DATABASE,
+            "api_username": CHECK_LOGIN,
+            "api_password": CHECK_LOGIN,
         }
-        for name, value in settings.items():
-            if not value:
-                raise PmsConnectionFailed(
-                    PMS_NAME, practice.practice_id, "missing_setting", f"no {name} is set.", checks[name]
-                )
-        for name, value in secrets.items():
-            if not value.strip():
-                raise PmsConnectionFailed(
-                    PMS_NAME, practice.practice_id, "missing_secret", f"no {name} is stored.", CHECK_LOGIN
-                )
+        # The password is used exactly as stored (it may really start or end with a space).
+        values = self.required_values(practice, credentials, PMS_NAME, checks, verbatim=("api_password",))
         return AcuitasClient(
             practice,
-            server_url=settings["server_url"],
-            database=settings["database"],
-            username=secrets["api_username"],
-            password=secrets["api_password"],
+            server_url=values["server_url"],
+            database=values["database"],
+            username=values["api_username"],
+            password=values["api_password"],
             **self.client_options(practice),
         )

@@ -2,8 +2,8 @@
 the failures every such PMS reports alike (`translate_common`, worded per PMS by `FailureWords`),
 and the settings every such resource takes (`HttpPmsResource`).
 
-Only idempotent reads are retried automatically; writes go through the caller's own
-lookup-before-retry logic (a PMS without idempotency keys must not get a second booking).
+Only idempotent reads are retried automatically; writes go through `resources.base`'s
+`write_exactly_once`, which looks before retrying (a PMS without idempotency keys must not get a second booking).
 
 Transport security: certificates are always verified (chain and host name), TLS 1.2 is the floor
 and TLS 1.3 is negotiated whenever the server offers it; plain `http://` is only accepted to this
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Collection, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from dagster import ConfigurableResource
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from nvc_pipelines.model import Practice
-from resources.protocol import PmsError
+from resources.protocol import PmsConnectionFailed, PmsError
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_SECONDS = 60.0
@@ -363,6 +363,39 @@ class HttpPmsResource(ConfigurableResource):
     def optional_settings(self) -> tuple[str, ...]:
         # ca_bundle: a private CA's PEM file (a practice's own, or a TLS-inspecting proxy's); only it is trusted.
         return (CA_BUNDLE_SETTING,)
+
+    def required_settings(self) -> tuple[str, ...]:
+        return ()
+
+    def required_secrets(self) -> tuple[str, ...]:
+        return ()
+
+    def required_values(
+        self,
+        practice: Practice,
+        credentials: Mapping[str, str],
+        pms: str,
+        checks: Mapping[str, str],
+        *,
+        verbatim: Collection[str] = (),
+    ) -> dict[str, str]:
+        """The practice's `required_settings()` and `required_secrets()` by name, checked in one place:
+        the first one missing (or blank) fails the connection as `missing_setting` / `missing_secret`
+        with `checks[name]`, what the practice should check. Values are stripped, except a secret in
+        `verbatim` (a password may really start or end with a space)."""
+        values: dict[str, str] = {}
+        for names, source, problem, verb in (
+            (self.required_settings(), practice.settings, "missing_setting", "set"),
+            (self.required_secrets(), credentials, "missing_secret", "stored"),
+        ):
+            for name in names:
+                raw = source.get(name) or ""
+                if not raw.strip():
+                    raise PmsConnectionFailed(
+                        pms, practice.practice_id, problem, f"no {name} is {verb}.", checks.get(name, "")
+                    )
+                values[name] = raw if name in verbatim else raw.strip()
+        return values
 
     def client_options(self, practice: Practice) -> dict[str, Any]:
         """The options every HTTP PMS client takes: this deployment's, and the practice's CA bundle."""

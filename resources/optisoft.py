@@ -37,10 +37,8 @@ The patient record and its Recall tab, in NVC's words (`optisoft_draft`):
 from __future__ import annotations
 
 import json
-import logging
 import re
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -78,16 +76,9 @@ from nvc_pipelines.normalise import (
     parse_uk_date,
 )
 from nvc_pipelines.recall import add_months
-from resources.http import (
-    FailureWords,
-    HttpPmsResource,
-    HttpStatusError,
-    open_http,
-    translate_common,
-)
-from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
-
-log = logging.getLogger(__name__)
+from resources.base import ErrorRule, Existing, PmsClientBase, Secret
+from resources.http import FailureWords, HttpPmsResource, HttpStatusError
+from resources.protocol import ConnectionInfo, PmsError
 
 PMS_NAME = "Optisoft"
 API_PREFIX = "/relay/v1"
@@ -141,14 +132,69 @@ WORDS = FailureWords(
     tls_owner="the Optisoft relay's",
 )
 
-# The connector's refusals of a booking or note: (problem, check).
-BOOKING_PROBLEMS: dict[str, tuple[str, str]] = {
-    "SLOT_TAKEN": ("slot_taken", "offer the patient another time; the diary changed since the slot was offered"),
-    "PATIENT_NOT_FOUND": ("patient_not_found", "whether the patient was merged or archived in Optisoft"),
-    "CLINICIAN_NOT_FOUND": ("invalid_clinician", CHECK_CLINICIAN),
-    "CLINICIAN_INACTIVE": ("invalid_clinician", CHECK_CLINICIAN),
-    "CLINICIAN_NOT_OPTOMETRIST": ("invalid_clinician", CHECK_CLINICIAN),
-}
+CHECK_REFUSED = "whether the patient was merged or archived in Optisoft"
+CHECK_SLOT = "offer the patient another time; the diary changed since the slot was offered"
+# The relay's and the connector's own codes, which arrive as 503/504 and say more than the status
+# (so `first`), then what else the relay answers (`{pc}`: the practice code).
+ERRORS: tuple[ErrorRule, ...] = (
+    ErrorRule(
+        "connector_offline",
+        "the Optisoft Connector at practice {pc} is not connected to the relay{said}.",
+        CHECK_CONNECTOR,
+        code="CONNECTOR_OFFLINE",
+        first=True,
+    ),
+    ErrorRule(
+        "connector_timeout",
+        "the Optisoft Connector at practice {pc} took the request but did not answer in time{said}.",
+        "whether the practice's server is overloaded or its database slow; the next sync will retry",
+        code="CONNECTOR_TIMEOUT",
+        first=True,
+    ),
+    ErrorRule(
+        "invalid_credentials",
+        "the practice database refused the login{said}.",
+        CHECK_LOGIN,
+        code="DB_LOGIN_FAILED",
+        first=True,
+    ),
+    ErrorRule(
+        "practice_not_found",
+        "the relay knows no practice with code {pc}{said}.",
+        CHECK_CODE,
+        code="PRACTICE_CODE_UNKNOWN",
+        first=True,
+    ),
+    ErrorRule(
+        "permission_denied",
+        "NVC's database login may only read{said}.",
+        CHECK_WRITE,
+        code="DB_PERMISSION_DENIED",
+        connection=False,
+        first=True,
+    ),
+    # The connector's refusals of a booking or note.
+    ErrorRule(
+        "slot_taken", "Optisoft refused the write{said}.", CHECK_SLOT, code="SLOT_TAKEN", connection=False, first=True
+    ),
+    ErrorRule(
+        "patient_not_found",
+        "Optisoft refused the write{said}.",
+        CHECK_REFUSED,
+        code="PATIENT_NOT_FOUND",
+        connection=False,
+        first=True,
+    ),
+    ErrorRule(
+        "invalid_clinician",
+        "Optisoft refused the write{said}.",
+        CHECK_CLINICIAN,
+        code=("CLINICIAN_NOT_FOUND", "CLINICIAN_INACTIVE", "CLINICIAN_NOT_OPTOMETRIST"),
+        connection=False,
+        first=True,
+    ),
+    ErrorRule("pms_error", "{base_url} is not an Optisoft relay (HTTP 404){said}.", CHECK_SERVER, status=404),
+)
 
 
 def uk_local(value: datetime) -> datetime:
@@ -428,10 +474,16 @@ def clinical_draft(row: dict[str, Any]) -> ClinicalDraft:
     )
 
 
-class OptisoftClient:
+class OptisoftClient(PmsClientBase):
     """One practice's Optisoft connection through the relay (implements `PmsClient`)."""
 
     kind = PmsKind.OPTISOFT
+    pms_name = PMS_NAME
+    words = WORDS
+    errors = ERRORS
+    fallback = ErrorRule(
+        "bad_request", "Optisoft refused the request with HTTP {status}{said}.", CHECK_BUG, connection=False
+    )
 
     def __init__(
         self,
@@ -452,16 +504,14 @@ class OptisoftClient:
         self.practice_code = practice_code
         self.page_size = page_size
         self._credentials = {"username": db_username, "password": db_password}
-        self.http = open_http(
+        self.http = self._open_http(
             server_address,
-            self._fail,
-            check_unsafe="the server_address setting: it must be the https:// address of the Optisoft relay",
+            "the server_address setting: it must be the https:// address of the Optisoft relay",
             ca_bundle=ca_bundle,
             timeout_seconds=timeout_seconds,
             max_attempts=max_attempts,
             backoff_seconds=backoff_seconds,
             transport=transport,
-            on_retry=self._on_retry,
         )
         prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
         self._query_path = f"{prefix}/practices/{quote(practice_code, safe='')}/query"
@@ -471,71 +521,20 @@ class OptisoftClient:
 
     # --- errors ------------------------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
-        password, username = self._credentials["password"], self._credentials["username"]
-        if password:
-            text = re.sub(re.escape(password), "<db password>", text, flags=re.IGNORECASE)
-        if username:
-            # Servers echo logins in any case (SQL Server logins are case-insensitive).
-            text = re.sub(rf"(?<![\w-]){re.escape(username)}(?![\w-])", "<db username>", text, flags=re.IGNORECASE)
-        return text
+    def _secrets(self) -> tuple[Secret, ...]:
+        # Servers echo logins in any case (SQL Server logins are case-insensitive).
+        return (
+            Secret(self._credentials["password"], "<db password>"),
+            Secret(self._credentials["username"], "<db username>", whole_word=True),
+        )
 
-    def _fail(self, problem: str, message: str, check: str = "") -> PmsConnectionFailed:
-        return PmsConnectionFailed(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
+    def _reply(self, body: Any) -> tuple[str, str]:
+        if isinstance(body, dict):
+            return str(body.get("code") or ""), str(body.get("message") or "")
+        return "", str(body or "")[:200]
 
-    def _error(self, problem: str, message: str, check: str = "") -> PmsError:
-        return PmsError(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
-
-    def _on_retry(self, message: str) -> None:
-        log.warning("%s practice %s: %s", PMS_NAME, self.practice.practice_id, self._scrub(message))
-
-    def _translate(self, exc: Exception) -> PmsError:
-        """Turn a relay answer or transport failure into an error naming the problem and what to check."""
-        said = ""
-        if isinstance(exc, HttpStatusError):
-            body = exc.body if isinstance(exc.body, dict) else {}
-            code = str(body.get("code") or "")
-            detail = str(body.get("message") or ("" if body else str(exc.body or "")[:200])).strip().rstrip(".")
-            said = WORDS.said(code, detail)
-            # The relay's and the connector's own codes first: they arrive as 503/504 and say more.
-            named = self._named_problem(code, said)
-            if named is not None:
-                return named
-        common = translate_common(exc, self.http, WORDS, self._fail, said=said)
-        if common is not None:
-            return common
-        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
-        if exc.status == 404:
-            return self._fail(
-                "pms_error", f"{self.http.base_url} is not an Optisoft relay (HTTP 404){said}.", CHECK_SERVER
-            )
-        return self._error("bad_request", f"Optisoft refused the request with HTTP {exc.status}{said}.", CHECK_BUG)
-
-    def _named_problem(self, code: str, said: str) -> PmsError | None:
-        """The problem an Optisoft error code names, whatever the HTTP status (None: not one of them)."""
-        pc = self.practice_code
-        if code == "CONNECTOR_OFFLINE":
-            return self._fail(
-                "connector_offline",
-                f"the Optisoft Connector at practice {pc} is not connected to the relay{said}.",
-                CHECK_CONNECTOR,
-            )
-        if code == "CONNECTOR_TIMEOUT":
-            return self._fail(
-                "connector_timeout",
-                f"the Optisoft Connector at practice {pc} took the request but did not answer in time{said}.",
-                "whether the practice's server is overloaded or its database slow; the next sync will retry",
-            )
-        if code == "DB_LOGIN_FAILED":
-            return self._fail("invalid_credentials", f"the practice database refused the login{said}.", CHECK_LOGIN)
-        if code == "PRACTICE_CODE_UNKNOWN":
-            return self._fail("practice_not_found", f"the relay knows no practice with code {pc}{said}.", CHECK_CODE)
-        if code == "DB_PERMISSION_DENIED":
-            return self._error("permission_denied", f"NVC's database login may only read{said}.", CHECK_WRITE)
-        if code in BOOKING_PROBLEMS:
-            problem, check = BOOKING_PROBLEMS[code]
-            return self._error(problem, f"Optisoft refused the write{said}.", check)
-        return None
+    def _error_context(self) -> dict[str, Any]:
+        return {**super()._error_context(), "pc": self.practice_code}
 
     # --- the relay -------------------------------------------------------------------------------
 
@@ -731,48 +730,18 @@ class OptisoftClient:
         rows = self._rows(operation, {"marker": marker})
         return _text(rows[0].get(id_column)) if rows else None
 
-    def _write_once(self, operation: str, params: dict[str, Any], find: str, id_column: str) -> tuple[str, bool]:
-        """Write exactly once (the caller has already looked the marker up): after any answer that
-        leaves it unclear whether the write happened (a lost response, a 5xx, a slow connector), look
-        again before trying again. The connector also refuses a second row with the same marker."""
-        marker = params["marker"]
-        last: PmsError | None = None
-        for attempt in range(1, self.http.max_attempts + 1):
-            if attempt > 1:
-                time.sleep(min(self.http.backoff_seconds * 2 ** (attempt - 2), 10.0))
-            try:
-                data = self._send(operation, params, retry=False)
-                written = _text(data.get(id_column))
-                if not written:
-                    raise self._fail("pms_error", f"the answer to {operation} named no {id_column}.", CHECK_SERVER)
-                return written, bool(data.get("created"))
-            except (HttpStatusError, httpx.TransportError) as exc:
-                last = self._translate(exc)
-                log.warning(
-                    "%s practice %s: %s attempt %s failed: %s",
-                    PMS_NAME,
-                    self.practice.practice_id,
-                    operation,
-                    attempt,
-                    self._scrub(str(exc)),
-                )
-                if isinstance(exc, HttpStatusError) and exc.status == 429:
-                    time.sleep(min(exc.retry_after or 0.0, 10.0))
-                    continue
-                if isinstance(exc, HttpStatusError) and exc.status < 500:
-                    raise last from None  # a refusal: nothing was written
-                if last.problem == "connector_offline":
-                    continue  # never collected by the connector: nothing was written
-                found = self._find(find, id_column, marker)  # maybe written: look before trying again
-                if found:
-                    return found, True
-        if last is not None and last.problem == "unreachable":
-            raise self._error(
-                "lost_response",
-                f"{operation} got no answer after {self.http.max_attempts} attempts and was not written.",
-                CHECK_SERVER,
-            ) from None
-        raise last or self._error("pms_error", f"{operation} failed.", CHECK_SERVER)
+    def _sender(self, operation: str, params: dict[str, Any], id_column: str) -> Callable[[], str | Existing | None]:
+        """One write through the relay (not retried by `PmsHttp`: `write_exactly_once` decides). The
+        connector refuses a second row with the same marker and names the first (`created: false`)."""
+
+        def send() -> str | Existing | None:
+            data = self._send(operation, params, retry=False)
+            written = _text(data.get(id_column))
+            if not written:
+                return None
+            return Existing(written) if data.get("created") is False else written
+
+        return send
 
     def create_appointment(self, booking: BookingRequest) -> BookingResult:
         """Book into Optisoft's Diary exactly once, against a valid, active GOC-registered clinician.
@@ -782,11 +751,18 @@ class OptisoftClient:
         marker = self._marker(booking.idempotency_key)
         goc = self._goc_number(booking)
         params = self._booking_params(booking, goc, marker)
-        existing = self._find("diary.find", "DiaryID", marker)  # an earlier attempt may have booked it
-        if existing:
-            return BookingResult(existing, created=False)
-        self._check_clinician(goc)
-        diary_id, created = self._write_once("diary.book", params, "diary.find", "DiaryID")
+        book = self._sender("diary.book", params, "DiaryID")
+        checked: list[bool] = []
+
+        def send() -> str | Existing | None:
+            if not checked:  # after the look-up: a booking an earlier attempt made stands as it is
+                self._check_clinician(goc)
+                checked.append(True)
+            return book()
+
+        diary_id, created = self.write_exactly_once(
+            "booking", "diary.book", send, lambda: self._find("diary.find", "DiaryID", marker)
+        )
         return BookingResult(diary_id, created=created)
 
     def add_note(self, note: PatientNote) -> NoteResult:
@@ -802,20 +778,13 @@ class OptisoftClient:
             "notes": " ".join(filter(None, [note.text.strip(), marker])),
             "marker": marker,
         }
-        existing = self._find("contactlog.find", "LogID", marker)
-        if existing:
-            return NoteResult(existing, created=False)
-        log_id, created = self._write_once("contactlog.add", params, "contactlog.find", "LogID")
+        log_id, created = self.write_exactly_once(
+            "note",
+            "contactlog.add",
+            self._sender("contactlog.add", params, "LogID"),
+            lambda: self._find("contactlog.find", "LogID", marker),
+        )
         return NoteResult(log_id, created=created)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> OptisoftClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class OptisoftResource(HttpPmsResource):
@@ -833,28 +802,18 @@ class OptisoftResource(HttpPmsResource):
         return ("db_username", "db_password")
 
     def open(self, practice: Practice, credentials: dict[str, str]) -> OptisoftClient:
-        server_address = (practice.settings.get("server_address") or "").strip()
-        practice_code = (practice.settings.get("practice_code") or "").strip()
-        for name, value, check in (
-            ("server_address", server_address, CHECK_SERVER),
-            ("practice_code", practice_code, CHECK_CODE),
-        ):
-            if not value:
-                raise PmsConnectionFailed(
-                    PMS_NAME, practice.practice_id, "missing_setting", f"no {name} is set.", check
-                )
-        username = (credentials.get("db_username") or "").strip()
-        password = credentials.get("db_password") or ""
-        if not username or not password:
-            missing = "db_username" if not username else "db_password"
-            raise PmsConnectionFailed(
-                PMS_NAME, practice.practice_id, "missing_secret", f"no {missing} is stored.", CHECK_LOGIN
-            )
+        checks = {
+            "server_address": CHECK_SERVER,
+            "practice_code": CHECK_CODE,
+            "db_username": CHECK_LOGIN,
+            "db_password": CHECK_LOGIN,
+        }
+        values = self.required_values(practice, credentials, PMS_NAME, checks, verbatim=("db_password",))
         return OptisoftClient(
             practice,
-            server_address=server_address,
-            practice_code=practice_code,
-            db_username=username,
-            db_password=password,
+            server_address=values["server_address"],
+            practice_code=values["practice_code"],
+            db_username=values["db_username"],
+            db_password=values["db_password"],
             **self.client_options(practice),
         )

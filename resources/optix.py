@@ -22,10 +22,7 @@ The API key travels only in the Authorization header: no message or log line her
 
 from __future__ import annotations
 
-import logging
-import random
 import re
-import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -60,20 +57,9 @@ from nvc_pipelines.normalise import (
     parse_pms_datetime,
     parse_yes_no,
 )
-from resources.http import (
-    RETRYABLE_STATUS,
-    FailureWords,
-    HttpPmsResource,
-    HttpStatusError,
-    SecretAuth,
-    attempts_text,
-    is_certificate_failure,
-    open_http,
-    translate_common,
-)
-from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
-
-log = logging.getLogger(__name__)
+from resources.base import WRITES, ErrorRule, PmsClientBase, Secret
+from resources.http import FailureWords, HttpPmsResource, SecretAuth
+from resources.protocol import ConnectionInfo, PmsError
 
 PMS_NAME = "Optix"
 API_PREFIX = "/api/v2"
@@ -118,14 +104,10 @@ BOOKING_TYPES: dict[str, str] = {canonical: optix for optix, canonical in APPOIN
 NOTE_CATEGORIES: dict[NoteKind, str] = {NoteKind.CALL_OUTCOME: "RECALL_CALL", NoteKind.CALL_ATTEMPT: "CALL_ATTEMPT"}
 # How far either side of a booking's start the lookup searches for NVC's marker.
 LOOKUP_WINDOW = timedelta(days=1)
-# Transport errors raised before a request could reach Optix: nothing can have been written.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
-
 CHECK_KEY = (
     "the API key in Optix > Settings > Integrations; copy it again, a typo or an expired/revoked key is the usual cause"
 )
 CHECK_URL = "the api_url setting, and that this server can reach it (firewall, proxy, network)"
-CHECK_RETRY = "Optix's status page; the write is safe to retry (NVC looks for its earlier attempt first)"
 CHECK_BUG = "this is a bug in the Optix integration or the booking sent to it; report it with this message"
 WORDS = FailureWords(
     pms=PMS_NAME,
@@ -137,6 +119,49 @@ WORDS = FailureWords(
     check_url=CHECK_URL,
     check_server_error="Optix's status page",
     tls_owner="the Optix API's",
+)
+CHECK_ACCESS = "ask the practice to enable API access in Optix settings"
+# Optix's answers beyond the ones every HTTP PMS shares (`{pid}` is the Optix Practice ID).
+ERRORS: tuple[ErrorRule, ...] = (
+    ErrorRule("invalid_credentials", "The API key was rejected{said}.", CHECK_KEY, status=401),
+    ErrorRule(
+        "api_access_disabled",
+        "API access is disabled for Optix practice {pid}{said}.",
+        CHECK_ACCESS,
+        status=403,
+        code="api_access_disabled",
+    ),
+    ErrorRule("forbidden", "Optix refused access to practice {pid}{said}.", CHECK_KEY, status=403),
+    ErrorRule(
+        "patient_not_found",
+        "Optix practice {pid} has no such patient{said}.",
+        "whether the patient was merged or removed in Optix; the next sync refreshes the patient list",
+        status=404,
+        code="patient_not_found",
+        connection=False,
+    ),
+    ErrorRule(
+        "practice_not_found",
+        "Optix has no practice {pid} for this API key{said}.",
+        "the practice_id setting (the Optix Practice ID, e.g. OPX-1234) and that the API key belongs to it",
+        status=404,
+    ),
+    ErrorRule(
+        "slot_taken",
+        "The slot is no longer free in Optix{said}.",
+        "offer the patient another time; the diary changed since the call offered this one",
+        status=409,
+        on="booking",
+        connection=False,
+    ),
+    ErrorRule(
+        "invalid_{kind}",
+        "The {kind} cannot be sent to Optix: Optix refused it (HTTP {status}){said}.",
+        CHECK_BUG,
+        status=(400, 422),
+        on=WRITES,
+        connection=False,
+    ),
 )
 
 
@@ -290,26 +315,6 @@ def _latest_rows(rows: Iterable[dict[str, Any]], id_field: str) -> tuple[dict[st
     return latest, anonymous
 
 
-def _error_code(exc: HttpStatusError) -> str:
-    error = exc.body.get("error") if isinstance(exc.body, dict) else None
-    return str(error.get("code", "")) if isinstance(error, dict) else ""
-
-
-def _said(exc: HttpStatusError) -> str:
-    """` (Optix said: code: message)`, or "" when Optix said nothing useful."""
-    error = exc.body.get("error") if isinstance(exc.body, dict) else None
-    detail = str(error.get("message", "")) if isinstance(error, dict) else str(exc.body or "")[:200]
-    return WORDS.said(_error_code(exc), detail.strip().rstrip("."))
-
-
-def _describe(exc: Exception | None) -> str:
-    if exc is None:
-        return "no answer"
-    if isinstance(exc, HttpStatusError):
-        return f"HTTP {exc.status}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def _parse_timestamp(raw: Any) -> datetime | None:
     if not raw:
         return None
@@ -326,10 +331,19 @@ def _since_param(since: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
-class OptixClient:
+class OptixClient(PmsClientBase):
     """One practice's Optix API connection (implements `PmsClient`)."""
 
     kind = PmsKind.OPTIX
+    pms_name = PMS_NAME
+    words = WORDS
+    errors = ERRORS
+    fallback = ErrorRule(
+        "bad_request",
+        "Optix refused the request with HTTP {status}{said}.",
+        "this is a bug in the Optix integration; report it with this message",
+        connection=False,
+    )
 
     def __init__(
         self,
@@ -349,17 +363,15 @@ class OptixClient:
         self.optix_practice_id = optix_practice_id
         self.page_size = page_size
         self._secret = api_key
-        self.http = open_http(
+        self.http = self._open_http(
             api_url,
-            self._fail,
-            check_unsafe="the api_url setting: it must be the https:// address of the Optix API",
+            "the api_url setting: it must be the https:// address of the Optix API",
             ca_bundle=ca_bundle,
             auth=SecretAuth("Bearer", api_key),
             timeout_seconds=timeout_seconds,
             max_attempts=max_attempts,
             backoff_seconds=backoff_seconds,
             transport=transport,
-            on_retry=self._on_retry,
         )
         # Accept the API root with or without the version prefix.
         self._prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
@@ -370,61 +382,17 @@ class OptixClient:
 
     # --- errors ------------------------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "<api key>") if self._secret else text
+    def _secrets(self) -> tuple[Secret, ...]:
+        return (Secret(self._secret, "<api key>"),)
 
-    def _fail(self, problem: str, message: str, check: str = "") -> PmsConnectionFailed:
-        return PmsConnectionFailed(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
+    def _reply(self, body: Any) -> tuple[str, str]:
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            return str(error.get("code", "")), str(error.get("message", ""))
+        return "", str(body or "")[:200]
 
-    def _on_retry(self, message: str) -> None:
-        log.warning("%s practice %s: %s", PMS_NAME, self.practice.practice_id, self._scrub(message))
-
-    def _translate(self, exc: Exception) -> PmsError:
-        """Turn an HTTP or transport failure into an error that names the problem and what to check."""
-        said = _said(exc) if isinstance(exc, HttpStatusError) else ""
-        common = translate_common(exc, self.http, WORDS, self._fail, said=said)
-        if common is not None:
-            return common
-        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
-        code = _error_code(exc)
-        pid = self.optix_practice_id
-        if exc.status == 401:
-            return self._fail("invalid_credentials", f"The API key was rejected{said}.", CHECK_KEY)
-        if exc.status == 403 and code == "api_access_disabled":
-            return self._fail(
-                "api_access_disabled",
-                f"API access is disabled for Optix practice {pid}{said}.",
-                "ask the practice to enable API access in Optix settings",
-            )
-        if exc.status == 403:
-            return self._fail("forbidden", f"Optix refused access to practice {pid}{said}.", CHECK_KEY)
-        if exc.status == 404 and code == "patient_not_found":
-            return PmsError(
-                PMS_NAME,
-                self.practice.practice_id,
-                "patient_not_found",
-                self._scrub(f"Optix practice {pid} has no such patient{said}."),
-                "whether the patient was merged or removed in Optix; the next sync refreshes the patient list",
-            )
-        if exc.status == 404:
-            return self._fail(
-                "practice_not_found",
-                f"Optix has no practice {pid} for this API key{said}.",
-                "the practice_id setting (the Optix Practice ID, e.g. OPX-1234) and that the API key belongs to it",
-            )
-        return PmsError(
-            PMS_NAME,
-            self.practice.practice_id,
-            "bad_request",
-            self._scrub(f"Optix refused the request with HTTP {exc.status}{said}."),
-            "this is a bug in the Optix integration; report it with this message",
-        )
-
-    def _get(self, path: str, **params: Any) -> Any:
-        try:
-            return self.http.get(path, **params)
-        except (HttpStatusError, httpx.TransportError) as exc:
-            raise self._translate(exc) from None
+    def _error_context(self) -> dict[str, Any]:
+        return {**super()._error_context(), "pid": self.optix_practice_id}
 
     # --- PmsClient ---------------------------------------------------------------------------------
 
@@ -437,7 +405,7 @@ class OptixClient:
             raise self._fail(
                 "api_access_disabled",
                 f"API access is disabled for Optix practice {self.optix_practice_id}.",
-                "ask the practice to enable API access in Optix settings",
+                CHECK_ACCESS,
             )
         return ConnectionInfo(
             pms=PMS_NAME,
@@ -538,16 +506,13 @@ class OptixClient:
 
     # --- writes ------------------------------------------------------------------------------------
 
-    def _write_error(self, problem: str, message: str, check: str) -> PmsError:
-        return PmsError(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
-
     def create_appointment(self, booking: BookingRequest) -> BookingResult:
         """Book once: find NVC's marker first, post, and after any unanswered post look again
         before posting again. Raises `PmsError` (`slot_taken`, `patient_not_found`, `invalid_booking`,
         or `lost_response`/`pms_error`/`rate_limited`/`unreachable` when it could not be confirmed)."""
 
         def invalid(reason: str) -> PmsError:
-            return self._write_error("invalid_booking", f"The booking cannot be sent to Optix: {reason}.", CHECK_BUG)
+            return self._error("invalid_booking", f"The booking cannot be sent to Optix: {reason}.", CHECK_BUG)
 
         try:
             marker = nvc_marker(booking.idempotency_key)
@@ -585,9 +550,8 @@ class OptixClient:
                     return str(row.get("appointmentId") or "") or None
             return None
 
-        pms_id, created = self._exactly_once(
-            f"booking {booking.idempotency_key}", path, body, "appointmentId", find, invalid, slot_start=start
-        )
+        send = self._poster(path, body, "appointmentId")
+        pms_id, created = self.write_exactly_once("booking", f"booking {booking.idempotency_key}", send, find)
         return BookingResult(pms_id, created)
 
     def add_note(self, note: PatientNote) -> NoteResult:
@@ -595,7 +559,7 @@ class OptixClient:
         before posting and after an unanswered post as bookings)."""
 
         def invalid(reason: str) -> PmsError:
-            return self._write_error("invalid_note", f"The note cannot be sent to Optix: {reason}.", CHECK_BUG)
+            return self._error("invalid_note", f"The note cannot be sent to Optix: {reason}.", CHECK_BUG)
 
         try:
             marker = nvc_marker(note.idempotency_key)
@@ -621,130 +585,18 @@ class OptixClient:
                     return str(row.get("noteId") or "") or None
             return None
 
-        pms_id, created = self._exactly_once(f"note {note.idempotency_key}", path, body, "noteId", find, invalid)
+        send = self._poster(path, body, "noteId")
+        pms_id, created = self.write_exactly_once("note", f"note {note.idempotency_key}", send, find)
         return NoteResult(pms_id, created)
 
-    def _exactly_once(
-        self,
-        what: str,
-        path: str,
-        body: dict[str, Any],
-        id_field: str,
-        find: Callable[[], str | None],
-        invalid: Callable[[str], PmsError],
-        *,
-        slot_start: datetime | None = None,
-    ) -> tuple[str, bool]:
-        """Post `body` unless `find()` already sees it; returns `(Optix id, created)`.
+    def _poster(self, path: str, body: dict[str, Any], id_field: str) -> Callable[[], str | None]:
+        """One POST of `body`; the new record's id, or None when Optix's answer names none."""
 
-        `created` is False whenever the record was found rather than confirmed by a 201 (an earlier
-        call, or an earlier post of this call whose answer was lost, made it). At most
-        `max_attempts` posts; between them, a look-up whenever Optix may have applied one.
-        """
-        found = find()
-        if found:
-            return found, False
-        last: Exception | None = None
-        for attempt in range(1, self.http.max_attempts + 1):
-            if attempt > 1:
-                self._pause(attempt - 1, last)
-            try:
-                answer = self.http.request("POST", path, retry=False, json=body)
-            except httpx.TransportError as exc:
-                last = exc
-                if is_certificate_failure(exc):
-                    raise self._translate(exc) from None  # nothing was sent, and retrying cannot fix it
-                if isinstance(exc, NOT_SENT):
-                    self._on_retry(f"{what}: could not reach Optix ({type(exc).__name__}); nothing was sent")
-                    continue
-                self._on_retry(f"{what}: no answer from Optix ({type(exc).__name__}); looking for it before retrying")
-                found = self._find_after_loss(find, what, exc)
-                if found:
-                    return found, False
-                continue
-            except HttpStatusError as exc:
-                last = exc
-                code = _error_code(exc)
-                if exc.status in RETRYABLE_STATUS:
-                    self._on_retry(
-                        f"{what}: Optix answered {exc} ({code or 'no code'}); looking for it before retrying"
-                    )
-                    found = self._find_after_loss(find, what, exc)
-                    if found:
-                        return found, False
-                    continue
-                if exc.status == 409 and slot_start is not None:
-                    found = find()  # our own earlier attempt may be what holds the slot
-                    if found:
-                        return found, False
-                    raise self._write_error(
-                        "slot_taken",
-                        f"The slot at {_since_param(slot_start)} is no longer free in Optix{_said(exc)}.",
-                        "offer the patient another time; the diary changed since the call offered this one",
-                    ) from None
-                if exc.status in (400, 422):
-                    raise invalid(f"Optix refused it{_said(exc) or f' (HTTP {exc.status})'}") from None
-                raise self._translate(exc) from None
-            if not isinstance(answer, dict) or not answer.get(id_field):
-                raise self._write_error(
-                    "pms_error", f"Optix accepted the {what} but returned no {id_field}.", CHECK_RETRY
-                )
-            return str(answer[id_field]), True
-        raise self._gave_up(what, last)
+        def send() -> str | None:
+            answer = self.http.request("POST", path, retry=False, json=body)
+            return str(answer[id_field]) if isinstance(answer, dict) and answer.get(id_field) else None
 
-    def _find_after_loss(self, find: Callable[[], str | None], what: str, cause: Exception) -> str | None:
-        try:
-            return find()
-        except PmsError as lookup:
-            raise self._write_error(
-                "lost_response",
-                f"Optix did not answer the {what} ({_describe(cause)}), and the look-up that would show whether "
-                f"it was made failed too ({lookup.problem}); it may or may not exist.",
-                CHECK_RETRY,
-            ) from None
-
-    def _gave_up(self, what: str, last: Exception | None) -> PmsError:
-        attempts = attempts_text(self.http.max_attempts)
-        if isinstance(last, NOT_SENT):
-            return self._write_error(
-                "unreachable", f"could not reach {self.http.base_url} for the {what} after {attempts}.", CHECK_URL
-            )
-        if isinstance(last, HttpStatusError) and last.status == 429:
-            return self._write_error(
-                "rate_limited",
-                f"Optix kept rate-limiting the {what} after {attempts}{_said(last)}; it was not made.",
-                "whether another integration is using the same API key heavily; the write is safe to retry",
-            )
-        if isinstance(last, HttpStatusError):
-            return self._write_error(
-                "pms_error",
-                f"Optix answered HTTP {last.status} to the {what} after {attempts}{_said(last)}.",
-                CHECK_RETRY,
-            )
-        return self._write_error(
-            "lost_response",
-            f"Optix did not confirm the {what} after {attempts} ({_describe(last)}) and it was not found by its "
-            "reference.",
-            CHECK_RETRY,
-        )
-
-    def _pause(self, retry: int, last: Exception | None) -> None:
-        """Wait before post number `retry + 1`: Optix's Retry-After when it sent one, else backoff."""
-        if isinstance(last, HttpStatusError) and last.retry_after is not None:
-            delay = last.retry_after
-        else:
-            base = self.http.backoff_seconds
-            delay = min(30.0, base * 2 ** (retry - 1)) + random.uniform(0, base)
-        time.sleep(delay)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> OptixClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return send
 
 
 class OptixResource(HttpPmsResource):
@@ -764,24 +616,12 @@ class OptixResource(HttpPmsResource):
         return ("api_key",)
 
     def open(self, practice: Practice, credentials: dict[str, str]) -> OptixClient:
-        optix_practice_id = (practice.settings.get("practice_id") or "").strip()
-        api_key = (credentials.get("api_key") or "").strip()
-        if not optix_practice_id:
-            raise PmsConnectionFailed(
-                PMS_NAME,
-                practice.practice_id,
-                "missing_setting",
-                "no Optix Practice ID is set.",
-                "the practice_id setting: the Practice ID shown in Optix > Settings > Integrations",
-            )
-        if not api_key:
-            raise PmsConnectionFailed(
-                PMS_NAME, practice.practice_id, "missing_secret", "no API key is stored.", CHECK_KEY
-            )
+        checks = {"practice_id": "the practice_id setting: the Practice ID shown in Optix > Settings > Integrations"}
+        values = self.required_values(practice, credentials, PMS_NAME, {**checks, "api_key": CHECK_KEY})
         return OptixClient(
             practice,
             api_url=(practice.settings.get("api_url") or "").strip() or self.default_api_url,
-            optix_practice_id=optix_practice_id,
-            api_key=api_key,
+            optix_practice_id=values["practice_id"],
+            api_key=values["api_key"],
             **self.client_options(practice),
         )

@@ -90,11 +90,15 @@ class PmsClient(Protocol):
     def create_appointment(self, booking: BookingRequest) -> BookingResult:
         """Create the booking exactly once: look it up first (by the idempotency key written into
         the PMS record, and by patient and start time) and after any lost response before retrying.
-        Raise `PmsError` with problem `slot_taken`, `patient_not_found` or `invalid_booking`."""
+        `created` is True when this call's write made it, even if its answer was lost and it was
+        found by lookup; False only when it was there before this call wrote anything (see
+        `BookingResult`). Raise `PmsError` with problem `slot_taken`, `patient_not_found` or
+        `invalid_booking`."""
         ...
 
     def add_note(self, note: PatientNote) -> NoteResult:
-        """Add a call outcome note or call attempt log to the patient's record, exactly once."""
+        """Add a call outcome note or call attempt log to the patient's record, exactly once;
+        `created` as for `create_appointment`."""
         ...
 
     def close(self) -> None: ...
@@ -107,4 +111,7 @@ class PmsResourceBase(Protocol):
 
     def required_settings(self) -> tuple[str, ...]: ...
 
-    def required_secrets(self) -> tuple[str, ...]: ...
+    def required_secrets(self) -> tuple[str, ...]:
+        """The secrets `open` needs; an HTTP PMS checks both lists in one place
+        (`resources.http.HttpPmsResource.required_values`) before it connects."""
+        ...

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime
 from functools import partial
 from typing import Any
@@ -62,15 +61,9 @@ from nvc_pipelines.normalise import (
     parse_uk_date,
     parse_yes_no,
 )
-from resources.http import (
-    FailureWords,
-    HttpPmsResource,
-    HttpStatusError,
-    SecretAuth,
-    open_http,
-    translate_common,
-)
-from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
+from resources.base import WRITES, ErrorRule, PmsClientBase, Secret
+from resources.http import FailureWords, HttpPmsResource, SecretAuth
+from resources.protocol import ConnectionInfo, PmsConnectionFailed
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +295,60 @@ WORDS = FailureWords(
     check_server_error="Sycle's status page",
     tls_owner="the Sycle server's",
 )
+# Sycle's answers beyond the ones every HTTP PMS shares (`{account}`: the account's host, `{loc}`: the location).
+ERRORS: tuple[ErrorRule, ...] = (
+    ErrorRule("token_expired", "the API token has expired{said}.", CHECK_EXPIRED, status=401, code="token_expired"),
+    ErrorRule("invalid_credentials", "the API token was rejected{said}.", CHECK_TOKEN, status=401),
+    ErrorRule(
+        "api_access_disabled",
+        "API access is not enabled for the Sycle account {account}{said}.",
+        CHECK_API,
+        status=403,
+        code="api_disabled",
+    ),
+    ErrorRule("forbidden", "Sycle refused access to location {loc}{said}.", CHECK_TOKEN, status=403),
+    ErrorRule(
+        "location_not_found",
+        "the Sycle account {account} has no location {loc}{said}.",
+        CHECK_LOCATION,
+        status=404,
+        code="location_not_found",
+    ),
+    ErrorRule(
+        "patient_not_found",
+        "Sycle has no patient with that id at location {loc}{said}.",
+        "whether the patient was merged or removed in Sycle; re-sync the practice",
+        status=404,
+        code="patient_not_found",
+        connection=False,
+    ),
+    ErrorRule("pms_error", "{base_url} answered HTTP 404 for the Sycle API{said}.", CHECK_URL, status=404),
+    ErrorRule(
+        "slot_taken",
+        "the slot is already taken in the Sycle diary{said}.",
+        "offer the patient another time; the diary changed since the call list was made",
+        status=409,
+        code="slot_conflict",
+        on=WRITES,
+        connection=False,
+    ),
+    ErrorRule(
+        "invalid_booking",
+        "Sycle refused the record as invalid{said}.",
+        "the booking's times, appointment type and provider (clinician_ref is a Sycle provider id, e.g. PRV-01)",
+        status=(400, 422),
+        on="booking",
+        connection=False,
+    ),
+    ErrorRule(
+        "invalid_note",
+        "Sycle refused the record as invalid{said}.",
+        "the note's text, outcome and time",
+        status=(400, 422),
+        on="note",
+        connection=False,
+    ),
+)
 
 # Joining alerts and recalls per patient: up to this many patients, look them up by id; beyond, read all.
 JOIN_BY_ID_LIMIT = 1000
@@ -489,10 +536,19 @@ def _latest(rows: Iterable[dict[str, Any]], id_key: str) -> tuple[list[dict[str,
     return list(latest.values()), anonymous
 
 
-class SycleClient:
+class SycleClient(PmsClientBase):
     """One Sycle location's API connection (implements `PmsClient`)."""
 
     kind = PmsKind.SYCLE
+    pms_name = PMS_NAME
+    words = WORDS
+    errors = ERRORS
+    fallback = ErrorRule(
+        "bad_request",
+        "Sycle refused the request with HTTP {status}{said}.",
+        "this is a bug in the Sycle integration; report it with this message",
+        connection=False,
+    )
 
     def __init__(
         self,
@@ -516,20 +572,18 @@ class SycleClient:
         self._secret = api_token
         self._resolved: dict[str, str] | None = None
         self._field_notes: list[str] = []
-        self.http = open_http(
+        self.http = self._open_http(
             account_url,
-            self._fail,
+            "the account_url setting: the https:// address the practice signs in to Sycle with, "
+            "e.g. https://brightsight.sycle.net",
             unsafe_message=f"the account URL {account_url.strip()!r} must start with https:// (patient data and "
             "the API token must never travel in clear).",
-            check_unsafe="the account_url setting: the https:// address the practice signs in to Sycle with, "
-            "e.g. https://brightsight.sycle.net",
             ca_bundle=ca_bundle,
             auth=SecretAuth("Token", api_token),
             timeout_seconds=timeout_seconds,
             max_attempts=max_attempts,
             backoff_seconds=backoff_seconds,
             transport=transport,
-            on_retry=self._on_retry,
         )
         self._prefix = "" if self.http.base_url.endswith(API_PREFIX) else API_PREFIX
         self._location_path = f"{self._prefix}/locations/{quote(location_id, safe='')}"
@@ -538,77 +592,21 @@ class SycleClient:
     def __repr__(self) -> str:
         return f"SycleClient(practice={self.practice.practice_id!r}, location_id={self.location_id!r})"
 
-    # --- errors --------------------------------------------------------------------------------------
+    # --- errors ------------------------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "<api token>") if self._secret else text
+    def _secrets(self) -> tuple[Secret, ...]:
+        return (Secret(self._secret, "<api token>"),)
 
-    def _fail(self, problem: str, message: str, check: str = "") -> PmsConnectionFailed:
-        return PmsConnectionFailed(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
-
-    def _error(self, problem: str, message: str, check: str = "") -> PmsError:
-        return PmsError(PMS_NAME, self.practice.practice_id, problem, self._scrub(message), check)
-
-    def _on_retry(self, message: str) -> None:
-        log.warning("%s practice %s: %s", PMS_NAME, self.practice.practice_id, self._scrub(message))
-
-    @staticmethod
-    def _said(body: Any) -> tuple[str, str]:
+    def _reply(self, body: Any) -> tuple[str, str]:
         """Sycle's error code and a short description, from `{"errors": [{"code", "detail"}]}`."""
         errors = body.get("errors") if isinstance(body, dict) else None
         first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
         code = str(first.get("code") or "")
         detail = str(first.get("detail") or first.get("message") or "") if first else str(body or "")[:200]
-        return code, " ".join(detail.split()).rstrip(".")
+        return code, " ".join(detail.split())
 
-    def _translate(self, exc: Exception) -> PmsError:
-        """Turn an HTTP or transport failure into an error that names the problem and what to check."""
-        code, said = "", ""
-        if isinstance(exc, HttpStatusError):
-            code, detail = self._said(exc.body)
-            said = WORDS.said(code, detail)
-        common = translate_common(exc, self.http, WORDS, self._fail, said=said)
-        if common is not None:
-            return common
-        assert isinstance(exc, HttpStatusError)  # translate_common reads every other failure
-        loc = self.location_id
-        if exc.status == 401 and code == "token_expired":
-            return self._fail("token_expired", f"the API token has expired{said}.", CHECK_EXPIRED)
-        if exc.status == 401:
-            return self._fail("invalid_credentials", f"the API token was rejected{said}.", CHECK_TOKEN)
-        if exc.status == 403 and code == "api_disabled":
-            return self._fail(
-                "api_access_disabled",
-                f"API access is not enabled for the Sycle account {self.account}{said}.",
-                CHECK_API,
-            )
-        if exc.status == 403:
-            return self._fail("forbidden", f"Sycle refused access to location {loc}{said}.", CHECK_TOKEN)
-        if exc.status == 404 and code == "location_not_found":
-            return self._fail(
-                "location_not_found", f"the Sycle account {self.account} has no location {loc}{said}.", CHECK_LOCATION
-            )
-        if exc.status == 404 and code == "patient_not_found":
-            return self._error(
-                "patient_not_found",
-                f"Sycle has no patient with that id at location {loc}{said}.",
-                "whether the patient was merged or removed in Sycle; re-sync the practice",
-            )
-        if exc.status == 404:
-            return self._fail(
-                "pms_error", f"{self.http.base_url} answered HTTP 404 for the Sycle API{said}.", CHECK_URL
-            )
-        return self._error(
-            "bad_request",
-            f"Sycle refused the request with HTTP {exc.status}{said}.",
-            "this is a bug in the Sycle integration; report it with this message",
-        )
-
-    def _get(self, path: str, **params: Any) -> Any:
-        try:
-            return self.http.get(path, **params)
-        except (HttpStatusError, httpx.TransportError) as exc:
-            raise self._translate(exc) from None
+    def _error_context(self) -> dict[str, Any]:
+        return {**super()._error_context(), "account": self.account, "loc": self.location_id}
 
     def _pages(self, path: str, key: str, **params: Any) -> Iterator[dict[str, Any]]:
         """Every row of a paged list, page 1 to `meta.total_pages` (re-read on every page)."""
@@ -819,48 +817,15 @@ class SycleClient:
 
     # --- PmsClient: writes ---------------------------------------------------------------------------
 
-    def _write_once(self, create: Any, find: Any, invalid: str) -> tuple[str, bool]:
-        """Create a record exactly once: look for it first, and after every failure that may hide a
-        write (lost response, 5xx) before trying again. Returns (id, created by this call)."""
-        existing = find()
-        if existing:
-            return existing, False
-        last: Exception | None = None
-        for attempt in range(1, self.http.max_attempts + 1):
-            try:
-                return create(), True
-            except HttpStatusError as exc:
-                if exc.status != 429 and exc.status < 500:
-                    raise self._write_error(exc, invalid) from None
-                last, wait = exc, exc.retry_after
-            except httpx.TransportError as exc:
-                last, wait = exc, None
-            self._on_retry(f"write attempt {attempt} failed ({type(last).__name__}: {last}); looking it up")
-            found = find()
-            if found:
-                return found, True
-            if attempt < self.http.max_attempts:
-                time.sleep(wait if wait is not None else min(self.http.backoff_seconds * 2 ** (attempt - 1), 10.0))
-        assert last is not None
-        raise self._translate(last)
+    def _poster(self, path: str, payload: dict[str, Any], key: str, id_field: str) -> Callable[[], str | None]:
+        """One POST of `payload`; the new record's id (`{key: {id_field}}`), or None when it names none."""
 
-    def _write_error(self, exc: HttpStatusError, invalid: str) -> PmsError:
-        code, detail = self._said(exc.body)
-        said = WORDS.said(code, detail)
-        if exc.status == 409 and code == "slot_conflict":
-            return self._error(
-                "slot_taken",
-                f"the slot is already taken in the Sycle diary{said}.",
-                "offer the patient another time; the diary changed since the call list was made",
-            )
-        if exc.status in (400, 422):
-            check = (
-                "the booking's times, appointment type and provider (clinician_ref is a Sycle provider id, e.g. PRV-01)"
-                if invalid == "invalid_booking"
-                else "the note's text, outcome and time"
-            )
-            return self._error(invalid, f"Sycle refused the record as invalid{said}.", check)
-        return self._translate(exc)
+        def send() -> str | None:
+            body = self.http.request("POST", path, retry=False, json=payload)
+            row = body.get(key) if isinstance(body, dict) else None
+            return str(row[id_field]) if isinstance(row, dict) and row.get(id_field) else None
+
+        return send
 
     def _booking_payload(self, booking: BookingRequest) -> tuple[dict[str, Any], datetime]:
         try:
@@ -914,14 +879,12 @@ class SycleClient:
         payload, _ = self._booking_payload(booking)
         path = f"{self._location_path}/appointments"
 
-        def create() -> str:
-            body = self.http.request("POST", path, retry=False, json=payload)
-            row = body.get("appointment") if isinstance(body, dict) else None
-            if not isinstance(row, dict) or not row.get("appointment_id"):
-                raise self._fail("pms_error", "Sycle accepted the booking but returned no appointment id.", CHECK_URL)
-            return str(row["appointment_id"])
-
-        appointment_id, created = self._write_once(create, lambda: self.find_booking(booking), "invalid_booking")
+        appointment_id, created = self.write_exactly_once(
+            "booking",
+            "booking",
+            self._poster(path, payload, "appointment", "appointment_id"),
+            lambda: self.find_booking(booking),
+        )
         return BookingResult(appointment_id, created)
 
     def find_note(self, note: PatientNote) -> str | None:
@@ -953,24 +916,13 @@ class SycleClient:
         }
         path = f"{self._location_path}/patients/{quote(str(note.pms_patient_id), safe='')}/communications"
 
-        def create() -> str:
-            body = self.http.request("POST", path, retry=False, json=payload)
-            row = body.get("communication") if isinstance(body, dict) else None
-            if not isinstance(row, dict) or not row.get("communication_id"):
-                raise self._fail("pms_error", "Sycle accepted the note but returned no communication id.", CHECK_URL)
-            return str(row["communication_id"])
-
-        note_id, created = self._write_once(create, lambda: self.find_note(note), "invalid_note")
+        note_id, created = self.write_exactly_once(
+            "note",
+            "note",
+            self._poster(path, payload, "communication", "communication_id"),
+            lambda: self.find_note(note),
+        )
         return NoteResult(note_id, created)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> SycleClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class SycleResource(HttpPmsResource):
@@ -987,30 +939,22 @@ class SycleResource(HttpPmsResource):
         return ("api_token",)
 
     def open(self, practice: Practice, credentials: dict[str, str]) -> SycleClient:
-        def missing(problem: str, message: str, check: str) -> PmsConnectionFailed:
-            return PmsConnectionFailed(PMS_NAME, practice.practice_id, problem, message, check)
-
-        account_url = (practice.settings.get("account_url") or "").strip()
-        location_id = (practice.settings.get("location_id") or "").strip()
-        api_token = (credentials.get("api_token") or "").strip()
-        if not account_url:
-            raise missing("missing_setting", "no Sycle account URL is set.", CHECK_URL)
-        if not location_id:
-            raise missing("missing_setting", "no Sycle Location ID is set.", CHECK_LOCATION)
-        if not api_token:
-            raise missing("missing_secret", "no API token is stored.", CHECK_TOKEN)
+        checks = {"account_url": CHECK_URL, "location_id": CHECK_LOCATION, "api_token": CHECK_TOKEN}
+        values = self.required_values(practice, credentials, PMS_NAME, checks)
         field_map, unknown = field_map_from_settings(practice.settings)
         if unknown:
-            raise missing(
+            raise PmsConnectionFailed(
+                PMS_NAME,
+                practice.practice_id,
                 "invalid_field_mapping",
                 f"unknown field mapping setting(s) {', '.join(sorted(unknown))}.",
                 f"the field_map settings: the targets are {', '.join(FIELD_MAP_TARGETS)}",
             )
         return SycleClient(
             practice,
-            account_url=account_url,
-            location_id=location_id,
-            api_token=api_token,
+            account_url=values["account_url"],
+            location_id=values["location_id"],
+            api_token=values["api_token"],
             field_map=field_map,
             **self.client_options(practice),
         )
