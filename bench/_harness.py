@@ -62,9 +62,9 @@ def bench_environment(patients: int, *, rate_limit: float = 0.0, keep: bool = Fa
     from nvc_pipelines import app
     from nvc_pipelines.instance import ensure_dagster_home
     from nvc_pipelines.model import PmsKind
-    from nvc_pipelines.sandboxes.optix import OptixSandbox
     from nvc_pipelines.store.db import ensure_database, store_url
     from nvc_pipelines.store.embedded import stop_server
+    from sandboxes.optix import OptixSandbox
 
     sandbox = None
     try:

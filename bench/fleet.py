@@ -221,9 +221,9 @@ def main() -> None:
     from nvc_pipelines.devserver import dagster_dev
     from nvc_pipelines.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
-    from nvc_pipelines.sandboxes.optix import OptixSandbox
     from nvc_pipelines.store.db import dagster_storage_url
     from nvc_pipelines.store.embedded import stop_server
+    from sandboxes.optix import OptixSandbox
 
     print(
         f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python {platform.python_version()}"

@@ -104,9 +104,9 @@ def main() -> None:
     from nvc_pipelines.definitions import pms_gateway
     from nvc_pipelines.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
-    from nvc_pipelines.sandboxes.optix import OptixSandbox
     from nvc_pipelines.store.embedded import stop_server
     from resources.store import StoreResource
+    from sandboxes.optix import OptixSandbox
     from schedules.intraday import OP_NAME, intraday_refresh_job
 
     refs = {f"OPX-{i:04d}": f"bench-{i:04d}" for i in range(args.practices)}

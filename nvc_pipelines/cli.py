@@ -715,7 +715,7 @@ def demo(ui: bool, port: int, sandbox_port: int) -> None:
 @click.option("--port", default=3000, show_default=True)
 def dev(port: int) -> None:
     """Start the store and `dagster dev -w workspace.yaml` on the persistent instance (no demo data)."""
-    from nvc_pipelines.demo import run_dev
+    from nvc_pipelines.devserver import run_dev
 
     sys.exit(run_dev(port))
 

@@ -1,19 +1,28 @@
-"""`dagster dev -w workspace.yaml` (webserver + daemon) as a managed child process, for the tests and
-benchmarks that drive Dagster the way ops do (application layer: it starts Dagster's own CLI)."""
+"""`dagster dev -w workspace.yaml` (webserver + daemon) as a managed child process: `nvc dev` and the
+end of `nvc demo` in the foreground, and the tests and benchmarks that drive Dagster the way ops do
+(application layer: it starts Dagster's own CLI). Whatever starts it stops it, with everything it
+started, on Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import click
 import httpx
+
+from nvc_pipelines import app
+from nvc_pipelines.config import external_database_url, nvc_home
+from nvc_pipelines.instance import ensure_dagster_home
+from nvc_pipelines.store.embedded import is_running, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +81,76 @@ def dagster_dev(home: Path, startup_timeout: float = 90) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _repo_root() -> Path:
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "workspace.yaml").exists() else Path.cwd()
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP all end the block through KeyboardInterrupt, so the `finally`
+    clauses that stop what was started run. SIGINT is re-armed too: a shell that starts a command in
+    the background (`nvc demo &`) has it ignored."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig in previous:
+        signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_group(proc: subprocess.Popen, grace_seconds: float = 30) -> None:
+    """Stop `dagster dev` and everything it started (webserver, daemon, code servers, run processes):
+    SIGINT to its process group, which it handles as a clean shutdown; SIGKILL after the grace."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_dagster_dev(port: int) -> int:
+    """`dagster dev -w workspace.yaml` on the persistent (dagster-postgres) instance, until it exits or
+    this process is interrupted (Ctrl-C, SIGTERM, SIGHUP); then it is stopped with all it started."""
+    app.open_store()
+    ensure_dagster_home()
+    exe = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
+    cmd = [exe, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    env = {**os.environ, "NVC_HOME": str(nvc_home())}  # run processes must find the same store
+    with stopped_by_signals():
+        # Its own process group: a signal to this process reaches it only through `_stop_group`, once.
+        proc = subprocess.Popen(cmd, cwd=_repo_root(), env=env, start_new_session=True, preexec_fn=_default_sigint)
+        click.echo(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C or SIGTERM stops it)")
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            click.echo("Stopping the Dagster UI and daemon...")
+            return 0
+        finally:
+            _stop_group(proc)
+
+
+def stop_store_if_started(was_running: bool) -> None:
+    if not was_running and external_database_url() is None and (stopped := stop_server()):
+        click.echo(f"Stopped {stopped}.")
+
+
+def run_dev(port: int) -> int:
+    """`nvc dev`: the store and `dagster dev`; on Ctrl-C or SIGTERM both stop (the store only when
+    this command started it)."""
+    store_was_running = is_running()
+    try:
+        return run_dagster_dev(port)
+    finally:
+        stop_store_if_started(store_was_running)

@@ -1,7 +1,7 @@
 """The behaviour every PMS integration must show, run against each PMS's sandbox over real HTTP.
 
 A PMS test module subclasses `PmsContract` and provides the fixtures named below. The sandbox
-exposes the same inspection hooks for every dialect (see `nvc_pipelines/sandboxes/base.py`), so
+exposes the same inspection hooks for every dialect (see `sandboxes/base.py`), so
 these checks are written once.
 
 Fixtures a subclass provides:

@@ -15,11 +15,11 @@ import pytest
 
 from nvc_pipelines.model import BookingRequest, Channel, NoteKind, PatientNote, PatientStatus, PmsKind, Practice
 from nvc_pipelines.normalise import UK_TZ, InvalidValue, build_appointment, build_patient
-from nvc_pipelines.sandboxes.acuitas import AcuitasSandbox, optom_codes
-from nvc_pipelines.sandboxes.base import Faults
 from resources.acuitas import AcuitasClient, AcuitasResource, acuitas_appointment_draft, acuitas_draft
 from resources.http import HttpStatusError
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
+from sandboxes.acuitas import AcuitasSandbox, optom_codes
+from sandboxes.base import Faults
 from tests.pms_contract import PmsContract, future_slot
 
 DATABASE = "ACUITAS_DEMO"

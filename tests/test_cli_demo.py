@@ -147,7 +147,7 @@ def test_cli_errors_are_one_clear_line(demo_home) -> None:
 
 
 def test_wrong_api_key_is_refused_and_nothing_is_saved(demo_home) -> None:
-    from nvc_pipelines.sandboxes.optix import OptixSandbox
+    from sandboxes.optix import OptixSandbox
 
     runner, _ = demo_home
     with OptixSandbox(practices={"OPX-9": 5}, api_keys={"right-key": "OPX-9"}) as sandbox:

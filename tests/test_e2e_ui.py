@@ -29,8 +29,8 @@ from nvc_pipelines import app, demo
 from nvc_pipelines.crypto import generate_key
 from nvc_pipelines.instance import ensure_dagster_home
 from nvc_pipelines.model import PmsKind
-from nvc_pipelines.sandboxes.optix import OptixSandbox
 from nvc_pipelines.store.embedded import stop_server
+from sandboxes.optix import OptixSandbox
 from tests import services
 from tests.conftest import isolated_env
 

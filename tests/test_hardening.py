@@ -78,7 +78,7 @@ def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: st
     from nvc_pipelines.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
     from nvc_pipelines.runs import reap_dead_runs
-    from nvc_pipelines.sandboxes.optix import OptixSandbox
+    from sandboxes.optix import OptixSandbox
 
     with OptixSandbox(practices={"OPX-9": 20}, api_keys={"k9": "OPX-9"}) as sandbox:
         app.connect_practice("killed", PmsKind.OPTIX, "Killed", {"practice_id": "OPX-9", "api_url": sandbox.url},

@@ -872,6 +872,9 @@ def test_a_chart_version_drift_is_caught() -> None:
     assert version_problems(re.sub(r"^dagster-k8s==.*$", "dagster-k8s==0.29.26", constraints, flags=re.M), {})
 
 
+DEV_ONLY_PACKAGES = ("sandboxes",)
+
+
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", text)
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
@@ -887,9 +890,15 @@ def dockerfile_problems(dockerfile: str, dockerignore: str, values: dict) -> lis
         problems.append(f"the base image {base} is not the Python the project requires")
     copied = [src for op, arg in steps if op == "COPY" for src in arg.split()[:-1]]
     packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
-    for needed in ("pyproject.toml", "constraints.txt", pyproject["project"]["readme"], *packages):
+    product = [p for p in packages if p not in DEV_ONLY_PACKAGES]
+    for needed in ("pyproject.toml", "constraints.txt", pyproject["project"]["readme"], *product):
         if needed not in copied:
             problems.append(f"the Dockerfile doesn't copy {needed}")
+    for dev_only in DEV_ONLY_PACKAGES:  # the PMS sandboxes stand beside the product, not in its image
+        if any(src.strip("./") == dev_only for src in copied):
+            problems.append(f"the image carries {dev_only}, which is for tests, the demo and benchmarks")
+    if any(re.match(r"faker\b", dep, re.I) for dep in pyproject["project"]["dependencies"]):
+        problems.append("Faker (the sandboxes' seed data) is a runtime dependency of the image")
     ignored = [line.strip() for line in dockerignore.splitlines() if line.strip() and not line.startswith("#")]
     for source in copied:
         if any(fnmatch.fnmatch(source, pattern) for pattern in ignored):
@@ -935,6 +944,7 @@ def test_dockerfile_installs_with_the_constraints_and_runs_the_module() -> None:
         ("USER 10001", "USER 0", ""),
         ('"--port", "3030"', '"--port", "4000"', ""),
         ('"nvc_pipelines.definitions"', '"nvc_pipelines.defs"', ""),
+        ("COPY schedules ./schedules", "COPY schedules ./schedules\nCOPY sandboxes ./sandboxes", ""),
     ],
 )
 def test_a_dockerfile_that_drifted_is_caught(old: str, new: str, ignore: str) -> None:

@@ -83,7 +83,7 @@ def _clinician(sandbox: Any, pms: str, ref: str) -> str | None:
     """Optisoft's diary is per clinician (by GOC number); the others book without one."""
     if pms != "optisoft":
         return None
-    from nvc_pipelines.sandboxes.seed import seed_clinicians
+    from sandboxes.seed import seed_clinicians
 
     return next(c.goc_number for c in seed_clinicians(sandbox._installs[ref]["seed"]) if c.goc_number.startswith("01-"))
 

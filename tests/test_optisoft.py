@@ -24,8 +24,6 @@ import resources.optisoft as optisoft_resource
 from nvc_pipelines.model import BookingRequest, Channel, NoteKind, PatientNote, PatientStatus, PmsKind, Practice
 from nvc_pipelines.normalise import build_patient
 from nvc_pipelines.recall import add_months
-from nvc_pipelines.sandboxes.optisoft import ConnectorGone, OptisoftSandbox
-from nvc_pipelines.sandboxes.seed import seed_clinicians
 from resources.optisoft import (
     MAX_BANDS,
     OptisoftClient,
@@ -36,6 +34,8 @@ from resources.optisoft import (
     since_param,
 )
 from resources.protocol import PmsConnectionFailed, PmsError
+from sandboxes.optisoft import ConnectorGone, OptisoftSandbox
+from sandboxes.seed import seed_clinicians
 from tests.pms_contract import TODAY, PmsContract, future_slot
 
 SEED = 7

@@ -38,10 +38,6 @@ from nvc_pipelines.normalise import (
     is_ofcom_drama_number,
     normalise_phone,
 )
-from nvc_pipelines.sandboxes import seed as seed_module
-from nvc_pipelines.sandboxes.base import Faults
-from nvc_pipelines.sandboxes.optix import OptixSandbox
-from nvc_pipelines.sandboxes.seed import seed_patients
 from resources.optix import (
     OptixClient,
     OptixResource,
@@ -50,6 +46,10 @@ from resources.optix import (
     optix_draft,
 )
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
+from sandboxes import seed as seed_module
+from sandboxes.base import Faults
+from sandboxes.optix import OptixSandbox
+from sandboxes.seed import seed_patients
 from tests.pms_contract import PmsContract
 
 KEY = "optix-key-7Qx9-test-secret"  # distinctive, so a leak into a message or log is easy to spot

@@ -16,8 +16,6 @@ import resources.base as base
 from nvc_pipelines.demo import demo_connections, start_sandboxes
 from nvc_pipelines.model import BookingRequest, NoteKind, PatientNote, Practice
 from nvc_pipelines.retry import WRITE_BACKOFF_CAP_SECONDS, write_wait
-from nvc_pipelines.sandboxes.acuitas import optom_codes
-from nvc_pipelines.sandboxes.base import SandboxServer
 from resources.acuitas import AcuitasResource
 from resources.base import ErrorRule, PmsClientBase
 from resources.http import HttpPmsResource, HttpStatusError
@@ -25,6 +23,8 @@ from resources.optisoft import OptisoftResource
 from resources.optix import OptixResource
 from resources.protocol import PmsConnectionFailed, PmsError
 from resources.sycle import SycleResource
+from sandboxes.acuitas import optom_codes
+from sandboxes.base import SandboxServer
 from tests.pms_contract import TODAY, future_slot
 
 PMS = ("optix", "acuitas", "optisoft", "sycle")

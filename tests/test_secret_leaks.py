@@ -30,13 +30,13 @@ from nvc_pipelines import app
 from nvc_pipelines.cli import main
 from nvc_pipelines.crypto import generate_key
 from nvc_pipelines.model import PmsKind
-from nvc_pipelines.sandboxes.acuitas import ROLE_DIARY, ROLE_READ, AcuitasSandbox
-from nvc_pipelines.sandboxes.optisoft import OptisoftSandbox
-from nvc_pipelines.sandboxes.optix import OptixSandbox
-from nvc_pipelines.sandboxes.sycle import SycleSandbox
 from nvc_pipelines.store.embedded import stop_server
 from resources.http import PmsHttp
 from resources.protocol import PmsError
+from sandboxes.acuitas import ROLE_DIARY, ROLE_READ, AcuitasSandbox
+from sandboxes.optisoft import OptisoftSandbox
+from sandboxes.optix import OptixSandbox
+from sandboxes.sycle import SycleSandbox
 from tests.conftest import isolated_env
 
 # Distinctive values: mixed case (searched case-insensitively), nothing a message would say by chance.

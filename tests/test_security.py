@@ -28,10 +28,10 @@ from nvc_pipelines.model import (
     RejectedRow,
 )
 from nvc_pipelines.recall import RecallRules, compute_recall
-from nvc_pipelines.sandboxes.optix import OptixSandbox
 from nvc_pipelines.store import PracticeNotFound, Store, StoreUnavailable
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS
 from resources.csv_source import SEED_COLUMNS
+from sandboxes.optix import OptixSandbox
 
 PRACTICE_TABLES = (
     "patients",

@@ -65,7 +65,7 @@ def test_a_background_process_is_stopped_by_sigint_too(tmp_path: Path) -> None:
     """SIGINT, ignored by a shell for background commands, is armed again inside the block."""
     script = (
         "import time\n"
-        "from nvc_pipelines.demo import stopped_by_signals\n"
+        "from nvc_pipelines.devserver import stopped_by_signals\n"
         "try:\n"
         "    with stopped_by_signals():\n"
         "        print('ready', flush=True); time.sleep(60)\n"

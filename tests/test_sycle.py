@@ -24,10 +24,10 @@ from nvc_pipelines.model import (
     Practice,
 )
 from nvc_pipelines.normalise import InvalidValue, build_patient, normalise_phone
-from nvc_pipelines.sandboxes.base import Faults
-from nvc_pipelines.sandboxes.sycle import OTHER_ALERTS, SycleSandbox
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
 from resources.sycle import SycleClient, SycleResource, suggest_field_mapping, sycle_draft
+from sandboxes.base import Faults
+from sandboxes.sycle import OTHER_ALERTS, SycleSandbox
 from tests.pms_contract import PmsContract, future_slot
 
 TOKEN = "sycle-token-9Kd2-test-secret"  # distinctive, so a leak into a message or log is easy to spot

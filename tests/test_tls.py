@@ -34,11 +34,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import text
 
 from nvc_pipelines.model import PmsKind, Practice
-from nvc_pipelines.sandboxes.acuitas import AcuitasSandbox
-from nvc_pipelines.sandboxes.base import SandboxServer
-from nvc_pipelines.sandboxes.optisoft import OptisoftSandbox
-from nvc_pipelines.sandboxes.optix import OptixSandbox
-from nvc_pipelines.sandboxes.sycle import SycleSandbox
 from resources.acuitas import AcuitasResource
 from resources.http import (
     CA_BUNDLE_SETTING,
@@ -53,6 +48,11 @@ from resources.optisoft import OptisoftResource
 from resources.optix import OptixResource
 from resources.protocol import PmsConnectionFailed
 from resources.sycle import SycleResource
+from sandboxes.acuitas import AcuitasSandbox
+from sandboxes.base import SandboxServer
+from sandboxes.optisoft import OptisoftSandbox
+from sandboxes.optix import OptixSandbox
+from sandboxes.sycle import SycleSandbox
 
 SECRET = "tls-test-secret-7Hq2"
 SECRET_PATH = "/patients/confidential-path"

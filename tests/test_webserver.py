@@ -56,7 +56,7 @@ def test_a_booking_reaches_the_pms_through_the_daemons_sensor(dagster_dev: int) 
     from datetime import UTC, date, datetime, timedelta
 
     from nvc_pipelines import writeback
-    from nvc_pipelines.sandboxes.optix import OptixSandbox
+    from sandboxes.optix import OptixSandbox
 
     with OptixSandbox(practices={"OPX-77": 5}, api_keys={"web-key": "OPX-77"}) as sandbox:
         app.connect_practice(

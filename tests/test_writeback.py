@@ -15,11 +15,11 @@ from assets.writeback import booking_writebacks
 from nvc_pipelines import writeback
 from nvc_pipelines.definitions import pms_gateway
 from nvc_pipelines.demo import demo_connections, start_sandboxes
-from nvc_pipelines.sandboxes.acuitas import optom_codes
-from nvc_pipelines.sandboxes.seed import seed_clinicians
 from nvc_pipelines.store import Store
 from resources.protocol import PmsError
 from resources.store import StoreResource
+from sandboxes.acuitas import optom_codes
+from sandboxes.seed import seed_clinicians
 from schedules.writeback import booking_writeback_sensor
 
 N_BOOKINGS = 1000

@@ -9,7 +9,7 @@ reports it offline at once; if it crashes, the relay notices the dropped poll.
 
 Run it as its own process:
 
-    python -m nvc_pipelines.sandboxes.optisoft connector --relay URL --practice-code CODE --db PATH
+    python -m sandboxes.optisoft connector --relay URL --practice-code CODE --db PATH
 
 The relay token comes from the environment (`OPTISOFT_CONNECTOR_TOKEN`), never the command line.
 With `--console`, stdin/stdout carry the sandbox's practice-desk console (one JSON request per
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from nvc_pipelines.sandboxes.optisoft.practice_db import Logins, PracticeDb, SqlLog, StaffDesk, install, run_operation
+from sandboxes.optisoft.practice_db import Logins, PracticeDb, SqlLog, StaffDesk, install, run_operation
 
 CONNECTOR_VERSION = "3.2.0"
 API = "/relay/v1"

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvc_pipelines.sandboxes.base import HttpProblem, Request, Response, SandboxServer
+from sandboxes.base import HttpProblem, Request, Response, SandboxServer
 
 API = "/relay/v1"
 CONNECTOR_PREFIX = API + "/connector/"

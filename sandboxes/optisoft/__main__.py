@@ -1,5 +1,5 @@
-"""`python -m nvc_pipelines.sandboxes.optisoft connector ...` runs one Optisoft Connector;
-`python -m nvc_pipelines.sandboxes.optisoft demo` runs a relay with one practice and its connector."""
+"""`python -m sandboxes.optisoft connector ...` runs one Optisoft Connector;
+`python -m sandboxes.optisoft demo` runs a relay with one practice and its connector."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 
 def demo(argv: list[str]) -> int:
-    from nvc_pipelines.sandboxes.optisoft.sandbox import DEFAULT_PRACTICE, OptisoftSandbox
+    from sandboxes.optisoft.sandbox import DEFAULT_PRACTICE, OptisoftSandbox
 
     parser = argparse.ArgumentParser(prog="optisoft demo")
     parser.add_argument("--port", type=int, default=8702)
@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv else ""
     if command == "connector":
-        from nvc_pipelines.sandboxes.optisoft.connector import main as connector_main
+        from sandboxes.optisoft.connector import main as connector_main
 
         return connector_main(argv)
     if command == "demo":
         return demo(argv)
-    print("usage: python -m nvc_pipelines.sandboxes.optisoft {connector|demo} [options]", file=sys.stderr)
+    print("usage: python -m sandboxes.optisoft {connector|demo} [options]", file=sys.stderr)
     return 2
 
 

@@ -31,8 +31,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nvc_pipelines.normalise import find_nvc_reference
-from nvc_pipelines.sandboxes.base import HttpProblem, Request, Response, SandboxServer
-from nvc_pipelines.sandboxes.seed import (
+from sandboxes.base import HttpProblem, Request, Response, SandboxServer
+from sandboxes.seed import (
     SeedClinician,
     SeedPatient,
     seed_appointments,

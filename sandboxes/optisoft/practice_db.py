@@ -328,7 +328,7 @@ class PracticeDb:
 def install(db: PracticeDb, spec: dict[str, Any]) -> None:
     """Create the schema and fill it as years of use would: `spec` has `patients`, `seed`, `today`
     (ISO, optional), `practiceName` (optional) and `users` (`username`, `passwordHash`, `canWrite`)."""
-    from nvc_pipelines.sandboxes.seed import (
+    from sandboxes.seed import (
         SeedClinician,
         seed_appointments,
         seed_clinical_records,

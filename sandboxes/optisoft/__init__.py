@@ -7,10 +7,10 @@ Connector there connects OUT over HTTPS to Optisoft's relay. NVC talks to the re
 - `OptisoftSandbox` (`sandbox.py`): relay + per practice a seeded database (`practice_db.py`) and
   its connector, with the inspection hooks every PMS sandbox has.
 
-`python -m nvc_pipelines.sandboxes.optisoft demo` serves one practice until Ctrl-C.
+`python -m sandboxes.optisoft demo` serves one practice until Ctrl-C.
 """
 
-from nvc_pipelines.sandboxes.optisoft.relay import OptisoftRelay
-from nvc_pipelines.sandboxes.optisoft.sandbox import ConnectorGone, OptisoftConnector, OptisoftSandbox
+from sandboxes.optisoft.relay import OptisoftRelay
+from sandboxes.optisoft.sandbox import ConnectorGone, OptisoftConnector, OptisoftSandbox
 
 __all__ = ["ConnectorGone", "OptisoftConnector", "OptisoftRelay", "OptisoftSandbox"]

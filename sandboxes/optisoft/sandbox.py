@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from nvc_pipelines.sandboxes.optisoft.connector import TOKEN_ENV
-from nvc_pipelines.sandboxes.optisoft.practice_db import CONTACT_FIELDS, PATIENT_ID_BASE, hash_password
-from nvc_pipelines.sandboxes.optisoft.relay import OptisoftRelay
+from sandboxes.optisoft.connector import TOKEN_ENV
+from sandboxes.optisoft.practice_db import CONTACT_FIELDS, PATIENT_ID_BASE, hash_password
+from sandboxes.optisoft.relay import OptisoftRelay
 
 if TYPE_CHECKING:  # seed pulls in Faker; only `seed_records` needs it
-    from nvc_pipelines.sandboxes.seed import SeedPatient
+    from sandboxes.seed import SeedPatient
 
 UK = ZoneInfo("Europe/London")
 DEFAULT_PRACTICE = "OS-1001"
@@ -51,7 +51,7 @@ class ConnectorGone(RuntimeError):
 
 class OptisoftConnector:
     """One practice's Optisoft Connector, run as a real separate process (`python -m
-    nvc_pipelines.sandboxes.optisoft connector ...`). It dials out to the relay and opens no port."""
+    sandboxes.optisoft connector ...`). It dials out to the relay and opens no port."""
 
     def __init__(
         self,
@@ -96,7 +96,7 @@ class OptisoftConnector:
         command = [
             sys.executable,
             "-m",
-            "nvc_pipelines.sandboxes.optisoft",
+            "sandboxes.optisoft",
             "connector",
             "--relay",
             self.relay_url,
@@ -364,7 +364,7 @@ class OptisoftSandbox(OptisoftRelay):
     def seed_records(self, practice_ref: str) -> dict[str, SeedPatient]:
         """PatientID (as the client reports it) -> the canonical patient the database renders: the
         seeded patients, with the changes made through `update_contact` applied."""
-        from nvc_pipelines.sandboxes.seed import seed_patients
+        from sandboxes.seed import seed_patients
 
         spec = self._installs[practice_ref]
         if practice_ref not in self._seeded:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 if TYPE_CHECKING:  # seed pulls in Faker; the relay needs none of it
-    from nvc_pipelines.sandboxes.seed import SeedPatient
+    from sandboxes.seed import SeedPatient
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
