@@ -12,5 +12,5 @@ from assets import checks, sync, writeback
 
 defs = Definitions(
     assets=with_source_code_references(load_assets_from_modules([sync, writeback])),
-    asset_checks=load_asset_checks_from_modules([checks]),
+    asset_checks=load_asset_checks_from_modules([checks, writeback]),
 )

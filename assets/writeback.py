@@ -1,12 +1,16 @@
 """`booking_writebacks`: deliver a practice's outbox (bookings, call outcomes, call attempts) to its PMS.
 
 Launched by `booking_writeback_sensor` within seconds of a new outbox row; the business rules
-(exactly once, backoff, dead letters) live in `nvc_pipelines.writeback`.
+(exactly once, backoff, dead letters, time-outs, the worklist) live in `nvc_pipelines.writeback`.
+Two checks: `writebacks_delivered` judges what this run handled; `no_writeback_needs_action` stays
+red while anything of the practice waits for an operator (retry or dismiss), whichever run failed it.
 """
 
 import statistics
+from collections import Counter
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -15,6 +19,7 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     asset,
+    asset_check,
 )
 
 from assets.partitions import practices_partitions
@@ -24,6 +29,7 @@ from resources.protocol import PmsError
 from resources.store import StoreResource
 
 DELIVERED_CHECK = "writebacks_delivered"
+NEEDS_ACTION_CHECK = "no_writeback_needs_action"
 
 
 @asset(
@@ -60,7 +66,7 @@ def booking_writebacks(context: AssetExecutionContext, store: StoreResource, pms
             client.close()
     latencies = report.latencies_seconds
     problems = sorted({f["problem"] for f in report.failures}) or (["practice_disconnected"] if report.failed else [])
-    ok = report.failed == 0 and report.dead_lettered == 0
+    ok = report.failed == 0 and report.dead_lettered == 0 and report.timed_out == 0
     return MaterializeResult(
         metadata={
             "pms": str(practice.pms_kind),
@@ -69,6 +75,7 @@ def booking_writebacks(context: AssetExecutionContext, store: StoreResource, pms
             "retry_later": report.retry_later,
             "failed": report.failed,
             "dead_lettered": report.dead_lettered,
+            "timed_out": report.timed_out,
             "latency_p50_seconds": round(statistics.median(latencies), 3) if latencies else 0.0,
             "latency_max_seconds": round(max(latencies), 3) if latencies else 0.0,
             "failures": MetadataValue.json(report.failures[:20]),
@@ -80,8 +87,39 @@ def booking_writebacks(context: AssetExecutionContext, store: StoreResource, pms
                 severity=AssetCheckSeverity.ERROR,
                 description="all delivered or retrying"
                 if ok
-                else f"{report.failed} failed, {report.dead_lettered} dead-lettered ({', '.join(problems)}); "
-                f"see `nvc outbox {practice_id} --status failed`",
+                else f"{report.failed} failed, {report.dead_lettered} dead-lettered, {report.timed_out} timed out "
+                f"({', '.join(problems)}); see `nvc outbox {practice_id} --needs-action`",
             )
         ],
+    )
+
+
+@asset_check(
+    asset=booking_writebacks,
+    name=NEEDS_ACTION_CHECK,
+    partitions_def=practices_partitions,
+    description="No booking or note of the practice is failed, dead-lettered or timed out without an operator "
+    "having retried or dismissed it (`nvc outbox PRACTICE --needs-action`).",
+)
+def no_writeback_needs_action(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
+    practice_id = context.partition_key
+    rows = writeback.outbox_rows(store.open(), practice_id, needs_action=True)
+    by_status = Counter(r["status"] for r in rows)
+    # Ids, kinds and problem codes only: the UI is no place for patient ids or the PMS's error text.
+    items = [
+        {"outbox_id": r["outbox_id"], "kind": r["kind"], "status": r["status"], "problem": r["problem"]} for r in rows
+    ]
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+    return AssetCheckResult(
+        passed=not rows,
+        severity=AssetCheckSeverity.ERROR,
+        description="nothing waits for action"
+        if not rows
+        else f"{len(rows)} writeback(s) need action ({counts}); see `nvc outbox {practice_id} --needs-action`",
+        metadata={
+            "needs_action": len(rows),
+            **{status: by_status.get(status, 0) for status in writeback.NEEDS_ACTION},
+            "outbox_ids": MetadataValue.json([r["outbox_id"] for r in rows][:100]),
+            "items": MetadataValue.json(items[:20]),
+        },
     )

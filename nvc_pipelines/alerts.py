@@ -1,4 +1,5 @@
-"""Failure alerts: every failed practice run is recorded; the third failure in a row is critical.
+"""Alerts: every failed practice run is recorded (the third failure in a row is critical), and so is
+every writeback that needs action and the daily digest of writebacks still waiting.
 
 Delivery is optional: `NVC_ALERT_WEBHOOK_URL` receives a JSON POST (Slack-compatible `text` field),
 and `NVC_ALERT_EMAIL_TO` with `NVC_SMTP_HOST` (and optional `NVC_SMTP_PORT`, `NVC_ALERT_EMAIL_FROM`)
@@ -47,6 +48,28 @@ def record_failure(
             },
         )
     return {"severity": severity, "headline": headline, "delivered_to": delivered}
+
+
+def record_keyed(conn: Any, practice_id: str, key: str, job_name: str, message: str, severity: str) -> int | None:
+    """Record an alert not tied to one failed run, once per `key`, inside the caller's transaction
+    (so it commits with the change it reports); returns its id, or None if `key` was seen before."""
+    return conn.execute(
+        text(
+            "INSERT INTO alerts (practice_id, alert_key, job_name, message, consecutive, severity) "
+            "VALUES (:p, :k, :j, :m, 1, :s) ON CONFLICT (alert_key) DO NOTHING RETURNING alert_id"
+        ),
+        {"p": practice_id, "k": key, "j": job_name, "m": message, "s": severity},
+    ).scalar_one_or_none()
+
+
+def mark_delivered(store: Any, practice_id: str, alert_ids: list[int], delivered: list[str]) -> None:
+    """Note where recorded alerts were sent (delivery happens after their transaction commits)."""
+    if not alert_ids or not delivered:
+        return
+    with store.begin(practice_id) as conn:
+        conn.execute(
+            text("UPDATE alerts SET delivered_to = :d WHERE alert_id = ANY(:ids)"), {"d": delivered, "ids": alert_ids}
+        )
 
 
 def deliver(headline: str, body: str) -> list[str]:

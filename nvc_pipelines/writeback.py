@@ -5,7 +5,13 @@ called, so a crash mid-call leaves evidence; every attempt goes through the clie
 lookup-before-create, which finds a write whose response was lost. Transient failures go back to
 `pending` with exponential backoff; after `MAX_ATTEMPTS` the row is `dead_letter`. A refusal that
 retrying cannot fix (slot taken, patient gone, practice disconnected, invalid clinician) ends as
-`failed` with its reason for ops to act on.
+`failed` with its reason for ops to act on. A booking still not in the PMS when its appointment
+starts ends as `timed_out` and is never sent again (a booking in the past helps nobody).
+
+`failed`, `dead_letter` and `timed_out` rows are the worklist: each raises one alert when it gets
+there, keeps the `no_writeback_needs_action` check red, and is in the daily digest until an
+operator retries it (back to `pending`, attempts from 0: still exactly once, the client finds
+before it creates) or dismisses it with a reason (`dismissed`). Both are audited.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import text
 
+from nvc_pipelines import alerts
 from nvc_pipelines.model import BookingRequest, CallOutcome, NoteKind, PatientNote
 from nvc_pipelines.normalise import InvalidValue, normalise_phone, nvc_marker, parse_pms_datetime
 from nvc_pipelines.retry import OUTBOX_MAX_ATTEMPTS, outbox_backoff, outbox_retries
@@ -25,6 +32,12 @@ from nvc_pipelines.store import calls
 
 # The policy (which problems wait for a later attempt, and how long) is `nvc_pipelines.retry`'s.
 MAX_ATTEMPTS = OUTBOX_MAX_ATTEMPTS
+
+
+NEEDS_ACTION = ("failed", "dead_letter", "timed_out")
+_NEEDS_ACTION_SQL = "status IN ('failed', 'dead_letter', 'timed_out')"
+# A booking whose appointment has started: never worth sending (the SQL reads the row's payload).
+_STARTED_SQL = "kind = 'booking' AND CAST(payload->>'starts_at' AS timestamptz) <= now()"
 
 
 class OutboxError(ValueError):
@@ -44,6 +57,7 @@ class DeliveryReport:
     retry_later: int = 0
     failed: int = 0
     dead_lettered: int = 0
+    timed_out: int = 0
     latencies_seconds: list[float] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
@@ -198,18 +212,54 @@ def _insert(
 
 
 def due_practices(store: Any, now: datetime | None = None) -> dict[str, str]:
-    """Practices with outbox rows due now -> a fingerprint of those rows (ids and attempt counts),
-    which the sensor uses as its run key: the same due rows never launch two runs. (It spans
-    practices, so it reads the view `outbox_due_rows`: row ids and attempt counts, nothing else.)"""
+    """Practices with outbox rows due now (or bookings waiting whose appointment has started, to be
+    timed out) -> a fingerprint of those rows (ids, retries and attempt counts), which the sensor
+    uses as its run key: the same due rows never launch two runs. (It spans practices, so it reads
+    the view `outbox_due_rows`: row ids, counts and times, nothing about patients.)"""
     with store.begin() as conn:
         rows = conn.execute(
             text(
-                "SELECT practice_id, string_agg(outbox_id || '.' || attempts, ',' ORDER BY outbox_id) AS fp "
-                "FROM outbox_due_rows WHERE next_attempt_at <= :now GROUP BY practice_id"
+                "SELECT practice_id, "
+                "string_agg(outbox_id || '.' || retries || '.' || attempts, ',' ORDER BY outbox_id) AS fp "
+                "FROM outbox_due_rows WHERE next_attempt_at <= :now OR (status = 'pending' "
+                "AND kind = 'booking' AND starts_at <= :now) GROUP BY practice_id"
             ),
             {"now": now or datetime.now(UTC)},
         ).all()
     return {r.practice_id: r.fp for r in rows}
+
+
+def dismissed_since(store: Any, since: datetime | None) -> dict[str, datetime]:
+    """Practices with rows dismissed after `since` -> the latest dismissal: the sensor re-runs their
+    writeback so the worklist check turns green without waiting for the next booking. (It spans
+    practices: the view `outbox_states`, ids, states and times only.)"""
+    with store.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT practice_id, max(dismissed_at) AS latest FROM outbox_states WHERE dismissed_at IS NOT NULL "
+                "AND (CAST(:since AS timestamptz) IS NULL OR dismissed_at > :since) GROUP BY practice_id"
+            ),
+            {"since": since},
+        ).all()
+    return {r.practice_id: r.latest for r in rows}
+
+
+def _time_out(store: Any, practice_id: str) -> list[Any]:
+    """End as `timed_out` every booking not yet in the PMS whose appointment has started. Rows another
+    run is delivering right now (`sent`, lease not expired) are left to that run."""
+    with store.begin(practice_id) as conn:
+        return conn.execute(
+            text(
+                "UPDATE outbox SET status = 'timed_out', problem = 'appointment_started', "
+                "last_error = 'the appointment started before the booking reached the PMS'"
+                " || CASE WHEN status = 'sent' THEN '; an attempt may have reached it: check the diary' ELSE '' END"
+                " || COALESCE(' (last attempt: ' || last_error || ')', ''), "
+                "finished_at = now(), updated_at = now() "
+                "WHERE practice_id = :p AND (status = 'pending' OR (status = 'sent' AND next_attempt_at <= now())) "
+                f"AND {_STARTED_SQL} RETURNING outbox_id, kind"
+            ),
+            {"p": practice_id},
+        ).all()
 
 
 def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
@@ -221,8 +271,8 @@ def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
                 "UPDATE outbox o SET status = 'sent', attempts = o.attempts + 1, sent_at = now(), updated_at = now(), "
                 "next_attempt_at = now() + interval '2 minutes' "
                 "WHERE o.outbox_id IN (SELECT outbox_id FROM outbox WHERE practice_id = :p "
-                "  AND status IN ('pending', 'sent') AND next_attempt_at <= now() ORDER BY outbox_id "
-                "  LIMIT :n FOR UPDATE SKIP LOCKED) "
+                f"  AND status IN ('pending', 'sent') AND next_attempt_at <= now() AND NOT ({_STARTED_SQL}) "
+                "  ORDER BY outbox_id LIMIT :n FOR UPDATE SKIP LOCKED) "
                 "RETURNING o.*"
             ),
             {"p": practice_id, "n": limit},
@@ -237,7 +287,7 @@ def _finish(store: Any, practice_id: str, outbox_id: int, status: str, **values:
         conn.execute(
             text(
                 f"UPDATE outbox SET status = :status, updated_at = now(){', ' + sets if sets else ''}"
-                + (", finished_at = now()" if status in ("confirmed", "failed", "dead_letter") else "")
+                + (", finished_at = now()" if status in ("confirmed", *NEEDS_ACTION) else "")
                 + " WHERE outbox_id = :id"
             ),
             {"status": status, "id": outbox_id, **values},
@@ -245,15 +295,17 @@ def _finish(store: Any, practice_id: str, outbox_id: int, status: str, **values:
 
 
 def fail_all(store: Any, practice_id: str, problem: str, reason: str) -> int:
-    """End every open row of a practice as failed (e.g. the practice was disconnected)."""
+    """End every open row of a practice as failed (e.g. the practice was disconnected), and alert."""
     with store.begin(practice_id) as conn:
-        return conn.execute(
+        failed = conn.execute(
             text(
                 "UPDATE outbox SET status = 'failed', problem = :pr, last_error = :why, finished_at = now(), "
                 "updated_at = now() WHERE practice_id = :p AND status IN ('pending', 'sent')"
             ),
             {"p": practice_id, "pr": problem, "why": reason},
         ).rowcount
+    alert_needs_action(store, practice_id)
+    return failed
 
 
 def deliver(
@@ -266,8 +318,31 @@ def deliver(
     max_attempts: int = MAX_ATTEMPTS,
     log: Callable[[str], None] | None = None,
 ) -> DeliveryReport:
-    """Write every due outbox row of the practice into its PMS once."""
+    """Write every due outbox row of the practice into its PMS once; time out bookings whose
+    appointment has started; alert once for each row that now needs action."""
     report = DeliveryReport()
+    for row in _time_out(store, practice_id):
+        report.timed_out += 1
+        report.failures.append(
+            {"outbox_id": row.outbox_id, "kind": row.kind, "status": "timed_out", "problem": "appointment_started"}
+        )
+        if log:
+            log(f"outbox {row.outbox_id} ({row.kind}): timed out, its appointment has started")
+    _deliver_due(store, practice_id, writer, report, error_types, limit, max_attempts, log)
+    alert_needs_action(store, practice_id)  # also catches up on any a crashed run left unalerted
+    return report
+
+
+def _deliver_due(
+    store: Any,
+    practice_id: str,
+    writer: Writer,
+    report: DeliveryReport,
+    error_types: tuple[type[BaseException], ...],
+    limit: int,
+    max_attempts: int,
+    log: Callable[[str], None] | None,
+) -> None:
     for row in _claim(store, practice_id, limit):
         payload = row.payload
         try:
@@ -329,17 +404,215 @@ def deliver(
         if not created:
             report.already_there += 1
         report.latencies_seconds.append((datetime.now(UTC) - row.created_at).total_seconds())
-    return report
 
 
-def outbox_rows(store: Any, practice_id: str, status: str | None = None) -> list[dict[str, Any]]:
+# --- the worklist: rows that need action, their alerts, retry and dismiss ---------------------------
+
+
+def _describe(row: Any) -> str:
+    """One line about a row that needs action, free of patient data (it goes to chat and email)."""
+    what = f"{row.kind.replace('_', ' ')} {row.outbox_id} ({row.idempotency_key})"
+    if row.status == "timed_out":
+        return f"{what} timed out: its appointment started before it reached the PMS"
+    ended = "dead-lettered" if row.status == "dead_letter" else "failed"
+    return f"{what} {ended}: {row.problem or 'unknown problem'} after {row.attempts} attempt(s)"
+
+
+def _act_hint(practice_id: str) -> str:
+    return (
+        f"Worklist: `nvc outbox {practice_id} --needs-action`; after a fix `nvc outbox retry ID`, "
+        "or `nvc outbox dismiss ID --why TEXT`."
+    )
+
+
+def alert_needs_action(store: Any, practice_id: str) -> list[str]:
+    """Raise one alert for each row that came to need action since the last call (a booking's is
+    critical: a patient expects an appointment the practice does not have), through the alert
+    channels; returns the alert lines. Claimed under a row lock, so two runs never alert twice."""
     with store.begin(practice_id) as conn:
         rows = conn.execute(
             text(
-                "SELECT outbox_id, kind, idempotency_key, pms_patient_id, status, attempts, problem, last_error, "
-                "pms_record_id, created_at, finished_at FROM outbox WHERE practice_id = :p "
-                "AND (CAST(:s AS text) IS NULL OR status = :s) ORDER BY outbox_id"
+                "UPDATE outbox SET alerted_at = now() "
+                f"WHERE practice_id = :p AND {_NEEDS_ACTION_SQL} AND alerted_at IS NULL "
+                "RETURNING outbox_id, kind, idempotency_key, status, problem, attempts, retries"
             ),
-            {"p": practice_id, "s": status},
+            {"p": practice_id},
+        ).all()
+        rows = sorted(rows, key=lambda r: r.outbox_id)
+        ids: list[int] = []
+        for row in rows:
+            alert_id = alerts.record_keyed(
+                conn,
+                practice_id,
+                f"outbox:{row.outbox_id}:{row.retries}",
+                "booking_writeback",
+                f"{_describe(row)}; see `nvc outbox {practice_id} --needs-action`",
+                "critical" if row.kind == "booking" else "warning",
+            )
+            if alert_id is not None:
+                ids.append(alert_id)
+    if not ids:
+        return []
+    severity = "CRITICAL" if any(r.kind == "booking" for r in rows) else "WARNING"
+    headline = f"[{severity}] {len(rows)} writeback(s) need action for practice {practice_id}"
+    lines = [_describe(r) for r in rows]
+    delivered = alerts.deliver(headline, "\n".join([headline, *lines, _act_hint(practice_id)]))
+    alerts.mark_delivered(store, practice_id, ids, delivered)
+    return lines
+
+
+def _row_for_action(store: Any, outbox_id: int) -> str:
+    """The practice an outbox row belongs to (the operator gives only the id; the view `outbox_states`)."""
+    with store.begin() as conn:
+        practice_id = conn.execute(
+            text("SELECT practice_id FROM outbox_states WHERE outbox_id = :id"), {"id": outbox_id}
+        ).scalar_one_or_none()
+    if practice_id is None:
+        raise OutboxError(f"no outbox row {outbox_id} (see `nvc outbox PRACTICE_ID --needs-action`)")
+    return practice_id
+
+
+def retry(store: Any, outbox_id: int, actor: str) -> dict[str, Any]:
+    """Put a failed or dead-lettered row back to `pending` (attempts from 0), after someone fixed the
+    cause. Exactly once still holds: the client looks the write up in the PMS before creating it."""
+    practice_id = _row_for_action(store, outbox_id)
+    with store.begin(practice_id) as conn:
+        row = conn.execute(
+            text(
+                "SELECT o.*, CAST(o.payload->>'starts_at' AS timestamptz) AS starts_at, p.status AS practice_status "
+                "FROM outbox o JOIN practices p USING (practice_id) WHERE o.outbox_id = :id FOR UPDATE OF o"
+            ),
+            {"id": outbox_id},
+        ).one()
+        if row.status == "timed_out" or (
+            row.status in NEEDS_ACTION and row.starts_at is not None and row.starts_at <= datetime.now(UTC)
+        ):
+            raise OutboxError(
+                f"outbox {outbox_id} is not retried: its appointment start ({row.starts_at:%Y-%m-%d %H:%M} UTC) has "
+                f"passed; book a new slot, then `nvc outbox dismiss {outbox_id} --why ...`"
+            )
+        if row.status not in ("failed", "dead_letter"):
+            raise OutboxError(f"outbox {outbox_id} is {row.status}; only failed or dead-lettered rows can be retried")
+        if row.practice_status != "connected":
+            raise OutboxError(
+                f"practice {practice_id} is {row.practice_status}; reconnect it before retrying outbox {outbox_id}"
+            )
+        conn.execute(
+            text(
+                "UPDATE outbox SET status = 'pending', attempts = 0, retries = retries + 1, next_attempt_at = now(), "
+                "alerted_at = NULL, finished_at = NULL, updated_at = now() WHERE outbox_id = :id"
+            ),
+            {"id": outbox_id},
+        )
+        conn.execute(text("NOTIFY nvc_outbox"))
+        store.audit(
+            conn,
+            actor,
+            practice_id,
+            "outbox_retry",
+            [row.pms_patient_id],
+            detail={"outbox_id": outbox_id, "was": row.status, "problem": row.problem},
+        )
+    return {"outbox_id": outbox_id, "practice_id": practice_id, "kind": row.kind, "key": row.idempotency_key}
+
+
+def dismiss(store: Any, outbox_id: int, why: str, actor: str) -> dict[str, Any]:
+    """Take a row off the worklist for good (booked by hand, patient called back...), with the reason."""
+    why = (why or "").strip()
+    if not why:
+        raise OutboxError("say why the writeback is dismissed (--why TEXT); the reason is audited")
+    practice_id = _row_for_action(store, outbox_id)
+    with store.begin(practice_id) as conn:
+        row = conn.execute(text("SELECT * FROM outbox WHERE outbox_id = :id FOR UPDATE"), {"id": outbox_id}).one()
+        if row.status not in NEEDS_ACTION:
+            raise OutboxError(
+                f"outbox {outbox_id} is {row.status}; only failed, dead-lettered or timed-out rows can be dismissed"
+            )
+        conn.execute(
+            text(
+                "UPDATE outbox SET status = 'dismissed', dismissed_at = now(), dismissed_by = :by, "
+                "dismissed_why = :why, updated_at = now() WHERE outbox_id = :id"
+            ),
+            {"id": outbox_id, "by": actor, "why": why},
+        )
+        store.audit(
+            conn,
+            actor,
+            practice_id,
+            "outbox_dismiss",
+            [row.pms_patient_id],
+            detail={"outbox_id": outbox_id, "was": row.status, "problem": row.problem, "why": why},
+        )
+    return {"outbox_id": outbox_id, "practice_id": practice_id, "kind": row.kind, "key": row.idempotency_key}
+
+
+def outbox_rows(
+    store: Any, practice_id: str, status: str | None = None, *, needs_action: bool = False
+) -> list[dict[str, Any]]:
+    """The practice's outbox rows (one status, the worklist, or all), oldest first."""
+    with store.begin(practice_id) as conn:
+        rows = conn.execute(
+            text(
+                "SELECT outbox_id, kind, idempotency_key, pms_patient_id, status, attempts, retries, problem, "
+                "last_error, pms_record_id, created_at, finished_at, dismissed_at, dismissed_by, dismissed_why, "
+                "CAST(payload->>'starts_at' AS timestamptz) AS starts_at FROM outbox WHERE practice_id = :p "
+                "AND (CAST(:s AS text) IS NULL OR status = :s) "
+                f"AND (NOT :na OR {_NEEDS_ACTION_SQL}) ORDER BY outbox_id"
+            ),
+            {"p": practice_id, "s": status, "na": needs_action},
         ).mappings()
         return [dict(r) for r in rows]
+
+
+def waiting(store: Any) -> dict[str, dict[str, Any]]:
+    """Every practice's worklist in counts: practice -> {counts by status, ids, oldest}. (It spans
+    practices: the view `outbox_states`, no patient data.)"""
+    with store.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT practice_id, status, count(*) AS n, min(finished_at) AS oldest, "
+                f"array_agg(outbox_id ORDER BY outbox_id) AS ids FROM outbox_states WHERE {_NEEDS_ACTION_SQL} "
+                "GROUP BY practice_id, status ORDER BY practice_id, status"
+            )
+        ).all()
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = out.setdefault(r.practice_id, {"counts": {}, "ids": [], "oldest": r.oldest})
+        entry["counts"][r.status] = r.n
+        entry["ids"] = sorted([*entry["ids"], *r.ids])
+        if r.oldest is not None and (entry["oldest"] is None or r.oldest < entry["oldest"]):
+            entry["oldest"] = r.oldest
+    return out
+
+
+def send_digest(store: Any, day: date) -> dict[str, Any]:
+    """The day's digest of what still waits, one message through the alert channels (and one alert
+    row per practice). Sent once per day: a re-run of the same day records and sends nothing."""
+    pending = waiting(store)
+    recorded: dict[str, int] = {}
+    lines: list[str] = []
+    for practice_id, entry in pending.items():
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(entry["counts"].items()))
+        total = sum(entry["counts"].values())
+        since = f", oldest since {entry['oldest']:%Y-%m-%d %H:%M} UTC" if entry["oldest"] else ""
+        shown = ", ".join(str(i) for i in entry["ids"][:20]) + (" ..." if len(entry["ids"]) > 20 else "")
+        line = f"{practice_id}: {total} waiting ({counts}){since}; outbox {shown}"
+        with store.begin(practice_id) as conn:
+            alert_id = alerts.record_keyed(
+                conn, practice_id, f"digest:{day.isoformat()}:{practice_id}", "writeback_digest", line, "warning"
+            )
+        if alert_id is not None:
+            recorded[practice_id] = alert_id
+            lines.append(line)
+    if not lines:
+        return {"practices": 0, "waiting": 0, "delivered_to": []}
+    waiting_total = sum(sum(pending[p]["counts"].values()) for p in recorded)
+    headline = f"[WARNING] Writeback digest {day.isoformat()}: {waiting_total} booking(s)/note(s) still need action"
+    hint = (
+        "Per practice: `nvc outbox PRACTICE --needs-action`; after a fix `nvc outbox retry ID`, "
+        "or `nvc outbox dismiss ID --why TEXT`."
+    )
+    delivered = alerts.deliver(headline, "\n".join([headline, *lines, hint]))
+    for practice_id, alert_id in recorded.items():
+        alerts.mark_delivered(store, practice_id, [alert_id], delivered)
+    return {"practices": len(recorded), "waiting": waiting_total, "delivered_to": delivered, "lines": lines}

@@ -126,6 +126,7 @@ def test_recalls_later_in_the_pms_than_the_guideline_are_listed_for_review(store
         ["rejected", "nope"],
         ["sync-log", "nope"],
         ["outbox", "nope"],
+        ["outbox", "nope", "--needs-action"],
         ["alerts", "nope"],
         ["audit", "nope"],
         ["recalls", "nope"],

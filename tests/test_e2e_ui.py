@@ -4,8 +4,9 @@
 demo practices connected and first synced as the demo does, plus a practice whose Optix server has
 gone away), then the real `dagster dev` webserver and daemon. In the browser: the asset graph, a
 practice partition and Sync Now, the run succeeding, the sync log filtered by the practice tag, the
-failed run of the practice whose PMS is down with its troubleshooting message, the asset checks, the
-nightly schedule and the writeback sensor. Every step is asserted against what the page shows,
+failed run of the practice whose PMS is down with its troubleshooting message, the asset checks, a
+booking the PMS refused turning the writeback check red (and green once dismissed), the nightly
+schedule, the daily writeback digest and the writeback sensor. Every step is asserted against what the page shows,
 through Playwright's auto-waiting `expect`; screenshots land in docs/screenshots/.
 
 Skipped, with the reason, only where Chromium is not installed (`.ci/run` installs it).
@@ -17,17 +18,22 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from nvc_pipelines import app, demo
+from nvc_pipelines import app, demo, writeback
+from nvc_pipelines.alerts import recent_alerts
+from nvc_pipelines.cli import main
 from nvc_pipelines.crypto import generate_key
-from nvc_pipelines.instance import ensure_dagster_home
+from nvc_pipelines.instance import ensure_dagster_home, get_instance
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store.embedded import stop_server
 from sandboxes.optix import OptixSandbox
@@ -266,9 +272,68 @@ def test_asset_checks_show_their_results(page: Page, operator_services: Services
     screenshot(page, "asset-checks")
 
 
+def _writeback_runs(practice_id: str) -> list:
+    return [
+        r
+        for r in get_instance().get_runs()
+        if r.tags.get("trigger") == "writeback" and r.tags.get("practice") == practice_id
+    ]
+
+
+def _wait_for_writeback_run(practice_id: str, seen: int) -> None:
+    """Until the daemon's sensor has launched a writeback run after the `seen` ones and it has ended."""
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        runs = _writeback_runs(practice_id)
+        if len(runs) > seen and runs[0].is_finished:
+            assert runs[0].is_success, runs[0].status
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no writeback run for {practice_id} ended within {RUN_TIMEOUT_MS / 1000:.0f} s")
+
+
+def test_a_booking_the_pms_refuses_turns_the_writeback_check_red(page: Page) -> None:
+    """Outbox row -> the daemon's sensor -> run -> the PMS refuses an unknown patient: the run succeeds
+    but the worklist check is red and an alert is recorded; dismissed, it turns green by itself."""
+    practice_id = "demo-optix"
+    store = app.open_store()
+    seen = len(_writeback_runs(practice_id))
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=400)
+    writeback.add_booking(store, practice_id, "e2e-ghost", "NO-SUCH-PATIENT", start)
+    _wait_for_writeback_run(practice_id, seen)
+    (row,) = writeback.outbox_rows(store, practice_id, needs_action=True)
+    assert (row["status"], row["problem"]) == ("failed", "patient_not_found")
+    assert any(a["job_name"] == "booking_writeback" for a in recent_alerts(store, practice_id))
+
+    page.goto("/assets/booking_writebacks?view=checks")
+    expect(page.get_by_text("no_writeback_needs_action", exact=True).first).to_be_visible()
+    page.get_by_text("no_writeback_needs_action", exact=True).first.click()
+    page.get_by_role("tab", name="Execution history").click()
+    result = page.get_by_role("row").filter(has_text=practice_id).first
+    expect(result).to_contain_text("Failed")
+    expect(result).to_contain_text("1 writeback(s) need action (1 failed)")
+    screenshot(page, "writeback-needs-action")
+
+    seen = len(_writeback_runs(practice_id))
+    dismissed = CliRunner().invoke(main, ["outbox", "dismiss", str(row["outbox_id"]), "--why", "booked by hand"])
+    assert dismissed.exit_code == 0, dismissed.output
+    _wait_for_writeback_run(practice_id, seen)  # the sensor re-checks the practice after a dismissal
+    page.reload()
+    page.get_by_role("tab", name="Execution history").click()
+    result = page.get_by_role("row").filter(has_text=practice_id).first
+    expect(result).to_contain_text("Passed")
+    expect(result).to_contain_text("nothing waits for action")
+
+
 def test_nightly_schedule_and_writeback_sensor_are_running(page: Page) -> None:
     page.goto("/automation")
-    for name in ("nightly_pms_sync", "booking_writeback_sensor", "initial_sync_sensor", "run_failure_alert_sensor"):
+    for name in (
+        "nightly_pms_sync",
+        "writeback_digest_schedule",
+        "booking_writeback_sensor",
+        "initial_sync_sensor",
+        "run_failure_alert_sensor",
+    ):
         automation = list_rows(page).filter(has_text=name)
         expect(automation.get_by_role("checkbox").last).to_be_checked()  # its on/off switch
     expect(list_rows(page).filter(has_text="nightly_pms_sync")).to_contain_text(re.compile(r"At 0?2:00"))
