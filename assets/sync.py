@@ -31,7 +31,7 @@ from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.erasure import drop_erased
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
-from nvc_pipelines.retry import STEP_RETRIES, step_retries, step_wait
+from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS, STEP_RETRIES, step_retries, step_wait
 from nvc_pipelines.store import PracticeNotFound, Store
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS, StreamSpec, VolumeDropRefused
 from nvc_pipelines.sync import full_every, max_drop_share, next_cursor, plan_sync
@@ -42,6 +42,9 @@ from resources.store import StoreResource
 GROUP = "practice_sync"
 FULL_SYNC_TAG = "nvc/full_sync"
 ALLOW_DROP_TAG = "nvc/allow_drop"
+# A sync someone waits for at a shell (`nvc sync`, the demo): a PMS that does not answer fails it in
+# seconds, named once, instead of minutes of step retries; scheduled runs keep their patient retries.
+INTERACTIVE_TAG = "nvc/interactive"
 VOLUME_CHECK = "volume_drop_within_limit"
 
 
@@ -90,8 +93,11 @@ def sync_stream(
         force_full=tags.get(FULL_SYNC_TAG) == "true",
         full_every=full_every(practice.settings),
     )
+    interactive = tags.get(INTERACTIVE_TAG) == "true"
     try:
-        client = pms.open(practice, db.practice_credentials(practice_id))
+        client = pms.open(
+            practice, db.practice_credentials(practice_id), max_attempts=INTERACTIVE_ATTEMPTS if interactive else None
+        )
         try:
             records, rejected, source_ref = read(client, plan.since)
         finally:
@@ -99,7 +105,7 @@ def sync_stream(
     except (PmsError, UnsupportedPms) as exc:
         problem = getattr(exc, "problem", "unsupported_pms")
         # A PMS briefly down or throttling is retried with backoff; a wrong key fails at once.
-        if step_retries(problem, context.retry_number):
+        if not interactive and step_retries(problem, context.retry_number):
             wait = step_wait(context.retry_number)
             context.log.warning(f"{exc} - retrying in {wait:g} s ({context.retry_number + 1}/{STEP_RETRIES})")
             raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait) from exc

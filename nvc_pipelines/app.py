@@ -16,6 +16,7 @@ from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.instance import get_instance
 from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.recall import SETTING_PREFIX, RecallRules
+from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS
 from nvc_pipelines.store import PracticeNotFound, Store
 from resources.protocol import ConnectionInfo
 
@@ -112,7 +113,7 @@ def connect_practice(
     name = name or practice_id
     check_settings(kind, settings, secrets)
     candidate = Practice(practice_id, name, kind, settings, "connected")
-    client = _gateway().open(candidate, secrets)
+    client = _gateway().open(candidate, secrets, max_attempts=INTERACTIVE_ATTEMPTS)  # someone waits for the answer
     try:
         info = client.test_connection()
     finally:
@@ -201,9 +202,11 @@ def check_number(practice_id: str, phone: str) -> Any:
 
 
 def sync_practice(
-    practice_id: str, trigger: str = "sync_now", *, full: bool = False, allow_drop: bool = False
+    practice_id: str, trigger: str = "sync_now", *, full: bool = False, allow_drop: bool = False, verbose: bool = False
 ) -> SyncOutcome:
-    """Materialise the practice's partition now, on the persistent instance (it shows in the UI's runs)."""
+    """Materialise the practice's partition now, on the persistent instance (it shows in the UI's runs).
+    Dagster's own console log (stack traces of failed steps) only when `verbose`: the outcome names the
+    cause, and the run's full log is in the UI."""
     from nvc_pipelines.definitions import defs
 
     store = open_store()
@@ -221,11 +224,12 @@ def sync_practice(
             "practice": practice_id,
             "pms": str(practice.pms_kind),
             "trigger": trigger,
+            "nvc/interactive": "true",  # someone waits at a shell: a PMS that does not answer fails fast
             **({"nvc/full_sync": "true"} if full else {}),
             **({"nvc/allow_drop": "true"} if allow_drop else {}),
         },
         raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}}},
     )
     metadata: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
@@ -234,11 +238,12 @@ def sync_practice(
     error = None
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
-        error = "; ".join(
+        causes = [
             (f.step_failure_data.user_failure_data.description if f.step_failure_data.user_failure_data else None)
             or f.step_failure_data.error.message.strip()
             for f in failures
-        )
+        ]
+        error = "; ".join(dict.fromkeys(causes))  # three streams failing on one PMS name its cause once
     return SyncOutcome(result.run_id, result.success, metadata, error or None)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nvc_pipelines.console import fail, print_outcome
+from nvc_pipelines.console import fail, print_outcome, show_pms_waits
 from nvc_pipelines.model import CallOutcome, PmsKind
 
 _fail = fail
@@ -54,6 +54,7 @@ def main() -> None:
     from nvc_pipelines.store import embedded
 
     embedded.on_start = lambda message: click.secho(message, err=True, fg="yellow")
+    show_pms_waits()
 
 
 # --- practices ------------------------------------------------------------------------------------
@@ -168,12 +169,16 @@ def practice_disconnect(practice_id: str) -> None:
 @click.argument("practice_id")
 @click.option("--full", is_flag=True, help="Read everything and reconcile, instead of what changed.")
 @click.option("--allow-drop", is_flag=True, help="Accept a full read that deactivates many patients.")
-def sync(practice_id: str, full: bool, allow_drop: bool) -> None:
-    """Sync a practice now ("Sync Now"): materialise its partition, recorded in the Dagster run history."""
+@click.option("--verbose", is_flag=True, help="Show Dagster's own log of the run, stack traces included.")
+def sync(practice_id: str, full: bool, allow_drop: bool, verbose: bool) -> None:
+    """Sync a practice now ("Sync Now"): materialise its partition, recorded in the Dagster run history.
+
+    A PMS that does not answer fails the sync within seconds, its cause named once (the nightly
+    schedule retries for longer); waits between tries are shown as they happen."""
     from nvc_pipelines.app import sync_practice
 
     click.echo(f"Syncing {practice_id}{' (full)' if full else ''}...")
-    print_outcome(practice_id, sync_practice(practice_id, full=full, allow_drop=allow_drop))
+    print_outcome(practice_id, sync_practice(practice_id, full=full, allow_drop=allow_drop, verbose=verbose))
 
 
 @main.command("export")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -29,3 +30,19 @@ def print_outcome(practice_id: str, outcome: Any) -> None:
         click.secho(f"Synced {practice_id} (run {outcome.run_id})", fg="green")
     else:
         fail(f"sync of {practice_id} failed (run {outcome.run_id}): {outcome.error}")
+
+
+class _PmsWaits(logging.StreamHandler):
+    """Prints the PMS clients' retry lines ("attempt 1 of 2 failed (...); retrying in 0.6 s")."""
+
+
+def show_pms_waits() -> None:
+    """Show an operator at a shell each wait for a PMS as it happens, on standard error, once per
+    command (the PMS clients log them under `resources.<pms>`)."""
+    log = logging.getLogger("resources")
+    for handler in [h for h in log.handlers if isinstance(h, _PmsWaits)]:
+        log.removeHandler(handler)
+    handler = _PmsWaits(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)

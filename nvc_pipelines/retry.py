@@ -59,6 +59,11 @@ def write_wait(retry: int, base_seconds: float, retry_after: float | None = None
 STEP_RETRIES = 2
 
 
+# Tries per PMS request when someone waits at a shell (`nvc sync`, `nvc practice connect`, the demo):
+# a PMS that does not answer fails in seconds, and the scheduled runs keep their longer patience.
+INTERACTIVE_ATTEMPTS = 2
+
+
 def retry_base_seconds() -> float:
     """`NVC_RETRY_BASE_SECONDS` (default 30): the first wait before retrying a sync step."""
     return float(os.environ.get("NVC_RETRY_BASE_SECONDS", "30"))

@@ -33,5 +33,10 @@ class PmsGateway(ConfigurableResource):
             raise UnsupportedPms(f"PMS {kind!r} is not supported yet; supported: {known}")
         return resource
 
-    def open(self, practice: Practice, credentials: dict[str, str]) -> PmsClient:
-        return self.resource_for(practice.pms_kind).open(practice, credentials)
+    def open(self, practice: Practice, credentials: dict[str, str], *, max_attempts: int | None = None) -> PmsClient:
+        """The practice's client; `max_attempts` overrides this deployment's tries per request (a sync
+        started from a shell is someone waiting: it gives up sooner, and says so)."""
+        resource = self.resource_for(practice.pms_kind)
+        if max_attempts is not None and hasattr(resource, "max_attempts"):
+            resource = resource.model_copy(update={"max_attempts": max_attempts})
+        return resource.open(practice, credentials)

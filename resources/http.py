@@ -223,7 +223,11 @@ class PmsHttp:
 
     def _before_sleep(self, state: RetryCallState) -> None:
         if self.on_retry and state.outcome is not None:
-            self.on_retry(f"attempt {state.attempt_number} failed ({state.outcome.exception()}); retrying")
+            wait = state.next_action.sleep if state.next_action else 0.0
+            self.on_retry(
+                f"attempt {state.attempt_number} of {self.max_attempts} failed ({state.outcome.exception()}); "
+                f"retrying in {wait:.1f} s"
+            )
 
     def request(self, method: str, path: str, *, retry: bool, **kwargs: Any) -> Any:
         """Send one request; parse JSON; raise `HttpStatusError` for an error status."""

@@ -143,6 +143,15 @@ def test_cli_errors_are_one_clear_line(demo_home) -> None:
     down = runner.invoke(main, ["sync", "demo-optix"])
     assert down.exit_code == 1
     assert "Optix (practice demo-optix): Connection failed" in down.output and "Check:" in down.output
+    # From a shell: the cause named once, no Dagster stack trace, the waits shown, no step retries.
+    assert down.output.count("Connection failed") == 1, down.output
+    assert "Stack Trace" not in down.output and "Traceback" not in down.output
+    assert "attempt 1 of 2 failed" in down.output and "retrying in" in down.output
+    run_id = down.output.split("(run ")[1].split(")")[0]
+    from nvc_pipelines.instance import get_instance
+
+    steps = [e.step_key for e in get_instance().all_logs(run_id) if e.dagster_event and e.dagster_event.is_step_start]
+    assert sorted(steps) == ["appointments", "clinical_records", "patients"]  # each tried once, not retried
     assert json.loads(runner.invoke(main, ["export", "demo-optix"]).output) == before
 
 

