@@ -155,7 +155,7 @@ def _reference_phone(digits: str) -> tuple[str, PhoneType] | None:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164), ours
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(
     prefix=st.sampled_from(["0", "+44", "+44 ", "0044", "44"]),
     national=st.from_regex(r"[1-9][0-9]{8,10}", fullmatch=True),

@@ -1,21 +1,59 @@
 """ "Sync Now" as ops press it: a partition launched on the real webserver, run by the real daemon.
 
 `dagster dev -w workspace.yaml` runs against the persistent dagster-postgres instance on the
-embedded store, exactly as `nvc dev` starts it.
+embedded store, exactly as `nvc dev` starts it: one for the module (starting one costs half a minute);
+each test works on practices of its own.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
 
 from nvc_pipelines import app
-from nvc_pipelines.instance import get_instance
+from nvc_pipelines.crypto import generate_key
+from nvc_pipelines.instance import ensure_dagster_home, get_instance
 from nvc_pipelines.model import PmsKind
+from nvc_pipelines.store.embedded import stop_server
 from resources.csv_source import template_text
+from tests import services
+from tests.conftest import isolated_env
+
+
+@pytest.fixture(scope="module")
+def web_services() -> Iterator[tuple[Path, str, int]]:
+    """One NVC_HOME with the embedded store and `dagster dev` on it, for the whole module."""
+    home = Path(tempfile.mkdtemp(prefix="nvc-web-"))
+    key = generate_key()
+    with pytest.MonkeyPatch.context() as mp:
+        isolated_env(mp, home, key)
+        app.open_store()
+        ensure_dagster_home()
+        try:
+            with services.dagster_dev(home) as port:
+                yield home, key, port
+        finally:
+            stop_server()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def nvc_env(web_services, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home, key, _ = web_services
+    isolated_env(monkeypatch, home, key)
+    return home
+
+
+@pytest.fixture
+def dagster_dev(web_services, nvc_env: Path) -> int:
+    return web_services[2]
 
 
 def test_materialising_a_partition_on_the_webserver_syncs_the_practice(dagster_dev: int, tmp_path: Path) -> None:
