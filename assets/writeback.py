@@ -8,6 +8,7 @@ red while anything of the practice waits for an operator (retry or dismiss), whi
 
 import statistics
 from collections import Counter
+from datetime import UTC, datetime
 
 from dagster import (
     AssetCheckExecutionContext,
@@ -23,13 +24,14 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
-from nvc_pipelines import writeback
+from nvc_pipelines import health, writeback
 from resources.gateway import PmsGateway, UnsupportedPms
 from resources.protocol import PmsError
 from resources.store import StoreResource
 
 DELIVERED_CHECK = "writebacks_delivered"
 NEEDS_ACTION_CHECK = "no_writeback_needs_action"
+WAITING_CHECK = "writebacks_not_waiting"
 
 
 @asset(
@@ -123,3 +125,15 @@ def no_writeback_needs_action(context: AssetCheckExecutionContext, store: StoreR
             "items": MetadataValue.json(items[:20]),
         },
     )
+
+
+@asset_check(
+    asset=booking_writebacks,
+    name=WAITING_CHECK,
+    partitions_def=practices_partitions,
+    description="The practice's write side is healthy: no booking or note has waited more than 15 minutes to reach "
+    "the PMS. Also judged every 5 minutes between runs by `sync_health_sensor`.",
+)
+def writebacks_not_waiting(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
+    ok, detail = health.write_health(store.open(), context.partition_key, datetime.now(UTC))
+    return AssetCheckResult(passed=ok, severity=AssetCheckSeverity.ERROR, description=detail)

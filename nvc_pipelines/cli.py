@@ -136,15 +136,27 @@ def practice_connect(
 def practice_list() -> None:
     """The practices in the registry (secrets are never shown)."""
     from nvc_pipelines.app import open_store
+    from nvc_pipelines.health import practice_health
 
-    rows = open_store().list_practices()
+    store = open_store()
+    rows = store.list_practices()
     if not rows:
         click.echo("No practices connected yet: `nvc practice connect --help`.")
         return
-    click.echo(f"{'PRACTICE':20} {'PMS':9} {'STATUS':13} {'PATIENTS':>8}  LAST SYNC")
+    click.echo(f"{'PRACTICE':20} {'PMS':9} {'STATUS':13} {'PATIENTS':>8}  {'LAST SYNC':16}  {'READ':5}  WRITE")
+    problems: list[str] = []
     for r in rows:
         last = r["last_sync_at"].strftime("%Y-%m-%d %H:%M") if r["last_sync_at"] else "never"
-        click.echo(f"{r['practice_id']:20} {r['pms_kind']:9} {r['status']:13} {r['patients']:>8}  {last}")
+        read = write = "-"
+        if r["status"] == "connected":
+            state = practice_health(store, r)
+            read, write = ("ok" if state.read_ok else "STALE"), ("ok" if state.write_ok else "WAITING")
+            problems += [f"{r['practice_id']}: {d}" for ok, d in ((state.read_ok, state.read_detail),
+                                                                   (state.write_ok, state.write_detail)) if not ok]  # fmt: skip
+        click.echo(f"{r['practice_id']:20} {r['pms_kind']:9} {r['status']:13} {r['patients']:>8}  {last:16}  "
+                   f"{read:5}  {write}")  # fmt: skip
+    for problem in problems:
+        click.secho(f"  {problem}", fg="red")
 
 
 @practice.command("disconnect")

@@ -2,6 +2,7 @@
 
 from dagster import Definitions
 
+from schedules.health import sync_health_job, sync_health_sensor
 from schedules.intraday import intraday_refresh_job, intraday_sync_sensor
 from schedules.jobs import practice_sync_job
 from schedules.nightly import nightly_pms_sync
@@ -14,7 +15,7 @@ from schedules.writeback import (
 )
 
 defs = Definitions(
-    jobs=[practice_sync_job, booking_writeback_job, intraday_refresh_job, writeback_digest_job],
+    jobs=[practice_sync_job, booking_writeback_job, intraday_refresh_job, writeback_digest_job, sync_health_job],
     schedules=[nightly_pms_sync, writeback_digest_schedule],
     sensors=[
         booking_writeback_sensor,
@@ -22,5 +23,6 @@ defs = Definitions(
         run_failure_alert_sensor,
         intraday_sync_sensor,
         dead_run_sensor,
+        sync_health_sensor,
     ],
 )

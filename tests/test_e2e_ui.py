@@ -110,6 +110,7 @@ def operator_services(chromium: str) -> Iterator[Services]:
                 outcome = app.sync_practice(practice_id, trigger="initial")
                 assert outcome.success, (practice_id, outcome.error)
             sandboxes.pop("down").stop()  # the practice's PMS goes down
+            mp.setenv("NVC_HEALTH_EVERY_SECONDS", "5")  # sync health judged every 5 s, not 5 minutes
             with services.dagster_dev(home) as port:
                 url = f"http://127.0.0.1:{port}"
                 # The "join the community" prompt `dagster dev` shows on loopback, dismissed for good
@@ -325,6 +326,34 @@ def test_a_booking_the_pms_refuses_turns_the_writeback_check_red(page: Page) -> 
     expect(result).to_contain_text("nothing waits for action")
 
 
+def test_a_practice_the_nightly_no_longer_reaches_goes_red_by_itself(page: Page, operator_services: Services) -> None:
+    """Sync health between runs: the PMS of DOWN has been down for 30 hours (its last successful sync
+    is that old): without any run, `sync_health_sensor` turns its `patients_are_fresh` red, and
+    `nvc practice list` says STALE."""
+    from sqlalchemy import text
+
+    with app.open_store().begin_owner() as conn:
+        conn.execute(
+            text("UPDATE practices SET last_sync_at = now() - interval '30 hours' WHERE practice_id = :p"), {"p": DOWN}
+        )
+    listing = CliRunner().invoke(main, ["practice", "list"])
+    assert listing.exit_code == 0, listing.output
+    assert re.search(rf"{DOWN} .* STALE", listing.output), listing.output
+    assert "over the 26 h the nightly schedule allows" in listing.output
+
+    page.goto("/assets/patients?view=checks")
+    page.get_by_text("patients_are_fresh", exact=True).first.click()
+    page.get_by_role("tab", name="Execution history").click()
+    result = page.get_by_role("row").filter(has_text="over the 26 h").first
+    deadline = time.monotonic() + 90  # the sensor judges every 5 s here; the daemon may be busy
+    while not result.is_visible() and time.monotonic() < deadline:
+        time.sleep(2)
+        page.reload()
+        page.get_by_role("tab", name="Execution history").click()
+    expect(result).to_contain_text("Failed")
+    screenshot(page, "practice-stale")
+
+
 def test_nightly_schedule_and_writeback_sensor_are_running(page: Page) -> None:
     page.goto("/automation")
     for name in (
@@ -333,6 +362,7 @@ def test_nightly_schedule_and_writeback_sensor_are_running(page: Page) -> None:
         "booking_writeback_sensor",
         "initial_sync_sensor",
         "run_failure_alert_sensor",
+        "sync_health_sensor",
     ):
         automation = list_rows(page).filter(has_text=name)
         expect(automation.get_by_role("checkbox").last).to_be_checked()  # its on/off switch

@@ -883,6 +883,15 @@ class Store:
                 ).scalars()
             )
 
+    def oldest_waiting_writeback(self, practice_id: str) -> datetime | None:
+        """When the practice's oldest booking or note still on its way to the PMS was written to the
+        outbox (None when nothing waits)."""
+        with self.begin(practice_id) as conn:
+            return conn.execute(
+                text("SELECT min(created_at) FROM outbox WHERE practice_id = :p AND status IN ('pending', 'sent')"),
+                {"p": practice_id},
+            ).scalar_one()
+
     def last_successful_sync(self, practice_id: str, stream: str = "patients") -> datetime | None:
         with self.begin(practice_id) as conn:
             return conn.execute(

@@ -1,0 +1,94 @@
+"""Sync health per practice: the read side goes stale when the last successful sync is older than the
+nightly allows, the write side when a writeback has waited too long; `nvc practice list` shows both,
+and the sensor records a change once, not every tick."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from nvc_pipelines import health, writeback
+from nvc_pipelines.cli import main
+from nvc_pipelines.model import PmsKind
+from nvc_pipelines.store import Store
+from schedules.health import health_events
+
+
+def _practice(store: Store, practice_id: str, synced_hours_ago: float | None) -> None:
+    store.add_practice(practice_id, practice_id, PmsKind.CSV, {"path": "/nonexistent"}, {})
+    if synced_hours_ago is not None:
+        with store.begin_owner() as conn:
+            conn.execute(
+                text("UPDATE practices SET last_sync_at = now() - make_interval(secs => :s) WHERE practice_id = :p"),
+                {"s": synced_hours_ago * 3600, "p": practice_id},
+            )
+
+
+def test_read_and_write_health_in_practice_list_and_sensor_events(store: Store) -> None:
+    _practice(store, "fresh", 2)
+    _practice(store, "stale", 30)
+    _practice(store, "never", None)
+    start = datetime.now(UTC) + timedelta(days=3)
+    writeback.add_booking(store, "fresh", "h-1", "P1", start)
+    with store.begin_owner() as conn:  # the booking has waited 20 minutes: deliveries fail or stopped
+        conn.execute(text("UPDATE outbox SET created_at = now() - interval '20 minutes'"))
+
+    states = {s.practice_id: s for s in health.fleet_health(store)}
+    assert (states["fresh"].read_ok, states["fresh"].write_ok) == (True, False)
+    assert "oldest writeback waiting 20 min, over the 15 min allowed" in states["fresh"].write_detail
+    assert (states["stale"].read_ok, states["stale"].write_ok) == (False, True)
+    assert states["stale"].read_detail == "last successful sync 30 h ago, over the 26 h the nightly schedule allows"
+    assert (states["never"].read_ok, states["never"].read_detail) == (False, "never synced successfully")
+
+    listing = CliRunner().invoke(main, ["practice", "list"])
+    assert listing.exit_code == 0, listing.output
+    lines = {line.split()[0]: line for line in listing.output.splitlines() if line and not line.startswith(" ")}
+    assert lines["fresh"].split()[-2:] == ["ok", "WAITING"]
+    assert lines["stale"].split()[-2:] == ["STALE", "ok"]
+    assert "stale: last successful sync 30 h ago" in listing.output
+
+    # The sensor records each practice's state the first time and then only when it changes.
+    events, cursor = health_events(list(states.values()), None)
+    assert len(events) == 6 and {e.partition for e in events} == {"fresh", "stale", "never"}
+    failed = {(e.partition, e.check_name) for e in events if not e.passed}
+    assert failed == {
+        ("fresh", "writebacks_not_waiting"),
+        ("stale", "patients_are_fresh"),
+        ("never", "patients_are_fresh"),
+    }
+    again, same = health_events(list(states.values()), cursor)
+    assert again == [] and same == cursor
+    with store.begin_owner() as conn:
+        conn.execute(text("UPDATE outbox SET status = 'confirmed'"))
+    recovered, _ = health_events(health.fleet_health(store), cursor)
+    assert [(e.partition, e.check_name, e.passed) for e in recovered] == [
+        ("fresh", "patients_are_fresh", True),
+        ("fresh", "writebacks_not_waiting", True),
+    ]
+
+
+def test_the_sensor_launches_a_run_that_records_a_change_in_the_partitions_checks(store: Store) -> None:
+    from dagster import AssetCheckKey, AssetKey, DagsterInstance, RunRequest, build_sensor_context
+
+    from resources.store import StoreResource
+    from schedules.health import sync_health_job, sync_health_sensor
+
+    _practice(store, "stale", 30)
+    with DagsterInstance.ephemeral() as instance:
+        context = build_sensor_context(instance=instance, resources={"store": StoreResource()})
+        request = sync_health_sensor(context)
+        assert isinstance(request, RunRequest)
+        result = sync_health_job.execute_in_process(run_config=request.run_config, instance=instance)
+        assert result.success
+        (record,) = instance.event_log_storage.get_asset_check_execution_history(
+            AssetCheckKey(AssetKey("patients"), "patients_are_fresh"), limit=5
+        )
+        evaluation = record.event.dagster_event.event_specific_data
+        assert (record.partition, evaluation.passed) == ("stale", False)
+        assert "over the 26 h" in evaluation.description
+        # Nothing changed since: the next tick launches nothing.
+        again = sync_health_sensor(build_sensor_context(instance=instance, cursor=context.cursor,
+                                                        resources={"store": StoreResource()}))  # fmt: skip
+        assert not isinstance(again, RunRequest)
