@@ -27,6 +27,7 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
+from nvc_pipelines import goc
 from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.erasure import drop_erased
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
@@ -36,7 +37,8 @@ from nvc_pipelines.store import PracticeNotFound, Store
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS, StreamSpec, VolumeDropRefused
 from nvc_pipelines.sync import full_every, max_drop_share, next_cursor, plan_sync
 from resources.gateway import PmsGateway, UnsupportedPms
-from resources.protocol import PmsClient, PmsError
+from resources.goc import GocRegisterResource
+from resources.protocol import ClinicianSource, PmsClient, PmsError
 from resources.store import StoreResource
 
 GROUP = "practice_sync"
@@ -263,6 +265,56 @@ def appointments(context: AssetExecutionContext, store: StoreResource, pms: PmsG
 )
 def clinical_records(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
     return sync_stream(context, store, pms, CLINICAL_RECORDS, _read_clinical)
+
+
+@asset(
+    partitions_def=practices_partitions,
+    group_name=GROUP,
+    kinds={"postgres"},
+    description="The practice's clinicians from its PMS with their GOC numbers, each checked against the GOC "
+    "register (registered, suspended, erased, not on it, or an invalid or missing number); bookings are vetted "
+    "against it.",
+)
+def clinicians(
+    context: AssetExecutionContext, store: StoreResource, pms: PmsGateway, goc_register: GocRegisterResource
+) -> MaterializeResult:
+    started = time.monotonic()
+    practice_id = context.partition_key
+    db = store.open()
+    practice = _connected_practice(db, practice_id)
+    try:
+        client = pms.open(practice, db.practice_credentials(practice_id))
+        try:
+            listed = client.read_clinicians() if isinstance(client, ClinicianSource) else None
+        finally:
+            client.close()
+    except (PmsError, UnsupportedPms) as exc:
+        problem = getattr(exc, "problem", "unsupported_pms")
+        if step_retries(problem, context.retry_number):
+            raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=step_wait(context.retry_number)) from exc
+        raise Failure(description=str(exc), metadata={"pms": str(practice.pms_kind), "problem": problem}) from None
+    if listed is None:
+        return MaterializeResult(
+            metadata={"pms": str(practice.pms_kind), "listed_by_pms": False, "clinicians": 0, "flagged": 0}
+        )
+    with goc_register.open() as register:
+        checks = [goc.check(c, register.lookup) for c in listed]
+    goc.save(db, practice_id, checks)
+    found = goc.summary(checks)
+    for flag in found["flags"]:
+        context.log.warning(f"{practice_id} clinician {flag['ref']}: {flag['state']} ({flag['reason']})")
+    return MaterializeResult(
+        metadata={
+            "pms": str(practice.pms_kind),
+            "listed_by_pms": True,
+            "clinicians": found["clinicians"],
+            "may_sight_test": found["may_sight_test"],
+            "flagged": found["flagged"],
+            "by_state": MetadataValue.json(found["by_state"]),
+            "flags": MetadataValue.json(found["flags"][:50]),
+            "duration_seconds": round(time.monotonic() - started, 3),
+        }
+    )
 
 
 @asset(

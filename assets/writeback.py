@@ -24,8 +24,9 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
-from nvc_pipelines import health, writeback
+from nvc_pipelines import goc, health, writeback
 from resources.gateway import PmsGateway, UnsupportedPms
+from resources.goc import GocRegisterResource
 from resources.protocol import PmsError
 from resources.store import StoreResource
 
@@ -44,11 +45,14 @@ WAITING_CHECK = "writebacks_not_waiting"
             DELIVERED_CHECK,
             asset="booking_writebacks",
             description="Every outbox row this run handled reached the PMS or is waiting to retry; a failure "
-            "(slot taken, patient gone, practice disconnected, retries exhausted) needs ops.",
+            "(slot taken, patient gone, practice disconnected, a clinician not GOC-registered or not an optometrist, "
+            "retries exhausted) needs ops.",
         )
     ],
 )
-def booking_writebacks(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
+def booking_writebacks(
+    context: AssetExecutionContext, store: StoreResource, pms: PmsGateway, goc_register: GocRegisterResource
+) -> MaterializeResult:
     db = store.open()
     practice_id = context.partition_key
     practice = db.get_practice(practice_id)
@@ -62,10 +66,19 @@ def booking_writebacks(context: AssetExecutionContext, store: StoreResource, pms
             client = pms.open(practice, db.practice_credentials(practice_id))
         except (PmsError, UnsupportedPms) as exc:
             raise Failure(description=str(exc)) from None
+        register = goc_register.open()
         try:
-            report = writeback.deliver(db, practice_id, client, error_types=(PmsError,), log=context.log.info)
+            report = writeback.deliver(
+                db,
+                practice_id,
+                client,
+                error_types=(PmsError,),
+                log=context.log.info,
+                vet=lambda booking: goc.vet_booking(db, practice_id, booking, register.lookup),
+            )
         finally:
             client.close()
+            register.close()
     latencies = report.latencies_seconds
     problems = sorted({f["problem"] for f in report.failures}) or (["practice_disconnected"] if report.failed else [])
     ok = report.failed == 0 and report.dead_lettered == 0 and report.timed_out == 0

@@ -201,6 +201,28 @@ def check_number(practice_id: str, phone: str) -> Any:
     )
 
 
+def refresh_clinicians(practice_id: str) -> list[Any]:
+    """Read the practice's clinicians from its PMS now and check each against the GOC register (as the
+    sync's `clinicians` step does); returns the checks. A PMS that lists no clinicians: []."""
+    from nvc_pipelines import goc
+    from nvc_pipelines.definitions import goc_register
+    from resources.protocol import ClinicianSource
+
+    store = open_store()
+    practice = store.get_practice(practice_id)
+    client = _gateway().open(practice, store.practice_credentials(practice_id))
+    try:
+        listed = client.read_clinicians() if isinstance(client, ClinicianSource) else None
+    finally:
+        client.close()
+    if listed is None:
+        return []
+    with goc_register().open() as register:
+        checks = [goc.check(c, register.lookup) for c in listed]
+    goc.save(store, practice_id, checks)
+    return checks
+
+
 def sync_practice(
     practice_id: str, trigger: str = "sync_now", *, full: bool = False, allow_drop: bool = False, verbose: bool = False
 ) -> SyncOutcome:

@@ -276,6 +276,58 @@ def _when(value) -> str:
     return value.astimezone(UK_TZ).strftime("%a %d %b %H:%M")
 
 
+@main.command("clinicians")
+@click.argument("practice_id")
+@click.option("--refresh", is_flag=True, help="Read them from the PMS and check the GOC register now.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def clinicians_cmd(practice_id: str, refresh: bool, fmt: str) -> None:
+    """The practice's clinicians with their GOC registration: who a booking may name."""
+    from nvc_pipelines import goc
+    from nvc_pipelines.app import refresh_clinicians
+
+    store = _known(practice_id)
+    if refresh:
+        refresh_clinicians(practice_id)
+    rows = goc.load(store, practice_id, listed_only=True)
+    if fmt == "json":
+        out = [
+            {
+                "clinician_ref": c.pms_clinician_ref,
+                "name": c.name,
+                "role": c.role,
+                "goc_number": c.goc_number,
+                "state": str(c.state),
+                "registrant_type": c.registrant_type,
+                "may_sight_test": c.may_sight_test,
+                "reason": c.reason,
+                "checked_at": _iso(c.checked_at),
+            }
+            for c in rows
+        ]
+        click.echo(json.dumps(out, indent=2))
+        return
+    if not rows:
+        click.echo(f"No clinicians known for {practice_id}: sync it (or its PMS lists none).")
+        return
+    _table(
+        ("REF", "NAME", "GOC", "STATE", "SIGHT TESTS", "WHY"),
+        [
+            (
+                c.pms_clinician_ref,
+                c.name or c.register_name or "",
+                c.goc_number or "-",
+                str(c.state),
+                "yes" if c.may_sight_test else "no",
+                c.reason,
+            )
+            for c in rows
+        ],
+    )
+    flagged = sum(1 for c in rows if c.flagged)
+    if flagged:
+        click.echo(f"{flagged} clinician(s) flagged: a booking naming them fails before it reaches the PMS.")
+
+
 @main.command("call-list")
 @click.argument("practice_id")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -812,13 +864,20 @@ def dev(port: int) -> None:
 
 
 @main.command("sandbox")
-@click.option("--port", default=8701, show_default=True, help="First of four ports (Optix, Acuitas, Optisoft, Sycle).")
+@click.option(
+    "--port",
+    default=8701,
+    show_default=True,
+    help="First of five ports (Optix, Acuitas, Optisoft, Sycle, GOC register).",
+)
 @click.option("--patients", default=50, show_default=True, help="Patients in each demo practice.")
-def sandbox(port: int, patients: int) -> None:
-    """Run the four PMS sandboxes on loopback until interrupted."""
+@click.option("--json", "as_json", is_flag=True, help="Print the URLs and credentials as one JSON object (first line).")
+def sandbox(port: int, patients: int, as_json: bool) -> None:
+    """Run the four PMS sandboxes and the GOC register on loopback until interrupted; once they serve,
+    print each one's base URL and demo credentials."""
     from nvc_pipelines.demo import serve_sandboxes
 
-    serve_sandboxes(port, patients)
+    serve_sandboxes(port, patients, as_json=as_json)
 
 
 @main.group(cls=_Group)

@@ -9,6 +9,7 @@ import schedules.definitions as scheduling_domain
 from resources.acuitas import AcuitasResource
 from resources.csv_source import CsvResource
 from resources.gateway import PmsGateway
+from resources.goc import GocRegisterResource
 from resources.optisoft import OptisoftResource
 from resources.optix import OptixResource
 from resources.store import StoreResource
@@ -34,7 +35,14 @@ def pms_gateway() -> PmsGateway:
     )
 
 
-resources = {"store": _store(), "pms": pms_gateway()}
+def goc_register() -> GocRegisterResource:
+    """The GOC register (NVC_GOC_REGISTER_URL; unset: clinicians stay unverified and bookings naming one wait)."""
+    return GocRegisterResource(
+        register_url=EnvVar("NVC_GOC_REGISTER_URL") if os.environ.get("NVC_GOC_REGISTER_URL") else None
+    )
+
+
+resources = {"store": _store(), "pms": pms_gateway(), "goc_register": goc_register()}
 
 # In process by default, so Materialize in the UI (Dagster's implicit asset job) runs a practice's
 # sync like `practice_sync` does, not one process per step.

@@ -8,9 +8,12 @@ the persistent instance, then hands over to `dagster dev` with the sandboxes sti
 from __future__ import annotations
 
 import csv
+import json
+import os
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -25,9 +28,12 @@ from nvc_pipelines.store.embedded import is_running
 try:
     from sandboxes.acuitas import AcuitasSandbox
     from sandboxes.base import SandboxServer
+    from sandboxes.goc import GocSandbox, Registrant, registrants_for
     from sandboxes.optisoft import OptisoftSandbox
     from sandboxes.optix import OptixSandbox
-    from sandboxes.seed import seed_patients
+    from sandboxes.seed import seed_clinicians, seed_patients
+    from sandboxes.sycle import DEMO_PASSWORD as SYCLE_DEMO_PASSWORD
+    from sandboxes.sycle import DEMO_USERNAME as SYCLE_DEMO_USERNAME
     from sandboxes.sycle import SycleSandbox
 except ModuleNotFoundError as exc:  # an image or a plain `pip install .`: the product without its sandboxes
     raise click.ClickException(
@@ -41,8 +47,8 @@ DEMO_ACUITAS_DATABASE = "ACUITAS_DEMO"
 DEMO_ACUITAS_LOGIN = {"api_username": "nvc_api", "api_password": "demo-password"}
 DEMO_OPTISOFT_PRACTICE = "OS-1001"
 DEMO_OPTISOFT_LOGIN = {"db_username": "NVC_LINK", "db_password": "optisoft-demo-password"}
-DEMO_SYCLE_LOCATION = "LOC-1"
-DEMO_SYCLE_TOKEN = "sycle-demo-token"
+DEMO_SYCLE_CLINIC = "2803-9506"  # the guide's "Location ID": a Sycle clinic id, prefixed by the account number
+DEMO_SYCLE_LOGIN = {"api_username": SYCLE_DEMO_USERNAME, "api_password": SYCLE_DEMO_PASSWORD}
 _RISK_WORDS = {
     "diabetic": "Diabetes",
     "glaucoma": "Glaucoma",
@@ -63,8 +69,26 @@ def _bind(factory, port: int) -> SandboxServer:
         return factory(0)
 
 
+GOC_REGISTER_ENV = "NVC_GOC_REGISTER_URL"
+
+
+def demo_register(sandboxes: dict[str, SandboxServer]) -> dict[str, Registrant]:
+    """The GOC register's entries for every clinician the PMS sandboxes list, all registered."""
+    optix: Any = sandboxes["optix"]
+    sycle: Any = sandboxes["sycle"]
+    optisoft: Any = sandboxes["optisoft"]
+    entries = registrants_for(seed_clinicians(optix._practice_seed(DEMO_OPTIX_PRACTICE)))
+    entries |= registrants_for(sycle.clinicians)
+    for row in optisoft.select(DEMO_OPTISOFT_PRACTICE, "SELECT Name, GOCNumber FROM Clinicians"):
+        number = row["GOCNumber"]
+        kind = "optometrist" if str(number).startswith("01-") else "dispensing_optician"
+        entries[number] = Registrant(number, row["Name"], kind)
+    return entries
+
+
 def start_sandboxes(base_port: int = 8701, patients: int = 50) -> dict[str, SandboxServer]:
-    """One sandbox per PMS, on `base_port` and the next three (any free ports when 0 or taken)."""
+    """One sandbox per PMS, on `base_port` and the next three, and the GOC register on the fifth
+    (any free ports when 0 or taken)."""
 
     def port(offset: int) -> int:
         return base_port + offset if base_port else 0
@@ -84,8 +108,9 @@ def start_sandboxes(base_port: int = 8701, patients: int = 50) -> dict[str, Sand
             lambda p: OptisoftSandbox(port=p, practices={DEMO_OPTISOFT_PRACTICE: patients}), port(2)
         ).start()
         started["sycle"] = _bind(
-            lambda p: SycleSandbox(port=p, locations={DEMO_SYCLE_LOCATION: patients, "LOC-2": 20}), port(3)
+            lambda p: SycleSandbox(port=p, clinics={DEMO_SYCLE_CLINIC: patients, "2803-9507": 20}), port(3)
         ).start()
+        started["goc"] = _bind(lambda p: GocSandbox(port=p, registrants=demo_register(started)), port(4)).start()
     except BaseException:
         for server in started.values():
             server.stop()
@@ -174,12 +199,12 @@ def demo_connections(sandboxes: dict[str, SandboxServer]) -> list[tuple[str, Pms
             "Demo Hearing & Eyes (Sycle)",
             {
                 "account_url": sandboxes["sycle"].url,
-                "location_id": DEMO_SYCLE_LOCATION,
+                "location_id": DEMO_SYCLE_CLINIC,
                 "field_map.last_eye_test": "custom_3",
                 "field_map.recall_due": "custom_5",
                 "field_map.date_of_death": "custom_6",
             },
-            {"api_token": DEMO_SYCLE_TOKEN},
+            dict(DEMO_SYCLE_LOGIN),
         ),
     ]
 
@@ -207,6 +232,7 @@ def run_demo(*, ui: bool, ui_port: int, sandbox_port: int) -> None:
             home = ensure_dagster_home()
             click.echo(f"Store ready (NVC_HOME={nvc_home()}, DAGSTER_HOME={home})")
             sandboxes = start_sandboxes(sandbox_port)
+            os.environ[GOC_REGISTER_ENV] = sandboxes["goc"].url  # the syncs and `dagster dev` check against it
             for name, server in sandboxes.items():
                 click.echo(f"{name} sandbox listening on {server.url}")
             for practice_id in connect_demo_practices(sandboxes):
@@ -224,16 +250,50 @@ def run_demo(*, ui: bool, ui_port: int, sandbox_port: int) -> None:
             stop_store_if_started(store_was_running)
 
 
-def serve_sandboxes(optix_port: int, patients: int) -> None:
+def sandbox_directory(sandboxes: dict[str, SandboxServer]) -> dict[str, dict[str, Any]]:
+    """Each sandbox's base URL and demo credentials (sandbox credentials only), as `nvc sandbox` prints them."""
+    sycle_url = sandboxes["sycle"].url
+    return {
+        "optix": {
+            "base_url": sandboxes["optix"].url,
+            "practice_id": DEMO_OPTIX_PRACTICE,
+            "credentials": {"api_key": DEMO_OPTIX_KEY},
+        },
+        "acuitas": {
+            "base_url": sandboxes["acuitas"].url,
+            "database": DEMO_ACUITAS_DATABASE,
+            "credentials": dict(DEMO_ACUITAS_LOGIN),
+        },
+        "optisoft": {
+            "base_url": sandboxes["optisoft"].url,
+            "practice_code": DEMO_OPTISOFT_PRACTICE,
+            "credentials": dict(DEMO_OPTISOFT_LOGIN),
+        },
+        "sycle": {
+            "base_url": sycle_url,
+            "api_base": f"{sycle_url}/api/vendor/",
+            "location_id": DEMO_SYCLE_CLINIC,
+            "credentials": {"username": SYCLE_DEMO_USERNAME, "password": SYCLE_DEMO_PASSWORD},
+        },
+        "goc": {"base_url": sandboxes["goc"].url, "api_base": f"{sandboxes['goc'].url}/api/registrants/"},
+    }
+
+
+def serve_sandboxes(optix_port: int, patients: int, *, as_json: bool = False) -> None:
+    """Serve the sandboxes until interrupted; once they serve, print each one's base URL and demo
+    credentials (`as_json`: one JSON object on the first line, for another tool to read)."""
     sandboxes = start_sandboxes(optix_port, patients)
-    for name, server in sandboxes.items():
-        click.echo(f"{name} sandbox on {server.url}")
-    click.echo(f"Optix: practice {DEMO_OPTIX_PRACTICE}, API key {DEMO_OPTIX_KEY}")
-    click.echo(f"Acuitas: database {DEMO_ACUITAS_DATABASE}, login {DEMO_ACUITAS_LOGIN['api_username']}")
-    click.echo(f"Optisoft: practice code {DEMO_OPTISOFT_PRACTICE}, login {DEMO_OPTISOFT_LOGIN['db_username']}")
-    click.echo(
-        f"Sycle: location {DEMO_SYCLE_LOCATION}, token {DEMO_SYCLE_TOKEN} (sandbox credentials only). Ctrl-C stops."
-    )
+    directory = sandbox_directory(sandboxes)
+    if as_json:
+        click.echo(json.dumps(directory))
+    else:
+        for name, entry in directory.items():
+            extra = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("base_url", "credentials"))
+            login = ", ".join(f"{k} {v}" for k, v in entry.get("credentials", {}).items())
+            click.echo(
+                f"{name}: {entry['base_url']}" + (f" ({extra})" if extra else "") + (f"; {login}" if login else "")
+            )
+        click.echo("Sandbox credentials only. Ctrl-C stops.")
     try:
         with stopped_by_signals():
             while True:

@@ -230,6 +230,19 @@ class ClinicalRecord:
     source_updated_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Clinician:
+    """A member of the practice's staff as its PMS lists them, with the General Optical Council
+    number the PMS holds (`01-` optometrists, `02-` dispensing opticians), as typed there; None when
+    the PMS holds none. Whether the number is valid and registered is `nvc_pipelines.goc`'s to say."""
+
+    practice_id: str
+    pms_clinician_ref: str  # what a booking's `clinician_ref` names (the PMS's own id for them)
+    name: str
+    goc_number: str | None = None
+    role: str = ""
+
+
 @dataclass(slots=True)
 class RecordBatch(Generic[T]):  # noqa: UP046 (Python 3.11)
     """Records of one kind read from a source, plus the rows that could not be read, nothing dropped."""

@@ -18,7 +18,15 @@ from datetime import timedelta
 # Clear by themselves within seconds to minutes: the PMS was down, slow, throttling, its connector
 # offline, or its answer was lost. Retried within a write, by a sync step and by the outbox.
 TRANSIENT_PROBLEMS = frozenset(
-    {"unreachable", "pms_error", "rate_limited", "lost_response", "connector_offline", "connector_timeout"}
+    {
+        "unreachable",
+        "pms_error",
+        "rate_limited",
+        "lost_response",
+        "connector_offline",
+        "connector_timeout",
+        "register_unavailable",  # the GOC register, asked before a booking naming a clinician
+    }
 )
 # Fixed by people (a renewed certificate or a CA bundle, a corrected server clock), often within the
 # outbox's window: a booking made on a call waits for that rather than failing at once. A sync step

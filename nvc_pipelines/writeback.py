@@ -12,6 +12,9 @@ starts ends as `timed_out` and is never sent again (a booking in the past helps 
 there, keeps the `no_writeback_needs_action` check red, and is in the daily digest until an
 operator retries it (back to `pending`, attempts from 0: still exactly once, the client finds
 before it creates) or dismisses it with a reason (`dismissed`). Both are audited.
+
+A booking naming a clinician is vetted first (`vet`, see `nvc_pipelines.goc.vet_booking`): one
+who is not GOC-registered, or may not carry out a sight test, fails before anything reaches the PMS.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 
 from nvc_pipelines import alerts
+from nvc_pipelines.goc import ClinicianRefused
 from nvc_pipelines.model import BookingRequest, CallOutcome, NoteKind, PatientNote
 from nvc_pipelines.normalise import InvalidValue, normalise_phone, nvc_marker, parse_pms_datetime
 from nvc_pipelines.retry import OUTBOX_MAX_ATTEMPTS, outbox_backoff, outbox_retries
@@ -317,9 +321,11 @@ def deliver(
     limit: int = 500,
     max_attempts: int = MAX_ATTEMPTS,
     log: Callable[[str], None] | None = None,
+    vet: Callable[[BookingRequest], None] | None = None,
 ) -> DeliveryReport:
     """Write every due outbox row of the practice into its PMS once; time out bookings whose
-    appointment has started; alert once for each row that now needs action."""
+    appointment has started; alert once for each row that now needs action. `vet(booking)` runs
+    before a booking is sent and raises `ClinicianRefused` (with its `problem`) when it may not be."""
     report = DeliveryReport()
     for row in _time_out(store, practice_id):
         report.timed_out += 1
@@ -328,7 +334,7 @@ def deliver(
         )
         if log:
             log(f"outbox {row.outbox_id} ({row.kind}): timed out, its appointment has started")
-    _deliver_due(store, practice_id, writer, report, error_types, limit, max_attempts, log)
+    _deliver_due(store, practice_id, writer, report, error_types, limit, max_attempts, log, vet)
     alert_needs_action(store, practice_id)  # also catches up on any a crashed run left unalerted
     return report
 
@@ -342,22 +348,24 @@ def _deliver_due(
     limit: int,
     max_attempts: int,
     log: Callable[[str], None] | None,
+    vet: Callable[[BookingRequest], None] | None = None,
 ) -> None:
     for row in _claim(store, practice_id, limit):
         payload = row.payload
         try:
             if row.kind == "booking":
-                result = writer.create_appointment(
-                    BookingRequest(
-                        row.idempotency_key,
-                        row.pms_patient_id,
-                        datetime.fromisoformat(payload["starts_at"]),
-                        datetime.fromisoformat(payload["ends_at"]),
-                        payload.get("appointment_type") or "eye_test",
-                        payload.get("clinician_ref"),
-                        payload.get("notes"),
-                    )
+                booking = BookingRequest(
+                    row.idempotency_key,
+                    row.pms_patient_id,
+                    datetime.fromisoformat(payload["starts_at"]),
+                    datetime.fromisoformat(payload["ends_at"]),
+                    payload.get("appointment_type") or "eye_test",
+                    payload.get("clinician_ref"),
+                    payload.get("notes"),
                 )
+                if vet is not None:
+                    vet(booking)  # before the PMS: a clinician who may not take it fails it here
+                result = writer.create_appointment(booking)
                 record_id, created = result.pms_appointment_id, result.created
             else:
                 result = writer.add_note(
@@ -371,7 +379,7 @@ def _deliver_due(
                     )
                 )
                 record_id, created = result.pms_note_id, result.created
-        except error_types as exc:
+        except (ClinicianRefused, *error_types) as exc:
             problem = getattr(exc, "problem", "pms_error")
             if outbox_retries(problem) and row.attempts < max_attempts:
                 _finish(

@@ -35,6 +35,7 @@ from nvc_pipelines.model import (
     BookingRequest,
     BookingResult,
     ClinicalRecord,
+    Clinician,
     NoteKind,
     NoteResult,
     PatientNote,
@@ -432,6 +433,17 @@ class OptixClient(PmsClientBase):
                 raise self._fail("pms_error", "Optix returned the same page cursor twice.", "Optix's status page")
             seen_cursors.add(cursor)
             params["cursor"] = cursor
+
+    def read_clinicians(self) -> list[Clinician]:
+        """The practice's diary clinicians (`GET .../clinicians`) with the GOC numbers Optix holds."""
+        out = []
+        for row in self._iter_rows(f"{self._practice_path}/clinicians", "clinician", {}):
+            ref = _str_or_none(row.get("clinicianId"))
+            if ref:
+                goc = _str_or_none(row.get("gocNumber"))
+                name, role = str(row.get("name") or ""), str(row.get("role") or "")
+                out.append(Clinician(self.practice.practice_id, ref, name, goc, role))
+        return out
 
     @staticmethod
     def _since(since: datetime | None) -> dict[str, Any]:

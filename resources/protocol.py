@@ -16,6 +16,7 @@ from nvc_pipelines.model import (
     BookingRequest,
     BookingResult,
     ClinicalRecord,
+    Clinician,
     NoteResult,
     PatientNote,
     PmsKind,
@@ -102,6 +103,15 @@ class PmsClient(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ClinicianSource(Protocol):
+    """A PMS connection that lists the practice's clinicians with their GOC numbers."""
+
+    def read_clinicians(self) -> list[Clinician]:
+        """Every clinician the PMS lists for the practice, with the GOC number it holds (or None)."""
+        ...
 
 
 class PmsResourceBase(Protocol):

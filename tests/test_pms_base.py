@@ -35,7 +35,7 @@ RESOURCES: dict[str, type[HttpPmsResource]] = {
     "sycle": SycleResource,
 }
 # Where each sandbox keeps what NVC wrote (`nvc_appointments(ref)`, `nvc_notes(ref)`).
-REFS = {"optix": "OPX-1001", "acuitas": "ACUITAS_DEMO", "optisoft": "OS-1001", "sycle": "LOC-1"}
+REFS = {"optix": "OPX-1001", "acuitas": "ACUITAS_DEMO", "optisoft": "OS-1001", "sycle": "2803-9506"}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def clinicians(sandboxes: dict[str, SandboxServer]) -> dict[str, str]:
         "optix": "C01",
         "acuitas": next(code for code, c in optom_codes(REFS["acuitas"]).items() if c.goc_number.startswith("01-")),
         "optisoft": next(c["GOCNumber"] for c in optisoft if c["Active"] and c["GOCNumber"].startswith("01-")),
-        "sycle": "PRV-01",
+        "sycle": "2803-S01",
     }
 
 
@@ -121,9 +121,11 @@ TABLES: dict[str, list[tuple[int, Any, str | None, str]]] = {
         (404, {"code": "NOT_FOUND"}, None, "pms_error"),
     ],
     "sycle": [
-        (401, {"errors": [{"code": "token_expired"}]}, None, "token_expired"),
-        (404, {"errors": [{"code": "location_not_found"}]}, None, "location_not_found"),
-        (409, {"errors": [{"code": "slot_conflict"}]}, "booking", "slot_taken"),
+        (401, {"errors": [{"code": "invalid_credentials"}]}, None, "invalid_credentials"),
+        (403, {"errors": [{"code": "api_disabled"}]}, None, "api_access_disabled"),
+        (404, {"errors": [{"code": "clinic_not_found"}]}, None, "location_not_found"),
+        (404, {"errors": [{"code": "patient_not_found"}]}, "booking", "patient_not_found"),
+        (409, {"errors": [{"code": "slot_unavailable"}]}, "booking", "slot_taken"),
         (422, {"errors": [{"code": "invalid"}]}, "booking", "invalid_booking"),
         (422, {"errors": [{"code": "invalid"}]}, "note", "invalid_note"),
     ],
@@ -211,15 +213,17 @@ def test_the_write_backoff_doubles_to_one_cap_with_jitter_and_honours_retry_afte
 
 
 class RefusedWrites(httpx.BaseTransport):
-    """Real HTTP to the sandbox, except that a write (a POST carrying NVC's marker, or Optisoft's
-    `diary.book`) is refused before it is sent: nothing lands, so the client waits and tries again."""
+    """Real HTTP to the sandbox, except that a write (a POST carrying NVC's marker, Sycle's `appointment`
+    GET, or Optisoft's `diary.book`) is refused before it is sent: nothing lands, so the client waits and
+    tries again."""
 
     def __init__(self, inner: httpx.BaseTransport):
         self.inner = inner
         self.refused = 0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        body = request.read() if request.method == "POST" else b""
+        sycle_write = request.url.path.endswith(("/api/vendor/appointment/", "/api/vendor/communication/"))
+        body = request.read() if request.method == "POST" or sycle_write else b""
         optisoft = b'"operation"' in body
         if (b'"diary.book"' in body) if optisoft else (b"[NVC:" in body):
             self.refused += 1

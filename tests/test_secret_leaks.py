@@ -44,13 +44,13 @@ SECRETS = {
     "optix": {"api_key": "OptixKey-Zq7r3Lw0pX"},
     "acuitas": {"api_username": "AcuUser_k7V3q", "api_password": "AcuPass-w8Lm#Tq2"},
     "optisoft": {"db_username": "OSUSER_P4z1x", "db_password": "OsPass-Jd93!vRk"},
-    "sycle": {"api_token": "SycleTok-Qm5Hs8Yt1"},
+    "sycle": {"api_username": "SycleUser_Qm5Hs", "api_password": "SyclePass-Qm5Hs8Yt1"},
 }
 WRONG = {
     "optix": {"api_key": "WrongOptix-Rr4k8Bz"},
     "acuitas": {"api_username": "WrongAcuUser_b6N", "api_password": "WrongAcuPass-Hx27"},
     "optisoft": {"db_username": "WRONGOS_Ue8q", "db_password": "WrongOsPass-Fa61"},
-    "sycle": {"api_token": "WrongSycle-Lp3Dz9"},
+    "sycle": {"api_username": "WrongSycleUser_Lp3", "api_password": "WrongSyclePass-Lp3Dz9"},
 }
 KINDS = {"optix": PmsKind.OPTIX, "acuitas": PmsKind.ACUITAS, "optisoft": PmsKind.OPTISOFT, "sycle": PmsKind.SYCLE}
 PATIENTS = 6
@@ -94,7 +94,7 @@ def _settings(pms: str, servers: dict) -> dict[str, str]:
         "optix": {"practice_id": "OPX-7", "api_url": url},
         "acuitas": {"server_url": url, "database": "ACU_LEAKS"},
         "optisoft": {"server_address": url, "practice_code": "OS-7"},
-        "sycle": {"account_url": url, "location_id": "LOC-7"},
+        "sycle": {"account_url": url, "location_id": "2803-9577"},
     }[pms]
 
 
@@ -112,7 +112,10 @@ def _start_sandboxes() -> dict:
             answer_timeout_seconds=3.0,
             poll_wait_seconds=1.0,
         ),
-        "sycle": SycleSandbox(locations={"LOC-7": PATIENTS}, tokens={SECRETS["sycle"]["api_token"]: "active"}),
+        "sycle": SycleSandbox(
+            clinics={"2803-9577": PATIENTS},
+            logins={SECRETS["sycle"]["api_username"]: SECRETS["sycle"]["api_password"]},
+        ),
     }
     started = {}
     try:
@@ -226,7 +229,8 @@ def test_no_secret_leaks_anywhere(leak_env, capfd, caplog, monkeypatch) -> None:
         # 2. The PMS rejects the stored secret (revoked key, changed password, expired token).
         servers["optix"].api_keys.clear()
         servers["acuitas"].users[SECRETS["acuitas"]["api_username"]] = ("changed-elsewhere", {ROLE_READ})
-        servers["sycle"].tokens[SECRETS["sycle"]["api_token"]] = "expired"
+        servers["sycle"].logins[SECRETS["sycle"]["api_username"]] = "changed-elsewhere"
+        servers["sycle"].expire_tokens()
         for pms in ("optix", "acuitas", "sycle"):
             sync(f"leak-{pms}", False)
 

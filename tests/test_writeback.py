@@ -16,6 +16,7 @@ from nvc_pipelines import writeback
 from nvc_pipelines.definitions import pms_gateway
 from nvc_pipelines.demo import demo_connections, start_sandboxes
 from nvc_pipelines.store import Store
+from resources.goc import GocRegisterResource
 from resources.protocol import PmsError
 from resources.store import StoreResource
 from sandboxes.acuitas import optom_codes
@@ -94,7 +95,7 @@ def test_a_thousand_bookings_land_exactly_once(store: Store, sandboxes, kind: st
         reports = _drain(store, practice_id, client)
     finally:
         sandbox.faults.lost_response_after_write_rate = sandbox.faults.rate_500 = sandbox.faults.rate_429 = 0
-    ref = {"optix": "OPX-1001", "acuitas": "ACUITAS_DEMO", "optisoft": "OS-1001", "sycle": "LOC-1"}[kind]
+    ref = {"optix": "OPX-1001", "acuitas": "ACUITAS_DEMO", "optisoft": "OS-1001", "sycle": "2803-9506"}[kind]
     in_pms = Counter(a["nvc_reference"] for a in sandbox.nvc_appointments(ref) if a["nvc_reference"].startswith(kind))
     duplicates = {k: n for k, n in in_pms.items() if n > 1}
     rows = writeback.outbox_rows(store, practice_id)
@@ -132,7 +133,11 @@ def test_sensor_requests_one_run_per_due_set(store: Store, database_url: str, sa
             [booking_writebacks],
             partition_key=practice_id,
             instance=instance,
-            resources={"store": StoreResource(database_url=database_url), "pms": pms_gateway()},
+            resources={
+                "store": StoreResource(database_url=database_url),
+                "pms": pms_gateway(),
+                "goc_register": GocRegisterResource(),
+            },
         )
         meta = result.asset_materializations_for_node("booking_writebacks")[0].metadata
         assert meta["confirmed"].value == 2
@@ -154,7 +159,11 @@ def test_failures_are_clear_and_visible(store: Store, database_url: str, sandbox
             [booking_writebacks],
             partition_key=practice_id,
             instance=instance,
-            resources={"store": StoreResource(database_url=database_url), "pms": pms_gateway()},
+            resources={
+                "store": StoreResource(database_url=database_url),
+                "pms": pms_gateway(),
+                "goc_register": GocRegisterResource(),
+            },
             raise_on_error=False,
         )
         check = result.get_asset_check_evaluations()[0]
@@ -174,9 +183,13 @@ def test_failures_are_clear_and_visible(store: Store, database_url: str, sandbox
 def test_call_events_and_the_next_sync_links_the_booking(store: Store, database_url: str, sandboxes) -> None:
     from assets.sync import appointments, call_list, clinical_records, patients, recalls
 
-    # LOC-2: the thousand-booking test filled LOC-1's diary, so everyone there is already booked.
-    practice_id, client = _connect(store, sandboxes, "sycle", location_id="LOC-2")
-    resources = {"store": StoreResource(database_url=database_url), "pms": pms_gateway()}
+    # The second clinic: the thousand-booking test filled the first one's diary, so everyone there is booked.
+    practice_id, client = _connect(store, sandboxes, "sycle", location_id="2803-9507")
+    resources = {
+        "store": StoreResource(database_url=database_url),
+        "pms": pms_gateway(),
+        "goc_register": GocRegisterResource(register_url=sandboxes["goc"].url),
+    }
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("practices", [practice_id])
         sync = [patients, appointments, clinical_records, recalls, call_list]
@@ -195,7 +208,9 @@ def test_call_events_and_the_next_sync_links_the_booking(store: Store, database_
         assert materialize(sync, partition_key=practice_id, instance=instance, resources=resources).success
     linked = [a for a in store.export_practice(practice_id)["appointments"] if a["nvc_reference"] == "link-1"]
     assert len(linked) == 1 and linked[0]["pms_patient_id"] == called
-    kinds = Counter(n["kind"] for n in sandboxes["sycle"].nvc_notes("LOC-2") if n["nvc_reference"].startswith("link"))
+    kinds = Counter(
+        n["kind"] for n in sandboxes["sycle"].nvc_notes("2803-9507") if n["nvc_reference"].startswith("link")
+    )
     assert sum(kinds.values()) == 2
     assert called not in {c["pms_patient_id"] for c in store.call_list(practice_id)}
     client.close()

@@ -1,0 +1,313 @@
+"""General Optical Council registration: which clinicians a booking may name.
+
+Every clinician a PMS lists carries the GOC number the practice typed (`01-` optometrists, `02-`
+dispensing opticians). NVC checks each against the GOC register (through `resources.goc`, a resource
+like every other outside system) and keeps the answer per practice (`clinicians`, migration 0016):
+
+- `missing_number`: the PMS holds no GOC number for them (not a GOC registrant, or never entered);
+- `invalid_number`: what the PMS holds is not a GOC number (`01-12345` / `02-12345`);
+- `not_on_register`: a well-formed number the register does not know;
+- `registered`, `suspended`, `erased`: the register's status for the number;
+- `unverified`: the register could not be asked (not configured, or not answering).
+
+A booking that names a clinician goes to the PMS only if that clinician is `registered`, and, for a
+sight test (`eye_test`), registered as an optometrist with an `01-` number; otherwise it fails before
+reaching the PMS with `clinician_not_registered`, `clinician_cannot_sight_test` or
+`clinician_unknown` and the reason (`vet_booking`). Where NVC reads no clinician list from the
+PMS (Acuitas today), a booking naming the PMS's own staff code cannot be checked and is sent as is. A register that is not answering fails it with
+`register_unavailable`, which the outbox retries. The sync flags every clinician who is not
+registered in its metadata (`flagged`). Core: no Dagster, no resource; the register is passed in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import text
+
+from nvc_pipelines.model import BookingRequest, Clinician
+
+GOC_NUMBER = re.compile(r"0[12]-\d{4,6}")
+OPTOMETRIST_PREFIX = "01-"
+SIGHT_TEST_TYPES = frozenset({"eye_test"})
+CACHE_FOR = timedelta(days=1)
+# The register's registrant types that may carry out a sight test.
+SIGHT_TESTERS = frozenset({"optometrist"})
+# Problems a refused booking ends with (not retried); `register_unavailable` is retried.
+REFUSALS = frozenset({"clinician_not_registered", "clinician_cannot_sight_test", "clinician_unknown"})
+REGISTER_UNAVAILABLE = "register_unavailable"
+
+
+class RegistrationState(StrEnum):
+    REGISTERED = "registered"
+    SUSPENDED = "suspended"
+    ERASED = "erased"
+    NOT_ON_REGISTER = "not_on_register"
+    INVALID_NUMBER = "invalid_number"
+    MISSING_NUMBER = "missing_number"
+    UNVERIFIED = "unverified"
+
+
+REGISTER_STATUSES = frozenset({RegistrationState.REGISTERED, RegistrationState.SUSPENDED, RegistrationState.ERASED})
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterEntry:
+    """The register's answer for one number."""
+
+    number: str
+    name: str
+    registrant_type: str  # optometrist, dispensing_optician, student_optometrist, ...
+    status: str  # registered, suspended, erased
+
+
+class RegisterUnavailable(Exception):
+    """The register could not be asked; the message says why (never a booking's fault)."""
+
+
+# `lookup(number)`: the register's entry, None when the number is not on it; raises RegisterUnavailable.
+Lookup = Callable[[str], RegisterEntry | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ClinicianCheck:
+    """A clinician with the register's answer: what `nvc clinicians` lists and bookings are vetted by."""
+
+    pms_clinician_ref: str
+    name: str
+    role: str
+    goc_number: str | None
+    state: RegistrationState
+    registrant_type: str | None = None
+    register_name: str | None = None
+    reason: str = ""
+    checked_at: datetime | None = None
+
+    @property
+    def may_sight_test(self) -> bool:
+        return (
+            self.state == RegistrationState.REGISTERED
+            and (self.registrant_type or "") in SIGHT_TESTERS
+            and (self.goc_number or "").startswith(OPTOMETRIST_PREFIX)
+        )
+
+    @property
+    def flagged(self) -> bool:
+        return self.state != RegistrationState.REGISTERED
+
+
+class ClinicianRefused(Exception):
+    """A booking that may not name its clinician; `problem` and the message say why."""
+
+    def __init__(self, problem: str, message: str):
+        super().__init__(message)
+        self.problem = problem
+
+
+def normalise_goc_number(raw: str | None) -> str | None:
+    """`01-12345` from what a PMS holds (spaces, `01 12345`, `0112345`); None when it is no GOC number."""
+    compact = re.sub(r"\s+", "", str(raw or "")).replace("–", "-")
+    if re.fullmatch(r"0[12]\d{4,6}", compact):
+        compact = f"{compact[:2]}-{compact[2:]}"
+    return compact if GOC_NUMBER.fullmatch(compact) else None
+
+
+def check(clinician: Clinician, lookup: Lookup, now: datetime | None = None) -> ClinicianCheck:
+    """One clinician against the register."""
+    base = {"pms_clinician_ref": clinician.pms_clinician_ref, "name": clinician.name, "role": clinician.role}
+    raw = (clinician.goc_number or "").strip()
+    if not raw:
+        return ClinicianCheck(
+            **base, goc_number=None, state=RegistrationState.MISSING_NUMBER, reason="the PMS holds no GOC number"
+        )
+    number = normalise_goc_number(raw)
+    if number is None:
+        return ClinicianCheck(
+            **base,
+            goc_number=raw[:40],
+            state=RegistrationState.INVALID_NUMBER,
+            reason=f"{raw[:40]!r} is not a GOC number (01-12345 for an optometrist, 02-12345 for a dispensing optician)",
+        )
+    try:
+        entry = lookup(number)
+    except RegisterUnavailable as exc:
+        return ClinicianCheck(**base, goc_number=number, state=RegistrationState.UNVERIFIED, reason=str(exc))
+    stamp = now or datetime.now(UTC)
+    if entry is None:
+        return ClinicianCheck(
+            **base,
+            goc_number=number,
+            state=RegistrationState.NOT_ON_REGISTER,
+            reason=f"{number} is not on the GOC register",
+            checked_at=stamp,
+        )
+    try:
+        state = RegistrationState(entry.status)
+    except ValueError:
+        state = RegistrationState.UNVERIFIED
+    if state not in REGISTER_STATUSES:
+        state = RegistrationState.UNVERIFIED
+    reasons = {
+        RegistrationState.REGISTERED: "",
+        RegistrationState.SUSPENDED: f"{number} ({entry.name}) is suspended from the GOC register",
+        RegistrationState.ERASED: f"{number} ({entry.name}) has been erased from the GOC register",
+        RegistrationState.UNVERIFIED: f"the register answered an unknown status {entry.status!r} for {number}",
+    }
+    reason = reasons[state]
+    if state == RegistrationState.REGISTERED and entry.registrant_type.replace(" ", "_") not in SIGHT_TESTERS:
+        reason = f"registered as {entry.registrant_type.replace('_', ' ')}, not an optometrist: no sight tests"
+    return ClinicianCheck(
+        **base,
+        goc_number=number,
+        state=state,
+        registrant_type=entry.registrant_type,
+        register_name=entry.name,
+        reason=reason,
+        checked_at=stamp,
+    )
+
+
+def summary(checks: Iterable[ClinicianCheck]) -> dict[str, Any]:
+    """What the sync reports: counts by state, and every flagged clinician (ref, number, state, reason)."""
+    rows = list(checks)
+    by_state: dict[str, int] = {}
+    for c in rows:
+        by_state[str(c.state)] = by_state.get(str(c.state), 0) + 1
+    return {
+        "clinicians": len(rows),
+        "may_sight_test": sum(1 for c in rows if c.may_sight_test),
+        "flagged": sum(1 for c in rows if c.flagged),
+        "by_state": by_state,
+        "flags": [
+            {"ref": c.pms_clinician_ref, "goc_number": c.goc_number, "state": str(c.state), "reason": c.reason}
+            for c in rows
+            if c.flagged
+        ],
+    }
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "pms_clinician_ref, name, role, goc_number, state, registrant_type, register_name, reason, checked_at, listed"
+)
+
+
+def save(store: Any, practice_id: str, checks: Iterable[ClinicianCheck], *, full_list: bool = True) -> None:
+    """Record the checks; with `full_list`, clinicians the PMS no longer lists are kept but marked unlisted."""
+    rows = list(checks)
+    with store.begin(practice_id) as conn:
+        if full_list:
+            conn.execute(
+                text("UPDATE clinicians SET listed = false, updated_at = now() WHERE practice_id = :p"),
+                {"p": practice_id},
+            )
+        for c in rows:
+            conn.execute(
+                text(
+                    f"INSERT INTO clinicians (practice_id, {_COLUMNS}) VALUES (:p, :ref, :name, :role, :goc, :state, "
+                    ":rtype, :rname, :reason, :checked, true) ON CONFLICT (practice_id, pms_clinician_ref) DO UPDATE "
+                    "SET name = EXCLUDED.name, role = EXCLUDED.role, goc_number = EXCLUDED.goc_number, "
+                    "state = EXCLUDED.state, registrant_type = EXCLUDED.registrant_type, "
+                    "register_name = EXCLUDED.register_name, reason = EXCLUDED.reason, "
+                    "checked_at = COALESCE(EXCLUDED.checked_at, clinicians.checked_at), "
+                    "listed = clinicians.listed OR EXCLUDED.listed, updated_at = now()"
+                ),
+                {
+                    "p": practice_id,
+                    "ref": c.pms_clinician_ref,
+                    "name": c.name,
+                    "role": c.role,
+                    "goc": c.goc_number,
+                    "state": str(c.state),
+                    "rtype": c.registrant_type,
+                    "rname": c.register_name,
+                    "reason": c.reason,
+                    "checked": c.checked_at,
+                },
+            )
+
+
+def load(store: Any, practice_id: str, *, listed_only: bool = False) -> list[ClinicianCheck]:
+    with store.begin(practice_id) as conn:
+        rows = conn.execute(
+            text(
+                f"SELECT {_COLUMNS} FROM clinicians WHERE practice_id = :p "
+                + ("AND listed " if listed_only else "")
+                + "ORDER BY pms_clinician_ref"
+            ),
+            {"p": practice_id},
+        ).mappings()
+        return [_from_row(r) for r in rows]
+
+
+def _from_row(r: Any) -> ClinicianCheck:
+    return ClinicianCheck(
+        pms_clinician_ref=r["pms_clinician_ref"],
+        name=r["name"],
+        role=r["role"],
+        goc_number=r["goc_number"],
+        state=RegistrationState(r["state"]),
+        registrant_type=r["registrant_type"],
+        register_name=r["register_name"],
+        reason=r["reason"],
+        checked_at=r["checked_at"],
+    )
+
+
+# --- vetting a booking -------------------------------------------------------------------------------
+
+
+def vet_booking(
+    store: Any, practice_id: str, booking: BookingRequest, lookup: Lookup, now: datetime | None = None
+) -> None:
+    """Raise `ClinicianRefused` unless the clinician the booking names may take it (a booking naming
+    no clinician passes: the practice's diary decides). The clinician is the one NVC read from the
+    PMS under that reference, or, where a PMS's reference is the GOC number itself (Optisoft), that
+    number; a cached register answer older than `CACHE_FOR` is asked again (and kept)."""
+    ref = (booking.clinician_ref or "").strip()
+    if not ref:
+        return
+    stamp = now or datetime.now(UTC)
+    known = {c.pms_clinician_ref: c for c in load(store, practice_id)}
+    current = known.get(ref)
+    if current is None:
+        number = normalise_goc_number(ref)
+        if number is None and not known:
+            # NVC reads no clinician list from this practice's PMS (Acuitas today): its own staff code
+            # cannot be checked, and refusing every booking that names one would stop the practice's
+            # bookings altogether. The PMS's own rules apply; `nvc clinicians` says the list is unread.
+            return
+        if number is None:
+            raise ClinicianRefused(
+                "clinician_unknown",
+                f"the booking names clinician {ref[:40]!r}, whom NVC has not read from the practice's PMS with a GOC "
+                "number; sync the practice (`nvc clinicians PRACTICE` lists who may be named) or book without one",
+            )
+        current = ClinicianCheck(ref, "", "", ref, RegistrationState.UNVERIFIED)
+    stale = current.checked_at is None or stamp - current.checked_at > CACHE_FOR
+    if current.goc_number and stale and current.state != RegistrationState.INVALID_NUMBER:
+        fresh = check(Clinician(practice_id, ref, current.name, current.goc_number, current.role), lookup, stamp)
+        if fresh.state != RegistrationState.UNVERIFIED:
+            save(store, practice_id, [fresh], full_list=False)
+        current = fresh
+    who = f"{current.name or current.register_name or ref} ({current.goc_number or 'no GOC number'})"
+    if current.state == RegistrationState.UNVERIFIED:
+        raise ClinicianRefused(
+            REGISTER_UNAVAILABLE, f"the GOC register could not confirm {who} ({current.reason}); will retry"
+        )
+    if current.state != RegistrationState.REGISTERED:
+        raise ClinicianRefused(
+            "clinician_not_registered", f"{who} may not be booked: {current.reason or current.state}"
+        )
+    if booking.appointment_type in SIGHT_TEST_TYPES and not current.may_sight_test:
+        raise ClinicianRefused(
+            "clinician_cannot_sight_test",
+            f"{who} may not carry out a sight test: "
+            f"{current.reason or 'a sight test needs a registered optometrist (01-)'}",
+        )
