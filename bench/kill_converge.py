@@ -54,7 +54,7 @@ def state(practice_id: str) -> dict[str, list[tuple]]:
 
     from nvc_pipelines import app
 
-    with app.open_store().begin() as conn:
+    with app.open_store().begin_owner() as conn:  # across the two practices: the owner's view
         return {
             name: sorted(tuple(row) for row in conn.execute(text(sql), {"p": practice_id}))
             for name, sql in STATE_QUERIES.items()
@@ -96,6 +96,8 @@ def measure(label: str, reference: str, under_test: str, rows: int) -> list[dict
     expected = state(reference)
     print(f"  uninterrupted: {length:.1f} s; {len(expected['patients']):,} patients, "
           f"{len(expected['recalls']):,} recalls, {len(expected['call_list']):,} call-list rows", flush=True)  # fmt: skip
+    if not expected["patients"]:
+        raise SystemExit(f"the reference practice {reference} holds no patients: nothing to compare against")
     results = []
     for share in KILL_POINTS:
         outcome = killed_then_recovered(under_test, share * length)
