@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from nvc_pipelines.crypto import generate_key
 from nvc_pipelines.store import Store
+from nvc_pipelines.store.db import dispose_engines
 from nvc_pipelines.store.store import mark_migrated
 
 
@@ -69,7 +70,7 @@ def migrated_template(pg_server) -> str:
 
 
 @pytest.fixture
-def database_url(pg_server, migrated_template: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def database_url(pg_server, migrated_template: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh database at the newest schema on the session server, exported as NVC_DATABASE_URL."""
     url = make_url(pg_server.get_uri()).set(database=f"t_{uuid.uuid4().hex[:12]}")
     admin = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
@@ -79,7 +80,8 @@ def database_url(pg_server, migrated_template: str, monkeypatch: pytest.MonkeyPa
     text = url.render_as_string(hide_password=False)
     mark_migrated(url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
     monkeypatch.setenv("NVC_DATABASE_URL", text)
-    return text
+    yield text
+    dispose_engines()  # this test's pools: the session server has a bounded number of connection slots
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import psycopg
 from psycopg import sql
@@ -111,7 +110,23 @@ def connect_args() -> dict[str, object]:
             "keepalives_count": 3}  # fmt: skip
 
 
-@cache
+_ENGINES: dict[str, Engine] = {}
+
+
 def engine_for(url_text: str) -> Engine:
     """One pooled engine per URL per process, its sessions bounded (see `connect_args`)."""
-    return create_engine(url_text, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args())
+    engine = _ENGINES.get(url_text)
+    if engine is None:
+        engine = _ENGINES[url_text] = create_engine(
+            url_text, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args()
+        )
+    return engine
+
+
+def dispose_engines() -> None:
+    """Close this process's pooled connections (an engine disposed still works: it opens new ones).
+    A process that opens many databases in turn (the tests: one per test) would otherwise keep every
+    pool's idle sessions and run the server out of connection slots."""
+    for engine in _ENGINES.values():
+        engine.dispose()
+    _ENGINES.clear()
