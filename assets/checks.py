@@ -1,18 +1,30 @@
-"""Asset checks on each practice partition, evaluated with Great Expectations (`nvc_pipelines.quality`).
+"""Asset checks on each practice partition (`nvc_pipelines.quality`).
 
 They show on each asset's Checks tab in the UI with counts and masked example rows. The volume
 check is emitted by the `patients` asset itself (it must judge the read before anything is
 written); it is blocking, so a broken extract never reaches `recalls` and `call_list`.
+
+A nightly validates what changed: Great Expectations runs its row-level suite on the rows written
+since the check last passed (their `updated_at`, less `CHANGE_MARGIN` for transactions still open
+then), and the whole practice's invariants (unique identity, the callable share, every appointment's
+patient known, no recall of an inactive patient, ages the calendar pushes past 120) are counted in
+SQL over every row, every time. Every row is validated by the suite again after a full read of the
+practice's patients, a forced full sync, a new suite or new recall rules, and until a failing check
+passes (its mark only moves on a pass, so a broken row stays reported until it is fixed).
 """
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime
+from typing import Any
 
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 
 from assets.partitions import practices_partitions
-from assets.sync import appointments, patients, recalls
+from assets.sync import FULL_SYNC_TAG, appointments, patients, recalls
 from nvc_pipelines import quality
 from nvc_pipelines.recall import RecallRules
+from nvc_pipelines.store import Store
+from nvc_pipelines.store.calls import CHANGE_MARGIN
 from resources.store import StoreResource
 
 
@@ -29,6 +41,42 @@ def _result(report: quality.Report, severity: AssetCheckSeverity = AssetCheckSev
     )
 
 
+def _since(
+    context: AssetCheckExecutionContext, db: Store, name: str, fingerprint: str
+) -> tuple[datetime | None, datetime]:
+    """(rows written after this are the ones to validate, None for every row; the mark to set on a pass)."""
+    mark, marked_with, last_full_read, now = db.check_mark(context.partition_key, name)
+    forced = context.op_execution_context.run.tags.get(FULL_SYNC_TAG) == "true"
+    if forced or mark is None or marked_with != fingerprint or (last_full_read is not None and last_full_read > mark):
+        return None, now
+    return mark - CHANGE_MARGIN, now
+
+
+def _run(
+    context: AssetCheckExecutionContext,
+    db: Store,
+    name: str,
+    kind: str,
+    fingerprint: str,
+    full: Callable[[list[dict[str, Any]]], quality.Report],
+    changed: Callable[..., quality.Report],
+) -> AssetCheckResult:
+    practice_id = context.partition_key
+    since, now = _since(context, db, name, fingerprint)
+    if since is None:
+        report = full(db.quality_rows(practice_id, kind))
+        report.counts["scope"] = "every row"
+    else:
+        rows = db.quality_rows(practice_id, kind, since)
+        invariants, total, examples = db.quality_invariants(practice_id, kind, date.today())
+        report = changed(rows, invariants, total, examples)
+        report.counts["scope"] = "changed rows; whole-practice invariants in SQL"
+        report.counts["practice_rows"] = total
+    if report.passed:
+        db.advance_check_mark(practice_id, name, now, fingerprint)
+    return _result(report)
+
+
 @asset_check(
     asset=patients,
     partitions_def=practices_partitions,
@@ -39,7 +87,28 @@ def patients_are_valid(context: AssetCheckExecutionContext, store: StoreResource
     db = store.open()
     practice = db.get_practice(context.partition_key)
     share = float(practice.settings.get("min_callable_share", quality.DEFAULT_MIN_CALLABLE_SHARE))
-    return _result(quality.patients_report(db.quality_rows(practice.practice_id, "patients"), date.today(), share))
+    today = date.today()
+
+    def changed(rows, invariants, total, examples):
+        # The callable share is the whole practice's: the changed rows alone say nothing about it.
+        suite = quality.patients_report(rows, today, 0.0) if rows else None
+        uncallable = invariants.pop("uncallable")
+        callable_share = (total - uncallable) / total if total else 1.0
+        invariants["callable_share"] = uncallable if callable_share < share else 0
+        examples["callable_share"] = examples.pop("uncallable", [])
+        return quality.changed_report(
+            suite, invariants, examples, callable_share=round(callable_share, 4), min_callable_share=share
+        )
+
+    return _run(
+        context,
+        db,
+        "patients_are_valid",
+        "patients",
+        quality.SUITE_VERSION,
+        lambda rows: quality.patients_report(rows, today, share),
+        changed,
+    )
 
 
 @asset_check(
@@ -61,16 +130,17 @@ def patients_are_fresh(context: AssetCheckExecutionContext, store: StoreResource
 def appointments_are_valid(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
     db = store.open()
     practice_id = context.partition_key
-    patient_ids = {r["pms_patient_id"] for r in db.quality_rows(practice_id, "patients")}
-    with db.begin(practice_id) as conn:  # merged-away and inactive patients are still known patients
-        from sqlalchemy import text
 
-        patient_ids |= set(
-            conn.execute(
-                text("SELECT pms_patient_id FROM patients WHERE practice_id = :p"), {"p": practice_id}
-            ).scalars()
-        )
-    return _result(quality.appointments_report(db.quality_rows(practice_id, "appointments"), patient_ids))
+    def full(rows):
+        # Merged-away and inactive patients are still known patients.
+        return quality.appointments_report(rows, db.all_patient_ids(practice_id))
+
+    def changed(rows, invariants, total, examples):
+        known = {r["pms_patient_id"] for r in rows}  # whether they exist is the SQL invariant's to say
+        suite = quality.appointments_report(rows, known) if rows else None
+        return quality.changed_report(suite, invariants, examples)
+
+    return _run(context, db, "appointments_are_valid", "appointments", quality.SUITE_VERSION, full, changed)
 
 
 @asset_check(
@@ -83,4 +153,17 @@ def recalls_are_valid(context: AssetCheckExecutionContext, store: StoreResource)
     db = store.open()
     practice = db.get_practice(context.partition_key)
     rules = RecallRules.from_settings(practice.settings)
-    return _result(quality.recalls_report(db.quality_rows(practice.practice_id, "recalls"), rules))
+
+    def changed(rows, invariants, total, examples):
+        suite = quality.recalls_report([r | {"patient_active": True} for r in rows], rules) if rows else None
+        return quality.changed_report(suite, invariants, examples)
+
+    return _run(
+        context,
+        db,
+        "recalls_are_valid",
+        "recalls",
+        f"{quality.SUITE_VERSION}:{rules.fingerprint()}",
+        lambda rows: quality.recalls_report(rows, rules),
+        changed,
+    )

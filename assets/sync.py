@@ -416,7 +416,7 @@ def call_list(context: AssetExecutionContext, store: StoreResource) -> Materiali
         settings = CallSettings.from_settings(practice.settings)
     except CallSettingsError as exc:
         raise Failure(description=f"practice {practice_id}: {exc}") from None
-    counts = db.rebuild_call_list(practice_id, settings=settings)
+    counts = db.update_call_list(practice_id, settings=settings, full=context.run.tags.get(FULL_SYNC_TAG) == "true")
     bad = db.call_list_violations(practice_id)
     not_listed = counts["not_listed"]
     return MaterializeResult(
@@ -425,6 +425,8 @@ def call_list(context: AssetExecutionContext, store: StoreResource) -> Materiali
             "people_listed": counts["people_listed"],
             "households": counts["households"],
             "due_or_overdue": counts["due"],
+            "mode": counts["mode"],
+            "placed_again": counts["placed_again"],
             **{f"not_listed_{code}": n for code, n in not_listed.items()},
             "not_listed": MetadataValue.json(not_listed),
             "duration_seconds": round(time.monotonic() - started, 3),

@@ -276,3 +276,32 @@ def freshness_report(last_success: datetime | None, now: datetime, max_age_hours
     passed = age <= timedelta(hours=max_age_hours)
     text = f"last successful sync {hours} h ago" + ("" if passed else f", over the {max_age_hours} h allowed")
     return Report(passed, {"hours_since_sync": hours, "max_age_hours": max_age_hours}, {}, [], text)
+
+
+# --- the nightly: Great Expectations on what changed, whole-practice invariants in SQL ---------------
+
+# Bump when an expectation changes: every row is then validated again once.
+SUITE_VERSION = "1"
+
+
+def changed_report(
+    changed: Report | None,
+    invariants: dict[str, int],
+    examples: dict[str, list[dict[str, Any]]],
+    **counts: Any,
+) -> Report:
+    """One check's nightly outcome: the row-level suite run on the rows written since the check last
+    passed (`changed`, None when there were none) and the whole practice's invariants counted in SQL
+    (`invariants`: rows breaking each, with a few of them in `examples`). A row that breaks a rule
+    counts once per rule, whichever side saw it."""
+    failures = dict(changed.failures) if changed else {}
+    shown = list(changed.examples) if changed else []
+    for name, broken in invariants.items():
+        if not broken:
+            continue
+        failures[name] = max(failures.get(name, 0), broken)
+        if not any(e["check"] == name for e in shown):
+            shown += [{"check": name, **_masked(r)} for r in examples.get(name, [])][: MAX_EXAMPLES - len(shown)]
+    passed = not failures
+    summary = "all expectations met" if passed else "; ".join(f"{n}: {c} row(s)" for n, c in failures.items())
+    return Report(passed, {**(changed.counts if changed else {"rows": 0}), **counts}, failures, shown, summary)

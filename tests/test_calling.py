@@ -516,3 +516,51 @@ def test_erasure_removes_calls_and_suppressions(store: Store, family: str) -> No
     assert removed["call_events"] == 1 and removed["contact_suppressions"] == 1
     data = store.export_practice(family)
     assert not [e for e in data["call_events"] if e["pms_patient_id"] == "S1"] and data["contact_suppressions"] == []
+
+
+# --- the nightly places only what changed -------------------------------------------------------------
+
+
+def _rows(store: Store, practice_id: str) -> list[tuple]:
+    with store.begin(practice_id) as conn:
+        return [
+            tuple(r)
+            for r in conn.execute(
+                text(
+                    "SELECT patient_id, due_date, reason, listed, phone, ask_for, earliest_call_at, reason_code, detail "
+                    "FROM call_list WHERE practice_id = :p ORDER BY patient_id"
+                ),
+                {"p": practice_id},
+            )
+        ]
+
+
+def test_a_nightly_placing_only_what_changed_gives_the_list_a_full_build_gives(store: Store, family: str) -> None:
+    """Changed rows, a booking that has started, a snooze that ran out and the clock moving on: the
+    changed-only nightly ends with exactly the list a whole rebuild makes at the same moment."""
+    start = datetime.now(UTC)
+    assert store.update_call_list(family, settings=SETTINGS, now=start)["mode"] == "full"  # no mark yet
+    writeback.add_call_event(store, family, "call_outcome", "nt-1", "S1", "-", "call_back_later")
+    people = _family(family)
+    people[0] = _patient(family, "H1", "Helen", "Skinner", ["+441134960500", "+447700900501"])  # a new mobile
+    people[5] = _patient(family, "E1", "Emma", "Ng", ["+447700900640"])  # consents to calls now
+    people.append(_patient(family, "B1", "Bea", "Ball", ["+447700900650"]))  # due, and booked in the PMS
+    store.write_patients(family, "csv", ReadResult(people), None, full=True)
+    rules = RecallRules.from_settings({})
+    store.write_recalls(family, [r for p in store.load_patients(family) if (r := compute_recall(p, rules))])
+    with store.begin_owner() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO appointments (practice_id, pms_appointment_id, pms_patient_id, starts_at, ends_at, status, "
+                "appointment_type, content_hash) VALUES (:p, 'A1', 'B1', :at, :end, 'booked', 'sight_test', 'x')"
+            ),
+            {"p": family, "at": start + timedelta(hours=1), "end": start + timedelta(hours=2)},
+        )
+    later = start + timedelta(days=3)  # the call-back snooze (2 days) ran out, Bea's appointment passed
+    nightly = store.update_call_list(family, settings=SETTINGS, now=later)
+    assert nightly["mode"] == "changed" and 0 < nightly["placed_again"] < nightly["due"] + 1
+    changed_only = _rows(store, family)
+    whole = store.rebuild_call_list(family, now=later, settings=SETTINGS)
+    assert _rows(store, family) == changed_only
+    assert {k: v for k, v in nightly.items() if k not in ("mode", "placed_again")} == whole
+    assert store.call_list_violations(family) == []

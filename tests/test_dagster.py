@@ -47,22 +47,69 @@ def test_definitions_hold_the_assets_job_and_schedule() -> None:
     assert {"patients", "appointments", "clinical_records", "recalls", "call_list"} <= keys
 
 
-def test_nightly_schedule_requests_one_run_per_practice(
-    instance: DagsterInstance, store: Store, database_url: str
+def test_nightly_schedule_requests_batches_of_one_pms(
+    instance: DagsterInstance, store: Store, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.add_practice("alpha", "Alpha", PmsKind.CSV, {"path": "/drop/alpha"}, {})
     store.add_practice("beta", "Beta", PmsKind.OPTIX, {"practice_id": "OPX-1"}, {"api_key": "k"})
-    instance.add_dynamic_partitions("practices", ["alpha", "beta"])
+    store.add_practice("gamma", "Gamma", PmsKind.OPTIX, {"practice_id": "OPX-2"}, {"api_key": "k"})
+    store.add_practice("delta", "Delta", PmsKind.OPTIX, {"practice_id": "OPX-3"}, {"api_key": "k"})
+    instance.add_dynamic_partitions("practices", ["alpha", "beta", "gamma", "delta"])
+    monkeypatch.setenv("NVC_SYNC_BATCH_SIZE", "2")
     when = datetime(2026, 7, 1, 2, 0, tzinfo=ZoneInfo("Europe/London"))  # BST: 01:00 UTC
     context = build_schedule_context(
         instance=instance, scheduled_execution_time=when, resources={"store": StoreResource(database_url=database_url)}
     )
     requests = list(nightly_pms_sync(context))
-    assert [(r.partition_key, r.run_key) for r in requests] == [
-        ("alpha", "nightly:alpha:2026-07-01"),
-        ("beta", "nightly:beta:2026-07-01"),
+    assert [(r.run_key, r.run_config["ops"]["sync_practices"]["config"]["practices"]) for r in requests] == [
+        ("nightly:csv:2026-07-01:0", ["alpha"]),
+        ("nightly:optix:2026-07-01:1", ["beta", "delta"]),
+        ("nightly:optix:2026-07-01:2", ["gamma"]),
     ]
-    assert [(r.tags["trigger"], r.tags["pms"]) for r in requests] == [("schedule", "csv"), ("schedule", "optix")]
+    assert [(r.tags["trigger"], r.tags["pms"]) for r in requests] == [
+        ("schedule", "csv"),
+        ("schedule", "optix"),
+        ("schedule", "optix"),
+    ]
+
+
+def test_a_batch_with_one_pms_down_syncs_the_others_and_fails_only_that_partition(
+    database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagster import DagsterRunStatus, RunsFilter
+
+    monkeypatch.setenv("NVC_RETRY_BASE_SECONDS", "0")
+    for name in ("ok-1", "ok-2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "export.csv").write_text(template_text(), encoding="utf-8")
+        store.add_practice(name, name, PmsKind.CSV, {"path": str(tmp_path / name)}, {})
+    store.add_practice("down", "Down", PmsKind.OPTIX, {"practice_id": "OPX-9", "api_url": "http://127.0.0.1:9"},
+                       {"api_key": "k"})  # fmt: skip
+    instance.add_dynamic_partitions("practices", ["ok-1", "down", "ok-2"])
+    batch = defs.resolve_job_def("practice_sync_batch").execute_in_process(
+        run_config={"ops": {"sync_practices": {"config": {"practices": ["ok-1", "down", "ok-2"]}}}},
+        instance=instance,
+        tags={"pms": "mixed", "trigger": "schedule"},
+    )
+    assert batch.success  # the batch itself goes on; the failure is the practice's own
+    runs = {
+        r.tags["dagster/partition"]: r
+        for r in instance.get_runs(filters=RunsFilter(job_name="practice_sync", tags={"nvc/batch": batch.run_id}))
+    }
+    assert {p: r.status for p, r in runs.items()} == {
+        "ok-1": DagsterRunStatus.SUCCESS,
+        "down": DagsterRunStatus.FAILURE,
+        "ok-2": DagsterRunStatus.SUCCESS,
+    }
+    assert all(
+        r.tags["trigger"] == "schedule" and "pms" not in r.tags for r in runs.values()
+    )  # one PMS slot: the batch's
+    listed = {r.partition_key for r in instance.fetch_materializations(AssetKey("call_list"), limit=10).records}
+    assert listed == {"ok-1", "ok-2"}  # each practice's materialisations are its partition's
+    assert "down" not in {
+        r.partition_key for r in instance.fetch_materializations(AssetKey("patients"), limit=10).records
+    }
+    assert {p["practice_id"] for p in store.list_practices() if p["last_sync_at"]} == {"ok-1", "ok-2"}
 
 
 def test_csv_practice_materialises_patients_then_recalls(
