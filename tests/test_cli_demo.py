@@ -17,6 +17,10 @@ from nvc_pipelines.crypto import generate_key
 from nvc_pipelines.store.embedded import stop_server
 from tests.conftest import isolated_env
 
+# Tests that start services of their own (a store, sandboxes, `dagster dev`) run one after another on
+# one pytest worker (`--dist loadgroup`), the rest of the suite on the other.
+pytestmark = pytest.mark.xdist_group("services")
+
 
 @pytest.fixture(scope="module")
 def demo_state():
@@ -151,7 +155,7 @@ def test_cli_errors_are_one_clear_line(demo_home) -> None:
     from nvc_pipelines.instance import get_instance
 
     steps = [e.step_key for e in get_instance().all_logs(run_id) if e.dagster_event and e.dagster_event.is_step_start]
-    assert sorted(steps) == ["appointments", "clinical_records", "patients"]  # each tried once, not retried
+    assert len(steps) == len(set(steps)) and {"patients", "appointments", "clinical_records"} <= set(steps)  # no retry
     assert json.loads(runner.invoke(main, ["export", "demo-optix"]).output) == before
 
 

@@ -40,6 +40,10 @@ from sandboxes.optix import OptixSandbox
 from tests import services
 from tests.conftest import isolated_env
 
+# Tests that start services of their own (a store, sandboxes, `dagster dev`) run one after another on
+# one pytest worker (`--dist loadgroup`), the rest of the suite on the other.
+pytestmark = pytest.mark.xdist_group("services")
+
 CHROMIUM = os.environ.get("NVC_CHROMIUM", "/usr/bin/chromium")
 # Headless, and nothing that phones home: on a closed network Chromium's own background
 # connections are refused and would otherwise disturb the session.

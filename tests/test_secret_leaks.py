@@ -39,6 +39,10 @@ from sandboxes.optix import OptixSandbox
 from sandboxes.sycle import SycleSandbox
 from tests.conftest import isolated_env
 
+# Tests that start services of their own (a store, sandboxes, `dagster dev`) run one after another on
+# one pytest worker (`--dist loadgroup`), the rest of the suite on the other.
+pytestmark = pytest.mark.xdist_group("services")
+
 # Distinctive values: mixed case (searched case-insensitively), nothing a message would say by chance.
 SECRETS = {
     "optix": {"api_key": "OptixKey-Zq7r3Lw0pX"},

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from click.testing import CliRunner
 
 from nvc_pipelines.cli import main
 from nvc_pipelines.devserver import REPO, free_port
 from nvc_pipelines.store.embedded import is_running, stop_server
+
+# Tests that start services of their own (a store, sandboxes, `dagster dev`) run one after another on
+# one pytest worker (`--dist loadgroup`), the rest of the suite on the other.
+pytestmark = pytest.mark.xdist_group("services")
 
 
 def _ignore_sigint() -> None:

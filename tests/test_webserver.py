@@ -26,6 +26,10 @@ from resources.csv_source import template_text
 from tests import services
 from tests.conftest import isolated_env
 
+# Tests that start services of their own (a store, sandboxes, `dagster dev`) run one after another on
+# one pytest worker (`--dist loadgroup`), the rest of the suite on the other.
+pytestmark = pytest.mark.xdist_group("services")
+
 
 @pytest.fixture(scope="module")
 def web_services() -> Iterator[tuple[Path, str, int]]:
