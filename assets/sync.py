@@ -9,7 +9,7 @@ what it did as materialisation metadata, which the UI plots over time.
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
@@ -29,16 +29,23 @@ from dagster import (
 from assets.partitions import practices_partitions
 from nvc_pipelines import goc
 from nvc_pipelines.calling import CallSettings, CallSettingsError
-from nvc_pipelines.erasure import drop_erased
+from nvc_pipelines.erasure import drop_erased, load_suppressions
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
 from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS, STEP_RETRIES, step_retries, step_wait
 from nvc_pipelines.store import PracticeNotFound, Store
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS, StreamSpec, VolumeDropRefused
-from nvc_pipelines.sync import full_every, max_drop_share, next_cursor, plan_sync
+from nvc_pipelines.sync import full_every, max_drop_share, plan_sync, prefetch
 from resources.gateway import PmsGateway, UnsupportedPms
 from resources.goc import GocRegisterResource
-from resources.protocol import ClinicianSource, PmsClient, PmsError
+from resources.protocol import (
+    ClinicianSource,
+    PmsClient,
+    PmsError,
+    appointment_pages,
+    clinical_pages,
+    patient_pages,
+)
 from resources.store import StoreResource
 
 GROUP = "practice_sync"
@@ -70,18 +77,67 @@ def _reasons_md(rejected: Sequence[RejectedRow]) -> MetadataValue:
     return MetadataValue.md("\n".join(f"- {n} × {r}" for r, n in reasons.most_common(20)) or "none")
 
 
+class PageStats:
+    """What a paged read reports in its metadata, gathered page by page (nothing kept per row)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.suppressed = 0
+        self.matched = 0
+        self.reasons: Counter[str] = Counter()
+
+    def add(self, records: Sequence[Any], rejected: Sequence[RejectedRow]) -> None:
+        self.rows += len(records) + len(rejected)
+        self.reasons.update(mask_reason(r.reason) for r in rejected)
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
+
+
+class PatientStats(PageStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patients = 0
+        self.callable = 0
+        self.for_review = 0
+        self.unknown: Counter[str] = Counter()
+
+    def add(self, records: Sequence[Any], rejected: Sequence[RejectedRow]) -> None:
+        super().add(records, rejected)
+        self.patients += len(records)
+        self.callable += sum(1 for p in records if p.phones)
+        self.for_review += sum(1 for p in records if p.name_review)
+        self.unknown.update(v for p in records for v in p.unknown_risk_values)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "callable_share": round(self.callable / self.patients, 4) if self.patients else 0.0,
+            # Kept and callable, but a person should check the spelling (mixed-script look-alikes).
+            "names_for_review": self.for_review,
+            "unknown_risk_values": MetadataValue.json(dict(self.unknown.most_common(50))),
+        }
+
+
+Pages = Callable[[PmsClient, datetime | None], Iterator[tuple[list[Any], list[RejectedRow], str]]]
+
+
 def sync_stream(
     context: AssetExecutionContext,
     store: StoreResource,
     pms: PmsGateway,
     spec: StreamSpec,
-    read: Callable[[PmsClient, datetime | None], tuple[Sequence[Any], Sequence[RejectedRow], str]],
-    extra: Callable[[Sequence[Any]], dict[str, Any]] | None = None,
+    read: Pages,
+    stats: Callable[[], PageStats] = PageStats,
     prepare: Callable[[Store, str, list[Any], list[RejectedRow]], int] | None = None,
     volume_check: bool = False,
 ) -> MaterializeResult:
-    """Plan (full or incremental), read through the PMS resource, merge into the store with the
-    cursor in one transaction, and report what happened."""
+    """Plan (full or incremental), read through the PMS resource page by page, merge into the store
+    with the cursor in one transaction, and report what happened.
+
+    Pages stream from the PMS (fetched and normalised a page or two ahead, in a bounded queue) into
+    the store's staging `COPY`: erased people are left out and id-less rows matched per page, and
+    nothing of the read is held beyond the page at hand. A PMS failure mid-read rolls the whole
+    read back, as it did when the read came first."""
     started = time.monotonic()
     practice_id = context.partition_key
     db = store.open()
@@ -95,13 +151,40 @@ def sync_stream(
         force_full=tags.get(FULL_SYNC_TAG) == "true",
         full_every=full_every(practice.settings),
     )
+    guard = None if tags.get(ALLOW_DROP_TAG) == "true" else max_drop_share(practice.settings)
+    suppressions = load_suppressions(db, practice_id)
+    seen = stats()
+    source_refs: list[str] = []
+
+    def pages(client: PmsClient) -> Iterator[tuple[list[Any], list[RejectedRow]]]:
+        for records, rejected, source_ref in prefetch(read(client, plan.since)):
+            if not source_refs:
+                source_refs.append(source_ref)
+            records, suppressed = drop_erased(
+                db, practice_id, records, patients=spec is PATIENTS, rejected=rejected, suppressions=suppressions
+            )
+            seen.suppressed += suppressed
+            if prepare:
+                seen.matched += prepare(db, practice_id, records, rejected)
+            seen.add(records, rejected)
+            yield records, rejected
+
     interactive = tags.get(INTERACTIVE_TAG) == "true"
     try:
         client = pms.open(
             practice, db.practice_credentials(practice_id), max_attempts=INTERACTIVE_ATTEMPTS if interactive else None
         )
         try:
-            records, rejected, source_ref = read(client, plan.since)
+            counts = db.write_stream_pages(
+                practice_id,
+                spec,
+                pages(client),
+                source=str(practice.pms_kind),
+                source_ref=lambda: source_refs[0] if source_refs else "",
+                run_id=context.run_id,
+                full=plan.full,
+                max_drop_share=guard,
+            )
         finally:
             client.close()
     except (PmsError, UnsupportedPms) as exc:
@@ -115,23 +198,6 @@ def sync_stream(
             description=str(exc),
             metadata={"pms": str(practice.pms_kind), "problem": problem, "attempts": context.retry_number + 1},
         ) from None
-    rejected = list(rejected)
-    records, suppressed = _drop_erased(db, practice_id, spec, list(records), rejected)
-    matched = prepare(db, practice_id, records, rejected) if prepare else 0
-    guard = None if tags.get(ALLOW_DROP_TAG) == "true" else max_drop_share(practice.settings)
-    try:
-        counts = db.write_stream(
-            practice_id,
-            spec,
-            records,
-            rejected,
-            source=str(practice.pms_kind),
-            source_ref=source_ref,
-            run_id=context.run_id,
-            full=plan.full,
-            cursor_at=next_cursor(getattr(r, "source_updated_at", None) for r in records),
-            max_drop_share=guard,
-        )
     except VolumeDropRefused as exc:
         message = f"{practice.pms_kind} (practice {practice_id}): {exc}"
         if not volume_check:
@@ -145,11 +211,11 @@ def sync_stream(
                     passed=False,
                     severity=AssetCheckSeverity.ERROR,
                     description=message,
-                    metadata={"rows_read": len(records) + len(rejected)},
+                    metadata={"rows_read": seen.rows},
                 )
             ],
         )
-    rows_read = len(records) + len(rejected) + suppressed
+    rows_read = seen.rows + seen.suppressed
     context.log.info(
         f"{practice_id} ({practice.pms_kind}) {spec.name}, {plan.reason}: read {rows_read}, inserted {counts.inserted}, "
         f"updated {counts.updated}, unchanged {counts.unchanged}, rejected {counts.rejected}, "
@@ -160,7 +226,7 @@ def sync_stream(
             "pms": str(practice.pms_kind),
             "mode": "full" if plan.full else "incremental",
             "plan": plan.reason,
-            "source": source_ref or str(practice.pms_kind),
+            "source": (source_refs[0] if source_refs else "") or str(practice.pms_kind),
             "rows_read": rows_read,
             "inserted": counts.inserted,
             "updated": counts.updated,
@@ -168,10 +234,12 @@ def sync_stream(
             "rejected": counts.rejected,
             "deactivated": counts.deactivated,
             "duration_seconds": round(time.monotonic() - started, 3),
-            "matched_to_existing": matched,
-            "suppressed_erased": suppressed,
-            "rejection_reasons": _reasons_md(rejected),
-            **(extra(records) if extra else {}),
+            "matched_to_existing": seen.matched,
+            "suppressed_erased": seen.suppressed,
+            "rejection_reasons": MetadataValue.md(
+                "\n".join(f"- {n} × {r}" for r, n in seen.reasons.most_common(20)) or "none"
+            ),
+            **seen.metadata(),
         },
         check_results=[
             AssetCheckResult(
@@ -186,44 +254,27 @@ def sync_stream(
     )
 
 
-def _drop_erased(
-    db: Store, practice_id: str, spec: StreamSpec, records: list[Any], rejected: list[RejectedRow]
-) -> tuple[list[Any], int]:
-    """Leave out everyone erased under GDPR, valid rows and invalid ones alike (matched by keyed
-    hashes, see `nvc_pipelines.erasure`)."""
-    return drop_erased(db, practice_id, records, patients=spec is PATIENTS, rejected=rejected)
-
-
 def _read_patients(client: PmsClient, since: datetime | None):
-    result = client.read_patients(since, date.today())
-    return result.patients, result.rejected, result.source_ref
+    for page in patient_pages(client, since, date.today()):
+        yield page.patients, page.rejected, page.source_ref
 
 
 def _match_patients(db: Store, practice_id: str, records: list[Any], rejected: list[RejectedRow]) -> int:
     """Rows without a PMS id take the identity of the stored patient they match (phone + name/DOB)."""
     result = ReadResult(records, rejected)
-    return db.remap_derived_identities(practice_id, result)
-
-
-def _patient_extra(records: Sequence[Any]) -> dict[str, Any]:
-    unknown = Counter(v for p in records for v in p.unknown_risk_values)
-    callable_share = sum(1 for p in records if p.phones) / len(records) if records else 0.0
-    return {
-        "callable_share": round(callable_share, 4),
-        # Kept and callable, but a person should check the spelling (mixed-script look-alikes).
-        "names_for_review": sum(1 for p in records if p.name_review),
-        "unknown_risk_values": MetadataValue.json(dict(unknown.most_common(50))),
-    }
+    matched = db.remap_derived_identities(practice_id, result)
+    records[:] = result.patients
+    return matched
 
 
 def _read_appointments(client: PmsClient, since: datetime | None):
-    batch = client.read_appointments(since)
-    return batch.records, batch.rejected, batch.source_ref
+    for batch in appointment_pages(client, since):
+        yield batch.records, batch.rejected, batch.source_ref
 
 
 def _read_clinical(client: PmsClient, since: datetime | None):
-    batch = client.read_clinical_records(since)
-    return batch.records, batch.rejected, batch.source_ref
+    for batch in clinical_pages(client, since):
+        yield batch.records, batch.rejected, batch.source_ref
 
 
 @asset(
@@ -242,9 +293,7 @@ def _read_clinical(client: PmsClient, since: datetime | None):
     ],
 )
 def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
-    return sync_stream(
-        context, store, pms, PATIENTS, _read_patients, _patient_extra, _match_patients, volume_check=True
-    )
+    return sync_stream(context, store, pms, PATIENTS, _read_patients, PatientStats, _match_patients, volume_check=True)
 
 
 @asset(
@@ -282,15 +331,18 @@ def clinicians(
     practice_id = context.partition_key
     db = store.open()
     practice = _connected_practice(db, practice_id)
+    interactive = context.run.tags.get(INTERACTIVE_TAG) == "true"
     try:
-        client = pms.open(practice, db.practice_credentials(practice_id))
+        client = pms.open(
+            practice, db.practice_credentials(practice_id), max_attempts=INTERACTIVE_ATTEMPTS if interactive else None
+        )
         try:
             listed = client.read_clinicians() if isinstance(client, ClinicianSource) else None
         finally:
             client.close()
     except (PmsError, UnsupportedPms) as exc:
         problem = getattr(exc, "problem", "unsupported_pms")
-        if step_retries(problem, context.retry_number):
+        if not interactive and step_retries(problem, context.retry_number):
             raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=step_wait(context.retry_number)) from exc
         raise Failure(description=str(exc), metadata={"pms": str(practice.pms_kind), "problem": problem}) from None
     if listed is None:
@@ -347,23 +399,34 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
     )
     if state.fingerprint not in (None, fingerprint):
         plan = replace(plan, reason="recall rules or logic changed")
-    targets = db.recall_targets(practice_id, everyone=plan.full)
-    only = None if plan.full else targets.keys()
-    patient_rows = db.load_patients(practice_id, only=only)
-    clinical = db.load_clinical_records(practice_id, only=only)
-    computed = [recall_with_clinical(p, clinical.get(p.pms_patient_id, []), rules) for p in patient_rows]
-    found = [r for r in computed if r is not None]
-    changed = db.write_recalls(practice_id, found, scope=only, seen=targets, fingerprint=fingerprint)
+    # A batch at a time (its patients and their clinical records read from the store, computed,
+    # written with their marks in one transaction), so memory does not grow with the practice. A run
+    # killed between batches leaves the rest marked stale; the rules' fingerprint (and a full run's
+    # date) is recorded only after the last batch, so an interrupted full run is redone in full.
+    recomputed = changed = 0
+    analyze_at = 1  # statistics refreshed after the first batch that writes, then each time the total doubles
+    for targets in db.recall_target_batches(practice_id, everyone=plan.full):
+        ids = list(targets)
+        patient_rows = db.load_patients(practice_id, only=ids)
+        clinical = db.load_clinical_records(practice_id, only=ids)
+        computed = (recall_with_clinical(p, clinical.get(p.pms_patient_id, []), rules) for p in patient_rows)
+        found = [r for r in computed if r is not None]
+        changed += db.write_recalls(practice_id, found, scope=ids, seen=targets, analyze=False)
+        recomputed += len(patient_rows)
+        if changed >= max(analyze_at, 5000):  # a first computation fills the table: keep its plans right
+            db.refresh_statistics("recalls")
+            analyze_at = 2 * changed
+    db.finish_recalls(practice_id, fingerprint=fingerprint, full=plan.full, changed=changed)
     summary = db.recall_summary(practice_id, date.today())
     context.log.info(
-        f"recalls for {practice_id}: {len(patient_rows)} "
+        f"recalls for {practice_id}: {recomputed} "
         + (f"patients recomputed, all ({plan.reason})" if plan.full else "patients with changed data recomputed")
     )
     return MaterializeResult(
         metadata={
             "mode": "full" if plan.full else "incremental",
             "patients": summary["active_patients"],
-            "recomputed": len(patient_rows),
+            "recomputed": recomputed,
             "recalls": summary["total"],
             "without_recall": summary["active_patients"] - summary["total"],
             "changed": changed,

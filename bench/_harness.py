@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import shutil
 import subprocess
@@ -45,6 +46,83 @@ def peak_rss_mb() -> float:
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# --- figures a machine can read (`--json PATH`) ---------------------------------------------------------
+
+
+class JsonFigures:
+    """The benchmark's figures as JSON for a machine: `{"figures": {name: value}, "machine": ...,
+    "load": ...}`. Made at the start of `main` (it reads the load average then), filled with
+    `figure()`, written by `write()` (which reads the load again). Every benchmark adds `--json PATH`
+    with `add_json_argument`; nothing is written without it."""
+
+    def __init__(self, path: str | None, bench: str):
+        self.path = path
+        self.bench = bench
+        self.figures: dict[str, Any] = {}
+        self.load_before = os.getloadavg()
+        self.started = time.time()
+        self.postgres: str | None = None
+
+    def figure(self, name: str, value: Any) -> None:
+        if isinstance(value, float):
+            value = round(value, 4)
+        self.figures[name] = value
+
+    def note_postgres(self) -> None:
+        """Read the store's PostgreSQL version (call it while the embedded server runs)."""
+        try:
+            import psycopg
+
+            from nvc_pipelines.store.db import store_url
+
+            conninfo = store_url().set(drivername="postgresql").render_as_string(hide_password=False)
+            with psycopg.connect(conninfo) as conn:
+                self.postgres = str(conn.execute("SHOW server_version").fetchone()[0])
+        except Exception as exc:  # the figures still count without it
+            self.postgres = f"unknown ({type(exc).__name__})"
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        document = {
+            "bench": self.bench,
+            "figures": self.figures,
+            "machine": machine(self.postgres),
+            "load": {
+                "before": list(self.load_before),
+                "after": list(os.getloadavg()),
+                "note": "os.getloadavg() (1, 5, 15 min) when the benchmark started and ended",
+            },
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "wall_seconds": round(time.time() - self.started, 1),
+        }
+        Path(self.path).write_text(json.dumps(document, indent=2, default=str) + "\n")
+        print(f"figures written to {self.path}")
+
+
+def add_json_argument(parser: Any) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+
+
+def machine(postgres: str | None = None) -> dict[str, Any]:
+    memory_kb = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    memory_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_mb": round(memory_kb / 1024) if memory_kb else None,
+        "python": platform.python_version(),
+        "postgres": postgres,
+        "platform": platform.platform(),
+    }
 
 
 # --- parent side -------------------------------------------------------------------------------------
@@ -136,11 +214,12 @@ def product_page_size() -> int:
 # --- the raw fetch shared by the floor and to_sql ------------------------------------------------------
 
 
-def fetch_pages(api_url: str, page_size: int):
-    """Every raw patient row, page by page, with plain httpx (the same requests the client makes)."""
+def fetch_pages(api_url: str, page_size: int, endpoint: str = "patients"):
+    """Every raw row of an endpoint (patients, appointments, clinical-records), page by page, with
+    plain httpx (the same requests the client makes)."""
     import httpx
 
-    path = f"/api/v2/practices/{OPTIX_PRACTICE}/patients"
+    path = f"/api/v2/practices/{OPTIX_PRACTICE}/{endpoint}"
     params: dict[str, Any] = {"limit": page_size}
     with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {OPTIX_KEY}"}, timeout=60) as http:
         while True:
@@ -197,6 +276,42 @@ def raw_values(row: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+APPOINTMENT_COLUMNS = ("appointment_id", "patient_id", "start", "duration", "status", "type", "clinician", "notes",
+                       "external_reference", "updated_at")  # fmt: skip
+CLINICAL_COLUMNS = ("record_id", "patient_id", "exam_date", "flags", "notes", "iop_right", "iop_left", "clinician",
+                    "updated_at")  # fmt: skip
+
+
+def raw_appointment(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        row.get("appointmentId"),
+        row.get("patientId"),
+        row.get("start"),
+        row.get("durationMinutes"),
+        row.get("status"),
+        row.get("type"),
+        row.get("clinicianId"),
+        row.get("notes"),
+        row.get("externalReference"),
+        row.get("updatedAt"),
+    )
+
+
+def raw_clinical(row: dict[str, Any]) -> tuple[Any, ...]:
+    iop = row.get("iop") or {}
+    return (
+        row.get("recordId"),
+        row.get("patientId"),
+        row.get("examDate"),
+        row.get("flags") or [],
+        row.get("notes"),
+        iop.get("right"),
+        iop.get("left"),
+        row.get("optometristId"),
+        row.get("updatedAt"),
+    )
+
+
 def _bench_conninfo() -> str:
     from nvc_pipelines.store.db import store_url
 
@@ -224,6 +339,40 @@ def child_floor(api_url: str, page_size: int) -> dict[str, Any]:
                 rows += 1
         conn.commit()
     return {"seconds": time.perf_counter() - t0, "rows": rows, "imported_rss_mb": imported_rss}
+
+
+def child_floor3(api_url: str, page_size: int) -> dict[str, Any]:
+    """The floor of the whole job: all three streams the job reads (patients, appointments, clinical
+    records) fetched page by page with plain httpx and each streamed into one COPY of its raw fields."""
+    import psycopg
+
+    conninfo = _bench_conninfo()
+    imported_rss = current_rss_mb()
+    streams = (
+        ("patients", "floor3_patients", RAW_COLUMNS, raw_values, {"clinical_flags"}),
+        ("appointments", "floor3_appointments", APPOINTMENT_COLUMNS, raw_appointment, set()),
+        ("clinical-records", "floor3_clinical", CLINICAL_COLUMNS, raw_clinical, {"flags"}),
+    )
+    t0 = time.perf_counter()
+    rows: dict[str, int] = {}
+    with psycopg.connect(conninfo) as conn, conn.cursor() as cur:
+        for endpoint, table, names, values, arrays in streams:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+            columns = ", ".join(f"{c} text[]" if c in arrays else f"{c} text" for c in names)
+            cur.execute(f"CREATE TABLE {table} ({columns})")
+            n = 0
+            with cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
+                for row in fetch_pages(api_url, page_size, endpoint):
+                    copy.write_row(values(row))
+                    n += 1
+            rows[endpoint] = n
+        conn.commit()
+    return {
+        "seconds": time.perf_counter() - t0,
+        "rows": sum(rows.values()),
+        "rows_by_stream": rows,
+        "imported_rss_mb": imported_rss,
+    }
 
 
 def child_to_sql(api_url: str, page_size: int) -> dict[str, Any]:
@@ -347,6 +496,8 @@ def child_main(argv: list[str]) -> None:
     variant = argv[0]
     if variant == "floor":
         report = child_floor(argv[1], int(argv[2]))
+    elif variant == "floor3":
+        report = child_floor3(argv[1], int(argv[2]))
     elif variant == "to_sql":
         report = child_to_sql(argv[1], int(argv[2]))
     elif variant == "parts":

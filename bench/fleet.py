@@ -39,6 +39,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from _harness import JsonFigures, add_json_argument
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -209,7 +211,9 @@ def main() -> None:
     parser.add_argument("--baseline-practices", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--keep", action="store_true")
+    add_json_argument(parser)
     args = parser.parse_args()
+    figures = JsonFigures(args.json, "fleet")
 
     home = Path(tempfile.mkdtemp(prefix="nvc-fleet-"))
     os.environ["NVC_HOME"] = str(home)
@@ -300,6 +304,13 @@ def main() -> None:
         runs = wait_for_runs(instance, "schedule", set(fleet), args.timeout)
         nightly = summarise(instance, runs, base_nightly, limits)
         print_pass("nightly (incremental, queued like the 02:00 schedule)", nightly)
+        figures.note_postgres()
+        figures.figure("practices", args.practices)
+        for name, s in (("initial", initial), ("nightly", nightly)):
+            for key in ("wall_seconds", "launch_p50", "exec_p50", "overhead_p50", "baseline", "peak_concurrent"):
+                figures.figure(f"{name}_{key}", s[key])
+        figures.figure("fleet_overhead_per_practice_s", nightly["overhead_p50"])
+        figures.write()
         print(f"\ncoordinator config used: {json.dumps(coordinator)}")
     finally:
         services.close()

@@ -10,6 +10,8 @@ In a temporary NVC_HOME with the embedded PostgreSQL, an Optix sandbox practice 
   asset checks); the `patients` asset's own duration is read from its materialisation metadata;
 - floor: the same patient pages (same page size) fetched with plain httpx and streamed into one
   `COPY` of the raw fields: nothing normalised, nothing merged;
+- floor3: the floor of the whole job: all three streams the job reads (patients, appointments,
+  clinical records) fetched with plain httpx and each streamed into one `COPY` of its raw fields;
 - to_sql: the usual hand-written script: the same fetch, `pandas.json_normalize`, `DataFrame.to_sql`.
 
 Then (unless `--no-parts`) the patients asset's components are timed directly, without Dagster, into
@@ -24,7 +26,15 @@ from __future__ import annotations
 
 import argparse
 
-from _harness import bench_environment, print_metadata, print_steps, product_page_size, run_child
+from _harness import (
+    JsonFigures,
+    add_json_argument,
+    bench_environment,
+    print_metadata,
+    print_steps,
+    product_page_size,
+    run_child,
+)
 
 
 def main() -> None:
@@ -38,13 +48,20 @@ def main() -> None:
         help="skip the practice_sync job (floor, to_sql and component timings only: for sizes the job cannot do quickly)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary NVC_HOME")
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "full_sync")
 
     with bench_environment(args.patients, rate_limit=args.rate_limit, keep=args.keep) as (_home, sandbox):
         page_size = product_page_size()
         print(f"page size {page_size} (OptixResource default), {-(-args.patients // page_size)} pages", flush=True)
         reports = {}
-        variants = [("floor", (sandbox.url, str(page_size))), ("to_sql", (sandbox.url, str(page_size)))]
+        out.note_postgres()
+        variants = [
+            ("floor", (sandbox.url, str(page_size))),
+            ("floor3", (sandbox.url, str(page_size))),
+            ("to_sql", (sandbox.url, str(page_size))),
+        ]
         if not args.skip_job:
             variants.append(("product", ("full",)))
         for variant, argv in variants:
@@ -56,7 +73,7 @@ def main() -> None:
             reports["parts"] = run_child("parts")
         throttled = sandbox.throttled
 
-    floor, to_sql, product = reports["floor"], reports["to_sql"], reports.get("product")
+    floor, floor3, to_sql, product = reports["floor"], reports["floor3"], reports["to_sql"], reports.get("product")
 
     print(f"\nfull sync of {args.patients:,} Optix patients (page size {page_size}); ratios against this run")
     header = (
@@ -72,7 +89,15 @@ def main() -> None:
         )
 
     line("floor (httpx + COPY raw)", floor["seconds"], floor["rows"], f"{floor['peak_rss_mb']:.0f} MB")
+    line("floor3 (all three streams, raw)", floor3["seconds"], floor3["rows"], f"{floor3['peak_rss_mb']:.0f} MB")
     line("to_sql (httpx + pandas.to_sql)", to_sql["seconds"], to_sql["rows"], f"{to_sql['peak_rss_mb']:.0f} MB")
+    out.figure("patients", args.patients)
+    out.figure("floor_s", floor["seconds"])
+    out.figure("floor3_s", floor3["seconds"])
+    out.figure("floor3_rows", floor3["rows"])
+    out.figure("to_sql_s", to_sql["seconds"])
+    out.figure("floor_peak_rss_mb", floor["peak_rss_mb"])
+    out.figure("to_sql_peak_rss_mb", to_sql["peak_rss_mb"])
     if product is None:
         print("  (practice_sync job skipped: --skip-job)")
     else:
@@ -80,6 +105,17 @@ def main() -> None:
         rows = product["rows"]
         line("product: patients asset", patients_seconds, rows, "(in job)")
         line("product: whole practice_sync job", product["seconds"], rows, f"{product['peak_rss_mb']:.0f} MB")
+        print(
+            f"  whole job vs floor3 (all three streams fetched and COPYed): {product['seconds'] / floor3['seconds']:.2f}"
+        )
+        out.figure("patients_asset_s", patients_seconds)
+        out.figure("job_s", product["seconds"])
+        out.figure("patients_vs_floor", patients_seconds / floor["seconds"])
+        out.figure("job_vs_floor3", product["seconds"] / floor3["seconds"])
+        out.figure("job_vs_to_sql", product["seconds"] / to_sql["seconds"])
+        out.figure("job_peak_rss_mb", product["peak_rss_mb"])
+        for step, seconds in product.get("steps", {}).items():
+            out.figure(f"step_s:{step}", seconds)
         print_product(floor, to_sql, product)
     parts = reports.get("parts")
     if parts:
@@ -92,6 +128,7 @@ def main() -> None:
         print(f"  staging values + sha256 content hash (Python)     {parts['values_and_hash_seconds']:8.2f} s")
         print(f"  Store.write_patients (hash + COPY + merge)        {parts['write_seconds']:8.2f} s")
         print(f"  peak RSS of that process                          {parts['peak_rss_mb']:8.0f} MB")
+    out.write()
     if throttled:
         print(f"\n  note: the sandbox answered {throttled} requests with 429 (rate limit {args.rate_limit:g}/s)")
 

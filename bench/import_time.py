@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _harness import JsonFigures, add_json_argument
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PY = sys.executable
@@ -67,7 +69,9 @@ def imported_modules(cmd: list[str], env: dict[str, str]) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=7)
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "import_time")
 
     home = Path(tempfile.mkdtemp(prefix="nvc-bench-"))
     os.environ["NVC_HOME"] = str(home)
@@ -98,6 +102,8 @@ def main() -> None:
     for name, values in times.items():
         med = statistics.median(values)
         print(f"  {name:<36} {med:9.2f} {min(values):7.2f} {max(values):7.2f} {med / base:17.2f}")
+        out.figure(f"median_s:{name}", med)
+        out.figure(f"vs_import_dagster:{name}", med / base)
 
     print("\nlazily imported packages (must not be loaded by the definitions):")
     for name in ("import nvc_pipelines.definitions", "dagster definitions validate"):
@@ -110,6 +116,10 @@ def main() -> None:
     print("\nwhat `import nvc_pipelines.definitions` imports beyond `import dagster` (own import time per package):")
     for pkg, us in sorted(extra.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {pkg:<36} {us / 1000:8.0f} ms")
+    for name in ("import nvc_pipelines.definitions", "dagster definitions validate"):
+        for pkg in LAZY:
+            out.figure(f"imports:{pkg}:{name}", pkg in modules[name])
+    out.write()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from _harness import OPTIX_PRACTICE, bench_environment, run_child
+from _harness import OPTIX_PRACTICE, JsonFigures, add_json_argument, bench_environment, run_child
 
 
 def main() -> None:
@@ -24,9 +24,12 @@ def main() -> None:
     parser.add_argument("--changed", type=float, default=0.01, help="share of patients touched (default 1%%)")
     parser.add_argument("--rate-limit", type=float, default=0.0, help="sandbox requests/s (0: off)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary NVC_HOME")
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "incremental_sync")
 
     with bench_environment(args.patients, rate_limit=args.rate_limit, keep=args.keep) as (_home, sandbox):
+        out.note_postgres()
         print("running the full sync...", flush=True)
         full = run_child("product", "full")
         print(f"  {full['seconds']:.1f} s", flush=True)
@@ -51,6 +54,17 @@ def main() -> None:
         f"  peak RSS: full {full['peak_rss_mb']:.0f} MB, incremental {incremental['peak_rss_mb']:.0f} MB; "
         f"touched rows are {args.changed:.0%} of the practice"
     )
+
+    out.figure("patients", args.patients)
+    out.figure("changed_share", args.changed)
+    out.figure("full_job_s", full["seconds"])
+    out.figure("incremental_job_s", incremental["seconds"])
+    out.figure("incremental_vs_full", ratio)
+    out.figure("full_peak_rss_mb", full["peak_rss_mb"])
+    out.figure("incremental_peak_rss_mb", incremental["peak_rss_mb"])
+    for step, seconds in incremental.get("steps", {}).items():
+        out.figure(f"incremental_step_s:{step}", seconds)
+    out.write()
 
     print("\nper asset (materialisation metadata) and per step (event log), full -> incremental:")
     print(f"  {'step':<40} {'full s':>8} {'incr s':>8} {'ratio':>6}   rows read full -> incremental")

@@ -31,6 +31,8 @@ import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from _harness import JsonFigures, add_json_argument
+
 REPO = Path(__file__).resolve().parent.parent
 INTERVAL_MINUTES = 15
 REFRESHES_PER_DAY = 9 * 60 // INTERVAL_MINUTES
@@ -93,7 +95,9 @@ def main() -> None:
     parser.add_argument(
         "--changed", type=float, default=0.02, help="share of each practice's patients changed per cycle"
     )
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "intraday")
 
     home = Path(tempfile.mkdtemp(prefix="nvc-bench-intraday-"))
     os.environ["NVC_HOME"] = str(home)
@@ -114,6 +118,7 @@ def main() -> None:
     sandbox = OptixSandbox(practices=dict.fromkeys(refs, args.patients), api_keys=keys).start()
     try:
         store = app.open_store()
+        out.note_postgres()
         ensure_dagster_home()
         instance = get_instance()
         gateway = pms_gateway()
@@ -178,6 +183,16 @@ def main() -> None:
         f"  staleness p95 (model)            {0.95 * INTERVAL_MINUTES + run_p95 / 60:8.1f} min   "
         f"= 0.95 x {INTERVAL_MINUTES} min + run p95 {run_p95:.1f} s"
     )
+    out.figure("practices", n)
+    out.figure("run_median_s", median_run)
+    out.figure("run_p95_s", run_p95)
+    out.figure("bare_fetch_median_s", median_floor)
+    out.figure("run_vs_bare_fetch", median_run / median_floor)
+    out.figure("run_cpu_per_practice_ms", median_cpu / n * 1000)
+    out.figure("cold_start_s", cold_start)
+    out.figure("cost_per_practice_per_day_cpu_s", per_practice_cpu * REFRESHES_PER_DAY)
+    out.figure("staleness_p95_min", 0.95 * INTERVAL_MINUTES + run_p95 / 60)
+    out.write()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import OPTIX_PRACTICE, PARTS_PRACTICE_ID, PRACTICE_ID, bench_environment
+from _harness import OPTIX_PRACTICE, PARTS_PRACTICE_ID, PRACTICE_ID, JsonFigures, add_json_argument, bench_environment
 from resync import write_csv
 
 KILL_POINTS = (0.2, 0.5, 0.8)
@@ -113,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--csv-patients", type=int, default=200_000)
     parser.add_argument("--optix-patients", type=int, default=20_000)
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "kill_converge")
 
     with bench_environment(args.optix_patients) as (home, _sandbox):
         from nvc_pipelines import app
@@ -124,12 +126,17 @@ def main() -> None:
         write_csv(drop / "patients.csv", args.csv_patients)
         for practice_id in ("bench-csv-ref", "bench-csv"):
             app.connect_practice(practice_id, PmsKind.CSV, "Benchmark CSV practice", {"path": str(drop)}, {})
+        out.note_postgres()
         os.environ.setdefault("NVC_RETRY_BASE_SECONDS", "1")
         results = measure("csv", "bench-csv-ref", "bench-csv", args.csv_patients)
         results += measure(f"optix ({OPTIX_PRACTICE})", PARTS_PRACTICE_ID, PRACTICE_ID, args.optix_patients)
 
     converged = sum(1 for r in results if not r["differences"])
     print(f"\nkill -9 convergence: {converged} of {len(results)} killed syncs converged to the uninterrupted result")
+    out.figure("killed_syncs", len(results))
+    out.figure("converged", converged)
+    out.figure("all_converged", converged == len(results))
+    out.write()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import csv
 import time
 from pathlib import Path
 
-from _harness import bench_environment, print_steps, run_child
+from _harness import JsonFigures, add_json_argument, bench_environment, print_steps, run_child
 
 CSV_PRACTICE = "bench-csv"
 
@@ -48,12 +48,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--patients", type=int, default=200_000)
     parser.add_argument("--keep", action="store_true", help="keep the temporary NVC_HOME")
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "resync")
 
     with bench_environment(args.patients, keep=args.keep) as (home, _sandbox):
         from nvc_pipelines import app
         from nvc_pipelines.model import PmsKind
 
+        out.note_postgres()
         drop = home / "drop"
         drop.mkdir()
         t0 = time.perf_counter()
@@ -79,6 +82,20 @@ def main() -> None:
             patients_s = float(run["metadata"].get("patients", {}).get("duration_seconds", 0.0))
             ratio = run["seconds"] / runs[first]["seconds"]
             print(f"  {name:<26} {run['seconds']:8.1f} {patients_s:17.1f} {ratio:8.2f} {run['peak_rss_mb']:7.0f} MB")
+    out.figure("patients", args.patients)
+    for key, name in (
+        ("optix_first", "optix first full"),
+        ("optix_second", "optix second full"),
+        ("csv_first", "csv first sync"),
+        ("csv_resync", "csv re-sync, same file"),
+    ):
+        run = runs[name]
+        out.figure(f"{key}_job_s", run["seconds"])
+        out.figure(f"{key}_patients_asset_s", float(run["metadata"].get("patients", {}).get("duration_seconds", 0.0)))
+        out.figure(f"{key}_peak_rss_mb", run["peak_rss_mb"])
+    out.figure("optix_second_vs_first", runs["optix second full"]["seconds"] / runs["optix first full"]["seconds"])
+    out.figure("csv_resync_vs_first", runs["csv re-sync, same file"]["seconds"] / runs["csv first sync"]["seconds"])
+    out.write()
     for name in ("optix second full", "csv re-sync, same file"):
         print_steps(name, runs[name])
 

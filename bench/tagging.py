@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from _harness import JsonFigures, add_json_argument
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -24,7 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--notes", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "tagging")
     from nvc_pipelines.tagging import infer_from_text
 
     notes: list[str] = []
@@ -50,6 +54,12 @@ def main() -> None:
     print(f"  baseline (lower + word scan)  {baseline[mid]:8.3f} s")
     print(f"  infer_from_text               {tagger[mid]:8.3f} s   x baseline {tagger[mid] / baseline[mid]:.1f}")
     print(f"  per 200,000 notes             {tagger[mid] * 200_000 / args.notes:8.1f} s")
+    out.figure("notes", args.notes)
+    out.figure("baseline_s", baseline[mid])
+    out.figure("tagger_s", tagger[mid])
+    out.figure("tagger_vs_baseline", tagger[mid] / baseline[mid])
+    out.figure("tagger_per_200000_notes_s", tagger[mid] * 200_000 / args.notes)
+    out.write()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from _harness import JsonFigures, add_json_argument
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bookings", type=int, default=20)
     parser.add_argument("--port", type=int, default=3399)
+    add_json_argument(parser)
     args = parser.parse_args()
+    out = JsonFigures(args.json, "writeback_latency")
 
     home = Path(tempfile.mkdtemp(prefix="nvc-bench-"))
     os.environ.update({"NVC_HOME": str(home)})
@@ -51,6 +54,7 @@ def main() -> None:
     from nvc_pipelines.store.embedded import stop_server
 
     store = app.open_store()
+    out.note_postgres()
     ensure_dagster_home()
     sandboxes = start_sandboxes(0, patients=50)
     optix = sandboxes["optix"]
@@ -113,6 +117,13 @@ def main() -> None:
     )
     print(f"  baseline (direct client call, same run): p50 {base * 1000:.1f} ms")
     print(f"  ratio p50 / baseline: {percentile(latencies, 50) / base:.0f}x   (promise: 60 s; target p95 under 15 s)")
+    out.figure("bookings", len(latencies))
+    out.figure("latency_p50_s", percentile(latencies, 50))
+    out.figure("latency_p95_s", percentile(latencies, 95))
+    out.figure("latency_max_s", max(latencies))
+    out.figure("direct_call_p50_s", base)
+    out.figure("p50_vs_direct_call", percentile(latencies, 50) / base)
+    out.write()
 
 
 if __name__ == "__main__":

@@ -119,13 +119,21 @@ def load_suppressions(store: Any, practice_id: str) -> Suppressions:
 
 
 def drop_erased(
-    store: Any, practice_id: str, records: list[Any], *, patients: bool, rejected: list[Any] | None = None
+    store: Any,
+    practice_id: str,
+    records: list[Any],
+    *,
+    patients: bool,
+    rejected: list[Any] | None = None,
+    suppressions: Suppressions | None = None,
 ) -> tuple[list[Any], int]:
     """Leave out everyone erased under GDPR (patients by keyed hashes of id and name+phone, other
     records by their patient's id), before anything of them is validated or kept; returns what is
     kept and how many were left out. Rejected rows (in `rejected`, changed in place) that read as
-    an erased person are left out too, so a newer invalid row of hers keeps no personal data."""
-    suppressions = load_suppressions(store, practice_id)
+    an erased person are left out too, so a newer invalid row of hers keeps no personal data.
+    A read in pages loads `suppressions` once (`load_suppressions`) and passes them for each page."""
+    if suppressions is None:
+        suppressions = load_suppressions(store, practice_id)
     if not suppressions:
         return records, 0
     if patients:

@@ -3,9 +3,14 @@ the stream's cursor, and a periodic full read reconciles records deleted or merg
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_FULL_EVERY = timedelta(days=7)
 # Re-read a little before the cursor: PMS clocks drift and rows committed late carry older stamps.
@@ -52,3 +57,53 @@ def full_every(settings: dict[str, str]) -> timedelta:
 def max_drop_share(settings: dict[str, str]) -> float:
     """`max_drop_share` setting: the share of active rows a full read may deactivate (default 20%)."""
     return float(settings.get("max_drop_share", DEFAULT_MAX_DROP_SHARE))
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """`items` produced by a background thread at most `depth` ahead of the consumer (a bounded
+    queue): the next PMS page is fetched and normalised while this one is written. An exception in
+    the producer is raised in the consumer, in order; when the consumer stops early (a failed write),
+    the producer stops after the item at hand."""
+    handoff: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                if not put((True, item)):
+                    return
+            put((True, _DONE))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name="nvc-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = handoff.get()
+            if not ok:
+                assert isinstance(item, BaseException)
+                raise item
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join()

@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Any, Self
 
 import httpx
 
+from nvc_pipelines.model import Appointment, ClinicalRecord, ReadResult, RecordBatch
 from nvc_pipelines.retry import is_transient, write_wait
 from resources.http import FailureWords, HttpStatusError, PmsHttp, attempts_text, open_http, translate_common
 from resources.protocol import PmsConnectionFailed, PmsError
@@ -257,6 +259,19 @@ class PmsClientBase:
             )
         assert last is not None
         return self._translate(last, on=kind, thing=what)
+
+    # --- reads in pages ----------------------------------------------------------------------------
+    # A client that cannot page its reads yields each read whole, as one page; one that can (Optix)
+    # overrides these so a sync holds one page at a time.
+
+    def iter_patients(self, since: datetime | None, today: date) -> Iterator[ReadResult]:
+        yield self.read_patients(since, today)  # type: ignore[attr-defined]
+
+    def iter_appointments(self, since: datetime | None) -> Iterator[RecordBatch[Appointment]]:
+        yield self.read_appointments(since)  # type: ignore[attr-defined]
+
+    def iter_clinical_records(self, since: datetime | None) -> Iterator[RecordBatch[ClinicalRecord]]:
+        yield self.read_clinical_records(since)  # type: ignore[attr-defined]
 
     # --- lifecycle ---------------------------------------------------------------------------------
 

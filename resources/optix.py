@@ -415,17 +415,16 @@ class OptixClient(PmsClientBase):
             detail=f"Optix practice {body.get('practiceId', self.optix_practice_id)}",
         )
 
-    def _iter_rows(self, path: str, what: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Every row of a list endpoint, page by page, following `nextCursor` to the end."""
+    def _iter_pages(self, path: str, what: str, params: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+        """Every page of a list endpoint, following `nextCursor` to the end."""
         params = {"limit": self.page_size, **params}
         seen_cursors: set[str] = set()
         while True:
             body = self._get(path, **params)
             if not isinstance(body, dict) or not isinstance(body.get("data"), list):
                 raise self._fail("pms_error", f"Optix returned a {what} page without a data list.", CHECK_URL)
-            for row in body["data"]:
-                # A malformed row is passed on (and ends as a rejected row), never silently dropped.
-                yield row if isinstance(row, dict) else {"unexpected": row}
+            # A malformed row is passed on (and ends as a rejected row), never silently dropped.
+            yield [row if isinstance(row, dict) else {"unexpected": row} for row in body["data"]]
             cursor = (body.get("pagination") or {}).get("nextCursor")
             if not cursor:
                 return
@@ -433,6 +432,11 @@ class OptixClient(PmsClientBase):
                 raise self._fail("pms_error", "Optix returned the same page cursor twice.", "Optix's status page")
             seen_cursors.add(cursor)
             params["cursor"] = cursor
+
+    def _iter_rows(self, path: str, what: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every row of a list endpoint, page by page, following `nextCursor` to the end."""
+        for page in self._iter_pages(path, what, params):
+            yield from page
 
     def read_clinicians(self) -> list[Clinician]:
         """The practice's diary clinicians (`GET .../clinicians`) with the GOC numbers Optix holds."""
@@ -469,52 +473,95 @@ class OptixClient(PmsClientBase):
         source_ref = self._source_ref("", since)
         return collect(self.practice.practice_id, rows, today, strict=False, source_ref=source_ref)
 
+    def iter_patients(self, since: datetime | None, today: date) -> Iterator[ReadResult]:
+        """`read_patients` one Optix page at a time, each normalised as it arrives. A patient that
+        comes back on a later page is left for the store to settle (the later copy wins there)."""
+        source_ref = self._source_ref("", since)
+        without_id = 0
+        for page in self._iter_pages(f"{self._practice_path}/patients", "patient", self._since(since)):
+            latest, anonymous = _latest_rows(page, "patientId")
+            rows = [(f"optix:{pid}", raw, optix_draft(raw)) for pid, raw in latest.items()]
+            rows += [
+                (f"optix:row-without-id-{n}", raw, optix_draft(raw)) for n, raw in enumerate(anonymous, without_id + 1)
+            ]
+            without_id += len(anonymous)
+            yield collect(self.practice.practice_id, rows, today, strict=False, source_ref=source_ref)
+
+    def _appointment_reading(self) -> tuple[str, str, str, Callable[[Any], Any], Callable[[Any], Any], Callable]:
+        return (
+            "appointmentId",
+            "appointment",
+            "appointments",
+            optix_appointment_draft,
+            lambda draft: build_appointment(self.practice.practice_id, draft),
+            lambda a: a.pms_appointment_id,
+        )
+
+    def _clinical_reading(self) -> tuple[str, str, str, Callable[[Any], Any], Callable[[Any], Any], Callable]:
+        today = date.today()
+        return (
+            "recordId",
+            "clinical",
+            "clinical records",
+            optix_clinical_draft,
+            lambda draft: build_clinical(self.practice.practice_id, draft, today),
+            lambda r: r.pms_record_id,
+        )
+
     def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
         """Appointments changed since `since` (all when None), times in UTC, NVC's bookings linked
         by the key in `externalReference`."""
         rows = self._iter_rows(f"{self._practice_path}/appointments", "appointment", self._since(since))
-        return self._batch(
-            rows,
-            "appointmentId",
-            "appointment",
-            optix_appointment_draft,
-            lambda draft: build_appointment(self.practice.practice_id, draft),
-            lambda a: a.pms_appointment_id,
-            since,
-            "appointments",
-        )
+        return self._batch(rows, *self._appointment_reading(), since)
+
+    def iter_appointments(self, since: datetime | None) -> Iterator[RecordBatch[Appointment]]:
+        """`read_appointments` one Optix page at a time."""
+        pages = self._iter_pages(f"{self._practice_path}/appointments", "appointment", self._since(since))
+        return self._batches(pages, *self._appointment_reading(), since)
 
     def read_clinical_records(self, since: datetime | None) -> RecordBatch[ClinicalRecord]:
         """Clinical records (exams, flags, IOPs, notes) changed since `since` (all when None)."""
-        today = date.today()
         rows = self._iter_rows(f"{self._practice_path}/clinical-records", "clinical record", self._since(since))
-        return self._batch(
-            rows,
-            "recordId",
-            "clinical",
-            optix_clinical_draft,
-            lambda draft: build_clinical(self.practice.practice_id, draft, today),
-            lambda r: r.pms_record_id,
-            since,
-            "clinical records",
-        )
+        return self._batch(rows, *self._clinical_reading(), since)
+
+    def iter_clinical_records(self, since: datetime | None) -> Iterator[RecordBatch[ClinicalRecord]]:
+        """`read_clinical_records` one Optix page at a time."""
+        pages = self._iter_pages(f"{self._practice_path}/clinical-records", "clinical record", self._since(since))
+        return self._batches(pages, *self._clinical_reading(), since)
 
     def _batch(
         self,
         rows: Iterable[dict[str, Any]],
         id_field: str,
         kind: str,
+        label: str,
         draft: Callable[[dict[str, Any]], Any],
         build: Callable[[Any], Any],
         identity: Callable[[Any], str],
         since: datetime | None,
-        label: str,
+        without_id: int = 0,
     ) -> RecordBatch:
         latest, anonymous = _latest_rows(rows, id_field)
         refs = [(f"optix:{kind}:{row_id}", raw) for row_id, raw in latest.items()]
-        refs += [(f"optix:{kind}:row-without-id-{n}", raw) for n, raw in enumerate(anonymous, 1)]
+        refs += [(f"optix:{kind}:row-without-id-{n}", raw) for n, raw in enumerate(anonymous, without_id + 1)]
         source_ref = self._source_ref(f"{label} ", since)
         return collect_records(((ref, raw, draft(raw)) for ref, raw in refs), build, identity, source_ref=source_ref)
+
+    def _batches(
+        self,
+        pages: Iterable[list[dict[str, Any]]],
+        id_field: str,
+        kind: str,
+        label: str,
+        draft: Callable[[dict[str, Any]], Any],
+        build: Callable[[Any], Any],
+        identity: Callable[[Any], str],
+        since: datetime | None,
+    ) -> Iterator[RecordBatch]:
+        without_id = 0
+        for page in pages:
+            yield self._batch(page, id_field, kind, label, draft, build, identity, since, without_id)
+            without_id += sum(1 for row in page if not str(row.get(id_field) or ""))
 
     # --- writes ------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ talk to `PmsClient`; nothing PMS-specific leaks past a resource module. No clien
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol, runtime_checkable
@@ -80,6 +81,20 @@ class PmsClient(Protocol):
         """
         ...
 
+    def iter_patients(self, since: datetime | None, today: date) -> Iterator[ReadResult]:
+        """`read_patients` page by page, each page normalised as it arrives (a client that cannot
+        page yields its whole read as one page, `PmsClientBase`'s default). A patient edited while
+        the read pages through may come back on a later page: the later copy counts."""
+        ...
+
+    def iter_appointments(self, since: datetime | None) -> Iterator[RecordBatch[Appointment]]:
+        """`read_appointments` page by page."""
+        ...
+
+    def iter_clinical_records(self, since: datetime | None) -> Iterator[RecordBatch[ClinicalRecord]]:
+        """`read_clinical_records` page by page."""
+        ...
+
     def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
         """Appointments changed since `since` (all when None), with unreadable rows kept as rejected."""
         ...
@@ -103,6 +118,23 @@ class PmsClient(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def patient_pages(client: PmsClient, since: datetime | None, today: date) -> Iterator[ReadResult]:
+    """The client's patients page by page; a client without `iter_patients` (a test double, a file
+    source) as one page."""
+    pages = getattr(client, "iter_patients", None)
+    return pages(since, today) if pages is not None else iter((client.read_patients(since, today),))
+
+
+def appointment_pages(client: PmsClient, since: datetime | None) -> Iterator[RecordBatch[Appointment]]:
+    pages = getattr(client, "iter_appointments", None)
+    return pages(since) if pages is not None else iter((client.read_appointments(since),))
+
+
+def clinical_pages(client: PmsClient, since: datetime | None) -> Iterator[RecordBatch[ClinicalRecord]]:
+    pages = getattr(client, "iter_clinical_records", None)
+    return pages(since) if pages is not None else iter((client.read_clinical_records(since),))
 
 
 @runtime_checkable

@@ -8,7 +8,7 @@ practice and asset, so a killed run leaves the previous state and a re-run conve
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -45,7 +45,8 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.store import calls
 from nvc_pipelines.store.db import APP_LOGIN, APP_ROLE, StoreUnavailable, engine_for, ensure_database, store_urls
-from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_stream
+from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_staged, stage_pages, stage_table
+from nvc_pipelines.sync import next_cursor
 
 _MIGRATED: set[str] = set()  # owner URLs already migrated by this process
 _CHECKED: set[str] = set()  # application URLs whose role and schema this process checked
@@ -169,6 +170,32 @@ def _patient_from_row(row: Any) -> Patient:
         guardian_name=row.guardian_name,
         name_review=row.name_review,
     )
+
+
+def _settle_rejected_copies(cur: Any, spec: StreamSpec, kept: dict[str, tuple[int, RejectedRow]]) -> int:
+    """A patient read twice in one paged read (edited in the PMS meanwhile), once valid and once
+    rejected: the later copy is the one that counts. Drops the earlier staged row (returns how many)
+    or the earlier rejection (from `kept`)."""
+    if spec is not PATIENTS or not kept:
+        return 0
+    about: dict[str, int] = {}
+    for page, row in kept.values():
+        if row.identity is not None and row.identity.pms_patient_id:
+            about[row.identity.pms_patient_id] = max(page, about.get(row.identity.pms_patient_id, -1))
+    if not about:
+        return 0
+    stage = stage_table(spec)
+    cur.execute(f"SELECT pms_patient_id, stage_page FROM {stage} WHERE pms_patient_id = ANY(%s)", (list(about),))
+    dropped = 0
+    for key, staged_page in cur.fetchall():
+        if staged_page < about[key]:
+            cur.execute(f"DELETE FROM {stage} WHERE pms_patient_id = %s", (key,))
+            dropped += cur.rowcount
+        elif staged_page > about[key]:
+            for ref, (page, row) in list(kept.items()):
+                if row.identity is not None and row.identity.pms_patient_id == key and page < staged_page:
+                    del kept[ref]
+    return dropped
 
 
 class Store:
@@ -428,9 +455,92 @@ class Store:
         an incremental read replaces only the rejections of the rows it re-read. The cursor is
         committed with the data it covers, so a killed run re-reads from the old cursor.
         """
+        refs = {r.pms_patient_id for r in records} if place_calls_at is not None else None
+        return self._write_read(
+            practice_id,
+            spec,
+            [(records, rejected)],
+            source=source,
+            source_ref=source_ref,
+            run_id=run_id,
+            full=full,
+            cursor_at=cursor_at,
+            max_drop_share=max_drop_share,
+            place_calls=(refs, place_calls_at) if place_calls_at is not None else None,
+        )
+
+    def write_stream_pages(
+        self,
+        practice_id: str,
+        spec: StreamSpec,
+        pages: Iterable[tuple[Sequence[Any], Sequence[RejectedRow]]],
+        *,
+        source: str,
+        source_ref: str | Callable[[], str] = "",
+        run_id: str | None,
+        full: bool,
+        max_drop_share: float | None = None,
+    ) -> WriteCounts:
+        """`write_stream` for a read that arrives page by page (`(records, rejected)` each): every page
+        is `COPY`ed into the stage as it comes, so memory does not grow with the practice. One
+        transaction still holds the whole read, its rejections and its cursor (the newest change
+        stamp read), and a full read is judged by the volume check before anything is changed; a
+        failure while paging (the PMS going away) rolls everything back.
+
+        A record that comes back on a later page (edited in the PMS while the read paged through)
+        counts once, as its later copy, whether that copy was valid or rejected."""
+        return self._write_read(
+            practice_id,
+            spec,
+            pages,
+            source=source,
+            source_ref=source_ref,
+            run_id=run_id,
+            full=full,
+            cursor_at=None,
+            max_drop_share=max_drop_share,
+            stamp_cursor=True,
+        )
+
+    def _write_read(
+        self,
+        practice_id: str,
+        spec: StreamSpec,
+        pages: Iterable[tuple[Sequence[Any], Sequence[RejectedRow]]],
+        *,
+        source: str,
+        source_ref: str | Callable[[], str],
+        run_id: str | None,
+        full: bool,
+        cursor_at: datetime | None,
+        max_drop_share: float | None,
+        stamp_cursor: bool = False,
+        place_calls: tuple[set[str] | None, datetime] | None = None,
+    ) -> WriteCounts:
+        kept: dict[str, tuple[int, RejectedRow]] = {}  # by row_ref: a row re-read on a later page counts once
+        newest: list[datetime] = []
+
+        def records() -> Iterator[Sequence[Any]]:
+            for page_no, (page_records, page_rejected) in enumerate(pages):
+                for row in page_rejected:
+                    kept.pop(row.row_ref, None)
+                    kept[row.row_ref] = (page_no, row)
+                if stamp_cursor:
+                    stamp = next_cursor(getattr(r, "source_updated_at", None) for r in page_records)
+                    if stamp is not None and (not newest or stamp > newest[0]):
+                        newest[:] = [stamp]
+                yield page_records
+
         with self.begin(practice_id) as conn:
             with conn.connection.driver_connection.cursor() as cur:
-                counts = merge_stream(cur, spec, practice_id, records, full=full, max_drop_share=max_drop_share)
+                staged = stage_pages(cur, spec, records())
+                staged -= _settle_rejected_copies(cur, spec, kept)
+                counts = merge_staged(cur, spec, practice_id, staged, full=full, max_drop_share=max_drop_share)
+            rejected = [row for _page, row in kept.values()]
+            if callable(source_ref):  # known once the pages have been read
+                source_ref = source_ref()
+            if stamp_cursor:
+                cursor_at = newest[0] if newest else None
             if counts.patients_touched:  # their recalls read these rows: recompute them
                 conn.execute(
                     text(
@@ -481,8 +591,9 @@ class Store:
                 {"p": practice_id, "stream": spec.name, "cursor": cursor_at, "full": full},
             )
             conn.execute(text("UPDATE practices SET last_sync_at = now() WHERE practice_id = :p"), {"p": practice_id})
-            if place_calls_at is not None:
-                calls.refresh_refs(conn, practice_id, {r.pms_patient_id for r in records}, place_calls_at)
+            if place_calls is not None:
+                refs, place_calls_at = place_calls
+                calls.refresh_refs(conn, practice_id, refs or set(), place_calls_at)
             self.audit(
                 conn,
                 f"pipeline:{run_id}" if run_id else "pipeline",
@@ -548,6 +659,39 @@ class Store:
             )
             return dict(rows.tuples().all())
 
+    def recall_target_batches(self, practice_id: str, *, everyone: bool, size: int = 5000) -> Iterator[dict[str, int]]:
+        """`recall_targets` in batches of at most `size` (PMS id -> `change_seq`), streamed from one
+        server-side cursor, so a practice's recalls are computed a batch at a time in constant memory."""
+        stale = "" if everyone else " AND change_seq <> recall_seq"
+        with self.begin(practice_id) as conn:
+            rows = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
+                text(f"SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p{stale}"),
+                {"p": practice_id},
+            )
+            for batch in rows.partitions(size):
+                yield dict(tuple(r) for r in batch)
+
+    def finish_recalls(self, practice_id: str, *, fingerprint: str, full: bool, changed: int = 0) -> None:
+        """Record that the practice's recalls were computed (with these rules; all of them when
+        `full`), after the last batch of `write_recalls`; refreshes the table's statistics after a
+        bulk change. A run killed before this recomputes from where the batches' marks left off."""
+        with self.begin(practice_id) as conn:
+            self._mark_recalls_computed(conn, practice_id, fingerprint, full)
+        self._analyze_after_bulk("recalls", changed)
+
+    @staticmethod
+    def _mark_recalls_computed(conn: Connection, practice_id: str, fingerprint: str, full: bool) -> None:
+        conn.execute(
+            text(
+                "INSERT INTO sync_cursors (practice_id, stream, cursor_at, last_full_sync_at, fingerprint) "
+                "VALUES (:p, 'recalls', now(), CASE WHEN :full THEN now() END, :fp) "
+                "ON CONFLICT (practice_id, stream) DO UPDATE SET cursor_at = EXCLUDED.cursor_at, "
+                "last_full_sync_at = COALESCE(EXCLUDED.last_full_sync_at, sync_cursors.last_full_sync_at), "
+                "fingerprint = EXCLUDED.fingerprint, last_sync_at = now()"
+            ),
+            {"p": practice_id, "full": full, "fp": fingerprint},
+        )
+
     def write_recalls(
         self,
         practice_id: str,
@@ -556,6 +700,7 @@ class Store:
         scope: Collection[str] | None = None,
         seen: Mapping[str, int] | None = None,
         fingerprint: str | None = None,
+        analyze: bool = True,
     ) -> int:
         """Replace the practice's recalls with `recalls` in one transaction (only those of the PMS ids in
         `scope` when given); returns how many were added, changed or removed. `seen` (PMS id ->
@@ -642,16 +787,7 @@ class Store:
                     {"p": practice_id},
                 )
             if fingerprint is not None:
-                conn.execute(
-                    text(
-                        "INSERT INTO sync_cursors (practice_id, stream, cursor_at, last_full_sync_at, fingerprint) "
-                        "VALUES (:p, 'recalls', now(), CASE WHEN :full THEN now() END, :fp) "
-                        "ON CONFLICT (practice_id, stream) DO UPDATE SET cursor_at = EXCLUDED.cursor_at, "
-                        "last_full_sync_at = COALESCE(EXCLUDED.last_full_sync_at, sync_cursors.last_full_sync_at), "
-                        "fingerprint = EXCLUDED.fingerprint, last_sync_at = now()"
-                    ),
-                    {"p": practice_id, "full": scope is None, "fp": fingerprint},
-                )
+                self._mark_recalls_computed(conn, practice_id, fingerprint, scope is None)
             self.audit(
                 conn,
                 "pipeline",
@@ -659,8 +795,14 @@ class Store:
                 "compute_recalls",
                 detail={"changed": changed, "removed": removed, "scope": "all" if scope is None else len(scope)},
             )
-        self._analyze_after_bulk("recalls", changed + removed)
+        if analyze:
+            self._analyze_after_bulk("recalls", changed + removed)
         return changed + removed
+
+    def refresh_statistics(self, table: str) -> None:
+        """ANALYZE a table the application bulk-writes (through the owner's `nvc_analyze`), between
+        the batches of a long bulk write whose later statements depend on the rows written so far."""
+        self._analyze_after_bulk(table, BULK_ROWS)
 
     def _analyze_after_bulk(self, table: str, rows: int) -> None:
         """Refresh the planner's statistics after a bulk write (a first sync, a big reconcile). Only a

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -204,23 +204,71 @@ def merge_stream(
     cur: Any,  # a psycopg 3 cursor inside the caller's transaction
     spec: StreamSpec,
     practice_id: str,
-    records: Sequence[Any],
+    records: Iterable[Any],
     *,
     full: bool,
     max_drop_share: float | None,
 ) -> MergeCounts:
+    """Stage `records` (one read, whole) and merge them: `stage_pages` then `merge_staged`."""
+    staged = stage_pages(cur, spec, [records])
+    return merge_staged(cur, spec, practice_id, staged, full=full, max_drop_share=max_drop_share)
+
+
+def stage_table(spec: StreamSpec) -> str:
+    return f"stage_{spec.table}"
+
+
+def stage_pages(cur: Any, spec: StreamSpec, pages: Iterable[Iterable[Any]]) -> int:
+    """`COPY` a read into a temporary staging table page by page, as the pages arrive (one `COPY`
+    for the whole read, so nothing but the page at hand is held in memory); returns the rows staged.
+
+    Each row carries its page number: a record edited in the PMS while the read pages through comes
+    back on a later page, newer, and the later copy replaces the earlier one (`stage_page`). The
+    stage is indexed and analysed before anything reads it."""
     columns = (*spec.columns, "content_hash")
     cols = ", ".join(columns)
-    stage = f"stage_{spec.table}"
+    stage = stage_table(spec)
     cur.execute(f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {spec.table} WITH NO DATA")
-    with cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
-        for record in records:
-            values = spec.values(record)
-            copy.write_row((*values, content_hash(values[: len(values) - spec.derived])))
+    cur.execute(f"ALTER TABLE {stage} ADD COLUMN stage_page integer NOT NULL")
+    staged = 0
+    hashed = len(spec.columns) - spec.derived
+    values_of = spec.values
+    with cur.copy(f"COPY {stage} ({cols}, stage_page) FROM STDIN") as copy:
+        for page_no, page in enumerate(pages):
+            for record in page:
+                values = values_of(record)
+                copy.write_row((*values, content_hash(values[:hashed]), page_no))
+                staged += 1
     # A temp table has no index and no statistics: without them the anti-joins below run as nested
     # loops over the stage, once per stored row (a 200,000-row re-sync took minutes, not seconds).
-    cur.execute(f"CREATE INDEX ON {stage} ({spec.key})")
+    cur.execute(f"CREATE INDEX ON {stage} ({spec.key}, stage_page)")
     cur.execute(f"ANALYZE {stage}")
+    # The same record on two pages: the later page's copy wins.
+    cur.execute(
+        f"DELETE FROM {stage} s USING {stage} s2 WHERE s2.{spec.key} = s.{spec.key} "
+        f"AND (s2.stage_page, s2.ctid) > (s.stage_page, s.ctid)"
+    )
+    return staged - cur.rowcount
+
+
+def merge_staged(
+    cur: Any,
+    spec: StreamSpec,
+    practice_id: str,
+    staged: int,
+    *,
+    full: bool,
+    max_drop_share: float | None,
+) -> MergeCounts:
+    """Merge the staged read (`stage_pages`) into the stream's table.
+
+    Only rows whose content hash or `active` differ from the stored row's are sent to the
+    `INSERT ... ON CONFLICT` (compared in one join before it), so an unchanged row is neither
+    updated nor locked. A full read first refuses a drop above `max_drop_share`, then marks the
+    rows it no longer has inactive."""
+    columns = (*spec.columns, "content_hash")
+    cols = ", ".join(columns)
+    stage = stage_table(spec)
 
     deactivated = 0
     if full:
@@ -232,7 +280,7 @@ def merge_stream(
         gone, active = cur.fetchone()
         if max_drop_share is not None and active and gone > max_drop_share * active:
             raise VolumeDropRefused(
-                f"the full read of {spec.name} has {len(records)} rows but the store has {active} active: "
+                f"the full read of {spec.name} has {staged} rows but the store has {active} active: "
                 f"{gone} ({gone / active:.0%}) would be marked inactive, above the {max_drop_share:.0%} allowed. "
                 "Nothing was changed. Check the PMS export/API; if the practice really removed them, "
                 "re-run with the tag nvc/allow_drop=true"
@@ -253,17 +301,22 @@ def merge_stream(
 
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[2:])
     returned_ref = f"{spec.table}.{spec.patient_ref}" if spec.patient_ref else "NULL"
+    selected = ", ".join(f"s.{c}" for c in columns)
+    # The stored row, compared before the insert: plain equality on the key (indexable under RLS).
+    stored_active = spec.reactivate.replace(f"{spec.table}.", "t.")
     cur.execute(
-        f"INSERT INTO {spec.table} ({cols}) SELECT {cols} FROM {stage} "
+        f"INSERT INTO {spec.table} ({cols}) SELECT {selected} FROM {stage} s "
+        f"LEFT JOIN {spec.table} t ON t.practice_id = %s AND t.{spec.key} = s.{spec.key} "
+        f"WHERE t.{spec.key} IS NULL OR t.content_hash IS DISTINCT FROM s.content_hash "
+        f"OR t.active IS DISTINCT FROM ({stored_active}) "
         f"ON CONFLICT (practice_id, {spec.key}) DO UPDATE SET {updates}, active = {spec.reactivate}, "
         f"updated_at = now(){', ' + spec.on_change if spec.on_change else ''} "
         f"WHERE {spec.table}.content_hash IS DISTINCT FROM EXCLUDED.content_hash "
         f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
-        f"RETURNING (xmax = 0), {returned_ref}"
+        f"RETURNING (xmax = 0), {returned_ref}",
+        (practice_id,),
     )
     returned = cur.fetchall()
     touched.update(r[1] for r in returned if r[1] is not None)
     inserted = sum(1 for r in returned if r[0])
-    return MergeCounts(
-        inserted, len(returned) - inserted, len(records) - len(returned), deactivated, frozenset(touched)
-    )
+    return MergeCounts(inserted, len(returned) - inserted, staged - len(returned), deactivated, frozenset(touched))

@@ -1,0 +1,238 @@
+"""The sync streams: a read written page by page leaves exactly what the whole read leaves, a record
+read twice while paging counts once (its later copy), a failure mid-read writes nothing, recalls
+computed in batches equal recalls computed at once, and the Optix client's pages add up to its read.
+
+Memory independence is the benchmarks' business (bench/full_sync.py); nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, Practice, ReadResult, RejectedRow, RowIdentity
+from nvc_pipelines.recall import RecallRules, recall_with_clinical
+from nvc_pipelines.store import Store
+from nvc_pipelines.store.streams import PATIENTS, VolumeDropRefused
+from nvc_pipelines.sync import prefetch
+from resources.optix import OptixResource
+from sandboxes.optix import OptixSandbox
+
+STAMP = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def _patient(practice_id: str, n: int, **kw) -> Patient:
+    base = dict(
+        practice_id=practice_id,
+        pms_patient_id=f"P{n:04d}",
+        first_name="Ann",
+        last_name=f"Lee{n % 7}",
+        phones=[Phone(f"+4477009{n:05d}", PhoneType.MOBILE)],
+        last_eye_test_date=date(2022, 1, 1) + timedelta(days=n),
+        risk_flags=["diabetic"] if n % 5 == 0 else [],
+        source_updated_at=STAMP + timedelta(minutes=n),
+    )
+    return Patient(**{**base, **kw})
+
+
+def _pages(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _practice(store: Store, practice_id: str) -> str:
+    store.add_practice(practice_id, practice_id, PmsKind.CSV, {}, {})
+    return practice_id
+
+
+def _snapshot(store: Store, practice_id: str) -> set[tuple]:
+    with store.begin_owner() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT pms_patient_id, first_name, last_name, phones, last_eye_test_date, risk_flags, active, recall_seq, "
+                "change_seq FROM patients WHERE practice_id = :p"
+            ),
+            {"p": practice_id},
+        )
+        return {tuple(tuple(v) if isinstance(v, list) else v for v in r) for r in rows}
+
+
+def _rejected(store: Store, practice_id: str) -> set[tuple]:
+    with store.begin_owner() as conn:
+        rows = conn.execute(
+            text("SELECT row_ref, reason FROM rejected_rows WHERE practice_id = :p"), {"p": practice_id}
+        )
+        return {tuple(r) for r in rows}
+
+
+def _write_pages(store: Store, practice_id: str, pages, *, full: bool = True, **kw):
+    return store.write_stream_pages(
+        practice_id, PATIENTS, pages, source="csv", source_ref="test", run_id=None, full=full, **kw
+    )
+
+
+def test_a_read_written_page_by_page_leaves_what_the_whole_read_leaves(store: Store) -> None:
+    whole, paged = _practice(store, "whole"), _practice(store, "paged")
+    for run, changes in enumerate(({}, {3: "Kay", 11: "Smith"}, {3: "Kay", 11: "Smith"})):
+        for practice_id in (whole, paged):
+            # a second run changes two patients and drops one (a reconcile); a third changes nothing
+            patients = [
+                _patient(practice_id, n, **({"last_name": changes[n]} if n in changes else {}))
+                for n in range(23)
+                if not (run and n == 17)
+            ]
+            rejected = [RejectedRow(f"row-{min(run, 1)}", "phone number is missing", {"x": min(run, 1)})]
+            if practice_id == whole:
+                counts = store.write_patients(
+                    practice_id,
+                    "csv",
+                    ReadResult(patients, rejected, "test"),
+                    None,
+                    full=True,
+                    cursor_at=max(p.source_updated_at for p in patients),
+                )
+            else:
+                pages = [(page, rejected if i == 1 else []) for i, page in enumerate(_pages(patients, 5))]
+                counts = _write_pages(store, practice_id, pages)
+            if practice_id == whole:
+                expected = counts
+            else:
+                assert counts == expected
+    assert _snapshot(store, whole) == _snapshot(store, paged)
+    assert _rejected(store, whole) == _rejected(store, paged)
+    assert store.stream_state(whole, "patients").cursor_at == store.stream_state(paged, "patients").cursor_at
+    assert expected.unchanged == 22 and expected.updated == 0  # the third run wrote nothing
+
+
+def test_a_record_read_again_on_a_later_page_counts_once_as_its_later_copy(store: Store) -> None:
+    practice_id = _practice(store, "moved")
+    first = [_patient(practice_id, n) for n in range(4)]
+    edited = _patient(practice_id, 1, last_name="Edited", source_updated_at=STAMP + timedelta(days=1))
+    counts = _write_pages(store, practice_id, [(first, []), ([_patient(practice_id, 9), edited], [])])
+    assert (counts.inserted, counts.updated, counts.unchanged) == (5, 0, 0)
+    names = {p.pms_patient_id: p.last_name for p in store.load_patients(practice_id)}
+    assert names["P0001"] == "Edited" and len(names) == 5
+    assert store.stream_state(practice_id, "patients").cursor_at == STAMP + timedelta(days=1)
+
+
+def test_a_patient_valid_then_rejected_while_paging_ends_rejected_and_the_reverse_ends_valid(store: Store) -> None:
+    practice_id = _practice(store, "crossed")
+    p1, p2 = _patient(practice_id, 1), _patient(practice_id, 2)
+
+    def bad(pid: str) -> RejectedRow:
+        return RejectedRow(f"optix:{pid}", "date of birth is in the future", {"patientId": pid}, RowIdentity(pid))
+
+    # P0001: valid on page 0, rejected on page 1 (the later copy); P0002: rejected then valid.
+    pages = [([p1], [bad("P0002")]), ([p2], [bad("P0001")])]
+    counts = _write_pages(store, practice_id, pages, full=False)
+    assert {p.pms_patient_id for p in store.load_patients(practice_id)} == {"P0002"}
+    assert _rejected(store, practice_id) == {("optix:P0001", "date of birth is in the future")}
+    assert (counts.inserted, counts.rejected) == (1, 1)
+
+
+def test_a_failure_while_paging_writes_nothing_and_keeps_the_cursor(store: Store) -> None:
+    practice_id = _practice(store, "failing")
+    patients = [_patient(practice_id, n) for n in range(6)]
+    _write_pages(store, practice_id, [(patients, [])])
+    before = _snapshot(store, practice_id), store.stream_state(practice_id, "patients")
+
+    def pages() -> Iterator[tuple[list, list]]:
+        yield [_patient(practice_id, 1, last_name="Changed", source_updated_at=STAMP + timedelta(days=9))], []
+        raise ConnectionError("the PMS went away on page 2")
+
+    with pytest.raises(ConnectionError):
+        _write_pages(store, practice_id, prefetch(pages()), full=False)
+    assert (_snapshot(store, practice_id), store.stream_state(practice_id, "patients")) == before
+
+
+def test_the_volume_check_judges_the_whole_paged_read(store: Store) -> None:
+    practice_id = _practice(store, "dropping")
+    _write_pages(store, practice_id, [(page, []) for page in _pages([_patient(practice_id, n) for n in range(20)], 4)])
+    with pytest.raises(VolumeDropRefused):
+        _write_pages(store, practice_id, [([_patient(practice_id, 1)], []), ([_patient(practice_id, 2)], [])],
+                     max_drop_share=0.2)  # fmt: skip
+    assert len(store.load_patients(practice_id)) == 20
+
+
+def test_recalls_computed_in_batches_equal_recalls_computed_at_once(store: Store) -> None:
+    rules = RecallRules.from_settings({})
+    recalls = {}
+    for practice_id, size in (("at-once", 10_000), ("batched", 3)):
+        _practice(store, practice_id)
+        _write_pages(store, practice_id, [([_patient(practice_id, n) for n in range(17)], [])])
+        batches = list(store.recall_target_batches(practice_id, everyone=True, size=size))
+        assert sum(len(b) for b in batches) == 17 and max(len(b) for b in batches) <= size
+        for targets in batches:
+            ids = list(targets)
+            found = [recall_with_clinical(p, [], rules) for p in store.load_patients(practice_id, only=ids)]
+            store.write_recalls(practice_id, [r for r in found if r], scope=ids, seen=targets, analyze=False)
+        store.finish_recalls(practice_id, fingerprint=rules.fingerprint(), full=True)
+        with store.begin_owner() as conn:
+            recalls[practice_id] = set(
+                conn.execute(
+                    text(
+                        "SELECT p.pms_patient_id, r.due_date, r.rule FROM recalls r JOIN patients p USING (patient_id) "
+                        "WHERE r.practice_id = :p"
+                    ),
+                    {"p": practice_id},
+                ).tuples()
+            )
+        assert not list(store.recall_target_batches(practice_id, everyone=False))  # all marked computed
+        assert store.recall_state(practice_id).fingerprint == rules.fingerprint()
+    assert recalls["at-once"] == recalls["batched"] and len(recalls["batched"]) == 17
+
+
+def test_prefetch_keeps_order_raises_in_order_and_stops_its_producer() -> None:
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("page 2")
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="page 2"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1]
+
+    produced: list[int] = []
+    finished = threading.Event()
+
+    def endless() -> Iterator[int]:
+        try:
+            n = 0
+            while True:
+                produced.append(n)
+                yield n
+                n += 1
+        finally:
+            finished.set()
+
+    for item in prefetch(endless(), depth=2):
+        if item == 3:
+            break
+    assert finished.wait(5) and len(produced) <= 3 + 2 + 2  # bounded: never far ahead of the consumer
+
+
+def test_optix_pages_add_up_to_the_whole_read() -> None:
+    server = OptixSandbox(practices={"OPX-4004": 40}, api_keys={"k-stream": "OPX-4004"})
+    practice = Practice("demo-optix", "Demo", PmsKind.OPTIX, {"practice_id": "OPX-4004"}, "connected")
+    with server:
+        practice.settings["api_url"] = server.url
+        resource = OptixResource(page_size=7, max_attempts=2, backoff_seconds=0.01)
+        with resource.open(practice, {"api_key": "k-stream"}) as client:
+            whole = client.read_patients(None, date.today())
+            pages = list(client.iter_patients(None, date.today()))
+            appointments = client.read_appointments(None)
+            appointment_pages = list(client.iter_appointments(None))
+            clinical = client.read_clinical_records(None)
+            clinical_pages = list(client.iter_clinical_records(None))
+    assert len(pages) == 6  # 40 patients, 7 a page
+    assert [p for page in pages for p in page.patients] == whole.patients
+    assert all(page.source_ref == whole.source_ref for page in pages)
+    assert [a for page in appointment_pages for a in page.records] == appointments.records
+    assert [c for page in clinical_pages for c in page.records] == clinical.records
+    assert len(appointment_pages) > 1 and len(clinical_pages) > 1
