@@ -577,10 +577,21 @@ def group_list() -> None:
 def audit_cmd(practice_id: str, limit: int) -> None:
     """Who read or wrote the practice's patient data, newest first (the audit log is append-only)."""
 
-    for e in _known(practice_id).audit_entries(practice_id, limit):
-        refs = f" records={','.join(e['record_refs'])}" if e["record_refs"] else ""
-        run = f" run={e['run_id']}" if e["run_id"] else ""
-        click.echo(f"{e['at']:%Y-%m-%d %H:%M:%S} {e['actor']:28} {e['action']:22}{refs}{run} {json.dumps(e['detail'])}")
+    entries = _known(practice_id).audit_entries(practice_id, limit)
+    if not entries:
+        click.echo(f"No audit entries for {practice_id} yet.")
+        return
+    # Fixed columns first, the variable ones (records, details) last, so the columns line up.
+    actor_width = max(12, *(len(e["actor"]) for e in entries))
+    action_width = max(12, *(len(e["action"]) for e in entries))
+    click.echo(f"{'AT':19}  {'ACTOR':{actor_width}}  {'ACTION':{action_width}}  {'RUN':8}  RECORDS / DETAIL")
+    for e in entries:
+        run = (e["run_id"] or "-")[:8]
+        refs = f"records={','.join(e['record_refs'])} " if e["record_refs"] else ""
+        click.echo(
+            f"{e['at']:%Y-%m-%d %H:%M:%S}  {e['actor']:{actor_width}}  {e['action']:{action_width}}  {run:8}  "
+            f"{refs}{json.dumps(e['detail'])}"
+        )
 
 
 @main.command("erase")

@@ -126,7 +126,8 @@ def run_dagster_dev(port: int) -> int:
     app.open_store()
     ensure_dagster_home()
     exe = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
-    cmd = [exe, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    # Warnings and errors only: at INFO the daemon logs every sensor tick ("skipped"), every few seconds.
+    cmd = [exe, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port), "--log-level", "warning"]
     env = {**os.environ, "NVC_HOME": str(nvc_home())}  # run processes must find the same store
     with stopped_by_signals():
         # Its own process group: a signal to this process reaches it only through `_stop_group`, once.

@@ -63,7 +63,7 @@ SCREENSHOTS = Path(os.environ.get("NVC_SCREENSHOTS", services.REPO / "build" / "
 PATIENTS = 20
 DOWN = "harbour-optix"  # its Optix server is stopped after it connected and synced once
 RUN_TIMEOUT_MS = 120_000  # a run is watched until it ends; this only bounds a hung one
-SYNC_ASSETS = ("patients", "appointments", "clinical_records", "recalls", "call_list")
+SYNC_ASSETS = ("patients", "appointments", "clinical_records", "clinicians", "recalls", "call_list")
 
 
 @dataclass(frozen=True)

@@ -258,5 +258,8 @@ def test_portability_exports_one_patient_and_audit_lists_access(two_practices: S
     assert one["rejected_rows"] == []
     audit = runner.invoke(main, ["audit", "prac-a"]).output
     assert "export_patient" in audit and "records=prac-a-1" in audit and "erase" in audit and "merge" in audit
+    header, *rows = [line for line in audit.splitlines() if line.strip()]
+    at = header.index("ACTION")
+    assert rows and all(row[at - 2 : at] == "  " and row[at] != " " for row in rows), audit  # columns line up
     missing = runner.invoke(main, ["export", "prac-a", "--patient", "nobody"])
     assert missing.exit_code == 1 and "no patient 'nobody'" in missing.output

@@ -90,7 +90,7 @@ def test_materialising_a_partition_on_the_webserver_syncs_the_practice(dagster_d
         for e in instance.all_logs(run_id)
         if e.is_dagster_event and e.dagster_event.is_step_materialization
     }
-    assert materialised == {"patients", "appointments", "clinical_records", "recalls", "call_list"}
+    assert materialised == {"patients", "appointments", "clinical_records", "clinicians", "recalls", "call_list"}
 
 
 def test_a_booking_reaches_the_pms_through_the_daemons_sensor(dagster_dev: int) -> None:

@@ -31,6 +31,7 @@ from nvc_pipelines.cli import main
 from nvc_pipelines.definitions import defs, pms_gateway
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store import Store
+from resources.goc import GocRegisterResource
 from resources.protocol import PmsError
 from resources.store import StoreResource
 from sandboxes.optix import OptixSandbox
@@ -92,7 +93,11 @@ def _check(instance, database_url: str, practice_id: str):
         [booking_writebacks, no_writeback_needs_action],
         partition_key=practice_id,
         instance=instance,
-        resources={"store": StoreResource(database_url=database_url), "pms": pms_gateway()},
+        resources={
+            "store": StoreResource(database_url=database_url),
+            "pms": pms_gateway(),
+            "goc_register": GocRegisterResource(),
+        },
         raise_on_error=False,
     )
     (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == NEEDS_ACTION_CHECK]
