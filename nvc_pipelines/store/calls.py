@@ -182,9 +182,11 @@ def rebuild(
 
 # A row carries its writer's transaction start as `updated_at` (`now()`), so a mark is the start of
 # the oldest transaction still open when the mark is taken (`safe_mark`): a row it has not seen yet
-# cannot be older. The app writes through one login, whose sessions it can see; a second is allowed
-# for the clocks of the statement and of `updated_at`.
-CHANGE_MARGIN = timedelta(seconds=1)
+# cannot be older. The app writes through one login, whose sessions it can see. Both times come from
+# the database's one clock; the millisecond only makes the oldest open transaction's own rows (stamped
+# exactly the mark) count, as `updated_at > mark - margin`. (A whole second made every row of a sync
+# count as changed when its checks ran within a second of its writes.)
+CHANGE_MARGIN = timedelta(milliseconds=1)
 _SAFE_MARK = (
     "SELECT LEAST(now(), (SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database() "
     "AND xact_start IS NOT NULL))"
