@@ -119,3 +119,13 @@ def pg_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "NVC_DAGSTER_PG_PASSWORD": "not-a-real-password",
     }.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test module runs on one pytest worker, in order (`--dist loadgroup`): a module's tests may
+    share a module-scoped sandbox or store and expect each other's effects. Modules that start
+    services of their own are grouped together already (`xdist_group("services")`)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))

@@ -77,7 +77,7 @@ def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: st
     from nvc_pipelines.cli import main
     from nvc_pipelines.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
-    from nvc_pipelines.runs import reap_dead_runs
+    from nvc_pipelines.runs import _pids, reap_dead_runs
     from sandboxes.optix import OptixSandbox
 
     with OptixSandbox(practices={"OPX-9": 20}, api_keys={"k9": "OPX-9"}) as sandbox:
@@ -99,6 +99,10 @@ def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: st
                     break
                 time.sleep(0.1)
             assert started, "the sync's run never started"
+            for _ in range(600):  # and far enough to have recorded its process (a run killed before that
+                if _pids(instance, started[0].run_id):  # cannot be told apart from one about to start)
+                    break
+                time.sleep(0.1)
             assert reap_dead_runs(instance) == []  # alive: left alone
         finally:
             child.send_signal(signal.SIGKILL)
