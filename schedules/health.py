@@ -37,7 +37,8 @@ READ_CHECK = "patients_are_fresh"
 EVERY_SECONDS = int(os.environ.get("NVC_HEALTH_EVERY_SECONDS", "300"))
 
 
-def _evaluation(asset: str, check: str, practice_id: str, ok: bool, detail: str) -> AssetCheckEvaluation:
+def practice_check_evaluation(asset: str, check: str, practice_id: str, ok: bool, detail: str) -> AssetCheckEvaluation:
+    """One practice partition's check result, recorded by a run between the asset's own runs."""
     return AssetCheckEvaluation(
         asset_key=AssetKey(asset),
         check_name=check,
@@ -59,8 +60,10 @@ def health_events(states: list[health.PracticeHealth], cursor: str | None) -> tu
         current[s.practice_id] = state
         if previous.get(s.practice_id) == state:
             continue
-        events.append(_evaluation("patients", READ_CHECK, s.practice_id, s.read_ok, s.read_detail))
-        events.append(_evaluation("booking_writebacks", WAITING_CHECK, s.practice_id, s.write_ok, s.write_detail))
+        events.append(practice_check_evaluation("patients", READ_CHECK, s.practice_id, s.read_ok, s.read_detail))
+        events.append(
+            practice_check_evaluation("booking_writebacks", WAITING_CHECK, s.practice_id, s.write_ok, s.write_detail)
+        )
     return events, json.dumps(current, sort_keys=True)
 
 

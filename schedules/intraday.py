@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 
 from dagster import (
     AssetCheckEvaluation,
-    AssetCheckSeverity,
-    AssetKey,
     AssetMaterialization,
     AssetObservation,
     Config,
@@ -36,6 +34,7 @@ from nvc_pipelines import intraday
 from resources.gateway import PmsGateway, UnsupportedPms
 from resources.protocol import PmsError
 from resources.store import StoreResource
+from schedules.health import practice_check_evaluation
 
 OP_NAME = "refresh_call_lists"
 
@@ -98,14 +97,7 @@ def refresh_call_lists(
 
 def _freshness(practice_id: str, passed: bool, description: str) -> AssetCheckEvaluation:
     """The practice's `call_list_is_fresh` check: red in the UI while its list is stale."""
-    return AssetCheckEvaluation(
-        asset_key=AssetKey("call_list"),
-        check_name=FRESH_CHECK,
-        passed=passed,
-        severity=AssetCheckSeverity.ERROR,
-        partition=practice_id,
-        description=description,
-    )
+    return practice_check_evaluation("call_list", FRESH_CHECK, practice_id, passed, description)
 
 
 @job(
