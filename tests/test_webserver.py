@@ -147,8 +147,22 @@ def test_ops_flow_initial_sync_sync_now_alerts_and_sync_log(dagster_dev: int, tm
         if any(p["practice_id"] == "ops-csv" and p["last_sync_at"] for p in store.list_practices()):
             break
         time.sleep(0.5)
-    runs = get_instance().get_runs()
-    assert any(r.tags.get("trigger") == "initial" and r.tags.get("practice") == "ops-csv" for r in runs)
+    initial = [
+        r
+        for r in get_instance().get_runs()
+        if r.tags.get("trigger") == "initial" and r.tags.get("practice") == "ops-csv"
+    ]
+    assert len(initial) == 1
+    # The export is replaced only once the initial run has ended: its cursor is committed before its
+    # later steps run, and a run still going would otherwise be counted among the failures below.
+    while not get_instance().get_run_by_id(initial[0].run_id).is_finished:
+        assert time.monotonic() < deadline + 600, "the initial sync did not end"
+        time.sleep(0.5)
+    assert get_instance().get_run_by_id(initial[0].run_id).status == DagsterRunStatus.SUCCESS, [
+        e.message
+        for e in get_instance().all_logs(initial[0].run_id)
+        if e.is_dagster_event and e.dagster_event.is_failure
+    ]
 
     runner = CliRunner()
     url = f"http://127.0.0.1:{dagster_dev}"
@@ -167,7 +181,8 @@ def test_ops_flow_initial_sync_sync_now_alerts_and_sync_log(dagster_dev: int, tm
     while len(recent_alerts(store, "ops-csv")) < 3 and time.monotonic() < deadline + 600:
         time.sleep(0.5)
     alerts = recent_alerts(store, "ops-csv")
-    assert [a["severity"] for a in alerts[:1]] == ["critical"] and alerts[0]["consecutive"] == 3
+    shown = [(a["run_id"], a["consecutive"], a["message"]) for a in alerts]
+    assert [a["severity"] for a in alerts[:1]] == ["critical"] and alerts[0]["consecutive"] == 3, shown
     assert "missing the required column(s)" in alerts[0]["message"]
 
     log = runner.invoke(main, ["sync-log", "ops-csv"])
