@@ -10,7 +10,8 @@ then), and the whole practice's invariants (unique identity, the callable share,
 patient known, no recall of an inactive patient, ages the calendar pushes past 120) are counted in
 SQL over every row, every time. Every row is validated by the suite again after a full read of the
 practice's patients, a forced full sync, a new suite or new recall rules, and until a failing check
-passes (its mark only moves on a pass, so a broken row stays reported until it is fixed).
+passes (its mark only moves on a pass, so a broken row stays reported until it is fixed). Rows are
+validated 50,000 at a time: checking a whole practice holds one chunk in memory, never the practice.
 """
 
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from nvc_pipelines.recall import RecallRules
 from nvc_pipelines.store import Store
 from nvc_pipelines.store.calls import CHANGE_MARGIN
 from resources.store import StoreResource
+
+CHUNK_ROWS = 50_000  # rows validated at a time
 
 
 def _result(report: quality.Report, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
@@ -58,20 +61,21 @@ def _run(
     name: str,
     kind: str,
     fingerprint: str,
-    full: Callable[[list[dict[str, Any]]], quality.Report],
-    changed: Callable[..., quality.Report],
+    suite: Callable[[list[dict[str, Any]]], quality.Report],
+    verdict: Callable[[quality.Report | None, dict[str, int], int, dict[str, list[dict[str, Any]]]], quality.Report],
 ) -> AssetCheckResult:
+    """Run the row-level `suite` on the rows to validate (every row, or those changed since the last
+    pass) a chunk at a time, count the whole practice's invariants in SQL, and let `verdict(suite's
+    outcome, invariants, rows covered, examples)` weigh both. Memory holds one chunk, never a practice."""
     practice_id = context.partition_key
     since, now = _since(context, db, name, fingerprint)
-    if since is None:
-        report = full(db.quality_rows(practice_id, kind))
-        report.counts["scope"] = "every row"
-    else:
-        rows = db.quality_rows(practice_id, kind, since)
-        invariants, total, examples = db.quality_invariants(practice_id, kind, date.today())
-        report = changed(rows, invariants, total, examples)
-        report.counts["scope"] = "changed rows; whole-practice invariants in SQL"
-        report.counts["practice_rows"] = total
+    checked = quality.combine(
+        suite(rows) for rows in db.quality_rows(practice_id, kind, since, size=CHUNK_ROWS) if rows
+    )
+    invariants, total, examples = db.quality_invariants(practice_id, kind, date.today())
+    report = verdict(checked, invariants, total, examples)
+    report.counts["scope"] = "every row" if since is None else "changed rows; whole-practice invariants in SQL"
+    report.counts["practice_rows"] = total
     if report.passed:
         db.advance_check_mark(practice_id, name, now, fingerprint)
     return _result(report)
@@ -89,9 +93,8 @@ def patients_are_valid(context: AssetCheckExecutionContext, store: StoreResource
     share = float(practice.settings.get("min_callable_share", quality.DEFAULT_MIN_CALLABLE_SHARE))
     today = date.today()
 
-    def changed(rows, invariants, total, examples):
-        # The callable share is the whole practice's: the changed rows alone say nothing about it.
-        suite = quality.patients_report(rows, today, 0.0) if rows else None
+    def verdict(suite, invariants, total, examples):
+        # The callable share is the whole practice's, counted in SQL: a chunk alone says nothing about it.
         uncallable = invariants.pop("uncallable")
         callable_share = (total - uncallable) / total if total else 1.0
         invariants["callable_share"] = uncallable if callable_share < share else 0
@@ -106,8 +109,8 @@ def patients_are_valid(context: AssetCheckExecutionContext, store: StoreResource
         "patients_are_valid",
         "patients",
         quality.SUITE_VERSION,
-        lambda rows: quality.patients_report(rows, today, share),
-        changed,
+        lambda rows: quality.patients_report(rows, today, 0.0),
+        verdict,
     )
 
 
@@ -129,18 +132,21 @@ def patients_are_fresh(context: AssetCheckExecutionContext, store: StoreResource
 )
 def appointments_are_valid(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
     db = store.open()
-    practice_id = context.partition_key
 
-    def full(rows):
-        # Merged-away and inactive patients are still known patients.
-        return quality.appointments_report(rows, db.all_patient_ids(practice_id))
+    def suite(rows):
+        # Whether each appointment's patient exists is the SQL invariant's to say (merged-away and
+        # inactive patients are known patients too).
+        return quality.appointments_report(rows, {r["pms_patient_id"] for r in rows})
 
-    def changed(rows, invariants, total, examples):
-        known = {r["pms_patient_id"] for r in rows}  # whether they exist is the SQL invariant's to say
-        suite = quality.appointments_report(rows, known) if rows else None
-        return quality.changed_report(suite, invariants, examples)
-
-    return _run(context, db, "appointments_are_valid", "appointments", quality.SUITE_VERSION, full, changed)
+    return _run(
+        context,
+        db,
+        "appointments_are_valid",
+        "appointments",
+        quality.SUITE_VERSION,
+        suite,
+        lambda suite, invariants, total, examples: quality.changed_report(suite, invariants, examples),
+    )
 
 
 @asset_check(
@@ -154,16 +160,13 @@ def recalls_are_valid(context: AssetCheckExecutionContext, store: StoreResource)
     practice = db.get_practice(context.partition_key)
     rules = RecallRules.from_settings(practice.settings)
 
-    def changed(rows, invariants, total, examples):
-        suite = quality.recalls_report([r | {"patient_active": True} for r in rows], rules) if rows else None
-        return quality.changed_report(suite, invariants, examples)
-
     return _run(
         context,
         db,
         "recalls_are_valid",
         "recalls",
         f"{quality.SUITE_VERSION}:{rules.fingerprint()}",
-        lambda rows: quality.recalls_report(rows, rules),
-        changed,
+        # An inactive patient's recall is the SQL invariant's to count, over the whole practice.
+        lambda rows: quality.recalls_report([r | {"patient_active": True} for r in rows], rules),
+        lambda suite, invariants, total, examples: quality.changed_report(suite, invariants, examples),
     )

@@ -278,10 +278,26 @@ def freshness_report(last_success: datetime | None, now: datetime, max_age_hours
     return Report(passed, {"hours_since_sync": hours, "max_age_hours": max_age_hours}, {}, [], text)
 
 
-# --- the nightly: Great Expectations on what changed, whole-practice invariants in SQL ---------------
+# --- each check: Great Expectations row by row (in chunks), whole-practice invariants in SQL ------------
 
 # Bump when an expectation changes: every row is then validated again once.
 SUITE_VERSION = "1"
+
+
+def combine(reports: Iterable[Report]) -> Report | None:
+    """One suite outcome from the outcomes of its chunks (None for no chunk): failing rows add up,
+    examples are kept up to `MAX_EXAMPLES`, row counts add up."""
+    combined: Report | None = None
+    for report in reports:
+        if combined is None:
+            combined = Report(report.passed, dict(report.counts), dict(report.failures), list(report.examples))
+            continue
+        combined.passed = combined.passed and report.passed
+        combined.counts = {**report.counts, "rows": combined.counts.get("rows", 0) + report.counts.get("rows", 0)}
+        for name, count in report.failures.items():
+            combined.failures[name] = combined.failures.get(name, 0) + count
+        combined.examples += report.examples[: MAX_EXAMPLES - len(combined.examples)]
+    return combined
 
 
 def changed_report(

@@ -107,6 +107,37 @@ def test_bad_stored_rows_fail_with_masked_examples(database_url: str, store: Sto
     assert "Pat1" not in shown and "+15551234567" not in shown and "P•••" in shown
 
 
+def test_a_whole_practice_is_validated_a_chunk_at_a_time_and_nothing_is_missed(
+    database_url: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rows a chunk over five patients: a bad row in one of the chunks is found, the rows of all
+    three chunks are counted, and the share is the whole practice's."""
+    import assets.checks
+
+    monkeypatch.setattr(assets.checks, "CHUNK_ROWS", 2)
+    _csv(tmp_path / "export.csv", 5)
+    store.add_practice("q-chunks", "Q", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("practices", ["q-chunks"])
+        assert _run("q-chunks", instance).success
+        with store.begin_owner() as conn:
+            last = conn.execute(
+                text("SELECT max(pms_patient_id) FROM patients WHERE practice_id = 'q-chunks'")
+            ).scalar_one()
+            conn.execute(
+                text(
+                    "UPDATE patients SET phones = ARRAY['+15551234567'] WHERE practice_id = 'q-chunks' AND pms_patient_id = :r"
+                ),
+                {"r": last},
+            )
+        checks = _checks(_run("q-chunks", instance))
+    bad = checks["patients_are_valid"]
+    assert not bad.passed and bad.metadata["scope"].value == "every row"
+    assert bad.metadata["failures"].value == {"phones_valid_uk_e164": 1}
+    assert bad.metadata["rows"].value == 5 and bad.metadata["practice_rows"].value == 5
+    assert [e["check"] for e in bad.metadata["examples"].value] == ["phones_valid_uk_e164"]
+
+
 def test_reports_catch_each_rule() -> None:
     rows = [
         {

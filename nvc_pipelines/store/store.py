@@ -1014,9 +1014,13 @@ class Store:
 
     # --- what the data-quality checks read -----------------------------------------------------------
 
-    def quality_rows(self, practice_id: str, kind: str, since: datetime | None = None) -> list[dict[str, Any]]:
-        """The rows a check validates: active patients, active appointments, or recalls with their
-        patient's state; only those written after `since` when given (the nightly's changed rows)."""
+    def quality_rows(
+        self, practice_id: str, kind: str, since: datetime | None = None, *, size: int = 50_000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The rows a check validates, `size` at a time from one server-side cursor: active patients,
+        active appointments, or recalls with their patient's state; only those written after `since`
+        when given (the nightly's changed rows). In chunks, so validating a whole practice holds one
+        chunk, never the practice."""
         queries = {
             "patients": "SELECT pms_patient_id, first_name, last_name, phones, date_of_birth, last_eye_test_date, "
             "risk_flags FROM patients WHERE practice_id = :p AND active",
@@ -1033,7 +1037,11 @@ class Store:
         }
         sql = queries[kind] + (changed[kind] if since is not None else "")
         with self.begin(practice_id) as conn:
-            return [dict(r) for r in conn.execute(text(sql), {"p": practice_id, "since": since}).mappings()]
+            rows = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
+                text(sql), {"p": practice_id, "since": since}
+            )
+            for chunk in rows.mappings().partitions(size):
+                yield [dict(r) for r in chunk]
 
     # The whole-practice invariants of each check, as SQL aggregates (name -> rows that break it), and
     # the query that shows a few of those rows. They are what a changed-only nightly cannot see in the
