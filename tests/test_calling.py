@@ -564,3 +564,22 @@ def test_a_nightly_placing_only_what_changed_gives_the_list_a_full_build_gives(s
     assert _rows(store, family) == changed_only
     assert {k: v for k, v in nightly.items() if k not in ("mode", "placed_again")} == whole
     assert store.call_list_violations(family) == []
+
+
+def test_a_list_placed_a_few_people_at_a_time_is_the_list_placed_at_once(
+    store: Store, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebuild reads and places due people in batches (never a whole practice in memory): with
+    two people a batch, a household split across batches, calls on record and a snooze, the list
+    and its counts are the ones a single batch gives."""
+    from nvc_pipelines.store import calls
+
+    writeback.add_call_event(store, family, "call_outcome", "bt-1", "S1", "-", "no_answer")
+    writeback.add_call_event(store, family, "call_outcome", "bt-2", "H2", "-", "call_back_later")
+    now = datetime.now(UTC)
+    at_once = store.rebuild_call_list(family, now=now, settings=SETTINGS)
+    whole = _rows(store, family)
+    monkeypatch.setattr(calls, "GATHER_BATCH", 2)
+    assert store.rebuild_call_list(family, now=now, settings=SETTINGS) == at_once
+    assert _rows(store, family) == whole
+    assert sum(1 for row in whole if row[3]) >= 2 and store.call_list_violations(family) == []

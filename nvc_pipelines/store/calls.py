@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -52,6 +52,7 @@ _REFS = [
     "CREATE TEMP TABLE due_refs ON COMMIT DROP AS "
     "SELECT d.patient_id, u.ref FROM due_people d CROSS JOIN LATERAL unnest(d.refs) AS u(ref)",
     "CREATE INDEX ON due_refs (ref)",
+    "CREATE INDEX ON due_refs (patient_id)",
     "ANALYZE due_refs",
 ]
 _BOOKED = """
@@ -77,49 +78,72 @@ _SCOPE = (
 )
 
 
-def _gather(conn: Connection, practice_id: str, today: date, now: datetime, scope: Scope | None) -> list[DuePerson]:
+GATHER_BATCH = 5000  # due people placed and written at a time
+
+
+def _gather(conn: Connection, practice_id: str, today: date, now: datetime, scope: Scope | None) -> None:
+    """Fill the `due_people` and `due_refs` temp tables: who is due, booked, or suppressed."""
     params: dict[str, Any] = {"p": practice_id, "today": today, "now": now}
     sql = _GATHER.replace("{scope}", _SCOPE if scope else "")
     if scope:
         params |= {"ids": sorted(scope.patient_ids), "phones": sorted(scope.phones)}
     conn.execute(text("DROP TABLE IF EXISTS due_people, due_refs"))
     conn.execute(text(sql), params)
+    conn.execute(text("CREATE UNIQUE INDEX ON due_people (patient_id)"))
     conn.execute(text("ANALYZE due_people"))  # a temp table has no statistics: the joins below need them
     for statement in _REFS:
         conn.execute(text(statement))
     conn.execute(text(_BOOKED), {"p": practice_id, "now": now})
     conn.execute(text(_SUPPRESSED), {"p": practice_id})
-    people = {
-        r.patient_id: DuePerson(
-            patient_id=r.patient_id,
-            pms_patient_id=r.pms_patient_id,
-            first_name=r.first_name,
-            last_name=r.last_name,
-            date_of_birth=r.date_of_birth,
-            due_date=r.due_date,
-            reason=r.reason,
-            phones=list(r.phones),
-            status=r.pms_status,
-            status_date=r.status_date,
-            phone_recall=r.phone_recall,
-            no_recall=r.no_recall,
-            channels=None if r.contact_channels is None else list(r.contact_channels),
-            guardian_name=r.guardian_name,
-            booked=r.booked,
-            suppressed=r.suppressed,
+
+
+def _due_batches(conn: Connection, practice_id: str, size: int) -> Iterator[list[DuePerson]]:
+    """The gathered due people, `size` at a time in patient order, each with their call events: a
+    person's placement needs only their own record and calls, so a practice is placed a batch at a
+    time and never held whole."""
+    after = 0
+    while True:
+        rows = conn.execute(
+            text("SELECT * FROM due_people WHERE patient_id > :after ORDER BY patient_id LIMIT :n"),
+            {"after": after, "n": size},
+        ).all()
+        if not rows:
+            return
+        after = rows[-1].patient_id
+        people = {
+            r.patient_id: DuePerson(
+                patient_id=r.patient_id,
+                pms_patient_id=r.pms_patient_id,
+                first_name=r.first_name,
+                last_name=r.last_name,
+                date_of_birth=r.date_of_birth,
+                due_date=r.due_date,
+                reason=r.reason,
+                phones=list(r.phones),
+                status=r.pms_status,
+                status_date=r.status_date,
+                phone_recall=r.phone_recall,
+                no_recall=r.no_recall,
+                channels=None if r.contact_channels is None else list(r.contact_channels),
+                guardian_name=r.guardian_name,
+                booked=r.booked,
+                suppressed=r.suppressed,
+            )
+            for r in rows
+        }
+        events = conn.execute(
+            text(
+                "SELECT r.patient_id, e.outcome, e.occurred_at, e.phone, e.recall_due_date FROM due_refs r "
+                "JOIN call_events e ON e.practice_id = :p AND e.pms_patient_id = r.ref "
+                "WHERE r.patient_id > :first AND r.patient_id <= :last ORDER BY e.occurred_at"
+            ),
+            {"p": practice_id, "first": rows[0].patient_id - 1, "last": after},
         )
-        for r in conn.execute(text("SELECT * FROM due_people"))
-    }
-    events = conn.execute(
-        text(
-            "SELECT r.patient_id, e.outcome, e.occurred_at, e.phone, e.recall_due_date FROM due_refs r "
-            "JOIN call_events e ON e.practice_id = :p AND e.pms_patient_id = r.ref ORDER BY e.occurred_at"
-        ),
-        {"p": practice_id},
-    )
-    for r in events:
-        people[r.patient_id].events.append(CallEvent(CallOutcome(r.outcome), r.occurred_at, r.phone, r.recall_due_date))
-    return list(people.values())
+        for r in events:
+            people[r.patient_id].events.append(
+                CallEvent(CallOutcome(r.outcome), r.occurred_at, r.phone, r.recall_due_date)
+            )
+        yield list(people.values())
 
 
 class Scope:
@@ -151,30 +175,29 @@ def rebuild(
 ) -> dict[str, Any]:
     """Place the practice's due people again (all of them, or those in `scope`) and replace their
     rows of the call list; returns counts by reason (for the whole practice)."""
-    people = _gather(conn, practice_id, today, now, scope)
-    numbers = sorted({p for person in people for p in person.phones})
-    last_calls = dict(
-        conn.execute(
-            text(
-                "SELECT phone, max(occurred_at) FROM call_events WHERE practice_id = :p AND phone = ANY(:phones) "
-                "AND occurred_at > :since GROUP BY phone"
-            ),
-            {"p": practice_id, "phones": numbers, "since": now - timedelta(days=2)},
-        ).all()
-    )
-    placements = place(people, last_calls, settings, now)
-    by_id = {p.patient_id: p for p in people}
+    _gather(conn, practice_id, today, now, scope)
     if scope is None:
         conn.execute(text("DELETE FROM call_list WHERE practice_id = :p"), {"p": practice_id})
     else:
         conn.execute(
             text(
                 "DELETE FROM call_list WHERE practice_id = :p AND (patient_id = ANY(:ids) "
-                "OR (listed AND phone = ANY(:phones)))"
+                "OR patient_id IN (SELECT patient_id FROM due_people) OR (listed AND phone = ANY(:phones)))"
             ),
-            {"p": practice_id, "ids": sorted(scope.patient_ids | set(by_id)), "phones": sorted(scope.phones)},
+            {"p": practice_id, "ids": sorted(scope.patient_ids), "phones": sorted(scope.phones)},
         )
-    _write(conn, practice_id, placements, by_id)
+    for people in _due_batches(conn, practice_id, GATHER_BATCH):
+        numbers = sorted({p for person in people for p in person.phones})
+        last_calls = dict(
+            conn.execute(
+                text(
+                    "SELECT phone, max(occurred_at) FROM call_events WHERE practice_id = :p AND phone = ANY(:phones) "
+                    "AND occurred_at > :since GROUP BY phone"
+                ),
+                {"p": practice_id, "phones": numbers, "since": now - timedelta(days=2)},
+            ).all()
+        )
+        _write(conn, practice_id, place(people, last_calls, settings, now), {p.patient_id: p for p in people})
     return counts(conn, practice_id)
 
 
