@@ -350,6 +350,8 @@ def clinicians(
             metadata={"pms": str(practice.pms_kind), "listed_by_pms": False, "clinicians": 0, "flagged": 0}
         )
     with goc_register.open() as register:
+        if register.warning:
+            context.log.warning(f"{practice_id}: {register.warning}")
         checks = [goc.check(c, register.lookup) for c in listed]
     goc.save(db, practice_id, checks)
     found = goc.summary(checks)
@@ -364,6 +366,7 @@ def clinicians(
             "flagged": found["flagged"],
             "by_state": MetadataValue.json(found["by_state"]),
             "flags": MetadataValue.json(found["flags"][:50]),
+            "goc_register": register.problem or "configured",
             "duration_seconds": round(time.monotonic() - started, 3),
         }
     )

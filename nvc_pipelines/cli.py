@@ -130,6 +130,12 @@ def practice_connect(
     detail = ", ".join(x for x in (info.practice_name, info.version and f"version {info.version}", info.detail) if x)
     click.secho(f"Connected {practice_.practice_id} ({info.pms}){': ' + detail if detail else ''}", fg="green")
     click.echo("Its partition is registered: sync now with `nvc sync " + practice_id + "` or from the Dagster UI.")
+    if pms != PmsKind.CSV:  # its clinicians are checked against the GOC register before any booking
+        from nvc_pipelines.definitions import goc_register
+
+        with goc_register().open() as register:
+            if register.warning:
+                click.secho(f"Warning: {register.warning}.", fg="yellow")
 
 
 @practice.command("list")

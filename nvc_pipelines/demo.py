@@ -28,10 +28,10 @@ from nvc_pipelines.store.embedded import is_running
 try:
     from sandboxes.acuitas import AcuitasSandbox
     from sandboxes.base import SandboxServer
-    from sandboxes.goc import GocSandbox, Registrant, registrants_for
+    from sandboxes.goc import GocSandbox, Registrant, registrants_for, registrants_for_staff
     from sandboxes.optisoft import OptisoftSandbox
     from sandboxes.optix import OptixSandbox
-    from sandboxes.seed import seed_clinicians, seed_patients
+    from sandboxes.seed import ODD_STAFF, seed_clinicians, seed_patients
     from sandboxes.sycle import DEMO_PASSWORD as SYCLE_DEMO_PASSWORD
     from sandboxes.sycle import DEMO_USERNAME as SYCLE_DEMO_USERNAME
     from sandboxes.sycle import SycleSandbox
@@ -73,17 +73,21 @@ GOC_REGISTER_ENV = "NVC_GOC_REGISTER_URL"
 
 
 def demo_register(sandboxes: dict[str, SandboxServer]) -> dict[str, Registrant]:
-    """The GOC register's entries for every clinician the PMS sandboxes list, all registered."""
+    """The GOC register's entries for every clinician the PMS sandboxes list, all registered, but for
+    the odd cases Acuitas and Optisoft list beside them (`ODD_STAFF`: suspended, erased, not held)."""
     optix: Any = sandboxes["optix"]
+    acuitas: Any = sandboxes["acuitas"]
     sycle: Any = sandboxes["sycle"]
     optisoft: Any = sandboxes["optisoft"]
     entries = registrants_for(seed_clinicians(optix._practice_seed(DEMO_OPTIX_PRACTICE)))
     entries |= registrants_for(sycle.clinicians)
+    entries |= registrants_for(acuitas.optom_codes(DEMO_ACUITAS_DATABASE).values())
     for row in optisoft.select(DEMO_OPTISOFT_PRACTICE, "SELECT Name, GOCNumber FROM Clinicians"):
         number = row["GOCNumber"]
         kind = "optometrist" if str(number).startswith("01-") else "dispensing_optician"
         entries[number] = Registrant(number, row["Name"], kind)
-    return entries
+    odd = {s.goc_number for s in ODD_STAFF}
+    return {n: e for n, e in entries.items() if n and n not in odd} | registrants_for_staff(ODD_STAFF)
 
 
 def start_sandboxes(base_port: int = 8701, patients: int = 50) -> dict[str, SandboxServer]:

@@ -13,8 +13,10 @@ like every other outside system) and keeps the answer per practice (`clinicians`
 A booking that names a clinician goes to the PMS only if that clinician is `registered`, and, for a
 sight test (`eye_test`), registered as an optometrist with an `01-` number; otherwise it fails before
 reaching the PMS with `clinician_not_registered`, `clinician_cannot_sight_test` or
-`clinician_unknown` and the reason (`vet_booking`). Where NVC reads no clinician list from the
-PMS (Acuitas today), a booking naming the PMS's own staff code cannot be checked and is sent as is. A register that is not answering fails it with
+`clinician_unknown` and the reason (`vet_booking`). A booking may name the clinician by the PMS's
+own reference for them (what `read_clinicians` lists) or by their GOC number; the PMS gets its own
+reference. Until the practice's clinicians have been read, a booking naming one waits
+(`clinicians_not_read`, retried). A register that is not answering fails it with
 `register_unavailable`, which the outbox retries. The sync flags every clinician who is not
 registered in its metadata (`flagged`). Core: no Dagster, no resource; the register is passed in.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -41,6 +43,8 @@ SIGHT_TESTERS = frozenset({"optometrist"})
 # Problems a refused booking ends with (not retried); `register_unavailable` is retried.
 REFUSALS = frozenset({"clinician_not_registered", "clinician_cannot_sight_test", "clinician_unknown"})
 REGISTER_UNAVAILABLE = "register_unavailable"
+# A booking naming a clinician before the practice's clinicians were read; retried (a sync reads them).
+CLINICIANS_NOT_READ = "clinicians_not_read"
 
 
 class RegistrationState(StrEnum):
@@ -265,31 +269,36 @@ def _from_row(r: Any) -> ClinicianCheck:
 
 def vet_booking(
     store: Any, practice_id: str, booking: BookingRequest, lookup: Lookup, now: datetime | None = None
-) -> None:
-    """Raise `ClinicianRefused` unless the clinician the booking names may take it (a booking naming
-    no clinician passes: the practice's diary decides). The clinician is the one NVC read from the
-    PMS under that reference, or, where a PMS's reference is the GOC number itself (Optisoft), that
-    number; a cached register answer older than `CACHE_FOR` is asked again (and kept)."""
+) -> BookingRequest:
+    """The booking as the PMS should get it, or `ClinicianRefused` unless the clinician it names may
+    take it (a booking naming no clinician passes: the practice's diary decides). The clinician is
+    one the PMS lists now (as NVC last read it), named by the PMS's own reference (a staff id, an
+    Acuitas user code, Optisoft's GOC number) or by their GOC number, which becomes that reference.
+    A cached register answer older than `CACHE_FOR` is asked again (and kept)."""
     ref = (booking.clinician_ref or "").strip()
     if not ref:
-        return
+        return booking
     stamp = now or datetime.now(UTC)
-    known = {c.pms_clinician_ref: c for c in load(store, practice_id)}
-    current = known.get(ref)
+    listed = load(store, practice_id, listed_only=True)
+    current = next((c for c in listed if c.pms_clinician_ref == ref), None)
+    number = normalise_goc_number(ref)
+    if current is None and number is not None:
+        current = next((c for c in listed if normalise_goc_number(c.goc_number) == number), None)
+    if current is None and not listed:
+        # The practice's clinicians have not been read yet (its first sync has not reached them, or
+        # their step failed): wait for the sync rather than send a clinician no one has checked.
+        raise ClinicianRefused(
+            CLINICIANS_NOT_READ,
+            f"the booking names clinician {ref[:40]!r}, but NVC has not read practice {practice_id}'s clinicians "
+            "from its PMS yet; will retry after its next sync (`nvc clinicians PRACTICE --refresh` reads them now)",
+        )
     if current is None:
-        number = normalise_goc_number(ref)
-        if number is None and not known:
-            # NVC reads no clinician list from this practice's PMS (Acuitas today): its own staff code
-            # cannot be checked, and refusing every booking that names one would stop the practice's
-            # bookings altogether. The PMS's own rules apply; `nvc clinicians` says the list is unread.
-            return
-        if number is None:
-            raise ClinicianRefused(
-                "clinician_unknown",
-                f"the booking names clinician {ref[:40]!r}, whom NVC has not read from the practice's PMS with a GOC "
-                "number; sync the practice (`nvc clinicians PRACTICE` lists who may be named) or book without one",
-            )
-        current = ClinicianCheck(ref, "", "", ref, RegistrationState.UNVERIFIED)
+        raise ClinicianRefused(
+            "clinician_unknown",
+            f"the booking names clinician {ref[:40]!r}, whom the practice's PMS does not list (as NVC last read "
+            "it); sync the practice (`nvc clinicians PRACTICE` lists who may be named) or book without one",
+        )
+    ref = current.pms_clinician_ref
     stale = current.checked_at is None or stamp - current.checked_at > CACHE_FOR
     if current.goc_number and stale and current.state != RegistrationState.INVALID_NUMBER:
         fresh = check(Clinician(practice_id, ref, current.name, current.goc_number, current.role), lookup, stamp)
@@ -311,3 +320,6 @@ def vet_booking(
             f"{who} may not carry out a sight test: "
             f"{current.reason or 'a sight test needs a registered optometrist (01-)'}",
         )
+    if booking.clinician_ref == ref:
+        return booking
+    return replace(booking, clinician_ref=ref)

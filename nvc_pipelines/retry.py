@@ -32,7 +32,8 @@ TRANSIENT_PROBLEMS = frozenset(
 # outbox's window: a booking made on a call waits for that rather than failing at once. A sync step
 # does not retry them (its next scheduled run will), nor does a write within its call.
 FIXED_BY_PEOPLE = frozenset({"tls_certificate", "session_expired"})
-OUTBOX_RETRY_PROBLEMS = TRANSIENT_PROBLEMS | FIXED_BY_PEOPLE
+# A booking naming a clinician before the practice's clinicians were read waits for its next sync.
+OUTBOX_RETRY_PROBLEMS = TRANSIENT_PROBLEMS | FIXED_BY_PEOPLE | {"clinicians_not_read"}
 
 
 def is_transient(problem: str) -> bool:

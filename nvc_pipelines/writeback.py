@@ -321,11 +321,12 @@ def deliver(
     limit: int = 500,
     max_attempts: int = MAX_ATTEMPTS,
     log: Callable[[str], None] | None = None,
-    vet: Callable[[BookingRequest], None] | None = None,
+    vet: Callable[[BookingRequest], BookingRequest] | None = None,
 ) -> DeliveryReport:
     """Write every due outbox row of the practice into its PMS once; time out bookings whose
     appointment has started; alert once for each row that now needs action. `vet(booking)` runs
-    before a booking is sent and raises `ClinicianRefused` (with its `problem`) when it may not be."""
+    before a booking is sent: the booking as the PMS should get it (its clinician as the PMS names
+    them), or `ClinicianRefused` (with its `problem`) when it may not be sent."""
     report = DeliveryReport()
     for row in _time_out(store, practice_id):
         report.timed_out += 1
@@ -348,7 +349,7 @@ def _deliver_due(
     limit: int,
     max_attempts: int,
     log: Callable[[str], None] | None,
-    vet: Callable[[BookingRequest], None] | None = None,
+    vet: Callable[[BookingRequest], BookingRequest] | None = None,
 ) -> None:
     for row in _claim(store, practice_id, limit):
         payload = row.payload
@@ -364,7 +365,7 @@ def _deliver_due(
                     payload.get("notes"),
                 )
                 if vet is not None:
-                    vet(booking)  # before the PMS: a clinician who may not take it fails it here
+                    booking = vet(booking)  # before the PMS: a clinician who may not take it fails it here
                 result = writer.create_appointment(booking)
                 record_id, created = result.pms_appointment_id, result.created
             else:

@@ -17,6 +17,8 @@ a guess: a guess could phone someone the practice has marked not to be).
 The diary has no idempotency key, so a booking carries `nvc_marker(key)` at the start of its
 `Comments` and is looked up (by patient and day) before it is made and after any response that was
 lost. Call outcomes and call attempts both go to the patient's call notes, marked in `Reference`.
+A booking's clinician is an Acuitas user code (`Optom`); `GET /clinicians` lists them with the GOC
+number Acuitas holds for each (modelled, like the sandbox).
 
 Every error becomes a `PmsError` with a stable `problem` code and what the practice should check.
 The password and the session token travel only in the login body and the token header: no message
@@ -41,6 +43,7 @@ from nvc_pipelines.model import (
     BookingRequest,
     BookingResult,
     ClinicalRecord,
+    Clinician,
     NoteKind,
     NoteResult,
     PatientNote,
@@ -729,6 +732,21 @@ class AcuitasClient(PmsClientBase):
             lambda d: build_clinical(practice_id, d, today),
             lambda r: r.pms_record_id,
         )
+
+    def read_clinicians(self) -> list[Clinician]:
+        """The users the diary books against (`GET /clinicians`, modelled), by their user code (a
+        booking's `Optom`), with the GOC number Acuitas holds for each (`""`: none)."""
+        latest, _ = self._latest(self._iter_list(f"{self._prefix}/clinicians", None, "clinician"), "UserCode")
+        return [
+            Clinician(
+                self.practice.practice_id,
+                code.upper(),
+                _text(row.get("FullName")) or "",
+                _text(row.get("GOCNumber")),
+                _text(row.get("JobTitle")) or "",
+            )
+            for code, row in latest.items()
+        ]
 
     # --- writes ------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import httpx
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 
 from nvc_pipelines.goc import RegisterEntry, RegisterUnavailable
 from resources.http import CaBundleError, HttpStatusError, PmsHttp, UnsafeUrl
@@ -48,6 +48,16 @@ class GocRegister:
             )
         except (UnsafeUrl, CaBundleError) as exc:
             self.problem = f"the GOC register URL cannot be used: {exc}"
+
+    @property
+    def warning(self) -> str:
+        """What an operator must learn at once when the register cannot be asked at all ("" when it can)."""
+        if not self.problem:
+            return ""
+        return (
+            f"{self.problem}: every clinician stays unverified, and a booking naming one waits "
+            "(register_unavailable) and then dead-letters"
+        )
 
     def lookup(self, number: str) -> RegisterEntry | None:
         """The register's entry for a GOC number, None when it is not on the register."""
@@ -91,8 +101,11 @@ class GocRegisterResource(ConfigurableResource):
     backoff_seconds: float = 0.5
 
     def open(self) -> GocRegister:
+        # Outside a Dagster run (`nvc clinicians --refresh`, `nvc practice connect`) an `EnvVar` is
+        # not resolved for us: it would be taken for the URL itself.
+        url = self.register_url.get_value() if isinstance(self.register_url, EnvVar) else self.register_url
         return GocRegister(
-            self.register_url,
+            url,
             timeout_seconds=self.timeout_seconds,
             max_attempts=self.max_attempts,
             backoff_seconds=self.backoff_seconds,

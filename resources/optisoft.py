@@ -10,7 +10,8 @@ Every call is one named operation, `POST /relay/v1/practices/{code}/query` with
 (`{"data": {"columns", "rows", "more"}}` for reads). Reads page by keyset on `(ModifiedDate, id)`.
 Optisoft keeps times as UK wall-clock time, so times go out as Europe/London local time and come
 back to UTC through `parse_pms_datetime`. Bookings go into the Diary against a GOC-registered
-clinician, which is checked before anything is written; each write carries `nvc_marker(key)` so a
+clinician, which is checked before anything is written (`clinicians.list` lists them for the GOC
+checks; a clinician's reference is their GOC number); each write carries `nvc_marker(key)` so a
 retry finds the first write instead of booking twice. Every error becomes a `PmsError` with a stable
 `problem` code and what to check; the database login never appears in a message or a log line.
 
@@ -52,6 +53,7 @@ from nvc_pipelines.model import (
     BookingRequest,
     BookingResult,
     ClinicalRecord,
+    Clinician,
     NoteKind,
     NoteResult,
     PatientNote,
@@ -651,6 +653,22 @@ class OptisoftClient(PmsClientBase):
             lambda r: r.pms_record_id,
             source_ref=self._scope("exams", since),
         )
+
+    def read_clinicians(self) -> list[Clinician]:
+        """Admin > Clinicians (`clinicians.list`): the active clinicians with the GOC number Optisoft
+        holds. Optisoft's diary books by that number, so it is their reference; one without a number
+        is `clinician-<ClinicianID>` (no booking can name them). One who is not active has left the
+        practice and is not listed (Optisoft refuses bookings for them)."""
+        out = []
+        for row in self._rows("clinicians.list"):
+            clinician_id = _text(row.get("ClinicianID"))
+            if clinician_id is None or not ticked(row.get("Active"), unreadable=True):
+                continue
+            number = str(row.get("GOCNumber") or "").strip() or None
+            ref = number or f"clinician-{clinician_id}"
+            name, role = str(row.get("Name") or ""), str(row.get("Role") or "")
+            out.append(Clinician(self.practice.practice_id, ref, name, number, role))
+        return out
 
     # --- PmsClient: writes -----------------------------------------------------------------------
 

@@ -20,7 +20,11 @@ The dialect the client has to cope with:
   `RecallConsent` (`Agreed`, `Rejected`, `To Be Completed`, `Expired`) and `Channels` with
   `Telephone`, `SMS` and `Email` each `OptIn`, `OptOut` or `""` (never asked);
 - errors as `{"Status": "Error", "ErrorCode", "Message"}`;
-- the diary has no idempotency key: a booking is found again by what was written into `Comments`.
+- the diary has no idempotency key: a booking is found again by what was written into `Comments`;
+- `GET /clinicians` (modelled: Acuitas publishes no API reference) lists the users the diary books
+  against, `{"UserCode", "FullName", "JobTitle", "GOCNumber"}` (`""` when none is held), paged like
+  the other lists; a booking's `Optom` is a `UserCode`. Beside the seeded clinicians every database
+  lists `seed.ODD_STAFF` (a suspended, an erased and an unregistered number, a mistyped one, none).
 """
 
 from __future__ import annotations
@@ -31,17 +35,20 @@ import re
 import secrets
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from nvc_pipelines.normalise import find_nvc_reference
 from sandboxes.base import HttpProblem, Request, Response, SandboxServer
 from sandboxes.seed import (
+    ODD_STAFF,
     SeedClinical,
     SeedClinician,
     SeedPatient,
+    SeedStaff,
     seed_appointments,
     seed_clinical_records,
     seed_clinicians,
@@ -80,6 +87,7 @@ RECORD_STATUS_CODES: dict[str, str] = {"active": "ACT", "deceased": "DEC", "gone
 _PRACTICE_NAMES = ("Opticians", "Eyecare", "Optometrists", "Vision Centre")
 _TITLES = {"mr", "mrs", "ms", "miss", "mx", "dr", "prof", "sir", "dame", "rev"}
 
+P = TypeVar("P", bound=SeedClinician | SeedStaff)
 PATIENT_BASE = 100_000
 APPOINTMENT_BASE = 500_000
 EXAM_BASE = 800_000
@@ -113,9 +121,10 @@ def _optom_code_base(name: str) -> str:
     return (letters[0][0] + letters[-1][:2]).upper()
 
 
-def acuitas_optoms(clinicians: list[SeedClinician]) -> dict[str, SeedClinician]:
-    """Acuitas user codes (initials: first-name initial + two letters of the surname) per clinician."""
-    codes: dict[str, SeedClinician] = {}
+def acuitas_optoms(clinicians: Sequence[P]) -> dict[str, P]:
+    """Acuitas user codes (initials: first-name initial + two letters of the surname) per clinician
+    (or member of staff): the first in the list keeps the plain code."""
+    codes: dict[str, P] = {}
     for clinician in clinicians:
         base = code = _optom_code_base(clinician.name)
         n = 1
@@ -233,6 +242,7 @@ class _Database:
     exam_ids: list[int]
     exam_optom: dict[int, str]
     optoms: dict[str, SeedClinician]
+    staff: dict[str, SeedStaff]  # other users the practice lists (`ODD_STAFF`): bookable, never seeded in the diary
     call_notes: dict[int, list[_CallNote]] = field(default_factory=dict)
     rendered: dict[int, dict[str, Any]] = field(default_factory=dict)
     filtered: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (list, since) -> ids
@@ -296,6 +306,7 @@ class AcuitasSandbox(SandboxServer):
             self.route("GET", BASE + "/diary", self._list_diary)
             self.route("POST", BASE + "/diary", self._book)
             self.route("GET", BASE + "/clinical", self._list_clinical)
+            self.route("GET", BASE + "/clinicians", self._list_clinicians)
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
@@ -315,7 +326,9 @@ class AcuitasSandbox(SandboxServer):
     def _seed(self, database: str) -> _Database:
         seed = database_seed(self.seed, database)
         records = seed_patients(self.databases[database], seed=seed, today=self.today)
-        optoms = acuitas_optoms(seed_clinicians(seed))
+        users = acuitas_optoms([*seed_clinicians(seed), *ODD_STAFF])
+        optoms = {code: c for code, c in users.items() if isinstance(c, SeedClinician)}
+        staff = {code: s for code, s in users.items() if isinstance(s, SeedStaff)}
         code_of = {c.code: code for code, c in optoms.items()}
         diary: dict[int, _DiaryEntry] = {}
         for a in seed_appointments(records, seed=seed, today=self.today):
@@ -345,6 +358,7 @@ class AcuitasSandbox(SandboxServer):
             exam_ids=sorted(exams),
             exam_optom={i: code_of[c.clinician.code] for i, c in exams.items()},
             optoms=optoms,
+            staff=staff,
             next_appointment=max(diary, default=APPOINTMENT_BASE) + 1,
         )
         for entry in diary.values():
@@ -362,6 +376,10 @@ class AcuitasSandbox(SandboxServer):
 
     def optom_codes(self, database: str) -> dict[str, SeedClinician]:
         return dict(self._load(database).optoms)
+
+    def staff_codes(self, database: str) -> dict[str, SeedStaff]:
+        """The other users the database lists as clinicians (`ODD_STAFF`), by Acuitas user code."""
+        return dict(self._load(database).staff)
 
     def diary_entries(self, database: str) -> list[dict[str, Any]]:
         """Every diary entry as the API renders it, in id order."""
@@ -732,6 +750,25 @@ class AcuitasSandbox(SandboxServer):
             ids = self._filtered(data, "clinical", data.exam_ids, lambda i: data.exams[i].updated_at, since)
             return self._page(ids, offset, limit, lambda i: self._render_exam(data, i))
 
+    def _list_clinicians(self, request: Request) -> Response:
+        """The users the diary can book against (`Optom` codes) with the GOC number Acuitas holds for
+        each ("" when none), in user-code order: seeded clinicians, then `ODD_STAFF`."""
+        _, data = self._authorise(request)
+        offset, limit = self._paging(request)
+        users: dict[str, tuple[str, str, str]] = {}
+        for code, c in data.optoms.items():
+            role = "Optometrist" if c.goc_number.startswith("01-") else "Dispensing Optician"
+            users[code] = (c.name, role, c.goc_number)
+        for code, s in data.staff.items():
+            users[code] = (s.name, s.role, s.goc_number or "")
+        codes = sorted(users)
+
+        def render(i: int) -> dict[str, Any]:
+            name, role, number = users[codes[i]]
+            return {"UserCode": codes[i], "FullName": name, "JobTitle": role, "GOCNumber": number}
+
+        return self._page(list(range(len(codes))), offset, limit, render)
+
     def _list_call_notes(self, request: Request) -> Response:
         _, data = self._authorise(request)
         offset, limit = self._paging(request)
@@ -782,7 +819,7 @@ class AcuitasSandbox(SandboxServer):
         if kind not in TYPE_CODES.values():
             raise _error(400, "VALIDATION_ERROR", f"AppointmentType must be one of {', '.join(TYPE_CODES.values())}.")
         optom = self._text(body, "Optom", 10).strip().upper() or None
-        if optom is not None and optom not in data.optoms:
+        if optom is not None and optom not in data.optoms and optom not in data.staff:
             raise _error(400, "VALIDATION_ERROR", f"Optom '{optom}' is not a user code in this practice.")
         comments = self._text(body, "Comments", COMMENTS_MAX)
         if start < datetime.now(UK_TZ).replace(tzinfo=None):

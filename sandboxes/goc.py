@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sandboxes.base import Request, Response, SandboxServer, plain_problem
-from sandboxes.seed import SeedClinician
+from sandboxes.seed import SeedClinician, SeedStaff
 
 BASE = "/api/registrants"
 STATUSES = frozenset({"registered", "suspended", "erased"})
@@ -39,6 +39,17 @@ def registrants_for(clinicians: Iterable[SeedClinician], **status: str) -> dict[
     for c in clinicians:
         kind = "optometrist" if c.goc_number.startswith("01-") else "dispensing_optician"
         out[c.goc_number] = Registrant(c.goc_number, c.name, kind, status.get(c.goc_number, "registered"))
+    return out
+
+
+def registrants_for_staff(staff: Iterable[SeedStaff]) -> dict[str, Registrant]:
+    """Register entries for seeded staff whose number the register holds (`SeedStaff.register_status`);
+    a number it does not hold, an invalid one and a missing one get none."""
+    out = {}
+    for s in staff:
+        if s.goc_number and s.register_status and _NUMBER.fullmatch(s.goc_number):
+            kind = "optometrist" if s.goc_number.startswith("01-") else "dispensing_optician"
+            out[s.goc_number] = Registrant(s.goc_number, s.name, kind, s.register_status)
     return out
 
 

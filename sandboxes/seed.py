@@ -453,6 +453,30 @@ class SeedClinician:
     goc_number: str
 
 
+@dataclass(frozen=True, slots=True)
+class SeedStaff:
+    """Staff a PMS lists beside its seeded clinicians, for the GOC checks' odd cases: the GOC number
+    as the practice typed it (None: the PMS holds none) and the register's status for it (None: the
+    number is not on the register)."""
+
+    code: str
+    name: str
+    role: str
+    goc_number: str | None
+    register_status: str | None
+
+
+# The same in every practice of the PMS sandboxes that list them (Acuitas, Optisoft); the numbers lie
+# outside the seeded clinicians' (10000-39999) and Optisoft's leaver's (40000-49999).
+ODD_STAFF: tuple[SeedStaff, ...] = (
+    SeedStaff("S91", "Hannah Price", "Optometrist", "01-52841", "suspended"),
+    SeedStaff("S92", "Owen Lloyd", "Dispensing Optician", "02-53917", "erased"),
+    SeedStaff("S93", "Ravi Shah", "Locum Optometrist", "01-61204", None),  # well formed, not on the register
+    SeedStaff("S94", "Megan Hughes", "Optometrist", "O1-27735", None),  # typed with a letter O: invalid
+    SeedStaff("S95", "Claire Dunn", "Optical Assistant", None, None),  # no GOC number held
+)
+
+
 @dataclass(slots=True)
 class SeedAppointment:
     index: int

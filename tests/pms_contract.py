@@ -33,7 +33,7 @@ from nvc_pipelines.model import (
     PatientNote,
     PatientStatus,
 )
-from resources.protocol import ConnectionInfo, PmsClient, PmsConnectionFailed, PmsError
+from resources.protocol import ClinicianSource, ConnectionInfo, PmsClient, PmsConnectionFailed, PmsError
 
 TODAY = date.today()
 
@@ -72,6 +72,19 @@ class PmsContract:
         assert all(set(p.risk_flags) <= RISK_FLAGS for p in result.patients)
         assert any(p.pms_recall_due_date for p in result.patients)
         assert any(p.risk_flags for p in result.patients)
+
+    def test_clinicians_are_listed_with_the_goc_numbers_the_pms_holds(self, client) -> None:
+        """Each PMS lists its clinicians in its own dialect: one reference each (what a booking names),
+        the booking's clinician among them, optometrists (01-) and a dispensing optician (02-)."""
+        assert isinstance(client, ClinicianSource)
+        listed = client.read_clinicians()
+        refs = [c.pms_clinician_ref for c in listed]
+        assert refs and len(refs) == len(set(refs)) and all(r and r == r.strip() for r in refs)
+        assert all(c.practice_id == client.practice.practice_id for c in listed)
+        if self.clinician_ref:
+            assert self.clinician_ref in refs
+        numbers = [c.goc_number or "" for c in listed]
+        assert any(n.startswith("01-") for n in numbers) and any(n.startswith("02-") for n in numbers)
 
     def test_status_contact_preferences_and_guardians(self, client, sandbox) -> None:
         """The PMS's own words for deceased, moved away, archived, "no phone recall", consent, a

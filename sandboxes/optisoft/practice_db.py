@@ -329,6 +329,7 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
     """Create the schema and fill it as years of use would: `spec` has `patients`, `seed`, `today`
     (ISO, optional), `practiceName` (optional) and `users` (`username`, `passwordHash`, `canWrite`)."""
     from sandboxes.seed import (
+        ODD_STAFF,
         SeedClinician,
         seed_appointments,
         seed_clinical_records,
@@ -369,7 +370,10 @@ def install(db: PracticeDb, spec: dict[str, Any]) -> None:
                         0 if c is leaver else 1,
                     )
                     for c in [*clinicians, leaver]
-                ],
+                ]
+                # Staff beside them for the GOC checks' odd cases (suspended, erased, not on the
+                # register, a mistyped number, none): active, after the leaver.
+                + [(len(clinician_ids) + n, s.name, s.goc_number, s.role, 1) for n, s in enumerate(ODD_STAFF, 1)],
             )
             db.executemany(
                 "INSERT INTO DbUsers (Username, PasswordHash, CanWrite) VALUES (?, ?, ?)",
@@ -691,6 +695,12 @@ def _op_clinicians_get(db: PracticeDb, params: dict[str, Any], user: dict[str, A
     return {"columns": columns, "rows": rows, "more": False}
 
 
+def _op_clinicians_list(db: PracticeDb, params: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """Admin > Clinicians: every clinician on file (a practice has a handful), active or not."""
+    columns, rows = db.rows("SELECT ClinicianID, Name, GOCNumber, Role, Active FROM Clinicians ORDER BY ClinicianID")
+    return {"columns": columns, "rows": rows, "more": False}
+
+
 def _op_diary_find(db: PracticeDb, params: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
     columns, rows = db.rows(
         "SELECT DiaryID, PatientID, StartDateTime, Status FROM Diary WHERE instr(Comment, ?) > 0 ORDER BY DiaryID",
@@ -813,6 +823,7 @@ READ_OPERATIONS: dict[str, Operation] = {
     "appointments.list": _op_appointments_list,
     "exams.list": _op_exams_list,
     "clinicians.get": _op_clinicians_get,
+    "clinicians.list": _op_clinicians_list,
     "diary.find": _op_diary_find,
     "contactlog.find": _op_contactlog_find,
 }
