@@ -10,6 +10,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
@@ -55,6 +56,34 @@ ALLOW_DROP_TAG = "nvc/allow_drop"
 # seconds, named once, instead of minutes of step retries; scheduled runs keep their patient retries.
 INTERACTIVE_TAG = "nvc/interactive"
 VOLUME_CHECK = "volume_drop_within_limit"
+
+
+@contextmanager
+def pms_client(context: AssetExecutionContext, db: Store, practice: Practice, pms: PmsGateway) -> Iterator[PmsClient]:
+    """The practice's PMS client for one step, closed after it. A PMS that fails while it is open
+    fails the step with its reason; a scheduled run retries one briefly down or throttling with
+    backoff (a wrong key fails at once), a sync someone waits for at a shell tries twice and stops."""
+    interactive = context.run.tags.get(INTERACTIVE_TAG) == "true"
+    try:
+        client = pms.open(
+            practice,
+            db.practice_credentials(practice.practice_id),
+            max_attempts=INTERACTIVE_ATTEMPTS if interactive else None,
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+    except (PmsError, UnsupportedPms) as exc:
+        problem = getattr(exc, "problem", "unsupported_pms")
+        if not interactive and step_retries(problem, context.retry_number):
+            wait = step_wait(context.retry_number)
+            context.log.warning(f"{exc} - retrying in {wait:g} s ({context.retry_number + 1}/{STEP_RETRIES})")
+            raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait) from exc
+        raise Failure(
+            description=str(exc),
+            metadata={"pms": str(practice.pms_kind), "problem": problem, "attempts": context.retry_number + 1},
+        ) from None
 
 
 def _connected_practice(store: Store, practice_id: str) -> Practice:
@@ -169,12 +198,8 @@ def sync_stream(
             seen.add(records, rejected)
             yield records, rejected
 
-    interactive = tags.get(INTERACTIVE_TAG) == "true"
     try:
-        client = pms.open(
-            practice, db.practice_credentials(practice_id), max_attempts=INTERACTIVE_ATTEMPTS if interactive else None
-        )
-        try:
+        with pms_client(context, db, practice, pms) as client:
             counts = db.write_stream_pages(
                 practice_id,
                 spec,
@@ -185,19 +210,6 @@ def sync_stream(
                 full=plan.full,
                 max_drop_share=guard,
             )
-        finally:
-            client.close()
-    except (PmsError, UnsupportedPms) as exc:
-        problem = getattr(exc, "problem", "unsupported_pms")
-        # A PMS briefly down or throttling is retried with backoff; a wrong key fails at once.
-        if not interactive and step_retries(problem, context.retry_number):
-            wait = step_wait(context.retry_number)
-            context.log.warning(f"{exc} - retrying in {wait:g} s ({context.retry_number + 1}/{STEP_RETRIES})")
-            raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait) from exc
-        raise Failure(
-            description=str(exc),
-            metadata={"pms": str(practice.pms_kind), "problem": problem, "attempts": context.retry_number + 1},
-        ) from None
     except VolumeDropRefused as exc:
         message = f"{practice.pms_kind} (practice {practice_id}): {exc}"
         if not volume_check:
@@ -331,20 +343,8 @@ def clinicians(
     practice_id = context.partition_key
     db = store.open()
     practice = _connected_practice(db, practice_id)
-    interactive = context.run.tags.get(INTERACTIVE_TAG) == "true"
-    try:
-        client = pms.open(
-            practice, db.practice_credentials(practice_id), max_attempts=INTERACTIVE_ATTEMPTS if interactive else None
-        )
-        try:
-            listed = client.read_clinicians() if isinstance(client, ClinicianSource) else None
-        finally:
-            client.close()
-    except (PmsError, UnsupportedPms) as exc:
-        problem = getattr(exc, "problem", "unsupported_pms")
-        if not interactive and step_retries(problem, context.retry_number):
-            raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=step_wait(context.retry_number)) from exc
-        raise Failure(description=str(exc), metadata={"pms": str(practice.pms_kind), "problem": problem}) from None
+    with pms_client(context, db, practice, pms) as client:
+        listed = client.read_clinicians() if isinstance(client, ClinicianSource) else None
     if listed is None:
         return MaterializeResult(
             metadata={"pms": str(practice.pms_kind), "listed_by_pms": False, "clinicians": 0, "flagged": 0}
