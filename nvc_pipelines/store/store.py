@@ -14,6 +14,7 @@ practice and asset, so a killed run leaves the previous state and a re-run conve
 | data-quality checks | `checks` |
 | matching, duplicates, merges | `merges` |
 | outbox and its worklist | `outbox` |
+| alerts | `alerts` |
 | export | `export` |
 | audit log | `audit` |
 """
@@ -30,6 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 
+from nvc_pipelines.store.alerts import AlertsMixin
 from nvc_pipelines.store.audit import AuditMixin
 from nvc_pipelines.store.base import BULK_ROWS, PracticeExists, PracticeNotFound
 from nvc_pipelines.store.call_list import CallListMixin
@@ -85,6 +87,7 @@ class Store(
     ChecksMixin,
     MergesMixin,
     OutboxMixin,
+    AlertsMixin,
     ExportMixin,
     AuditMixin,
 ):
