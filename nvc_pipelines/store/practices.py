@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
 from nvc_pipelines.crypto import decrypt_credentials, encrypt_credentials
@@ -152,3 +153,44 @@ class PracticesMixin(StoreBase):
             if group["group_id"] == group_id:
                 return list(group["practices"])
         raise PracticeNotFound(f"no group {group_id!r} (see `nvc group list`)")
+
+    # --- credentials at rest (rotation of the key that seals them) ----------------------------------
+
+    def stored_credentials(self) -> list[tuple[str, bytes]]:
+        """Every practice's sealed credentials, read as the owner (key rotation's checks)."""
+        with self.begin_owner() as conn:
+            return _sealed_blobs(conn, lock=False)
+
+    def reseal_credentials(
+        self,
+        reseal: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]],
+        *,
+        actor: str,
+        detail: dict[str, Any],
+    ) -> int:
+        """Replace every practice's sealed credentials with `reseal(blobs)` in ONE owner transaction,
+        with the practices table locked against connects and updates until it commits, and one
+        `rotate_key` audit entry (`detail`, never key material) per practice resealed. `reseal` may
+        raise: then nothing is written. Returns how many practices were resealed."""
+        with self.begin_owner() as conn:
+            # Blocks connects/updates until the commit; they reseal after it under the same ring.
+            conn.execute(text("LOCK TABLE practices IN SHARE ROW EXCLUSIVE MODE"))
+            rotated = reseal(_sealed_blobs(conn, lock=True))
+            if rotated:
+                conn.execute(
+                    text("UPDATE practices SET credentials = :blob WHERE practice_id = :id"),
+                    [{"id": pid, "blob": blob} for pid, blob in rotated],
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO audit_log (actor, practice_id, action, detail) "
+                        "VALUES (:actor, :p, 'rotate_key', CAST(:detail AS jsonb))"
+                    ),
+                    [{"actor": actor, "p": pid, "detail": json.dumps(detail)} for pid, _ in rotated],
+                )
+        return len(rotated)
+
+
+def _sealed_blobs(conn: Connection, *, lock: bool) -> list[tuple[str, bytes]]:
+    sql = "SELECT practice_id, credentials FROM practices WHERE credentials IS NOT NULL ORDER BY practice_id"
+    return [(r.practice_id, bytes(r.credentials)) for r in conn.execute(text(sql + (" FOR UPDATE" if lock else "")))]

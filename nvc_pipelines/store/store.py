@@ -15,6 +15,8 @@ practice and asset, so a killed run leaves the previous state and a re-run conve
 | matching, duplicates, merges | `merges` |
 | outbox and its worklist | `outbox` |
 | alerts | `alerts` |
+| GOC checks of clinicians | `clinicians` |
+| erasure and suppressions | `erasure` |
 | export | `export` |
 | audit log | `audit` |
 """
@@ -36,7 +38,9 @@ from nvc_pipelines.store.audit import AuditMixin
 from nvc_pipelines.store.base import BULK_ROWS, PracticeExists, PracticeNotFound
 from nvc_pipelines.store.call_list import CallListMixin
 from nvc_pipelines.store.checks import ChecksMixin
+from nvc_pipelines.store.clinicians import CliniciansMixin
 from nvc_pipelines.store.db import APP_LOGIN, APP_ROLE, StoreUnavailable, engine_for, ensure_database, store_urls
+from nvc_pipelines.store.erasure import ErasureMixin
 from nvc_pipelines.store.export import ExportMixin
 from nvc_pipelines.store.merges import MergesMixin
 from nvc_pipelines.store.outbox import OutboxMixin
@@ -88,6 +92,8 @@ class Store(
     MergesMixin,
     OutboxMixin,
     AlertsMixin,
+    CliniciansMixin,
+    ErasureMixin,
     ExportMixin,
     AuditMixin,
 ):
