@@ -40,6 +40,18 @@ class AuditMixin(StoreBase):
             },
         )
 
+    def record_access(
+        self,
+        practice_id: str,
+        actor: str,
+        action: str,
+        record_refs: Sequence[str] = (),
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record, in a transaction of its own, an access made through other methods (an export)."""
+        with self.begin(practice_id) as conn:
+            self.audit(conn, actor, practice_id, action, record_refs, detail=detail)
+
     def audit_entries(self, practice_id: str, limit: int = 200) -> list[dict[str, Any]]:
         with self.begin(practice_id) as conn:
             rows = conn.execute(

@@ -1,5 +1,10 @@
 """The store: one `Store` composed of a mixin per family of tables, each in its own module.
 
+The store owns the schema: every SQL statement the application runs lives in this package (a
+family's module, `calls`, `streams`, the migrations), so a change of a table is read and made in one
+place; the rest of the core keeps its rules and calls typed `Store` methods, and where a rule must
+run inside a statement's transaction (a row locked, a hash from the row read) it is passed in as a
+plain function of the row.
 Writes are bulk and idempotent: rows are `COPY`ed into a temporary staging table and merged with
 `INSERT ... ON CONFLICT`, only touching rows whose content changed, all in one transaction per
 practice and asset, so a killed run leaves the previous state and a re-run converges.
