@@ -12,17 +12,23 @@ import logging
 import os
 import smtplib
 from email.message import EmailMessage
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy import text
+
+from nvc_pipelines.store.alerts import insert_keyed_alert
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from nvc_pipelines.store import Store
 
 log = logging.getLogger(__name__)
 CRITICAL_AFTER = 3
 
 
 def record_failure(
-    store: Any, practice_id: str, run_id: str, job_name: str, message: str, consecutive: int
+    store: Store, practice_id: str, run_id: str, job_name: str, message: str, consecutive: int
 ) -> dict[str, Any]:
     """Record the alert for a failed run (once per run) and deliver it where configured."""
     severity = "critical" if consecutive >= CRITICAL_AFTER else "warning"
@@ -31,45 +37,23 @@ def record_failure(
         headline += f" ({consecutive} failures in a row)"
     body = f"{headline}\n{message}\nrun {run_id}"
     delivered = deliver(headline, body)
-    with store.begin(practice_id) as conn:
-        conn.execute(
-            text(
-                "INSERT INTO alerts (practice_id, run_id, job_name, message, consecutive, severity, delivered_to) "
-                "VALUES (:p, :r, :j, :m, :c, :s, :d) ON CONFLICT (run_id) DO NOTHING"
-            ),
-            {
-                "p": practice_id,
-                "r": run_id,
-                "j": job_name,
-                "m": message,
-                "c": consecutive,
-                "s": severity,
-                "d": delivered,
-            },
-        )
+    store.record_run_alert(practice_id, run_id, job_name, message, consecutive, severity, delivered)
     return {"severity": severity, "headline": headline, "delivered_to": delivered}
 
 
-def record_keyed(conn: Any, practice_id: str, key: str, job_name: str, message: str, severity: str) -> int | None:
+def record_keyed(
+    conn: Connection, practice_id: str, key: str, job_name: str, message: str, severity: str
+) -> int | None:
     """Record an alert not tied to one failed run, once per `key`, inside the caller's transaction
     (so it commits with the change it reports); returns its id, or None if `key` was seen before."""
-    return conn.execute(
-        text(
-            "INSERT INTO alerts (practice_id, alert_key, job_name, message, consecutive, severity) "
-            "VALUES (:p, :k, :j, :m, 1, :s) ON CONFLICT (alert_key) DO NOTHING RETURNING alert_id"
-        ),
-        {"p": practice_id, "k": key, "j": job_name, "m": message, "s": severity},
-    ).scalar_one_or_none()
+    return insert_keyed_alert(conn, practice_id, key, job_name, message, severity)
 
 
-def mark_delivered(store: Any, practice_id: str, alert_ids: list[int], delivered: list[str]) -> None:
+def mark_delivered(store: Store, practice_id: str, alert_ids: list[int], delivered: list[str]) -> None:
     """Note where recorded alerts were sent (delivery happens after their transaction commits)."""
     if not alert_ids or not delivered:
         return
-    with store.begin(practice_id) as conn:
-        conn.execute(
-            text("UPDATE alerts SET delivered_to = :d WHERE alert_id = ANY(:ids)"), {"d": delivered, "ids": alert_ids}
-        )
+    store.mark_alerts_delivered(practice_id, alert_ids, delivered)
 
 
 def deliver(headline: str, body: str) -> list[str]:
@@ -98,16 +82,6 @@ def deliver(headline: str, body: str) -> list[str]:
     return delivered
 
 
-def recent_alerts(store: Any, practice_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """One practice's alerts, or every practice's through the view `alert_log` (the application's
-    role sees no practice's rows outside a transaction scoped to it)."""
-    with store.begin(practice_id) as conn:
-        rows = conn.execute(
-            text(
-                f"SELECT * FROM {'alerts' if practice_id else 'alert_log'} "
-                "WHERE (CAST(:p AS text) IS NULL OR practice_id = :p) "
-                "ORDER BY raised_at DESC LIMIT :n"
-            ),
-            {"p": practice_id, "n": limit},
-        ).mappings()
-        return [dict(r) for r in rows]
+def recent_alerts(store: Store, practice_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """One practice's alerts, or every practice's (see `Store.recent_alerts`)."""
+    return store.recent_alerts(practice_id, limit)

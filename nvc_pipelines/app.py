@@ -164,8 +164,7 @@ def export_data(practice_id: str | None, group_id: str | None = None, patient_re
     store = open_store()
     if patient_ref:
         data = store.export_practice(practice_id, patient_ref=patient_ref)
-        with store.begin(practice_id) as conn:
-            store.audit(conn, actor(), practice_id, "export_patient", [patient_ref])
+        store.record_access(practice_id, actor(), "export_patient", [patient_ref])
         return data
     if group_id:
         members = store.group_practices(group_id)
@@ -177,8 +176,7 @@ def export_data(practice_id: str | None, group_id: str | None = None, patient_re
         data = store.export_practice(practice_id)
         audited = [practice_id]
     for pid in audited:
-        with store.begin(pid) as conn:
-            store.audit(conn, actor(), pid, "export", detail={"group": group_id} if group_id else {})
+        store.record_access(pid, actor(), "export", detail={"group": group_id} if group_id else {})
     return data
 
 

@@ -37,12 +37,15 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nvc_pipelines.config import nvc_home
+
+if TYPE_CHECKING:
+    from nvc_pipelines.store import Store
 
 _NONCE_BYTES = 12
 _VERSION = b"\x01"
@@ -261,14 +264,7 @@ def unreadable_practices(
 # --- rotation (store) -----------------------------------------------------------------------------
 
 
-def _select_blobs(conn: Any, *, lock: bool) -> list[tuple[str, bytes]]:
-    from sqlalchemy import text
-
-    sql = "SELECT practice_id, credentials FROM practices WHERE credentials IS NOT NULL ORDER BY practice_id"
-    return [(r.practice_id, bytes(r.credentials)) for r in conn.execute(text(sql + (" FOR UPDATE" if lock else "")))]
-
-
-def rotate_key(store: Any, new_key_b64: str, *, actor: str = "cli:rotate-key") -> int:
+def rotate_key(store: Store, new_key_b64: str, *, actor: str = "cli:rotate-key") -> int:
     """Re-encrypt every practice's credentials from the key ring to `new_key_b64` in ONE transaction;
     returns how many practices were rotated.
 
@@ -278,8 +274,6 @@ def rotate_key(store: Any, new_key_b64: str, *, actor: str = "cli:rotate-key") -
     switches `NVC_SECRET_KEY` (keeping the old one in `NVC_SECRET_KEY_PREVIOUS` until every process
     has the new one); with the file-held key the file is switched here, crash-safely.
     """
-    from sqlalchemy import text
-
     new_key = _decode_key(new_key_b64, "the new key")
     ring = load_key_ring()
     if new_key == ring.current:
@@ -299,27 +293,12 @@ def rotate_key(store: Any, new_key_b64: str, *, actor: str = "cli:rotate-key") -
         _write_key_file(pending, new_key)
         staged = True
     try:
-        with store.begin_owner() as conn:
-            # Blocks connects/updates until the commit; they reseal after it under the same ring.
-            conn.execute(text("LOCK TABLE practices IN SHARE ROW EXCLUSIVE MODE"))
-            rows = _select_blobs(conn, lock=True)
-            # The new key is accepted too, so a rotation re-run after an interruption converges.
-            rotated = rotate_credentials(rows, (*ring.decryption_keys, new_key), new_key)
-            if rotated:
-                conn.execute(
-                    text("UPDATE practices SET credentials = :blob WHERE practice_id = :id"),
-                    [{"id": pid, "blob": blob} for pid, blob in rotated],
-                )
-                conn.execute(
-                    text(
-                        "INSERT INTO audit_log (actor, practice_id, action, detail) "
-                        "VALUES (:actor, :p, 'rotate_key', CAST(:detail AS jsonb))"
-                    ),
-                    [
-                        {"actor": actor, "p": pid, "detail": json.dumps({"key_source": _source_label(ring)})}
-                        for pid, _ in rotated
-                    ],
-                )
+        # The new key is accepted too, so a rotation re-run after an interruption converges.
+        rotated = store.reseal_credentials(
+            lambda rows: rotate_credentials(rows, (*ring.decryption_keys, new_key), new_key),
+            actor=actor,
+            detail={"key_source": _source_label(ring)},
+        )
     except BaseException:
         if staged and not _sealed_with(store, new_key):
             pending.unlink(missing_ok=True)  # surely nothing committed: the rotation never happened
@@ -332,21 +311,20 @@ def rotate_key(store: Any, new_key_b64: str, *, actor: str = "cli:rotate-key") -
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    return len(rotated)
+    return rotated
 
 
-def _sealed_with(store: Any, key: bytes) -> bool:
+def _sealed_with(store: Store, key: bytes) -> bool:
     """Whether any stored blob opens with `key`; True when that cannot be told (a failure at COMMIT
     may still have committed, so the staged key must then stay on disk)."""
     try:
-        with store.begin_owner() as conn:
-            rows = _select_blobs(conn, lock=False)
+        rows = store.stored_credentials()
     except Exception:  # noqa: BLE001 - unknown means keep the key
         return True
     return any(pid not in unreadable_practices([(pid, blob)], key) for pid, blob in rows)
 
 
-def finish_interrupted_rotation(store: Any, *, actor: str = "cli:rotate-key") -> int | None:
+def finish_interrupted_rotation(store: Store, *, actor: str = "cli:rotate-key") -> int | None:
     """Complete a file-key rotation that stopped before its file switch (`secret.key.new` left behind):
     rotate to that pending key. None when there is nothing to finish."""
     if os.environ.get(KEY_ENV):
@@ -364,11 +342,10 @@ def _source_label(ring: KeyRing) -> str:
     return "env" if not ring.from_file else "file"
 
 
-def unreadable_stored_practices(store: Any, keys: bytes | Sequence[bytes] | KeyRing | None = None) -> list[str]:
+def unreadable_stored_practices(store: Store, keys: bytes | Sequence[bytes] | KeyRing | None = None) -> list[str]:
     """Practices in the store whose credentials `keys` (default: the current key alone) cannot open:
     empty means `NVC_SECRET_KEY_PREVIOUS` (and `secret.key.previous`) can be removed."""
-    with store.begin_owner() as conn:
-        rows = _select_blobs(conn, lock=False)
+    rows = store.stored_credentials()
     return unreadable_practices(rows, keys if keys is not None else load_key())
 
 

@@ -17,12 +17,13 @@ import hmac
 import os
 import re
 from collections.abc import Iterable
-from typing import Any
-
-from sqlalchemy import text
+from typing import TYPE_CHECKING, Any
 
 from nvc_pipelines.config import nvc_home
 from nvc_pipelines.model import Patient
+
+if TYPE_CHECKING:
+    from nvc_pipelines.store import Store
 
 
 def suppression_key() -> bytes:
@@ -110,16 +111,12 @@ def _name(first: str | None, last: str | None) -> str:
     return " ".join(f"{first or ''} {last or ''}".casefold().split())
 
 
-def load_suppressions(store: Any, practice_id: str) -> Suppressions:
-    with store.begin(practice_id) as conn:
-        rows = conn.execute(
-            text("SELECT kind, value_hash FROM suppressions WHERE practice_id = :p"), {"p": practice_id}
-        )
-        return Suppressions(practice_id, [(r.kind, r.value_hash) for r in rows])
+def load_suppressions(store: Store, practice_id: str) -> Suppressions:
+    return Suppressions(practice_id, store.suppression_hashes(practice_id))
 
 
 def drop_erased(
-    store: Any,
+    store: Store,
     practice_id: str,
     records: list[Any],
     *,
@@ -148,57 +145,15 @@ def drop_erased(
     return kept, dropped
 
 
-def erase_patient(store: Any, practice_id: str, patient_ref: str, actor: str) -> dict[str, int]:
+def erase_patient(store: Store, practice_id: str, patient_ref: str, actor: str) -> dict[str, int]:
     """Erase one patient (PMS id or NVC patient id) in one transaction; returns what was removed."""
-    from nvc_pipelines.store import PracticeNotFound
-
     store.get_practice(practice_id)
     key = suppression_key()
-    with store.begin(practice_id) as conn:
-        row = conn.execute(
-            text(
-                "SELECT patient_id, pms_patient_id, phones, first_name, last_name FROM patients WHERE practice_id = :p "
-                "AND (pms_patient_id = :ref OR patient_id::text = :ref) FOR UPDATE"
-            ),
-            {"p": practice_id, "ref": patient_ref},
-        ).one_or_none()
-        if row is None:
-            raise PracticeNotFound(f"practice {practice_id} has no patient {patient_ref!r}")
-        pid, ref, phones = row.patient_id, row.pms_patient_id, list(row.phones)
-        name = _name(row.first_name, row.last_name)
-        scope = {"p": practice_id, "ref": ref, "id": pid}
-        removed: dict[str, int] = {}
-        for table, where in (
-            ("call_list", "patient_id = :id"),
-            ("recalls", "patient_id = :id"),
-            ("appointments", "pms_patient_id = :ref"),
-            ("clinical_records", "pms_patient_id = :ref"),
-            ("outbox", "pms_patient_id = :ref"),
-            ("contact_suppressions", "pms_patient_id = :ref"),
-            ("call_events", "pms_patient_id = :ref"),
-            ("patient_merges", "keep_patient_id = :id OR merged_patient_id = :id"),
-        ):
-            removed[table] = conn.execute(
-                text(f"DELETE FROM {table} WHERE practice_id = :p AND ({where})"), scope
-            ).rowcount
-        removed["rejected_rows"] = conn.execute(
-            text(
-                "DELETE FROM rejected_rows WHERE practice_id = :p AND (row_ref LIKE '%' || :ref || '%' "
-                "OR EXISTS (SELECT 1 FROM unnest(CAST(:needles AS text[])) n WHERE raw::text LIKE '%' || n || '%'))"
-            ),
-            {**scope, "needles": phones + [p.replace("+44", "0", 1) for p in phones]},
-        ).rowcount
-        conn.execute(text("UPDATE patients SET merged_into = NULL WHERE merged_into = :id"), scope)
-        removed["patients"] = conn.execute(text("DELETE FROM patients WHERE patient_id = :id"), scope).rowcount
-        hashes = [("pms_patient_id", value_hash(practice_id, "pms_patient_id", ref, key))]
-        hashes += [("name_phone", value_hash(practice_id, "name_phone", f"{name}|{p}", key)) for p in phones]
-        for kind, digest in hashes:
-            conn.execute(
-                text(
-                    "INSERT INTO suppressions (practice_id, kind, value_hash) VALUES (:p, :k, :h) "
-                    "ON CONFLICT DO NOTHING"
-                ),
-                {"p": practice_id, "k": kind, "h": digest},
-            )
-        store.audit(conn, actor, practice_id, "erase", [hashes[0][1][:16]], detail=removed)
-    return removed
+
+    def hashes(ref: str, first: str | None, last: str | None, phones: list[str]) -> list[tuple[str, str]]:
+        """What keeps them out: their PMS id, and their name with each phone (the PMS id's first)."""
+        name = _name(first, last)
+        out = [("pms_patient_id", value_hash(practice_id, "pms_patient_id", ref, key))]
+        return out + [("name_phone", value_hash(practice_id, "name_phone", f"{name}|{p}", key)) for p in phones]
+
+    return store.erase_patient_rows(practice_id, patient_ref, actor, hashes)

@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
-
-from sqlalchemy import text
+from typing import TYPE_CHECKING, Any
 
 from nvc_pipelines.model import BookingRequest, Clinician
+
+if TYPE_CHECKING:
+    from nvc_pipelines.store import Store
 
 GOC_NUMBER = re.compile(r"0[12]-\d{4,6}")
 OPTOMETRIST_PREFIX = "01-"
@@ -197,57 +198,14 @@ def summary(checks: Iterable[ClinicianCheck]) -> dict[str, Any]:
 
 # --- the store ---------------------------------------------------------------------------------------
 
-_COLUMNS = (
-    "pms_clinician_ref, name, role, goc_number, state, registrant_type, register_name, reason, checked_at, listed"
-)
 
-
-def save(store: Any, practice_id: str, checks: Iterable[ClinicianCheck], *, full_list: bool = True) -> None:
+def save(store: Store, practice_id: str, checks: Iterable[ClinicianCheck], *, full_list: bool = True) -> None:
     """Record the checks; with `full_list`, clinicians the PMS no longer lists are kept but marked unlisted."""
-    rows = list(checks)
-    with store.begin(practice_id) as conn:
-        if full_list:
-            conn.execute(
-                text("UPDATE clinicians SET listed = false, updated_at = now() WHERE practice_id = :p"),
-                {"p": practice_id},
-            )
-        for c in rows:
-            conn.execute(
-                text(
-                    f"INSERT INTO clinicians (practice_id, {_COLUMNS}) VALUES (:p, :ref, :name, :role, :goc, :state, "
-                    ":rtype, :rname, :reason, :checked, true) ON CONFLICT (practice_id, pms_clinician_ref) DO UPDATE "
-                    "SET name = EXCLUDED.name, role = EXCLUDED.role, goc_number = EXCLUDED.goc_number, "
-                    "state = EXCLUDED.state, registrant_type = EXCLUDED.registrant_type, "
-                    "register_name = EXCLUDED.register_name, reason = EXCLUDED.reason, "
-                    "checked_at = COALESCE(EXCLUDED.checked_at, clinicians.checked_at), "
-                    "listed = clinicians.listed OR EXCLUDED.listed, updated_at = now()"
-                ),
-                {
-                    "p": practice_id,
-                    "ref": c.pms_clinician_ref,
-                    "name": c.name,
-                    "role": c.role,
-                    "goc": c.goc_number,
-                    "state": str(c.state),
-                    "rtype": c.registrant_type,
-                    "rname": c.register_name,
-                    "reason": c.reason,
-                    "checked": c.checked_at,
-                },
-            )
+    store.save_clinicians(practice_id, checks, full_list=full_list)
 
 
-def load(store: Any, practice_id: str, *, listed_only: bool = False) -> list[ClinicianCheck]:
-    with store.begin(practice_id) as conn:
-        rows = conn.execute(
-            text(
-                f"SELECT {_COLUMNS} FROM clinicians WHERE practice_id = :p "
-                + ("AND listed " if listed_only else "")
-                + "ORDER BY pms_clinician_ref"
-            ),
-            {"p": practice_id},
-        ).mappings()
-        return [_from_row(r) for r in rows]
+def load(store: Store, practice_id: str, *, listed_only: bool = False) -> list[ClinicianCheck]:
+    return [_from_row(r) for r in store.load_clinicians(practice_id, listed_only=listed_only)]
 
 
 def _from_row(r: Any) -> ClinicianCheck:
@@ -268,7 +226,7 @@ def _from_row(r: Any) -> ClinicianCheck:
 
 
 def vet_booking(
-    store: Any, practice_id: str, booking: BookingRequest, lookup: Lookup, now: datetime | None = None
+    store: Store, practice_id: str, booking: BookingRequest, lookup: Lookup, now: datetime | None = None
 ) -> BookingRequest:
     """The booking as the PMS should get it, or `ClinicianRefused` unless the clinician it names may
     take it (a booking naming no clinician passes: the practice's diary decides). The clinician is

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nvc_pipelines.quality import FRESHNESS_HOURS
+
+if TYPE_CHECKING:
+    from nvc_pipelines.store import Store
 
 # The nightly runs every 24 h; two hours of grace for a long queue before a practice is stale.
 READ_MAX_AGE = timedelta(hours=FRESHNESS_HOURS)
@@ -45,7 +48,7 @@ def read_health(last_sync_at: datetime | None, now: datetime) -> tuple[bool, str
     )
 
 
-def write_health(store: Any, practice_id: str, now: datetime) -> tuple[bool, str]:
+def write_health(store: Store, practice_id: str, now: datetime) -> tuple[bool, str]:
     """Whether the practice's outbox delivers: nothing has waited longer than `WRITE_MAX_WAIT`."""
     oldest = store.oldest_waiting_writeback(practice_id)
     if oldest is None:
@@ -56,7 +59,7 @@ def write_health(store: Any, practice_id: str, now: datetime) -> tuple[bool, str
     )
 
 
-def practice_health(store: Any, practice: dict[str, Any], now: datetime | None = None) -> PracticeHealth:
+def practice_health(store: Store, practice: dict[str, Any], now: datetime | None = None) -> PracticeHealth:
     """One connected practice's health from its registry row (`Store.list_practices`)."""
     now = now or datetime.now(UTC)
     read_ok, read = read_health(practice["last_sync_at"], now)
@@ -64,6 +67,6 @@ def practice_health(store: Any, practice: dict[str, Any], now: datetime | None =
     return PracticeHealth(practice["practice_id"], read_ok, read, write_ok, write)
 
 
-def fleet_health(store: Any, now: datetime | None = None) -> list[PracticeHealth]:
+def fleet_health(store: Store, now: datetime | None = None) -> list[PracticeHealth]:
     """Every connected practice's health."""
     return [practice_health(store, p, now) for p in store.list_practices() if p["status"] == "connected"]

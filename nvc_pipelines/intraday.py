@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nvc_pipelines.calling import UK_TZ, CallSettings, number_setting
 from nvc_pipelines.erasure import drop_erased
@@ -25,6 +25,9 @@ from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.normalise import InvalidValue, normalise_phone
 from nvc_pipelines.store.streams import APPOINTMENTS, PATIENTS
 from nvc_pipelines.sync import CURSOR_OVERLAP, next_cursor
+
+if TYPE_CHECKING:
+    from nvc_pipelines.store import Store
 
 DEFAULT_EVERY = timedelta(minutes=15)
 DEFAULT_CHECK_MAX_AGE = timedelta(minutes=5)
@@ -88,7 +91,7 @@ def due(practice: Practice, state: Mapping[str, Any], now: datetime) -> bool:
 
 
 def refresh(
-    store: Any, practice: Practice, client: Reader, *, now: datetime | None = None, run_id: str | None = None
+    store: Store, practice: Practice, client: Reader, *, now: datetime | None = None, run_id: str | None = None
 ) -> Refresh:
     """Read what changed since the cursors (patients and appointments) and write it, placing the
     households read on the call list again in the same transactions. Raises `NotYetSynced` before
@@ -143,7 +146,7 @@ class DialCheck:
 
 
 def check_before_dial(
-    store: Any,
+    store: Store,
     practice: Practice,
     phone: str,
     open_client: Callable[[], Reader],

@@ -19,29 +19,23 @@ who is not GOC-registered, or may not carry out a sight test, fails before anyth
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Protocol
-
-from sqlalchemy import text
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nvc_pipelines import alerts
 from nvc_pipelines.goc import ClinicianRefused
 from nvc_pipelines.model import BookingRequest, CallOutcome, NoteKind, PatientNote
 from nvc_pipelines.normalise import InvalidValue, normalise_phone, nvc_marker, parse_pms_datetime
 from nvc_pipelines.retry import OUTBOX_MAX_ATTEMPTS, outbox_backoff, outbox_retries
-from nvc_pipelines.store import calls
+from nvc_pipelines.store.outbox import NEEDS_ACTION, OutboxAdded
+
+if TYPE_CHECKING:
+    from nvc_pipelines.store import Store
 
 # The policy (which problems wait for a later attempt, and how long) is `nvc_pipelines.retry`'s.
 MAX_ATTEMPTS = OUTBOX_MAX_ATTEMPTS
-
-
-NEEDS_ACTION = ("failed", "dead_letter", "timed_out")
-_NEEDS_ACTION_SQL = "status IN ('failed', 'dead_letter', 'timed_out')"
-# A booking whose appointment has started: never worth sending (the SQL reads the row's payload).
-_STARTED_SQL = "kind = 'booking' AND CAST(payload->>'starts_at' AS timestamptz) <= now()"
 
 
 class OutboxError(ValueError):
@@ -83,7 +77,7 @@ def _payload_booking(
 
 
 def add_booking(
-    store: Any,
+    store: Store,
     practice_id: str,
     idempotency_key: str,
     pms_patient_id: str,
@@ -100,18 +94,9 @@ def add_booking(
     except InvalidValue as exc:
         raise OutboxError(str(exc)) from None
     payload = _payload_booking(start, minutes, appointment_type, clinician_ref, notes)
-
-    def off_the_list(conn: Any, outbox_id: int) -> None:  # booked: the household is placed again at once
-        patient_id = conn.execute(
-            text(
-                "SELECT COALESCE(merged_into, patient_id) FROM patients WHERE practice_id = :p AND pms_patient_id = :r"
-            ),
-            {"p": practice_id, "r": pms_patient_id},
-        ).scalar_one_or_none()
-        if patient_id is not None:
-            calls.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
-
-    return _insert(store, practice_id, "booking", idempotency_key, pms_patient_id, payload, off_the_list)
+    store.get_practice(practice_id)
+    added = store.add_booking_row(practice_id, idempotency_key, pms_patient_id, payload)
+    return _accepted(idempotency_key, "booking", pms_patient_id, added)
 
 
 OUTCOMES = tuple(str(o) for o in CallOutcome)
@@ -133,7 +118,7 @@ def call_outcome(value: str | None) -> CallOutcome:
 
 
 def add_call_event(
-    store: Any,
+    store: Store,
     practice_id: str,
     kind: str,
     idempotency_key: str,
@@ -161,159 +146,69 @@ def add_call_event(
         raise OutboxError("the call's time must carry a time zone")
     note = text_.strip() + (f" {_STAFF_NOTE[result]}" if result in _STAFF_NOTE else "")
     payload = {"text": note, "outcome": str(result), "occurred_at": when.isoformat(), "phone": dialled}
-
-    def apply(conn: Any, outbox_id: int) -> None:
-        calls.record_event(
-            conn,
-            practice_id,
-            kind=str(kind),
-            pms_patient_id=pms_patient_id,
-            outcome=result,
-            occurred_at=when,
-            phone=dialled,
-            outbox_id=outbox_id,
-            actor=actor,
-            now=datetime.now(UTC),
-        )
-
-    return _insert(store, practice_id, str(kind), idempotency_key, pms_patient_id, payload, apply)
-
-
-def _insert(
-    store: Any,
-    practice_id: str,
-    kind: str,
-    key: str,
-    pms_patient_id: str,
-    payload: dict[str, Any],
-    on_insert: Callable[[Any, int], None] | None = None,
-):
-    """Add one outbox row (once per idempotency key); `on_insert(conn, outbox_id)` runs in the same
-    transaction when the row is new, so its effect commits with it or not at all."""
     store.get_practice(practice_id)
-    with store.begin(practice_id) as conn:
-        row = conn.execute(
-            text(
-                "INSERT INTO outbox (practice_id, kind, idempotency_key, pms_patient_id, payload) "
-                "VALUES (:p, :k, :key, :pid, CAST(:payload AS jsonb)) "
-                "ON CONFLICT (practice_id, idempotency_key) DO NOTHING RETURNING outbox_id"
-            ),
-            {"p": practice_id, "k": kind, "key": key, "pid": pms_patient_id, "payload": json.dumps(payload)},
-        ).scalar_one_or_none()
-        if row is not None:
-            if on_insert is not None:
-                on_insert(conn, row)
-            conn.execute(text("NOTIFY nvc_outbox"))
-            store.audit(conn, "outbox", practice_id, f"outbox_{kind}", [pms_patient_id], detail={"key": key})
-            return row, True
-        existing = conn.execute(
-            text("SELECT outbox_id, kind, pms_patient_id FROM outbox WHERE practice_id = :p AND idempotency_key = :k"),
-            {"p": practice_id, "k": key},
-        ).one()
-    if (existing.kind, existing.pms_patient_id) != (kind, pms_patient_id):
-        raise OutboxError(f"idempotency key {key!r} was already used for a different {existing.kind}")
-    return existing.outbox_id, False
+    added = store.add_call_event_row(
+        practice_id,
+        str(kind),
+        idempotency_key,
+        pms_patient_id,
+        payload,
+        outcome=result,
+        occurred_at=when,
+        phone=dialled,
+        actor=actor,
+    )
+    return _accepted(idempotency_key, str(kind), pms_patient_id, added)
 
 
-def due_practices(store: Any, now: datetime | None = None) -> dict[str, str]:
+def _accepted(key: str, kind: str, pms_patient_id: str, added: OutboxAdded) -> tuple[int, bool]:
+    """(outbox id, created) for a row just added or added before with the same key; a key used
+    before for something else is refused."""
+    if not added.created and (added.kind, added.pms_patient_id) != (kind, pms_patient_id):
+        raise OutboxError(f"idempotency key {key!r} was already used for a different {added.kind}")
+    return added.outbox_id, added.created
+
+
+def due_practices(store: Store, now: datetime | None = None) -> dict[str, str]:
     """Practices with outbox rows due now (or bookings waiting whose appointment has started, to be
     timed out) -> a fingerprint of those rows (ids, retries and attempt counts), which the sensor
     uses as its run key: the same due rows never launch two runs. (It spans practices, so it reads
     the view `outbox_due_rows`: row ids, counts and times, nothing about patients.)"""
-    with store.begin() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT practice_id, "
-                "string_agg(outbox_id || '.' || retries || '.' || attempts, ',' ORDER BY outbox_id) AS fp "
-                "FROM outbox_due_rows WHERE next_attempt_at <= :now OR (status = 'pending' "
-                "AND kind = 'booking' AND starts_at <= :now) GROUP BY practice_id"
-            ),
-            {"now": now or datetime.now(UTC)},
-        ).all()
-    return {r.practice_id: r.fp for r in rows}
+    return store.due_outbox_practices(now or datetime.now(UTC))
 
 
-def dismissed_since(store: Any, since: datetime | None) -> dict[str, datetime]:
+def dismissed_since(store: Store, since: datetime | None) -> dict[str, datetime]:
     """Practices with rows dismissed after `since` -> the latest dismissal: the sensor re-runs their
     writeback so the worklist check turns green without waiting for the next booking. (It spans
     practices: the view `outbox_states`, ids, states and times only.)"""
-    with store.begin() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT practice_id, max(dismissed_at) AS latest FROM outbox_states WHERE dismissed_at IS NOT NULL "
-                "AND (CAST(:since AS timestamptz) IS NULL OR dismissed_at > :since) GROUP BY practice_id"
-            ),
-            {"since": since},
-        ).all()
-    return {r.practice_id: r.latest for r in rows}
+    return store.outbox_dismissed_since(since)
 
 
-def _time_out(store: Any, practice_id: str) -> list[Any]:
+def _time_out(store: Store, practice_id: str) -> list[Any]:
     """End as `timed_out` every booking not yet in the PMS whose appointment has started. Rows another
     run is delivering right now (`sent`, lease not expired) are left to that run."""
-    with store.begin(practice_id) as conn:
-        return conn.execute(
-            text(
-                "UPDATE outbox SET status = 'timed_out', problem = 'appointment_started', "
-                "last_error = 'the appointment started before the booking reached the PMS'"
-                " || CASE WHEN status = 'sent' THEN '; an attempt may have reached it: check the diary' ELSE '' END"
-                " || COALESCE(' (last attempt: ' || last_error || ')', ''), "
-                "finished_at = now(), updated_at = now() "
-                "WHERE practice_id = :p AND (status = 'pending' OR (status = 'sent' AND next_attempt_at <= now())) "
-                f"AND {_STARTED_SQL} RETURNING outbox_id, kind"
-            ),
-            {"p": practice_id},
-        ).all()
+    return list(store.time_out_started_bookings(practice_id))
 
 
-def _claim(store: Any, practice_id: str, limit: int) -> list[Any]:
+def _claim(store: Store, practice_id: str, limit: int) -> list[Any]:
     """Claim due rows (status `sent`, attempts + 1) in their own committed transaction; rows another
     run is working on are skipped, so two runs never deliver the same row at once."""
-    with store.begin(practice_id) as conn:
-        return conn.execute(
-            text(
-                "UPDATE outbox o SET status = 'sent', attempts = o.attempts + 1, sent_at = now(), updated_at = now(), "
-                "next_attempt_at = now() + interval '2 minutes' "
-                "WHERE o.outbox_id IN (SELECT outbox_id FROM outbox WHERE practice_id = :p "
-                f"  AND status IN ('pending', 'sent') AND next_attempt_at <= now() AND NOT ({_STARTED_SQL}) "
-                "  ORDER BY outbox_id LIMIT :n FOR UPDATE SKIP LOCKED) "
-                "RETURNING o.*"
-            ),
-            {"p": practice_id, "n": limit},
-        ).all()
+    return list(store.claim_outbox_rows(practice_id, limit))
 
 
-def _finish(store: Any, practice_id: str, outbox_id: int, status: str, **values: Any) -> None:
-    sets = ", ".join(f"{k} = :{k}" for k in values)
-    with store.begin(practice_id) as conn:
-        if status == "confirmed":
-            store.audit(conn, "writeback", practice_id, "write_to_pms", detail={"outbox_id": outbox_id})
-        conn.execute(
-            text(
-                f"UPDATE outbox SET status = :status, updated_at = now(){', ' + sets if sets else ''}"
-                + (", finished_at = now()" if status in ("confirmed", *NEEDS_ACTION) else "")
-                + " WHERE outbox_id = :id"
-            ),
-            {"status": status, "id": outbox_id, **values},
-        )
+def _finish(store: Store, practice_id: str, outbox_id: int, status: str, **values: Any) -> None:
+    store.finish_outbox_row(practice_id, outbox_id, status, **values)
 
 
-def fail_all(store: Any, practice_id: str, problem: str, reason: str) -> int:
+def fail_all(store: Store, practice_id: str, problem: str, reason: str) -> int:
     """End every open row of a practice as failed (e.g. the practice was disconnected), and alert."""
-    with store.begin(practice_id) as conn:
-        failed = conn.execute(
-            text(
-                "UPDATE outbox SET status = 'failed', problem = :pr, last_error = :why, finished_at = now(), "
-                "updated_at = now() WHERE practice_id = :p AND status IN ('pending', 'sent')"
-            ),
-            {"p": practice_id, "pr": problem, "why": reason},
-        ).rowcount
+    failed = store.fail_open_outbox_rows(practice_id, problem, reason)
     alert_needs_action(store, practice_id)
     return failed
 
 
 def deliver(
-    store: Any,
+    store: Store,
     practice_id: str,
     writer: Writer,
     *,
@@ -341,7 +236,7 @@ def deliver(
 
 
 def _deliver_due(
-    store: Any,
+    store: Store,
     practice_id: str,
     writer: Writer,
     report: DeliveryReport,
@@ -434,32 +329,20 @@ def _act_hint(practice_id: str) -> str:
     )
 
 
-def alert_needs_action(store: Any, practice_id: str) -> list[str]:
+def alert_needs_action(store: Store, practice_id: str) -> list[str]:
     """Raise one alert for each row that came to need action since the last call (a booking's is
     critical: a patient expects an appointment the practice does not have), through the alert
     channels; returns the alert lines. Claimed under a row lock, so two runs never alert twice."""
-    with store.begin(practice_id) as conn:
-        rows = conn.execute(
-            text(
-                "UPDATE outbox SET alerted_at = now() "
-                f"WHERE practice_id = :p AND {_NEEDS_ACTION_SQL} AND alerted_at IS NULL "
-                "RETURNING outbox_id, kind, idempotency_key, status, problem, attempts, retries"
-            ),
-            {"p": practice_id},
-        ).all()
-        rows = sorted(rows, key=lambda r: r.outbox_id)
-        ids: list[int] = []
-        for row in rows:
-            alert_id = alerts.record_keyed(
-                conn,
-                practice_id,
-                f"outbox:{row.outbox_id}:{row.retries}",
-                "booking_writeback",
-                f"{_describe(row)}; see `nvc outbox {practice_id} --needs-action`",
-                "critical" if row.kind == "booking" else "warning",
-            )
-            if alert_id is not None:
-                ids.append(alert_id)
+
+    def alert(row: Any) -> tuple[str, str, str, str]:
+        return (
+            f"outbox:{row.outbox_id}:{row.retries}",
+            "booking_writeback",
+            f"{_describe(row)}; see `nvc outbox {practice_id} --needs-action`",
+            "critical" if row.kind == "booking" else "warning",
+        )
+
+    rows, ids = store.claim_outbox_alerts(practice_id, alert)
     if not ids:
         return []
     severity = "CRITICAL" if any(r.kind == "booking" for r in rows) else "WARNING"
@@ -470,29 +353,20 @@ def alert_needs_action(store: Any, practice_id: str) -> list[str]:
     return lines
 
 
-def _row_for_action(store: Any, outbox_id: int) -> str:
+def _row_for_action(store: Store, outbox_id: int) -> str:
     """The practice an outbox row belongs to (the operator gives only the id; the view `outbox_states`)."""
-    with store.begin() as conn:
-        practice_id = conn.execute(
-            text("SELECT practice_id FROM outbox_states WHERE outbox_id = :id"), {"id": outbox_id}
-        ).scalar_one_or_none()
+    practice_id = store.outbox_row_practice(outbox_id)
     if practice_id is None:
         raise OutboxError(f"no outbox row {outbox_id} (see `nvc outbox PRACTICE_ID --needs-action`)")
     return practice_id
 
 
-def retry(store: Any, outbox_id: int, actor: str) -> dict[str, Any]:
+def retry(store: Store, outbox_id: int, actor: str) -> dict[str, Any]:
     """Put a failed or dead-lettered row back to `pending` (attempts from 0), after someone fixed the
     cause. Exactly once still holds: the client looks the write up in the PMS before creating it."""
     practice_id = _row_for_action(store, outbox_id)
-    with store.begin(practice_id) as conn:
-        row = conn.execute(
-            text(
-                "SELECT o.*, CAST(o.payload->>'starts_at' AS timestamptz) AS starts_at, p.status AS practice_status "
-                "FROM outbox o JOIN practices p USING (practice_id) WHERE o.outbox_id = :id FOR UPDATE OF o"
-            ),
-            {"id": outbox_id},
-        ).one()
+
+    def retryable(row: Any) -> None:
         if row.status == "timed_out" or (
             row.status in NEEDS_ACTION and row.starts_at is not None and row.starts_at <= datetime.now(UTC)
         ):
@@ -506,84 +380,39 @@ def retry(store: Any, outbox_id: int, actor: str) -> dict[str, Any]:
             raise OutboxError(
                 f"practice {practice_id} is {row.practice_status}; reconnect it before retrying outbox {outbox_id}"
             )
-        conn.execute(
-            text(
-                "UPDATE outbox SET status = 'pending', attempts = 0, retries = retries + 1, next_attempt_at = now(), "
-                "alerted_at = NULL, finished_at = NULL, updated_at = now() WHERE outbox_id = :id"
-            ),
-            {"id": outbox_id},
-        )
-        conn.execute(text("NOTIFY nvc_outbox"))
-        store.audit(
-            conn,
-            actor,
-            practice_id,
-            "outbox_retry",
-            [row.pms_patient_id],
-            detail={"outbox_id": outbox_id, "was": row.status, "problem": row.problem},
-        )
+
+    row = store.retry_outbox_row(practice_id, outbox_id, actor, retryable)
     return {"outbox_id": outbox_id, "practice_id": practice_id, "kind": row.kind, "key": row.idempotency_key}
 
 
-def dismiss(store: Any, outbox_id: int, why: str, actor: str) -> dict[str, Any]:
+def dismiss(store: Store, outbox_id: int, why: str, actor: str) -> dict[str, Any]:
     """Take a row off the worklist for good (booked by hand, patient called back...), with the reason."""
     why = (why or "").strip()
     if not why:
         raise OutboxError("say why the writeback is dismissed (--why TEXT); the reason is audited")
     practice_id = _row_for_action(store, outbox_id)
-    with store.begin(practice_id) as conn:
-        row = conn.execute(text("SELECT * FROM outbox WHERE outbox_id = :id FOR UPDATE"), {"id": outbox_id}).one()
+
+    def dismissable(row: Any) -> None:
         if row.status not in NEEDS_ACTION:
             raise OutboxError(
                 f"outbox {outbox_id} is {row.status}; only failed, dead-lettered or timed-out rows can be dismissed"
             )
-        conn.execute(
-            text(
-                "UPDATE outbox SET status = 'dismissed', dismissed_at = now(), dismissed_by = :by, "
-                "dismissed_why = :why, updated_at = now() WHERE outbox_id = :id"
-            ),
-            {"id": outbox_id, "by": actor, "why": why},
-        )
-        store.audit(
-            conn,
-            actor,
-            practice_id,
-            "outbox_dismiss",
-            [row.pms_patient_id],
-            detail={"outbox_id": outbox_id, "was": row.status, "problem": row.problem, "why": why},
-        )
+
+    row = store.dismiss_outbox_row(practice_id, outbox_id, why, actor, dismissable)
     return {"outbox_id": outbox_id, "practice_id": practice_id, "kind": row.kind, "key": row.idempotency_key}
 
 
 def outbox_rows(
-    store: Any, practice_id: str, status: str | None = None, *, needs_action: bool = False
+    store: Store, practice_id: str, status: str | None = None, *, needs_action: bool = False
 ) -> list[dict[str, Any]]:
     """The practice's outbox rows (one status, the worklist, or all), oldest first."""
-    with store.begin(practice_id) as conn:
-        rows = conn.execute(
-            text(
-                "SELECT outbox_id, kind, idempotency_key, pms_patient_id, status, attempts, retries, problem, "
-                "last_error, pms_record_id, created_at, finished_at, dismissed_at, dismissed_by, dismissed_why, "
-                "CAST(payload->>'starts_at' AS timestamptz) AS starts_at FROM outbox WHERE practice_id = :p "
-                "AND (CAST(:s AS text) IS NULL OR status = :s) "
-                f"AND (NOT :na OR {_NEEDS_ACTION_SQL}) ORDER BY outbox_id"
-            ),
-            {"p": practice_id, "s": status, "na": needs_action},
-        ).mappings()
-        return [dict(r) for r in rows]
+    return store.outbox_rows(practice_id, status, needs_action=needs_action)
 
 
-def waiting(store: Any) -> dict[str, dict[str, Any]]:
+def waiting(store: Store) -> dict[str, dict[str, Any]]:
     """Every practice's worklist in counts: practice -> {counts by status, ids, oldest}. (It spans
     practices: the view `outbox_states`, no patient data.)"""
-    with store.begin() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT practice_id, status, count(*) AS n, min(finished_at) AS oldest, "
-                f"array_agg(outbox_id ORDER BY outbox_id) AS ids FROM outbox_states WHERE {_NEEDS_ACTION_SQL} "
-                "GROUP BY practice_id, status ORDER BY practice_id, status"
-            )
-        ).all()
+    rows = store.outbox_needs_action_counts()
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
         entry = out.setdefault(r.practice_id, {"counts": {}, "ids": [], "oldest": r.oldest})
@@ -594,7 +423,7 @@ def waiting(store: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def send_digest(store: Any, day: date) -> dict[str, Any]:
+def send_digest(store: Store, day: date) -> dict[str, Any]:
     """The day's digest of what still waits, one message through the alert channels (and one alert
     row per practice). Sent once per day: a re-run of the same day records and sends nothing."""
     pending = waiting(store)
@@ -606,10 +435,9 @@ def send_digest(store: Any, day: date) -> dict[str, Any]:
         since = f", oldest since {entry['oldest']:%Y-%m-%d %H:%M} UTC" if entry["oldest"] else ""
         shown = ", ".join(str(i) for i in entry["ids"][:20]) + (" ..." if len(entry["ids"]) > 20 else "")
         line = f"{practice_id}: {total} waiting ({counts}){since}; outbox {shown}"
-        with store.begin(practice_id) as conn:
-            alert_id = alerts.record_keyed(
-                conn, practice_id, f"digest:{day.isoformat()}:{practice_id}", "writeback_digest", line, "warning"
-            )
+        alert_id = store.record_keyed_alert(
+            practice_id, f"digest:{day.isoformat()}:{practice_id}", "writeback_digest", line, "warning"
+        )
         if alert_id is not None:
             recorded[practice_id] = alert_id
             lines.append(line)

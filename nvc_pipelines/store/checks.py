@@ -1,0 +1,142 @@
+"""What the data-quality checks read: the rows to validate, the whole-practice invariants, the marks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import text
+
+from nvc_pipelines.store import calls
+from nvc_pipelines.store.base import StoreBase
+
+
+class ChecksMixin(StoreBase):
+    """The validity checks' reads and their marks (`sync_cursors` streams `check:NAME`)."""
+
+    def quality_rows(
+        self, practice_id: str, kind: str, since: datetime | None = None, *, size: int = 50_000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The rows a check validates, `size` at a time from one server-side cursor: active patients,
+        active appointments, or recalls with their patient's state; only those written after `since`
+        when given (the nightly's changed rows). In chunks, so validating a whole practice holds one
+        chunk, never the practice."""
+        queries = {
+            "patients": "SELECT pms_patient_id, first_name, last_name, phones, date_of_birth, last_eye_test_date, "
+            "risk_flags FROM patients WHERE practice_id = :p AND active",
+            "appointments": "SELECT pms_appointment_id, pms_patient_id, starts_at, ends_at, status FROM appointments "
+            "WHERE practice_id = :p AND active",
+            "recalls": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule, r.interval_months, r.based_on, "
+            "pt.active AS patient_active FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
+            "WHERE r.practice_id = :p",
+        }
+        changed = {
+            "patients": " AND updated_at > :since",
+            "appointments": " AND updated_at > :since",
+            "recalls": " AND (r.computed_at > :since OR pt.updated_at > :since)",
+        }
+        sql = queries[kind] + (changed[kind] if since is not None else "")
+        with self.begin(practice_id) as conn:
+            rows = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
+                text(sql), {"p": practice_id, "since": since}
+            )
+            for chunk in rows.mappings().partitions(size):
+                yield [dict(r) for r in chunk]
+
+    # The whole-practice invariants of each check, as SQL aggregates (name -> rows that break it), and
+    # the query that shows a few of those rows. They are what a changed-only nightly cannot see in the
+    # rows it validates: a share, a duplicate, a reference to a row that changed elsewhere, or a rule
+    # that the calendar breaks (an age passing 120).
+    _INVARIANTS: dict[str, dict[str, tuple[str, str]]] = {
+        "patients": {
+            "unique_identity": (
+                "SELECT count(*) - count(DISTINCT pms_patient_id) FROM patients WHERE practice_id = :p AND active",
+                "SELECT pms_patient_id FROM patients WHERE practice_id = :p AND active GROUP BY pms_patient_id "
+                "HAVING count(*) > 1",
+            ),
+            "birth_in_past_and_age_under_120": (
+                "SELECT count(*) FROM patients WHERE practice_id = :p AND active AND date_of_birth IS NOT NULL "
+                "AND (:today - date_of_birth < 0 OR :today - date_of_birth > :max_age_days)",
+                "SELECT pms_patient_id, first_name, last_name, date_of_birth FROM patients WHERE practice_id = :p "
+                "AND active AND date_of_birth IS NOT NULL "
+                "AND (:today - date_of_birth < 0 OR :today - date_of_birth > :max_age_days)",
+            ),
+            "uncallable": (
+                "SELECT count(*) FILTER (WHERE cardinality(phones) = 0) FROM patients WHERE practice_id = :p AND active",
+                "SELECT pms_patient_id, first_name, last_name, phones FROM patients WHERE practice_id = :p AND active "
+                "AND cardinality(phones) = 0",
+            ),
+        },
+        "appointments": {
+            "patient_exists": (
+                "SELECT count(*) FROM appointments a WHERE a.practice_id = :p AND a.active AND NOT EXISTS ("
+                "SELECT 1 FROM patients pt WHERE pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id)",
+                "SELECT a.pms_appointment_id, a.pms_patient_id, a.starts_at, a.status FROM appointments a "
+                "WHERE a.practice_id = :p AND a.active AND NOT EXISTS (SELECT 1 FROM patients pt "
+                "WHERE pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id)",
+            ),
+        },
+        "recalls": {
+            "patient_active": (
+                "SELECT count(*) FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
+                "WHERE r.practice_id = :p AND NOT pt.active",
+                "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule FROM recalls r "
+                "JOIN patients pt ON pt.patient_id = r.patient_id WHERE r.practice_id = :p AND NOT pt.active",
+            ),
+        },
+    }
+
+    def quality_invariants(
+        self, practice_id: str, kind: str, today: date, examples: int = 20
+    ) -> tuple[dict[str, int], int, dict[str, list[dict[str, Any]]]]:
+        """The whole practice's invariants for one check: rows breaking each (by name), the number of
+        rows the check covers, and up to `examples` of the breaking rows for each that is broken."""
+        params = {"p": practice_id, "today": today, "max_age_days": int(120 * 365.25)}
+        table = {"patients": "patients", "appointments": "appointments", "recalls": "recalls"}[kind]
+        active = "" if kind == "recalls" else " AND active"
+        with self.begin(practice_id) as conn:
+            counts = {
+                name: int(conn.execute(text(sql), params).scalar_one())
+                for name, (sql, _) in self._INVARIANTS[kind].items()
+            }
+            total = conn.execute(
+                text(f"SELECT count(*) FROM {table} WHERE practice_id = :p{active}"), params
+            ).scalar_one()
+            shown = {
+                name: [
+                    dict(r)
+                    for r in conn.execute(
+                        text(f"{self._INVARIANTS[kind][name][1]} LIMIT {examples}"), params
+                    ).mappings()
+                ]
+                for name, n in counts.items()
+                if n
+            }
+        return counts, int(total), shown
+
+    def check_mark(self, practice_id: str, name: str) -> tuple[datetime | None, str | None, datetime | None, datetime]:
+        """What check `name` last validated up to: (mark, its fingerprint, the practice's last full read
+        of patients, the database's clock now)."""
+        with self.begin(practice_id) as conn:
+            row = conn.execute(
+                text(
+                    f"SELECT ({calls._SAFE_MARK}) AS now, c.cursor_at, c.fingerprint, f.last_full_sync_at FROM (SELECT 1) one "
+                    "LEFT JOIN sync_cursors c ON c.practice_id = :p AND c.stream = :s "
+                    "LEFT JOIN sync_cursors f ON f.practice_id = :p AND f.stream = 'patients'"
+                ),
+                {"p": practice_id, "s": f"check:{name}"},
+            ).one()
+        return row.cursor_at, row.fingerprint, row.last_full_sync_at, row.now
+
+    def advance_check_mark(self, practice_id: str, name: str, at: datetime, fingerprint: str) -> None:
+        """Check `name` has validated every row written before `at` with the suite `fingerprint`."""
+        with self.begin(practice_id) as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO sync_cursors (practice_id, stream, cursor_at, fingerprint) VALUES (:p, :s, :at, :fp) "
+                    "ON CONFLICT (practice_id, stream) DO UPDATE SET cursor_at = EXCLUDED.cursor_at, "
+                    "fingerprint = EXCLUDED.fingerprint, last_sync_at = now()"
+                ),
+                {"p": practice_id, "s": f"check:{name}", "at": at, "fp": fingerprint},
+            )

@@ -1,0 +1,86 @@
+"""Erasure: a patient's rows deleted in one transaction, and the keyed hashes that keep them out.
+
+Which hashes identify an erased person (and the key) is `nvc_pipelines.erasure`'s; the store only
+keeps them (`suppressions`: no personal data) and deletes what it holds about the patient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import text
+
+from nvc_pipelines.store.base import PracticeNotFound, StoreBase
+
+# Every table that names a patient, and how (by NVC's patient id or by the PMS's).
+_PATIENT_ROWS = (
+    ("call_list", "patient_id = :id"),
+    ("recalls", "patient_id = :id"),
+    ("appointments", "pms_patient_id = :ref"),
+    ("clinical_records", "pms_patient_id = :ref"),
+    ("outbox", "pms_patient_id = :ref"),
+    ("contact_suppressions", "pms_patient_id = :ref"),
+    ("call_events", "pms_patient_id = :ref"),
+    ("patient_merges", "keep_patient_id = :id OR merged_patient_id = :id"),
+)
+
+
+class ErasureMixin(StoreBase):
+    """Suppressions (the erased) and erasing a patient."""
+
+    def suppression_hashes(self, practice_id: str) -> list[tuple[str, str]]:
+        """(kind, keyed hash) of everyone erased from the practice."""
+        with self.begin(practice_id) as conn:
+            rows = conn.execute(
+                text("SELECT kind, value_hash FROM suppressions WHERE practice_id = :p"), {"p": practice_id}
+            )
+            return [(r.kind, r.value_hash) for r in rows]
+
+    def erase_patient_rows(
+        self,
+        practice_id: str,
+        patient_ref: str,
+        actor: str,
+        hashes: Callable[[str, str | None, str | None, list[str]], list[tuple[str, str]]],
+    ) -> dict[str, int]:
+        """Delete one patient (PMS id or NVC patient id) and every row naming them, and record
+        `hashes(pms_patient_id, first_name, last_name, phones)` (kind, hash; the PMS id's first, its
+        prefix is the audit's reference) as suppressions, in one transaction; returns the rows removed
+        by table."""
+        with self.begin(practice_id) as conn:
+            row = conn.execute(
+                text(
+                    "SELECT patient_id, pms_patient_id, phones, first_name, last_name FROM patients "
+                    "WHERE practice_id = :p AND (pms_patient_id = :ref OR patient_id::text = :ref) FOR UPDATE"
+                ),
+                {"p": practice_id, "ref": patient_ref},
+            ).one_or_none()
+            if row is None:
+                raise PracticeNotFound(f"practice {practice_id} has no patient {patient_ref!r}")
+            pid, ref, phones = row.patient_id, row.pms_patient_id, list(row.phones)
+            scope = {"p": practice_id, "ref": ref, "id": pid}
+            removed: dict[str, int] = {}
+            for table, where in _PATIENT_ROWS:
+                removed[table] = conn.execute(
+                    text(f"DELETE FROM {table} WHERE practice_id = :p AND ({where})"), scope
+                ).rowcount
+            removed["rejected_rows"] = conn.execute(
+                text(
+                    "DELETE FROM rejected_rows WHERE practice_id = :p AND (row_ref LIKE '%' || :ref || '%' "
+                    "OR EXISTS (SELECT 1 FROM unnest(CAST(:needles AS text[])) n WHERE raw::text LIKE '%' || n || '%'))"
+                ),
+                {**scope, "needles": phones + [p.replace("+44", "0", 1) for p in phones]},
+            ).rowcount
+            conn.execute(text("UPDATE patients SET merged_into = NULL WHERE merged_into = :id"), scope)
+            removed["patients"] = conn.execute(text("DELETE FROM patients WHERE patient_id = :id"), scope).rowcount
+            digests = hashes(ref, row.first_name, row.last_name, phones)
+            for kind, digest in digests:
+                conn.execute(
+                    text(
+                        "INSERT INTO suppressions (practice_id, kind, value_hash) VALUES (:p, :k, :h) "
+                        "ON CONFLICT DO NOTHING"
+                    ),
+                    {"p": practice_id, "k": kind, "h": digest},
+                )
+            self.audit(conn, actor, practice_id, "erase", [digests[0][1][:16]], detail=removed)
+        return removed

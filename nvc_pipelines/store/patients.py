@@ -1,0 +1,380 @@
+"""What a sync writes and reads back: the streams (patients, appointments, clinical records), their
+rejections and cursors, in one transaction per practice and stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+
+from nvc_pipelines.model import (
+    Channel,
+    ClinicalRecord,
+    ContactPreferences,
+    Patient,
+    PatientStatus,
+    Phone,
+    PhoneType,
+    ReadResult,
+    RejectedRow,
+)
+from nvc_pipelines.store import calls
+from nvc_pipelines.store.base import StoreBase, json_default
+from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_staged, stage_pages, stage_table
+from nvc_pipelines.sync import next_cursor
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCounts:
+    """What a sync did to the store; rows read = inserted + updated + unchanged + rejected."""
+
+    inserted: int
+    updated: int
+    unchanged: int
+    rejected: int
+    deactivated: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    cursor_at: datetime | None
+    last_full_sync_at: datetime | None
+
+
+def _patient_from_row(row: Any) -> Patient:
+    return Patient(
+        practice_id=row.practice_id,
+        pms_patient_id=row.pms_patient_id,
+        first_name=row.first_name,
+        last_name=row.last_name,
+        phones=[Phone(e, PhoneType(t)) for e, t in zip(row.phones, row.phone_types, strict=True)],
+        date_of_birth=row.date_of_birth,
+        email=row.email,
+        address=row.address,
+        last_eye_test_date=row.last_eye_test_date,
+        last_clinical_test_date=row.last_clinical_test_date,
+        risk_flags=list(row.risk_flags),
+        unknown_risk_values=list(row.unknown_risk_values),
+        clinical_notes=row.clinical_notes,
+        pms_recall_due_date=row.pms_recall_due_date,
+        source_updated_at=row.source_updated_at,
+        status=PatientStatus(row.pms_status),
+        status_date=row.status_date,
+        contact=ContactPreferences(
+            phone_recall=row.phone_recall,
+            no_recall=row.no_recall,
+            channels=None if row.contact_channels is None else frozenset(Channel(c) for c in row.contact_channels),
+        ),
+        guardian_name=row.guardian_name,
+        name_review=row.name_review,
+    )
+
+
+def _settle_rejected_copies(cur: Any, spec: StreamSpec, kept: dict[str, tuple[int, RejectedRow]]) -> int:
+    """A patient read twice in one paged read (edited in the PMS meanwhile), once valid and once
+    rejected: the later copy is the one that counts. Drops the earlier staged row (returns how many)
+    or the earlier rejection (from `kept`)."""
+    if spec is not PATIENTS or not kept:
+        return 0
+    about: dict[str, int] = {}
+    for page, row in kept.values():
+        if row.identity is not None and row.identity.pms_patient_id:
+            about[row.identity.pms_patient_id] = max(page, about.get(row.identity.pms_patient_id, -1))
+    if not about:
+        return 0
+    stage = stage_table(spec)
+    cur.execute(f"SELECT pms_patient_id, stage_page FROM {stage} WHERE pms_patient_id = ANY(%s)", (list(about),))
+    dropped = 0
+    for key, staged_page in cur.fetchall():
+        if staged_page < about[key]:
+            cur.execute(f"DELETE FROM {stage} WHERE pms_patient_id = %s", (key,))
+            dropped += cur.rowcount
+        elif staged_page > about[key]:
+            for ref, (page, row) in list(kept.items()):
+                if row.identity is not None and row.identity.pms_patient_id == key and page < staged_page:
+                    del kept[ref]
+    return dropped
+
+
+class PatientsMixin(StoreBase):
+    """Bulk, idempotent stream writes and the reads of what they wrote."""
+
+    def write_patients(
+        self,
+        practice_id: str,
+        source: str,
+        result: ReadResult,
+        run_id: str | None,
+        *,
+        full: bool = False,
+        cursor_at: datetime | None = None,
+        max_drop_share: float | None = None,
+    ) -> WriteCounts:
+        return self.write_stream(
+            practice_id,
+            PATIENTS,
+            result.patients,
+            result.rejected,
+            source=source,
+            source_ref=result.source_ref,
+            run_id=run_id,
+            full=full,
+            cursor_at=cursor_at,
+            max_drop_share=max_drop_share,
+        )
+
+    def write_stream(
+        self,
+        practice_id: str,
+        spec: StreamSpec,
+        records: Sequence[Any],
+        rejected: Sequence[RejectedRow],
+        *,
+        source: str,
+        source_ref: str = "",
+        run_id: str | None,
+        full: bool,
+        cursor_at: datetime | None = None,
+        max_drop_share: float | None = None,
+        place_calls_at: datetime | None = None,
+    ) -> WriteCounts:
+        """Merge one read of a stream, its rejections and its cursor in one transaction.
+
+        With `place_calls_at` (an intraday read), the households of the patients read are placed on
+        the call list again in the same transaction, so what the practice changed today (a booking,
+        a death, an opt-out) is never written without its effect on the list.
+
+        A full read replaces the stream's quarantine and reconciles (marks missing rows inactive);
+        an incremental read replaces only the rejections of the rows it re-read. The cursor is
+        committed with the data it covers, so a killed run re-reads from the old cursor.
+        """
+        refs = {r.pms_patient_id for r in records} if place_calls_at is not None else None
+        return self._write_read(
+            practice_id,
+            spec,
+            [(records, rejected)],
+            source=source,
+            source_ref=source_ref,
+            run_id=run_id,
+            full=full,
+            cursor_at=cursor_at,
+            max_drop_share=max_drop_share,
+            place_calls=(refs, place_calls_at) if place_calls_at is not None else None,
+        )
+
+    def write_stream_pages(
+        self,
+        practice_id: str,
+        spec: StreamSpec,
+        pages: Iterable[tuple[Sequence[Any], Sequence[RejectedRow]]],
+        *,
+        source: str,
+        source_ref: str | Callable[[], str] = "",
+        run_id: str | None,
+        full: bool,
+        max_drop_share: float | None = None,
+    ) -> WriteCounts:
+        """`write_stream` for a read that arrives page by page (`(records, rejected)` each): every page
+        is `COPY`ed into the stage as it comes, so memory does not grow with the practice. One
+        transaction still holds the whole read, its rejections and its cursor (the newest change
+        stamp read), and a full read is judged by the volume check before anything is changed; a
+        failure while paging (the PMS going away) rolls everything back.
+
+        A record that comes back on a later page (edited in the PMS while the read paged through)
+        counts once, as its later copy, whether that copy was valid or rejected."""
+        return self._write_read(
+            practice_id,
+            spec,
+            pages,
+            source=source,
+            source_ref=source_ref,
+            run_id=run_id,
+            full=full,
+            cursor_at=None,
+            max_drop_share=max_drop_share,
+            stamp_cursor=True,
+        )
+
+    def _write_read(
+        self,
+        practice_id: str,
+        spec: StreamSpec,
+        pages: Iterable[tuple[Sequence[Any], Sequence[RejectedRow]]],
+        *,
+        source: str,
+        source_ref: str | Callable[[], str],
+        run_id: str | None,
+        full: bool,
+        cursor_at: datetime | None,
+        max_drop_share: float | None,
+        stamp_cursor: bool = False,
+        place_calls: tuple[set[str] | None, datetime] | None = None,
+    ) -> WriteCounts:
+        kept: dict[str, tuple[int, RejectedRow]] = {}  # by row_ref: a row re-read on a later page counts once
+        newest: list[datetime] = []
+
+        def records() -> Iterator[Sequence[Any]]:
+            for page_no, (page_records, page_rejected) in enumerate(pages):
+                for row in page_rejected:
+                    kept.pop(row.row_ref, None)
+                    kept[row.row_ref] = (page_no, row)
+                if stamp_cursor:
+                    stamp = next_cursor(getattr(r, "source_updated_at", None) for r in page_records)
+                    if stamp is not None and (not newest or stamp > newest[0]):
+                        newest[:] = [stamp]
+                yield page_records
+
+        with self.begin(practice_id) as conn:
+            with conn.connection.driver_connection.cursor() as cur:
+                staged = stage_pages(cur, spec, records())
+                staged -= _settle_rejected_copies(cur, spec, kept)
+                counts = merge_staged(cur, spec, practice_id, staged, full=full, max_drop_share=max_drop_share)
+            rejected = [row for _page, row in kept.values()]
+            if callable(source_ref):  # known once the pages have been read
+                source_ref = source_ref()
+            if stamp_cursor:
+                cursor_at = newest[0] if newest else None
+            if counts.patients_touched:  # their recalls read these rows: recompute them
+                conn.execute(
+                    text(
+                        "UPDATE patients SET change_seq = change_seq + 1 "
+                        "WHERE practice_id = :p AND pms_patient_id = ANY(:ids)"
+                    ),
+                    {"p": practice_id, "ids": sorted(counts.patients_touched)},
+                )
+            stream_source = f"{source}:{spec.name}" if source else spec.name
+            if full:
+                conn.execute(
+                    text("DELETE FROM rejected_rows WHERE practice_id = :p AND source = :s"),
+                    {"p": practice_id, "s": stream_source},
+                )
+            elif rejected:
+                conn.execute(
+                    text("DELETE FROM rejected_rows WHERE practice_id = :p AND source = :s AND row_ref = ANY(:refs)"),
+                    {"p": practice_id, "s": stream_source, "refs": [r.row_ref for r in rejected]},
+                )
+            if rejected:
+                conn.execute(
+                    text(
+                        "INSERT INTO rejected_rows (practice_id, source, source_ref, row_ref, reason, raw, run_id) "
+                        "VALUES (:p, :s, :ref, :row_ref, :reason, CAST(:raw AS jsonb), :run_id)"
+                    ),
+                    [
+                        {
+                            "p": practice_id,
+                            "s": stream_source,
+                            "ref": source_ref,
+                            "row_ref": r.row_ref,
+                            "reason": r.reason,
+                            "raw": json.dumps(r.raw, default=json_default),
+                            "run_id": run_id,
+                        }
+                        for r in rejected
+                    ],
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO sync_cursors (practice_id, stream, cursor_at, last_full_sync_at) "
+                    "VALUES (:p, :stream, :cursor, CASE WHEN :full THEN now() END) "
+                    "ON CONFLICT (practice_id, stream) DO UPDATE SET "
+                    "cursor_at = COALESCE(EXCLUDED.cursor_at, sync_cursors.cursor_at), "
+                    "last_full_sync_at = COALESCE(EXCLUDED.last_full_sync_at, sync_cursors.last_full_sync_at), "
+                    "last_sync_at = now()"
+                ),
+                {"p": practice_id, "stream": spec.name, "cursor": cursor_at, "full": full},
+            )
+            conn.execute(text("UPDATE practices SET last_sync_at = now() WHERE practice_id = :p"), {"p": practice_id})
+            if place_calls is not None:
+                refs, place_calls_at = place_calls
+                calls.refresh_refs(conn, practice_id, refs or set(), place_calls_at)
+            self.audit(
+                conn,
+                f"pipeline:{run_id}" if run_id else "pipeline",
+                practice_id,
+                f"sync_{spec.name}",
+                run_id=run_id,
+                detail={
+                    "full": full,
+                    "inserted": counts.inserted,
+                    "updated": counts.updated,
+                    "deactivated": counts.deactivated,
+                    "rejected": len(rejected),
+                },
+            )
+        self._analyze_after_bulk(spec.table, counts.inserted + counts.updated + counts.deactivated)
+        return WriteCounts(counts.inserted, counts.updated, counts.unchanged, len(rejected), counts.deactivated)
+
+    def stream_state(self, practice_id: str, stream: str) -> StreamState:
+        with self.begin(practice_id) as conn:
+            row = conn.execute(
+                text("SELECT cursor_at, last_full_sync_at FROM sync_cursors WHERE practice_id = :p AND stream = :s"),
+                {"p": practice_id, "s": stream},
+            ).one_or_none()
+        return StreamState(row.cursor_at, row.last_full_sync_at) if row else StreamState(None, None)
+
+    def load_patients(
+        self, practice_id: str, *, include_merged: bool = False, only: Collection[str] | None = None
+    ) -> list[Patient]:
+        """Active patients (plus merged-away records when asked, for matching); only those PMS ids when
+        `only` is given."""
+        where = "(active OR merged_into IS NOT NULL)" if include_merged else "active"
+        params: dict[str, Any] = {"p": practice_id}
+        if only is not None:
+            where += " AND pms_patient_id = ANY(:only)"
+            params["only"] = list(only)
+        with self.begin(practice_id) as conn:
+            rows = conn.execute(
+                text(f"SELECT * FROM patients WHERE practice_id = :p AND {where} ORDER BY pms_patient_id"), params
+            )
+            return [_patient_from_row(r) for r in rows]
+
+    def load_clinical_records(
+        self, practice_id: str, only: Collection[str] | None = None
+    ) -> dict[str, list[ClinicalRecord]]:
+        """Active clinical records by PMS patient id (only those patients' when `only` is given)."""
+        out: dict[str, list[ClinicalRecord]] = {}
+        where, params = "", {"p": practice_id}
+        if only is not None:
+            where, params["only"] = " AND pms_patient_id = ANY(:only)", list(only)
+        with self.begin(practice_id) as conn:
+            rows = conn.execute(
+                text(f"SELECT * FROM clinical_records WHERE practice_id = :p AND active{where} ORDER BY exam_date"),
+                params,
+            )
+            for r in rows:
+                out.setdefault(r.pms_patient_id, []).append(
+                    ClinicalRecord(
+                        practice_id=r.practice_id,
+                        pms_record_id=r.pms_record_id,
+                        pms_patient_id=r.pms_patient_id,
+                        exam_date=r.exam_date,
+                        record_type=r.record_type,
+                        flags=list(r.flags),
+                        unknown_flags=list(r.unknown_flags),
+                        notes=r.notes,
+                        iop_right_mmhg=float(r.iop_right_mmhg) if r.iop_right_mmhg is not None else None,
+                        iop_left_mmhg=float(r.iop_left_mmhg) if r.iop_left_mmhg is not None else None,
+                        clinician=r.clinician,
+                        source_updated_at=r.source_updated_at,
+                    )
+                )
+        return out
+
+    def all_patient_ids(self, practice_id: str) -> set[str]:
+        with self.begin(practice_id) as conn:
+            return set(
+                conn.execute(
+                    text("SELECT pms_patient_id FROM patients WHERE practice_id = :p"), {"p": practice_id}
+                ).scalars()
+            )
+
+    def last_successful_sync(self, practice_id: str, stream: str = "patients") -> datetime | None:
+        with self.begin(practice_id) as conn:
+            return conn.execute(
+                text("SELECT last_sync_at FROM sync_cursors WHERE practice_id = :p AND stream = :s"),
+                {"p": practice_id, "s": stream},
+            ).scalar_one_or_none()

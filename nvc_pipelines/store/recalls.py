@@ -1,0 +1,231 @@
+"""Recalls: the targets to recompute, their replacement in bulk, the computation's marks, the summaries."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from nvc_pipelines.model import Recall
+from nvc_pipelines.store.base import StoreBase
+
+
+@dataclass(frozen=True, slots=True)
+class RecallState:
+    """The database clock now, and the last recall computation's watermark, full run and fingerprint."""
+
+    now: datetime
+    computed_at: datetime | None
+    last_full_at: datetime | None
+    fingerprint: str | None
+
+
+class RecallsMixin(StoreBase):
+    """Recall computation's reads and writes, one practice at a time."""
+
+    def recall_state(self, practice_id: str) -> RecallState:
+        """What the practice's recalls were last computed with, and the database's clock now."""
+        with self.begin(practice_id) as conn:
+            row = conn.execute(
+                text(
+                    "SELECT now() AS now, c.cursor_at, c.last_full_sync_at, c.fingerprint FROM (SELECT 1) one "
+                    "LEFT JOIN sync_cursors c ON c.practice_id = :p AND c.stream = 'recalls'"
+                ),
+                {"p": practice_id},
+            ).one()
+        return RecallState(row.now, row.cursor_at, row.last_full_sync_at, row.fingerprint)
+
+    def recall_targets(self, practice_id: str, *, everyone: bool) -> dict[str, int]:
+        """PMS id -> `change_seq` of the patients whose recall must be recomputed: every patient, or
+        those whose data changed since their recall was computed (active or not: an inactive one's
+        recall is removed)."""
+        stale = "" if everyone else " AND change_seq <> recall_seq"
+        with self.begin(practice_id) as conn:
+            rows = conn.execute(
+                text(f"SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p{stale}"),
+                {"p": practice_id},
+            )
+            return dict(rows.tuples().all())
+
+    def recall_target_batches(self, practice_id: str, *, everyone: bool, size: int = 5000) -> Iterator[dict[str, int]]:
+        """`recall_targets` in batches of at most `size` (PMS id -> `change_seq`), streamed from one
+        server-side cursor, so a practice's recalls are computed a batch at a time in constant memory."""
+        stale = "" if everyone else " AND change_seq <> recall_seq"
+        with self.begin(practice_id) as conn:
+            rows = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
+                text(f"SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p{stale}"),
+                {"p": practice_id},
+            )
+            for batch in rows.partitions(size):
+                yield dict(tuple(r) for r in batch)
+
+    def finish_recalls(self, practice_id: str, *, fingerprint: str, full: bool, changed: int = 0) -> None:
+        """Record that the practice's recalls were computed (with these rules; all of them when
+        `full`), after the last batch of `write_recalls`; refreshes the table's statistics after a
+        bulk change. A run killed before this recomputes from where the batches' marks left off."""
+        with self.begin(practice_id) as conn:
+            self._mark_recalls_computed(conn, practice_id, fingerprint, full)
+        self._analyze_after_bulk("recalls", changed)
+
+    @staticmethod
+    def _mark_recalls_computed(conn: Connection, practice_id: str, fingerprint: str, full: bool) -> None:
+        conn.execute(
+            text(
+                "INSERT INTO sync_cursors (practice_id, stream, cursor_at, last_full_sync_at, fingerprint) "
+                "VALUES (:p, 'recalls', now(), CASE WHEN :full THEN now() END, :fp) "
+                "ON CONFLICT (practice_id, stream) DO UPDATE SET cursor_at = EXCLUDED.cursor_at, "
+                "last_full_sync_at = COALESCE(EXCLUDED.last_full_sync_at, sync_cursors.last_full_sync_at), "
+                "fingerprint = EXCLUDED.fingerprint, last_sync_at = now()"
+            ),
+            {"p": practice_id, "full": full, "fp": fingerprint},
+        )
+
+    def write_recalls(
+        self,
+        practice_id: str,
+        recalls: Iterable[Recall],
+        *,
+        scope: Collection[str] | None = None,
+        seen: Mapping[str, int] | None = None,
+        fingerprint: str | None = None,
+        analyze: bool = True,
+    ) -> int:
+        """Replace the practice's recalls with `recalls` in one transaction (only those of the PMS ids in
+        `scope` when given); returns how many were added, changed or removed. `seen` (PMS id ->
+        `change_seq` read before computing) marks those patients' recalls as computed from that
+        state, and `fingerprint` the rules used, in the same transaction."""
+        rows = [
+            (
+                r.pms_patient_id,
+                r.due_date,
+                r.recall_source,
+                r.rule,
+                r.interval_months,
+                r.reason,
+                list(r.flags),
+                list(r.inferred_flags),
+                r.based_on,
+                list(r.warnings),
+                r.guideline_due_date,
+            )
+            for r in recalls
+        ]
+        with self.begin(practice_id) as conn:
+            with conn.connection.driver_connection.cursor() as cur:
+                cur.execute(
+                    "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
+                    "rule text, interval_months int, reason text, flags text[], inferred_flags text[], based_on date, "
+                    "warnings text[], guideline_due_date date) "
+                    "ON COMMIT DROP"
+                )
+                with cur.copy("COPY stage_recalls FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                cur.execute("ANALYZE stage_recalls")  # temp tables have no statistics: the joins need them
+            in_scope = ""
+            params: dict[str, Any] = {"p": practice_id}
+            if scope is not None:
+                in_scope = (
+                    " AND r.patient_id IN (SELECT patient_id FROM patients WHERE practice_id = :p"
+                    " AND pms_patient_id = ANY(:scope))"
+                )
+                params["scope"] = list(scope)
+            removed = conn.execute(
+                text(
+                    "DELETE FROM recalls r WHERE r.practice_id = :p" + in_scope + " AND NOT EXISTS ("
+                    " SELECT 1 FROM stage_recalls s JOIN patients pt ON pt.practice_id = :p "
+                    " AND pt.pms_patient_id = s.pms_patient_id WHERE pt.patient_id = r.patient_id AND pt.active)"
+                ),
+                params,
+            ).rowcount
+            changed = conn.execute(
+                text(
+                    "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, "
+                    "reason, flags, inferred_flags, based_on, warnings, guideline_due_date) "
+                    "SELECT pt.patient_id, :p, s.due_date, s.recall_source, s.rule, s.interval_months, s.reason, "
+                    "s.flags, s.inferred_flags, s.based_on, s.warnings, s.guideline_due_date FROM stage_recalls s "
+                    "JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id AND pt.active "
+                    "ON CONFLICT (patient_id) DO UPDATE SET due_date = EXCLUDED.due_date, "
+                    "recall_source = EXCLUDED.recall_source, rule = EXCLUDED.rule, "
+                    "interval_months = EXCLUDED.interval_months, reason = EXCLUDED.reason, flags = EXCLUDED.flags, "
+                    "inferred_flags = EXCLUDED.inferred_flags, based_on = EXCLUDED.based_on, "
+                    "warnings = EXCLUDED.warnings, guideline_due_date = EXCLUDED.guideline_due_date, computed_at = now() "
+                    "WHERE (recalls.due_date, recalls.recall_source, recalls.rule, recalls.interval_months, "
+                    "recalls.reason, recalls.flags, recalls.inferred_flags, recalls.based_on, recalls.warnings, "
+                    "recalls.guideline_due_date) IS DISTINCT FROM ("
+                    "EXCLUDED.due_date, EXCLUDED.recall_source, EXCLUDED.rule, EXCLUDED.interval_months, "
+                    "EXCLUDED.reason, EXCLUDED.flags, EXCLUDED.inferred_flags, EXCLUDED.based_on, EXCLUDED.warnings, "
+                    "EXCLUDED.guideline_due_date)"
+                ),
+                {"p": practice_id},
+            ).rowcount
+            if seen:
+                with conn.connection.driver_connection.cursor() as cur:
+                    cur.execute("CREATE TEMP TABLE stage_seen (pms_patient_id text, seq bigint) ON COMMIT DROP")
+                    with cur.copy("COPY stage_seen FROM STDIN") as copy:
+                        for item in seen.items():
+                            copy.write_row(item)
+                    cur.execute("ANALYZE stage_seen")
+                # Only ever raised to what was read: a bump committed meanwhile stays visible as due.
+                conn.execute(
+                    text(
+                        "UPDATE patients p SET recall_seq = s.seq FROM stage_seen s WHERE p.practice_id = :p "
+                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq"
+                    ),
+                    {"p": practice_id},
+                )
+            if fingerprint is not None:
+                self._mark_recalls_computed(conn, practice_id, fingerprint, scope is None)
+            self.audit(
+                conn,
+                "pipeline",
+                practice_id,
+                "compute_recalls",
+                detail={"changed": changed, "removed": removed, "scope": "all" if scope is None else len(scope)},
+            )
+        if analyze:
+            self._analyze_after_bulk("recalls", changed + removed)
+        return changed + removed
+
+    def recall_summary(self, practice_id: str, today: date) -> dict[str, Any]:
+        with self.begin(practice_id) as conn:
+            row = (
+                conn.execute(
+                    text(
+                        "SELECT count(*) AS total, count(*) FILTER (WHERE due_date <= :today) AS due_now, "
+                        "count(*) FILTER (WHERE due_date > :today AND due_date <= :today + 30) AS due_30_days, "
+                        "count(*) FILTER (WHERE recall_source = 'pms') AS from_pms, "
+                        "count(*) FILTER (WHERE recall_source = 'computed') AS computed, "
+                        "count(*) FILTER (WHERE inferred_flags <> '{}') AS with_inferred_flags, "
+                        "count(*) FILTER (WHERE 'pms_later_than_guideline' = ANY(warnings)) AS pms_later_than_guideline, "
+                        "(SELECT count(*) FROM patients WHERE practice_id = :p AND active) AS active_patients "
+                        "FROM recalls WHERE practice_id = :p"
+                    ),
+                    {"p": practice_id, "today": today},
+                )
+                .mappings()
+                .one()
+            )
+            by_rule = conn.execute(
+                text("SELECT rule, count(*) FROM recalls WHERE practice_id = :p GROUP BY rule ORDER BY rule"),
+                {"p": practice_id},
+            ).all()
+            return {**row, "by_rule": dict(by_rule)}
+
+    def recall_warnings(self, practice_id: str) -> list[dict[str, Any]]:
+        """Patients whose PMS recall date (which wins) is later than the guideline's, for review."""
+        self.get_practice(practice_id)
+        with self.begin(practice_id) as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, r.due_date AS pms_due_date, "
+                    "r.guideline_due_date, r.flags, r.warnings FROM recalls r JOIN patients pt USING (patient_id) "
+                    "WHERE r.practice_id = :p AND r.warnings <> '{}' ORDER BY r.due_date - r.guideline_due_date DESC, "
+                    "pt.pms_patient_id"
+                ),
+                {"p": practice_id},
+            ).mappings()
+            return [dict(r) for r in rows]
