@@ -104,9 +104,9 @@ def main() -> None:
     os.environ.pop("NVC_DATABASE_URL", None)
     os.environ.pop("DAGSTER_HOME", None)
     sys.path.insert(0, str(REPO))
-    from nvc_pipelines import app
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.definitions import pms_gateway
-    from nvc_pipelines.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
     from nvc_pipelines.store.embedded import stop_server
     from resources.store import StoreResource

@@ -13,8 +13,9 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
-from nvc_pipelines import alerts, runs
+from nvc_pipelines import alerts
 from resources.store import StoreResource
+from schedules import runs
 from schedules.jobs import practice_sync_job
 from schedules.writeback import booking_writeback_job
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from nvc_pipelines import demo, intraday
+from nvc_pipelines import intraday
+from nvc_pipelines.application import demo
 from nvc_pipelines.model import BookingRequest, Practice
 from nvc_pipelines.recall import RecallRules, recall_with_clinical
 from nvc_pipelines.store import Store

@@ -11,9 +11,9 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from nvc_pipelines.application.instance import get_instance
 from nvc_pipelines.calling import SETTING_NAMES as CALL_SETTING_NAMES
 from nvc_pipelines.calling import CallSettings, CallSettingsError
-from nvc_pipelines.instance import get_instance
 from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.recall import SETTING_PREFIX, RecallRules
 from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS
