@@ -456,9 +456,9 @@ def child_parts() -> dict[str, Any]:
     from datetime import date
 
     from nvc_pipelines.application import app
-    from nvc_pipelines.definitions import pms_gateway
     from nvc_pipelines.store.streams import PATIENTS, content_hash
     from nvc_pipelines.sync import next_cursor
+    from resources.deployment import pms_gateway
 
     store = app.open_store()
     practice = store.get_practice(PARTS_PRACTICE_ID)

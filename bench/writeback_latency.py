@@ -50,9 +50,9 @@ def main() -> None:
     from nvc_pipelines.application import app
     from nvc_pipelines.application.demo import demo_connections, start_sandboxes
     from nvc_pipelines.application.instance import ensure_dagster_home
-    from nvc_pipelines.definitions import pms_gateway
     from nvc_pipelines.model import BookingRequest
     from nvc_pipelines.store.embedded import stop_server
+    from resources.deployment import pms_gateway
 
     store = app.open_store()
     out.note_postgres()

@@ -28,7 +28,7 @@ class SettingsError(ValueError):
 
 
 def _gateway():
-    from nvc_pipelines.definitions import pms_gateway
+    from resources.deployment import pms_gateway
 
     return pms_gateway()
 
@@ -205,7 +205,7 @@ def refresh_clinicians(practice_id: str) -> list[Any]:
     """Read the practice's clinicians from its PMS now and check each against the GOC register (as the
     sync's `clinicians` step does); returns the checks. A PMS that lists no clinicians: []."""
     from nvc_pipelines import goc
-    from nvc_pipelines.definitions import goc_register
+    from resources.deployment import goc_register
     from resources.protocol import ClinicianSource
 
     store = open_store()
