@@ -90,7 +90,9 @@ def run_failure_alert_sensor(context: RunFailureSensorContext, store: StoreResou
     for event in context.get_step_failure_events():
         data = event.step_failure_data
         description = data.user_failure_data.description if data.user_failure_data else None
-        reasons.append(description or data.error.message.strip())
+        cause = description or (data.error.message.strip() if data.error else None)
+        if cause:
+            reasons.append(cause)
     message = "; ".join(reasons) or context.failure_event.message or "run failed"
     outcome = alerts.record_failure(
         store.open(), partition, run.run_id, run.job_name, message, _consecutive_failures(context, partition)

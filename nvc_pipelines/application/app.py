@@ -162,17 +162,22 @@ def export_data(practice_id: str | None, group_id: str | None = None, patient_re
     """One practice's export (or one patient's), or a group's: each location's export under
     `practices`. Every export is in the audit log."""
     store = open_store()
-    if patient_ref:
+    data: dict[str, Any]
+    if group_id:
+        if patient_ref:
+            raise SettingsError("a patient's export names the practice, not a group")
+        members = store.group_practices(group_id)
+        data = {"group_id": group_id, "practices": [store.export_practice(p) for p in members]}
+        data["patients"] = [p for d in data["practices"] for p in d["patients"]]
+        data["rejected_rows"] = [r for d in data["practices"] for r in d["rejected_rows"]]
+        audited = members
+    elif practice_id is None:
+        raise SettingsError("an export names a practice or a group")
+    elif patient_ref:
         data = store.export_practice(practice_id, patient_ref=patient_ref)
         with store.begin(practice_id) as conn:
             store.audit(conn, actor(), practice_id, "export_patient", [patient_ref])
         return data
-    if group_id:
-        members = store.group_practices(group_id)
-        data: dict[str, Any] = {"group_id": group_id, "practices": [store.export_practice(p) for p in members]}
-        data["patients"] = [p for d in data["practices"] for p in d["patients"]]
-        data["rejected_rows"] = [r for d in data["practices"] for r in d["rejected_rows"]]
-        audited = members
     else:
         data = store.export_practice(practice_id)
         audited = [practice_id]
@@ -262,10 +267,10 @@ def sync_practice(
         failures = [e for e in result.all_events if e.is_step_failure]
         causes = [
             (f.step_failure_data.user_failure_data.description if f.step_failure_data.user_failure_data else None)
-            or f.step_failure_data.error.message.strip()
+            or (f.step_failure_data.error.message.strip() if f.step_failure_data.error else None)
             for f in failures
         ]
-        error = "; ".join(dict.fromkeys(causes))  # three streams failing on one PMS name its cause once
+        error = "; ".join(dict.fromkeys(c for c in causes if c))  # three streams failing on one PMS name its cause once
     return SyncOutcome(result.run_id, result.success, metadata, error or None)
 
 

@@ -808,7 +808,7 @@ def outbox_list(practice_id: str, status: str | None, needs_action: bool) -> Non
         click.secho(f"Nothing needs action for {practice_id}.", fg="green")
         return
     click.secho(f"{len(rows)} writeback(s) need action for {practice_id}", fg="red")
-    table = []
+    table: list[tuple[str, ...]] = []
     for r in rows:
         start = _when(r["starts_at"]) if r["starts_at"] else "-"
         ended = _when(r["finished_at"]) if r["finished_at"] else "-"
