@@ -22,6 +22,7 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	DAGSTER_HOME= $(BIN)/dagster definitions validate -w workspace.yaml
 	$(BIN)/pytest
 

@@ -137,8 +137,8 @@ def bench_environment(patients: int, *, rate_limit: float = 0.0, keep: bool = Fa
     os.environ.pop("NVC_DATABASE_URL", None)
     os.environ.pop("DAGSTER_HOME", None)
     sys.path.insert(0, str(REPO))
-    from nvc_pipelines import app
-    from nvc_pipelines.instance import ensure_dagster_home
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.instance import ensure_dagster_home
     from nvc_pipelines.model import PmsKind
     from nvc_pipelines.store.db import ensure_database, store_url
     from nvc_pipelines.store.embedded import stop_server
@@ -424,8 +424,8 @@ def child_product(full: bool, practice_id: str = PRACTICE_ID) -> dict[str, Any]:
     dagster-postgres instance, exactly as `nvc sync` runs it."""
     t_import = time.perf_counter()
     import nvc_pipelines.definitions  # noqa: F401 - loaded by sync_practice anyway; timed apart
-    from nvc_pipelines import app
-    from nvc_pipelines.instance import get_instance
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.instance import get_instance
 
     import_seconds = time.perf_counter() - t_import
     imported_rss = current_rss_mb()
@@ -455,10 +455,10 @@ def child_parts() -> dict[str, Any]:
     hashes, and the store's write (COPY into staging + INSERT ... ON CONFLICT, in one transaction)."""
     from datetime import date
 
-    from nvc_pipelines import app
-    from nvc_pipelines.definitions import pms_gateway
+    from nvc_pipelines.application import app
     from nvc_pipelines.store.streams import PATIENTS, content_hash
     from nvc_pipelines.sync import next_cursor
+    from resources.deployment import pms_gateway
 
     store = app.open_store()
     practice = store.get_practice(PARTS_PRACTICE_ID)

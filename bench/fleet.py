@@ -71,7 +71,7 @@ def write_instance_yaml(dagster_home: Path, storage_url: str, max_concurrent: in
 
 def baseline_child(practice_ids: list[str]) -> None:
     """In one warm process: the first practice warms up (discarded), then first syncs, then nightly."""
-    from nvc_pipelines import app
+    from nvc_pipelines.application import app
 
     def timed(pid: str, full: bool) -> float:
         t0 = time.perf_counter()
@@ -221,9 +221,9 @@ def main() -> None:
     os.environ.pop("DAGSTER_HOME", None)
     from dagster_graphql import DagsterGraphQLClient
 
-    from nvc_pipelines import app
-    from nvc_pipelines.devserver import dagster_dev
-    from nvc_pipelines.instance import ensure_dagster_home, get_instance
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.devserver import dagster_dev
+    from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
     from nvc_pipelines.store.db import dagster_storage_url
     from nvc_pipelines.store.embedded import stop_server

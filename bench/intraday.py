@@ -104,11 +104,11 @@ def main() -> None:
     os.environ.pop("NVC_DATABASE_URL", None)
     os.environ.pop("DAGSTER_HOME", None)
     sys.path.insert(0, str(REPO))
-    from nvc_pipelines import app
-    from nvc_pipelines.definitions import pms_gateway
-    from nvc_pipelines.instance import ensure_dagster_home, get_instance
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
     from nvc_pipelines.store.embedded import stop_server
+    from resources.deployment import pms_gateway
     from resources.store import StoreResource
     from sandboxes.optix import OptixSandbox
     from schedules.intraday import OP_NAME, intraday_refresh_job

@@ -52,7 +52,7 @@ STATE_QUERIES = {
 def state(practice_id: str) -> dict[str, list[tuple]]:
     from sqlalchemy import text
 
-    from nvc_pipelines import app
+    from nvc_pipelines.application import app
 
     with app.open_store().begin_owner() as conn:  # across the two practices: the owner's view
         return {
@@ -75,8 +75,8 @@ def sync(practice_id: str) -> float:
 
 def killed_then_recovered(practice_id: str, after: float) -> dict[str, float | bool | int]:
     """Start `nvc sync`, SIGKILL it after `after` seconds, reap its run, sync again to the end."""
-    from nvc_pipelines.instance import get_instance
-    from nvc_pipelines.runs import reap_dead_runs
+    from nvc_pipelines.application.instance import get_instance
+    from schedules.runs import reap_dead_runs
 
     child = subprocess.Popen([NVC, "sync", practice_id], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(after)
@@ -118,7 +118,7 @@ def main() -> None:
     out = JsonFigures(args.json, "kill_converge")
 
     with bench_environment(args.optix_patients) as (home, _sandbox):
-        from nvc_pipelines import app
+        from nvc_pipelines.application import app
         from nvc_pipelines.model import PmsKind
 
         drop = home / "drop"

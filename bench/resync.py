@@ -53,7 +53,7 @@ def main() -> None:
     out = JsonFigures(args.json, "resync")
 
     with bench_environment(args.patients, keep=args.keep) as (home, _sandbox):
-        from nvc_pipelines import app
+        from nvc_pipelines.application import app
         from nvc_pipelines.model import PmsKind
 
         out.note_postgres()

@@ -46,12 +46,13 @@ def main() -> None:
     os.environ.pop("NVC_DATABASE_URL", None)
     os.environ.pop("DAGSTER_HOME", None)
     sys.path.insert(0, str(REPO))
-    from nvc_pipelines import app, writeback
-    from nvc_pipelines.definitions import pms_gateway
-    from nvc_pipelines.demo import demo_connections, start_sandboxes
-    from nvc_pipelines.instance import ensure_dagster_home
+    from nvc_pipelines import writeback
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.demo import demo_connections, start_sandboxes
+    from nvc_pipelines.application.instance import ensure_dagster_home
     from nvc_pipelines.model import BookingRequest
     from nvc_pipelines.store.embedded import stop_server
+    from resources.deployment import pms_gateway
 
     store = app.open_store()
     out.note_postgres()

@@ -43,7 +43,7 @@ class DuplicatePair:
 def find_duplicates(patients: Sequence[Patient]) -> list[DuplicatePair]:
     """Pairs of distinct records that look like one person, found through phone and name indexes
     (never all pairs: a 200,000-patient practice must stay fast)."""
-    buckets: dict[tuple, list[int]] = defaultdict(list)
+    buckets: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for i, p in enumerate(patients):
         for phone in p.phones:
             buckets[("phone", phone.e164)].append(i)

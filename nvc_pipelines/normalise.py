@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import phonenumbers
@@ -101,9 +101,10 @@ def normalise_phone(raw: str) -> Phone:
     else:
         # `number_type` is UNKNOWN exactly when `is_valid_number` is False (both match the number
         # against the region's patterns), so one call does both: phones are most of a sync's CPU.
-        kind = _phone_type(phonenumbers.number_type(parsed))
-        if kind is None:
+        valid_kind = _phone_type(phonenumbers.number_type(parsed))
+        if valid_kind is None:
             raise InvalidValue(f"phone number {text!r} is not a valid UK number")
+        kind = valid_kind
     return Phone(e164=f"+44{national}", type=kind)
 
 
@@ -608,7 +609,7 @@ def build_appointment(practice_id: str, draft: AppointmentDraft) -> Appointment:
     except ValueError:
         reasons.append(f"appointment status {draft.status!r} is not known")
         status = AppointmentStatus.BOOKED
-    if reasons:
+    if reasons or starts is None or ends is None:  # no start or end without a reason saying why
         raise InvalidValue("; ".join(reasons))
     kind = draft.appointment_type if draft.appointment_type in APPOINTMENT_TYPES else "other"
     return Appointment(
@@ -670,7 +671,7 @@ def build_clinical(practice_id: str, draft: ClinicalDraft, today: date) -> Clini
         reasons.append(str(exc))
     right = _pressure(draft.iop_right_mmhg, "right", reasons)
     left = _pressure(draft.iop_left_mmhg, "left", reasons)
-    if reasons:
+    if reasons or exam is None:  # no exam date without a reason saying why
         raise InvalidValue("; ".join(reasons))
     known = [f for f in dict.fromkeys(draft.flags) if f in RISK_FLAGS]
     unknown = [f for f in dict.fromkeys(draft.flags) if f not in RISK_FLAGS]
@@ -690,15 +691,18 @@ def build_clinical(practice_id: str, draft: ClinicalDraft, today: date) -> Clini
     )
 
 
+Built = TypeVar("Built")  # what `collect_records` builds from each row
+
+
 def collect_records(
     rows: Iterable[tuple[str, dict[str, Any], Any]],
-    build: Callable[[Any], Any],
-    identity: Callable[[Any], str],
+    build: Callable[[Any], Built],
+    identity: Callable[[Built], str],
     *,
     source_ref: str = "",
-) -> RecordBatch:
+) -> RecordBatch[Built]:
     """Build each row with `build`; failures and repeated identities become rejected rows."""
-    batch: RecordBatch = RecordBatch(source_ref=source_ref)
+    batch: RecordBatch[Built] = RecordBatch(source_ref=source_ref)
     seen: dict[str, str] = {}
     for row_ref, raw, draft in rows:
         try:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import cache
+from types import ModuleType
 from typing import Any
 
 from nvc_pipelines.model import RISK_FLAGS, AppointmentStatus
@@ -30,7 +31,7 @@ class Report:
     """The outcome of one check: passed, what each expectation found, and masked example rows."""
 
     passed: bool
-    counts: dict[str, int | float] = field(default_factory=dict)
+    counts: dict[str, int | float | str] = field(default_factory=dict)  # and the rows they cover ("scope")
     failures: dict[str, int] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
@@ -61,8 +62,9 @@ def _masked(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @cache
-def _gx():
-    """One ephemeral GX context per process, with its progress bars kept out of the logs."""
+def _gx() -> tuple[ModuleType, Any]:
+    """Great Expectations and the batch definition of one ephemeral GX context per process (its
+    progress bars kept out of the logs)."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
@@ -166,15 +168,17 @@ def patients_report(rows: list[dict[str, Any]], today: date, min_callable_share:
     )
     # Phones and flags are lists: validate them exploded, then point failures back at their patient rows.
     phone_rows = phones.reset_index()
+    phone_patient = phone_rows["index"].astype(int)  # the patient row of each phone row
     phone_fail = validate(
         phone_rows, [("valid", lambda e: e.ExpectColumnValuesToMatchRegex(column="phone", regex=UK_E164))]
     )
-    failing["phones_valid_uk_e164"] = sorted({int(phone_rows.at[i, "index"]) for i in phone_fail["valid"]})
+    failing["phones_valid_uk_e164"] = sorted({int(phone_patient[i]) for i in phone_fail["valid"]})
     flag_rows = flags.reset_index()
+    flag_patient = flag_rows["index"].astype(int)
     flag_fail = validate(
         flag_rows, [("known", lambda e: e.ExpectColumnValuesToBeInSet(column="flag", value_set=sorted(RISK_FLAGS)))]
     )
-    failing["risk_flags_known"] = sorted({int(flag_rows.at[i, "index"]) for i in flag_fail["known"]})
+    failing["risk_flags_known"] = sorted({int(flag_patient[i]) for i in flag_fail["known"]})
     share = float(frame["callable"].mean()) if len(frame) else 1.0
     share_fail = validate(
         frame,
@@ -293,7 +297,8 @@ def combine(reports: Iterable[Report]) -> Report | None:
             combined = Report(report.passed, dict(report.counts), dict(report.failures), list(report.examples))
             continue
         combined.passed = combined.passed and report.passed
-        combined.counts = {**report.counts, "rows": combined.counts.get("rows", 0) + report.counts.get("rows", 0)}
+        rows = int(combined.counts.get("rows", 0)) + int(report.counts.get("rows", 0))
+        combined.counts = {**report.counts, "rows": rows}
         for name, count in report.failures.items():
             combined.failures[name] = combined.failures.get(name, 0) + count
         combined.examples += report.examples[: MAX_EXAMPLES - len(combined.examples)]

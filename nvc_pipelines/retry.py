@@ -59,7 +59,7 @@ def write_wait(retry: int, base_seconds: float, retry_after: float | None = None
     plus up to `base` of jitter so practices sharing a PMS do not retry in step."""
     if retry_after is not None:
         return retry_after
-    return min(WRITE_BACKOFF_CAP_SECONDS, base_seconds * 2 ** max(retry - 1, 0)) + random.uniform(0, base_seconds)
+    return min(WRITE_BACKOFF_CAP_SECONDS, base_seconds * 2.0 ** max(retry - 1, 0)) + random.uniform(0, base_seconds)
 
 
 # --- a sync step ------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def step_retries(problem: str, retry_number: int) -> bool:
 
 def step_wait(retry_number: int) -> float:
     """Seconds before re-running a sync step: 30 s, then 60 s (with the default base)."""
-    return retry_base_seconds() * 2**retry_number
+    return retry_base_seconds() * 2.0**retry_number
 
 
 # --- the outbox -------------------------------------------------------------------------------------
@@ -97,4 +97,4 @@ OUTBOX_MAX_BACKOFF = timedelta(minutes=30)
 
 def outbox_backoff(attempts: int) -> timedelta:
     """How long a row waits after its `attempts`-th failed delivery: 5 s doubling, at most 30 minutes."""
-    return min(OUTBOX_BASE_BACKOFF * (2 ** max(attempts - 1, 0)), OUTBOX_MAX_BACKOFF)
+    return min(OUTBOX_BASE_BACKOFF * (1 << max(attempts - 1, 0)), OUTBOX_MAX_BACKOFF)

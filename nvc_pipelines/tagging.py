@@ -75,7 +75,7 @@ import string
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # IOP at or above this (mmHg) in either eye suggests ocular hypertension (NICE NG81: 24 mmHg refers,
 # but optometrists flag from 22 for monitoring, as "IOP 22mmHg" notes do).
@@ -785,8 +785,8 @@ def _clauses(text: str, low: str, terms: Sequence[tuple[int, int]] = _ANYWHERE) 
         family = False
         # clauses as [evidence parts, body parts, family heading, offset, after a comma, has a term]: a
         # bare part joins the clause before it, or the one after it when it comes first
-        clauses: list[list] = []
-        pending: list = [[], [], family, -1, False, False]
+        clauses: list[list[Any]] = []
+        pending: list[Any] = [[], [], family, -1, False, False]
         previous_end = s_start
         for c_start, c_end in _segments(_CLAUSE_SPLIT, low, s_start, s_end):
             evidence, body = text[c_start:c_end], low[c_start:c_end]
@@ -919,7 +919,7 @@ class _People:
         family_after = _FAMILY_AFTER.match(clause, end)
         link = _LINK_AFTER.match(clause, family_after.end() if family_after else end)
         first = bisect_left(self._starts, link.end()) if link else len(people)
-        if first < len(people) and people[first][0] == link.end():
+        if link and first < len(people) and people[first][0] == link.end():
             group = [people[first]]
             for person in people[first + 1 : first + 1 + _MAX_GROUP]:
                 if not _COORDINATED.fullmatch(clause, group[-1][1], person[0]):
@@ -1321,9 +1321,9 @@ def infer_from_text(text: str | None) -> list[InferredFlag]:
         if at is not None:
             out["ocular_hypertension"] = InferredFlag("ocular_hypertension", _sentence_at(text, low, at))
     if _MYOPIA_HINT.search(low):
-        evidence = _progressive_myopia(text, low)
-        if evidence is not None:
-            out["progressive_myopia"] = InferredFlag("progressive_myopia", evidence.strip())
+        sentence = _progressive_myopia(text, low)
+        if sentence is not None:
+            out["progressive_myopia"] = InferredFlag("progressive_myopia", sentence.strip())
     return list(out.values())
 
 

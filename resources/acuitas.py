@@ -629,11 +629,12 @@ class AcuitasClient(PmsClientBase):
             while True:
                 body = self._get(path, offset=offset, **params)
                 records = body.get("Records") if isinstance(body, dict) else None
-                total = body.get("TotalCount") if isinstance(body, dict) else None
-                if not isinstance(records, list) or not isinstance(total, int):
+                page_total = body.get("TotalCount") if isinstance(body, dict) else None
+                if not isinstance(records, list) or not isinstance(page_total, int):
                     raise self._fail(
                         "pms_error", f"Acuitas returned a {what} page without Records and TotalCount.", CHECK_URL
                     )
+                total = page_total
                 first_total = total if first_total is None else first_total
                 for row in records:
                     # A malformed row is passed on (and ends as a rejected row), never silently dropped.

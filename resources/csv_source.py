@@ -28,7 +28,7 @@ import heapq
 import io
 import re
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from datetime import date, datetime
 from pathlib import Path
@@ -232,7 +232,7 @@ def _byte_lines(stream: BinaryIO, practice_id: str, name: str) -> Iterator[bytes
         yield pending
 
 
-def _file_lines(path: Path, codec: str, practice_id: str, name: str) -> Iterator[str]:
+def _file_lines(path: Path, codec: str, practice_id: str, name: str) -> Generator[str]:
     if codec == "8bit":
         with path.open("rb") as stream:
             first = True
@@ -248,7 +248,7 @@ def _file_lines(path: Path, codec: str, practice_id: str, name: str) -> Iterator
 _LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+\Z")
 
 
-def _str_lines(text: str) -> Iterator[str]:
+def _str_lines(text: str) -> Generator[str]:
     """Physical lines of a string (ends kept) without copying it."""
     for match in _LINE.finditer(text):
         yield match.group()
@@ -453,7 +453,7 @@ def _too_many_rows(practice_id: str, name: str) -> CsvFileRefused:
 
 
 def _parse(
-    open_lines: Callable[[], Iterator[str]], practice_id: str, name: str, today: date, line_bound: int
+    open_lines: Callable[[], Generator[str]], practice_id: str, name: str, today: date, line_bound: int
 ) -> ReadResult:
     if line_bound > MAX_ROWS:  # maybe too big: count the records first (no normalising, a second or two)
         with closing(open_lines()) as source:

@@ -577,7 +577,7 @@ class OptisoftClient(PmsClientBase):
             yield from records
             if not data.get("more"):
                 return
-            last = next((r for r in reversed(records) if "unexpected" not in r), {})
+            last: dict[str, Any] = next((r for r in reversed(records) if "unexpected" not in r), {})
             key = [last.get("ModifiedDate"), last.get(id_column)]
             if not isinstance(key[0], str) or key[1] is None or key == params.get("after"):
                 raise self._fail("pms_error", f"{operation} paging did not move on.", "Optisoft's status page")

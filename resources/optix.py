@@ -269,7 +269,7 @@ def optix_appointment_draft(row: dict[str, Any]) -> AppointmentDraft:
 
 def optix_clinical_draft(row: dict[str, Any]) -> ClinicalDraft:
     """Translate one Optix clinical record; unknown flag codes are kept raw (and reported)."""
-    iop = row.get("iop") if isinstance(row.get("iop"), dict) else {}
+    iop = found if isinstance(found := row.get("iop"), dict) else {}
     flags: list[str] = []
     for code in row.get("flags") or []:
         flag = FLAG_CODES.get(str(code).strip().upper(), str(code).strip())

@@ -7,10 +7,10 @@ talk to `PmsClient`; nothing PMS-specific leaks past a resource module. No clien
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from nvc_pipelines.model import (
     Appointment,
@@ -156,4 +156,8 @@ class PmsResourceBase(Protocol):
     def required_secrets(self) -> tuple[str, ...]:
         """The secrets `open` needs; an HTTP PMS checks both lists in one place
         (`resources.http.HttpPmsResource.required_values`) before it connects."""
+        ...
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with some settings changed (each resource is a pydantic model)."""
         ...

@@ -694,7 +694,7 @@ class SycleClient(PmsClientBase):
             for row in answer[key]:
                 # A malformed row is passed on (and ends as a rejected row), never silently dropped.
                 yield row if isinstance(row, dict) else {"unexpected": row}
-            meta = answer.get("meta") if isinstance(answer.get("meta"), dict) else {}
+            meta = found if isinstance(found := answer.get("meta"), dict) else {}
             try:
                 total_pages = int(meta.get("total_pages") or 0)
             except (TypeError, ValueError):
@@ -1001,7 +1001,7 @@ class SycleClient(PmsClientBase):
             raise self._fail("pms_error", "Sycle returned open slots without an open_slots list.", CHECK_URL)
         out = []
         for row in rows:
-            staff = row.get("staff") if isinstance(row, dict) and isinstance(row.get("staff"), dict) else {}
+            staff = found if isinstance(row, dict) and isinstance(found := row.get("staff"), dict) else {}
             for slot in row.get("slots") or [] if isinstance(row, dict) else []:
                 when = _slot_time(slot.get("time") if isinstance(slot, dict) else slot)
                 if when is not None:

@@ -72,7 +72,7 @@ def refresh_call_lists(
                     metadata={"trigger": "intraday", "stale": True, "error": str(exc)},
                 )
             )
-            context.log_event(_freshness(practice_id, False, f"stale: the intraday read failed: {exc}"))
+            context.log_event(_freshness(practice_id, False, f"stale: the intraday read failed: {exc}"))  # type: ignore[arg-type]  # Dagster logs check evaluations; its UserEvent type leaves them out
             continue
         context.log_event(
             AssetMaterialization(
@@ -87,7 +87,7 @@ def refresh_call_lists(
                 },
             )
         )
-        context.log_event(_freshness(practice_id, True, "brought up to date with the PMS just now"))
+        context.log_event(_freshness(practice_id, True, "brought up to date with the PMS just now"))  # type: ignore[arg-type]  # Dagster logs check evaluations; its UserEvent type leaves them out
     if failed:
         raise Failure(
             description=f"intraday read failed for {len(failed)} of {len(config.practices)} practice(s); "

@@ -15,10 +15,13 @@ instead, so they are not counted twice.
 """
 
 import os
+from functools import cache
 
 from dagster import (
     AssetSelection,
     Config,
+    Definitions,
+    JobDefinition,
     OpExecutionContext,
     define_asset_job,
     in_process_executor,
@@ -26,8 +29,10 @@ from dagster import (
     op,
 )
 
+import assets.definitions as sync_domain
 from assets.partitions import practices_partitions
 from assets.sync import GROUP
+from resources.deployment import shared_resources
 
 practice_sync_job = define_asset_job(
     "practice_sync",
@@ -51,11 +56,19 @@ class BatchConfig(Config):
     practices: list[str]
 
 
+@cache
+def practice_sync_with_resources() -> JobDefinition:
+    """`practice_sync` resolved against the sync assets and the deployment's resources, as the code
+    location resolves it (`context.repository_def` is not there under `execute_in_process`)."""
+    return Definitions.merge(
+        sync_domain.defs,
+        Definitions(jobs=[practice_sync_job], resources=shared_resources(), executor=in_process_executor),
+    ).resolve_job_def(practice_sync_job.name)
+
+
 @op(name=BATCH_OP, description="Sync each practice of the batch as its own practice_sync run, one after the other.")
 def sync_practices(context: OpExecutionContext, config: BatchConfig) -> None:
-    from nvc_pipelines.definitions import defs  # the job with its resources (imported here: no import cycle)
-
-    practice_job = defs.resolve_job_def(practice_sync_job.name)
+    practice_job = practice_sync_with_resources()
     carried = {k: v for k, v in context.run.tags.items() if k in ("trigger", "nvc/full_sync", "nvc/allow_drop")}
     failed: list[str] = []
     for practice_id in config.practices:

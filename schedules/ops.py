@@ -13,8 +13,9 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
-from nvc_pipelines import alerts, runs
+from nvc_pipelines import alerts
 from resources.store import StoreResource
+from schedules import runs
 from schedules.jobs import practice_sync_job
 from schedules.writeback import booking_writeback_job
 
@@ -89,7 +90,9 @@ def run_failure_alert_sensor(context: RunFailureSensorContext, store: StoreResou
     for event in context.get_step_failure_events():
         data = event.step_failure_data
         description = data.user_failure_data.description if data.user_failure_data else None
-        reasons.append(description or data.error.message.strip())
+        cause = description or (data.error.message.strip() if data.error else None)
+        if cause:
+            reasons.append(cause)
     message = "; ".join(reasons) or context.failure_event.message or "run failed"
     outcome = alerts.record_failure(
         store.open(), partition, run.run_id, run.job_name, message, _consecutive_failures(context, partition)

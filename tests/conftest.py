@@ -92,8 +92,8 @@ def store(database_url: str) -> Iterator[Store]:
 @pytest.fixture
 def dagster_dev(nvc_env: Path) -> Iterator[int]:
     """`dagster dev -w workspace.yaml` (webserver + daemon) on this test's embedded store; yields its port."""
-    from nvc_pipelines import app
-    from nvc_pipelines.instance import ensure_dagster_home
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.instance import ensure_dagster_home
     from nvc_pipelines.store.embedded import stop_server
     from tests import services
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from nvc_pipelines import writeback
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.calling import (
     UK_TZ,
     CallEvent,
@@ -24,7 +25,6 @@ from nvc_pipelines.calling import (
     entry_ask_for,
     place,
 )
-from nvc_pipelines.cli import main
 from nvc_pipelines.model import (
     CallOutcome,
     Channel,

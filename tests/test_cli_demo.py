@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nvc_pipelines.cli import main
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.crypto import generate_key
 from nvc_pipelines.store.embedded import stop_server
 from tests.conftest import isolated_env
@@ -89,7 +89,7 @@ def test_demo_connects_syncs_and_exports(demo_home) -> None:
     assert resync.exit_code == 0, resync.output
     assert "inserted=0" in resync.output and "updated=0" in resync.output
 
-    from nvc_pipelines.instance import get_instance
+    from nvc_pipelines.application.instance import get_instance
 
     instance = get_instance()
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
@@ -152,7 +152,7 @@ def test_cli_errors_are_one_clear_line(demo_home) -> None:
     assert "Stack Trace" not in down.output and "Traceback" not in down.output
     assert "attempt 1 of 2 failed" in down.output and "retrying in" in down.output
     run_id = down.output.split("(run ")[1].split(")")[0]
-    from nvc_pipelines.instance import get_instance
+    from nvc_pipelines.application.instance import get_instance
 
     steps = [e.step_key for e in get_instance().all_logs(run_id) if e.dagster_event and e.dagster_event.is_step_start]
     assert len(steps) == len(set(steps)) and {"patients", "appointments", "clinical_records"} <= set(steps)  # no retry

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from nvc_pipelines.cli import main
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, ReadResult, RejectedRow
 from nvc_pipelines.recall import RecallRules, compute_recall
 from nvc_pipelines.store import Store

@@ -347,7 +347,7 @@ def test_rotate_key_command(store, monkeypatch) -> None:
     """`nvc rotate-key`: the new key from standard input; `--finish` when nothing was interrupted."""
     from click.testing import CliRunner
 
-    from nvc_pipelines.cli import main
+    from nvc_pipelines.application.cli import main
 
     _add(store, "p0", {"api_key": "k"})
     new = generate_key()

@@ -10,10 +10,11 @@ import pytest
 from dagster import AssetKey, DagsterInstance, build_schedule_context, instance_for_test, materialize
 
 from assets.sync import appointments, call_list, clinical_records, patients, recalls
-from nvc_pipelines.definitions import defs, pms_gateway
+from nvc_pipelines.definitions import defs
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store import Store
 from resources.csv_source import template_text
+from resources.deployment import pms_gateway
 from resources.store import StoreResource
 from schedules.nightly import nightly_pms_sync
 

@@ -29,11 +29,12 @@ import pytest
 from click.testing import CliRunner
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from nvc_pipelines import app, demo, writeback
+from nvc_pipelines import writeback
 from nvc_pipelines.alerts import recent_alerts
-from nvc_pipelines.cli import main
+from nvc_pipelines.application import app, demo
+from nvc_pipelines.application.cli import main
+from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
 from nvc_pipelines.crypto import generate_key
-from nvc_pipelines.instance import ensure_dagster_home, get_instance
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store.embedded import stop_server
 from sandboxes.optix import OptixSandbox

@@ -17,11 +17,11 @@ from dagster import instance_for_test, materialize
 from assets.sync import clinicians as clinicians_asset
 from assets.writeback import booking_writebacks
 from nvc_pipelines import goc, writeback
-from nvc_pipelines.cli import main
-from nvc_pipelines.definitions import pms_gateway
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.goc import ClinicianRefused, RegistrationState, normalise_goc_number
 from nvc_pipelines.model import BookingRequest, Clinician, PmsKind
 from nvc_pipelines.store import Store
+from resources.deployment import pms_gateway
 from resources.goc import GocRegister, GocRegisterResource
 from resources.protocol import ClinicianSource
 from resources.store import StoreResource

@@ -73,12 +73,12 @@ def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: st
     from click.testing import CliRunner
     from dagster import DagsterRunStatus, RunsFilter
 
-    from nvc_pipelines import app
-    from nvc_pipelines.cli import main
-    from nvc_pipelines.instance import ensure_dagster_home, get_instance
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.cli import main
+    from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
-    from nvc_pipelines.runs import _pids, reap_dead_runs
     from sandboxes.optix import OptixSandbox
+    from schedules.runs import _pids, reap_dead_runs
 
     with OptixSandbox(practices={"OPX-9": 20}, api_keys={"k9": "OPX-9"}) as sandbox:
         app.connect_practice("killed", PmsKind.OPTIX, "Killed", {"practice_id": "OPX-9", "api_url": sandbox.url},

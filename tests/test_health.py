@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from nvc_pipelines import health, writeback
-from nvc_pipelines.cli import main
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store import Store
 from schedules.health import health_events

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from nvc_pipelines import demo, intraday
+from nvc_pipelines import intraday
+from nvc_pipelines.application import demo
 from nvc_pipelines.model import BookingRequest, Practice
 from nvc_pipelines.recall import RecallRules, recall_with_clinical
 from nvc_pipelines.store import Store
@@ -53,7 +54,7 @@ class Recording:
 
 
 def _connect(store: Store, sandboxes: dict[str, Any], pms: str) -> tuple[Practice, Any]:
-    from nvc_pipelines.definitions import pms_gateway
+    from resources.deployment import pms_gateway
 
     practice_id, kind, name, settings, secrets = next(c for c in demo.demo_connections(sandboxes) if c[1] == pms)
     practice = store.add_practice(practice_id, name, kind, settings, secrets)
@@ -157,7 +158,7 @@ def test_before_first_sync_there_is_no_intraday_read(store: Store, sandboxes: di
 
 
 def _connect_again(practice: Practice, sandboxes: dict[str, Any], pms: str) -> Any:
-    from nvc_pipelines.definitions import pms_gateway
+    from resources.deployment import pms_gateway
 
     secrets = next(c for c in demo.demo_connections(sandboxes) if c[1] == pms)[4]
     return pms_gateway().open(practice, secrets)
@@ -168,7 +169,7 @@ def test_the_sensor_batches_due_practices_and_the_run_refreshes_or_marks_stale(
 ) -> None:
     from dagster import AssetKey, DagsterInstance, RunRequest, build_sensor_context
 
-    from nvc_pipelines.definitions import pms_gateway
+    from resources.deployment import pms_gateway
     from resources.store import StoreResource
     from schedules import intraday as wiring
 

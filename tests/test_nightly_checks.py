@@ -9,7 +9,7 @@ import pytest
 from dagster import instance_for_test
 from sqlalchemy import text
 
-from nvc_pipelines import demo
+from nvc_pipelines.application import demo
 from nvc_pipelines.definitions import defs
 from nvc_pipelines.store import Store
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import resources.base as base
-from nvc_pipelines.demo import demo_connections, start_sandboxes
+from nvc_pipelines.application.demo import demo_connections, start_sandboxes
 from nvc_pipelines.model import BookingRequest, NoteKind, PatientNote, Practice
 from nvc_pipelines.retry import WRITE_BACKOFF_CAP_SECONDS, write_wait
 from resources.acuitas import AcuitasResource

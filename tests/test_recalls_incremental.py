@@ -11,9 +11,9 @@ from dagster import DagsterInstance, instance_for_test, materialize
 from sqlalchemy import text
 
 from assets.sync import FULL_SYNC_TAG, appointments, call_list, clinical_records, patients, recalls
-from nvc_pipelines.definitions import pms_gateway
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store import Store
+from resources.deployment import pms_gateway
 from resources.store import StoreResource
 
 ALL = [patients, appointments, clinical_records, recalls, call_list]

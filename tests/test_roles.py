@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 
-from nvc_pipelines.cli import main
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.definitions import defs
 from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, ReadResult
 from nvc_pipelines.store import Store, StoreUnavailable

@@ -26,8 +26,8 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
-from nvc_pipelines import app
-from nvc_pipelines.cli import main
+from nvc_pipelines.application import app
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.crypto import generate_key
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store.embedded import stop_server
@@ -284,7 +284,7 @@ def test_no_secret_leaks_anywhere(leak_env, capfd, caplog, monkeypatch) -> None:
         "log records": [log_text.encode()],
         "messages and CLI output": [o.encode() for o in outputs],
     }
-    from nvc_pipelines.instance import get_instance
+    from nvc_pipelines.application.instance import get_instance
     from nvc_pipelines.store.db import dagster_storage_url, store_url
 
     instance = get_instance()

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from nvc_pipelines import writeback
-from nvc_pipelines.cli import main
+from nvc_pipelines.application.cli import main
 from nvc_pipelines.definitions import defs
 from nvc_pipelines.erasure import erase_patient
 from nvc_pipelines.model import (

@@ -16,8 +16,8 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from nvc_pipelines.cli import main
-from nvc_pipelines.devserver import REPO, free_port
+from nvc_pipelines.application.cli import main
+from nvc_pipelines.application.devserver import REPO, free_port
 from nvc_pipelines.store.embedded import is_running, stop_server
 
 # Tests that start services of their own (a store, sandboxes, `dagster dev`) run one after another on
@@ -70,7 +70,7 @@ def test_a_background_process_is_stopped_by_sigint_too(tmp_path: Path) -> None:
     """SIGINT, ignored by a shell for background commands, is armed again inside the block."""
     script = (
         "import time\n"
-        "from nvc_pipelines.devserver import stopped_by_signals\n"
+        "from nvc_pipelines.application.devserver import stopped_by_signals\n"
         "try:\n"
         "    with stopped_by_signals():\n"
         "        print('ready', flush=True); time.sleep(60)\n"

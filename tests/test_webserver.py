@@ -17,9 +17,9 @@ import pytest
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
 
-from nvc_pipelines import app
+from nvc_pipelines.application import app
+from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
 from nvc_pipelines.crypto import generate_key
-from nvc_pipelines.instance import ensure_dagster_home, get_instance
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store.embedded import stop_server
 from resources.csv_source import template_text
@@ -135,7 +135,7 @@ def test_ops_flow_initial_sync_sync_now_alerts_and_sync_log(dagster_dev: int, tm
     from click.testing import CliRunner
 
     from nvc_pipelines.alerts import recent_alerts
-    from nvc_pipelines.cli import main
+    from nvc_pipelines.application.cli import main
 
     drop = tmp_path / "drop"
     drop.mkdir()

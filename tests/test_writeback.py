@@ -13,9 +13,9 @@ from sqlalchemy import text
 
 from assets.writeback import booking_writebacks
 from nvc_pipelines import writeback
-from nvc_pipelines.definitions import pms_gateway
-from nvc_pipelines.demo import demo_connections, start_sandboxes
+from nvc_pipelines.application.demo import demo_connections, start_sandboxes
 from nvc_pipelines.store import Store
+from resources.deployment import pms_gateway
 from resources.goc import GocRegisterResource
 from resources.protocol import PmsError
 from resources.store import StoreResource

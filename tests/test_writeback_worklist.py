@@ -27,10 +27,11 @@ from sqlalchemy import text
 from assets.writeback import NEEDS_ACTION_CHECK, booking_writebacks, no_writeback_needs_action
 from nvc_pipelines import writeback
 from nvc_pipelines.alerts import recent_alerts
-from nvc_pipelines.cli import main
-from nvc_pipelines.definitions import defs, pms_gateway
+from nvc_pipelines.application.cli import main
+from nvc_pipelines.definitions import defs
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store import Store
+from resources.deployment import pms_gateway
 from resources.goc import GocRegisterResource
 from resources.protocol import PmsError
 from resources.store import StoreResource

@@ -11,9 +11,9 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from nvc_pipelines.application.instance import get_instance
 from nvc_pipelines.calling import SETTING_NAMES as CALL_SETTING_NAMES
 from nvc_pipelines.calling import CallSettings, CallSettingsError
-from nvc_pipelines.instance import get_instance
 from nvc_pipelines.model import PmsKind, Practice
 from nvc_pipelines.recall import SETTING_PREFIX, RecallRules
 from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS
@@ -28,7 +28,7 @@ class SettingsError(ValueError):
 
 
 def _gateway():
-    from nvc_pipelines.definitions import pms_gateway
+    from resources.deployment import pms_gateway
 
     return pms_gateway()
 
@@ -162,16 +162,21 @@ def export_data(practice_id: str | None, group_id: str | None = None, patient_re
     """One practice's export (or one patient's), or a group's: each location's export under
     `practices`. Every export is in the audit log."""
     store = open_store()
-    if patient_ref:
-        data = store.export_practice(practice_id, patient_ref=patient_ref)
-        store.record_access(practice_id, actor(), "export_patient", [patient_ref])
-        return data
+    data: dict[str, Any]
     if group_id:
+        if patient_ref:
+            raise SettingsError("a patient's export names the practice, not a group")
         members = store.group_practices(group_id)
-        data: dict[str, Any] = {"group_id": group_id, "practices": [store.export_practice(p) for p in members]}
+        data = {"group_id": group_id, "practices": [store.export_practice(p) for p in members]}
         data["patients"] = [p for d in data["practices"] for p in d["patients"]]
         data["rejected_rows"] = [r for d in data["practices"] for r in d["rejected_rows"]]
         audited = members
+    elif practice_id is None:
+        raise SettingsError("an export names a practice or a group")
+    elif patient_ref:
+        data = store.export_practice(practice_id, patient_ref=patient_ref)
+        store.record_access(practice_id, actor(), "export_patient", [patient_ref])
+        return data
     else:
         data = store.export_practice(practice_id)
         audited = [practice_id]
@@ -203,7 +208,7 @@ def refresh_clinicians(practice_id: str) -> list[Any]:
     """Read the practice's clinicians from its PMS now and check each against the GOC register (as the
     sync's `clinicians` step does); returns the checks. A PMS that lists no clinicians: []."""
     from nvc_pipelines import goc
-    from nvc_pipelines.definitions import goc_register
+    from resources.deployment import goc_register
     from resources.protocol import ClinicianSource
 
     store = open_store()
@@ -260,10 +265,10 @@ def sync_practice(
         failures = [e for e in result.all_events if e.is_step_failure]
         causes = [
             (f.step_failure_data.user_failure_data.description if f.step_failure_data.user_failure_data else None)
-            or f.step_failure_data.error.message.strip()
+            or (f.step_failure_data.error.message.strip() if f.step_failure_data.error else None)
             for f in failures
         ]
-        error = "; ".join(dict.fromkeys(causes))  # three streams failing on one PMS name its cause once
+        error = "; ".join(dict.fromkeys(c for c in causes if c))  # three streams failing on one PMS name its cause once
     return SyncOutcome(result.run_id, result.success, metadata, error or None)
 
 

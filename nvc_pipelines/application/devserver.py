@@ -19,12 +19,12 @@ from pathlib import Path
 import click
 import httpx
 
-from nvc_pipelines import app
+from nvc_pipelines.application import app
+from nvc_pipelines.application.instance import ensure_dagster_home
 from nvc_pipelines.config import external_database_url, nvc_home
-from nvc_pipelines.instance import ensure_dagster_home
 from nvc_pipelines.store.embedded import is_running, stop_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class DevServerFailed(RuntimeError):
@@ -84,7 +84,7 @@ def dagster_dev(home: Path, startup_timeout: float = 90) -> Iterator[int]:
 
 
 def _repo_root() -> Path:
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]
     return here if (here / "workspace.yaml").exists() else Path.cwd()
 
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import click
 
-from nvc_pipelines import app
+from nvc_pipelines.application import app
+from nvc_pipelines.application.console import print_outcome
+from nvc_pipelines.application.devserver import run_dagster_dev, stop_store_if_started, stopped_by_signals
+from nvc_pipelines.application.instance import ensure_dagster_home
 from nvc_pipelines.config import nvc_home
-from nvc_pipelines.console import print_outcome
-from nvc_pipelines.devserver import run_dagster_dev, stop_store_if_started, stopped_by_signals
-from nvc_pipelines.instance import ensure_dagster_home
 from nvc_pipelines.model import PmsKind
 from nvc_pipelines.store.embedded import is_running
 

@@ -1,4 +1,4 @@
-"""`nvc`: the operators' shell interface. A thin face over `nvc_pipelines.app`; the Dagster UI stays the main one."""
+"""`nvc`: the operators' shell interface. A thin face over `nvc_pipelines.application.app`; the Dagster UI stays the main one."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from nvc_pipelines.console import fail, print_outcome, show_pms_waits
+from nvc_pipelines.application.console import fail, print_outcome, show_pms_waits
 from nvc_pipelines.model import CallOutcome, PmsKind
 
 _fail = fail
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from nvc_pipelines.app import SettingsError
+    from nvc_pipelines.application.app import SettingsError
     from nvc_pipelines.crypto import SecretKeyError
     from nvc_pipelines.recall import RecallConfigError
     from nvc_pipelines.store import PracticeExists, PracticeNotFound, StoreUnavailable
@@ -111,7 +111,7 @@ def practice_connect(
 
     Secrets (API keys, passwords) are read from NVC_PMS_<NAME> environment variables or standard input.
     """
-    from nvc_pipelines import app
+    from nvc_pipelines.application import app
 
     pms = PmsKind(kind)
     parsed = _parse_settings(settings)
@@ -131,7 +131,7 @@ def practice_connect(
     click.secho(f"Connected {practice_.practice_id} ({info.pms}){': ' + detail if detail else ''}", fg="green")
     click.echo("Its partition is registered: sync now with `nvc sync " + practice_id + "` or from the Dagster UI.")
     if pms != PmsKind.CSV:  # its clinicians are checked against the GOC register before any booking
-        from nvc_pipelines.definitions import goc_register
+        from resources.deployment import goc_register
 
         with goc_register().open() as register:
             if register.warning:
@@ -141,7 +141,7 @@ def practice_connect(
 @practice.command("list")
 def practice_list() -> None:
     """The practices in the registry (secrets are never shown)."""
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
     from nvc_pipelines.health import practice_health
 
     store = open_store()
@@ -169,7 +169,7 @@ def practice_list() -> None:
 @click.argument("practice_id")
 def practice_disconnect(practice_id: str) -> None:
     """Stop syncing a practice; its data and sync history are kept."""
-    from nvc_pipelines.app import disconnect_practice
+    from nvc_pipelines.application.app import disconnect_practice
 
     failed = disconnect_practice(practice_id)
     click.echo(f"Disconnected {practice_id}; its data and run history are kept.")
@@ -193,7 +193,7 @@ def sync(practice_id: str, full: bool, allow_drop: bool, verbose: bool) -> None:
 
     A PMS that does not answer fails the sync within seconds, its cause named once (the nightly
     schedule retries for longer); waits between tries are shown as they happen."""
-    from nvc_pipelines.app import sync_practice
+    from nvc_pipelines.application.app import sync_practice
 
     click.echo(f"Syncing {practice_id}{' (full)' if full else ''}...")
     print_outcome(practice_id, sync_practice(practice_id, full=full, allow_drop=allow_drop, verbose=verbose))
@@ -212,7 +212,7 @@ def export(
 
     CSV writes patients to OUTPUT and rejected rows beside it as <name>-rejected.csv.
     """
-    from nvc_pipelines.app import export_csv, export_data
+    from nvc_pipelines.application.app import export_csv, export_data
 
     if bool(practice_id) == bool(group_id):
         _fail("give a PRACTICE_ID or --group GROUP_ID")
@@ -252,7 +252,7 @@ def csv_template(path: Path | None) -> None:
 def _known(practice_id: str):
     """The store, once `practice_id` is known to be registered: a mistyped id is one clear error and a
     non-zero exit, never an empty answer that looks like "nothing to do"."""
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
 
     store = open_store()
     store.get_practice(practice_id)
@@ -289,7 +289,7 @@ def _when(value) -> str:
 def clinicians_cmd(practice_id: str, refresh: bool, fmt: str) -> None:
     """The practice's clinicians with their GOC registration: who a booking may name."""
     from nvc_pipelines import goc
-    from nvc_pipelines.app import refresh_clinicians
+    from nvc_pipelines.application.app import refresh_clinicians
 
     store = _known(practice_id)
     if refresh:
@@ -348,10 +348,10 @@ def clinicians_cmd(practice_id: str, refresh: bool, fmt: str) -> None:
 def call_list_cmd(practice_id: str, fmt: str, why_patient: str | None, check_phone: str | None) -> None:
     """Who the AI caller phones: one entry per number, whom to ask for, when; and every due patient
     not listed with the reason (as of the last sync or call outcome)."""
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
 
     if check_phone is not None:
-        from nvc_pipelines.app import check_number
+        from nvc_pipelines.application.app import check_number
 
         answer = check_number(practice_id, check_phone)
         if fmt == "json":
@@ -447,7 +447,7 @@ def recalls_cmd(practice_id: str, warnings_only: bool) -> None:
     """The practice's recalls by rule; `--warnings` lists PMS dates later than the 2002 guideline's."""
     from datetime import date
 
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
 
     store = open_store()
     if not warnings_only:
@@ -489,7 +489,7 @@ def contact() -> None:
 @click.option("--why", default="lifted by an operator", show_default=True, help="Recorded in the audit log.")
 def contact_allow(practice_id: str, patient_id: str, why: str) -> None:
     """Let a patient who asked not to be called (or was reported deceased on a call) be called again."""
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
 
     lifted = open_store().lift_contact_suppression(practice_id, patient_id, actor(), why)
     click.echo(f"Lifted {', '.join(lifted)} for {patient_id}; the call list was updated (audited)")
@@ -523,7 +523,7 @@ def duplicates_cmd(practice_id: str) -> None:
 @click.argument("merged_id")
 def merge_cmd(practice_id: str, keep_id: str, merged_id: str) -> None:
     """Merge MERGED_ID into KEEP_ID (PMS patient ids); audited and undoable with `nvc unmerge`."""
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
 
     merge_id = open_store().merge_patients(practice_id, keep_id, merged_id, actor())
     click.echo(
@@ -536,7 +536,7 @@ def merge_cmd(practice_id: str, keep_id: str, merged_id: str) -> None:
 @click.argument("merge_id", type=int)
 def unmerge_cmd(practice_id: str, merge_id: int) -> None:
     """Undo a merge."""
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
 
     open_store().undo_merge(practice_id, merge_id, actor())
     click.echo(f"Undid merge {merge_id}")
@@ -551,7 +551,7 @@ def group() -> None:
 @click.argument("group_id")
 @click.option("--name", default=None)
 def group_create(group_id: str, name: str | None) -> None:
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
 
     open_store().add_group(group_id, name or group_id)
     click.echo(f"Group {group_id} ready; add locations with `nvc group add {group_id} PRACTICE_ID...`")
@@ -561,7 +561,7 @@ def group_create(group_id: str, name: str | None) -> None:
 @click.argument("group_id")
 @click.argument("practice_ids", nargs=-1, required=True)
 def group_add(group_id: str, practice_ids: tuple[str, ...]) -> None:
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
 
     store = open_store()
     for practice_id in practice_ids:
@@ -571,7 +571,7 @@ def group_add(group_id: str, practice_ids: tuple[str, ...]) -> None:
 
 @group.command("list")
 def group_list() -> None:
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
 
     for g in open_store().groups():
         click.echo(f"{g['group_id']:20} {g['display_name']:30} {', '.join(g['practices']) or '(no locations)'}")
@@ -607,7 +607,7 @@ def audit_cmd(practice_id: str, limit: int) -> None:
 def erase_cmd(practice_id: str, patient_ref: str, yes: bool) -> None:
     """GDPR erasure: remove a patient's personal data from NVC's store (never from the PMS) and keep
     them from being imported again."""
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
     from nvc_pipelines.erasure import erase_patient
 
     if not yes:
@@ -624,7 +624,7 @@ def erase_cmd(practice_id: str, patient_ref: str, yes: bool) -> None:
 @click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="The Dagster webserver.")
 def sync_now(practice_id: str, url: str) -> None:
     """Launch the practice's sync on a running webserver (as the UI's Materialize does)."""
-    from nvc_pipelines.app import sync_now_remote
+    from nvc_pipelines.application.app import sync_now_remote
 
     run_id, link = sync_now_remote(practice_id, url)
     click.echo(f"Launched run {run_id}\n{link}")
@@ -637,9 +637,9 @@ def sync_log_cmd(practice_id: str, limit: int) -> None:
     """The practice's sync history, from the Dagster run history (newest first)."""
     from datetime import UTC, datetime
 
-    from nvc_pipelines.app import sync_log
-    from nvc_pipelines.instance import get_instance
-    from nvc_pipelines.runs import reap_dead_runs
+    from nvc_pipelines.application.app import sync_log
+    from nvc_pipelines.application.instance import get_instance
+    from schedules.runs import reap_dead_runs
 
     _known(practice_id)
     reap_dead_runs(get_instance())  # a killed `nvc sync` shows as failed, not STARTED
@@ -662,7 +662,7 @@ def alerts_cmd(practice_id: str | None, limit: int) -> None:
     """Failed syncs and writebacks, writebacks that need action and the daily digest, newest first; three
     failed runs in a row, or a booking that did not reach the PMS, are critical."""
     from nvc_pipelines.alerts import recent_alerts
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
 
     rows = recent_alerts(_known(practice_id) if practice_id else open_store(), practice_id, limit)
     click.echo(f"{len(rows)} alert(s)")
@@ -700,7 +700,7 @@ def booking() -> None:
 def booking_add(practice_id, patient_id, start, minutes, appointment_type, clinician, notes, key) -> None:
     """Record a booking as the AI calling system does; it reaches the PMS within seconds."""
     from nvc_pipelines import writeback
-    from nvc_pipelines.app import open_store
+    from nvc_pipelines.application.app import open_store
 
     key = _key(key, "bk")
     outbox_id, created = writeback.add_booking(
@@ -713,7 +713,7 @@ def _call_event(
     kind: str, practice_id: str, patient_id: str, outcome: str, text: str, key: str | None, phone: str | None
 ) -> None:
     from nvc_pipelines import writeback
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
 
     key = _key(key, "call")
     outbox_id, created = writeback.add_call_event(
@@ -814,7 +814,7 @@ def outbox_list(practice_id: str, status: str | None, needs_action: bool) -> Non
         click.secho(f"Nothing needs action for {practice_id}.", fg="green")
         return
     click.secho(f"{len(rows)} writeback(s) need action for {practice_id}", fg="red")
-    table = []
+    table: list[tuple[str, ...]] = []
     for r in rows:
         start = _when(r["starts_at"]) if r["starts_at"] else "-"
         ended = _when(r["finished_at"]) if r["finished_at"] else "-"
@@ -832,7 +832,7 @@ def outbox_retry(outbox_id: int) -> None:
     """Send a failed or dead-lettered writeback again, once its cause is fixed (audited). It cannot land
     twice: the PMS is searched for it before it is created."""
     from nvc_pipelines import writeback
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
 
     done = writeback.retry(open_store(), outbox_id, actor())
     click.echo(
@@ -847,7 +847,7 @@ def outbox_retry(outbox_id: int) -> None:
 def outbox_dismiss(outbox_id: int, why: str) -> None:
     """Take a writeback off the worklist for good (booked by hand, patient called back...), with the reason."""
     from nvc_pipelines import writeback
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
 
     done = writeback.dismiss(open_store(), outbox_id, why, actor())
     click.echo(
@@ -866,7 +866,7 @@ def outbox_dismiss(outbox_id: int, why: str) -> None:
 )
 def demo(ui: bool, port: int, sandbox_port: int) -> None:
     """Embedded store + PMS sandboxes + one demo practice per source, synced, then the Dagster UI."""
-    from nvc_pipelines.demo import run_demo
+    from nvc_pipelines.application.demo import run_demo
 
     run_demo(ui=ui, ui_port=port, sandbox_port=sandbox_port)
 
@@ -875,7 +875,7 @@ def demo(ui: bool, port: int, sandbox_port: int) -> None:
 @click.option("--port", default=3000, show_default=True)
 def dev(port: int) -> None:
     """Start the store and `dagster dev -w workspace.yaml` on the persistent instance (no demo data)."""
-    from nvc_pipelines.devserver import run_dev
+    from nvc_pipelines.application.devserver import run_dev
 
     sys.exit(run_dev(port))
 
@@ -892,7 +892,7 @@ def dev(port: int) -> None:
 def sandbox(port: int, patients: int, as_json: bool) -> None:
     """Run the four PMS sandboxes and the GOC register on loopback until interrupted; once they serve,
     print each one's base URL and demo credentials."""
-    from nvc_pipelines.demo import serve_sandboxes
+    from nvc_pipelines.application.demo import serve_sandboxes
 
     serve_sandboxes(port, patients, as_json=as_json)
 
@@ -905,8 +905,8 @@ def store() -> None:
 @store.command("start")
 def store_start() -> None:
     """Start (or attach to) the store and migrate it."""
-    from nvc_pipelines.app import open_store
-    from nvc_pipelines.instance import ensure_dagster_home
+    from nvc_pipelines.application.app import open_store
+    from nvc_pipelines.application.instance import ensure_dagster_home
 
     open_store()
     home = ensure_dagster_home()
@@ -947,7 +947,7 @@ def rotate_key_cmd(generate: bool, finish: bool) -> None:
     The new key comes from NVC_NEW_SECRET_KEY or standard input (never argv, which other users can
     read in the process list and which shell history keeps)."""
     from nvc_pipelines import crypto
-    from nvc_pipelines.app import actor, open_store
+    from nvc_pipelines.application.app import actor, open_store
     from nvc_pipelines.config import nvc_home
 
     if finish:
