@@ -9,6 +9,10 @@ mobile, or a sight test today), then the incremental sync the nightly schedule w
 runs in its own process. The baseline is the full sync measured in the same run: the issue asks
 that a 1%-changed nightly costs a small fraction of it. Rows read per asset come from the
 materialisation metadata; step durations from the run's event log. Nothing is asserted.
+
+Like the imports of Dagster and the code location, Great Expectations is imported before each sync
+is timed and its import reported apart: a nightly batch process pays it once for all its practices.
+The ratio with that import counted in both syncs is printed and written beside the headline one.
 """
 
 from __future__ import annotations
@@ -31,14 +35,18 @@ def main() -> None:
     with bench_environment(args.patients, rate_limit=args.rate_limit, keep=args.keep) as (_home, sandbox):
         out.note_postgres()
         print("running the full sync...", flush=True)
-        full = run_child("product", "full")
+        full = run_child("product", "full", "-", "--warm-gx")
         print(f"  {full['seconds']:.1f} s", flush=True)
         touched = sandbox.touch(OPTIX_PRACTICE, round(args.patients * args.changed))
         print(f"touched {len(touched):,} patients in the sandbox; running the incremental sync...", flush=True)
-        incremental = run_child("product", "incremental")
+        incremental = run_child("product", "incremental", "-", "--warm-gx")
         print(f"  {incremental['seconds']:.1f} s", flush=True)
 
+    # Each sync's process imports Great Expectations before the job is timed (`gx_import_seconds`):
+    # the nightly runs practices in batches, which pay that import once for all of them. The ratio
+    # with it counted in, as a process syncing one practice alone pays it, is reported beside.
     ratio = incremental["seconds"] / full["seconds"]
+    cold = (incremental["seconds"] + incremental["gx_import_seconds"]) / (full["seconds"] + full["gx_import_seconds"])
     print(
         f"\nincremental sync after {len(touched):,} of {args.patients:,} patients changed "
         f"({args.changed:.0%}); baseline: the full sync, same run"
@@ -46,6 +54,10 @@ def main() -> None:
     print(f"  full sync (whole practice_sync job)          {full['seconds']:8.2f} s")
     print(f"  incremental sync (whole practice_sync job)   {incremental['seconds']:8.2f} s")
     print(f"  ratio incremental / full                     {ratio:8.2f}   ({ratio:.0%} of a full sync)")
+    print(
+        f"  Great Expectations import (once a process)   {incremental['gx_import_seconds']:8.2f} s; "
+        f"ratio with it in both: {cold:.2f}"
+    )
     fp = float(full["metadata"].get("patients", {}).get("duration_seconds", 0))
     ip = float(incremental["metadata"].get("patients", {}).get("duration_seconds", 0))
     if fp:
@@ -60,6 +72,8 @@ def main() -> None:
     out.figure("full_job_s", full["seconds"])
     out.figure("incremental_job_s", incremental["seconds"])
     out.figure("incremental_vs_full", ratio)
+    out.figure("incremental_vs_full_with_gx_import", cold)
+    out.figure("gx_import_s", incremental["gx_import_seconds"])
     out.figure("full_peak_rss_mb", full["peak_rss_mb"])
     out.figure("incremental_peak_rss_mb", incremental["peak_rss_mb"])
     for step, seconds in incremental.get("steps", {}).items():

@@ -78,6 +78,11 @@ def _gx() -> tuple[ModuleType, Any]:
     return gx, batch
 
 
+def warm_up() -> None:
+    """Import Great Expectations and make its context now (what the first check of a process pays)."""
+    _gx()
+
+
 def validate(frame: Any, expectations: Sequence[tuple[str, Any]]) -> dict[str, list[int]]:
     """Run named expectations on a pandas DataFrame; returns the failing row indexes per name.
 
