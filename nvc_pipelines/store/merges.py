@@ -38,7 +38,7 @@ class MergesMixin(StoreBase):
         return find_duplicates(self.load_patients(practice_id))
 
     def _patient_ids(self, conn: Connection, practice_id: str, refs: Sequence[str]) -> list[int]:
-        rows = dict(
+        rows: dict[str, int] = dict(
             conn.execute(
                 text(
                     "SELECT pms_patient_id, patient_id FROM patients "
@@ -75,7 +75,7 @@ class MergesMixin(StoreBase):
             conn.execute(
                 text("UPDATE patients SET merged_into = :k WHERE merged_into = :m"), {"k": keep_id, "m": merged_id}
             )
-            merge_id = conn.execute(
+            merge_id: int = conn.execute(
                 text(
                     "INSERT INTO patient_merges (practice_id, keep_patient_id, merged_patient_id, merged_by) "
                     "VALUES (:p, :k, :m, :actor) RETURNING merge_id"

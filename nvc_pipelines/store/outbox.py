@@ -45,10 +45,11 @@ class OutboxMixin(StoreBase):
         """When the practice's oldest booking or note still on its way to the PMS was written to the
         outbox (None when nothing waits)."""
         with self.begin(practice_id) as conn:
-            return conn.execute(
+            oldest: datetime | None = conn.execute(
                 text("SELECT min(created_at) FROM outbox WHERE practice_id = :p AND status IN ('pending', 'sent')"),
                 {"p": practice_id},
             ).scalar_one()
+            return oldest
 
     # --- adding rows -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.store import calls
 from nvc_pipelines.store.base import StoreBase, json_default
+from nvc_pipelines.store.db import driver
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_staged, stage_pages, stage_table
 from nvc_pipelines.sync import next_cursor
 
@@ -229,7 +230,7 @@ class PatientsMixin(StoreBase):
                 yield page_records
 
         with self.begin(practice_id) as conn:
-            with conn.connection.driver_connection.cursor() as cur:
+            with driver(conn).cursor() as cur:
                 staged = stage_pages(cur, spec, records())
                 staged -= _settle_rejected_copies(cur, spec, kept)
                 counts = merge_staged(cur, spec, practice_id, staged, full=full, max_drop_share=max_drop_share)
@@ -337,7 +338,8 @@ class PatientsMixin(StoreBase):
     ) -> dict[str, list[ClinicalRecord]]:
         """Active clinical records by PMS patient id (only those patients' when `only` is given)."""
         out: dict[str, list[ClinicalRecord]] = {}
-        where, params = "", {"p": practice_id}
+        where = ""
+        params: dict[str, Any] = {"p": practice_id}
         if only is not None:
             where, params["only"] = " AND pms_patient_id = ANY(:only)", list(only)
         with self.begin(practice_id) as conn:

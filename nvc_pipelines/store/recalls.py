@@ -11,6 +11,7 @@ from sqlalchemy import Connection, text
 
 from nvc_pipelines.model import Recall
 from nvc_pipelines.store.base import StoreBase
+from nvc_pipelines.store.db import driver
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,7 @@ class RecallsMixin(StoreBase):
             for r in recalls
         ]
         with self.begin(practice_id) as conn:
-            with conn.connection.driver_connection.cursor() as cur:
+            with driver(conn).cursor() as cur:
                 cur.execute(
                     "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
                     "rule text, interval_months int, reason text, flags text[], inferred_flags text[], based_on date, "
@@ -163,7 +164,7 @@ class RecallsMixin(StoreBase):
                 {"p": practice_id},
             ).rowcount
             if seen:
-                with conn.connection.driver_connection.cursor() as cur:
+                with driver(conn).cursor() as cur:
                     cur.execute("CREATE TEMP TABLE stage_seen (pms_patient_id text, seq bigint) ON COMMIT DROP")
                     with cur.copy("COPY stage_seen FROM STDIN") as copy:
                         for item in seen.items():

@@ -248,7 +248,7 @@ def stage_pages(cur: Any, spec: StreamSpec, pages: Iterable[Iterable[Any]]) -> i
         f"DELETE FROM {stage} s USING {stage} s2 WHERE s2.{spec.key} = s.{spec.key} "
         f"AND (s2.stage_page, s2.ctid) > (s.stage_page, s.ctid)"
     )
-    return staged - cur.rowcount
+    return staged - int(cur.rowcount)
 
 
 def merge_staged(
