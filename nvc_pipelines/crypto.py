@@ -34,18 +34,15 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nvc_pipelines.config import nvc_home
-
-if TYPE_CHECKING:
-    from nvc_pipelines.store import Store
 
 _NONCE_BYTES = 12
 _VERSION = b"\x01"
@@ -264,7 +261,22 @@ def unreadable_practices(
 # --- rotation (store) -----------------------------------------------------------------------------
 
 
-def rotate_key(store: Store, new_key_b64: str, *, actor: str = "cli:rotate-key") -> int:
+class CredentialStore(Protocol):
+    """What rotation needs of the store (`nvc_pipelines.store.Store` is one): named here, so the
+    store can seal credentials with this module without the two importing each other."""
+
+    def stored_credentials(self) -> list[tuple[str, bytes]]: ...
+
+    def reseal_credentials(
+        self,
+        reseal: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]],
+        *,
+        actor: str,
+        detail: dict[str, Any],
+    ) -> int: ...
+
+
+def rotate_key(store: CredentialStore, new_key_b64: str, *, actor: str = "cli:rotate-key") -> int:
     """Re-encrypt every practice's credentials from the key ring to `new_key_b64` in ONE transaction;
     returns how many practices were rotated.
 
@@ -314,7 +326,7 @@ def rotate_key(store: Store, new_key_b64: str, *, actor: str = "cli:rotate-key")
     return rotated
 
 
-def _sealed_with(store: Store, key: bytes) -> bool:
+def _sealed_with(store: CredentialStore, key: bytes) -> bool:
     """Whether any stored blob opens with `key`; True when that cannot be told (a failure at COMMIT
     may still have committed, so the staged key must then stay on disk)."""
     try:
@@ -324,7 +336,7 @@ def _sealed_with(store: Store, key: bytes) -> bool:
     return any(pid not in unreadable_practices([(pid, blob)], key) for pid, blob in rows)
 
 
-def finish_interrupted_rotation(store: Store, *, actor: str = "cli:rotate-key") -> int | None:
+def finish_interrupted_rotation(store: CredentialStore, *, actor: str = "cli:rotate-key") -> int | None:
     """Complete a file-key rotation that stopped before its file switch (`secret.key.new` left behind):
     rotate to that pending key. None when there is nothing to finish."""
     if os.environ.get(KEY_ENV):
@@ -342,7 +354,9 @@ def _source_label(ring: KeyRing) -> str:
     return "env" if not ring.from_file else "file"
 
 
-def unreadable_stored_practices(store: Store, keys: bytes | Sequence[bytes] | KeyRing | None = None) -> list[str]:
+def unreadable_stored_practices(
+    store: CredentialStore, keys: bytes | Sequence[bytes] | KeyRing | None = None
+) -> list[str]:
     """Practices in the store whose credentials `keys` (default: the current key alone) cannot open:
     empty means `NVC_SECRET_KEY_PREVIOUS` (and `secret.key.previous`) can be removed."""
     rows = store.stored_credentials()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -205,7 +205,7 @@ def summary(checks: Iterable[ClinicianCheck]) -> dict[str, Any]:
 
 def save(store: Store, practice_id: str, checks: Iterable[ClinicianCheck], *, full_list: bool = True) -> None:
     """Record the checks; with `full_list`, clinicians the PMS no longer lists are kept but marked unlisted."""
-    store.save_clinicians(practice_id, checks, full_list=full_list)
+    store.save_clinicians(practice_id, (asdict(c) for c in checks), full_list=full_list)
 
 
 def load(store: Store, practice_id: str, *, listed_only: bool = False) -> list[ClinicianCheck]:

@@ -6,14 +6,11 @@ What a check means and when it is asked again is `nvc_pipelines.goc`'s; here it 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import text
 
 from nvc_pipelines.store.base import StoreBase
-
-if TYPE_CHECKING:
-    from nvc_pipelines.goc import ClinicianCheck
 
 _COLUMNS = (
     "pms_clinician_ref, name, role, goc_number, state, registrant_type, register_name, reason, checked_at, listed"
@@ -23,8 +20,9 @@ _COLUMNS = (
 class CliniciansMixin(StoreBase):
     """Saving and loading the clinicians' registration checks."""
 
-    def save_clinicians(self, practice_id: str, checks: Iterable[ClinicianCheck], *, full_list: bool = True) -> None:
-        """Record the checks; with `full_list`, clinicians the PMS no longer lists are kept but marked unlisted."""
+    def save_clinicians(self, practice_id: str, checks: Iterable[dict[str, Any]], *, full_list: bool = True) -> None:
+        """Record the checks (rows of `goc.ClinicianCheck`'s fields); with `full_list`, clinicians the
+        PMS no longer lists are kept but marked unlisted."""
         rows = list(checks)
         with self.begin(practice_id) as conn:
             if full_list:
@@ -46,15 +44,15 @@ class CliniciansMixin(StoreBase):
                     ),
                     {
                         "p": practice_id,
-                        "ref": c.pms_clinician_ref,
-                        "name": c.name,
-                        "role": c.role,
-                        "goc": c.goc_number,
-                        "state": str(c.state),
-                        "rtype": c.registrant_type,
-                        "rname": c.register_name,
-                        "reason": c.reason,
-                        "checked": c.checked_at,
+                        "ref": c["pms_clinician_ref"],
+                        "name": c["name"],
+                        "role": c["role"],
+                        "goc": c["goc_number"],
+                        "state": str(c["state"]),
+                        "rtype": c["registrant_type"],
+                        "rname": c["register_name"],
+                        "reason": c["reason"],
+                        "checked": c["checked_at"],
                     },
                 )
 
