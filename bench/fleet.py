@@ -7,7 +7,9 @@ In a temporary NVC_HOME with the embedded PostgreSQL and one Optix sandbox holdi
 
 1. baseline (same run): a few practices of the same size synced with `app.sync_practice` in one
    warm process (the `practice_sync` job in process, no run launcher, no queue): the cost of the
-   sync itself, first sync and nightly (incremental) sync;
+   sync itself, first sync and nightly (incremental) sync; the nightly baseline is measured again
+   right before and after each nightly pass (a shared machine's load changes over a long run), and
+   those passes are compared with it;
 2. `dagster dev -w workspace.yaml` (webserver + daemon) on an instance configured like production:
    `deploy/dagster.yaml`'s queued coordinator, run retries and monitoring, with the storage pointed
    at the embedded server and the limits scaled to this machine (`--max-concurrent`, and a
@@ -90,8 +92,9 @@ def write_instance_yaml(dagster_home: Path, storage_url: str, max_concurrent: in
     return coordinator
 
 
-def baseline_child(practice_ids: list[str]) -> None:
-    """In one warm process: the first practice warms up (discarded), then first syncs, then nightly."""
+def baseline_child(practice_ids: list[str], nightly_only: bool = False) -> None:
+    """In one warm process: the first practice warms up (discarded), then first syncs, then nightly
+    (`nightly_only`: practices synced before, nightly syncs only)."""
     from nvc_pipelines import app
 
     def timed(pid: str, full: bool) -> float:
@@ -101,8 +104,8 @@ def baseline_child(practice_ids: list[str]) -> None:
             raise SystemExit(f"baseline sync of {pid} failed: {outcome.error}")
         return time.perf_counter() - t0
 
-    timed(practice_ids[0], True)
-    first = [timed(pid, False) for pid in practice_ids[1:]]
+    timed(practice_ids[0], not nightly_only)
+    first = [] if nightly_only else [timed(pid, False) for pid in practice_ids[1:]]
     nightly = [timed(pid, False) for pid in practice_ids[1:]]
     print(json.dumps({"first": first, "nightly": nightly}), flush=True)
 
@@ -468,18 +471,18 @@ def main() -> None:
 
         for pid in base:
             connect(pid)
+
+        def measure_baseline(mode: str) -> dict[str, list[float]]:
+            out = subprocess.run(
+                [sys.executable, __file__, mode, *base], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True
+            )
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode or not lines:
+                raise SystemExit(f"baseline failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            return json.loads(lines[-1])
+
         print(f"baseline: {len(base) - 1} practices of {args.patients} patients in one warm process...", flush=True)
-        out = subprocess.run(
-            [sys.executable, __file__, "--baseline-child", *base],
-            cwd=REPO,
-            env=os.environ.copy(),
-            capture_output=True,
-            text=True,
-        )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode or not lines:
-            raise SystemExit(f"baseline failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        baseline = json.loads(lines[-1])
+        baseline = measure_baseline("--baseline-child")
         base_first, base_nightly = statistics.median(baseline["first"]), statistics.median(baseline["nightly"])
         print(f"  first sync {base_first:.2f} s, nightly sync {base_nightly:.2f} s (median, in process)")
 
@@ -523,6 +526,11 @@ def main() -> None:
                 )
             print(f"\nmade unreachable ({dead}): {', '.join(sorted(broken))}")
 
+        # The load of a shared machine changes over a long run: the nightly baseline is measured again
+        # right before and right after the batched pass (dagster dev idle), and their median is used.
+        near = measure_baseline("--nightly-baseline-child")["nightly"]
+        print(f"  nightly baseline before the batched pass: {statistics.median(near):.2f} s (median, in process)")
+
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
         size = args.batch_size or batch_size()
         kinds = {p["practice_id"]: p["pms_kind"] for p in app.open_store().list_practices()}
@@ -545,32 +553,11 @@ def main() -> None:
         batch_runs, practice_runs = wait_for_batches(instance, submitted, args.timeout)
         nightly_load = os.getloadavg()
         print(f"  load average at the end of the batched pass: {', '.join(f'{x:.2f}' for x in nightly_load)}")
-        batched = summarise_batched(instance, batch_runs, practice_runs, fleet, broken, base_nightly, limits)
+        after = measure_baseline("--nightly-baseline-child")["nightly"]
+        print(f"  nightly baseline after the batched pass: {statistics.median(after):.2f} s (median, in process)")
+        base_near = statistics.median(near + after)
+        batched = summarise_batched(instance, batch_runs, practice_runs, fleet, broken, base_near, limits)
         print_batched(batched, size)
-
-        unbatched = None
-        if args.unbatched:
-            print(
-                f"\npass nightly unbatched: {len(fleet)} practice_sync runs submitted through GraphQL "
-                "with the schedule's tags (one run per practice)...",
-                flush=True,
-            )
-            for pid in fleet:
-                client.submit_job_execution(
-                    "practice_sync",
-                    repository_location_name="nvc_pipelines",
-                    repository_name="__repository__",
-                    tags={
-                        "dagster/partition": pid,
-                        "practice": pid,
-                        "pms": "optix",
-                        "trigger": "schedule",
-                        "fleet": "unbatched",
-                    },
-                )
-            runs = wait_for_runs(instance, "schedule", set(fleet), args.timeout, tags={"fleet": "unbatched"})
-            unbatched = summarise(instance, runs, base_nightly, limits)
-            print_pass("nightly unbatched (incremental, one run per practice)", unbatched)
 
         figures.note_postgres()
         figures.figure("practices", args.practices)
@@ -579,6 +566,8 @@ def main() -> None:
         figures.figure("broken", len(broken))
         figures.figure("first_syncs", args.first_syncs)
         figures.figure("load_during_nightly", [round(x, 2) for x in nightly_load])
+        figures.figure("baseline_nightly_at_start", base_nightly)
+        figures.figure("baseline_nightly_around_batched", base_near)
         for key in ("wall_seconds", "launch_p50", "exec_p50", "overhead_p50", "baseline", "peak_concurrent"):
             if initial:
                 figures.figure(f"initial_{key}", initial[key])
@@ -602,10 +591,38 @@ def main() -> None:
         ):
             figures.figure(f"nightly_batched_{key}", batched[key])
         figures.figure("fleet_overhead_per_practice_s", batched["overhead_per_practice"])
+        figures.write()  # now: an interrupted unbatched pass keeps the batched figures
+
+        unbatched = None
+        if args.unbatched:
+            print(
+                f"\npass nightly unbatched: {len(fleet)} practice_sync runs submitted through GraphQL "
+                "with the schedule's tags (one run per practice)...",
+                flush=True,
+            )
+            for pid in fleet:
+                client.submit_job_execution(
+                    "practice_sync",
+                    repository_location_name="nvc_pipelines",
+                    repository_name="__repository__",
+                    tags={
+                        "dagster/partition": pid,
+                        "practice": pid,
+                        "pms": "optix",
+                        "trigger": "schedule",
+                        "fleet": "unbatched",
+                    },
+                )
+            runs = wait_for_runs(instance, "schedule", set(fleet), args.timeout, tags={"fleet": "unbatched"})
+            later = measure_baseline("--nightly-baseline-child")["nightly"]
+            print(f"  nightly baseline after the unbatched pass: {statistics.median(later):.2f} s (median, in process)")
+            unbatched = summarise(instance, runs, statistics.median(after + later), limits)
+            print_pass("nightly unbatched (incremental, one run per practice)", unbatched)
+
         if unbatched:
             for key in ("wall_seconds", "launch_p50", "exec_p50", "overhead_p50", "baseline", "peak_concurrent"):
                 figures.figure(f"nightly_unbatched_{key}", unbatched[key])
-        figures.write()
+            figures.write()  # again, with the unbatched pass
         print(f"\ncoordinator config used: {json.dumps(coordinator)}")
     finally:
         services.close()
@@ -620,6 +637,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--baseline-child":
         baseline_child(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--nightly-baseline-child":
+        baseline_child(sys.argv[2:], nightly_only=True)
     elif len(sys.argv) > 1 and sys.argv[1] == "--sync-child":
         sync_child(sys.argv[2:])
     else:
