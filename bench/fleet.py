@@ -1,26 +1,44 @@
 """Benchmark: a fleet of small practices through the queued run coordinator and the real daemon.
 
     .venv/bin/python bench/fleet.py [--practices 200] [--patients 300] [--max-concurrent 4] [--optix-limit 3]
+        [--batch-size 25] [--unbatched] [--broken 1] [--first-syncs daemon|in-process]
 
 In a temporary NVC_HOME with the embedded PostgreSQL and one Optix sandbox holding every practice:
 
 1. baseline (same run): a few practices of the same size synced with `app.sync_practice` in one
    warm process (the `practice_sync` job in process, no run launcher, no queue): the cost of the
-   sync itself, first sync and nightly (incremental) sync;
+   sync itself, first sync and nightly (incremental) sync; the nightly baseline is measured again
+   right before and after each nightly pass (a shared machine's load changes over a long run), and
+   those passes are compared with it;
 2. `dagster dev -w workspace.yaml` (webserver + daemon) on an instance configured like production:
    `deploy/dagster.yaml`'s queued coordinator, run retries and monitoring, with the storage pointed
    at the embedded server and the limits scaled to this machine (`--max-concurrent`, and a
    `pms=optix` tag limit below it so the tag limit is the one that binds);
 3. pass "initial": N practices connect at once; the daemon's `initial_sync_sensor` queues their first
-   syncs and the coordinator drains the queue;
-4. pass "nightly": the same N runs submitted through GraphQL with the nightly schedule's tags
-   (the 02:00 schedule yields exactly these run requests), now incremental.
+   syncs and the coordinator drains the queue (with `--first-syncs in-process` the first syncs run in
+   one warm process before `dagster dev` starts instead, and there is no initial pass: quicker on a
+   busy machine, and the nightly passes are what the figure is about);
+4. pass "nightly batched": what the 02:00 schedule yields, submitted through GraphQL: one
+   `practice_sync_batch` run per batch (`schedules.jobs.batches` of `--batch-size` practices of one
+   PMS, default `NVC_SYNC_BATCH_SIZE` or 25) with the schedule's run config and tags; each batch runs
+   its practices one after the other, each as its own `practice_sync` run (tags `nvc/batch`,
+   `trigger=schedule`, its partition); incremental;
+5. with `--unbatched`, pass "nightly unbatched": one `practice_sync` run per practice with the
+   schedule's tags (the nightly before batching, and `NVC_SYNC_BATCH_SIZE=1`), for comparison.
 
 Per run, from its event log: queue wait (enqueued to dequeued), launch (dequeued to RUN_START, i.e.
 the run process starting and loading the code location) and execution (RUN_START to success).
-Per-run overhead = launch + execution - the baseline's in-process job time for the same kind of
-sync. Also the fleet's wall time and throughput, and the highest number of runs seen executing at
-once against the limits. Nothing is asserted; a run that fails is counted and its error printed.
+Unbatched, per-run overhead = launch + execution - the baseline's in-process job time for the same
+kind of sync. Batched, per-practice overhead = sum over batches of (launch + execution) / practices
+- the baseline (the practices made to fail by `--broken` left out of both: their runs wait out the
+PMS client's retries); also each practice's own run inside its batch and each batch's fixed cost
+(launch + execution - its practices' runs). Also the fleet's wall time and throughput, and the
+highest number of runs seen executing at once against the limits.
+
+The batched pass also checks that every practice got exactly one `practice_sync` run of its own
+partition from its batch, and, with `--broken N`, that N practices whose PMS URL points at a port
+nobody listens on (changed in the store after the first syncs) fail their own runs only: their
+batch runs and batch-mates succeed. Nothing is asserted; what fails is counted and printed.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +62,10 @@ from _harness import JsonFigures, add_json_argument
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -69,8 +92,9 @@ def write_instance_yaml(dagster_home: Path, storage_url: str, max_concurrent: in
     return coordinator
 
 
-def baseline_child(practice_ids: list[str]) -> None:
-    """In one warm process: the first practice warms up (discarded), then first syncs, then nightly."""
+def baseline_child(practice_ids: list[str], nightly_only: bool = False) -> None:
+    """In one warm process: the first practice warms up (discarded), then first syncs, then nightly
+    (`nightly_only`: practices synced before, nightly syncs only)."""
     from nvc_pipelines.application import app
 
     def timed(pid: str, full: bool) -> float:
@@ -80,10 +104,20 @@ def baseline_child(practice_ids: list[str]) -> None:
             raise SystemExit(f"baseline sync of {pid} failed: {outcome.error}")
         return time.perf_counter() - t0
 
-    timed(practice_ids[0], True)
-    first = [timed(pid, False) for pid in practice_ids[1:]]
+    timed(practice_ids[0], not nightly_only)
+    first = [] if nightly_only else [timed(pid, False) for pid in practice_ids[1:]]
     nightly = [timed(pid, False) for pid in practice_ids[1:]]
     print(json.dumps({"first": first, "nightly": nightly}), flush=True)
+
+
+def sync_child(practice_ids: list[str]) -> None:
+    """`--first-syncs in-process`: the fleet's first syncs one after the other in one warm process."""
+    from nvc_pipelines.application import app
+
+    for pid in practice_ids:
+        outcome = app.sync_practice(pid, trigger="bench", full=False)
+        if not outcome.success:
+            raise SystemExit(f"first sync of {pid} failed: {outcome.error}")
 
 
 def run_timings(instance: Any, run_id: str) -> dict[str, float | str | None]:
@@ -108,18 +142,26 @@ def run_timings(instance: Any, run_id: str) -> dict[str, float | str | None]:
     }
 
 
-def wait_for_runs(instance: Any, trigger: str, partitions: set[str], timeout: float) -> list[Any]:
-    """Every run with tag `trigger` for these partitions, once each partition's last run (a retry
-    replaces the run it retries) has ended."""
-    from dagster import DagsterRunStatus, RunsFilter
+def _done() -> set[Any]:
+    from dagster import DagsterRunStatus
 
-    done = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+    return {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+
+def wait_for_runs(
+    instance: Any, trigger: str, partitions: set[str], timeout: float, tags: dict[str, str] | None = None
+) -> list[Any]:
+    """Every run with tag `trigger` (and `tags`) for these partitions, once each partition's last run
+    (a retry replaces the run it retries) has ended."""
+    from dagster import RunsFilter
+
+    done = _done()
     deadline = time.monotonic() + timeout
     last_print = 0.0
     while True:
         runs = [
             r
-            for r in instance.get_runs(filters=RunsFilter(tags={"trigger": trigger}))
+            for r in instance.get_runs(filters=RunsFilter(tags={"trigger": trigger, **(tags or {})}))
             if r.tags.get("dagster/partition") in partitions
         ]
         final = [r for r in runs if not _will_retry(r, runs)]
@@ -131,6 +173,43 @@ def wait_for_runs(instance: Any, trigger: str, partitions: set[str], timeout: fl
             last_print = time.monotonic()
         if time.monotonic() > deadline:
             raise SystemExit(f"{trigger}: only {len(finished)} of {len(partitions)} runs finished in {timeout:.0f} s")
+        time.sleep(2)
+
+
+def wait_for_batches(instance: Any, submitted: list[str], timeout: float) -> tuple[list[Any], list[Any]]:
+    """The batch runs (those submitted and any retries of them) once every one has ended, and the
+    practices' `practice_sync` runs they made (tag `nvc/batch`), once each of those has ended too."""
+    from dagster import RunsFilter
+
+    from schedules.jobs import BATCH_TAG
+
+    done = _done()
+    deadline = time.monotonic() + timeout
+    last_print = 0.0
+    while True:
+        batch_runs = [
+            r
+            for r in instance.get_runs(filters=RunsFilter(job_name="practice_sync_batch"))
+            if r.run_id in submitted or r.tags.get("dagster/root_run_id") in submitted
+        ]
+        ids = {r.run_id for r in batch_runs}
+        practice_runs = [
+            r
+            for r in instance.get_runs(filters=RunsFilter(job_name="practice_sync", tags={"trigger": "schedule"}))
+            if r.tags.get(BATCH_TAG) in ids
+        ]
+        final = [r for r in batch_runs if not _will_retry(r, batch_runs)]
+        if all(r.status in done for r in final + practice_runs):
+            return batch_runs, practice_runs
+        if time.monotonic() - last_print > 15:
+            print(
+                f"  batched: {sum(r.status in done for r in final)} of {len(final)} batch runs ended, "
+                f"{sum(r.status in done for r in practice_runs)} practice runs ended",
+                flush=True,
+            )
+            last_print = time.monotonic()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"batched: not every batch run ended in {timeout:.0f} s")
         time.sleep(2)
 
 
@@ -151,14 +230,7 @@ def summarise(instance: Any, runs: list[Any], baseline: float, limits: dict[str,
     last = max(t["end"] for _, t in timings if t["end"])
     # Highest number of runs executing at once (dequeued .. end: the coordinator counts a run from
     # the moment it launches it).
-    edges = sorted(
-        [(t["dequeued"], 1) for _, t in timings if t["dequeued"] and t["end"]]
-        + [(t["end"], -1) for _, t in timings if t["dequeued"] and t["end"]]
-    )
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
+    peak = _peak([(t["dequeued"], t["end"]) for _, t in timings if t["dequeued"] and t["end"]])
     wall = last - first
     return {
         "runs": len(runs),
@@ -180,6 +252,127 @@ def summarise(instance: Any, runs: list[Any], baseline: float, limits: dict[str,
         "limit": min(limits.values()),
         "ideal_wall": len(ok) * baseline / min(limits.values()),
     }
+
+
+def _peak(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def summarise_batched(
+    instance: Any,
+    batch_runs: list[Any],
+    practice_runs: list[Any],
+    practices: list[str],
+    broken: set[str],
+    baseline: float,
+    limits: dict[str, int],
+) -> dict[str, Any]:
+    from schedules.jobs import BATCH_TAG
+
+    batches = [(r, run_timings(instance, r.run_id)) for r in batch_runs if not _will_retry(r, batch_runs)]
+    runs = [(r, run_timings(instance, r.run_id)) for r in practice_runs]
+    duration = {r.run_id: t["end"] - t["start"] for r, t in runs if t["end"] and t["start"]}
+    waits = [t["dequeued"] - t["enqueued"] for _, t in batches if t["dequeued"] and t["enqueued"]]
+    launches = [t["start"] - t["dequeued"] for _, t in batches if t["start"] and t["dequeued"]]
+    execs = [t["end"] - t["start"] for _, t in batches if t["end"] and t["start"]]
+    costs = {r.run_id: t["end"] - t["dequeued"] for r, t in batches if t["end"] and t["dequeued"]}
+    fixed = [
+        cost - sum(duration.get(p.run_id, 0.0) for p in practice_runs if p.tags.get(BATCH_TAG) == run_id)
+        for run_id, cost in costs.items()
+    ]
+    healthy = [(r, t) for r, t in runs if r.tags.get("dagster/partition") not in broken]
+    broken_time = sum(duration.get(r.run_id, 0.0) for r, _ in runs if r.tags.get("dagster/partition") in broken)
+    n_healthy = len(practices) - len(broken)
+    per_practice_cost = (sum(costs.values()) - broken_time) / n_healthy if n_healthy else float("nan")
+    practice_durations = [duration[r.run_id] for r, _ in healthy if r.run_id in duration]
+
+    # The checks: one practice_sync run of its own partition per practice, from a batch of this pass,
+    # tagged as the schedule's; failures only where the PMS was made unreachable.
+    per_partition: dict[str, int] = {}
+    for r in practice_runs:
+        key = r.tags.get("dagster/partition")
+        per_partition[key] = per_partition.get(key, 0) + 1
+    own_run = (
+        set(per_partition) == set(practices)
+        and all(n == 1 for n in per_partition.values())
+        and all(
+            r.tags.get("trigger") == "schedule" and r.tags.get("practice") == r.tags.get("dagster/partition")
+            for r in practice_runs
+        )
+    )
+    failed = {r.tags.get("dagster/partition"): t["error"] for r, t in runs if r.status.value != "SUCCESS"}
+    batches_ok = all(r.status.value == "SUCCESS" for r, _ in batches)
+    first = min(t["enqueued"] or t["start"] for _, t in batches)
+    last = max(t["end"] for _, t in batches if t["end"])
+    wall = last - first
+    limit = min(limits.values())
+    return {
+        "batches": len(batches),
+        "batch_runs_succeeded": sum(r.status.value == "SUCCESS" for r, _ in batches),
+        "retried": sum(1 for r in batch_runs if r.tags.get("dagster/parent_run_id")),
+        "practices": len(practices),
+        "practice_runs": len(practice_runs),
+        "practice_runs_succeeded": sum(r.status.value == "SUCCESS" for r in practice_runs),
+        "failed": sorted(failed.items()),
+        "every_practice_own_run": own_run,
+        "failures_isolated": batches_ok and set(failed) == broken,
+        "broken": sorted(broken),
+        "wall_seconds": wall,
+        "practices_per_minute": len(practices) / wall * 60 if wall else float("nan"),
+        "queue_wait_p50": _pct(waits, 0.5),
+        "queue_wait_max": max(waits, default=float("nan")),
+        "launch_p50": _pct(launches, 0.5),
+        "launch_max": max(launches, default=float("nan")),
+        "exec_p50": _pct(execs, 0.5),
+        "exec_max": max(execs, default=float("nan")),
+        "batch_fixed_p50": _pct(fixed, 0.5),
+        "practice_run_p50": _pct(practice_durations, 0.5),
+        "practice_run_p95": _pct(practice_durations, 0.95),
+        "cost_per_practice": per_practice_cost,
+        "overhead_per_practice": per_practice_cost - baseline,
+        "baseline": baseline,
+        "peak_concurrent": _peak([(t["dequeued"], t["end"]) for _, t in batches if t["dequeued"] and t["end"]]),
+        "limit": limit,
+        "ideal_wall": len(practices) * baseline / limit,
+    }
+
+
+def print_batched(s: dict[str, Any], size: int) -> None:
+    print(
+        f"\npass nightly batched: {s['batch_runs_succeeded']} of {s['batches']} batch runs (up to {size} practices) "
+        f"succeeded, {s['retried']} retries; {s['practice_runs_succeeded']} of {s['practice_runs']} practice runs "
+        f"succeeded ({s['practices']} practices)"
+    )
+    for practice, error in s["failed"][:5]:
+        print(f"  FAILED {practice}{' (made unreachable)' if practice in s['broken'] else ''}: {error}")
+    print(
+        f"  every practice its own practice_sync run (partition, trigger=schedule, nvc/batch): {s['every_practice_own_run']}"
+    )
+    if s["broken"]:
+        print(
+            f"  failures isolated (only the unreachable practices' runs failed, batches ok): {s['failures_isolated']}"
+        )
+    print(f"  fleet wall                 {s['wall_seconds']:8.1f} s   ({s['practices_per_minute']:.1f} practices/min)")
+    print(
+        f"  ideal wall (baseline x practices / limit) {s['ideal_wall']:6.1f} s   "
+        f"ratio {s['wall_seconds'] / s['ideal_wall']:.2f}"
+    )
+    print(f"  batch queue wait p50 / max {s['queue_wait_p50']:8.1f} / {s['queue_wait_max']:.1f} s")
+    print(f"  batch launch (STARTING -> RUN_START) p50 / max {s['launch_p50']:6.2f} / {s['launch_max']:.2f} s")
+    print(f"  batch execution p50 / max  {s['exec_p50']:8.2f} / {s['exec_max']:.2f} s")
+    print(f"  batch fixed cost (launch + execution - its practices' runs) p50 {s['batch_fixed_p50']:.2f} s")
+    print(f"  a practice's run in its batch p50 / p95 {s['practice_run_p50']:6.2f} / {s['practice_run_p95']:.2f} s")
+    print(f"  baseline in-process job    {s['baseline']:8.2f} s")
+    print(
+        f"  per-practice cost / overhead {s['cost_per_practice']:6.2f} / {s['overhead_per_practice']:.2f} s   "
+        "(sum of batches' launch + execution / practices; overhead = cost - baseline)"
+    )
+    print(f"  peak batch runs executing at once {s['peak_concurrent']} (binding limit {s['limit']})")
 
 
 def print_pass(name: str, s: dict[str, Any]) -> None:
@@ -208,6 +401,23 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=300, help="patients per practice")
     parser.add_argument("--max-concurrent", type=int, default=4, help="max_concurrent_runs of the coordinator")
     parser.add_argument("--optix-limit", type=int, default=3, help="tag concurrency limit for pms=optix")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="practices per nightly batch run (default NVC_SYNC_BATCH_SIZE or 25)",
+    )
+    parser.add_argument("--unbatched", action="store_true", help="also run the nightly with one run per practice")
+    parser.add_argument(
+        "--broken", type=int, default=0, help="practices whose PMS is made unreachable before the nightly passes"
+    )
+    parser.add_argument(
+        "--first-syncs",
+        choices=("daemon", "in-process"),
+        default="daemon",
+        help="daemon: pass initial through initial_sync_sensor; in-process: the fleet's first syncs in one warm "
+        "process before `dagster dev` starts (no initial pass: quicker on a busy machine)",
+    )
     parser.add_argument("--baseline-practices", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--keep", action="store_true")
@@ -222,12 +432,13 @@ def main() -> None:
     from dagster_graphql import DagsterGraphQLClient
 
     from nvc_pipelines.application import app
-    from nvc_pipelines.application.devserver import dagster_dev
+    from nvc_pipelines.application.devserver import dagster_dev, free_port
     from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
     from nvc_pipelines.model import PmsKind
     from nvc_pipelines.store.db import dagster_storage_url
     from nvc_pipelines.store.embedded import stop_server
     from sandboxes.optix import OptixSandbox
+    from schedules.jobs import BATCH_OP, batch_size, batches
 
     print(
         f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python {platform.python_version()}"
@@ -260,18 +471,18 @@ def main() -> None:
 
         for pid in base:
             connect(pid)
+
+        def measure_baseline(mode: str) -> dict[str, list[float]]:
+            out = subprocess.run(
+                [sys.executable, __file__, mode, *base], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True
+            )
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode or not lines:
+                raise SystemExit(f"baseline failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            return json.loads(lines[-1])
+
         print(f"baseline: {len(base) - 1} practices of {args.patients} patients in one warm process...", flush=True)
-        out = subprocess.run(
-            [sys.executable, __file__, "--baseline-child", *base],
-            cwd=REPO,
-            env=os.environ.copy(),
-            capture_output=True,
-            text=True,
-        )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode or not lines:
-            raise SystemExit(f"baseline failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        baseline = json.loads(lines[-1])
+        baseline = measure_baseline("--baseline-child")
         base_first, base_nightly = statistics.median(baseline["first"]), statistics.median(baseline["nightly"])
         print(f"  first sync {base_first:.2f} s, nightly sync {base_nightly:.2f} s (median, in process)")
 
@@ -279,38 +490,139 @@ def main() -> None:
         for pid in fleet:
             connect(pid)
         print(f"connected {len(fleet)} practices in {time.perf_counter() - t0:.1f} s", flush=True)
-        port = services.enter_context(dagster_dev(home, startup_timeout=120))  # webserver + daemon
+        initial = None
+        if args.first_syncs == "in-process":
+            t0 = time.perf_counter()
+            out = subprocess.run(
+                [sys.executable, __file__, "--sync-child", *fleet], cwd=REPO, env=os.environ.copy(), text=True
+            )
+            if out.returncode:
+                raise SystemExit("first syncs in process failed")
+            print(f"first syncs of {len(fleet)} practices in one warm process: {time.perf_counter() - t0:.1f} s")
+        port = services.enter_context(dagster_dev(home, startup_timeout=300))  # webserver + daemon
         instance = get_instance()
-        print("pass initial: the initial_sync_sensor queues every first sync...", flush=True)
-        runs = wait_for_runs(instance, "initial", set(fleet), args.timeout)
-        initial = summarise(instance, runs, base_first, limits)
-        print_pass("initial (first syncs, launched by initial_sync_sensor)", initial)
+        if args.first_syncs == "daemon":
+            print("pass initial: the initial_sync_sensor queues every first sync...", flush=True)
+            runs = wait_for_runs(instance, "initial", set(fleet), args.timeout)
+            initial = summarise(instance, runs, base_first, limits)
+            print_pass("initial (first syncs, launched by initial_sync_sensor)", initial)
+
+        # The nightly passes are incremental syncs of what the first syncs wrote. `--broken` practices
+        # now point at a port nobody listens on (written to the store directly: connecting again
+        # would test the connection first).
+        step = max(1, len(fleet) // max(1, args.broken))
+        broken = set(fleet[1::step][: args.broken])
+        if broken:
+            dead = f"http://127.0.0.1:{free_port()}"
+            store = app.open_store()
+            for pid in sorted(broken):
+                store.add_practice(
+                    pid,
+                    f"Fleet {pid}",
+                    PmsKind.OPTIX,
+                    {"practice_id": sandbox_ids[pid], "api_url": dead},
+                    {"api_key": f"key-{pid}"},
+                    replace=True,
+                )
+            print(f"\nmade unreachable ({dead}): {', '.join(sorted(broken))}")
+
+        # The load of a shared machine changes over a long run: the nightly baseline is measured again
+        # right before and right after the batched pass (dagster dev idle), and their median is used.
+        near = measure_baseline("--nightly-baseline-child")["nightly"]
+        print(f"  nightly baseline before the batched pass: {statistics.median(near):.2f} s (median, in process)")
 
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
-        print(f"\npass nightly: {len(fleet)} runs submitted through GraphQL with the schedule's tags...", flush=True)
-        for pid in fleet:
+        size = args.batch_size or batch_size()
+        kinds = {p["practice_id"]: p["pms_kind"] for p in app.open_store().list_practices()}
+        plan = batches({pid: kinds[pid] for pid in fleet}, size)
+        print(
+            f"\npass nightly batched: {len(plan)} practice_sync_batch runs of up to {size} practices submitted "
+            "through GraphQL as the schedule yields them...",
+            flush=True,
+        )
+        submitted = [
             client.submit_job_execution(
-                "practice_sync",
+                "practice_sync_batch",
                 repository_location_name="nvc_pipelines",
                 repository_name="__repository__",
-                tags={
-                    "dagster/partition": pid,
-                    "practice": pid,
-                    "pms": "optix",
-                    "trigger": "schedule",
-                    "fleet": "yes",
-                },
+                run_config={"ops": {BATCH_OP: {"config": {"practices": ids}}}},
+                tags={"pms": kind, "trigger": "schedule", "nvc/practices": str(len(ids))},
             )
-        runs = wait_for_runs(instance, "schedule", set(fleet), args.timeout)
-        nightly = summarise(instance, runs, base_nightly, limits)
-        print_pass("nightly (incremental, queued like the 02:00 schedule)", nightly)
+            for kind, ids in plan
+        ]
+        batch_runs, practice_runs = wait_for_batches(instance, submitted, args.timeout)
+        nightly_load = os.getloadavg()
+        print(f"  load average at the end of the batched pass: {', '.join(f'{x:.2f}' for x in nightly_load)}")
+        after = measure_baseline("--nightly-baseline-child")["nightly"]
+        print(f"  nightly baseline after the batched pass: {statistics.median(after):.2f} s (median, in process)")
+        base_near = statistics.median(near + after)
+        batched = summarise_batched(instance, batch_runs, practice_runs, fleet, broken, base_near, limits)
+        print_batched(batched, size)
+
         figures.note_postgres()
         figures.figure("practices", args.practices)
-        for name, s in (("initial", initial), ("nightly", nightly)):
+        figures.figure("patients", args.patients)
+        figures.figure("batch_size", size)
+        figures.figure("broken", len(broken))
+        figures.figure("first_syncs", args.first_syncs)
+        figures.figure("load_during_nightly", [round(x, 2) for x in nightly_load])
+        figures.figure("baseline_nightly_at_start", base_nightly)
+        figures.figure("baseline_nightly_around_batched", base_near)
+        for key in ("wall_seconds", "launch_p50", "exec_p50", "overhead_p50", "baseline", "peak_concurrent"):
+            if initial:
+                figures.figure(f"initial_{key}", initial[key])
+        for key in (
+            "batches",
+            "wall_seconds",
+            "queue_wait_p50",
+            "launch_p50",
+            "exec_p50",
+            "batch_fixed_p50",
+            "practice_run_p50",
+            "practice_run_p95",
+            "cost_per_practice",
+            "overhead_per_practice",
+            "baseline",
+            "peak_concurrent",
+            "practice_runs",
+            "practice_runs_succeeded",
+            "every_practice_own_run",
+            "failures_isolated",
+        ):
+            figures.figure(f"nightly_batched_{key}", batched[key])
+        figures.figure("fleet_overhead_per_practice_s", batched["overhead_per_practice"])
+        figures.write()  # now: an interrupted unbatched pass keeps the batched figures
+
+        unbatched = None
+        if args.unbatched:
+            print(
+                f"\npass nightly unbatched: {len(fleet)} practice_sync runs submitted through GraphQL "
+                "with the schedule's tags (one run per practice)...",
+                flush=True,
+            )
+            for pid in fleet:
+                client.submit_job_execution(
+                    "practice_sync",
+                    repository_location_name="nvc_pipelines",
+                    repository_name="__repository__",
+                    tags={
+                        "dagster/partition": pid,
+                        "practice": pid,
+                        "pms": "optix",
+                        "trigger": "schedule",
+                        "fleet": "unbatched",
+                    },
+                )
+            runs = wait_for_runs(instance, "schedule", set(fleet), args.timeout, tags={"fleet": "unbatched"})
+            later = measure_baseline("--nightly-baseline-child")["nightly"]
+            print(f"  nightly baseline after the unbatched pass: {statistics.median(later):.2f} s (median, in process)")
+            unbatched = summarise(instance, runs, statistics.median(after + later), limits)
+            print_pass("nightly unbatched (incremental, one run per practice)", unbatched)
+
+        if unbatched:
             for key in ("wall_seconds", "launch_p50", "exec_p50", "overhead_p50", "baseline", "peak_concurrent"):
-                figures.figure(f"{name}_{key}", s[key])
-        figures.figure("fleet_overhead_per_practice_s", nightly["overhead_p50"])
-        figures.write()
+                figures.figure(f"nightly_unbatched_{key}", unbatched[key])
+            figures.write()  # again, with the unbatched pass
         print(f"\ncoordinator config used: {json.dumps(coordinator)}")
     finally:
         services.close()
@@ -325,5 +637,12 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--baseline-child":
         baseline_child(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--nightly-baseline-child":
+        baseline_child(sys.argv[2:], nightly_only=True)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--sync-child":
+        sync_child(sys.argv[2:])
     else:
+        # SIGTERM and SIGHUP end `main` through its `finally` too: dagster dev, the sandbox and the store stop.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
         main()
