@@ -42,6 +42,10 @@ booking_writeback_job = define_asset_job(
     description="Deliver one practice's outbox to its PMS.",
 )
 
+# The queued run coordinator starts the highest `dagster/priority` first (default 0).
+PRIORITY_TAG = "dagster/priority"
+WRITEBACK_PRIORITY = "10"
+
 
 @sensor(
     name="booking_writeback_sensor",
@@ -68,7 +72,8 @@ def booking_writeback_sensor(context: SensorEvaluationContext, store: StoreResou
         RunRequest(
             run_key=run_key,
             partition_key=practice_id,
-            tags={"practice": practice_id, "trigger": "writeback"},
+            # Ahead of queued syncs (the nightly queues hundreds of batches): a booking lands in 60 s.
+            tags={"practice": practice_id, "trigger": "writeback", PRIORITY_TAG: WRITEBACK_PRIORITY},
         )
         for practice_id, run_key in sorted(run_keys.items())
         if practice_id in connected

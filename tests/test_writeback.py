@@ -126,6 +126,7 @@ def test_sensor_requests_one_run_per_due_set(store: Store, database_url: str, sa
         assert [r.partition_key for r in first] == [practice_id]
         assert first[0].run_key == again[0].run_key  # the same due rows never launch twice
         assert first[0].tags["trigger"] == "writeback"
+        assert int(first[0].tags["dagster/priority"]) > 0  # dequeued ahead of the nightly's queued syncs
         writeback.add_booking(store, practice_id, "sensor-2", pid, _slot(3001))
         assert booking_writeback_sensor(context)[0].run_key != first[0].run_key
 
