@@ -978,7 +978,3 @@ def rotate_key_cmd(generate: bool, finish: bool) -> None:
             f"Now set {crypto.KEY_ENV} to the new key and {crypto.PREVIOUS_KEY_ENV} to the old one for every process, "
             f"restart them, then remove {crypto.PREVIOUS_KEY_ENV}."
         )
-
-
-if __name__ == "__main__":
-    main()
