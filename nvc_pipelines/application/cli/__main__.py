@@ -1,0 +1,3 @@
+from nvc_pipelines.application.cli import main
+
+main()
