@@ -181,7 +181,7 @@ def sync_now(page: Page, practice_id: str) -> str:
     expect(dialog.get_by_text(practice_id, exact=True).first).to_be_visible()
     dialog.get_by_role("button", name="Launch 1 run").click()
     toast = page.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$"))
-    expect(toast).to_be_visible()
+    expect(toast).to_be_visible(timeout=60_000)  # a liveness wait: a loaded machine is slow, not red
     run_id = toast.inner_text().split()[-1]
     page.get_by_role("link", name="View").or_(page.get_by_role("button", name="View")).first.click()
     expect(page).to_have_url(re.compile(rf"/runs/{run_id}"))

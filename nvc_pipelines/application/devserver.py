@@ -42,7 +42,7 @@ def _default_sigint() -> None:
 
 
 @contextmanager
-def dagster_dev(home: Path, startup_timeout: float = 90) -> Iterator[int]:
+def dagster_dev(home: Path, startup_timeout: float = 180) -> Iterator[int]:
     """`dagster dev` for NVC_HOME `home` (store and DAGSTER_HOME already set up); yields its port once
     the webserver answers, and stops webserver, daemon and code server afterwards."""
     port = free_port()
