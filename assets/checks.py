@@ -25,7 +25,7 @@ from assets.sync import FULL_SYNC_TAG, appointments, patients, recalls
 from nvc_pipelines import quality
 from nvc_pipelines.recall import RecallRules
 from nvc_pipelines.store import Store
-from nvc_pipelines.store.calls import CHANGE_MARGIN
+from nvc_pipelines.store.call_updates import CHANGE_MARGIN
 from resources.store import StoreResource
 
 CHUNK_ROWS = 50_000  # rows validated at a time

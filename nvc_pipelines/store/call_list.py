@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import text
 
 from nvc_pipelines.calling import UK_TZ, CallSettings
-from nvc_pipelines.store import calls
+from nvc_pipelines.store import call_events, call_updates, call_views, calls
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
 
 
@@ -41,10 +41,10 @@ class CallListMixin(StoreBase):
     ) -> dict[str, Any]:
         """The nightly's call list: only the households whose placement may have changed since the last
         build are placed again (whole the first time, after a settings change, or when `full`); see
-        `calls.update`. Returns the whole practice's counts, the mode and how many were placed again."""
+        `call_updates.update`. Returns the whole practice's counts, the mode and how many were placed again."""
         now = now or datetime.now(UTC)
         with self.begin(practice_id) as conn:
-            counts = calls.update(conn, practice_id, now=now, settings=settings, full=full)
+            counts = call_updates.update(conn, practice_id, now=now, settings=settings, full=full)
             self.audit(conn, "pipeline", practice_id, "build_call_list", detail=counts)
         return counts
 
@@ -71,13 +71,13 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             if actor:
                 self.audit(conn, actor, practice_id, "read_call_list")
-            return calls.entries(conn, practice_id)
+            return call_views.entries(conn, practice_id)
 
     def call_list_why(self, practice_id: str, pms_patient_id: str, actor: str | None = None) -> dict[str, Any]:
         """Why one patient is, or is not, on the call list."""
         self.get_practice(practice_id)
         with self.begin(practice_id) as conn:
-            found = calls.why(conn, practice_id, pms_patient_id, datetime.now(UTC).astimezone(UK_TZ).date())
+            found = call_views.why(conn, practice_id, pms_patient_id, datetime.now(UTC).astimezone(UK_TZ).date())
             if found is None:
                 raise PracticeNotFound(f"practice {practice_id} has no patient {pms_patient_id!r}")
             if actor:
@@ -87,27 +87,27 @@ class CallListMixin(StoreBase):
     def call_list_state(self, practice_id: str) -> dict[str, Any]:
         """When the list was last built and last brought up to date during the day, and checks made."""
         with self.begin(practice_id) as conn:
-            return calls.state(conn, practice_id)
+            return call_views.state(conn, practice_id)
 
     def claim_call_list_refresh(self, practice_id: str, at: datetime) -> None:
         """Record that an intraday refresh was requested now, so the next sensor tick waits for it."""
         with self.begin(practice_id) as conn:
-            calls.claim(conn, practice_id, at)
+            call_views.claim(conn, practice_id, at)
 
     def mark_call_list_refreshed(self, practice_id: str, at: datetime, *, ok: bool, error: str | None = None) -> None:
         with self.begin(practice_id) as conn:
-            calls.mark_refreshed(conn, practice_id, at, ok=ok, error=error)
+            call_views.mark_refreshed(conn, practice_id, at, ok=ok, error=error)
 
     def call_list_entry(self, practice_id: str, phone: str, *, miss: bool | None = None) -> dict[str, Any]:
         """Who is on the entry of `phone` (and who on it is not listed); `miss` counts a pre-dial check."""
         with self.begin(practice_id) as conn:
             if miss is not None:
-                calls.count_check(conn, practice_id, miss=miss)
-            return calls.entry_for(conn, practice_id, phone)
+                call_views.count_check(conn, practice_id, miss=miss)
+            return call_views.entry_for(conn, practice_id, phone)
 
     def call_list_violations(self, practice_id: str) -> list[dict[str, Any]]:
         with self.begin(practice_id) as conn:
-            return calls.violations(conn, practice_id)
+            return call_views.violations(conn, practice_id)
 
     def lift_contact_suppression(self, practice_id: str, pms_patient_id: str, actor: str, why: str) -> list[str]:
         """Let a patient who asked not to be called (or was reported deceased on a call) be called
@@ -123,7 +123,7 @@ class CallListMixin(StoreBase):
             ).scalar_one_or_none()
             if patient_id is None:
                 raise PracticeNotFound(f"practice {practice_id} has no patient {pms_patient_id!r}")
-            lifted = calls.lift(conn, practice_id, pms_patient_id, actor, why)
+            lifted = call_events.lift(conn, practice_id, pms_patient_id, actor, why)
             if not lifted:
                 raise ValueError(f"patient {pms_patient_id} of {practice_id} has no call suppression to lift")
             self.audit(
@@ -134,5 +134,5 @@ class CallListMixin(StoreBase):
                 [pms_patient_id],
                 detail={"lifted": lifted, "why": why},
             )
-            calls.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
+            call_events.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
         return lifted

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from nvc_pipelines.store import calls
+from nvc_pipelines.store import call_updates
 from nvc_pipelines.store.base import StoreBase
 
 
@@ -121,7 +121,7 @@ class ChecksMixin(StoreBase):
         with self.begin(practice_id) as conn:
             row = conn.execute(
                 text(
-                    f"SELECT ({calls._SAFE_MARK}) AS now, c.cursor_at, c.fingerprint, f.last_full_sync_at FROM (SELECT 1) one "
+                    f"SELECT ({call_updates._SAFE_MARK}) AS now, c.cursor_at, c.fingerprint, f.last_full_sync_at FROM (SELECT 1) one "
                     "LEFT JOIN sync_cursors c ON c.practice_id = :p AND c.stream = :s "
                     "LEFT JOIN sync_cursors f ON f.practice_id = :p AND f.stream = 'patients'"
                 ),

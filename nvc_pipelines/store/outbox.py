@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, text
 
 from nvc_pipelines.model import CallOutcome
-from nvc_pipelines.store import calls
+from nvc_pipelines.store import call_events
 from nvc_pipelines.store.alerts import insert_keyed_alert
 from nvc_pipelines.store.base import StoreBase
 
@@ -66,7 +66,7 @@ class OutboxMixin(StoreBase):
                 {"p": practice_id, "r": pms_patient_id},
             ).scalar_one_or_none()
             if patient_id is not None:
-                calls.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
+                call_events.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
 
         return self._add_outbox_row(practice_id, "booking", key, pms_patient_id, payload, off_the_list)
 
@@ -84,10 +84,10 @@ class OutboxMixin(StoreBase):
         actor: str,
     ) -> OutboxAdded:
         """Add a call attempt or outcome's note (once per key); when new, its effect on the call list
-        (`calls.record_event`) commits with it."""
+        (`call_events.record_event`) commits with it."""
 
         def apply(conn: Connection, outbox_id: int) -> None:
-            calls.record_event(
+            call_events.record_event(
                 conn,
                 practice_id,
                 kind=kind,

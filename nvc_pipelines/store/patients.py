@@ -22,7 +22,7 @@ from nvc_pipelines.model import (
     ReadResult,
     RejectedRow,
 )
-from nvc_pipelines.store import calls
+from nvc_pipelines.store import call_events
 from nvc_pipelines.store.base import StoreBase, json_default
 from nvc_pipelines.store.db import driver
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_staged, stage_pages, stage_table
@@ -291,7 +291,7 @@ class PatientsMixin(StoreBase):
             conn.execute(text("UPDATE practices SET last_sync_at = now() WHERE practice_id = :p"), {"p": practice_id})
             if place_calls is not None:
                 refs, place_calls_at = place_calls
-                calls.refresh_refs(conn, practice_id, refs or set(), place_calls_at)
+                call_events.refresh_refs(conn, practice_id, refs or set(), place_calls_at)
             self.audit(
                 conn,
                 f"pipeline:{run_id}" if run_id else "pipeline",
