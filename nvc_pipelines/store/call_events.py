@@ -14,7 +14,7 @@ from sqlalchemy import Connection, text
 
 from nvc_pipelines.calling import SUPPRESSING, UK_TZ
 from nvc_pipelines.model import CallOutcome
-from nvc_pipelines.store.calls import Scope, practice_call_settings, rebuild
+from nvc_pipelines.store.calls import Scope, kept_ids, practice_call_settings, rebuild
 
 
 def record_event(
@@ -93,15 +93,7 @@ def refresh_refs(conn: Connection, practice_id: str, refs: Collection[str], now:
     a booking, a death or an opt-out the practice recorded today takes them off the list at once."""
     if not refs:
         return None
-    ids = set(
-        conn.execute(
-            text(
-                "SELECT DISTINCT COALESCE(pt.merged_into, pt.patient_id) FROM patients pt "
-                "WHERE pt.practice_id = :p AND pt.pms_patient_id = ANY(:refs)"
-            ),
-            {"p": practice_id, "refs": sorted(refs)},
-        ).scalars()
-    )
+    ids = kept_ids(conn, practice_id, refs)
     return _refresh_ids(conn, practice_id, ids, now, set()) if ids else None
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from nvc_pipelines.calling import UK_TZ, CallSettings
-from nvc_pipelines.store.calls import Scope, counts, rebuild
+from nvc_pipelines.store.calls import Scope, counts, kept_ids, rebuild
 
 # A row carries its writer's transaction start as `updated_at` (`now()`), so a mark is the start of
 # the oldest transaction still open when the mark is taken (`safe_mark`): a row it has not seen yet
@@ -105,15 +105,7 @@ def _changed_ids(conn: Connection, practice_id: str, *, since: datetime, last_to
         ).scalars()
     )
     if refs:
-        ids.update(
-            conn.execute(
-                text(
-                    "SELECT DISTINCT COALESCE(pt.merged_into, pt.patient_id) FROM patients pt "
-                    "WHERE pt.practice_id = :p AND pt.pms_patient_id = ANY(:refs)"
-                ),
-                {"p": practice_id, "refs": sorted(refs)},
-            ).scalars()
-        )
+        ids.update(kept_ids(conn, practice_id, refs))
     return ids
 
 

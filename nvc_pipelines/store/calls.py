@@ -153,6 +153,19 @@ def _due_batches(conn: Connection, practice_id: str, size: int) -> Iterator[list
         yield list(people.values())
 
 
+def kept_ids(conn: Connection, practice_id: str, refs: Collection[str]) -> set[int]:
+    """The patients these PMS ids name, each as the record it was merged into, if it was."""
+    return set(
+        conn.execute(
+            text(
+                "SELECT DISTINCT COALESCE(pt.merged_into, pt.patient_id) FROM patients pt "
+                "WHERE pt.practice_id = :p AND pt.pms_patient_id = ANY(:refs)"
+            ),
+            {"p": practice_id, "refs": sorted(refs)},
+        ).scalars()
+    )
+
+
 class Scope:
     """Part of a practice's list to place again: these patients, and everyone on these numbers."""
 
