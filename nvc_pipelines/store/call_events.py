@@ -14,7 +14,7 @@ from sqlalchemy import Connection, text
 
 from nvc_pipelines.calling import SUPPRESSING, UK_TZ
 from nvc_pipelines.model import CallOutcome
-from nvc_pipelines.store.calls import Scope, kept_ids, practice_call_settings, rebuild
+from nvc_pipelines.store.calls import household, kept_ids, practice_call_settings, rebuild
 
 
 def record_event(
@@ -102,16 +102,10 @@ def _refresh_ids(
 ) -> dict[str, Any]:
     """Place these (kept) patients again, with everyone on any of their numbers or of records merged
     into them: their households' entries are rebuilt whole."""
-    phones = conn.execute(
-        text(
-            "SELECT DISTINCT ph FROM patients pt CROSS JOIN LATERAL unnest(pt.phones) ph "
-            "WHERE pt.practice_id = :p AND (pt.patient_id = ANY(:ids) OR pt.merged_into = ANY(:ids))"
-        ),
-        {"p": practice_id, "ids": sorted(ids)},
-    ).scalars()
+    scope = household(conn, practice_id, ids)
+    scope.phones |= extra_phones
     settings = practice_call_settings(conn, practice_id)
     today = now.astimezone(UK_TZ).date()
-    scope = Scope(ids, {*phones, *extra_phones})
     return rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from nvc_pipelines.calling import UK_TZ, CallSettings
-from nvc_pipelines.store.calls import Scope, counts, kept_ids, rebuild
+from nvc_pipelines.store.calls import counts, household, kept_ids, rebuild
 
 # A row carries its writer's transaction start as `updated_at` (`now()`), so a mark is the start of
 # the oldest transaction still open when the mark is taken (`safe_mark`): a row it has not seen yet
@@ -135,14 +135,7 @@ def update(
             conn, practice_id, since=since, last_today=since.astimezone(UK_TZ).date(), today=today,
             now=now, settings=settings,
         )  # fmt: skip
-        phones = conn.execute(
-            text(
-                "SELECT DISTINCT ph FROM patients pt CROSS JOIN LATERAL unnest(pt.phones) ph "
-                "WHERE pt.practice_id = :p AND (pt.patient_id = ANY(:ids) OR pt.merged_into = ANY(:ids))"
-            ),
-            {"p": practice_id, "ids": sorted(ids)},
-        ).scalars()
-        scope = Scope(ids, set(phones))
+        scope = household(conn, practice_id, ids)
         rebuilt = rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope) if scope else None
         placed = conn.execute(text("SELECT count(*) FROM due_people")).scalar_one() if scope else 0
         conn.execute(

@@ -177,6 +177,18 @@ class Scope:
         return bool(self.patient_ids or self.phones)
 
 
+def household(conn: Connection, practice_id: str, ids: Collection[int]) -> Scope:
+    """These (kept) patients and everyone on any of their numbers or of records merged into them."""
+    phones = conn.execute(
+        text(
+            "SELECT DISTINCT ph FROM patients pt CROSS JOIN LATERAL unnest(pt.phones) ph "
+            "WHERE pt.practice_id = :p AND (pt.patient_id = ANY(:ids) OR pt.merged_into = ANY(:ids))"
+        ),
+        {"p": practice_id, "ids": sorted(ids)},
+    ).scalars()
+    return Scope(ids, set(phones))
+
+
 def practice_call_settings(conn: Connection, practice_id: str) -> CallSettings:
     settings = conn.execute(
         text("SELECT settings FROM practices WHERE practice_id = :p"), {"p": practice_id}
