@@ -408,14 +408,11 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
     # date) is recorded only after the last batch, so an interrupted full run is redone in full.
     recomputed = changed = 0
     analyze_at = 1  # statistics refreshed after the first batch that writes, then each time the total doubles
-    for targets in db.recall_target_batches(practice_id, everyone=plan.full):
-        ids = list(targets)
-        patient_rows = db.load_patients(practice_id, only=ids)
-        clinical = db.load_clinical_records(practice_id, only=ids)
-        computed = (recall_with_clinical(p, clinical.get(p.pms_patient_id, []), rules) for p in patient_rows)
+    for batch in db.recall_batches(practice_id, everyone=plan.full):
+        computed = (recall_with_clinical(p, batch.clinical.get(p.pms_patient_id, []), rules) for p in batch.patients)
         found = [r for r in computed if r is not None]
-        changed += db.write_recalls(practice_id, found, scope=ids, seen=targets, analyze=False)
-        recomputed += len(patient_rows)
+        changed += db.write_recalls(practice_id, found, scope=batch.seen.keys(), seen=batch.seen, analyze=False)
+        recomputed += len(batch.patients)
         if changed >= max(analyze_at, 5000):  # a first computation fills the table: keep its plans right
             db.refresh_statistics("recalls")
             analyze_at = 2 * changed

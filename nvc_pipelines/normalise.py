@@ -58,6 +58,7 @@ _OFCOM_DRAMA = re.compile(
     r"|3069990\d{3}"  # 03069 990xxx
     r")$"
 )
+_NOT_DIGITS = re.compile(r"[^\d+]")
 _SCIENTIFIC = re.compile(r"^\d+(?:\.\d+)?[eE][+-]?\d+$")
 _PHONE_SPLIT = re.compile(r"\s*(?:[;/|,]|\bor\b)\s*", re.IGNORECASE)
 
@@ -77,7 +78,7 @@ def normalise_phone(raw: str) -> Phone:
         raise InvalidValue("phone number is blank")
     if _SCIENTIFIC.match(text.replace(",", "")):
         raise InvalidValue(f"phone number {text!r} was mangled by a spreadsheet (scientific notation); digits lost")
-    digits = re.sub(r"[^\d+]", "", text)
+    digits = _NOT_DIGITS.sub("", text)
     if digits.startswith("00"):
         digits = "+" + digits[2:]
     if not digits.startswith("+"):
@@ -197,6 +198,11 @@ def person_name(raw: str | None, field_name: str) -> str:
     overrides, zero-width joiners) are removed, and a name that holds control characters, bytes a
     wrong encoding garbled, or nothing visible is refused with the reason."""
     text = str(raw or "")
+    if text.isascii() and text.isprintable():  # most names: no control, invisible or garbled characters
+        visible = clean_name(text)
+        if visible and not any(ch.isalpha() for ch in visible):
+            raise InvalidValue(f"{field_name} has no letters (only marks, digits or invisible characters)")
+        return visible
     if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text):
         raise InvalidValue(f"{field_name} contains control characters (a broken export or wrong encoding?)")
     if _MOJIBAKE.search(text):
@@ -207,17 +213,22 @@ def person_name(raw: str | None, field_name: str) -> str:
     return visible
 
 
+_NAME_WORDS = re.compile(r"[\s\-'’]+")
+
+
 def name_review(first_name: str, last_name: str) -> str | None:
     """Why a kept name needs a person's look before the caller says it, or None.
 
     A word mixing scripts with look-alike letters ("Аnna" with a Cyrillic А, "Αlex" with a Greek Α)
     is a typing accident or a spoof; the caller's voice may mispronounce it and matching cannot see
     through it. The row is kept and callable (the person is real), only flagged."""
+    if first_name.isascii() and last_name.isascii():  # plain ASCII is one script: most names end here
+        return None
     words = [
         (label, word)
         for label, name in (("first_name", first_name), ("last_name", last_name))
-        for word in re.split(r"[\s\-'’]+", name)
-        if word and not word.isascii()  # plain ASCII is one script: skip the costly check
+        for word in _NAME_WORDS.split(name)
+        if word and not word.isascii()
     ]
     if not words:
         return None

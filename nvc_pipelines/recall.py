@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from calendar import monthrange
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
-
-from dateutil.relativedelta import relativedelta
 
 from nvc_pipelines.model import ClinicalRecord, Patient, Recall
 from nvc_pipelines.tagging import infer_from_iop, infer_from_text, inferred_flags
@@ -95,16 +94,20 @@ class RecallRules:
 
 
 def add_months(start: date, months: int) -> date:
-    """Calendar months, clamped to the month's end (2024-02-29 + 12 months = 2025-02-28)."""
-    return start + relativedelta(months=months)
+    """Calendar months, clamped to the month's end (2024-02-29 + 12 months = 2025-02-28), as
+    `relativedelta(months=...)` counts them, without building one per patient."""
+    year, month0 = divmod(start.month - 1 + months, 12)
+    year += start.year
+    return date(year, month0 + 1, min(start.day, monthrange(year, month0 + 1)[1]))
 
 
 def age_on(dob: date, on: date) -> int:
     return on.year - dob.year - ((on.month, on.day) < (dob.month, dob.day))
 
 
-def applicable_rules(patient: Patient) -> list[str]:
-    """The rules that apply to a patient, before intervals are compared."""
+def applicable_rules(patient: Patient, flags: Collection[str] | None = None) -> list[str]:
+    """The rules that apply to a patient (with these risk flags, when given), before intervals are compared."""
+    risk_flags = patient.risk_flags if flags is None else flags
     rules = ["default"]
     age = (
         age_on(patient.date_of_birth, patient.last_eye_test_date)
@@ -116,17 +119,17 @@ def applicable_rules(patient: Patient) -> list[str]:
     if age is not None and age >= 70:
         rules.append("aged_70_plus")
     for flag in ("diabetic", "glaucoma", "glaucoma_suspect", "ocular_hypertension"):
-        if flag in patient.risk_flags:
+        if flag in risk_flags:
             rules.append(flag)
-    if "glaucoma_family_history" in patient.risk_flags and (age is None or age >= 40):
+    if "glaucoma_family_history" in risk_flags and (age is None or age >= 40):
         rules.append("glaucoma_family_history")
     if age is not None and age < 7:
         for flag in ("binocular_vision_anomaly", "corrected_refractive_error"):
-            if flag in patient.risk_flags:
+            if flag in risk_flags:
                 rules.append(f"under_7_{flag}")
     elif age is not None and age < 16:
         for flag in ("binocular_vision_anomaly", "progressive_myopia"):
-            if flag in patient.risk_flags:
+            if flag in risk_flags:
                 rules.append(f"aged_7_to_15_{flag}")
     return rules
 
@@ -173,7 +176,7 @@ def _guideline(
     """The recall the rules give, from the last eye test (None without one)."""
     if patient.last_eye_test_date is None:
         return None
-    candidates = applicable_rules(replace(patient, risk_flags=list(flags)))
+    candidates = applicable_rules(patient, flags)
     # Shortest interval wins; on a tie the most specific (last added) rule is named as the reason.
     rule = min(reversed(candidates), key=lambda r: rules.intervals[r])
     months = rules.intervals[rule]
@@ -207,5 +210,7 @@ def recall_with_clinical(patient: Patient, clinical: Sequence[ClinicalRecord], r
     exams = [c.exam_date for c in clinical if c.record_type == "sight_test"]
     if exams and (last_test is None or max(exams) > last_test):
         last_test = max(exams)
-    merged = replace(patient, risk_flags=sorted(pms_flags), last_eye_test_date=last_test)
-    return compute_recall(merged, rules, inferred_flags(pms_flags, evidence))
+    flags = sorted(pms_flags)
+    if flags != patient.risk_flags or last_test != patient.last_eye_test_date:
+        patient = replace(patient, risk_flags=flags, last_eye_test_date=last_test)
+    return compute_recall(patient, rules, inferred_flags(pms_flags, evidence))

@@ -75,6 +75,7 @@ import string
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 # IOP at or above this (mmHg) in either eye suggests ocular hypertension (NICE NG81: 24 mmHg refers,
@@ -1310,6 +1311,17 @@ def infer_from_text(text: str | None) -> list[InferredFlag]:
     """Flags a note asserts for the patient, in note order, each with its evidence (the clause)."""
     if not text:
         return []
+    return list(_infer_cached(text))
+
+
+@lru_cache(maxsize=8192)  # a few MB at most
+def _infer_cached(text: str) -> tuple[InferredFlag, ...]:
+    """Practices write the same notes again and again ("Routine check, no change."): a recall pass over
+    a practice reads each distinct note once. The answer depends on the text alone."""
+    return tuple(_infer(text))
+
+
+def _infer(text: str) -> list[InferredFlag]:
     low = text.translate(_ASCII_LOWER)  # the vocabulary is ASCII; this keeps every position in place
     out: dict[str, InferredFlag] = {}
     terms = [match.span() for match in _TERMS.finditer(low)]

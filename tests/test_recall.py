@@ -1,6 +1,7 @@
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
+from dateutil.relativedelta import relativedelta
 
 from nvc_pipelines.model import Patient
 from nvc_pipelines.recall import RecallConfigError, RecallRules, add_months, compute_recall
@@ -16,6 +17,15 @@ def patient(**kw) -> Patient:
 def test_month_arithmetic_clamps_to_month_end() -> None:
     assert add_months(date(2024, 2, 29), 12) == date(2025, 2, 28)
     assert add_months(date(2024, 1, 31), 1) == date(2024, 2, 29)
+
+
+def test_add_months_counts_calendar_months_as_relativedelta_does() -> None:
+    """Every day of a leap cycle, for every interval the rules can hold (1-120 months)."""
+    day = date(2023, 1, 1)
+    while day < date(2027, 1, 1):
+        for months in (1, 6, 11, 12, 13, 24, 59, 120):
+            assert add_months(day, months) == day + relativedelta(months=months), (day, months)
+        day += timedelta(days=1)
 
 
 def test_pms_date_wins() -> None:

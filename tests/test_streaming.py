@@ -14,10 +14,20 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from nvc_pipelines.model import Patient, Phone, PhoneType, PmsKind, Practice, ReadResult, RejectedRow, RowIdentity
+from nvc_pipelines.model import (
+    ClinicalRecord,
+    Patient,
+    Phone,
+    PhoneType,
+    PmsKind,
+    Practice,
+    ReadResult,
+    RejectedRow,
+    RowIdentity,
+)
 from nvc_pipelines.recall import RecallRules, recall_with_clinical
 from nvc_pipelines.store import Store
-from nvc_pipelines.store.streams import PATIENTS, VolumeDropRefused
+from nvc_pipelines.store.streams import CLINICAL_RECORDS, PATIENTS, VolumeDropRefused
 from nvc_pipelines.sync import prefetch
 from resources.optix import OptixResource
 from sandboxes.optix import OptixSandbox
@@ -157,32 +167,61 @@ def test_the_volume_check_judges_the_whole_paged_read(store: Store) -> None:
     assert len(store.load_patients(practice_id)) == 20
 
 
+def _compute_in_batches(store: Store, practice_id: str, rules: RecallRules, *, everyone: bool, size: int) -> int:
+    """The recalls asset's loop: returns how many patients its batches held."""
+    held = 0
+    for batch in store.recall_batches(practice_id, everyone=everyone, size=size):
+        assert len(batch.seen) <= size
+        held += len(batch.seen)
+        found = [recall_with_clinical(p, batch.clinical.get(p.pms_patient_id, []), rules) for p in batch.patients]
+        store.write_recalls(practice_id, [r for r in found if r], scope=batch.seen.keys(), seen=batch.seen)
+    store.finish_recalls(practice_id, fingerprint=rules.fingerprint(), full=everyone)
+    return held
+
+
+def _recalls(store: Store, practice_id: str) -> set[tuple]:
+    with store.begin_owner() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT p.pms_patient_id, r.due_date, r.rule, r.inferred_flags FROM recalls r "
+                "JOIN patients p USING (patient_id) WHERE r.practice_id = :p"
+            ),
+            {"p": practice_id},
+        )
+        return {(*r[:3], tuple(r[3])) for r in rows}
+
+
 def test_recalls_computed_in_batches_equal_recalls_computed_at_once(store: Store) -> None:
+    """Batches of 3 from the store (patients and their clinical records, read by key range) give the
+    recalls one batch gives; a later pass over the changed patients only (read by id) agrees too."""
     rules = RecallRules.from_settings({})
     recalls = {}
     for practice_id, size in (("at-once", 10_000), ("batched", 3)):
         _practice(store, practice_id)
         _write_pages(store, practice_id, [([_patient(practice_id, n) for n in range(17)], [])])
-        batches = list(store.recall_target_batches(practice_id, everyone=True, size=size))
-        assert sum(len(b) for b in batches) == 17 and max(len(b) for b in batches) <= size
-        for targets in batches:
-            ids = list(targets)
-            found = [recall_with_clinical(p, [], rules) for p in store.load_patients(practice_id, only=ids)]
-            store.write_recalls(practice_id, [r for r in found if r], scope=ids, seen=targets, analyze=False)
-        store.finish_recalls(practice_id, fingerprint=rules.fingerprint(), full=True)
-        with store.begin_owner() as conn:
-            recalls[practice_id] = set(
-                conn.execute(
-                    text(
-                        "SELECT p.pms_patient_id, r.due_date, r.rule FROM recalls r JOIN patients p USING (patient_id) "
-                        "WHERE r.practice_id = :p"
-                    ),
-                    {"p": practice_id},
-                ).tuples()
-            )
-        assert not list(store.recall_target_batches(practice_id, everyone=False))  # all marked computed
+        exams = [  # glaucoma in a note shortens the interval; a later sight test moves the last test
+            ClinicalRecord(practice_id, f"C{n}", f"P{n:04d}", date(2023, 6, 1) + timedelta(days=n),
+                           notes="Glaucoma confirmed, on drops." if n % 3 == 0 else "Routine, no change.")
+            for n in range(0, 17, 2)
+        ]  # fmt: skip
+        store.write_stream(practice_id, CLINICAL_RECORDS, exams, [], source="csv", run_id=None, full=True)
+        assert _compute_in_batches(store, practice_id, rules, everyone=True, size=size) == 17
+        assert not list(store.recall_batches(practice_id, everyone=False))  # all marked computed
         assert store.recall_state(practice_id).fingerprint == rules.fingerprint()
+        recalls[practice_id] = _recalls(store, practice_id)
     assert recalls["at-once"] == recalls["batched"] and len(recalls["batched"]) == 17
+    assert sum(1 for r in recalls["batched"] if r[2] == "glaucoma") == 3
+    # Two patients change (one leaves the PMS): only they are read again, and the outcome still agrees.
+    for practice_id in recalls:
+        store.write_patients(practice_id, "csv", ReadResult([_patient(practice_id, 4, risk_flags=["glaucoma"])]), None)
+        with store.begin(practice_id) as conn:
+            conn.execute(
+                text("UPDATE patients SET active = false, change_seq = change_seq + 1 WHERE pms_patient_id = 'P0012'")
+            )
+        assert _compute_in_batches(store, practice_id, rules, everyone=False, size=1) == 2
+        recalls[practice_id] = _recalls(store, practice_id)
+    assert recalls["at-once"] == recalls["batched"] and len(recalls["batched"]) == 16
+    assert ("P0004", "glaucoma") in {(r[0], r[2]) for r in recalls["batched"]}
 
 
 def test_prefetch_keeps_order_raises_in_order_and_stops_its_producer() -> None:

@@ -46,32 +46,46 @@ class StreamState:
     last_full_sync_at: datetime | None
 
 
-def _patient_from_row(row: Any) -> Patient:
+# The columns a `Patient` is read back from, in `patient_from_tuple`'s order (the practice is known).
+PATIENT_COLUMNS = (
+    "pms_patient_id, first_name, last_name, phones, phone_types, date_of_birth, email, address, "
+    "last_eye_test_date, last_clinical_test_date, risk_flags, unknown_risk_values, clinical_notes, "
+    "pms_recall_due_date, source_updated_at, pms_status, status_date, phone_recall, no_recall, contact_channels, "
+    "guardian_name, name_review"
+)
+# Enum members by stored value: a dict lookup, not `Enum(value)` (a recall pass reads every patient).
+_PHONE_TYPES = {t.value: t for t in PhoneType}
+_STATUSES = {s.value: s for s in PatientStatus}
+_CHANNELS = {c.value: c for c in Channel}
+
+
+def patient_from_tuple(practice_id: str, row: Sequence[Any]) -> Patient:
+    """A `Patient` from a driver row of `PATIENT_COLUMNS`."""
+    (pms_id, first, last, phones, phone_types, dob, email, address, last_test, last_clinical, risk_flags, unknown,
+     notes, recall_due, updated, status, status_date, phone_recall, no_recall, channels, guardian, review) = row  # fmt: skip
     return Patient(
-        practice_id=row.practice_id,
-        pms_patient_id=row.pms_patient_id,
-        first_name=row.first_name,
-        last_name=row.last_name,
-        phones=[Phone(e, PhoneType(t)) for e, t in zip(row.phones, row.phone_types, strict=True)],
-        date_of_birth=row.date_of_birth,
-        email=row.email,
-        address=row.address,
-        last_eye_test_date=row.last_eye_test_date,
-        last_clinical_test_date=row.last_clinical_test_date,
-        risk_flags=list(row.risk_flags),
-        unknown_risk_values=list(row.unknown_risk_values),
-        clinical_notes=row.clinical_notes,
-        pms_recall_due_date=row.pms_recall_due_date,
-        source_updated_at=row.source_updated_at,
-        status=PatientStatus(row.pms_status),
-        status_date=row.status_date,
-        contact=ContactPreferences(
-            phone_recall=row.phone_recall,
-            no_recall=row.no_recall,
-            channels=None if row.contact_channels is None else frozenset(Channel(c) for c in row.contact_channels),
+        practice_id,
+        pms_id,
+        first,
+        last,
+        [Phone(e, _PHONE_TYPES[t]) for e, t in zip(phones, phone_types, strict=True)],
+        dob,
+        email,
+        address,
+        last_test,
+        last_clinical,
+        risk_flags,
+        unknown,
+        notes,
+        recall_due,
+        updated,
+        _STATUSES[status],
+        status_date,
+        ContactPreferences(
+            phone_recall, no_recall, None if channels is None else frozenset(_CHANNELS[c] for c in channels)
         ),
-        guardian_name=row.guardian_name,
-        name_review=row.name_review,
+        guardian,
+        review,
     )
 
 
@@ -325,13 +339,14 @@ class PatientsMixin(StoreBase):
         where = "(active OR merged_into IS NOT NULL)" if include_merged else "active"
         params: dict[str, Any] = {"p": practice_id}
         if only is not None:
-            where += " AND pms_patient_id = ANY(:only)"
+            where += " AND pms_patient_id = ANY(%(only)s)"
             params["only"] = list(only)
-        with self.begin(practice_id) as conn:
-            rows = conn.execute(
-                text(f"SELECT * FROM patients WHERE practice_id = :p AND {where} ORDER BY pms_patient_id"), params
+        with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
+            cur.execute(
+                f"SELECT {PATIENT_COLUMNS} FROM patients WHERE practice_id = %(p)s AND {where} ORDER BY pms_patient_id",
+                params,
             )
-            return [_patient_from_row(r) for r in rows]
+            return [patient_from_tuple(practice_id, r) for r in cur]
 
     def load_clinical_records(
         self, practice_id: str, only: Collection[str] | None = None

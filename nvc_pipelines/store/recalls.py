@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from nvc_pipelines.model import Recall
+from nvc_pipelines.model import ClinicalRecord, Patient, Recall
 from nvc_pipelines.store.base import StoreBase
 from nvc_pipelines.store.db import driver
+from nvc_pipelines.store.patients import PATIENT_COLUMNS, patient_from_tuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,23 @@ class RecallState:
     computed_at: datetime | None
     last_full_at: datetime | None
     fingerprint: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecallBatch:
+    """One batch of a recall computation: the patients to recompute, read in one statement with the
+    `change_seq` each was read at (so a mark never claims data newer than what was computed), the
+    active ones whole, and their active clinical records."""
+
+    seen: dict[str, int]  # PMS id -> change_seq, every target (an inactive one's recall is removed)
+    patients: list[Patient]  # the active targets
+    clinical: dict[str, list[ClinicalRecord]]  # by PMS id, oldest exam first
+
+
+_CLINICAL_COLUMNS = (
+    "pms_record_id, pms_patient_id, exam_date, record_type, flags, unknown_flags, notes, iop_right_mmhg, "
+    "iop_left_mmhg, clinician, source_updated_at"
+)
 
 
 class RecallsMixin(StoreBase):
@@ -51,17 +69,59 @@ class RecallsMixin(StoreBase):
             )
             return dict(rows.tuples().all())
 
-    def recall_target_batches(self, practice_id: str, *, everyone: bool, size: int = 5000) -> Iterator[dict[str, int]]:
-        """`recall_targets` in batches of at most `size` (PMS id -> `change_seq`), streamed from one
-        server-side cursor, so a practice's recalls are computed a batch at a time in constant memory."""
+    def recall_batches(self, practice_id: str, *, everyone: bool, size: int = 5000) -> Iterator[RecallBatch]:
+        """The patients whose recall must be recomputed (everyone, or those whose data changed since
+        their recall was computed), `size` at a time in PMS id order, each batch with its clinical
+        records: two statements a batch on the driver's cursor, each in its own short transaction,
+        so memory and locks do not grow with the practice and nothing is read twice.
+
+        Keyset paging on the practice's unique key (no cursor held open across batches): a patient
+        whose data changes while the batches run is computed from what its batch read, and stays
+        stale (recomputed next time) when it changed after."""
         stale = "" if everyone else " AND change_seq <> recall_seq"
-        with self.begin(practice_id) as conn:
-            rows = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
-                text(f"SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p{stale}"),
-                {"p": practice_id},
-            )
-            for batch in rows.partitions(size):
-                yield dict(tuple(r) for r in batch)
+        after = ""
+        while True:
+            with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
+                cur.execute(
+                    f"SELECT change_seq, active, {PATIENT_COLUMNS} FROM patients WHERE practice_id = %s "
+                    f"AND pms_patient_id > %s{stale} ORDER BY pms_patient_id LIMIT %s",
+                    (practice_id, after, size),
+                )
+                rows = cur.fetchall()
+                if not rows:
+                    return
+                seen = {row[2]: row[0] for row in rows}
+                patients = [patient_from_tuple(practice_id, row[2:]) for row in rows if row[1]]
+                first, after = rows[0][2], rows[-1][2]
+                where = "pms_patient_id BETWEEN %s AND %s" if everyone else "pms_patient_id = ANY(%s)"
+                # Everyone: the batch is a contiguous key range, one index range scan; else its ids.
+                params: tuple[Any, ...] = (practice_id, first, after) if everyone else (practice_id, list(seen))
+                cur.execute(
+                    f"SELECT {_CLINICAL_COLUMNS} FROM clinical_records WHERE practice_id = %s AND active "
+                    f"AND {where} ORDER BY exam_date",
+                    params,
+                )
+                clinical: dict[str, list[ClinicalRecord]] = {}
+                for r in cur:
+                    clinical.setdefault(r[1], []).append(
+                        ClinicalRecord(
+                            practice_id,
+                            r[0],
+                            r[1],
+                            r[2],
+                            r[3],
+                            r[4],
+                            r[5],
+                            r[6],
+                            None if r[7] is None else float(r[7]),
+                            None if r[8] is None else float(r[8]),
+                            r[9],
+                            r[10],
+                        )
+                    )
+            yield RecallBatch(seen, patients, clinical)
+            if len(rows) < size:
+                return
 
     def finish_recalls(self, practice_id: str, *, fingerprint: str, full: bool, changed: int = 0) -> None:
         """Record that the practice's recalls were computed (with these rules; all of them when
