@@ -15,7 +15,7 @@ In a temporary NVC_HOME with the embedded PostgreSQL, an Optix sandbox practice 
 - to_sql: the usual hand-written script: the same fetch, `pandas.json_normalize`, `DataFrame.to_sql`.
 
 Then (unless `--no-parts`) the patients asset's components are timed directly, without Dagster, into
-a second practice: the client's fetch, its normalising, the content hashes, and the store's merge.
+a second practice: the client's fetch, its normalising, the staging values, and the store's merge.
 
 Ratios are against the floor and to_sql measured in the same run. The sandbox is served from this
 process, seeded and warmed (every page rendered once) before anything is timed; its rate limit is
@@ -125,8 +125,8 @@ def main() -> None:
             f"  OptixClient fetch only (httpx pages + JSON)       {fetch:8.2f} s   x floor {fetch / floor['seconds']:.2f}"
         )
         print(f"  OptixClient.read_patients (fetch + normalise)     {read:8.2f} s   normalise ~{read - fetch:.2f} s")
-        print(f"  staging values + sha256 content hash (Python)     {parts['values_and_hash_seconds']:8.2f} s")
-        print(f"  Store.write_patients (hash + COPY + merge)        {parts['write_seconds']:8.2f} s")
+        print(f"  staging values (Python)                           {parts['values_seconds']:8.2f} s")
+        print(f"  Store.write_patients (COPY + compare + merge)     {parts['write_seconds']:8.2f} s")
         print(f"  peak RSS of that process                          {parts['peak_rss_mb']:8.0f} MB")
     out.write()
     if throttled:

@@ -31,9 +31,9 @@ NVC = str(Path(sys.executable).with_name("nvc"))
 
 # What a practice holds, keyed by the source's ids so two practices reading one source compare equal.
 STATE_QUERIES = {
-    # Every column a source fills, but not the ids, hashes (salted with the practice) and clocks.
+    # Every column a source fills, but not the ids and clocks.
     "patients": (
-        "SELECT pms_patient_id, md5((to_jsonb(pt) - ARRAY['patient_id', 'practice_id', 'content_hash', "
+        "SELECT pms_patient_id, md5((to_jsonb(pt) - ARRAY['patient_id', 'practice_id', "
         "'first_seen_at', 'updated_at', 'change_seq', 'recall_seq', 'merged_into'])::text) "
         "FROM patients pt WHERE practice_id = :p"
     ),

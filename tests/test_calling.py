@@ -552,7 +552,7 @@ def test_a_nightly_placing_only_what_changed_gives_the_list_a_full_build_gives(s
         conn.execute(
             text(
                 "INSERT INTO appointments (practice_id, pms_appointment_id, pms_patient_id, starts_at, ends_at, status, "
-                "appointment_type, content_hash) VALUES (:p, 'A1', 'B1', :at, :end, 'booked', 'sight_test', 'x')"
+                "appointment_type) VALUES (:p, 'A1', 'B1', :at, :end, 'booked', 'sight_test')"
             ),
             {"p": family, "at": start + timedelta(hours=1), "end": start + timedelta(hours=2)},
         )

@@ -2,19 +2,17 @@
 
 Rows are `COPY`ed into a temporary staging table shaped like the target, then merged with one
 `INSERT ... ON CONFLICT DO UPDATE ... WHERE content changed`, so unchanged rows are not touched
-and the counts say exactly what a sync did. A full read also reconciles: rows the source no longer
+and the counts say exactly what a sync did. "Changed" is the staged row's columns compared with the
+stored row's in the database (`IS DISTINCT FROM`, null-safe, instants as instants), not a hash
+Python computes per row. A full read also reconciles: rows the source no longer
 has are marked inactive (never deleted), unless that would drop more than the allowed share of the
 practice's active rows, which is refused before anything is written.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
-from decimal import Decimal
 from typing import Any
 
 from nvc_pipelines.model import Appointment, ClinicalRecord, Patient
@@ -29,7 +27,7 @@ class StreamSpec:
     name: str
     table: str
     key: str
-    columns: tuple[str, ...]  # without content_hash; practice_id and key first
+    columns: tuple[str, ...]  # practice_id and key first
     values: Callable[[Any], tuple[Any, ...]]
     # What `active` becomes when the source sends a row again (a merged patient stays merged).
     reactivate: str = "true"
@@ -38,8 +36,13 @@ class StreamSpec:
     # A stream that feeds recalls by patient (clinical records): the changed rows' patients are
     # returned so their recalls are recomputed.
     patient_ref: str | None = None
-    # Trailing columns derived from the others (not hashed: adding one does not rewrite every row).
+    # Trailing columns derived from the others (not compared: adding one does not rewrite every row).
     derived: int = 0
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        """The columns whose change makes a row changed (the key and practice are the join)."""
+        return self.columns[2 : len(self.columns) - self.derived]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +52,6 @@ class MergeCounts:
     unchanged: int
     deactivated: int
     patients_touched: frozenset[str] = frozenset()  # `patient_ref` of changed rows, when the spec has one
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, date | datetime):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError(type(value))
-
-
-def content_hash(values: Sequence[Any]) -> str:
-    return hashlib.sha256(json.dumps(list(values), default=_json_default).encode()).hexdigest()
 
 
 def _patient_values(p: Patient) -> tuple[Any, ...]:
@@ -225,19 +216,17 @@ def stage_pages(cur: Any, spec: StreamSpec, pages: Iterable[Iterable[Any]]) -> i
     Each row carries its page number: a record edited in the PMS while the read pages through comes
     back on a later page, newer, and the later copy replaces the earlier one (`stage_page`). The
     stage is indexed and analysed before anything reads it."""
-    columns = (*spec.columns, "content_hash")
-    cols = ", ".join(columns)
+    cols = ", ".join(spec.columns)
     stage = stage_table(spec)
     cur.execute(f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {spec.table} WITH NO DATA")
     cur.execute(f"ALTER TABLE {stage} ADD COLUMN stage_page integer NOT NULL")
     staged = 0
-    hashed = len(spec.columns) - spec.derived
     values_of = spec.values
     with cur.copy(f"COPY {stage} ({cols}, stage_page) FROM STDIN") as copy:
+        write = copy.write_row
         for page_no, page in enumerate(pages):
             for record in page:
-                values = values_of(record)
-                copy.write_row((*values, content_hash(values[:hashed]), page_no))
+                write((*values_of(record), page_no))
                 staged += 1
     # A temp table has no index and no statistics: without them the anti-joins below run as nested
     # loops over the stage, once per stored row (a 200,000-row re-sync took minutes, not seconds).
@@ -262,11 +251,11 @@ def merge_staged(
 ) -> MergeCounts:
     """Merge the staged read (`stage_pages`) into the stream's table.
 
-    Only rows whose content hash or `active` differ from the stored row's are sent to the
+    Only rows whose compared columns or `active` differ from the stored row's are sent to the
     `INSERT ... ON CONFLICT` (compared in one join before it), so an unchanged row is neither
     updated nor locked. A full read first refuses a drop above `max_drop_share`, then marks the
     rows it no longer has inactive."""
-    columns = (*spec.columns, "content_hash")
+    columns = spec.columns
     cols = ", ".join(columns)
     stage = stage_table(spec)
 
@@ -302,16 +291,24 @@ def merge_staged(
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[2:])
     returned_ref = f"{spec.table}.{spec.patient_ref}" if spec.patient_ref else "NULL"
     selected = ", ".join(f"s.{c}" for c in columns)
+    compared = spec.compared
+
+    def differs(stored: str, incoming: str) -> str:
+        return (
+            f"({', '.join(f'{stored}.{c}' for c in compared)}) IS DISTINCT FROM "
+            f"({', '.join(f'{incoming}.{c}' for c in compared)})"
+        )
+
     # The stored row, compared before the insert: plain equality on the key (indexable under RLS).
     stored_active = spec.reactivate.replace(f"{spec.table}.", "t.")
     cur.execute(
         f"INSERT INTO {spec.table} ({cols}) SELECT {selected} FROM {stage} s "
         f"LEFT JOIN {spec.table} t ON t.practice_id = %s AND t.{spec.key} = s.{spec.key} "
-        f"WHERE t.{spec.key} IS NULL OR t.content_hash IS DISTINCT FROM s.content_hash "
+        f"WHERE t.{spec.key} IS NULL OR {differs('t', 's')} "
         f"OR t.active IS DISTINCT FROM ({stored_active}) "
         f"ON CONFLICT (practice_id, {spec.key}) DO UPDATE SET {updates}, active = {spec.reactivate}, "
         f"updated_at = now(){', ' + spec.on_change if spec.on_change else ''} "
-        f"WHERE {spec.table}.content_hash IS DISTINCT FROM EXCLUDED.content_hash "
+        f"WHERE {differs(spec.table, 'EXCLUDED')} "
         f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
         f"RETURNING (xmax = 0), {returned_ref}",
         (practice_id,),
