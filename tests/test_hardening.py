@@ -1,6 +1,6 @@
 """Hardening against the real PostgreSQL: a killed client's query is ended by the server, and a stuck
-statement is cancelled with an error naming its bound. (Full re-syncs in linear time are shown by
-`bench/resync.py`, at a size no test can afford.)"""
+statement is cancelled with an error naming its bound. (Full re-syncs in linear time are timed by
+`bench/resync.py`, at a size no test can afford; `tests/test_streaming.py` counts the stage's scans.)"""
 
 from __future__ import annotations
 
