@@ -67,6 +67,21 @@ def test_a_stuck_statement_is_cancelled_with_an_error_naming_its_bound(
     assert "NVC_STATEMENT_TIMEOUT_SECONDS (1 s)" in str(info.value) and "nothing of it was written" in str(info.value)
 
 
+def test_a_stuck_statement_on_a_raw_cursor_names_its_bound_too(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bulk writes (the stream's COPY and merge, recalls, the call list) run on the psycopg cursor
+    under the transaction: their timeout names the bound as well, not only PostgreSQL's words."""
+    from nvc_pipelines.store.db import driver
+
+    monkeypatch.setenv("NVC_STATEMENT_TIMEOUT_SECONDS", "1")
+    url = make_url(database_url).update_query_dict({"application_name": "timeout_probe_raw"})
+    store = Store.open(url)
+    with pytest.raises(StoreUnavailable) as info, store.begin() as conn, driver(conn).cursor() as cur:
+        cur.execute("SELECT pg_sleep(5)")
+    assert "NVC_STATEMENT_TIMEOUT_SECONDS (1 s)" in str(info.value) and "nothing of it was written" in str(info.value)
+
+
 def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: str) -> None:
     """`nvc sync` killed mid-run (kill -9): its run is reported failed with the reason, by the same
     reaper the daemon's `dead_run_sensor` and `nvc sync-log` run."""
