@@ -724,7 +724,9 @@ def collect_records(
             continue
         first_ref = seen.setdefault(identity(record), row_ref)
         if first_ref != row_ref:
-            batch.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref}", raw))
+            # Whose record it repeats, so an erased patient's repeated row is left out like the first.
+            about = getattr(record, "pms_patient_id", None)
+            batch.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref}", raw, RowIdentity(about)))
             continue
         batch.records.append(record)
     return batch

@@ -95,6 +95,33 @@ def test_csv_export_neutralises_spreadsheet_formulas(store: Store, tmp_path) -> 
     assert rejected["raw"].startswith("{") and "+cmd" in rejected["raw"]  # raw values as JSON: never a formula
 
 
+@pytest.mark.parametrize(
+    ("value", "exported"),
+    [
+        ("=1+1", "'=1+1"),
+        ("+447700900321", "'+447700900321"),  # E.164: a formula or a number to a spreadsheet
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tcmd", "'\tcmd"),
+        ("\rcmd", "'\rcmd"),
+        ("'=1+1", "''=1+1"),  # already quoted by hand: one more, so reading back gives it as it was
+        ("'t Hart", "'t Hart"),  # a name that starts with an apostrophe is left alone
+        ("O'Neill", "O'Neill"),
+        ("Ann = Lee", "Ann = Lee"),
+        (7, 7),
+        (None, None),
+    ],
+)
+def test_every_cell_a_spreadsheet_would_run_is_quoted_and_reads_back_exactly(value, exported) -> None:
+    from nvc_pipelines.application.app import _FORMULA_START, neutralise_cell
+
+    assert neutralise_cell(value) == exported
+    # The rule docs/security.md gives for reading an exported cell back.
+    if isinstance(exported, str) and exported.startswith("'") and exported.lstrip("'").startswith(_FORMULA_START):
+        exported = exported[1:]
+    assert exported == value
+
+
 def test_recalls_later_in_the_pms_than_the_guideline_are_listed_for_review(store: Store) -> None:
     store.add_practice("warn", "warn", PmsKind.CSV, {}, {})
     people = [

@@ -1,6 +1,6 @@
 """Hardening against the real PostgreSQL: a killed client's query is ended by the server, and a stuck
-statement is cancelled with an error naming its bound. (Full re-syncs in linear time are shown by
-`bench/resync.py`, at a size no test can afford.)"""
+statement is cancelled with an error naming its bound. (Full re-syncs in linear time are timed by
+`bench/resync.py`, at a size no test can afford; `tests/test_streaming.py` counts the stage's scans.)"""
 
 from __future__ import annotations
 
@@ -67,6 +67,21 @@ def test_a_stuck_statement_is_cancelled_with_an_error_naming_its_bound(
     assert "NVC_STATEMENT_TIMEOUT_SECONDS (1 s)" in str(info.value) and "nothing of it was written" in str(info.value)
 
 
+def test_a_stuck_statement_on_a_raw_cursor_names_its_bound_too(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bulk writes (the stream's COPY and merge, recalls, the call list) run on the psycopg cursor
+    under the transaction: their timeout names the bound as well, not only PostgreSQL's words."""
+    from nvc_pipelines.store.db import driver
+
+    monkeypatch.setenv("NVC_STATEMENT_TIMEOUT_SECONDS", "1")
+    url = make_url(database_url).update_query_dict({"application_name": "timeout_probe_raw"})
+    store = Store.open(url)
+    with pytest.raises(StoreUnavailable) as info, store.begin() as conn, driver(conn).cursor() as cur:
+        cur.execute("SELECT pg_sleep(5)")
+    assert "NVC_STATEMENT_TIMEOUT_SECONDS (1 s)" in str(info.value) and "nothing of it was written" in str(info.value)
+
+
 def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: str) -> None:
     """`nvc sync` killed mid-run (kill -9): its run is reported failed with the reason, by the same
     reaper the daemon's `dead_run_sensor` and `nvc sync-log` run."""
@@ -113,3 +128,45 @@ def test_a_killed_sync_ends_as_failed_not_started(store: Store, database_url: st
     assert run.status == DagsterRunStatus.FAILURE
     log = CliRunner().invoke(main, ["sync-log", "killed"])
     assert "FAILURE" in log.output and "is no longer running" in log.output, log.output
+
+
+def test_the_daemons_sensor_ends_a_run_whose_process_died_as_failed() -> None:
+    """Under `dagster dev` the daemon runs `dead_run_sensor` (on by default, in the code location's
+    definitions): a STARTED run whose recorded process is alive is left alone; once that process is
+    killed with SIGKILL, the next tick reports the run failed, naming the process."""
+    from dagster import DagsterRunStatus, DefaultSensorStatus, build_sensor_context, instance_for_test, job, op
+    from dagster._core.events import EngineEventData
+
+    from nvc_pipelines.definitions import defs
+
+    @op
+    def work() -> None:
+        pass
+
+    @job
+    def worker() -> None:
+        work()
+
+    sensor = defs.resolve_sensor_def("dead_run_sensor")
+    assert sensor.default_status == DefaultSensorStatus.RUNNING
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with instance_for_test() as instance:
+            run = instance.create_run_for_job(worker, status=DagsterRunStatus.STARTED)
+            # What a launched run worker records first (`dagster api execute_run`).
+            instance.report_engine_event(
+                f"Started process for run (pid: {process.pid}).", run, EngineEventData.in_process(process.pid)
+            )
+            sensor(build_sensor_context(instance=instance))
+            assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED  # alive: left alone
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            result = sensor(build_sensor_context(instance=instance))
+            assert run.run_id in str(result.skip_message)
+            assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+            failure = instance.all_logs(run.run_id)[-1]
+            assert f"pid {process.pid}" in failure.message and "is no longer running" in failure.message
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

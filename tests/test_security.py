@@ -232,6 +232,87 @@ def test_an_erased_persons_invalid_row_keeps_no_personal_data(database_url: str,
         assert personal not in exported and personal not in csv_text and personal not in quarantine
 
 
+def _pms_sandbox(pms: str):
+    """A started sandbox of six patients, the practice's settings and secrets, its practice reference,
+    and how to change a patient's first name in it."""
+    from sandboxes.acuitas import ROLE_DIARY, ROLE_READ, AcuitasSandbox
+    from sandboxes.optisoft import OptisoftSandbox
+    from sandboxes.sycle import SycleSandbox
+
+    if pms == "optix":
+        server = OptixSandbox(practices={"OPX-E": 6}, api_keys={"ke": "OPX-E"}).start()
+        return server, {"practice_id": "OPX-E", "api_url": server.url}, {"api_key": "ke"}, "OPX-E", "first_name"
+    if pms == "acuitas":
+        server = AcuitasSandbox(databases={"ACU_E": 6}, users={"ue": ("pe", {ROLE_READ, ROLE_DIARY})}).start()
+        settings = {"server_url": server.url, "database": "ACU_E"}
+        return server, settings, {"api_username": "ue", "api_password": "pe"}, "ACU_E", "first_name"
+    if pms == "optisoft":
+        server = OptisoftSandbox(practices={"OS-E": 6}, db_users={"UE": ("pe", True)}).start()
+        settings = {"server_address": server.url, "practice_code": "OS-E"}
+        return server, settings, {"db_username": "UE", "db_password": "pe"}, "OS-E", "Forename"
+    server = SycleSandbox(clinics={"2803-9577": 6}, logins={"ue": "pe"}).start()
+    settings = {"account_url": server.url, "location_id": "2803-9577"}
+    return server, settings, {"api_username": "ue", "api_password": "pe"}, "2803-9577", "first_name"
+
+
+@pytest.mark.parametrize("pms", ["optix", "acuitas", "optisoft", "sycle"])
+def test_an_erased_persons_invalid_pms_row_keeps_no_personal_data(database_url: str, store: Store, pms: str) -> None:
+    """Every PMS, as the CSV above: a patient is erased, then the PMS sends her record again, now
+    invalid (a control character in her first name). It is recognised by her PMS id and left out
+    before anything of it is kept; another patient's row made invalid the same way is kept in the
+    quarantine with its reason, so the row really was rejected."""
+    server, settings, secrets, ref, first_name_field = _pms_sandbox(pms)
+    practice_id = f"gdpr-{pms}"
+    try:
+        store.add_practice(practice_id, practice_id, PmsKind(pms), settings, secrets)
+        job = defs.resolve_job_def("practice_sync")
+        with instance_for_test() as instance:
+            instance.add_dynamic_partitions("practices", [practice_id])
+            assert job.execute_in_process(partition_key=practice_id, instance=instance).success
+            stored = {p["pms_patient_id"]: p for p in store.export_practice(practice_id)["patients"]}
+            seeds = {pid: seed for pid, seed in server.seed_records(ref).items() if str(pid) in stored}
+            victim, other = [pid for pid, seed in seeds.items() if seed.mobile][:2]
+            her = stored[str(victim)]
+            erase_patient(store, practice_id, str(victim), "test")
+            for pid in (victim, other):
+                server.update_patient(ref, pid, **{first_name_field: seeds[pid].first_name + "\x07"})
+            again = job.execute_in_process(partition_key=practice_id, instance=instance, tags={"nvc/full_sync": "true"})
+        assert again.success
+    finally:
+        server.stop()
+    with store.begin_owner() as conn:
+        quarantine = [
+            (r.row_ref, r.reason, json.dumps(r.raw))
+            for r in conn.execute(
+                text("SELECT row_ref, reason, raw FROM rejected_rows WHERE practice_id = :p"), {"p": practice_id}
+            )  # fmt: skip
+        ]
+    assert any(str(other) in ref_ and "control characters" in reason for ref_, reason, _ in quarantine), quarantine
+    personal = [str(victim), her["last_name"], *(ph[-6:] for ph in her["phones"])]
+    dump = json.dumps(quarantine) + json.dumps(store.export_practice(practice_id)["rejected_rows"])
+    assert not [value for value in personal if value in dump]
+    assert again.asset_materializations_for_node("patients")[0].metadata["suppressed_erased"].value >= 1
+
+
+def test_an_erased_persons_repeated_pms_record_is_left_out_with_the_first() -> None:
+    """A PMS that sends one of her appointments twice in a read (the same id, spelt with a trailing
+    space): the first copy is left out by her PMS id, and the repeat, rejected as a duplicate, is
+    left out too instead of keeping her id and notes in the quarantine."""
+    from nvc_pipelines.erasure import Suppressions, drop_erased, suppression_key, value_hash
+    from nvc_pipelines.normalise import AppointmentDraft, build_appointment, collect_records
+
+    rows = [
+        (f"pms:diary:{ref}", {"id": ref, "patient": "P9", "notes": "Cataract referral"}, AppointmentDraft(
+            ref, "P9", "2026-01-05T09:00:00Z", notes="Cataract referral"))
+        for ref in ("A1", "A1 ")
+    ]  # fmt: skip
+    batch = collect_records(rows, lambda d: build_appointment("p", d), lambda a: a.pms_appointment_id)
+    assert len(batch.records) == 1 and batch.rejected[0].reason == "duplicate of pms:diary:A1"
+    erased = Suppressions("p", [("pms_patient_id", value_hash("p", "pms_patient_id", "P9", suppression_key()))])
+    kept, left_out = drop_erased(None, "p", batch.records, patients=False, rejected=batch.rejected, suppressions=erased)
+    assert (kept, left_out, batch.rejected) == ([], 2, [])
+
+
 def test_erasure_survives_incremental_syncs(database_url: str, store: Store) -> None:
     with OptixSandbox(practices={"OPX-5": 6}, api_keys={"k5": "OPX-5"}) as sandbox:
         store.add_practice(

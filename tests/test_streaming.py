@@ -275,3 +275,24 @@ def test_optix_pages_add_up_to_the_whole_read() -> None:
     assert [a for page in appointment_pages for a in page.records] == appointments.records
     assert [c for page in clinical_pages for c in page.records] == clinical.records
     assert len(appointment_pages) > 1 and len(clinical_pages) > 1
+
+
+def test_a_full_re_read_scans_its_stage_a_bounded_number_of_times(store: Store) -> None:
+    """A full read is reconciled against what the store holds (the would-be drop, then the rows no
+    longer read marked inactive) with the stage indexed and analysed: the stage is read a handful of
+    times whatever the practice's size, never once per stored row (which made a 200,000-row CSV
+    re-sync quadratic). Counted by PostgreSQL for this transaction, so nothing is timed."""
+    from nvc_pipelines.store.db import driver
+    from nvc_pipelines.store.streams import merge_staged, stage_pages
+
+    practice_id = _practice(store, "stage-scans")
+    stored = [_patient(practice_id, n) for n in range(3000)]
+    store.write_patients(practice_id, "csv", ReadResult(stored), "r1", full=True)
+    again = stored[:2990]  # ten no longer read: the drop is counted and they are marked inactive
+    with store.begin(practice_id) as conn, driver(conn).cursor() as cur:
+        staged = stage_pages(cur, PATIENTS, _pages(again, 500))
+        counts = merge_staged(cur, PATIENTS, practice_id, staged, full=True, max_drop_share=0.5)
+        cur.execute("SELECT seq_scan FROM pg_stat_xact_all_tables WHERE relid = 'stage_patients'::regclass")
+        (scans,) = cur.fetchone()
+    assert counts.deactivated == 10 and counts.unchanged == 2990
+    assert scans < 20, f"the stage was scanned {scans} times for {len(stored)} stored rows"

@@ -278,8 +278,11 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def neutralise_cell(value: Any) -> Any:
     """OWASP CSV-injection defence: a cell that starts with `= + - @`, a tab or a carriage return is
     prefixed with `'`, phones included: a spreadsheet turns `+447700900123` into a formula or a
-    number (losing the `+`), so E.164 numbers are quoted too. Strip one leading `'` to read back."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
+    number (losing the `+`), so E.164 numbers are quoted too. A cell already starting with `'`s
+    before one of those gets one more, so reading back is exact: drop one leading `'` from a cell
+    that, once its leading `'`s are set aside, starts with one of them; leave every other cell
+    as it is (`'t Hart` was never changed)."""
+    if isinstance(value, str) and value.lstrip("'").startswith(_FORMULA_START):
         return "'" + value
     return value
 

@@ -28,6 +28,14 @@ class PracticeExists(ValueError):
     pass
 
 
+def _timed_out() -> StoreUnavailable:
+    return StoreUnavailable(
+        f"A store statement ran longer than NVC_STATEMENT_TIMEOUT_SECONDS ({statement_timeout_seconds()} s) "
+        "and was cancelled; nothing of it was written. Check for locks or a stuck query "
+        "(pg_stat_activity), or raise NVC_STATEMENT_TIMEOUT_SECONDS."
+    )
+
+
 @contextmanager
 def _transaction(engine: Engine, setting: str) -> Iterator[Connection]:
     """One transaction on `engine`, its failures turned into one line that says what to check."""
@@ -36,15 +44,15 @@ def _transaction(engine: Engine, setting: str) -> Iterator[Connection]:
             yield conn
     except OperationalError as exc:
         if isinstance(exc.orig, QueryCanceled) and "statement timeout" in str(exc.orig):
-            raise StoreUnavailable(
-                f"A store statement ran longer than NVC_STATEMENT_TIMEOUT_SECONDS ({statement_timeout_seconds()} s) "
-                "and was cancelled; nothing of it was written. Check for locks or a stuck query "
-                "(pg_stat_activity), or raise NVC_STATEMENT_TIMEOUT_SECONDS."
-            ) from None
+            raise _timed_out() from None
         raise StoreUnavailable(
             f"The store's PostgreSQL failed: {str(exc.orig).strip()}. Check the server and {setting}; "
             "nothing was written."
         ) from None
+    except QueryCanceled as exc:  # from the psycopg cursor under the transaction (COPY, the bulk merges)
+        if "statement timeout" not in str(exc):
+            raise
+        raise _timed_out() from None
     except ProgrammingError as exc:
         message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         if not isinstance(exc.orig, InsufficientPrivilege) or not message.startswith(_REFUSALS):
