@@ -193,10 +193,13 @@ def clean_name(raw: str | None) -> str:
 _MOJIBAKE = re.compile(r"Ã[\u0080-\u00bf]|â€|ÿþ|þÿ|ï»¿|\ufffd")
 
 
+_BIDI_OVERRIDES = frozenset("\u202d\u202e")  # LEFT-TO-RIGHT and RIGHT-TO-LEFT OVERRIDE
+
+
 def person_name(raw: str | None, field_name: str) -> str:
-    """A first or last name fit to say on a call: invisible formatting characters (bidi marks and
-    overrides, zero-width joiners) are removed, and a name that holds control characters, bytes a
-    wrong encoding garbled, or nothing visible is refused with the reason."""
+    """A name fit to say on a call: invisible formatting characters (bidi marks, zero-width joiners)
+    are removed, and a name that holds control characters, bytes a wrong encoding garbled, a
+    text-direction override, or nothing visible is refused with the reason."""
     text = str(raw or "")
     if text.isascii() and text.isprintable():  # most names: no control, invisible or garbled characters
         visible = clean_name(text)
@@ -210,6 +213,10 @@ def person_name(raw: str | None, field_name: str) -> str:
     visible = clean_name("".join(ch for ch in text if unicodedata.category(ch) != "Cf"))
     if text.strip() and not any(ch.isalpha() for ch in visible):
         raise InvalidValue(f"{field_name} has no letters (only marks, digits or invisible characters)")
+    if any(ch in _BIDI_OVERRIDES for ch in text):
+        # An override reverses the letters as displayed: the PMS shows "Lee" for what is stored as
+        # "eeL". Removing it would have the caller say the reversed name; only a person can tell.
+        raise InvalidValue(f"{field_name} holds a text-direction override: the PMS shows it reordered (retype it)")
     return visible
 
 
@@ -411,6 +418,12 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
         first, last = (value, last) if label == "first_name" else (first, value)
     if not first and not last and not reasons:
         reasons.append("name is missing")
+    guardian = None
+    if draft.guardian_name is not None and draft.guardian_name.strip():
+        try:  # the caller asks for them by this name: the same rules as the patient's own
+            guardian = person_name(draft.guardian_name, "guardian_name")
+        except InvalidValue as exc:
+            reasons.append(str(exc))
     phones, phone_problems = normalise_phones(draft.phones)
     if strict and not phones:
         reasons.append("; ".join(phone_problems) if phone_problems else "phone number is missing")
@@ -502,7 +515,7 @@ def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict:
         status_date=status_date,
         contact=contact,
         name_review=name_review(first, last),
-        guardian_name=clean_name(draft.guardian_name) or None,
+        guardian_name=guardian or None,
     )
 
 

@@ -212,6 +212,8 @@ def test_a_pms_deceased_mark_holds_even_with_a_bad_date() -> None:
         ("JosÃ©", "looks garbled by a wrong text encoding"),  # UTF-8 read as Windows-1252
         ("Ann\ufffd", "looks garbled by a wrong text encoding"),
         ("1234", "first_name has no letters"),
+        ("\u202eeeL", "first_name holds a text-direction override"),  # shown as "Lee", stored reversed
+        ("Ann\u202d", "first_name holds a text-direction override"),
     ],
 )
 def test_names_that_are_not_names_are_rejected_with_the_reason(first: str, problem: str) -> None:
@@ -219,6 +221,20 @@ def test_names_that_are_not_names_are_rejected_with_the_reason(first: str, probl
 
     with pytest.raises(InvalidValue, match=problem):
         build_patient("p", PatientDraft("P1", first, "Lee", ["07700 900123"]), date(2026, 11, 25), strict=False)
+
+
+def test_a_guardians_name_follows_the_same_rules_as_the_patients() -> None:
+    from nvc_pipelines.normalise import PatientDraft, build_patient
+
+    def child(guardian: str | None) -> PatientDraft:
+        return PatientDraft("P1", "Tom", "Lee", ["07700 900123"], date_of_birth="01/01/2020", guardian_name=guardian)
+
+    today = date(2026, 11, 25)
+    assert build_patient("p", child("  Mary\u200f  Lee "), today, strict=False).guardian_name == "Mary Lee"
+    assert build_patient("p", child("   "), today, strict=False).guardian_name is None
+    for garbled, problem in (("Mary\x07", "control characters"), ("Mar\u202eyL", "text-direction override")):
+        with pytest.raises(InvalidValue, match=f"guardian_name .*{problem}|guardian_name {problem}"):
+            build_patient("p", child(garbled), today, strict=False)
 
 
 def test_invisible_characters_around_a_real_name_are_removed() -> None:
