@@ -156,6 +156,11 @@ def test_cli_errors_are_one_clear_line(demo_home) -> None:
 
     steps = [e.step_key for e in get_instance().all_logs(run_id) if e.dagster_event and e.dagster_event.is_step_start]
     assert len(steps) == len(set(steps)) and {"patients", "appointments", "clinical_records"} <= set(steps)  # no retry
+    # --verbose: Dagster's own log of the run, stack traces included, then the same one error line.
+    verbose = runner.invoke(main, ["sync", "demo-optix", "--verbose"])
+    assert verbose.exit_code == 1
+    assert "STEP_FAILURE" in verbose.output and "Stack Trace:" in verbose.output, verbose.output
+    assert verbose.output.rstrip().splitlines()[-1].startswith("Error: sync of demo-optix failed")
     assert json.loads(runner.invoke(main, ["export", "demo-optix"]).output) == before
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date
 
+import click
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
@@ -143,31 +144,91 @@ def test_recalls_later_in_the_pms_than_the_guideline_are_listed_for_review(store
     assert "2 recall(s) for 2 active patient(s)" in summary.output and "1 PMS date(s) later" in summary.output
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["call-list", "nope"],
-        ["call-list", "nope", "--format", "json"],
-        ["call-list", "nope", "--why", "P1"],
-        ["duplicates", "nope"],
-        ["rejected", "nope"],
-        ["sync-log", "nope"],
-        ["outbox", "nope"],
-        ["outbox", "nope", "--needs-action"],
-        ["alerts", "nope"],
-        ["audit", "nope"],
-        ["recalls", "nope"],
-        ["recalls", "nope", "--warnings"],
-        ["contact", "allow", "nope", "P1"],
-    ],
-)
+# Every command given a practice id nobody registered (test_every_practice_command_is_covered keeps
+# this list complete as commands are added).
+UNKNOWN_PRACTICE = [
+    ["call-list", "nope"],
+    ["call-list", "nope", "--format", "json"],
+    ["call-list", "nope", "--why", "P1"],
+    ["duplicates", "nope"],
+    ["rejected", "nope"],
+    ["sync-log", "nope"],
+    ["outbox", "nope"],
+    ["outbox", "nope", "--needs-action"],
+    ["alerts", "nope"],
+    ["audit", "nope"],
+    ["recalls", "nope"],
+    ["recalls", "nope", "--warnings"],
+    ["contact", "allow", "nope", "P1"],
+    ["call-list", "nope", "--check", "07700900123"],
+    ["booking", "add", "nope", "--patient", "P1", "--start", "2027-01-05T10:00:00+00:00"],
+    ["call-attempt", "add", "nope", "--patient", "P1"],
+    ["call-outcome", "add", "nope", "--patient", "P1", "--outcome", "booked", "--text", "booked"],
+    ["practice", "disconnect", "nope"],
+    ["group", "add", "g1", "nope"],
+    ["sync", "nope"],
+    ["sync-now", "nope", "--url", "http://127.0.0.1:9"],
+    ["export", "nope"],
+    ["export", "nope", "--patient", "P1"],
+    ["clinicians", "nope"],
+    ["merge", "nope", "P1", "P2"],
+    ["unmerge", "nope", "1"],
+    ["erase", "nope", "P1"],  # refused before it asks for confirmation
+]
+
+
+@pytest.mark.parametrize("args", UNKNOWN_PRACTICE)
 def test_an_unknown_practice_is_one_clear_error(store: Store, args: list[str]) -> None:
+    """Every command that takes a practice id (`nvc --help`) refuses one nobody registered the same way."""
+    store.add_group("g1", "Group one")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     assert "no practice 'nope' is registered (see `nvc practice list`)" in result.output
     assert "Traceback" not in result.output
     with store.begin_owner() as conn:  # nothing was recorded about a practice that does not exist
         assert not conn.execute(text("SELECT 1 FROM audit_log WHERE practice_id = 'nope'")).first()
+
+
+def _practice_commands(group: click.Group, path: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every command, as the words that name it, that takes a practice id as an argument."""
+    found: set[tuple[str, ...]] = set()
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found |= _practice_commands(command, (*path, name))
+        elif any(isinstance(p, click.Argument) and p.name in ("practice_id", "practice_ids") for p in command.params):
+            found.add((*path, name))
+    return found
+
+
+def _named(args: list[str]) -> tuple[str, ...]:
+    """The command that `args` invoke (`nvc outbox ID` is `nvc outbox list ID`)."""
+    command = main.commands[args[0]]
+    if isinstance(command, click.Group):
+        return (args[0], args[1] if args[1] in command.commands else "list")
+    return (args[0],)
+
+
+def test_every_practice_command_is_covered() -> None:
+    missing = _practice_commands(main) - {_named(a) for a in UNKNOWN_PRACTICE} - {("practice", "connect")}
+    assert not missing, f"commands taking a practice id without an unknown-practice case: {sorted(missing)}"
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], click.Command]:
+    found: dict[tuple[str, ...], click.Command] = {}
+    for name, command in group.commands.items():
+        found[(*path, name)] = command
+        if isinstance(command, click.Group):
+            found |= _commands(command, (*path, name))
+    return found
+
+
+def test_every_command_and_subcommand_has_help_text() -> None:
+    commands = _commands(main)
+    assert ("group", "add") in commands and ("outbox", "dismiss") in commands
+    missing = sorted(" ".join(path) for path, command in commands.items() if not (command.help or "").strip())
+    assert not missing, f"no help text: {missing}"
+    listed = CliRunner().invoke(main, ["group", "--help"])
+    assert listed.exit_code == 0 and "Add practices to a group" in listed.output, listed.output
 
 
 def test_dagsters_preview_warnings_stay_out_of_operators_output(database_url: str) -> None:

@@ -113,6 +113,38 @@ def test_a_batch_with_one_pms_down_syncs_the_others_and_fails_only_that_partitio
     assert {p["practice_id"] for p in store.list_practices() if p["last_sync_at"]} == {"ok-1", "ok-2"}
 
 
+@pytest.mark.parametrize("interactive", [False, True])
+def test_a_down_pms_is_retried_patiently_by_schedule_and_fails_fast_from_a_shell(
+    database_url: str, store: Store, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch, interactive: bool
+) -> None:
+    """The nightly's step retries stay (a PMS briefly down gets two more tries); a sync someone waits
+    for at a shell (`nvc sync`, tagged nvc/interactive) tries twice per request and no step again."""
+    from assets.sync import INTERACTIVE_TAG
+    from nvc_pipelines.retry import STEP_RETRIES
+    from resources.acuitas import AcuitasResource
+    from resources.csv_source import CsvResource
+    from resources.gateway import PmsGateway
+    from resources.optisoft import OptisoftResource
+    from resources.optix import OptixResource
+    from resources.sycle import SycleResource
+
+    monkeypatch.setenv("NVC_RETRY_BASE_SECONDS", "0")
+    store.add_practice("down", "Down", PmsKind.OPTIX, {"practice_id": "OPX-9", "api_url": "http://127.0.0.1:9"},
+                       {"api_key": "k"})  # fmt: skip
+    instance.add_dynamic_partitions("practices", ["down"])
+    gateway = PmsGateway(csv=CsvResource(), optix=OptixResource(backoff_seconds=0.01), acuitas=AcuitasResource(),
+                         optisoft=OptisoftResource(), sycle=SycleResource())  # fmt: skip
+    tags = {"trigger": "sync_now", INTERACTIVE_TAG: "true"} if interactive else {"trigger": "schedule"}
+    result = materialize([patients], partition_key="down", instance=instance, tags=tags, raise_on_error=False,
+                         resources={"store": StoreResource(database_url=database_url), "pms": gateway})  # fmt: skip
+    assert not result.success
+    retries = [e for e in result.all_events if e.is_step_up_for_retry and e.step_key == "patients"]
+    assert len(retries) == (0 if interactive else STEP_RETRIES)
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    meta = {k: v.value for k, v in failure.step_failure_data.user_failure_data.metadata.items()}
+    assert (meta["problem"], meta["attempts"]) == ("unreachable", 1 if interactive else 1 + STEP_RETRIES)
+
+
 def test_csv_practice_materialises_patients_then_recalls(
     database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path
 ) -> None:

@@ -60,9 +60,66 @@ def test_nvc_dev_in_the_background_stops_everything_it_started_on_sigterm(nvc_en
         log.seek(0)
         output = log.read()
         assert "Stopped the embedded store" in output, output
+        assert "Warning" not in output and "Traceback" not in output, output  # `dagster dev`'s own warnings
     finally:
         if proc.poll() is None:
             proc.kill()
+        stop_server()
+
+
+def test_nvc_demo_in_the_background_stops_on_sigterm_during_its_first_syncs(nvc_env: Path) -> None:
+    """SIGTERM while a first sync runs: "Interrupted.", no failed-sync error and no stack trace, exit 0,
+    and the sandboxes (the Optisoft connector is a process of its own) and the store are stopped."""
+    nvc = str(Path(sys.executable).with_name("nvc"))
+    log_path = nvc_env / "demo.out"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([nvc, "demo", "--sandbox-port", "0", "--port", str(free_port())], cwd=REPO,
+                                env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_ignore_sigint)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "first sync..." not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("sandboxes.optisoft" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]
+        time.sleep(1)  # into the sync's steps
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log_path.read_text()
+        gone, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        assert not is_running()
+        output = log_path.read_text()
+        assert "Interrupted." in output and "Stopped the embedded store" in output, output
+        assert "Error:" not in output and "Traceback" not in output and "Exception" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_server()
+
+
+def test_run_processes_of_the_managed_instance_print_no_debug_lines(nvc_env: Path, capfd) -> None:
+    """`nvc demo` / `nvc dev` run processes log to their terminal at INFO: no DEBUG line per event, while
+    the run's event log keeps every event."""
+    from nvc_pipelines.application import app
+    from nvc_pipelines.application.instance import ensure_dagster_home, get_instance
+    from schedules.health import sync_health_job
+
+    try:
+        app.open_store()
+        ensure_dagster_home()
+        instance = get_instance()
+        assert instance.python_log_level == "INFO"
+        capfd.readouterr()
+        result = sync_health_job.execute_in_process(
+            run_config={"ops": {"report_sync_health": {"config": {"states": []}}}}, instance=instance
+        )
+        assert result.success
+        printed = "".join(capfd.readouterr())
+        assert " - DEBUG - " not in printed, printed
+        assert any(e.is_step_start for e in result.all_events)  # recorded, just not printed
+        assert any(e.dagster_event and e.dagster_event.is_step_start for e in instance.all_logs(result.run_id))
+    finally:
         stop_server()
 
 

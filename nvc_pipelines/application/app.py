@@ -226,6 +226,9 @@ def refresh_clinicians(practice_id: str) -> list[Any]:
     return checks
 
 
+_INTERRUPTS = ("KeyboardInterrupt", "DagsterExecutionInterruptedError")
+
+
 def sync_practice(
     practice_id: str, trigger: str = "sync_now", *, full: bool = False, allow_drop: bool = False, verbose: bool = False
 ) -> SyncOutcome:
@@ -263,6 +266,13 @@ def sync_practice(
     error = None
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
+        errors = [f.step_failure_data.error for f in failures] + [
+            e.job_failure_data.error for e in result.all_events if e.is_job_failure
+        ]
+        if any(err is not None and err.cls_name in _INTERRUPTS for err in errors):
+            # Ctrl-C or SIGTERM while a step ran: Dagster recorded the run as failed and returned; the
+            # caller stops as interrupted (the demo stops what it started), not as a sync that failed.
+            raise KeyboardInterrupt(f"sync of {practice_id} interrupted (run {result.run_id})")
         causes = [
             (f.step_failure_data.user_failure_data.description if f.step_failure_data.user_failure_data else None)
             or (f.step_failure_data.error.message.strip() if f.step_failure_data.error else None)

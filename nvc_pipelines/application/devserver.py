@@ -5,6 +5,7 @@ started, on Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -29,6 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 class DevServerFailed(RuntimeError):
     """`dagster dev` exited or never answered; the message carries its log."""
+
+
+DEV_SUPERSEDED = "ignore:Function `dev_command` is superseded:FutureWarning"
 
 
 def free_port() -> int:
@@ -129,6 +133,9 @@ def run_dagster_dev(port: int) -> int:
     # Warnings and errors only: at INFO the daemon logs every sensor tick ("skipped"), every few seconds.
     cmd = [exe, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port), "--log-level", "warning"]
     env = {**os.environ, "NVC_HOME": str(nvc_home())}  # run processes must find the same store
+    # `dagster dev` warns on every start that it is superseded by `dg dev` (another package): Dagster's
+    # own warning, not the operator's business.
+    env["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), DEV_SUPERSEDED)))
     with stopped_by_signals():
         # Its own process group: a signal to this process reaches it only through `_stop_group`, once.
         proc = subprocess.Popen(cmd, cwd=_repo_root(), env=env, start_new_session=True, preexec_fn=_default_sigint)
@@ -143,7 +150,12 @@ def run_dagster_dev(port: int) -> int:
 
 
 def stop_store_if_started(was_running: bool) -> None:
-    if not was_running and external_database_url() is None and (stopped := stop_server()):
+    if was_running or external_database_url() is not None:
+        return
+    # A sync interrupted mid-step leaves store reads suspended in garbage frames; closed now, while the
+    # server still answers, not at exit against a stopped server (a stack trace after "Interrupted.").
+    gc.collect()
+    if stopped := stop_server():
         click.echo(f"Stopped {stopped}.")
 
 

@@ -43,6 +43,11 @@ def ensure_dagster_home() -> Path:
         "  class: DefaultRunCoordinator\n"
         "telemetry:\n"
         "  enabled: false\n"
+        # Run processes print their events at INFO, not one DEBUG line per event (step started,
+        # resource ready, output handled...) into the `nvc demo` / `nvc dev` terminal; the event
+        # log keeps every event whatever this level.
+        "python_logs:\n"
+        "  python_log_level: INFO\n"
     )
     if not config.exists() or config.read_text() != text:
         config.write_text(text)

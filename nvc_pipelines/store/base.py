@@ -21,7 +21,10 @@ BULK_ROWS = 5000  # rows written at once after which the table's statistics are 
 
 
 class PracticeNotFound(LookupError):
-    pass
+    @classmethod
+    def unregistered(cls, practice_id: str) -> PracticeNotFound:
+        """The one error for a practice id nobody registered, whichever command was given it."""
+        return cls(f"no practice {practice_id!r} is registered (see `nvc practice list`)")
 
 
 class PracticeExists(ValueError):

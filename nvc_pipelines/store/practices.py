@@ -68,7 +68,7 @@ class PracticesMixin(StoreBase):
                 text("SELECT * FROM practices WHERE practice_id = :id"), {"id": practice_id}
             ).one_or_none()
         if row is None:
-            raise PracticeNotFound(f"no practice {practice_id!r} is registered (see `nvc practice list`)")
+            raise PracticeNotFound.unregistered(practice_id)
         return Practice(
             row.practice_id,
             row.display_name,
@@ -105,7 +105,7 @@ class PracticesMixin(StoreBase):
                 {"s": status, "id": practice_id},
             ).rowcount
         if not n:
-            raise PracticeNotFound(f"no practice {practice_id!r} is registered")
+            raise PracticeNotFound.unregistered(practice_id)
 
     def connected_practices(self) -> list[Practice]:
         return [self.get_practice(r["practice_id"]) for r in self.list_practices() if r["status"] == "connected"]
@@ -135,7 +135,7 @@ class PracticesMixin(StoreBase):
             if not conn.execute(
                 text("UPDATE practices SET group_id = :g WHERE practice_id = :p"), {"g": group_id, "p": practice_id}
             ).rowcount:
-                raise PracticeNotFound(f"no practice {practice_id!r} is registered")
+                raise PracticeNotFound.unregistered(practice_id)
 
     def groups(self) -> list[dict[str, Any]]:
         with self.begin() as conn:

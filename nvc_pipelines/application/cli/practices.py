@@ -142,8 +142,9 @@ def group() -> None:
 
 @group.command("create")
 @click.argument("group_id")
-@click.option("--name", default=None)
+@click.option("--name", default=None, help="Display name (default: the group id).")
 def group_create(group_id: str, name: str | None) -> None:
+    """Create a practice group (or rename one); add its locations with `nvc group add`."""
     from nvc_pipelines.application.app import open_store
 
     open_store().add_group(group_id, name or group_id)
@@ -154,6 +155,7 @@ def group_create(group_id: str, name: str | None) -> None:
 @click.argument("group_id")
 @click.argument("practice_ids", nargs=-1, required=True)
 def group_add(group_id: str, practice_ids: tuple[str, ...]) -> None:
+    """Add practices to a group: they are listed and exported together (`nvc export --group GROUP_ID`)."""
     from nvc_pipelines.application.app import open_store
 
     store = open_store()
@@ -164,6 +166,7 @@ def group_add(group_id: str, practice_ids: tuple[str, ...]) -> None:
 
 @group.command("list")
 def group_list() -> None:
+    """The practice groups with their locations."""
     from nvc_pipelines.application.app import open_store
 
     for g in open_store().groups():

@@ -38,9 +38,9 @@ def duplicates_cmd(practice_id: str) -> None:
 @click.argument("merged_id")
 def merge_cmd(practice_id: str, keep_id: str, merged_id: str) -> None:
     """Merge MERGED_ID into KEEP_ID (PMS patient ids); audited and undoable with `nvc unmerge`."""
-    from nvc_pipelines.application.app import actor, open_store
+    from nvc_pipelines.application.app import actor
 
-    merge_id = open_store().merge_patients(practice_id, keep_id, merged_id, actor())
+    merge_id = _known(practice_id).merge_patients(practice_id, keep_id, merged_id, actor())
     click.echo(
         f"Merged {merged_id} into {keep_id} (merge {merge_id}; undo with `nvc unmerge {practice_id} {merge_id}`)"
     )
@@ -51,9 +51,9 @@ def merge_cmd(practice_id: str, keep_id: str, merged_id: str) -> None:
 @click.argument("merge_id", type=int)
 def unmerge_cmd(practice_id: str, merge_id: int) -> None:
     """Undo a merge."""
-    from nvc_pipelines.application.app import actor, open_store
+    from nvc_pipelines.application.app import actor
 
-    open_store().undo_merge(practice_id, merge_id, actor())
+    _known(practice_id).undo_merge(practice_id, merge_id, actor())
     click.echo(f"Undid merge {merge_id}")
 
 
@@ -87,14 +87,15 @@ def audit_cmd(practice_id: str, limit: int) -> None:
 def erase_cmd(practice_id: str, patient_ref: str, yes: bool) -> None:
     """GDPR erasure: remove a patient's personal data from NVC's store (never from the PMS) and keep
     them from being imported again."""
-    from nvc_pipelines.application.app import actor, open_store
+    from nvc_pipelines.application.app import actor
     from nvc_pipelines.erasure import erase_patient
 
+    store = _known(practice_id)  # a mistyped practice is refused before the question is asked
     if not yes:
         click.confirm(
             f"Erase patient {patient_ref} of {practice_id} from NVC's store? This cannot be undone", abort=True
         )
-    removed = erase_patient(open_store(), practice_id, patient_ref, actor())
+    removed = erase_patient(store, practice_id, patient_ref, actor())
     click.echo("Erased: " + ", ".join(f"{k}={v}" for k, v in removed.items() if v))
     click.echo("A suppression (keyed hash, no personal data) keeps them out of future syncs. The PMS is unchanged.")
 
