@@ -29,6 +29,9 @@ class PracticeHealth:
     read_detail: str
     write_ok: bool
     write_detail: str
+    # Writebacks that ended without landing (failed, dead letter, timed out): none waits to be sent,
+    # but each needs a person (`nvc outbox PRACTICE --needs-action`).
+    needs_action: int = 0
 
 
 def _age(delta: timedelta) -> str:
@@ -64,7 +67,8 @@ def practice_health(store: Store, practice: dict[str, Any], now: datetime | None
     now = now or datetime.now(UTC)
     read_ok, read = read_health(practice["last_sync_at"], now)
     write_ok, write = write_health(store, practice["practice_id"], now)
-    return PracticeHealth(practice["practice_id"], read_ok, read, write_ok, write)
+    needs_action = store.needs_action_count(practice["practice_id"])
+    return PracticeHealth(practice["practice_id"], read_ok, read, write_ok, write, needs_action)
 
 
 def fleet_health(store: Store, now: datetime | None = None) -> list[PracticeHealth]:

@@ -73,6 +73,7 @@ class PracticeState(Config):
     read_detail: str
     write_ok: bool
     write_detail: str
+    needs_action: int = 0
 
 
 class HealthConfig(Config):

@@ -174,6 +174,7 @@ UNKNOWN_PRACTICE = [
     ["merge", "nope", "P1", "P2"],
     ["unmerge", "nope", "1"],
     ["erase", "nope", "P1"],  # refused before it asks for confirmation
+    ["practice", "connect", "nope", "--pms", "csv", "--update", "--setting", "path=/tmp"],  # never a new one
 ]
 
 

@@ -42,12 +42,20 @@ def test_read_and_write_health_in_practice_list_and_sensor_events(store: Store) 
     assert states["stale"].read_detail == "last successful sync 30 h ago, over the 26 h the nightly schedule allows"
     assert (states["never"].read_ok, states["never"].read_detail) == (False, "never synced successfully")
 
+    with store.begin_owner() as conn:  # and one of the stale practice's bookings was refused outright
+        conn.execute(
+            text(
+                "INSERT INTO outbox (practice_id, kind, idempotency_key, pms_patient_id, payload, status, finished_at) "
+                "VALUES ('stale', 'booking', 's-1', 'P1', '{}', 'dead_letter', now())"
+            )
+        )
     listing = CliRunner().invoke(main, ["practice", "list"])
     assert listing.exit_code == 0, listing.output
     lines = {line.split()[0]: line for line in listing.output.splitlines() if line and not line.startswith(" ")}
     assert lines["fresh"].split()[-2:] == ["ok", "WAITING"]
-    assert lines["stale"].split()[-2:] == ["STALE", "ok"]
+    assert lines["stale"].split()[-2:] == ["STALE", "ACTION"]
     assert "stale: last successful sync 30 h ago" in listing.output
+    assert "stale: 1 writeback(s) did not land and need action (`nvc outbox stale --needs-action`)" in listing.output
 
     # The sensor records each practice's state the first time and then only when it changes.
     events, cursor = health_events(list(states.values()), None)

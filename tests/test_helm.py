@@ -129,6 +129,7 @@ CHART_VALUES: dict[str, str | tuple[str, ...]] = {
     "dagsterWebserver.readinessProbe": "V1Probe",
     "dagsterWebserver.resources": "V1ResourceRequirements",
     "telemetry.enabled": "bool",
+    "pythonLogs.pythonLogLevel": "str",
 }
 
 # The chart's defaults (same documented values) for what the rendering below reads and the values
@@ -488,6 +489,9 @@ def render_instance(values: dict) -> dict:
             if threads.get("numWorkers"):
                 instance[key]["num_workers"] = threads["numWorkers"]
     instance["telemetry"] = {"enabled": values["telemetry"]["enabled"]}
+    level = (values.get("pythonLogs") or {}).get("pythonLogLevel")
+    if level:
+        instance["python_logs"] = {"python_log_level": level}
     return instance
 
 
@@ -624,6 +628,7 @@ def policy(config: dict) -> dict:
         "sensors": config.get("sensors"),
         "schedules": config.get("schedules"),
         "telemetry": config.get("telemetry"),
+        "python_log_level": (config.get("python_logs") or {}).get("python_log_level"),
         "postgres_params": storage["config"]["postgres_db"].get("params"),
     }
 

@@ -51,6 +51,15 @@ class OutboxMixin(StoreBase):
             ).scalar_one()
             return oldest
 
+    def needs_action_count(self, practice_id: str) -> int:
+        """How many of the practice's writebacks ended without landing and wait in the worklist."""
+        with self.begin(practice_id) as conn:
+            n: int = conn.execute(
+                text(f"SELECT count(*) FROM outbox WHERE practice_id = :p AND {_NEEDS_ACTION_SQL}"),
+                {"p": practice_id},
+            ).scalar_one()
+            return n
+
     # --- adding rows -------------------------------------------------------------------------------
 
     def add_booking_row(self, practice_id: str, key: str, pms_patient_id: str, payload: dict[str, Any]) -> OutboxAdded:

@@ -70,6 +70,8 @@ def practice_connect(
 
     pms = PmsKind(kind)
     parsed = _parse_settings(settings)
+    if update:  # changes a registered practice; a mistyped id must not connect a new one
+        _known(practice_id)
     if group_id:
         app.open_store().group_practices(group_id)  # an unknown group fails before anything is saved
     _, _, secret_names = app.pms_requirements(pms)
@@ -111,9 +113,15 @@ def practice_list() -> None:
         read = write = "-"
         if r["status"] == "connected":
             state = practice_health(store, r)
-            read, write = ("ok" if state.read_ok else "STALE"), ("ok" if state.write_ok else "WAITING")
+            read = "ok" if state.read_ok else "STALE"
+            write = "WAITING" if not state.write_ok else "ACTION" if state.needs_action else "ok"
             problems += [f"{r['practice_id']}: {d}" for ok, d in ((state.read_ok, state.read_detail),
                                                                    (state.write_ok, state.write_detail)) if not ok]  # fmt: skip
+            if state.needs_action:
+                problems.append(
+                    f"{r['practice_id']}: {state.needs_action} writeback(s) did not land and need action "
+                    f"(`nvc outbox {r['practice_id']} --needs-action`)"
+                )
         click.echo(f"{r['practice_id']:20} {r['pms_kind']:9} {r['status']:13} {r['patients']:>8}  {last:16}  "
                    f"{read:5}  {write}")  # fmt: skip
     for problem in problems:
