@@ -42,6 +42,21 @@ _CLINICAL_COLUMNS = (
 )
 
 
+# What a recall is, besides its patient: a recomputation that changes none of them writes nothing.
+_RECALL_COLUMNS = (
+    "due_date",
+    "recall_source",
+    "rule",
+    "interval_months",
+    "reason",
+    "flags",
+    "inferred_flags",
+    "based_on",
+    "warnings",
+    "guideline_due_date",
+)
+
+
 class RecallsMixin(StoreBase):
     """Recall computation's reads and writes, one practice at a time."""
 
@@ -186,7 +201,7 @@ class RecallsMixin(StoreBase):
                     for row in rows:
                         copy.write_row(row)
                 cur.execute("ANALYZE stage_recalls")  # temp tables have no statistics: the joins need them
-            in_scope = ""
+            in_scope = in_range = ""
             params: dict[str, Any] = {"p": practice_id}
             if scope is not None:
                 in_scope = (
@@ -194,21 +209,35 @@ class RecallsMixin(StoreBase):
                     " AND pms_patient_id = ANY(:scope))"
                 )
                 params["scope"] = list(scope)
+                if params["scope"]:
+                    # A batch of a full pass is a key range: its joins start there, not at the
+                    # practice's first patient (each batch would scan all the batches before it).
+                    in_range = " AND pt.pms_patient_id BETWEEN :lo AND :hi"
+                    params["lo"], params["hi"] = min(params["scope"]), max(params["scope"])
             removed = conn.execute(
                 text(
                     "DELETE FROM recalls r WHERE r.practice_id = :p" + in_scope + " AND NOT EXISTS ("
                     " SELECT 1 FROM stage_recalls s JOIN patients pt ON pt.practice_id = :p "
-                    " AND pt.pms_patient_id = s.pms_patient_id WHERE pt.patient_id = r.patient_id AND pt.active)"
+                    " AND pt.pms_patient_id = s.pms_patient_id" + in_range + " WHERE pt.patient_id = r.patient_id "
+                    " AND pt.active)"
                 ),
                 params,
             ).rowcount
+            # Only new or different recalls reach the INSERT: ON CONFLICT locks (writes) every row it
+            # meets, even one its WHERE then leaves alone, so a recomputation that changes nothing
+            # would still dirty every recall of the practice.
+            stored = ", ".join(f"r.{c}" for c in _RECALL_COLUMNS)
+            differs = f"({stored}) IS DISTINCT FROM ({', '.join(f's.{c}' for c in _RECALL_COLUMNS)})"
             changed = conn.execute(
                 text(
                     "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, "
                     "reason, flags, inferred_flags, based_on, warnings, guideline_due_date) "
                     "SELECT pt.patient_id, :p, s.due_date, s.recall_source, s.rule, s.interval_months, s.reason, "
                     "s.flags, s.inferred_flags, s.based_on, s.warnings, s.guideline_due_date FROM stage_recalls s "
-                    "JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id AND pt.active "
+                    "JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = s.pms_patient_id AND pt.active"
+                    + in_range
+                    + " LEFT JOIN recalls r ON r.patient_id = pt.patient_id "
+                    f"WHERE r.patient_id IS NULL OR {differs} "
                     "ON CONFLICT (patient_id) DO UPDATE SET due_date = EXCLUDED.due_date, "
                     "recall_source = EXCLUDED.recall_source, rule = EXCLUDED.rule, "
                     "interval_months = EXCLUDED.interval_months, reason = EXCLUDED.reason, flags = EXCLUDED.flags, "
@@ -221,7 +250,7 @@ class RecallsMixin(StoreBase):
                     "EXCLUDED.reason, EXCLUDED.flags, EXCLUDED.inferred_flags, EXCLUDED.based_on, EXCLUDED.warnings, "
                     "EXCLUDED.guideline_due_date)"
                 ),
-                {"p": practice_id},
+                params,
             ).rowcount
             if seen:
                 with driver(conn).cursor() as cur:
@@ -231,12 +260,14 @@ class RecallsMixin(StoreBase):
                             copy.write_row(item)
                     cur.execute("ANALYZE stage_seen")
                 # Only ever raised to what was read: a bump committed meanwhile stays visible as due.
+                lo_hi = (min(seen), max(seen))
                 conn.execute(
                     text(
                         "UPDATE patients p SET recall_seq = s.seq FROM stage_seen s WHERE p.practice_id = :p "
-                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq"
+                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq "
+                        "AND p.pms_patient_id BETWEEN :lo AND :hi"
                     ),
-                    {"p": practice_id},
+                    {"p": practice_id, "lo": lo_hi[0], "hi": lo_hi[1]},
                 )
             if fingerprint is not None:
                 self._mark_recalls_computed(conn, practice_id, fingerprint, scope is None)
