@@ -4,10 +4,11 @@ uninterrupted sync ends.
     .venv/bin/python bench/kill_converge.py [--csv-patients 200000] [--optix-patients 20000]
 
 For a CSV practice (every CSV sync is full) and an Optix practice, in a temporary NVC_HOME with the
-embedded PostgreSQL: a reference practice reading the same source is synced once, uninterrupted,
-which also measures the sync's length T. Then, for each kill point (20%, 50% and 80% of T), the
-practice under test runs `nvc sync` as its own process, is sent SIGKILL at that point, has its dead
-run reaped (as `dead_run_sensor` / `nvc sync-log` do) and is synced again to the end. After each
+embedded PostgreSQL: a reference practice reading the same source is synced once, uninterrupted.
+Then, for each kill point (a second into the run's `patients`, `recalls` and `call_list` steps, as
+its event log shows them start: a point in time would miss a re-sync that runs faster than the
+first), the practice under test runs `nvc sync` as its own process, is sent SIGKILL there, has its
+dead run reaped (as `dead_run_sensor` / `nvc sync-log` do) and is synced again to the end. After each
 recovery its patients (every column a source fills), recalls (key, due date, rule), call list (key,
 listed, reason) and rejected rows are compared with the reference's: "converged" means no row
 differs. Prints one line per kill and the totals; nothing is asserted.
@@ -26,7 +27,8 @@ from pathlib import Path
 from _harness import OPTIX_PRACTICE, PARTS_PRACTICE_ID, PRACTICE_ID, JsonFigures, add_json_argument, bench_environment
 from resync import write_csv
 
-KILL_POINTS = (0.2, 0.5, 0.8)
+KILL_AT_STEPS = ("patients", "recalls", "call_list")  # a second after each starts
+KILL_DELAY_SECONDS = 1.0
 NVC = str(Path(sys.executable).with_name("nvc"))
 
 # What a practice holds, keyed by the source's ids so two practices reading one source compare equal.
@@ -73,20 +75,36 @@ def sync(practice_id: str) -> float:
     return time.perf_counter() - t0
 
 
-def killed_then_recovered(practice_id: str, after: float) -> dict[str, float | bool | int]:
-    """Start `nvc sync`, SIGKILL it after `after` seconds, reap its run, sync again to the end."""
+def killed_then_recovered(practice_id: str, step: str) -> dict[str, float | bool | int | str]:
+    """Start `nvc sync`, SIGKILL it a second after its run's `step` started, reap the run, sync again."""
+    from dagster import DagsterEventType, RunsFilter
+
     from nvc_pipelines.application.instance import get_instance
     from schedules.runs import reap_dead_runs
 
+    instance = get_instance()
+    partition = RunsFilter(tags={"dagster/partition": practice_id})
+    before = {r.run_id for r in instance.get_runs(filters=partition)}
     child = subprocess.Popen([NVC, "sync", practice_id], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(after)
+    t0 = time.perf_counter()
+    reached = False
+    while child.poll() is None and not reached:
+        time.sleep(0.2)
+        for run in instance.get_runs(filters=partition, limit=3):
+            if run.run_id not in before:
+                started = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
+                reached = any(e.step_key == step for e in started)
+    if reached:
+        time.sleep(KILL_DELAY_SECONDS)
+    killed_after = time.perf_counter() - t0
     was_running = child.poll() is None
     child.send_signal(signal.SIGKILL)
     child.wait()
-    reaped = reap_dead_runs(get_instance())
+    reaped = reap_dead_runs(instance)
     t0 = time.perf_counter()
     recovery = sync(practice_id)
-    return {"was_running": was_running, "reaped_runs": len(reaped), "recovery_seconds": recovery,
+    return {"step": step, "killed_after_seconds": killed_after, "was_running": was_running,
+            "reaped_runs": len(reaped), "recovery_seconds": recovery,
             "wall_seconds": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -99,12 +117,12 @@ def measure(label: str, reference: str, under_test: str, rows: int) -> list[dict
     if not expected["patients"]:
         raise SystemExit(f"the reference practice {reference} holds no patients: nothing to compare against")
     results = []
-    for share in KILL_POINTS:
-        outcome = killed_then_recovered(under_test, share * length)
+    for step in KILL_AT_STEPS:
+        outcome = killed_then_recovered(under_test, step)
         diff = differences(expected, state(under_test))
-        results.append({"source": label, "kill_at_share": share, **outcome, "differences": diff})
-        print(f"  SIGKILL at {share:.0%} of the sync ({share * length:.1f} s, still running: "
-              f"{outcome['was_running']}), run reaped: {outcome['reaped_runs']}, re-sync "
+        results.append({"source": label, **outcome, "differences": diff})
+        print(f"  SIGKILL {KILL_DELAY_SECONDS:g} s into {step} ({outcome['killed_after_seconds']:.1f} s after start, "
+              f"still running: {outcome['was_running']}), run reaped: {outcome['reaped_runs']}, re-sync "
               f"{outcome['recovery_seconds']:.1f} s: {'converged' if not diff else f'DIFFERS {diff}'}", flush=True)  # fmt: skip
     return results
 
@@ -132,8 +150,11 @@ def main() -> None:
         results += measure(f"optix ({OPTIX_PRACTICE})", PARTS_PRACTICE_ID, PRACTICE_ID, args.optix_patients)
 
     converged = sum(1 for r in results if not r["differences"])
-    print(f"\nkill -9 convergence: {converged} of {len(results)} killed syncs converged to the uninterrupted result")
+    mid_run = sum(1 for r in results if r["was_running"])
+    print(f"\nkill -9 convergence: {converged} of {len(results)} killed syncs converged to the uninterrupted result "
+          f"({mid_run} killed while running)")  # fmt: skip
     out.figure("killed_syncs", len(results))
+    out.figure("killed_mid_run", mid_run)
     out.figure("converged", converged)
     out.figure("all_converged", converged == len(results))
     out.write()

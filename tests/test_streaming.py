@@ -58,16 +58,20 @@ def _practice(store: Store, practice_id: str) -> str:
     return practice_id
 
 
-def _snapshot(store: Store, practice_id: str) -> set[tuple]:
+def _rows(store: Store, sql: str, practice_id: str) -> set[tuple]:
+    """The practice's rows of `sql` (as the owner, arrays as tuples), to compare as sets."""
     with store.begin_owner() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT pms_patient_id, first_name, last_name, phones, last_eye_test_date, risk_flags, active, recall_seq, "
-                "change_seq FROM patients WHERE practice_id = :p"
-            ),
-            {"p": practice_id},
-        )
+        rows = conn.execute(text(sql), {"p": practice_id})
         return {tuple(tuple(v) if isinstance(v, list) else v for v in r) for r in rows}
+
+
+def _snapshot(store: Store, practice_id: str) -> set[tuple]:
+    return _rows(
+        store,
+        "SELECT pms_patient_id, first_name, last_name, phones, last_eye_test_date, risk_flags, active, recall_seq, "
+        "change_seq FROM patients WHERE practice_id = :p",
+        practice_id,
+    )
 
 
 def _rejected(store: Store, practice_id: str) -> set[tuple]:
@@ -180,15 +184,12 @@ def _compute_in_batches(store: Store, practice_id: str, rules: RecallRules, *, e
 
 
 def _recalls(store: Store, practice_id: str) -> set[tuple]:
-    with store.begin_owner() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT p.pms_patient_id, r.due_date, r.rule, r.inferred_flags FROM recalls r "
-                "JOIN patients p USING (patient_id) WHERE r.practice_id = :p"
-            ),
-            {"p": practice_id},
-        )
-        return {(*r[:3], tuple(r[3])) for r in rows}
+    return _rows(
+        store,
+        "SELECT p.pms_patient_id, r.due_date, r.rule, r.inferred_flags FROM recalls r "
+        "JOIN patients p USING (patient_id) WHERE r.practice_id = :p",
+        practice_id,
+    )
 
 
 def test_recalls_computed_in_batches_equal_recalls_computed_at_once(store: Store) -> None:
