@@ -28,7 +28,7 @@ from dagster import (
 )
 
 from assets.partitions import practices_partitions
-from nvc_pipelines import goc, quality
+from nvc_pipelines import goc
 from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.erasure import drop_erased, load_suppressions
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow
@@ -168,7 +168,6 @@ def sync_stream(
     nothing of the read is held beyond the page at hand. A PMS failure mid-read rolls the whole
     read back, as it did when the read came first."""
     started = time.monotonic()
-    quality.warm_up_in_background()  # the checks after these steps need it
     practice_id = context.partition_key
     db = store.open()
     practice = _connected_practice(db, practice_id)

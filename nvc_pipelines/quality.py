@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -62,28 +61,8 @@ def _masked(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_warming: threading.Thread | None = None
-
-
-def warm_up_in_background() -> None:
-    """Start importing Great Expectations on a thread (once a process): a run's first steps mostly
-    wait on the PMS and the database, and the import (3-6 s) fills those waits instead of delaying
-    the first check."""
-    global _warming
-    if _warming is None:
-        _warming = threading.Thread(target=_gx_now, name="great-expectations-import", daemon=True)
-        _warming.start()
-
-
-def _gx() -> tuple[ModuleType, Any]:
-    """`_gx_now`, after the background import if one was started (so it is not done twice)."""
-    if _warming is not None:
-        _warming.join()
-    return _gx_now()
-
-
 @cache
-def _gx_now() -> tuple[ModuleType, Any]:
+def _gx() -> tuple[ModuleType, Any]:
     """Great Expectations and the batch definition of one ephemeral GX context per process (its
     progress bars kept out of the logs)."""
     os.environ.setdefault("TQDM_DISABLE", "1")
