@@ -1311,10 +1311,15 @@ def infer_from_text(text: str | None) -> list[InferredFlag]:
     """Flags a note asserts for the patient, in note order, each with its evidence (the clause)."""
     if not text:
         return []
-    return list(_infer_cached(text))
+    return list(_infer_cached(text)) if len(text) <= _CACHED_NOTE_CHARS else _infer(text)
 
 
-@lru_cache(maxsize=8192)  # a few MB at most
+# Short notes are the ones practices repeat ("Routine check, no change."); a long one is read each
+# time, so the cache stays a few MB and holds no one's long history.
+_CACHED_NOTE_CHARS = 512
+
+
+@lru_cache(maxsize=8192)
 def _infer_cached(text: str) -> tuple[InferredFlag, ...]:
     """Practices write the same notes again and again ("Routine check, no change."): a recall pass over
     a practice reads each distinct note once. The answer depends on the text alone."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import text
@@ -223,6 +223,79 @@ def test_recalls_computed_in_batches_equal_recalls_computed_at_once(store: Store
         recalls[practice_id] = _recalls(store, practice_id)
     assert recalls["at-once"] == recalls["batched"] and len(recalls["batched"]) == 16
     assert ("P0004", "glaucoma") in {(r[0], r[2]) for r in recalls["batched"]}
+
+
+def test_recall_batches_of_scattered_ids_of_every_shape_keep_every_recall(store: Store) -> None:
+    """Mixed case, hyphens and spaces, three a batch, in a full pass and a changed-only pass whose
+    batch holds scattered ids: every patient keeps its recall and none is left stale. (The bounds a
+    batch's writes use come from the database's order: under a natural-language collation, as on a
+    managed server, Python's min and max are not its. The embedded build has no such collation.)"""
+    rules = RecallRules.from_settings({})
+    practice_id = _practice(store, "mixed-ids")
+    ids = ["a1", "B2", "c-3", "D 4", "e5", "F6", "g-7", "H8"]
+    _write_pages(store, practice_id, [([_patient(practice_id, n, pms_patient_id=i) for n, i in enumerate(ids)], [])])
+    assert _compute_in_batches(store, practice_id, rules, everyone=True, size=3) == len(ids)
+    assert {r[0] for r in _recalls(store, practice_id)} == set(ids)
+    assert not list(store.recall_batches(practice_id, everyone=False))
+    with store.begin(practice_id) as conn:  # three scattered patients change
+        conn.execute(
+            text("UPDATE patients SET change_seq = change_seq + 1 WHERE pms_patient_id IN ('a1', 'D 4', 'H8')")
+        )
+    assert _compute_in_batches(store, practice_id, rules, everyone=False, size=3) == 3
+    assert {r[0] for r in _recalls(store, practice_id)} == set(ids)
+    assert not list(store.recall_batches(practice_id, everyone=False))
+
+
+def test_recomputing_unchanged_recalls_writes_nothing_and_a_changed_one_is_written(store: Store) -> None:
+    rules = RecallRules.from_settings({})
+    practice_id = _practice(store, "rewrite")
+    _write_pages(store, practice_id, [([_patient(practice_id, n) for n in range(6)], [])])
+    assert _compute_in_batches(store, practice_id, rules, everyone=True, size=10) == 6
+
+    def computed() -> dict[str, object]:
+        return {r[0]: r[1] for r in _rows(store, "SELECT p.pms_patient_id, r.computed_at FROM recalls r "
+                                                 "JOIN patients p USING (patient_id) WHERE r.practice_id = :p", practice_id)}  # fmt: skip
+
+    before = computed()
+    patients = store.load_patients(practice_id)
+    found = [recall_with_clinical(p, [], rules) for p in patients]
+    assert store.write_recalls(practice_id, [r for r in found if r], scope=[p.pms_patient_id for p in patients]) == 0
+    assert computed() == before  # not one recall row written
+    patients[2].risk_flags = ["glaucoma"]
+    found = [recall_with_clinical(p, [], rules) for p in patients]
+    assert store.write_recalls(practice_id, [r for r in found if r], scope=[p.pms_patient_id for p in patients]) == 1
+    after = computed()
+    assert after["P0002"] != before["P0002"] and {k: v for k, v in after.items() if k != "P0002"} == {
+        k: v for k, v in before.items() if k != "P0002"
+    }
+
+
+def test_a_full_read_puts_right_a_stored_row_that_no_longer_matches_its_source(store: Store) -> None:
+    """Every compared column counts: a row changed behind the source's back is rewritten and its
+    recall input bumped; the same instant written with another offset is no change."""
+    practice_id = _practice(store, "drifted")
+    patients = [_patient(practice_id, n) for n in range(3)]
+    _write_pages(store, practice_id, [(patients, [])])
+    with store.begin_owner() as conn:
+        conn.execute(
+            text(
+                "UPDATE patients SET phones = ARRAY['+15551234567'], contact_channels = '{}' WHERE pms_patient_id = 'P0001'"
+            )
+        )
+    seq = dict(_rows(store, "SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p", practice_id))
+    shifted = [
+        _patient(
+            practice_id, n, source_updated_at=(STAMP + timedelta(minutes=n)).astimezone(timezone(timedelta(hours=1)))
+        )
+        for n in range(3)
+    ]  # the same instants, written as +01:00
+    counts = _write_pages(store, practice_id, [(shifted, [])])
+    assert (counts.updated, counts.unchanged) == (1, 2)
+    after = dict(_rows(store, "SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p", practice_id))
+    assert after["P0001"] == seq["P0001"] + 1 and after["P0000"] == seq["P0000"]
+    phones = _rows(store, "SELECT phones, contact_channels FROM patients WHERE pms_patient_id = 'P0001' AND practice_id = :p",
+                   practice_id)  # fmt: skip
+    assert phones == {(("+447700900001",), None)}
 
 
 def test_prefetch_keeps_order_raises_in_order_and_stops_its_producer() -> None:

@@ -64,28 +64,28 @@ def patient_from_tuple(practice_id: str, row: Sequence[Any]) -> Patient:
     (pms_id, first, last, phones, phone_types, dob, email, address, last_test, last_clinical, risk_flags, unknown,
      notes, recall_due, updated, status, status_date, phone_recall, no_recall, channels, guardian, review) = row  # fmt: skip
     return Patient(
-        practice_id,
-        pms_id,
-        first,
-        last,
-        [Phone(e, _PHONE_TYPES[t]) for e, t in zip(phones, phone_types, strict=True)],
-        dob,
-        email,
-        address,
-        last_test,
-        last_clinical,
-        risk_flags,
-        unknown,
-        notes,
-        recall_due,
-        updated,
-        _STATUSES[status],
-        status_date,
-        ContactPreferences(
+        practice_id=practice_id,
+        pms_patient_id=pms_id,
+        first_name=first,
+        last_name=last,
+        phones=[Phone(e, _PHONE_TYPES[t]) for e, t in zip(phones, phone_types, strict=True)],
+        date_of_birth=dob,
+        email=email,
+        address=address,
+        last_eye_test_date=last_test,
+        last_clinical_test_date=last_clinical,
+        risk_flags=risk_flags,
+        unknown_risk_values=unknown,
+        clinical_notes=notes,
+        pms_recall_due_date=recall_due,
+        source_updated_at=updated,
+        status=_STATUSES[status],
+        status_date=status_date,
+        contact=ContactPreferences(
             phone_recall, no_recall, None if channels is None else frozenset(_CHANNELS[c] for c in channels)
         ),
-        guardian,
-        review,
+        guardian_name=guardian,
+        name_review=review,
     )
 
 

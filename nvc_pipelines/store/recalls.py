@@ -94,13 +94,14 @@ class RecallsMixin(StoreBase):
         whose data changes while the batches run is computed from what its batch read, and stays
         stale (recomputed next time) when it changed after."""
         stale = "" if everyone else " AND change_seq <> recall_seq"
-        after = ""
+        after: str | None = None  # the last key read: the next page starts after it
         while True:
             with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
+                page = "" if after is None else " AND pms_patient_id > %s"
                 cur.execute(
-                    f"SELECT change_seq, active, {PATIENT_COLUMNS} FROM patients WHERE practice_id = %s "
-                    f"AND pms_patient_id > %s{stale} ORDER BY pms_patient_id LIMIT %s",
-                    (practice_id, after, size),
+                    f"SELECT change_seq, active, {PATIENT_COLUMNS} FROM patients WHERE practice_id = %s"
+                    f"{page}{stale} ORDER BY pms_patient_id LIMIT %s",
+                    (practice_id, size) if after is None else (practice_id, after, size),
                 )
                 rows = cur.fetchall()
                 if not rows:
@@ -113,25 +114,26 @@ class RecallsMixin(StoreBase):
                 params: tuple[Any, ...] = (practice_id, first, after) if everyone else (practice_id, list(seen))
                 cur.execute(
                     f"SELECT {_CLINICAL_COLUMNS} FROM clinical_records WHERE practice_id = %s AND active "
-                    f"AND {where} ORDER BY exam_date",
+                    f"AND {where} ORDER BY exam_date, pms_record_id",  # ties in one order, whatever the plan
                     params,
                 )
                 clinical: dict[str, list[ClinicalRecord]] = {}
                 for r in cur:
-                    clinical.setdefault(r[1], []).append(
+                    record_id, patient_id, exam_date, kind, flags, unknown, notes, right, left, clinician, updated = r
+                    clinical.setdefault(patient_id, []).append(
                         ClinicalRecord(
-                            practice_id,
-                            r[0],
-                            r[1],
-                            r[2],
-                            r[3],
-                            r[4],
-                            r[5],
-                            r[6],
-                            None if r[7] is None else float(r[7]),
-                            None if r[8] is None else float(r[8]),
-                            r[9],
-                            r[10],
+                            practice_id=practice_id,
+                            pms_record_id=record_id,
+                            pms_patient_id=patient_id,
+                            exam_date=exam_date,
+                            record_type=kind,
+                            flags=flags,
+                            unknown_flags=unknown,
+                            notes=notes,
+                            iop_right_mmhg=None if right is None else float(right),
+                            iop_left_mmhg=None if left is None else float(left),
+                            clinician=clinician,
+                            source_updated_at=updated,
                         )
                     )
             yield RecallBatch(seen, patients, clinical)
@@ -190,6 +192,9 @@ class RecallsMixin(StoreBase):
             for r in recalls
         ]
         with self.begin(practice_id) as conn:
+            # One recall write of a practice at a time (two runs of one practice may overlap): the
+            # INSERT below skips the recalls it read as unchanged, which must not change meanwhile.
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('nvc.recalls:' || :p))"), {"p": practice_id})
             with driver(conn).cursor() as cur:
                 cur.execute(
                     "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
@@ -209,11 +214,13 @@ class RecallsMixin(StoreBase):
                     " AND pms_patient_id = ANY(:scope))"
                 )
                 params["scope"] = list(scope)
-                if params["scope"]:
-                    # A batch of a full pass is a key range: its joins start there, not at the
-                    # practice's first patient (each batch would scan all the batches before it).
-                    in_range = " AND pt.pms_patient_id BETWEEN :lo AND :hi"
-                    params["lo"], params["hi"] = min(params["scope"]), max(params["scope"])
+                # A batch of a full pass is a key range: its joins start there, not at the practice's
+                # first patient (each batch would scan all the batches before it). The bounds are the
+                # database's own min and max, in the column's collation (Python's order is not it).
+                in_range = (
+                    " AND pt.pms_patient_id BETWEEN (SELECT min(k) FROM unnest(CAST(:scope AS text[])) k)"
+                    " AND (SELECT max(k) FROM unnest(CAST(:scope AS text[])) k)"
+                )
             removed = conn.execute(
                 text(
                     "DELETE FROM recalls r WHERE r.practice_id = :p" + in_scope + " AND NOT EXISTS ("
@@ -260,14 +267,14 @@ class RecallsMixin(StoreBase):
                             copy.write_row(item)
                     cur.execute("ANALYZE stage_seen")
                 # Only ever raised to what was read: a bump committed meanwhile stays visible as due.
-                lo_hi = (min(seen), max(seen))
                 conn.execute(
                     text(
                         "UPDATE patients p SET recall_seq = s.seq FROM stage_seen s WHERE p.practice_id = :p "
                         "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq "
-                        "AND p.pms_patient_id BETWEEN :lo AND :hi"
+                        "AND p.pms_patient_id BETWEEN (SELECT min(pms_patient_id) FROM stage_seen) "
+                        "AND (SELECT max(pms_patient_id) FROM stage_seen)"
                     ),
-                    {"p": practice_id, "lo": lo_hi[0], "hi": lo_hi[1]},
+                    {"p": practice_id},
                 )
             if fingerprint is not None:
                 self._mark_recalls_computed(conn, practice_id, fingerprint, scope is None)
