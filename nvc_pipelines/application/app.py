@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,6 +232,38 @@ def refresh_clinicians(practice_id: str) -> list[Any]:
 
 
 _INTERRUPTS = ("KeyboardInterrupt", "DagsterExecutionInterruptedError")
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextmanager
+def _stop_signals_seen() -> Iterator[Callable[[], bool]]:
+    """Whether Ctrl-C, SIGTERM or SIGHUP arrived during the block, whichever handler took it. While a
+    job runs in process Dagster installs its own: one that arrives between steps is recorded, and
+    dropped if no step looks (the demo then went on past a SIGTERM); one inside a step is raised
+    wherever the step is, even inside a database call, which then fails with another error. The
+    interpreter writes every signal's number to its wakeup fd, whoever handles it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    seen: set[int] = set()
+
+    def arrived() -> bool:
+        with suppress(BlockingIOError):
+            while data := os.read(read_end, 512):
+                seen.update(data)
+        return bool(seen & _STOP_SIGNALS)
+
+    previous = signal.set_wakeup_fd(write_end)
+    try:
+        yield arrived
+    finally:
+        signal.set_wakeup_fd(previous)
+        arrived()
+        os.close(read_end)
+        os.close(write_end)
 
 
 def sync_practice(
@@ -245,20 +282,24 @@ def sync_practice(
     if not instance.has_dynamic_partition(PARTITIONS, practice_id):
         instance.add_dynamic_partitions(PARTITIONS, [practice_id])
     job = defs.resolve_job_def("practice_sync")
-    result = job.execute_in_process(
-        partition_key=practice_id,
-        instance=instance,
-        tags={
-            "practice": practice_id,
-            "pms": str(practice.pms_kind),
-            "trigger": trigger,
-            "nvc/interactive": "true",  # someone waits at a shell: a PMS that does not answer fails fast
-            **({"nvc/full_sync": "true"} if full else {}),
-            **({"nvc/allow_drop": "true"} if allow_drop else {}),
-        },
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}}},
-    )
+    with _stop_signals_seen() as interrupted:
+        result = job.execute_in_process(
+            partition_key=practice_id,
+            instance=instance,
+            tags={
+                "practice": practice_id,
+                "pms": str(practice.pms_kind),
+                "trigger": trigger,
+                "nvc/interactive": "true",  # someone waits at a shell: a PMS that does not answer fails fast
+                **({"nvc/full_sync": "true"} if full else {}),
+                **({"nvc/allow_drop": "true"} if allow_drop else {}),
+            },
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}}},
+        )
+        stopped = interrupted()
+    if stopped:  # the caller stops as interrupted (the demo stops what it started), whatever the run became
+        raise KeyboardInterrupt(f"sync of {practice_id} interrupted (run {result.run_id})")
     metadata: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
