@@ -129,6 +129,14 @@ class CallSettings:
             local = datetime.combine(day, time(0), UK_TZ)
         raise CallSettingsError("no calling day in the next 400 days: check calling_days")
 
+    def window_open(self, at: datetime) -> datetime:
+        """The opening of the calling window `at` falls in, else of the next one: from when an entry
+        whose own time has passed may be rung, as read at `at` (the same all through one window)."""
+        opening = self.next_open(datetime.combine(at.astimezone(UK_TZ).date(), time(0), UK_TZ))
+        if opening <= at < datetime.combine(opening.date(), self.closes, UK_TZ):
+            return opening
+        return self.next_open(at)
+
 
 def _hours(raw: str) -> tuple[time, time]:
     try:

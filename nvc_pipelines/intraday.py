@@ -183,7 +183,7 @@ def check_before_dial(
                 refreshed_at=refreshed, stale=True,
             )  # fmt: skip
         refreshed = now
-    found = store.call_list_entry(practice_id, number, miss=False)
+    found = store.call_list_entry(practice_id, number, miss=False, now=now)
     if found["listed"]:
         people = tuple(p["pms_patient_id"] for p in found["listed"])
         earliest = max(p["earliest_call_at"] for p in found["listed"])

@@ -38,6 +38,7 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.recall import RecallRules, compute_recall
 from nvc_pipelines.store import Store
+from nvc_pipelines.store.call_views import callable_from
 
 SETTINGS = CallSettings()
 # A Monday in term time, 10:00 UK (GMT).
@@ -67,6 +68,21 @@ def uk(y: int, m: int, d: int, hh: int = 0, mm: int = 0) -> datetime:
 def test_next_open_keeps_to_hours_weekdays_and_bank_holidays(at: datetime, expected: datetime) -> None:
     got = SETTINGS.next_open(at)
     assert got == expected and got.utcoffset() == expected.utcoffset()
+
+
+@pytest.mark.parametrize(
+    ("at", "expected"),
+    [
+        (uk(2026, 11, 23, 10, 0), uk(2026, 11, 23, 9, 0)),  # open: the window's own opening
+        (uk(2026, 11, 23, 17, 59), uk(2026, 11, 23, 9, 0)),
+        (uk(2026, 11, 23, 7, 30), uk(2026, 11, 23, 9, 0)),  # before opening
+        (uk(2026, 11, 23, 18, 0), uk(2026, 11, 24, 9, 0)),  # closed: the next window
+        (uk(2026, 11, 28, 12, 0), uk(2026, 11, 30, 9, 0)),  # Saturday
+        (uk(2026, 12, 25, 10, 0), uk(2026, 12, 29, 9, 0)),  # Christmas Day
+    ],
+)
+def test_window_open_is_the_current_windows_opening_else_the_next(at: datetime, expected: datetime) -> None:
+    assert SETTINGS.window_open(at) == expected
 
 
 def test_nations_have_their_own_bank_holidays() -> None:
@@ -401,6 +417,27 @@ def test_the_check_finds_a_listed_patient_who_must_not_be_called(store: Store, f
     assert [v["pms_patient_id"] for v in store.call_list_violations(family)] == ["S1"]
     store.rebuild_call_list(family)
     assert store.call_list_violations(family) == []
+    with store.begin_owner() as conn:  # each other rule, behind the list's back
+        conn.execute(text("UPDATE patients SET phone_recall = false WHERE practice_id = :p AND pms_patient_id = 'H2'"),
+                     {"p": family})  # fmt: skip
+        conn.execute(
+            text(
+                "INSERT INTO patients (practice_id, pms_patient_id, first_name, last_name, active, merged_into) "
+                "SELECT :p, 'H1-old', 'Helen', 'Skinner', false, patient_id FROM patients "
+                "WHERE practice_id = :p AND pms_patient_id = 'H1'"
+            ),
+            {"p": family},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO contact_suppressions (practice_id, pms_patient_id, reason) VALUES "
+                "(:p, 'H1-old', 'asked_not_to_be_called'), (:p, 'H1', 'deceased'), (:p, 'nobody', 'deceased')"
+            ),
+            {"p": family},
+        )
+    found = {v["pms_patient_id"]: v for v in store.call_list_violations(family)}
+    assert set(found) == {"H1", "H2"}
+    assert found["H1"]["suppressed"] == "asked_not_to_be_called,deceased" and found["H2"]["phone_recall"] is False
 
 
 # --- property: over any sequence of syncs and call outcomes ---------------------------------------------
@@ -521,10 +558,12 @@ def test_erasure_removes_calls_and_suppressions(store: Store, family: str) -> No
 # --- the nightly places only what changed -------------------------------------------------------------
 
 
-def _rows(store: Store, practice_id: str) -> list[tuple]:
+def _rows(store: Store, practice_id: str, read_at: datetime | None = None) -> list[tuple]:
+    """The stored list; with `read_at`, each listed row's `earliest_call_at` as a reader sees it then."""
+    open_at = SETTINGS.window_open(read_at) if read_at else None
     with store.begin(practice_id) as conn:
         return [
-            tuple(r)
+            (*r[:6], callable_from(r[6], open_at) if open_at and r[3] else r[6], *r[7:])
             for r in conn.execute(
                 text(
                     "SELECT patient_id, due_date, reason, listed, phone, ask_for, earliest_call_at, reason_code, detail "
@@ -559,11 +598,36 @@ def test_a_nightly_placing_only_what_changed_gives_the_list_a_full_build_gives(s
     later = start + timedelta(days=3)  # the call-back snooze (2 days) ran out, Bea's appointment passed
     nightly = store.update_call_list(family, settings=SETTINGS, now=later)
     assert nightly["mode"] == "changed" and 0 < nightly["placed_again"] < nightly["due"] + 1
-    changed_only = _rows(store, family)
+    changed_only = _rows(store, family, later)  # entries the nightly did not place keep their stored time
     whole = store.rebuild_call_list(family, now=later, settings=SETTINGS)
-    assert _rows(store, family) == changed_only
+    assert _rows(store, family, later) == changed_only
     assert {k: v for k, v in nightly.items() if k not in ("mode", "placed_again")} == whole
     assert store.call_list_violations(family) == []
+
+
+def test_a_passed_call_time_is_read_as_the_next_opening_without_rewriting_the_list(store: Store, family: str) -> None:
+    """The nightly no longer moves every passed `earliest_call_at` on: the stored time stays, and every
+    reader (the caller's list, the dial check, `--why`) sees the next opening from the moment it reads."""
+    friday_evening = uk(2026, 11, 27, 19, 0)  # after hours: placed for Monday 09:00
+    store.rebuild_call_list(family, now=friday_evening, settings=SETTINGS)
+    stored = {r[4]: r[6] for r in _rows(store, family) if r[3]}
+    assert set(stored.values()) == {uk(2026, 11, 30, 9)}
+    tuesday = uk(2026, 12, 1, 11, 30)  # open: callable since the window opened, the same all morning
+    entry = store.call_list_entry(family, "+441134960500", now=tuesday)
+    assert [p["earliest_call_at"] for p in entry["listed"]] == [uk(2026, 12, 1, 9)] * 2
+    assert store.call_list_entry(family, "+441134960500", now=tuesday + timedelta(hours=6))["listed"] == entry["listed"]
+    tuesday_night = uk(2026, 12, 1, 20, 0)  # closed: the next morning
+    entry = store.call_list_entry(family, "+447700900610", now=tuesday_night)
+    assert [p["earliest_call_at"] for p in entry["listed"]] == [uk(2026, 12, 2, 9)]
+    sunday_before = uk(2026, 11, 29, 12, 0)  # not yet passed: the stored time
+    entry = store.call_list_entry(family, "+447700900610", now=sunday_before)
+    assert [p["earliest_call_at"] for p in entry["listed"]] == [uk(2026, 11, 30, 9)]
+    assert {r[4]: r[6] for r in _rows(store, family) if r[3]} == stored  # reading rewrote nothing
+    opened = SETTINGS.window_open(datetime.now(UTC))  # the other readers, at this moment
+    view = store.call_list_view(family)
+    assert [e["earliest_call_at"] for e in view["entries"]] == [opened] * 2
+    assert store.call_list_why(family, "S1")["earliest_call_at"] == opened
+    assert [r["earliest_call_at"] for r in store.call_list(family)] == [opened] * 3
 
 
 def test_a_list_placed_a_few_people_at_a_time_is_the_list_placed_at_once(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from nvc_pipelines.calling import UK_TZ, CallSettings
 from nvc_pipelines.store import call_events, call_updates, call_views, calls
@@ -54,15 +54,22 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             if actor:
                 self.audit(conn, actor, practice_id, "read_call_list")
+            open_at = self._open_at(conn, practice_id, None)
             rows = conn.execute(
                 text(
                     "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, c.phone, c.due_date, c.reason, c.ask_for, "
-                    "c.earliest_call_at FROM call_list c JOIN patients pt USING (patient_id) "
+                    "c.earliest_call_at, c.listed FROM call_list c JOIN patients pt USING (patient_id) "
                     "WHERE c.practice_id = :p AND c.listed ORDER BY c.due_date, pt.pms_patient_id"
                 ),
                 {"p": practice_id},
             ).mappings()
-            return [dict(r) for r in rows]
+            return [{k: v for k, v in call_views.as_read(r, open_at).items() if k != "listed"} for r in rows]
+
+    @staticmethod
+    def _open_at(conn: Connection, practice_id: str, now: datetime | None) -> datetime:
+        """The opening of the practice's calling window at `now` (default: this moment), or of the next
+        one, for `call_views.callable_from`."""
+        return calls.practice_call_settings(conn, practice_id).window_open(now or datetime.now(UTC))
 
     def call_list_view(self, practice_id: str, actor: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """`{"entries": [...], "not_listed": [...]}`: one entry per number to dial, and every due
@@ -71,13 +78,16 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             if actor:
                 self.audit(conn, actor, practice_id, "read_call_list")
-            return call_views.entries(conn, practice_id)
+            return call_views.entries(conn, practice_id, self._open_at(conn, practice_id, None))
 
     def call_list_why(self, practice_id: str, pms_patient_id: str, actor: str | None = None) -> dict[str, Any]:
         """Why one patient is, or is not, on the call list."""
         self.get_practice(practice_id)
         with self.begin(practice_id) as conn:
-            found = call_views.why(conn, practice_id, pms_patient_id, datetime.now(UTC).astimezone(UK_TZ).date())
+            now = datetime.now(UTC)
+            found = call_views.why(
+                conn, practice_id, pms_patient_id, now.astimezone(UK_TZ).date(), self._open_at(conn, practice_id, now)
+            )
             if found is None:
                 raise PracticeNotFound(f"practice {practice_id} has no patient {pms_patient_id!r}")
             if actor:
@@ -98,12 +108,15 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             call_views.mark_refreshed(conn, practice_id, at, ok=ok, error=error)
 
-    def call_list_entry(self, practice_id: str, phone: str, *, miss: bool | None = None) -> dict[str, Any]:
-        """Who is on the entry of `phone` (and who on it is not listed); `miss` counts a pre-dial check."""
+    def call_list_entry(
+        self, practice_id: str, phone: str, *, miss: bool | None = None, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Who is on the entry of `phone` (and who on it is not listed), with when they may be rung
+        as of `now` (default: this moment); `miss` counts a pre-dial check."""
         with self.begin(practice_id) as conn:
             if miss is not None:
                 call_views.count_check(conn, practice_id, miss=miss)
-            return call_views.entry_for(conn, practice_id, phone)
+            return call_views.entry_for(conn, practice_id, phone, self._open_at(conn, practice_id, now))
 
     def call_list_violations(self, practice_id: str) -> list[dict[str, Any]]:
         with self.begin(practice_id) as conn:

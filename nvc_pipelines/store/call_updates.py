@@ -114,9 +114,10 @@ def update(
 ) -> dict[str, Any]:
     """The nightly's call list: placed whole the first time, when the practice's calling settings or
     the rules changed, or when asked (`full`); otherwise only the households of the patients whose
-    placement may have changed since the last build (`_changed_ids`), and every other listed entry's
-    `earliest_call_at` moved to the next opening when it has passed (nothing else in a placement
-    depends on the clock). Returns `counts` (whole practice) with the mode and how many were placed.
+    placement may have changed since the last build (`_changed_ids`). Nothing else in a placement
+    depends on the clock: an entry's `earliest_call_at` that has passed is read as the next opening
+    (`call_views.callable_from`), not rewritten. Returns `counts` (whole practice) with the mode and
+    how many were placed.
 
     The build's mark is written in the same transaction as the list, so a killed build is redone."""
     today = now.astimezone(UK_TZ).date()
@@ -138,13 +139,6 @@ def update(
         scope = household(conn, practice_id, ids)
         rebuilt = rebuild(conn, practice_id, today=today, now=now, settings=settings, scope=scope) if scope else None
         placed = conn.execute(text("SELECT count(*) FROM due_people")).scalar_one() if scope else 0
-        conn.execute(
-            text(
-                "UPDATE call_list SET earliest_call_at = :open WHERE practice_id = :p AND listed "
-                "AND earliest_call_at < :now"
-            ),
-            {"p": practice_id, "now": now, "open": settings.next_open(now)},
-        )
         out = (rebuilt or counts(conn, practice_id)) | {"mode": "changed", "placed_again": placed}
     conn.execute(
         text(

@@ -213,8 +213,12 @@ def rebuild(
     else:
         conn.execute(
             text(
-                "DELETE FROM call_list WHERE practice_id = :p AND (patient_id = ANY(:ids) "
-                "OR patient_id IN (SELECT patient_id FROM due_people) OR (listed AND phone = ANY(:phones)))"
+                "DELETE FROM call_list WHERE practice_id = :p "
+                # `IN (SELECT unnest(...))` is a hashed lookup; `= ANY(:array)` searched the whole array
+                # for each of the practice's rows (a second at 200,000 patients)
+                "AND (patient_id IN (SELECT unnest(CAST(:ids AS bigint[]))) "
+                "OR patient_id IN (SELECT patient_id FROM due_people) "
+                "OR (listed AND phone IN (SELECT unnest(CAST(:phones AS text[])))))"
             ),
             {"p": practice_id, "ids": sorted(scope.patient_ids), "phones": sorted(scope.phones)},
         )
