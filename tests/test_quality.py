@@ -273,3 +273,41 @@ def test_each_patient_rule_fails_alone_on_its_own_row(change: dict, rule: str) -
     assert {e["check"] for e in report.examples} == {rule}
     if rule != "unique_identity":
         assert [e["pms_patient_id"] for e in report.examples] == ["2"]
+
+
+def test_whole_practice_invariants_are_counted_in_sql_with_examples(store: Store) -> None:
+    """Each whole-practice invariant counts the rows that break it (one pass per check) and shows them."""
+    store.add_practice("q-inv", "Q", PmsKind.CSV, {}, {})
+    with store.begin_owner() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO patients (practice_id, pms_patient_id, first_name, last_name, phones, date_of_birth, active) "
+                "VALUES ('q-inv', 'ok', 'Ann', 'Lee', '{+447700900001}', '1980-01-01', true), "
+                "('q-inv', 'old', 'Bob', 'Kay', '{+447700900002}', '1890-01-01', true), "
+                "('q-inv', 'mute', 'Cat', 'Ng', '{}', NULL, true), "
+                "('q-inv', 'gone', 'Dan', 'Ode', '{+447700900004}', '1970-01-01', false)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO appointments (practice_id, pms_appointment_id, pms_patient_id, starts_at, ends_at, status, "
+                "appointment_type) VALUES ('q-inv', 'a1', 'ok', now(), now() + interval '1 hour', 'booked', 'x'), "
+                "('q-inv', 'a2', 'ghost', now(), now() + interval '1 hour', 'booked', 'x')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, reason) "
+                "SELECT patient_id, 'q-inv', '2027-01-01', 'computed', 'default', 24, 'r' FROM patients "
+                "WHERE practice_id = 'q-inv' AND pms_patient_id IN ('ok', 'gone')"
+            )
+        )
+    today = date(2026, 12, 7)
+    counts, total, shown = store.quality_invariants("q-inv", "patients", today)
+    assert (counts, total) == ({"unique_identity": 0, "birth_in_past_and_age_under_120": 1, "uncallable": 1}, 3)
+    assert [r["pms_patient_id"] for r in shown["birth_in_past_and_age_under_120"]] == ["old"]
+    assert [r["pms_patient_id"] for r in shown["uncallable"]] == ["mute"] and "unique_identity" not in shown
+    counts, total, shown = store.quality_invariants("q-inv", "appointments", today)
+    assert (counts, total) == ({"patient_exists": 1}, 2) and shown["patient_exists"][0]["pms_patient_id"] == "ghost"
+    counts, total, shown = store.quality_invariants("q-inv", "recalls", today)
+    assert (counts, total) == ({"patient_active": 1}, 2) and shown["patient_active"][0]["pms_patient_id"] == "gone"

@@ -34,7 +34,10 @@ class ChecksMixin(StoreBase):
         changed = {
             "patients": " AND updated_at > :since",
             "appointments": " AND updated_at > :since",
-            "recalls": " AND (r.computed_at > :since OR pt.updated_at > :since)",
+            # Two filtered scans, then the join for those few: an OR across the join joined every row.
+            "recalls": " AND r.patient_id IN (SELECT patient_id FROM recalls WHERE practice_id = :p "
+            "AND computed_at > :since UNION SELECT patient_id FROM patients WHERE practice_id = :p "
+            "AND updated_at > :since)",
         }
         sql = queries[kind] + (changed[kind] if since is not None else "")
         with self.begin(practice_id) as conn:
@@ -44,46 +47,42 @@ class ChecksMixin(StoreBase):
             for chunk in rows.mappings().partitions(size):
                 yield [dict(r) for r in chunk]
 
-    # The whole-practice invariants of each check, as SQL aggregates (name -> rows that break it), and
-    # the query that shows a few of those rows. They are what a changed-only nightly cannot see in the
-    # rows it validates: a share, a duplicate, a reference to a row that changed elsewhere, or a rule
-    # that the calendar breaks (an age passing 120).
-    _INVARIANTS: dict[str, dict[str, tuple[str, str]]] = {
+    # The whole-practice invariants of each check, counted in one pass over the check's rows (a
+    # column per invariant, and `total`, the rows the check covers), and for each the query that shows
+    # a few of the rows breaking it. They are what a changed-only nightly cannot see in the rows it
+    # validates: a share, a duplicate, a reference to a row that changed elsewhere, or a rule that the
+    # calendar breaks (an age passing 120).
+    _COUNTS: dict[str, str] = {
+        "patients": "SELECT count(*) AS total, count(*) - count(DISTINCT pms_patient_id) AS unique_identity, "
+        "count(*) FILTER (WHERE date_of_birth IS NOT NULL AND (:today - date_of_birth < 0 "
+        "OR :today - date_of_birth > :max_age_days)) AS birth_in_past_and_age_under_120, "
+        "count(*) FILTER (WHERE cardinality(phones) = 0) AS uncallable "
+        "FROM patients WHERE practice_id = :p AND active",
+        # (practice_id, pms_patient_id) is unique, so the LEFT JOIN adds no rows: one hash join.
+        "appointments": "SELECT count(*) AS total, count(*) FILTER (WHERE pt.patient_id IS NULL) AS patient_exists "
+        "FROM appointments a LEFT JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id "
+        "WHERE a.practice_id = :p AND a.active",
+        "recalls": "SELECT count(*) AS total, count(*) FILTER (WHERE NOT pt.active) AS patient_active "
+        "FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id WHERE r.practice_id = :p",
+    }
+    _EXAMPLES: dict[str, dict[str, str]] = {
         "patients": {
-            "unique_identity": (
-                "SELECT count(*) - count(DISTINCT pms_patient_id) FROM patients WHERE practice_id = :p AND active",
-                "SELECT pms_patient_id FROM patients WHERE practice_id = :p AND active GROUP BY pms_patient_id "
-                "HAVING count(*) > 1",
-            ),
-            "birth_in_past_and_age_under_120": (
-                "SELECT count(*) FROM patients WHERE practice_id = :p AND active AND date_of_birth IS NOT NULL "
-                "AND (:today - date_of_birth < 0 OR :today - date_of_birth > :max_age_days)",
-                "SELECT pms_patient_id, first_name, last_name, date_of_birth FROM patients WHERE practice_id = :p "
-                "AND active AND date_of_birth IS NOT NULL "
-                "AND (:today - date_of_birth < 0 OR :today - date_of_birth > :max_age_days)",
-            ),
-            "uncallable": (
-                "SELECT count(*) FILTER (WHERE cardinality(phones) = 0) FROM patients WHERE practice_id = :p AND active",
-                "SELECT pms_patient_id, first_name, last_name, phones FROM patients WHERE practice_id = :p AND active "
-                "AND cardinality(phones) = 0",
-            ),
+            "unique_identity": "SELECT pms_patient_id FROM patients WHERE practice_id = :p AND active "
+            "GROUP BY pms_patient_id HAVING count(*) > 1",
+            "birth_in_past_and_age_under_120": "SELECT pms_patient_id, first_name, last_name, date_of_birth "
+            "FROM patients WHERE practice_id = :p AND active AND date_of_birth IS NOT NULL "
+            "AND (:today - date_of_birth < 0 OR :today - date_of_birth > :max_age_days)",
+            "uncallable": "SELECT pms_patient_id, first_name, last_name, phones FROM patients "
+            "WHERE practice_id = :p AND active AND cardinality(phones) = 0",
         },
         "appointments": {
-            "patient_exists": (
-                "SELECT count(*) FROM appointments a WHERE a.practice_id = :p AND a.active AND NOT EXISTS ("
-                "SELECT 1 FROM patients pt WHERE pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id)",
-                "SELECT a.pms_appointment_id, a.pms_patient_id, a.starts_at, a.status FROM appointments a "
-                "WHERE a.practice_id = :p AND a.active AND NOT EXISTS (SELECT 1 FROM patients pt "
-                "WHERE pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id)",
-            ),
+            "patient_exists": "SELECT a.pms_appointment_id, a.pms_patient_id, a.starts_at, a.status FROM appointments a "
+            "WHERE a.practice_id = :p AND a.active AND NOT EXISTS (SELECT 1 FROM patients pt "
+            "WHERE pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id)",
         },
         "recalls": {
-            "patient_active": (
-                "SELECT count(*) FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
-                "WHERE r.practice_id = :p AND NOT pt.active",
-                "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule FROM recalls r "
-                "JOIN patients pt ON pt.patient_id = r.patient_id WHERE r.practice_id = :p AND NOT pt.active",
-            ),
+            "patient_active": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule FROM recalls r "
+            "JOIN patients pt ON pt.patient_id = r.patient_id WHERE r.practice_id = :p AND NOT pt.active",
         },
     }
 
@@ -93,27 +92,19 @@ class ChecksMixin(StoreBase):
         """The whole practice's invariants for one check: rows breaking each (by name), the number of
         rows the check covers, and up to `examples` of the breaking rows for each that is broken."""
         params = {"p": practice_id, "today": today, "max_age_days": int(120 * 365.25)}
-        table = {"patients": "patients", "appointments": "appointments", "recalls": "recalls"}[kind]
-        active = "" if kind == "recalls" else " AND active"
         with self.begin(practice_id) as conn:
-            counts = {
-                name: int(conn.execute(text(sql), params).scalar_one())
-                for name, (sql, _) in self._INVARIANTS[kind].items()
-            }
-            total = conn.execute(
-                text(f"SELECT count(*) FROM {table} WHERE practice_id = :p{active}"), params
-            ).scalar_one()
+            row = dict(conn.execute(text(self._COUNTS[kind]), params).mappings().one())
+            total = int(row.pop("total"))
+            counts = {name: int(row[name]) for name in self._EXAMPLES[kind]}
             shown = {
                 name: [
                     dict(r)
-                    for r in conn.execute(
-                        text(f"{self._INVARIANTS[kind][name][1]} LIMIT {examples}"), params
-                    ).mappings()
+                    for r in conn.execute(text(f"{self._EXAMPLES[kind][name]} LIMIT {examples}"), params).mappings()
                 ]
                 for name, n in counts.items()
                 if n
             }
-        return counts, int(total), shown
+        return counts, total, shown
 
     def check_mark(self, practice_id: str, name: str) -> tuple[datetime | None, str | None, datetime | None, datetime]:
         """What check `name` last validated up to: (mark, its fingerprint, the practice's last full read
