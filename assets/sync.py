@@ -411,7 +411,9 @@ def recalls(context: AssetExecutionContext, store: StoreResource) -> Materialize
     for batch in db.recall_batches(practice_id, everyone=plan.full):
         computed = (recall_with_clinical(p, batch.clinical.get(p.pms_patient_id, []), rules) for p in batch.patients)
         found = [r for r in computed if r is not None]
-        changed += db.write_recalls(practice_id, found, scope=batch.seen.keys(), seen=batch.seen, analyze=False)
+        changed += db.write_recalls(
+            practice_id, found, scope=batch.seen.keys(), seen=batch.seen, key_range=batch.key_range, analyze=False
+        )
         recomputed += len(batch.patients)
         if changed >= max(analyze_at, 5000):  # a first computation fills the table: keep its plans right
             db.refresh_statistics("recalls")

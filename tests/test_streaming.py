@@ -176,9 +176,12 @@ def _compute_in_batches(store: Store, practice_id: str, rules: RecallRules, *, e
     held = 0
     for batch in store.recall_batches(practice_id, everyone=everyone, size=size):
         assert len(batch.seen) <= size
+        assert (batch.key_range is not None) == everyone  # a full pass's batch is a key range
         held += len(batch.seen)
         found = [recall_with_clinical(p, batch.clinical.get(p.pms_patient_id, []), rules) for p in batch.patients]
-        store.write_recalls(practice_id, [r for r in found if r], scope=batch.seen.keys(), seen=batch.seen)
+        store.write_recalls(
+            practice_id, [r for r in found if r], scope=batch.seen.keys(), seen=batch.seen, key_range=batch.key_range
+        )
     store.finish_recalls(practice_id, fingerprint=rules.fingerprint(), full=everyone)
     return held
 

@@ -34,6 +34,9 @@ class RecallBatch:
     seen: dict[str, int]  # PMS id -> change_seq, every target (an inactive one's recall is removed)
     patients: list[Patient]  # the active targets
     clinical: dict[str, list[ClinicalRecord]]  # by PMS id, oldest exam first
+    # A batch of a full pass is every patient between its first and last PMS id (in the database's
+    # order): `write_recalls` starts its joins there. None for a changed-only batch (scattered ids).
+    key_range: tuple[str, str] | None = None
 
 
 _CLINICAL_COLUMNS = (
@@ -136,7 +139,7 @@ class RecallsMixin(StoreBase):
                             source_updated_at=updated,
                         )
                     )
-            yield RecallBatch(seen, patients, clinical)
+            yield RecallBatch(seen, patients, clinical, (first, after) if everyone else None)
             if len(rows) < size:
                 return
 
@@ -168,13 +171,16 @@ class RecallsMixin(StoreBase):
         *,
         scope: Collection[str] | None = None,
         seen: Mapping[str, int] | None = None,
+        key_range: tuple[str, str] | None = None,
         fingerprint: str | None = None,
         analyze: bool = True,
     ) -> int:
         """Replace the practice's recalls with `recalls` in one transaction (only those of the PMS ids in
         `scope` when given); returns how many were added, changed or removed. `seen` (PMS id ->
         `change_seq` read before computing) marks those patients' recalls as computed from that
-        state, and `fingerprint` the rules used, in the same transaction."""
+        state, and `fingerprint` the rules used, in the same transaction. `key_range` (a full pass's
+        batch, `RecallBatch.key_range`): every id of `scope` lies between these two, in the database's
+        order, and the joins start there."""
         rows = [
             (
                 r.pms_patient_id,
@@ -214,13 +220,14 @@ class RecallsMixin(StoreBase):
                     " AND pms_patient_id = ANY(:scope))"
                 )
                 params["scope"] = list(scope)
+            if key_range is not None:
                 # A batch of a full pass is a key range: its joins start there, not at the practice's
                 # first patient (each batch would scan all the batches before it). The bounds are the
-                # database's own min and max, in the column's collation (Python's order is not it).
-                in_range = (
-                    " AND pt.pms_patient_id BETWEEN (SELECT min(k) FROM unnest(CAST(:scope AS text[])) k)"
-                    " AND (SELECT max(k) FROM unnest(CAST(:scope AS text[])) k)"
-                )
+                # batch's first and last id as the database ordered them (Python's order is not the
+                # column's collation). A changed-only batch has none: its few ids are looked up one by
+                # one, where bounds spanning the practice made every join scan it.
+                in_range = " AND pt.pms_patient_id BETWEEN :lo AND :hi"
+                params["lo"], params["hi"] = key_range
             removed = conn.execute(
                 text(
                     "DELETE FROM recalls r WHERE r.practice_id = :p" + in_scope + " AND NOT EXISTS ("
@@ -270,11 +277,10 @@ class RecallsMixin(StoreBase):
                 conn.execute(
                     text(
                         "UPDATE patients p SET recall_seq = s.seq FROM stage_seen s WHERE p.practice_id = :p "
-                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq "
-                        "AND p.pms_patient_id BETWEEN (SELECT min(pms_patient_id) FROM stage_seen) "
-                        "AND (SELECT max(pms_patient_id) FROM stage_seen)"
+                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq"
+                        + in_range.replace("pt.", "p.")
                     ),
-                    {"p": practice_id},
+                    params,
                 )
             if fingerprint is not None:
                 self._mark_recalls_computed(conn, practice_id, fingerprint, scope is None)
