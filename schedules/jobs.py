@@ -32,6 +32,7 @@ from dagster import (
 import assets.definitions as sync_domain
 from assets.partitions import practices_partitions
 from assets.sync import GROUP
+from resources.batch import BATCH_TAG
 from resources.deployment import shared_resources
 
 practice_sync_job = define_asset_job(
@@ -43,7 +44,6 @@ practice_sync_job = define_asset_job(
 )
 
 BATCH_OP = "sync_practices"
-BATCH_TAG = "nvc/batch"  # on each practice's run: the batch run that executed it
 DEFAULT_BATCH_SIZE = 25
 
 

@@ -11,7 +11,10 @@ No Helm and no network here, and nothing from the chart's repository is kept in 
 - the dagster.yaml the chart renders from it (its instance ConfigMap) is rebuilt here the way the
   chart's templates build it, and validated against Dagster's config schemas, the run launcher
   against dagster-k8s's, like tests/test_deploy.py does for deploy/dagster.yaml; what the two must
-  agree on (queue limits, run retries, run monitoring, ...) is compared.
+  agree on (queue limits, run retries, run monitoring, ...) is compared;
+- the run launcher is ours (resources/k8s_launcher.py, batch-held runs judged by their batch), its
+  config carries what the chart's template fills in for its own K8sRunLauncher, and the daemon and
+  the webserver, which load it, run the code location's image.
 
 Each check is a function returning its problems; every one has cases below that make it fail.
 """
@@ -36,6 +39,7 @@ import yaml
 from dagster._config import process_config
 from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.instance.config import dagster_instance_config
+from dagster_k8s import K8sRunLauncher
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from kubernetes.utils import parse_quantity
 
@@ -51,7 +55,9 @@ OWNER_SECRET = "nvc-pipelines-owner"
 OWNER_SECRET_KEY = "NVC_OWNER_DATABASE_URL"
 
 CODE = "dagster-user-deployments.deployments[]"
-K8S_LAUNCHER = "runLauncher.config.k8sRunLauncher"
+CUSTOM = "runLauncher.config.customRunLauncher"
+# The launcher's own config (dagster-k8s's K8sRunLauncher's, snake case), which the chart passes as it is.
+K8S_CONFIG = f"{CUSTOM}.config"
 QUEUED = "dagsterDaemon.runCoordinator.config.queuedRunCoordinator"
 # A user deployment's readinessProbe: a Kubernetes Probe plus the chart's own `enabled` switch.
 CHART_PROBE = "V1Probe with enabled"
@@ -80,20 +86,27 @@ CHART_VALUES: dict[str, str | tuple[str, ...]] = {
     f"{CODE}.port": "int",
     f"{CODE}.includeConfigInLaunchedRuns.enabled": "bool",
     f"{CODE}.envSecrets": "list[V1SecretEnvSource]",
-    f"{CODE}.env": "list[V1EnvVar]",
     f"{CODE}.volumes": "list[V1Volume]",
     f"{CODE}.volumeMounts": "list[V1VolumeMount]",
     f"{CODE}.resources": "V1ResourceRequirements",
     f"{CODE}.readinessProbe": CHART_PROBE,
     f"{CODE}.securityContext": "V1SecurityContext",
-    # one Kubernetes Job per run
-    "runLauncher.type": ("K8sRunLauncher",),
-    f"{K8S_LAUNCHER}.imagePullPolicy": ("Always", "IfNotPresent", "Never"),
-    f"{K8S_LAUNCHER}.loadInclusterConfig": "bool",
-    f"{K8S_LAUNCHER}.envSecrets": "list[V1SecretEnvSource]",
-    f"{K8S_LAUNCHER}.labels": "dict(str, str)",
-    f"{K8S_LAUNCHER}.resources": "V1ResourceRequirements",
-    f"{K8S_LAUNCHER}.securityContext": "V1SecurityContext",
+    # one Kubernetes Job per run, by our K8sRunLauncher (resources/k8s_launcher.py), named to the chart
+    # as a custom launcher: the chart renders module, class and config as they are
+    "runLauncher.type": ("CustomRunLauncher",),
+    f"{CUSTOM}.module": "str",
+    f"{CUSTOM}.class": "str",
+    f"{K8S_CONFIG}.load_incluster_config": "bool",
+    f"{K8S_CONFIG}.job_namespace": "str",
+    f"{K8S_CONFIG}.image_pull_policy": ("Always", "IfNotPresent", "Never"),
+    f"{K8S_CONFIG}.service_account_name": "str",
+    f"{K8S_CONFIG}.dagster_home": "str",
+    f"{K8S_CONFIG}.instance_config_map": "str",
+    f"{K8S_CONFIG}.postgres_password_secret": "str",
+    f"{K8S_CONFIG}.env_secrets": "list[str]",
+    f"{K8S_CONFIG}.labels": "dict(str, str)",
+    f"{K8S_CONFIG}.resources": "V1ResourceRequirements",
+    f"{K8S_CONFIG}.security_context": "V1SecurityContext",
     # Dagster's storage: an external PostgreSQL
     "postgresql.enabled": "bool",
     "postgresql.postgresqlHost": "str",
@@ -105,6 +118,9 @@ CHART_VALUES: dict[str, str | tuple[str, ...]] = {
     "generatePostgresqlPasswordSecret": "bool",
     # the daemon
     "dagsterDaemon.enabled": "bool",
+    "dagsterDaemon.image.repository": "str",
+    "dagsterDaemon.image.tag": "str",
+    "dagsterDaemon.image.pullPolicy": ("Always", "IfNotPresent", "Never"),
     "dagsterDaemon.runCoordinator.enabled": "bool",
     "dagsterDaemon.runCoordinator.type": ("QueuedRunCoordinator",),
     f"{QUEUED}.maxConcurrentRuns": "int",
@@ -124,6 +140,9 @@ CHART_VALUES: dict[str, str | tuple[str, ...]] = {
     "dagsterDaemon.resources": "V1ResourceRequirements",
     # the webserver
     "dagsterWebserver.replicaCount": "int",
+    "dagsterWebserver.image.repository": "str",
+    "dagsterWebserver.image.tag": "str",
+    "dagsterWebserver.image.pullPolicy": ("Always", "IfNotPresent", "Never"),
     "dagsterWebserver.workspace.enabled": "bool",
     "dagsterWebserver.workspace.servers": "list[dict(str, object)]",  # see the code location test
     "dagsterWebserver.readinessProbe": "V1Probe",
@@ -287,7 +306,7 @@ def _set(path: list, value: Any) -> Callable[[dict], None]:
 
 
 DEPLOYMENT = ["dagster-user-deployments", "deployments", 0]
-LAUNCHER = ["runLauncher", "config", "k8sRunLauncher"]
+LAUNCHER = ["runLauncher", "config", "customRunLauncher", "config"]
 QUEUED_PATH = ["dagsterDaemon", "runCoordinator", "config", "queuedRunCoordinator"]
 
 
@@ -301,7 +320,8 @@ QUEUED_PATH = ["dagsterDaemon", "runCoordinator", "config", "queuedRunCoordinato
         _set([*DEPLOYMENT, "includeConfigInLaunchedRun"], {"enabled": False}),
         # a misspelled key inside a section
         _set([*QUEUED_PATH, "maxConcurentRuns"], 40),
-        _set([*LAUNCHER, "envSecret"], [{"name": APP_SECRET}]),
+        _set([*LAUNCHER, "env_secret"], [APP_SECRET]),
+        _set([*LAUNCHER, "envSecrets"], [{"name": APP_SECRET}]),  # the chart's K8sRunLauncher spelling
         _set([*DEPLOYMENT, "envSecret"], [{"name": APP_SECRET}]),
         _set(["dagsterDaemon", "runRetries", "retryOnOpFailure"], False),
         # a wrong type or an unsupported choice
@@ -309,7 +329,9 @@ QUEUED_PATH = ["dagsterDaemon", "runCoordinator", "config", "queuedRunCoordinato
         _set(["dagsterDaemon", "runRetries", "retryOnAssetOrOpFailure"], "false"),
         _set([*DEPLOYMENT, "port"], "3030"),
         _set(["runLauncher", "type"], "K8sLauncher"),
-        _set([*LAUNCHER, "imagePullPolicy"], "IfNotPresnt"),
+        _set([*LAUNCHER, "image_pull_policy"], "IfNotPresnt"),
+        _set(["runLauncher", "type"], "K8sRunLauncher"),  # would ignore customRunLauncher
+        _set(["dagsterDaemon", "image", "pullPolicy"], "Allways"),
         # a Kubernetes object that the client's model rejects
         _set([*LAUNCHER, "resources"], {"request": {"memory": "1Gi"}}),
         _set([*DEPLOYMENT, "securityContext"], {"runAsNonRoot": "yes"}),
@@ -328,7 +350,7 @@ def test_a_misspelled_or_mistyped_value_is_caught(change: Callable[[dict], None]
 def test_kubernetes_objects_are_valid() -> None:
     values = our_values()
     checked = [path for path, kind in CHART_VALUES.items() if isinstance(kind, str) and re.search(r"V1\w+", kind)]
-    assert len(checked) >= 12  # resources, probes, security contexts, volumes, env and secret refs
+    assert len(checked) >= 11  # resources, probes, security contexts, volumes, secret refs
     for path in checked:
         assert type_problems(CHART_VALUES[path], at(values, path), path) == []
 
@@ -401,27 +423,32 @@ def render_postgres(values: dict) -> dict:
     }
 
 
-def render_run_launcher(values: dict) -> dict:
-    """The chart's K8sRunLauncher block, for the keys CHART_VALUES allows."""
-    assert values["runLauncher"]["type"] == "K8sRunLauncher"
-    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+def chart_filled_launcher_config(values: dict) -> dict:
+    """What the chart's K8sRunLauncher template writes into the launcher's config from the release and
+    its global values (templates/helpers/instance/_run-launcher.tpl). A custom launcher's config is
+    rendered as the values give it, so ours has to say each of these itself, with the same value."""
     account = values["global"]["serviceAccountName"] or values["serviceAccount"]["name"] or FULLNAME
-    config: dict[str, Any] = {
-        "load_incluster_config": launcher["loadInclusterConfig"],
+    return {
         "job_namespace": NAMESPACE,  # jobNamespace unset: the release's namespace
-        "image_pull_policy": launcher["imagePullPolicy"],
         "service_account_name": account,
-        # no `image`: run pods use the image of the code location that launched them
+        # no `job_image`: run pods use the image of the code location that launched them
         "dagster_home": values["global"]["dagsterHome"],
         "instance_config_map": f"{FULLNAME}-instance",
         "postgres_password_secret": values["global"]["postgresqlSecretName"],
     }
-    if launcher.get("envSecrets"):
-        config["env_secrets"] = _names(launcher["envSecrets"])
-    for key, out in (("labels", "labels"), ("resources", "resources"), ("securityContext", "security_context")):
-        if launcher.get(key):
-            config[out] = launcher[key]
-    return {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": config}
+
+
+# Also in the launcher's config when it was the chart's K8sRunLauncher: what the template always writes
+# (loadInclusterConfig, imagePullPolicy), and the run pods' settings this deployment gave it.
+K8S_TEMPLATE_FIELDS = ("load_incluster_config", "image_pull_policy")
+RUN_POD_FIELDS = ("env_secrets", "labels", "resources", "security_context")
+
+
+def render_run_launcher(values: dict) -> dict:
+    """The chart's CustomRunLauncher block: module, class and config as the values give them."""
+    assert values["runLauncher"]["type"] == "CustomRunLauncher"
+    custom = values["runLauncher"]["config"]["customRunLauncher"]
+    return {"module": custom["module"], "class": custom["class"], "config": custom["config"]}
 
 
 def render_run_coordinator(values: dict) -> dict:
@@ -443,7 +470,7 @@ def render_run_coordinator(values: dict) -> dict:
 
 def render_instance(values: dict) -> dict:
     """The chart's instance ConfigMap (dagster.yaml) for this deployment's choices: daemon scheduler,
-    K8s run launcher, queued coordinator, no-op compute logs, external PostgreSQL."""
+    custom run launcher, queued coordinator, no-op compute logs, external PostgreSQL."""
     daemon = values["dagsterDaemon"]
     assert values["scheduler"]["type"] == "DagsterDaemonScheduler"
     postgres = render_postgres(values)
@@ -534,7 +561,10 @@ def test_rendered_instance_is_valid_dagster_config(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", "not-a-real-password")
     config = check_rendered_instance(our_values(), tmp_path)
     launcher = config["run_launcher"]["config"]
-    assert config["run_launcher"]["class"] == "K8sRunLauncher"
+    assert (config["run_launcher"]["module"], config["run_launcher"]["class"]) == (
+        "resources.k8s_launcher",
+        "BatchAwareK8sRunLauncher",
+    )
     assert launcher["env_secrets"] == [APP_SECRET]
     assert launcher["instance_config_map"] == "dagster-instance"
     assert launcher["postgres_password_secret"] == "dagster-postgres"
@@ -596,6 +626,84 @@ def test_a_broken_instance_setting_is_caught(tmp_path: Path, monkeypatch, sectio
     rendered[section].update(bad)
     with pytest.raises(DagsterInvalidConfigError):
         instance_config(rendered, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run launcher: ours, everywhere it is loaded, with all the chart would have given K8sRunLauncher.
+
+
+def launcher_problems(values: dict, docs: str) -> list[str]:
+    """The nightly's batches hold their practices' runs in the batch's pod, so run monitoring needs the
+    launcher that judges those runs by their batch (resources/k8s_launcher.py). It is a custom launcher
+    to the chart: its config must carry what the chart fills in for K8sRunLauncher, and the daemon and
+    the webserver, which load it, must run the code location's image."""
+    launcher = values["runLauncher"]
+    if launcher["type"] != "CustomRunLauncher":
+        return [f"runLauncher.type: {launcher['type']}, not resources.k8s_launcher's launcher: batches need it"]
+    custom = launcher["config"]["customRunLauncher"]
+    problems = []
+    try:
+        cls = getattr(importlib.import_module(custom["module"]), custom["class"])
+    except (ImportError, AttributeError) as exc:
+        return [f"{CUSTOM}: {custom['module']}.{custom['class']} can't be loaded: {exc}"]
+    if not (isinstance(cls, type) and issubclass(cls, K8sRunLauncher)):
+        problems.append(f"{CUSTOM}: {cls.__name__} is not a K8sRunLauncher")
+    elif cls.check_run_worker_health is K8sRunLauncher.check_run_worker_health:
+        problems.append(f"{CUSTOM}: {cls.__name__} checks a batch-held run as K8sRunLauncher does (no Job: failed)")
+    config = custom.get("config") or {}
+    for key, expected in chart_filled_launcher_config(with_chart_defaults(values)).items():
+        if config.get(key) != expected:
+            problems.append(f"{K8S_CONFIG}.{key}: {config.get(key)!r}, where the chart would give {expected!r}")
+    problems += [f"{K8S_CONFIG}.{key}: missing" for key in (*K8S_TEMPLATE_FIELDS, *RUN_POD_FIELDS) if key not in config]
+    code_image = at(values, f"{CODE}.image")
+    for part in ("dagsterDaemon", "dagsterWebserver"):
+        if values[part].get("image") != code_image:
+            problems.append(f"{part}.image: not the code location's image, which holds the run launcher")
+        problems += [
+            f"docs/deploy.md doesn't set {part}.image.{key} on install"
+            for key in ("repository", "tag")
+            if f'--set "{part}.image.{key}=' not in docs
+        ]
+    return problems
+
+
+def test_the_launcher_judges_batch_held_runs_and_has_what_the_chart_gave_k8s_run_launcher() -> None:
+    assert launcher_problems(our_values(), DOCS.read_text()) == []
+
+
+def _k8s_run_launcher(values: dict) -> None:
+    values["runLauncher"] = {
+        "type": "K8sRunLauncher",
+        "config": {"k8sRunLauncher": {"envSecrets": [{"name": APP_SECRET}]}},
+    }
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _k8s_run_launcher,  # a batch-held practice run would be marked failed while it syncs
+        _set(["runLauncher", "config", "customRunLauncher", "module"], "dagster_k8s"),
+        _set(["runLauncher", "config", "customRunLauncher", "class"], "K8sRunLauncher"),
+        _set(["runLauncher", "config", "customRunLauncher", "class"], "BatchAwareLauncher"),
+        _set([*LAUNCHER, "job_namespace"], "default"),  # K8sRunLauncher's default, not the release's
+        _set([*LAUNCHER, "service_account_name"], "nvc"),
+        _set([*LAUNCHER, "instance_config_map"], "nvc-instance"),
+        _set([*LAUNCHER, "postgres_password_secret"], "dagster-pg"),
+        lambda values: values["runLauncher"]["config"]["customRunLauncher"]["config"].pop("dagster_home"),
+        lambda values: values["runLauncher"]["config"]["customRunLauncher"]["config"].pop("security_context"),
+        _set(["dagsterDaemon", "image", "repository"], "dagster/dagster-celery-k8s"),  # the chart's: no launcher
+        _set(["dagsterWebserver", "image", "tag"], "1.13.27"),
+    ],
+)
+def test_a_launcher_that_would_fail_batches_or_lose_settings_is_caught(change: Callable[[dict], None]) -> None:
+    values = our_values()
+    change(values)
+    assert launcher_problems(values, DOCS.read_text()) != []
+
+
+def test_docs_that_leave_the_daemon_on_the_charts_image_are_caught() -> None:
+    docs = DOCS.read_text()
+    assert launcher_problems(our_values(), docs.replace('--set "dagsterDaemon.image.tag=', "")) != []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -724,8 +832,8 @@ def secret_problems(values: dict, code_text: str, docs: str) -> list[str]:
     # the owner's login goes to the code server only (migrations, operators' commands), never to a run.
     if _names(at(values, f"{CODE}.envSecrets")) != [APP_SECRET, OWNER_SECRET]:
         problems.append(f"{CODE}.envSecrets: should be exactly the Secrets {APP_SECRET} and {OWNER_SECRET}")
-    if _names(at(values, f"{K8S_LAUNCHER}.envSecrets")) != [APP_SECRET]:
-        problems.append(f"{K8S_LAUNCHER}.envSecrets: should be exactly the Secret {APP_SECRET} (no owner login)")
+    if at(values, f"{K8S_CONFIG}.env_secrets") != [APP_SECRET]:
+        problems.append(f"{K8S_CONFIG}.env_secrets: should be exactly the Secret {APP_SECRET} (no owner login)")
     if code["includeConfigInLaunchedRuns"] != {"enabled": False}:
         problems.append("includeConfigInLaunchedRuns: run pods are sized by runLauncher, not the code server")
     # The names are the ones the code reads, and the docs create the Secrets with them.
@@ -760,10 +868,10 @@ def test_no_secret_is_written_in_the_values() -> None:
         _set([*DEPLOYMENT, "env"], [{"name": "NVC_KEY_COPY", "value": "5m+HU3LOf6ZKcQG5oCK5Im/eDgW85KqVEeYw9t+gXaM="}]),
         _set(["postgresql", "postgresqlPassword"], "hunter2"),
         _set(["generatePostgresqlPasswordSecret"], True),
-        _set([*LAUNCHER, "envSecrets"], []),
+        _set([*LAUNCHER, "env_secrets"], []),
         _set([*DEPLOYMENT, "envSecrets"], [{"name": "nvc"}]),
         _set([*DEPLOYMENT, "envSecrets"], [{"name": APP_SECRET}]),
-        _set([*LAUNCHER, "envSecrets"], [{"name": APP_SECRET}, {"name": OWNER_SECRET}]),
+        _set([*LAUNCHER, "env_secrets"], [APP_SECRET, OWNER_SECRET]),
         _set([*DEPLOYMENT, "includeConfigInLaunchedRuns"], {"enabled": True}),
         _set(["global", "postgresqlSecretName"], "dagster-pg"),  # not the Secret the docs create
     ],
