@@ -148,5 +148,8 @@ def no_writeback_needs_action(context: AssetCheckExecutionContext, store: StoreR
     "the PMS. Also judged every 5 minutes between runs by `sync_health_sensor`.",
 )
 def writebacks_not_waiting(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
-    ok, detail = health.write_health(store.open(), context.partition_key, datetime.now(UTC))
+    db = store.open()
+    ok, detail = health.write_health(
+        db.oldest_waiting_writeback(context.partition_key), context.partition_key, datetime.now(UTC)
+    )
     return AssetCheckResult(passed=ok, severity=AssetCheckSeverity.ERROR, description=detail)

@@ -51,9 +51,9 @@ def read_health(last_sync_at: datetime | None, now: datetime) -> tuple[bool, str
     )
 
 
-def write_health(store: Store, practice_id: str, now: datetime) -> tuple[bool, str]:
-    """Whether the practice's outbox delivers: nothing has waited longer than `WRITE_MAX_WAIT`."""
-    oldest = store.oldest_waiting_writeback(practice_id)
+def write_health(oldest: datetime | None, practice_id: str, now: datetime) -> tuple[bool, str]:
+    """Whether the practice's outbox delivers: nothing has waited longer than `WRITE_MAX_WAIT` (`oldest`:
+    when its oldest writeback still waiting was written, None when nothing waits)."""
     if oldest is None:
         return True, "nothing waiting"
     ok = now - oldest <= WRITE_MAX_WAIT
@@ -62,15 +62,23 @@ def write_health(store: Store, practice_id: str, now: datetime) -> tuple[bool, s
     )
 
 
-def practice_health(store: Store, practice: dict[str, Any], now: datetime | None = None) -> PracticeHealth:
-    """One connected practice's health from its registry row (`Store.list_practices`)."""
+def practice_health(
+    practice: dict[str, Any], writes: tuple[datetime | None, int], now: datetime | None = None
+) -> PracticeHealth:
+    """One practice's health from its registry row (`Store.practice_states`) and its outbox's
+    (oldest waiting, needing action) (`Store.writeback_health`)."""
     now = now or datetime.now(UTC)
     read_ok, read = read_health(practice["last_sync_at"], now)
-    write_ok, write = write_health(store, practice["practice_id"], now)
-    needs_action = store.needs_action_count(practice["practice_id"])
-    return PracticeHealth(practice["practice_id"], read_ok, read, write_ok, write, needs_action)
+    write_ok, write = write_health(writes[0], practice["practice_id"], now)
+    return PracticeHealth(practice["practice_id"], read_ok, read, write_ok, write, writes[1])
 
 
 def fleet_health(store: Store, now: datetime | None = None) -> list[PracticeHealth]:
-    """Every connected practice's health."""
-    return [practice_health(store, p, now) for p in store.list_practices() if p["status"] == "connected"]
+    """Every connected practice's health, in two reads whatever the number of practices (the sensor
+    runs this every 5 minutes)."""
+    writes = store.writeback_health()
+    return [
+        practice_health(p, writes.get(p["practice_id"], (None, 0)), now)
+        for p in store.practice_states()
+        if p["status"] == "connected"
+    ]

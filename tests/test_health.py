@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from click.testing import CliRunner
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from nvc_pipelines import health, writeback
 from nvc_pipelines.application.cli import main
@@ -100,3 +100,37 @@ def test_the_sensor_launches_a_run_that_records_a_change_in_the_partitions_check
         again = sync_health_sensor(build_sensor_context(instance=instance, cursor=context.cursor,
                                                         resources={"store": StoreResource()}))  # fmt: skip
         assert not isinstance(again, RunRequest)
+
+
+def test_fleet_health_reads_the_fleet_in_a_fixed_number_of_statements(store: Store) -> None:
+    """The sensor judges every practice every 5 minutes: two reads whatever the fleet's size (it was
+    two statements a practice), and each practice's waiting and needing-action writebacks still counted."""
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+
+    def reads() -> int:
+        statements.clear()
+        states = health.fleet_health(store)
+        assert len(states) == len({s.practice_id for s in states})
+        return len(statements)
+
+    for n in range(2):
+        _practice(store, f"small-{n}", 1)
+    few = reads()
+    for n in range(2, 7):
+        _practice(store, f"small-{n}", 1)
+    writeback.add_booking(store, "small-3", "fh-1", "P1", datetime.now(UTC) + timedelta(days=3))
+    with store.begin_owner() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO outbox (practice_id, kind, idempotency_key, pms_patient_id, payload, status, finished_at) "
+                "VALUES ('small-5', 'booking', 'fh-2', 'P1', '{}', 'failed', now()), "
+                "('small-5', 'booking', 'fh-3', 'P1', '{}', 'timed_out', now()), "
+                "('small-5', 'booking', 'fh-4', 'P1', '{}', 'confirmed', now())"
+            )
+        )
+    assert reads() == few
+    states = {s.practice_id: s for s in health.fleet_health(store)}
+    assert states["small-3"].write_detail.startswith("oldest writeback waiting 0 min") and states["small-3"].write_ok
+    assert (states["small-5"].needs_action, states["small-5"].write_detail) == (2, "nothing waiting")
+    assert all(states[f"small-{n}"].needs_action == 0 for n in (0, 1, 2, 3, 4, 6))

@@ -51,14 +51,12 @@ class OutboxMixin(StoreBase):
             ).scalar_one()
             return oldest
 
-    def needs_action_count(self, practice_id: str) -> int:
-        """How many of the practice's writebacks ended without landing and wait in the worklist."""
-        with self.begin(practice_id) as conn:
-            n: int = conn.execute(
-                text(f"SELECT count(*) FROM outbox WHERE practice_id = :p AND {_NEEDS_ACTION_SQL}"),
-                {"p": practice_id},
-            ).scalar_one()
-            return n
+    def writeback_health(self) -> dict[str, tuple[datetime | None, int]]:
+        """Every practice with writebacks waiting or needing action: (oldest waiting to be sent, how
+        many need action), in one read of the view `outbox_health` (a practice with neither is absent)."""
+        with self.begin() as conn:
+            rows = conn.execute(text("SELECT practice_id, oldest_waiting, needs_action FROM outbox_health"))
+            return {r.practice_id: (r.oldest_waiting, int(r.needs_action)) for r in rows}
 
     # --- adding rows -------------------------------------------------------------------------------
 

@@ -98,6 +98,15 @@ class PracticesMixin(StoreBase):
             ).mappings()
             return [dict(r) for r in rows]
 
+    def practice_states(self) -> list[dict[str, Any]]:
+        """Each practice's id, status and last successful sync, without the patient counts of
+        `list_practices` (which count every practice's patients): for the health sensor's ticks."""
+        with self.begin() as conn:
+            rows = conn.execute(
+                text("SELECT practice_id, status, last_sync_at FROM practice_registry ORDER BY practice_id")
+            ).mappings()
+            return [dict(r) for r in rows]
+
     def set_status(self, practice_id: str, status: str) -> None:
         with self.begin_owner() as conn:
             n = conn.execute(

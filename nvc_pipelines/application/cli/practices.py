@@ -108,11 +108,12 @@ def practice_list() -> None:
         return
     click.echo(f"{'PRACTICE':20} {'PMS':9} {'STATUS':13} {'PATIENTS':>8}  {'LAST SYNC':16}  {'READ':5}  WRITE")
     problems: list[str] = []
+    writes = store.writeback_health()
     for r in rows:
         last = r["last_sync_at"].strftime("%Y-%m-%d %H:%M") if r["last_sync_at"] else "never"
         read = write = "-"
         if r["status"] == "connected":
-            state = practice_health(store, r)
+            state = practice_health(r, writes.get(r["practice_id"], (None, 0)))
             read = "ok" if state.read_ok else "STALE"
             write = "WAITING" if not state.write_ok else "ACTION" if state.needs_action else "ok"
             problems += [f"{r['practice_id']}: {d}" for ok, d in ((state.read_ok, state.read_detail),
