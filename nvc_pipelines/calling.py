@@ -130,12 +130,33 @@ class CallSettings:
         raise CallSettingsError("no calling day in the next 400 days: check calling_days")
 
     def window_open(self, at: datetime) -> datetime:
-        """The opening of the calling window `at` falls in, else of the next one: from when an entry
-        whose own time has passed may be rung, as read at `at` (the same all through one window)."""
+        """The opening of the calling window `at` falls in, else of the next one: from when a person
+        with nothing holding them back may be rung, as of `at` (the same all through one window)."""
         opening = self.next_open(datetime.combine(at.astimezone(UK_TZ).date(), time(0), UK_TZ))
         if opening <= at < datetime.combine(opening.date(), self.closes, UK_TZ):
             return opening
         return self.next_open(at)
+
+    def read_moment(self, at: datetime) -> ReadMoment:
+        return ReadMoment(at, self.window_open(at))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMoment:
+    """A moment the call list is read at, with its calling window's opening (`window_open`).
+
+    A placement stores when a person may first be rung: a time still to come (retry spacing, one call
+    a number a day, calling hours), or, with nothing holding them back, the opening of the window
+    they were placed in. Once a stored time has passed, what placing them again would give is the
+    opening of the reader's window, so the list is read through `callable_from` rather than the
+    nightly rewriting every passed time (an `UPDATE` of 100,000 rows a night at 200,000 patients)."""
+
+    at: datetime
+    opened: datetime
+
+    def callable_from(self, stored: datetime) -> datetime:
+        """The stored time while it is still to come, else the opening of this moment's window."""
+        return stored if stored > self.at else self.opened
 
 
 def _hours(raw: str) -> tuple[time, time]:
@@ -328,10 +349,18 @@ def place(
                 True,
                 phone=phone,
                 ask_for=ask_for(person, today),
-                earliest_call_at=opens.get(earliest) or opens.setdefault(earliest, settings.next_open(earliest)),
+                earliest_call_at=opens.get(earliest)
+                or opens.setdefault(earliest, _first_call(settings, earliest, now)),
             )
         )
     return out
+
+
+def _first_call(settings: CallSettings, earliest: datetime, now: datetime) -> datetime:
+    """When a placed person may first be rung: nothing holding them back (`earliest` is `now`), the
+    opening of the current calling window (the next one outside hours), as `ReadMoment` reads a
+    passed time; else the first opening from `earliest`."""
+    return settings.window_open(now) if earliest <= now else settings.next_open(earliest)
 
 
 def entry_ask_for(people: Sequence[Mapping[str, Any]]) -> str:

@@ -38,7 +38,6 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.recall import RecallRules, compute_recall
 from nvc_pipelines.store import Store
-from nvc_pipelines.store.call_views import callable_from
 
 SETTINGS = CallSettings()
 # A Monday in term time, 10:00 UK (GMT).
@@ -211,8 +210,8 @@ def test_declined_and_call_back_later_snooze() -> None:
     assert one(declined, now=MONDAY + timedelta(days=2)).listed  # 30 days on
     later = person(events=[call(CallOutcome.CALL_BACK_LATER, MONDAY - timedelta(days=1))])
     assert one(later).reason_code == "snoozed"
-    placed = one(later, now=MONDAY + timedelta(days=1))
-    assert placed.listed and placed.earliest_call_at == MONDAY + timedelta(days=1)
+    placed = one(later, now=MONDAY + timedelta(days=1))  # the snooze is over: since the window opened
+    assert placed.listed and placed.earliest_call_at == uk(2026, 11, 24, 9, 0)
 
 
 def test_booked_on_a_call_holds_until_the_booking_shows() -> None:
@@ -560,10 +559,10 @@ def test_erasure_removes_calls_and_suppressions(store: Store, family: str) -> No
 
 def _rows(store: Store, practice_id: str, read_at: datetime | None = None) -> list[tuple]:
     """The stored list; with `read_at`, each listed row's `earliest_call_at` as a reader sees it then."""
-    open_at = SETTINGS.window_open(read_at) if read_at else None
+    moment = SETTINGS.read_moment(read_at) if read_at else None
     with store.begin(practice_id) as conn:
         return [
-            (*r[:6], callable_from(r[6], open_at) if open_at and r[3] else r[6], *r[7:])
+            (*r[:6], moment.callable_from(r[6]) if moment and r[3] else r[6], *r[7:])
             for r in conn.execute(
                 text(
                     "SELECT patient_id, due_date, reason, listed, phone, ask_for, earliest_call_at, reason_code, detail "
@@ -603,6 +602,35 @@ def test_a_nightly_placing_only_what_changed_gives_the_list_a_full_build_gives(s
     assert _rows(store, family, later) == changed_only
     assert {k: v for k, v in nightly.items() if k not in ("mode", "placed_again")} == whole
     assert store.call_list_violations(family) == []
+
+
+def test_a_nightly_places_again_a_child_who_turned_16_since_and_nothing_else(store: Store, family: str) -> None:
+    """Nothing of the family changed since the last build but a birthday: Gavin turned 16 on the
+    nightly's day, so his household is placed again and he is asked for by name."""
+    with store.begin_owner() as conn:  # everything written a day ago: only the calendar moves
+        conn.execute(text("UPDATE patients SET updated_at = updated_at - interval '1 day' WHERE practice_id = :p"),
+                     {"p": family})  # fmt: skip
+        conn.execute(text("UPDATE recalls SET computed_at = computed_at - interval '1 day' WHERE practice_id = :p"),
+                     {"p": family})  # fmt: skip
+    start = datetime.now(UTC)
+    assert store.update_call_list(family, settings=SETTINGS, now=start)["mode"] == "full"
+    later = start + timedelta(days=3)
+    birthday = later.astimezone(UK_TZ).date()
+    with store.begin_owner() as conn:
+        conn.execute(
+            text(
+                "UPDATE patients SET date_of_birth = :dob, updated_at = now() - interval '1 day' "
+                "WHERE practice_id = :p AND pms_patient_id = 'H2'"
+            ),
+            {"p": family, "dob": birthday.replace(year=birthday.year - 16)},
+        )
+    nightly = store.update_call_list(family, settings=SETTINGS, now=later)
+    assert (nightly["mode"], nightly["placed_again"]) == ("changed", 2)  # Helen and Gavin, on one number
+    home = next(e for e in store.call_list_view(family)["entries"] if e["phone"] == "+441134960500")
+    assert home["ask_for"] == "Helen Skinner or Gavin Skinner"
+    changed_only = _rows(store, family, later)
+    store.rebuild_call_list(family, now=later, settings=SETTINGS)
+    assert _rows(store, family, later) == changed_only
 
 
 def test_a_passed_call_time_is_read_as_the_next_opening_without_rewriting_the_list(store: Store, family: str) -> None:

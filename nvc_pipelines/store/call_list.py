@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from nvc_pipelines.calling import UK_TZ, CallSettings
+from nvc_pipelines.calling import UK_TZ, CallSettings, ReadMoment
 from nvc_pipelines.store import call_events, call_updates, call_views, calls
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
 
@@ -54,7 +54,7 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             if actor:
                 self.audit(conn, actor, practice_id, "read_call_list")
-            open_at = self._open_at(conn, practice_id, None)
+            moment = self._moment(conn, practice_id, None)
             rows = conn.execute(
                 text(
                     "SELECT pt.pms_patient_id, pt.first_name, pt.last_name, c.phone, c.due_date, c.reason, c.ask_for, "
@@ -63,13 +63,12 @@ class CallListMixin(StoreBase):
                 ),
                 {"p": practice_id},
             ).mappings()
-            return [{k: v for k, v in call_views.as_read(r, open_at).items() if k != "listed"} for r in rows]
+            return [{k: v for k, v in call_views.as_read(r, moment).items() if k != "listed"} for r in rows]
 
     @staticmethod
-    def _open_at(conn: Connection, practice_id: str, now: datetime | None) -> datetime:
-        """The opening of the practice's calling window at `now` (default: this moment), or of the next
-        one, for `call_views.callable_from`."""
-        return calls.practice_call_settings(conn, practice_id).window_open(now or datetime.now(UTC))
+    def _moment(conn: Connection, practice_id: str, now: datetime | None) -> ReadMoment:
+        """`now` (default: this moment) with the practice's calling window then, to read the list at."""
+        return calls.practice_call_settings(conn, practice_id).read_moment(now or datetime.now(UTC))
 
     def call_list_view(self, practice_id: str, actor: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """`{"entries": [...], "not_listed": [...]}`: one entry per number to dial, and every due
@@ -78,7 +77,7 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             if actor:
                 self.audit(conn, actor, practice_id, "read_call_list")
-            return call_views.entries(conn, practice_id, self._open_at(conn, practice_id, None))
+            return call_views.entries(conn, practice_id, self._moment(conn, practice_id, None))
 
     def call_list_why(self, practice_id: str, pms_patient_id: str, actor: str | None = None) -> dict[str, Any]:
         """Why one patient is, or is not, on the call list."""
@@ -86,7 +85,7 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             now = datetime.now(UTC)
             found = call_views.why(
-                conn, practice_id, pms_patient_id, now.astimezone(UK_TZ).date(), self._open_at(conn, practice_id, now)
+                conn, practice_id, pms_patient_id, now.astimezone(UK_TZ).date(), self._moment(conn, practice_id, now)
             )
             if found is None:
                 raise PracticeNotFound(f"practice {practice_id} has no patient {pms_patient_id!r}")
@@ -116,7 +115,7 @@ class CallListMixin(StoreBase):
         with self.begin(practice_id) as conn:
             if miss is not None:
                 call_views.count_check(conn, practice_id, miss=miss)
-            return call_views.entry_for(conn, practice_id, phone, self._open_at(conn, practice_id, now))
+            return call_views.entry_for(conn, practice_id, phone, self._moment(conn, practice_id, now))
 
     def call_list_violations(self, practice_id: str) -> list[dict[str, Any]]:
         with self.begin(practice_id) as conn:

@@ -88,9 +88,10 @@ def _changed_ids(conn: Connection, practice_id: str, *, since: datetime, last_to
         conn.execute(
             text(
                 "SELECT DISTINCT COALESCE(pt.merged_into, pt.patient_id) FROM patients pt WHERE pt.practice_id = :p "
-                "AND (pt.updated_at > :since OR (pt.date_of_birth IS NOT NULL "
-                "AND CAST(pt.date_of_birth + interval '16 years' AS date) > :last_today "
-                "AND CAST(pt.date_of_birth + interval '16 years' AS date) <= :today))"
+                # turned 16 since: the birth dates 16 years before (last_today, today], the shift done
+                # once on the bounds, not on every patient's date (a leap day maps to a leap day)
+                "AND (pt.updated_at > :since OR (pt.date_of_birth > CAST(:last_today - interval '16 years' AS date) "
+                "AND pt.date_of_birth <= CAST(:today - interval '16 years' AS date)))"
             ),
             p,
         ).scalars()
@@ -115,8 +116,8 @@ def update(
     """The nightly's call list: placed whole the first time, when the practice's calling settings or
     the rules changed, or when asked (`full`); otherwise only the households of the patients whose
     placement may have changed since the last build (`_changed_ids`). Nothing else in a placement
-    depends on the clock: an entry's `earliest_call_at` that has passed is read as the next opening
-    (`call_views.callable_from`), not rewritten. Returns `counts` (whole practice) with the mode and
+    depends on the clock: an entry's `earliest_call_at` that has passed is read as the opening of the
+    reader's calling window (`calling.ReadMoment`), not rewritten. Returns `counts` (whole practice) with the mode and
     how many were placed.
 
     The build's mark is written in the same transaction as the list, so a killed build is redone."""

@@ -10,26 +10,15 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from nvc_pipelines.calling import REASON_CODES, entry_ask_for
+from nvc_pipelines.calling import REASON_CODES, ReadMoment, entry_ask_for
 
 
-def callable_from(stored: datetime, open_at: datetime) -> datetime:
-    """When a listed person may be rung, read at a moment whose calling window opens (opened) at
-    `open_at` (`CallSettings.window_open`).
-
-    A placement stores the first moment its own rules allow (retry spacing, one call a number a day,
-    calling hours at placing time). Once that has passed, the reader's window applies: inside it the
-    person may be rung now, outside it from the next opening. So the nightly need not rewrite every
-    passed entry (an `UPDATE` of 100,000 rows a night at 200,000 patients), and a list read twice in
-    one window reads the same."""
-    return max(stored, open_at)
-
-
-def as_read(row: Any, open_at: datetime) -> dict[str, Any]:
-    """A call-list row as read: a listed row's `earliest_call_at` through `callable_from`."""
+def as_read(row: Any, moment: ReadMoment) -> dict[str, Any]:
+    """A call-list row as read at `moment`: a listed row's `earliest_call_at` through
+    `ReadMoment.callable_from`."""
     out = dict(row)
     if out.get("listed") and out.get("earliest_call_at") is not None:
-        out["earliest_call_at"] = callable_from(out["earliest_call_at"], open_at)
+        out["earliest_call_at"] = moment.callable_from(out["earliest_call_at"])
     return out
 
 
@@ -81,9 +70,9 @@ def count_check(conn: Connection, practice_id: str, *, miss: bool) -> None:
     )
 
 
-def entry_for(conn: Connection, practice_id: str, phone: str, open_at: datetime) -> dict[str, Any]:
+def entry_for(conn: Connection, practice_id: str, phone: str, moment: ReadMoment) -> dict[str, Any]:
     """The entry on this number, if any, and everyone due on this number who is not listed
-    (`open_at`: the next opening from the moment of reading, see `callable_from`)."""
+    (as read at `moment`)."""
     rows = conn.execute(
         text(
             "SELECT c.*, pt.pms_patient_id, pt.first_name, pt.last_name FROM call_list c JOIN patients pt "
@@ -95,13 +84,13 @@ def entry_for(conn: Connection, practice_id: str, phone: str, open_at: datetime)
     listed: list[dict[str, Any]] = []
     off: list[dict[str, Any]] = []
     for r in rows:
-        (listed if r["listed"] else off).append(as_read(r, open_at))
+        (listed if r["listed"] else off).append(as_read(r, moment))
     return {"listed": listed, "not_listed": off}
 
 
-def entries(conn: Connection, practice_id: str, open_at: datetime) -> dict[str, list[dict[str, Any]]]:
+def entries(conn: Connection, practice_id: str, moment: ReadMoment) -> dict[str, list[dict[str, Any]]]:
     """The list as the caller dials it: one entry per number (most overdue first), and every due
-    patient not listed with the reason (`open_at`: see `callable_from`)."""
+    patient not listed with the reason (as read at `moment`)."""
     rows = conn.execute(
         text(
             "SELECT c.*, pt.pms_patient_id, pt.first_name, pt.last_name FROM call_list c JOIN patients pt "
@@ -113,7 +102,7 @@ def entries(conn: Connection, practice_id: str, open_at: datetime) -> dict[str, 
     not_listed: list[dict[str, Any]] = []
     for r in rows:
         if r["listed"]:
-            by_phone.setdefault(r["phone"], []).append(as_read(r, open_at))
+            by_phone.setdefault(r["phone"], []).append(as_read(r, moment))
         else:
             not_listed.append(
                 {
@@ -149,10 +138,10 @@ def entries(conn: Connection, practice_id: str, open_at: datetime) -> dict[str, 
 
 
 def why(
-    conn: Connection, practice_id: str, pms_patient_id: str, today: date, open_at: datetime
+    conn: Connection, practice_id: str, pms_patient_id: str, today: date, moment: ReadMoment
 ) -> dict[str, Any] | None:
     """Why one patient is or is not on the list (None: the practice has no such patient;
-    `open_at`: see `callable_from`)."""
+    as read at `moment`)."""
     row = conn.execute(
         text(
             "SELECT pt.patient_id, pt.pms_patient_id, pt.first_name, pt.last_name, pt.active, pt.phones, "
@@ -199,7 +188,7 @@ def why(
             ),
             {"p": practice_id, "phone": row.phone},
         ).mappings()
-        people = [as_read(dict(h) | {"listed": True}, open_at) for h in household]
+        people = [as_read(dict(h) | {"listed": True}, moment) for h in household]
         return out | {
             "listed": True,
             "phone": row.phone,
