@@ -17,6 +17,7 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
+from nvc_pipelines import heap
 from nvc_pipelines.model import RISK_FLAGS, AppointmentStatus
 from nvc_pipelines.recall import RecallRules, add_months
 
@@ -75,6 +76,7 @@ def _gx() -> tuple[ModuleType, Any]:
     batch = (
         context.data_sources.add_pandas("nvc").add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all")
     )
+    heap.freeze()  # its ~500,000 objects live as long as the process (see `heap`)
     return gx, batch
 
 
