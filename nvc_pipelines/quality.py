@@ -110,6 +110,8 @@ def validate(frame: Any, expectations: Sequence[tuple[str, Any]]) -> dict[str, l
             raise RuntimeError(f"expectation {name} could not run: {outcome.exception_info.get('exception_message')}")
         failing[name] = [] if outcome.success else list(outcome.result.get("unexpected_index_list") or [0])
     missing = [name for name, _ in expectations if name not in failing]
+    del batch, result
+    heap.release()  # GX's batch and result hold the chunk's frame in reference cycles
     if missing:
         raise RuntimeError(f"Great Expectations returned no result for {missing}")
     return failing

@@ -214,8 +214,10 @@ def violations(conn: Connection, practice_id: str) -> list[dict[str, Any]]:
             " GROUP BY x.patient_id) "
             "SELECT pt.pms_patient_id, pt.pms_status, pt.phone_recall, pt.no_recall, s.reasons AS suppressed "
             "FROM call_list c JOIN patients pt USING (patient_id) LEFT JOIN suppressed s USING (patient_id) "
-            "WHERE c.practice_id = :p AND c.listed AND (pt.pms_status IS DISTINCT FROM 'active' "
-            "OR pt.phone_recall IS NOT TRUE OR pt.no_recall IS TRUE OR s.reasons IS NOT NULL)"
+            "WHERE c.practice_id = :p AND c.listed AND c.patient_id IN ("
+            # the few who may not be called, found first (one filtered scan), then their list rows
+            " SELECT patient_id FROM patients WHERE practice_id = :p AND (pms_status IS DISTINCT FROM 'active' "
+            " OR phone_recall IS NOT TRUE OR no_recall IS TRUE) UNION SELECT patient_id FROM suppressed)"
         ),
         {"p": practice_id},
     ).mappings()

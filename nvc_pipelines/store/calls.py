@@ -10,7 +10,6 @@ together: the list is never seen without the outcome's effect.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -274,36 +273,23 @@ def _write(conn: Connection, practice_id: str, placements: Sequence[Placement], 
 
 def counts(conn: Connection, practice_id: str) -> dict[str, Any]:
     """People listed, entries (numbers to call), households (entries covering several people), and
-    the due people not listed by reason."""
+    the due people not listed by reason: one pass over the practice's list, grouped by number (the
+    listed) and by reason (the others)."""
     row = conn.execute(
         text(
-            "SELECT count(*) AS due, count(*) FILTER (WHERE listed) AS people_listed, "
-            "count(DISTINCT phone) FILTER (WHERE listed) AS entries FROM call_list WHERE practice_id = :p"
+            "SELECT coalesce(sum(n), 0) AS due, coalesce(sum(n) FILTER (WHERE listed), 0) AS people_listed, "
+            "count(*) FILTER (WHERE listed) AS entries, count(*) FILTER (WHERE listed AND n > 1) AS households, "
+            "json_object_agg(reason_code, n) FILTER (WHERE NOT listed) AS reasons FROM ("
+            "SELECT listed, CASE WHEN listed THEN phone END AS phone, CASE WHEN NOT listed THEN reason_code END "
+            "AS reason_code, count(*) AS n FROM call_list WHERE practice_id = :p GROUP BY 1, 2, 3) g"
         ),
         {"p": practice_id},
     ).one()
-    households = conn.execute(
-        text(
-            "SELECT count(*) FROM (SELECT phone FROM call_list WHERE practice_id = :p AND listed GROUP BY phone "
-            "HAVING count(*) > 1) h"
-        ),
-        {"p": practice_id},
-    ).scalar_one()
-    reasons: Counter[str] = Counter(
-        dict(
-            conn.execute(
-                text(
-                    "SELECT reason_code, count(*) FROM call_list WHERE practice_id = :p AND NOT listed "
-                    "GROUP BY reason_code"
-                ),
-                {"p": practice_id},
-            ).all()
-        )
-    )
+    reasons: dict[str, int] = row.reasons or {}
     return {
-        "due": row.due,
-        "people_listed": row.people_listed,
+        "due": int(row.due),
+        "people_listed": int(row.people_listed),
         "entries": row.entries,
-        "households": households,
+        "households": row.households,
         "not_listed": {code: reasons.get(code, 0) for code in REASON_CODES if code != "not_due"},
     }
