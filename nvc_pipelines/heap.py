@@ -5,20 +5,21 @@ that live as long as the process. Python's cyclic collector walks all of them in
 collection, and a full sync allocates enough to trigger dozens: at 50,000 patients the collector
 took 5.4-5.8 s of a 20-26 s job (`bench/full_sync.py`, measured with `gc.callbacks`). `settle`
 moves what is alive at that moment into the permanent generation (`gc.freeze`: never walked,
-still freed by reference counting) and makes young collections rarer; after it the collector took
-0.4-0.5 s of the same job (2.5 s of a 74 s job at 200,000, against 7.3 s with the freeze alone).
-It runs once per process, and again after the lazy Great Expectations import (`quality`); a
+still freed by reference counting) and makes young collections rarer (`THRESHOLDS`). It runs
+once per process, and again after the lazy Great Expectations import (`quality`); a
 `gc.collect()` first, so no garbage is frozen. Rarer collections keep cycles longer, so the checks
-collect after each chunk they validate (`release`), which keeps the peak memory where it was.
+also collect after each chunk they validate (`release`). Figures: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import gc
 
-# Young collections every 20,000 net allocations (default 700): a sync allocates millions of rows'
+# Young collections every 5,000 net allocations (default 700): a sync allocates millions of rows'
 # objects, nearly all freed by reference counting, so frequent young collections only cost time.
-THRESHOLDS = (20_000, 10, 10)
+# Full sync of 200,000 patients, peak memory: 500 MB at 20,000, 443 MB at 5,000, 441 MB at 2,000
+# (and 440 MB at the default): rarer collections leave cycles alive longer.
+THRESHOLDS = (5_000, 10, 10)
 
 _settled = False
 
@@ -36,7 +37,7 @@ def settle() -> None:
 def release() -> None:
     """Collect now: after work that leaves big reference cycles behind (a Great Expectations batch
     holds its chunk's frame), which the raised thresholds would otherwise keep until a rare full
-    collection (at 200,000 patients: 467 MB peak without, 439 MB with, as before `settle`)."""
+    collection."""
     gc.collect()
 
 

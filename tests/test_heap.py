@@ -36,5 +36,5 @@ def test_a_sync_step_settles_the_heap_once_and_great_expectations_is_frozen_afte
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["before"] == 0 and seen["frozen"] > 10_000 and seen["again"] == seen["frozen"]
     assert seen["collected"] >= 2  # the cycle made after the freeze was still collected
-    assert tuple(seen["threshold"]) == (20_000, 10, 10)
+    assert tuple(seen["threshold"]) == (5_000, 10, 10)
     assert seen["after_gx"] > seen["frozen"] + 100_000  # Great Expectations' objects frozen on import
