@@ -69,8 +69,13 @@ def _run(
     outcome, invariants, rows covered, examples)` weigh both. Memory holds one chunk, never a practice."""
     practice_id = context.partition_key
     since, now = _since(context, db, name, fingerprint)
+
+    def validated(rows: list[dict[str, Any]]) -> quality.Report:
+        quality.warm_up()  # Great Expectations imported and frozen before this chunk's frame exists
+        return suite(rows)
+
     checked = quality.combine(
-        suite(rows) for rows in db.quality_rows(practice_id, kind, since, size=CHUNK_ROWS) if rows
+        validated(rows) for rows in db.quality_rows(practice_id, kind, since, size=CHUNK_ROWS) if rows
     )
     invariants, total, examples = db.quality_invariants(practice_id, kind, date.today())
     report = verdict(checked, invariants, total, examples)

@@ -21,7 +21,8 @@ family sharing a landline gets one call. A child under 16 is asked for through t
 names, else "parent or guardian of <first name>". `earliest_call_at` is the first moment inside the
 practice's calling hours (never on a bank holiday of its nation) that is also at least
 `retry_after_days` after the person's last unanswered call and not on a day the number was already
-called: at most one call per number per day.
+called: at most one call per number per day. With nothing holding a person back it is the opening
+of the current calling window; a passed time is read as the reader's window opening (`ReadMoment`).
 """
 
 from __future__ import annotations

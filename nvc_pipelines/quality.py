@@ -62,6 +62,11 @@ def _masked(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A validated chunk this big is collected at once (`heap.release`); a nightly's few changed rows are not
+# worth a collection.
+RELEASE_ROWS = 10_000
+
+
 @cache
 def _gx() -> tuple[ModuleType, Any]:
     """Great Expectations and the batch definition of one ephemeral GX context per process (its
@@ -76,13 +81,20 @@ def _gx() -> tuple[ModuleType, Any]:
     batch = (
         context.data_sources.add_pandas("nvc").add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all")
     )
-    heap.freeze()  # its ~500,000 objects live as long as the process (see `heap`)
     return gx, batch
 
 
 def warm_up() -> None:
-    """Import Great Expectations and make its context now (what the first check of a process pays)."""
+    """Import Great Expectations and make its context now (what the first check of a process pays),
+    then freeze its ~500,000 objects out of the collector's walks (see `heap`): called before a
+    check reads its rows, so no chunk of them is frozen with it."""
+    _warm()
+
+
+@cache
+def _warm() -> None:
     _gx()
+    heap.freeze()
 
 
 def validate(frame: Any, expectations: Sequence[tuple[str, Any]]) -> dict[str, list[int]]:
@@ -111,7 +123,8 @@ def validate(frame: Any, expectations: Sequence[tuple[str, Any]]) -> dict[str, l
         failing[name] = [] if outcome.success else list(outcome.result.get("unexpected_index_list") or [0])
     missing = [name for name, _ in expectations if name not in failing]
     del batch, result
-    heap.release()  # GX's batch and result hold the chunk's frame in reference cycles
+    if len(frame) >= RELEASE_ROWS:
+        heap.release()  # GX's batch and result hold the chunk's frame in reference cycles
     if missing:
         raise RuntimeError(f"Great Expectations returned no result for {missing}")
     return failing

@@ -58,6 +58,21 @@ class BatchAwareK8sRunLauncher(K8sRunLauncher):
             reason = f"batch run {batch_id}, which held this run, is {batch.status.value}"
         return CheckRunHealthResult(WorkerStatus.FAILED, f"{reason}: the process that ran it is gone")
 
+    def terminate(self, run_id: str) -> bool:
+        """A batch-held run has no Job to delete, and stopping it alone would leave its batch-mates'
+        process half way: refused, with where to stop it (the batch run). Others: K8sRunLauncher's."""
+        run = self._instance.get_run_by_id(run_id)
+        batch_id = None if run is None or run.is_finished else self._holding_batch(run)
+        if run is None or batch_id is None:
+            return bool(super().terminate(run_id))
+        self._instance.report_engine_event(
+            f"Not terminated: this run executes inside batch run {batch_id}'s pod and has no Job of its own. "
+            f"Terminate batch run {batch_id} to stop it (its other practices stop too).",
+            run,
+            cls=self.__class__,
+        )
+        return False
+
     def get_run_worker_debug_info(self, run: DagsterRun, include_container_logs: bool | None = True) -> str | None:
         """For a batch-held run, the batch's pod (the practice's run has no Job to describe)."""
         batch_id = self._holding_batch(run)
@@ -79,6 +94,6 @@ class BatchAwareK8sRunLauncher(K8sRunLauncher):
         job_name = get_job_name_from_run_id(run.run_id, resume_attempt_number=self._get_resume_attempt_number(run))
         try:
             own_job = self._api_client.get_job_status(namespace=namespace, job_name=job_name)
-        except Exception:  # noqa: BLE001 - K8sRunLauncher's own check asks again and reports the error
-            return None
+        except Exception:  # noqa: BLE001 - judged by the batch: if the API is down, that check says so
+            return batch_id  # (K8sRunLauncher's own check would find no Job and fail a healthy run)
         return None if own_job is not None else batch_id

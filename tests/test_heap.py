@@ -9,9 +9,10 @@ import textwrap
 
 
 def test_a_sync_step_settles_the_heap_once_and_great_expectations_is_frozen_after_import() -> None:
-    """In a fresh process (the test process's collector is left alone): `settle` freezes what is
-    alive and raises the thresholds once; objects made afterwards are collected as usual, cycles
-    included; importing Great Expectations for the checks freezes its objects too."""
+    """In a fresh process (this test does not settle the test process; the syncs other tests run in
+    process do): `settle` freezes what is alive and raises the thresholds once; objects made
+    afterwards are collected as usual, cycles included; warming Great Expectations up for the checks
+    freezes its objects too."""
     script = textwrap.dedent(
         """
         import gc, json

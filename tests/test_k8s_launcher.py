@@ -44,6 +44,7 @@ class FakeKubernetes:
     def __init__(self) -> None:
         self.jobs: dict[str, V1JobStatus] = {}
         self.asked: list[str] = []
+        self.failing: set[str] = set()  # Jobs whose status read fails (403: not retried by the client)
 
     def pod_running(self, run: DagsterRun) -> None:
         self.jobs[f"dagster-run-{run.run_id}"] = V1JobStatus(active=1, start_time=datetime.now(UTC))
@@ -59,6 +60,8 @@ class FakeKubernetes:
     # BatchV1Api
     def read_namespaced_job_status(self, name: str, namespace: str, **_: Any) -> V1Job:
         self.asked.append(name)
+        if name in self.failing:
+            raise ApiException(status=403, reason="Forbidden")
         job = self._job(name, namespace)
         if job is None:
             raise ApiException(status=404, reason="Not Found")
@@ -315,3 +318,30 @@ def test_the_code_location_does_not_import_the_launcher() -> None:
     code = f"import sys, nvc_pipelines.definitions; print([m for m in {modules!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_failed_look_for_its_own_job_judges_a_held_run_by_its_batch(
+    instance: DagsterInstance, kubernetes: FakeKubernetes
+) -> None:
+    """The API failing on the practice's own Job does not fail a run that syncs in a running batch."""
+    batch = started(instance, "practice_sync_batch", {"pms": "optix"})
+    kubernetes.pod_running(batch)
+    practice = held_by(instance, batch.run_id)
+    kubernetes.failing.add(f"dagster-run-{practice.run_id}")
+
+    assert instance.run_launcher.check_run_worker_health(practice).status == WorkerStatus.RUNNING
+    assert monitor(instance, practice).status == DagsterRunStatus.STARTED
+
+
+def test_terminating_a_held_run_is_refused_naming_its_batch(
+    instance: DagsterInstance, kubernetes: FakeKubernetes
+) -> None:
+    batch = started(instance, "practice_sync_batch", {"pms": "optix"})
+    kubernetes.pod_running(batch)
+    practice = held_by(instance, batch.run_id)
+
+    assert instance.run_launcher.terminate(practice.run_id) is False
+    after = instance.get_run_by_id(practice.run_id)
+    assert after is not None and after.status == DagsterRunStatus.STARTED  # not left CANCELING
+    (event,) = [e for e in instance.all_logs(practice.run_id) if "Not terminated" in (e.message or "")]
+    assert f"Terminate batch run {batch.run_id}" in event.message

@@ -373,3 +373,10 @@ def test_a_full_re_read_scans_its_stage_a_bounded_number_of_times(store: Store) 
         (scans,) = cur.fetchone()
     assert counts.deactivated == 10 and counts.unchanged == 2990
     assert scans < 20, f"the stage was scanned {scans} times for {len(stored)} stored rows"
+
+
+def test_a_key_range_needs_the_batch_it_bounds(store: Store) -> None:
+    """Bounds without the batch's ids would leave the practice's other recalls to the DELETE."""
+    practice_id = _practice(store, "ranged")
+    with pytest.raises(ValueError, match="give the batch's scope with it"):
+        store.write_recalls(practice_id, [], key_range=("a", "b"))

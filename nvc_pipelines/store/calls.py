@@ -279,7 +279,7 @@ def counts(conn: Connection, practice_id: str) -> dict[str, Any]:
         text(
             "SELECT coalesce(sum(n), 0) AS due, coalesce(sum(n) FILTER (WHERE listed), 0) AS people_listed, "
             "count(*) FILTER (WHERE listed) AS entries, count(*) FILTER (WHERE listed AND n > 1) AS households, "
-            "json_object_agg(reason_code, n) FILTER (WHERE NOT listed) AS reasons FROM ("
+            "json_object_agg(reason_code, n) FILTER (WHERE NOT listed AND reason_code IS NOT NULL) AS reasons FROM ("
             "SELECT listed, CASE WHEN listed THEN phone END AS phone, CASE WHEN NOT listed THEN reason_code END "
             "AS reason_code, count(*) AS n FROM call_list WHERE practice_id = :p GROUP BY 1, 2, 3) g"
         ),

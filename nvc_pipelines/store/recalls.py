@@ -212,8 +212,10 @@ class RecallsMixin(StoreBase):
                     for row in rows:
                         copy.write_row(row)
                 cur.execute("ANALYZE stage_recalls")  # temp tables have no statistics: the joins need them
-            in_scope = in_range = ""
+            in_scope = in_range = seen_range = ""
             params: dict[str, Any] = {"p": practice_id}
+            if key_range is not None and scope is None:
+                raise ValueError("key_range bounds a batch: give the batch's scope with it")
             if scope is not None:
                 in_scope = (
                     " AND r.patient_id IN (SELECT patient_id FROM patients WHERE practice_id = :p"
@@ -227,6 +229,7 @@ class RecallsMixin(StoreBase):
                 # column's collation). A changed-only batch has none: its few ids are looked up one by
                 # one, where bounds spanning the practice made every join scan it.
                 in_range = " AND pt.pms_patient_id BETWEEN :lo AND :hi"
+                seen_range = " AND p.pms_patient_id BETWEEN :lo AND :hi"
                 params["lo"], params["hi"] = key_range
             removed = conn.execute(
                 text(
@@ -277,8 +280,7 @@ class RecallsMixin(StoreBase):
                 conn.execute(
                     text(
                         "UPDATE patients p SET recall_seq = s.seq FROM stage_seen s WHERE p.practice_id = :p "
-                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq"
-                        + in_range.replace("pt.", "p.")
+                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq" + seen_range
                     ),
                     params,
                 )

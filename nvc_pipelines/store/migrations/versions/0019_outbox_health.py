@@ -1,4 +1,5 @@
-"""Every practice's writeback health in one read: `outbox_health`, a view for the health sensor.
+"""Every practice's writeback health in one read: `outbox_health`, a view for the health sensor;
+and what `call_list.earliest_call_at` holds, said on the column.
 
 The sensor judged each practice's outbox with two statements of its own (the oldest row waiting to
 be sent, and how many ended without landing), every 5 minutes: 10,000 statements a tick at 5,000
@@ -32,9 +33,14 @@ def upgrade() -> None:
                     WHERE status IN ('failed', 'dead_letter', 'timed_out') GROUP BY practice_id
             ) parts GROUP BY practice_id;
         GRANT SELECT ON outbox_health TO nvc_app;
+        COMMENT ON COLUMN call_list.earliest_call_at IS
+            'When the person may first be rung, as placed (the nightly does not rewrite it). Once passed, '
+            'read it as the opening of the reader''s calling window: calling.ReadMoment, which every '
+            'reader in the code applies. Raw, it can be days old.';
         """
     )
 
 
 def downgrade() -> None:
+    op.execute("COMMENT ON COLUMN call_list.earliest_call_at IS NULL")
     op.execute("DROP VIEW outbox_health")
