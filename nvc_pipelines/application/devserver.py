@@ -112,16 +112,34 @@ def stopped_by_signals() -> Iterator[None]:
 
 
 def _stop_group(proc: subprocess.Popen, grace_seconds: float = 30) -> None:
-    """Stop `dagster dev` and everything it started (webserver, daemon, code servers, run processes):
-    SIGINT to its process group, which it handles as a clean shutdown; SIGKILL after the grace."""
+    """Stop `dagster dev` and everything it started (webserver, daemon, code servers, run processes).
+
+    SIGINT to `dagster dev` alone first: it tells the webserver and the daemon to shut down, waits
+    for them, then stops the code server they call. (A SIGINT to the whole group at once stopped the
+    code server under a daemon in the middle of a sensor tick, which printed a stack trace on the
+    way out.) Then SIGINT to whatever is left of the group (run processes), and SIGKILL after the
+    grace."""
+    deadline = time.monotonic() + grace_seconds
     with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
-    try:
+        os.kill(proc.pid, signal.SIGINT)
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(grace_seconds)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # nothing left of the group
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.1)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def run_dagster_dev(port: int) -> int:
