@@ -320,13 +320,18 @@ def test_the_code_location_does_not_import_the_launcher() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def _running_batch(instance: DagsterInstance, kubernetes: FakeKubernetes) -> tuple[DagsterRun, DagsterRun]:
+    """A batch run whose pod runs, and a practice's run it holds."""
+    batch = started(instance, "practice_sync_batch", {"pms": "optix"})
+    kubernetes.pod_running(batch)
+    return batch, held_by(instance, batch.run_id)
+
+
 def test_a_failed_look_for_its_own_job_judges_a_held_run_by_its_batch(
     instance: DagsterInstance, kubernetes: FakeKubernetes
 ) -> None:
     """The API failing on the practice's own Job does not fail a run that syncs in a running batch."""
-    batch = started(instance, "practice_sync_batch", {"pms": "optix"})
-    kubernetes.pod_running(batch)
-    practice = held_by(instance, batch.run_id)
+    _, practice = _running_batch(instance, kubernetes)
     kubernetes.failing.add(f"dagster-run-{practice.run_id}")
 
     assert instance.run_launcher.check_run_worker_health(practice).status == WorkerStatus.RUNNING
@@ -336,9 +341,7 @@ def test_a_failed_look_for_its_own_job_judges_a_held_run_by_its_batch(
 def test_terminating_a_held_run_is_refused_naming_its_batch(
     instance: DagsterInstance, kubernetes: FakeKubernetes
 ) -> None:
-    batch = started(instance, "practice_sync_batch", {"pms": "optix"})
-    kubernetes.pod_running(batch)
-    practice = held_by(instance, batch.run_id)
+    batch, practice = _running_batch(instance, kubernetes)
 
     assert instance.run_launcher.terminate(practice.run_id) is False
     after = instance.get_run_by_id(practice.run_id)

@@ -621,7 +621,10 @@ def test_a_booking_is_looked_up_then_posted_in_optix_shape(sandbox: OptixSandbox
     with open_client(sandbox.url) as client:
         result = client.create_appointment(request)
         assert result.created is True
-        assert [m for m, _ in sandbox.request_log] == ["GET", "POST"]  # looked for it first
+        # looked for it first, then one POST (a lookup retried on a dropped connection, seen once under
+        # a loaded CI run, adds a GET: reads are retried, writes never blindly)
+        methods = [m for m, _ in sandbox.request_log]
+        assert methods[-1] == "POST" and set(methods[:-1]) == {"GET"} and len(methods) <= 3
         assert client.create_appointment(request).created is False
     row = next(r for r in sandbox.appointments("OPX-1001") if r["appointmentId"] == result.pms_appointment_id)
     assert row["externalReference"] == "[NVC:shape-bk]"
