@@ -35,7 +35,9 @@ class RecallBatch:
     patients: list[Patient]  # the active targets
     clinical: dict[str, list[ClinicalRecord]]  # by PMS id, oldest exam first
     # A batch of a full pass is every patient between its first and last PMS id (in the database's
-    # order): `write_recalls` starts its joins there. None for a changed-only batch (scattered ids).
+    # order): `write_recalls` starts its joins there. A changed-only batch's range may hold many
+    # patients that are not in it (scattered ids); given as bound values, the planner then looks
+    # the batch's ids up one by one instead of scanning the range.
     key_range: tuple[str, str] | None = None
 
 
@@ -139,7 +141,7 @@ class RecallsMixin(StoreBase):
                             source_updated_at=updated,
                         )
                     )
-            yield RecallBatch(seen, patients, clinical, (first, after) if everyone else None)
+            yield RecallBatch(seen, patients, clinical, (first, after))
             if len(rows) < size:
                 return
 
@@ -178,8 +180,8 @@ class RecallsMixin(StoreBase):
         """Replace the practice's recalls with `recalls` in one transaction (only those of the PMS ids in
         `scope` when given); returns how many were added, changed or removed. `seen` (PMS id ->
         `change_seq` read before computing) marks those patients' recalls as computed from that
-        state, and `fingerprint` the rules used, in the same transaction. `key_range` (a full pass's
-        batch, `RecallBatch.key_range`): every id of `scope` lies between these two, in the database's
+        state, and `fingerprint` the rules used, in the same transaction. `key_range` (a batch's,
+        `RecallBatch.key_range`): every id of `scope` lies between these two, in the database's
         order, and the joins start there."""
         rows = [
             (
@@ -223,11 +225,11 @@ class RecallsMixin(StoreBase):
                 )
                 params["scope"] = list(scope)
             if key_range is not None:
-                # A batch of a full pass is a key range: its joins start there, not at the practice's
-                # first patient (each batch would scan all the batches before it). The bounds are the
-                # batch's first and last id as the database ordered them (Python's order is not the
-                # column's collation). A changed-only batch has none: its few ids are looked up one by
-                # one, where bounds spanning the practice made every join scan it.
+                # A batch's joins start at its key range, not at the practice's first patient (each
+                # batch would scan all the batches before it). The bounds are the batch's first and
+                # last id as the database ordered them (Python's order is not the column's collation),
+                # bound as values: computed in the statement (min/max subqueries) the planner could not
+                # see them, and a changed-only batch of scattered ids scanned the whole practice.
                 in_range = " AND pt.pms_patient_id BETWEEN :lo AND :hi"
                 seen_range = " AND p.pms_patient_id BETWEEN :lo AND :hi"
                 params["lo"], params["hi"] = key_range
