@@ -121,3 +121,15 @@ def test_a_name_flagged_for_review_is_stored_without_rewriting_unchanged_rows(st
     # The flag follows from the name: a source that sends the same name again changes nothing.
     again = store.write_patients(practice, "csv", ReadResult([flagged, _patient("2")], []), "run-2", full=True)
     assert (again.updated, again.unchanged) == (0, 2)
+
+
+def test_repeated_statements_are_planned_for_their_own_values(store: Store, practice: str) -> None:
+    """A statement run many times on one connection (psycopg prepares it on the fifth) is still
+    planned for each run's values: a plan made once for any practice or key range scanned a whole
+    practice in every recall batch."""
+    with store.begin(practice) as conn:
+        conn.execute(text("PREPARE by_practice(text) AS SELECT count(*) FROM patients WHERE practice_id = $1"))
+        for _ in range(7):
+            conn.execute(text("EXECUTE by_practice('p1')"))
+        plan = "\n".join(conn.execute(text("EXPLAIN EXECUTE by_practice('p1')")).scalars())
+    assert "'p1'::text" in plan and "$1" not in plan
