@@ -28,7 +28,9 @@ from nvc_pipelines.store import Store
 from nvc_pipelines.store.call_updates import CHANGE_MARGIN
 from resources.store import StoreResource
 
-CHUNK_ROWS = 50_000  # rows validated at a time
+# Rows validated at a time. Measured on a 200,000-patient practice (the three checks, every row): 50,000
+# a chunk held 118 MB at the peak, 10,000 held 29 MB and took 0.7 s longer (8.7 s against 9.4 s).
+CHUNK_ROWS = 10_000
 
 
 def _result(report: quality.Report, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:

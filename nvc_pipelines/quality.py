@@ -87,10 +87,11 @@ def _on_first_use(name: str) -> None:
         sys.modules[name] = stand_in
 
 
-# Three of Great Expectations' distribution expectations import `scipy.stats` when GX is imported, and
-# use it only when they run: about 480 modules, 57 MB and 0.7 s of every run process that validates
-# (measured here), for expectations NVC never runs. Imported on first use instead.
-DEFERRED_FOR_GX = ("scipy.stats",)
+# Three of Great Expectations' distribution expectations import `scipy.stats` when GX is imported (one
+# of them `altair` too, to draw itself) and use them only when they run: about 80 MB and 0.8 s of
+# every run process that validates (measured here), for expectations NVC never runs. Imported on
+# first use instead.
+DEFERRED_FOR_GX = ("scipy.stats", "altair")
 
 
 @cache
