@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,14 +104,9 @@ CLIENT_CHECK_SECONDS = 5
 
 
 def connect_args() -> dict[str, object]:
-    # psycopg prepares a statement on its fifth run on a connection, and PostgreSQL may then plan it
-    # once for any parameters: one plan for every practice's size and every batch's key range. A
-    # recall batch's DELETE then scanned the practice's recalls once a batch and a 200,000-patient
-    # CSV re-sync spent 16 s there instead of 2. Bulk statements cost far more to run than to plan.
     options = (
         f"-c client_connection_check_interval={CLIENT_CHECK_SECONDS}s "
-        f"-c statement_timeout={statement_timeout_seconds()}s "
-        "-c plan_cache_mode=force_custom_plan"
+        f"-c statement_timeout={statement_timeout_seconds()}s"
     )
     return {"options": options, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
             "keepalives_count": 3}  # fmt: skip
@@ -144,3 +140,12 @@ def driver(conn: Connection) -> psycopg.Connection[Any]:
     if raw is None:
         raise RuntimeError("the store connection is closed")
     return raw  # type: ignore[no-any-return]  # SQLAlchemy types the driver's connection as Any
+
+
+def rows_differ(columns: Sequence[str], stored: str, incoming: str) -> str:
+    """SQL that is true when row `stored` and row `incoming` differ in any of `columns`, NULLs
+    compared as values: an upsert that skips unchanged rows writes (and locks) nothing for them."""
+    return (
+        f"({', '.join(f'{stored}.{c}' for c in columns)}) IS DISTINCT FROM "
+        f"({', '.join(f'{incoming}.{c}' for c in columns)})"
+    )

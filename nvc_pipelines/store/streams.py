@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvc_pipelines.model import Appointment, ClinicalRecord, Patient
+from nvc_pipelines.store.db import rows_differ
 
 
 class VolumeDropRefused(RuntimeError):
@@ -291,24 +292,17 @@ def merge_staged(
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[2:])
     returned_ref = f"{spec.table}.{spec.patient_ref}" if spec.patient_ref else "NULL"
     selected = ", ".join(f"s.{c}" for c in columns)
-    compared = spec.compared
-
-    def differs(stored: str, incoming: str) -> str:
-        return (
-            f"({', '.join(f'{stored}.{c}' for c in compared)}) IS DISTINCT FROM "
-            f"({', '.join(f'{incoming}.{c}' for c in compared)})"
-        )
 
     # The stored row, compared before the insert: plain equality on the key (indexable under RLS).
     stored_active = spec.reactivate.replace(f"{spec.table}.", "t.")
     cur.execute(
         f"INSERT INTO {spec.table} ({cols}) SELECT {selected} FROM {stage} s "
         f"LEFT JOIN {spec.table} t ON t.practice_id = %s AND t.{spec.key} = s.{spec.key} "
-        f"WHERE t.{spec.key} IS NULL OR {differs('t', 's')} "
+        f"WHERE t.{spec.key} IS NULL OR {rows_differ(spec.compared, 't', 's')} "
         f"OR t.active IS DISTINCT FROM ({stored_active}) "
         f"ON CONFLICT (practice_id, {spec.key}) DO UPDATE SET {updates}, active = {spec.reactivate}, "
         f"updated_at = now(){', ' + spec.on_change if spec.on_change else ''} "
-        f"WHERE {differs(spec.table, 'EXCLUDED')} "
+        f"WHERE {rows_differ(spec.compared, spec.table, 'EXCLUDED')} "
         f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
         f"RETURNING (xmax = 0), {returned_ref}",
         (practice_id,),
