@@ -11,7 +11,7 @@ patient known, no recall of an inactive patient, ages the calendar pushes past 1
 SQL over every row, every time. Every row is validated by the suite again after a full read of the
 practice's patients, a forced full sync, a new suite or new recall rules, and until a failing check
 passes (its mark only moves on a pass, so a broken row stays reported until it is fixed). Rows are
-validated 50,000 at a time: checking a whole practice holds one chunk in memory, never the practice.
+validated 10,000 at a time: checking a whole practice holds one chunk in memory, never the practice.
 """
 
 from collections.abc import Callable

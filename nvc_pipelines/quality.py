@@ -12,7 +12,8 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import cache
@@ -70,21 +71,30 @@ RELEASE_ROWS = 10_000
 
 
 class _OnFirstUse(ModuleType):
-    """Stands in for a module until something reads one of its attributes, then imports it for real
-    and hands that over (and takes its place in `sys.modules`)."""
+    """Stands in for a module that was not imported: the first attribute read imports it for real."""
 
     def __getattr__(self, attr: str) -> Any:
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
         return getattr(importlib.import_module(self.__name__), attr)
 
 
-def _on_first_use(name: str) -> None:
-    """Have `import name` give an `_OnFirstUse` stand-in, unless the module is already imported."""
-    if name not in sys.modules:
-        stand_in = _OnFirstUse(name)
-        stand_in.__spec__ = None  # the import system reads it; None means "already loaded, as is"
-        sys.modules[name] = stand_in
+@contextmanager
+def _imported_on_first_use(names: Iterable[str]) -> Iterator[None]:
+    """While inside, `import name` (for each of `names` not yet imported) gives an `_OnFirstUse`
+    stand-in. The stand-ins leave `sys.modules` on the way out, so what imported one keeps it and
+    every later import is an ordinary one."""
+    placed = []
+    for name in names:
+        if name not in sys.modules:
+            stand_in = _OnFirstUse(name)
+            stand_in.__spec__ = None  # the import system reads it; None means "already loaded, as is"
+            sys.modules[name] = stand_in
+            placed.append((name, stand_in))
+    try:
+        yield
+    finally:
+        for name, stand_in in placed:
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
 
 
 # Three of Great Expectations' distribution expectations import `scipy.stats` when GX is imported (one
@@ -100,9 +110,8 @@ def _gx() -> tuple[ModuleType, Any]:
     progress bars kept out of the logs)."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    for name in DEFERRED_FOR_GX:
-        _on_first_use(name)
-    import great_expectations as gx
+    with _imported_on_first_use(DEFERRED_FOR_GX):
+        import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

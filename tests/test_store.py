@@ -124,7 +124,7 @@ def test_a_name_flagged_for_review_is_stored_without_rewriting_unchanged_rows(st
 
 
 def test_a_recall_batch_delete_is_planned_for_each_batch(store: Store, practice: str) -> None:
-    """psycopg prepares a statement the fifth time a connection runs it, and PostgreSQL may then keep
+    """psycopg prepares a statement once a connection has run it five times, and PostgreSQL may then keep
     one plan for any values: the recall batch's DELETE must never be prepared (its generic plan ran
     the NOT EXISTS row by row), while the batch's other statements are, as usual."""
     store.engine.pool.dispose()  # one session from here on: every batch runs on it
