@@ -74,6 +74,8 @@ class _OnFirstUse(ModuleType):
     """Stands in for a module that was not imported: the first attribute read imports it for real."""
 
     def __getattr__(self, attr: str) -> Any:
+        if sys.modules.get(self.__name__) is self:  # read while still standing in: make way first
+            del sys.modules[self.__name__]
         return getattr(importlib.import_module(self.__name__), attr)
 
 

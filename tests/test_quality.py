@@ -346,3 +346,15 @@ def test_great_expectations_imports_without_scipy_stats_until_something_uses_it(
     assert seen["loaded_by_checks"] == [] and seen["stand_ins_left"] == []  # later imports are ordinary
     assert abs(seen["entropy"] - 0.6931471805599453) < 1e-12 and seen["real_after_use"] == "module"
     assert seen["altair_chart"] is True
+
+
+def test_a_stand_in_read_while_great_expectations_is_importing_gives_the_real_module() -> None:
+    """A module read from (not just bound) during the import it stands in for is imported for real,
+    and left as the real module afterwards."""
+    sys.modules.pop("tabnanny", None)  # a standard module nothing here has imported
+    with quality._imported_on_first_use(["tabnanny"]):
+        import tabnanny
+
+        assert isinstance(tabnanny, quality._OnFirstUse)
+        assert callable(tabnanny.check)  # the real module's function, through the stand-in
+    assert not isinstance(sys.modules["tabnanny"], quality._OnFirstUse) and callable(sys.modules["tabnanny"].check)

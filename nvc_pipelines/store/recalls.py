@@ -205,7 +205,7 @@ class RecallsMixin(StoreBase):
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('nvc.recalls:' || :p))"), {"p": practice_id})
             with driver(conn).cursor() as cur:
                 cur.execute(
-                    "CREATE TEMP TABLE stage_recalls (pms_patient_id text, due_date date, recall_source text, "
+                    "CREATE TEMP TABLE stage_recalls (pms_patient_id text NOT NULL, due_date date, recall_source text, "
                     "rule text, interval_months int, reason text, flags text[], inferred_flags text[], based_on date, "
                     "warnings text[], guideline_due_date date) "
                     "ON COMMIT DROP"
@@ -230,20 +230,28 @@ class RecallsMixin(StoreBase):
                 in_range = " AND pt.pms_patient_id BETWEEN :lo AND :hi"
                 seen_range = " AND p.pms_patient_id BETWEEN :lo AND :hi"
                 params["lo"], params["hi"] = key_range
-            # The recalls to remove are found from the batch's patients (those not active with a
-            # recall in the stage: usually none), then looked up by key; an anti-join from the
-            # practice's recalls read all of them in every batch. Never prepared: psycopg prepares a
-            # statement once a connection has run it five times, and PostgreSQL may then keep one plan
-            # for any batch; the earlier form's generic plan ran row by row (a 200,000-row CSV re-sync
-            # spent 16 s in it).
-            delete = text(
-                "DELETE FROM recalls r WHERE r.practice_id = :p AND r.patient_id IN ("
-                "SELECT pt.patient_id FROM patients pt WHERE pt.practice_id = :p" + in_scope + in_range + " AND NOT "
-                "(pt.active AND pt.pms_patient_id IN (SELECT pms_patient_id FROM stage_recalls)))"
+            # The recalls to remove belong to the batch's patients that are inactive or have no recall
+            # in the stage: found first from those patients alone (usually none), then deleted by key.
+            # One statement joining recalls let the planner drive from a recalls table whose
+            # statistics lag a first computation's inserts (a nested loop per recall); an anti-join
+            # from the practice's recalls read all of them in every batch. Never prepared: psycopg
+            # prepares a statement once a connection has run it five times, and PostgreSQL may then
+            # keep one plan for any batch (an earlier form's generic plan ran row by row: a
+            # 200,000-row CSV re-sync spent 16 s in it).
+            batch = "SELECT pt.patient_id FROM patients pt WHERE pt.practice_id = :p" + in_scope + in_range
+            gone = text(
+                f"{batch} AND NOT pt.active UNION ALL {batch} AND pt.active AND NOT EXISTS "
+                "(SELECT 1 FROM stage_recalls s WHERE s.pms_patient_id = pt.pms_patient_id)"
             )
             with driver(conn).cursor() as cur:
-                cur.execute(str(delete.compile(dialect=conn.dialect)), params, prepare=False)
-                removed = cur.rowcount
+                cur.execute(str(gone.compile(dialect=conn.dialect)), params, prepare=False)
+                gone_ids = [row[0] for row in cur]
+            removed = 0
+            if gone_ids:
+                removed = conn.execute(
+                    text("DELETE FROM recalls WHERE practice_id = :p AND patient_id = ANY(:ids)"),
+                    {"p": practice_id, "ids": gone_ids},
+                ).rowcount
             # Only new or different recalls reach the INSERT: ON CONFLICT locks (writes) every row it
             # meets, even one its WHERE then leaves alone, so a recomputation that changes nothing
             # would still dirty every recall of the practice.
