@@ -123,6 +123,24 @@ def test_a_name_flagged_for_review_is_stored_without_rewriting_unchanged_rows(st
     assert (again.updated, again.unchanged) == (0, 2)
 
 
+def test_a_recall_batch_removes_only_its_own_patients_recalls(store: Store, practice: str) -> None:
+    """A batch (scope and key range) removes the recall of a patient of its own who now has none and
+    of one who is inactive (even if a recall was computed for them), and leaves every other
+    patient's recall alone, inside its key range or not."""
+    store.write_patients(practice, "csv", ReadResult([_patient(str(n)) for n in range(1, 6)], []), None)
+    everyone = [Recall(str(n), date(2026, 1, n), "computed", "default", 24) for n in range(1, 6)]
+    assert store.write_recalls(practice, everyone) == 5
+    with store.begin(practice) as conn:
+        conn.execute(text("UPDATE patients SET active = false WHERE practice_id = 'p1' AND pms_patient_id = '3'"))
+    batch = [everyone[1], everyone[2]]  # patient 2 unchanged, 3 inactive (computed anyway); 4 now has none
+    assert store.write_recalls(practice, batch, scope=["2", "3", "4"], key_range=("2", "4")) == 2
+    with store.begin(practice) as conn:
+        kept = conn.execute(
+            text("SELECT pt.pms_patient_id FROM recalls r JOIN patients pt USING (patient_id) ORDER BY 1")
+        ).scalars()
+        assert list(kept) == ["1", "2", "5"]
+
+
 def test_a_recall_batch_looks_up_what_to_remove_with_a_plan_for_its_own_values(store: Store, practice: str) -> None:
     """psycopg prepares a statement once a connection has run it five times, and PostgreSQL may then
     keep one plan for any values: the recall batch's lookup of what to remove must never be prepared
