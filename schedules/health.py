@@ -22,7 +22,6 @@ from dagster import (
     RunRequest,
     SensorEvaluationContext,
     SkipReason,
-    in_process_executor,
     job,
     op,
     sensor,
@@ -30,6 +29,7 @@ from dagster import (
 
 from assets.writeback import WAITING_CHECK
 from nvc_pipelines import health
+from resources.executor import run_executor
 from resources.store import StoreResource
 
 READ_CHECK = "patients_are_fresh"
@@ -91,7 +91,7 @@ def report_sync_health(context: OpExecutionContext, config: HealthConfig) -> Non
 
 @job(
     name="sync_health",
-    executor_def=in_process_executor,
+    executor_def=run_executor,
     description="Turn practices' sync health checks red or green (launched by sync_health_sensor on a change).",
 )
 def sync_health_job() -> None:

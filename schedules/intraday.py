@@ -23,7 +23,6 @@ from dagster import (
     RunRequest,
     SensorEvaluationContext,
     SkipReason,
-    in_process_executor,
     job,
     op,
     sensor,
@@ -31,6 +30,7 @@ from dagster import (
 
 from assets.sync import FRESH_CHECK
 from nvc_pipelines import intraday
+from resources.executor import run_executor
 from resources.gateway import PmsGateway, UnsupportedPms
 from resources.protocol import PmsError
 from resources.store import StoreResource
@@ -102,7 +102,7 @@ def _freshness(practice_id: str, passed: bool, description: str) -> AssetCheckEv
 
 @job(
     name="intraday_refresh",
-    executor_def=in_process_executor,
+    executor_def=run_executor,
     description="Bring practices' call lists up to date with what changed in their PMS today.",
 )
 def intraday_refresh_job() -> None:

@@ -24,7 +24,6 @@ from dagster import (
     JobDefinition,
     OpExecutionContext,
     define_asset_job,
-    in_process_executor,
     job,
     op,
 )
@@ -34,12 +33,13 @@ from assets.partitions import practices_partitions
 from assets.sync import GROUP
 from resources.batch import BATCH_TAG
 from resources.deployment import shared_resources
+from resources.executor import run_executor
 
 practice_sync_job = define_asset_job(
     "practice_sync",
     selection=AssetSelection.groups(GROUP),
     partitions_def=practices_partitions,
-    executor_def=in_process_executor,
+    executor_def=run_executor,
     description="Sync one practice: patients from its PMS, then recalls.",
 )
 
@@ -62,7 +62,7 @@ def practice_sync_with_resources() -> JobDefinition:
     location resolves it (`context.repository_def` is not there under `execute_in_process`)."""
     return Definitions.merge(
         sync_domain.defs,
-        Definitions(jobs=[practice_sync_job], resources=shared_resources(), executor=in_process_executor),
+        Definitions(jobs=[practice_sync_job], resources=shared_resources(), executor=run_executor),
     ).resolve_job_def(practice_sync_job.name)
 
 
@@ -99,7 +99,7 @@ def sync_practices(context: OpExecutionContext, config: BatchConfig) -> None:
 
 @job(
     name="practice_sync_batch",
-    executor_def=in_process_executor,
+    executor_def=run_executor,
     description="Sync several practices of one PMS in one run process, each as its own practice_sync run.",
 )
 def practice_sync_batch_job() -> None:

@@ -23,7 +23,6 @@ from dagster import (
     SensorEvaluationContext,
     SkipReason,
     define_asset_job,
-    in_process_executor,
     job,
     op,
     schedule,
@@ -32,13 +31,14 @@ from dagster import (
 
 from assets.partitions import practices_partitions
 from nvc_pipelines import writeback
+from resources.executor import run_executor
 from resources.store import StoreResource
 
 booking_writeback_job = define_asset_job(
     "booking_writeback",
     selection=AssetSelection.groups("writeback"),
     partitions_def=practices_partitions,
-    executor_def=in_process_executor,
+    executor_def=run_executor,
     description="Deliver one practice's outbox to its PMS.",
 )
 
@@ -93,7 +93,7 @@ def send_writeback_digest(context: OpExecutionContext, store: StoreResource) -> 
 
 @job(
     name="writeback_digest",
-    executor_def=in_process_executor,
+    executor_def=run_executor,
     description="The daily digest of bookings and notes that still need action.",
 )
 def writeback_digest_job() -> None:

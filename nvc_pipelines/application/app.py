@@ -273,6 +273,7 @@ def sync_practice(
     Dagster's own console log (stack traces of failed steps) only when `verbose`: the outcome names the
     cause, and the run's full log is in the UI."""
     from nvc_pipelines.definitions import defs
+    from resources.executor import storage_connections_held
 
     store = open_store()
     practice = store.get_practice(practice_id)
@@ -282,7 +283,8 @@ def sync_practice(
     if not instance.has_dynamic_partition(PARTITIONS, practice_id):
         instance.add_dynamic_partitions(PARTITIONS, [practice_id])
     job = defs.resolve_job_def("practice_sync")
-    with _stop_signals_seen() as interrupted:
+    # Its storage holds its connections for the run, as a launched run's executor does (`run_executor`).
+    with _stop_signals_seen() as interrupted, storage_connections_held(instance):
         result = job.execute_in_process(
             partition_key=practice_id,
             instance=instance,
