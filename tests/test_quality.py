@@ -307,9 +307,9 @@ def test_whole_practice_invariants_are_counted_in_sql_with_examples(store: Store
         )
     today = date(2026, 12, 7)
     counts, total, shown = store.quality_invariants("q-inv", "patients", today)
-    assert (counts, total) == ({"unique_identity": 0, "birth_in_past_and_age_under_120": 1, "uncallable": 1}, 3)
+    assert (counts, total) == ({"birth_in_past_and_age_under_120": 1, "uncallable": 1}, 3)
     assert [r["pms_patient_id"] for r in shown["birth_in_past_and_age_under_120"]] == ["old"]
-    assert [r["pms_patient_id"] for r in shown["uncallable"]] == ["mute"] and "unique_identity" not in shown
+    assert [r["pms_patient_id"] for r in shown["uncallable"]] == ["mute"]
     counts, total, shown = store.quality_invariants("q-inv", "appointments", today)
     assert (counts, total) == ({"patient_exists": 1}, 2) and shown["patient_exists"][0]["pms_patient_id"] == "ghost"
     counts, total, shown = store.quality_invariants("q-inv", "recalls", today)

@@ -84,7 +84,7 @@ def record_event(
 def refresh_patient(
     conn: Connection, practice_id: str, patient_id: int, now: datetime, extra_phone: str | None = None
 ) -> dict[str, Any]:
-    """Place one patient's household again (everyone on any of their numbers, and `extra_phone`)."""
+    """Place one patient's household again (whoever is listed on any of their numbers, and on `extra_phone`)."""
     return _refresh_ids(conn, practice_id, {patient_id}, now, {extra_phone} if extra_phone else set())
 
 
@@ -100,7 +100,7 @@ def refresh_refs(conn: Connection, practice_id: str, refs: Collection[str], now:
 def _refresh_ids(
     conn: Connection, practice_id: str, ids: set[int], now: datetime, extra_phones: set[str]
 ) -> dict[str, Any]:
-    """Place these (kept) patients again, with everyone on any of their numbers or of records merged
+    """Place these (kept) patients again, with whoever is listed on any of their numbers or of records merged
     into them: their households' entries are rebuilt whole."""
     scope = household(conn, practice_id, ids)
     scope.phones |= extra_phones

@@ -53,7 +53,9 @@ class ChecksMixin(StoreBase):
     # validates: a share, a duplicate, a reference to a row that changed elsewhere, or a rule that the
     # calendar breaks (an age passing 120).
     _COUNTS: dict[str, str] = {
-        "patients": "SELECT count(*) AS total, count(*) - count(DISTINCT pms_patient_id) AS unique_identity, "
+        # No count of repeated identities: the key (practice_id, pms_patient_id) is unique in the table,
+        # so it could never find one, and counting distinct ids sorted the practice (0.1 s at 200,000).
+        "patients": "SELECT count(*) AS total, "
         "count(*) FILTER (WHERE date_of_birth IS NOT NULL AND (:today - date_of_birth < 0 "
         "OR :today - date_of_birth > :max_age_days)) AS birth_in_past_and_age_under_120, "
         "count(*) FILTER (WHERE cardinality(phones) = 0) AS uncallable "
@@ -67,8 +69,6 @@ class ChecksMixin(StoreBase):
     }
     _EXAMPLES: dict[str, dict[str, str]] = {
         "patients": {
-            "unique_identity": "SELECT pms_patient_id FROM patients WHERE practice_id = :p AND active "
-            "GROUP BY pms_patient_id HAVING count(*) > 1",
             "birth_in_past_and_age_under_120": "SELECT pms_patient_id, first_name, last_name, date_of_birth "
             "FROM patients WHERE practice_id = :p AND active AND date_of_birth IS NOT NULL "
             "AND (:today - date_of_birth < 0 OR :today - date_of_birth > :max_age_days)",

@@ -298,29 +298,32 @@ class RecallsMixin(StoreBase):
         return changed + removed
 
     def recall_summary(self, practice_id: str, today: date) -> dict[str, Any]:
+        """The practice's recalls counted for the `recalls` asset's metadata, in one pass grouped by rule."""
+        counted = (
+            "total", "due_now", "due_30_days", "from_pms", "computed", "with_inferred_flags", "pms_later_than_guideline"
+        )  # fmt: skip
         with self.begin(practice_id) as conn:
-            row = (
+            rows = (
                 conn.execute(
                     text(
-                        "SELECT count(*) AS total, count(*) FILTER (WHERE due_date <= :today) AS due_now, "
+                        "SELECT rule, count(*) AS total, count(*) FILTER (WHERE due_date <= :today) AS due_now, "
                         "count(*) FILTER (WHERE due_date > :today AND due_date <= :today + 30) AS due_30_days, "
                         "count(*) FILTER (WHERE recall_source = 'pms') AS from_pms, "
                         "count(*) FILTER (WHERE recall_source = 'computed') AS computed, "
                         "count(*) FILTER (WHERE inferred_flags <> '{}') AS with_inferred_flags, "
-                        "count(*) FILTER (WHERE 'pms_later_than_guideline' = ANY(warnings)) AS pms_later_than_guideline, "
-                        "(SELECT count(*) FROM patients WHERE practice_id = :p AND active) AS active_patients "
-                        "FROM recalls WHERE practice_id = :p"
+                        "count(*) FILTER (WHERE 'pms_later_than_guideline' = ANY(warnings)) AS pms_later_than_guideline "
+                        "FROM recalls WHERE practice_id = :p GROUP BY rule ORDER BY rule"
                     ),
                     {"p": practice_id, "today": today},
                 )
                 .mappings()
-                .one()
+                .all()
             )
-            by_rule = conn.execute(
-                text("SELECT rule, count(*) FROM recalls WHERE practice_id = :p GROUP BY rule ORDER BY rule"),
-                {"p": practice_id},
-            ).all()
-            return {**row, "by_rule": dict(by_rule)}
+            active = conn.execute(
+                text("SELECT count(*) FROM patients WHERE practice_id = :p AND active"), {"p": practice_id}
+            ).scalar_one()
+        summary: dict[str, Any] = {name: sum(r[name] for r in rows) for name in counted}
+        return {**summary, "active_patients": active, "by_rule": {r["rule"]: r["total"] for r in rows}}
 
     def recall_warnings(self, practice_id: str) -> list[dict[str, Any]]:
         """Patients whose PMS recall date (which wins) is later than the guideline's, for review."""
