@@ -64,8 +64,11 @@ class ChecksMixin(StoreBase):
         "appointments": "SELECT count(*) AS total, count(*) FILTER (WHERE pt.patient_id IS NULL) AS patient_exists "
         "FROM appointments a LEFT JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id "
         "WHERE a.practice_id = :p AND a.active",
-        "recalls": "SELECT count(*) AS total, count(*) FILTER (WHERE NOT pt.active) AS patient_active "
-        "FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id WHERE r.practice_id = :p",
+        # Every recall has its patient (the key references it): the practice's recalls are counted alone,
+        # and only its inactive patients are joined to theirs (a join of every recall hashed the practice).
+        "recalls": "SELECT (SELECT count(*) FROM recalls WHERE practice_id = :p) AS total, (SELECT count(*) "
+        "FROM patients pt JOIN recalls r ON r.patient_id = pt.patient_id WHERE pt.practice_id = :p AND NOT pt.active) "
+        "AS patient_active",
     }
     _EXAMPLES: dict[str, dict[str, str]] = {
         "patients": {
