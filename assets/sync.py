@@ -10,7 +10,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
@@ -148,6 +148,14 @@ class PatientStats(PageStats):
 
 
 Pages = Callable[[PmsClient, datetime | None], Iterator[tuple[list[Any], list[RejectedRow], str]]]
+# What a stream does to each page before it is written (records and rejections, changed in place);
+# returns how many records it matched. One is made per read (`sync_stream`'s `prepare`).
+Prepare = Callable[[list[Any], list[RejectedRow]], int]
+
+
+@contextmanager
+def _no_prepare(_db: Store, _practice_id: str) -> Iterator[Prepare | None]:
+    yield None
 
 
 def sync_stream(
@@ -157,7 +165,7 @@ def sync_stream(
     spec: StreamSpec,
     read: Pages,
     stats: Callable[[], PageStats] = PageStats,
-    prepare: Callable[[Store, str, list[Any], list[RejectedRow]], int] | None = None,
+    prepare: Callable[[Store, str], AbstractContextManager[Prepare]] | None = None,
     volume_check: bool = False,
 ) -> MaterializeResult:
     """Plan (full or incremental), read through the PMS resource page by page, merge into the store
@@ -194,13 +202,13 @@ def sync_stream(
                 db, practice_id, records, patients=spec is PATIENTS, rejected=rejected, suppressions=suppressions
             )
             seen.suppressed += suppressed
-            if prepare:
-                seen.matched += prepare(db, practice_id, records, rejected)
+            if match:
+                seen.matched += match(records, rejected)
             seen.add(records, rejected)
             yield records, rejected
 
     try:
-        with pms_client(context, db, practice, pms) as client:
+        with pms_client(context, db, practice, pms) as client, (prepare or _no_prepare)(db, practice_id) as match:
             counts = db.write_stream_pages(
                 practice_id,
                 spec,
@@ -272,12 +280,19 @@ def _read_patients(client: PmsClient, since: datetime | None):
         yield page.patients, page.rejected, page.source_ref
 
 
-def _match_patients(db: Store, practice_id: str, records: list[Any], rejected: list[RejectedRow]) -> int:
-    """Rows without a PMS id take the identity of the stored patient they match (phone + name/DOB)."""
-    result = ReadResult(records, rejected)
-    matched = db.remap_derived_identities(practice_id, result)
-    records[:] = result.patients
-    return matched
+@contextmanager
+def _patient_matcher(db: Store, practice_id: str) -> Iterator[Prepare]:
+    """Rows without a PMS id take the identity of the stored patient they match (phone + name/DOB),
+    a page at a time (`Store.derived_identities`)."""
+    with db.derived_identities(practice_id) as remap:
+
+        def match(records: list[Any], rejected: list[RejectedRow]) -> int:
+            result = ReadResult(records, rejected)
+            matched = remap(result)
+            records[:] = result.patients
+            return matched
+
+        yield match
 
 
 def _read_appointments(client: PmsClient, since: datetime | None):
@@ -306,7 +321,7 @@ def _read_clinical(client: PmsClient, since: datetime | None):
     ],
 )
 def patients(context: AssetExecutionContext, store: StoreResource, pms: PmsGateway) -> MaterializeResult:
-    return sync_stream(context, store, pms, PATIENTS, _read_patients, PatientStats, _match_patients, volume_check=True)
+    return sync_stream(context, store, pms, PATIENTS, _read_patients, PatientStats, _patient_matcher, volume_check=True)
 
 
 @asset(

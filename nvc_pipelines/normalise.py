@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
@@ -542,23 +542,43 @@ def collect(
     A second row with the same identity in one read is rejected as a duplicate (naming the first),
     so one read never writes the same patient twice.
     """
-    result = ReadResult(source_ref=source_ref)
+    (result,) = collect_pages(practice_id, rows, today, strict=strict, source_ref=source_ref)
+    return result
+
+
+def collect_pages(
+    practice_id: str,
+    rows: Iterable[tuple[str, dict[str, Any], PatientDraft]],
+    today: date,
+    *,
+    strict: bool,
+    source_ref: str = "",
+    page_rows: int | None = None,
+) -> Iterator[ReadResult]:
+    """`collect`, a page of `page_rows` rows at a time (None: the whole read as one page), so a long
+    file is normalised and written without being held whole. A duplicate is found across pages: one
+    read remembers each identity's first row (an id and a row reference a patient, not the patient)."""
+    page = ReadResult(source_ref=source_ref)
     seen: dict[str, str] = {}
     for row_ref, raw, draft in rows:
         try:
             patient = build_patient(practice_id, draft, today, strict=strict)
         except InvalidValue as exc:
-            result.rejected.append(RejectedRow(row_ref, str(exc), raw, draft_identity(draft)))
-            continue
-        first_ref = seen.setdefault(patient.pms_patient_id, row_ref)
-        if first_ref != row_ref:
-            identity = RowIdentity(
-                patient.pms_patient_id, patient.first_name, patient.last_name, tuple(p.e164 for p in patient.phones)
-            )
-            result.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw, identity))
-            continue
-        result.patients.append(patient)
-    return result
+            page.rejected.append(RejectedRow(row_ref, str(exc), raw, draft_identity(draft)))
+        else:
+            first_ref = seen.setdefault(patient.pms_patient_id, row_ref)
+            if first_ref != row_ref:
+                identity = RowIdentity(
+                    patient.pms_patient_id, patient.first_name, patient.last_name, tuple(p.e164 for p in patient.phones)
+                )
+                page.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw, identity))
+            else:
+                page.patients.append(patient)
+        if page_rows is not None and page.rows_read >= page_rows:
+            yield page
+            page = ReadResult(source_ref=source_ref)
+    if page.rows_read or page_rows is None:
+        yield page
 
 
 UK_TZ = ZoneInfo("Europe/London")

@@ -49,7 +49,7 @@ from nvc_pipelines.model import (
     RecordBatch,
     RejectedRow,
 )
-from nvc_pipelines.normalise import PatientDraft, collect
+from nvc_pipelines.normalise import PatientDraft, collect_pages
 from resources.protocol import ConnectionInfo, PmsConnectionFailed, PmsError
 
 SEED_COLUMNS = (
@@ -87,6 +87,8 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 # read in ~12 s and ~300 MB on a 2-core box), so this bounds a read; a bigger file is refused up front
 # after a quick count, which is almost always a group-wide export rather than one practice's list.
 MAX_ROWS = 200_000
+# Rows normalised and handed to the writer at a time: a sync holds one page of a file, not the file.
+PAGE_ROWS = 5000
 HEADER_SEARCH_LINES = 20  # non-blank lines searched for the header row (title lines above it are skipped)
 _CHUNK_BYTES = 1024 * 1024
 _MAX_LINE_BYTES = 8 * 1024 * 1024
@@ -453,8 +455,16 @@ def _too_many_rows(practice_id: str, name: str) -> CsvFileRefused:
 
 
 def _parse(
-    open_lines: Callable[[], Generator[str]], practice_id: str, name: str, today: date, line_bound: int
-) -> ReadResult:
+    open_lines: Callable[[], Generator[str]],
+    practice_id: str,
+    name: str,
+    today: date,
+    line_bound: int,
+    page_rows: int | None = None,
+) -> Iterator[ReadResult]:
+    """The file's patients and rejected rows, `page_rows` rows a page (None: one page), in file order.
+    A refusal (too many rows, a quote never closed, no rows at all) can come on any page: the caller
+    writes a read in one transaction, so a refused file is never half-imported."""
     if line_bound > MAX_ROWS:  # maybe too big: count the records first (no normalising, a second or two)
         with closing(open_lines()) as source:
             lines = _Lines(source, practice_id, name)
@@ -462,7 +472,7 @@ def _parse(
                 if count > MAX_ROWS:
                     raise _too_many_rows(practice_id, name)
 
-    structural: list[RejectedRow] = []
+    structural: list[RejectedRow] = []  # the rows broken as CSV since the last page, in file order
 
     def rows(lines: _Lines, layout: _Layout) -> Iterator[tuple[str, dict[str, Any], PatientDraft]]:
         unquoted = _DELIMITERS[layout.delimiter]
@@ -508,16 +518,36 @@ def _parse(
                 ),
             )
 
+    read = 0
     with closing(open_lines()) as source:
         lines = _Lines(source, practice_id, name)
         layout = _find_layout(lines, practice_id, name)
-        result = collect(practice_id, rows(lines, layout), today, strict=True, source_ref=name)
-    if structural:
-        result.rejected = list(heapq.merge(result.rejected, structural, key=_line_of))
-    if result.rows_read == 0:
+        pages = collect_pages(
+            practice_id, rows(lines, layout), today, strict=True, source_ref=name, page_rows=page_rows
+        )
+        for page in pages:
+            if structural:  # the broken rows read up to this page's last row belong to it
+                page.rejected = list(heapq.merge(page.rejected, structural, key=_line_of))
+                structural.clear()
+            read += page.rows_read
+            if page.rows_read:
+                yield page
+        if structural:  # broken rows after the last good one
+            read += len(structural)
+            yield ReadResult(rejected=list(structural), source_ref=name)
+    if read == 0:
         raise CsvFileRefused(
             practice_id, "no_rows", f"{name} has a header but no patient rows", "check the export included patients"
         )
+
+
+def _whole(pages: Iterator[ReadResult]) -> ReadResult:
+    """A read's pages as one `ReadResult`."""
+    result = ReadResult()
+    for page in pages:
+        result.source_ref = page.source_ref
+        result.patients += page.patients
+        result.rejected += page.rejected
     return result
 
 
@@ -528,7 +558,7 @@ def _line_of(row: RejectedRow) -> int:
 def parse_csv(text: str, practice_id: str, name: str, today: date) -> ReadResult:
     """Read one CSV file's text into patients and rejected rows (or refuse it whole)."""
     bound = text.count("\n") + text.count("\r") - text.count("\r\n")  # at least the number of lines
-    return _parse(lambda: _str_lines(text), practice_id, name, today, bound)
+    return _whole(_parse(lambda: _str_lines(text), practice_id, name, today, bound))
 
 
 def _count_line_ends(path: Path) -> int:
@@ -542,8 +572,14 @@ def _count_line_ends(path: Path) -> int:
 
 def read_csv_file(path: Path, practice_id: str, today: date) -> ReadResult:
     """Read one CSV file from disk, streamed (its text is never held whole), or refuse it whole."""
+    return _whole(csv_file_pages(path, practice_id, today))
+
+
+def csv_file_pages(path: Path, practice_id: str, today: date, page_rows: int | None = None) -> Iterator[ReadResult]:
+    """One CSV file from disk, `page_rows` rows a page (None: one page), streamed: neither its text
+    nor its patients are ever held whole. A refusal can come on any page (see `_parse`)."""
     try:
-        return _read_file(path, practice_id, today)
+        yield from _read_file(path, practice_id, today, page_rows)
     except OSError as exc:  # gone, locked by another program, a network share dropping out
         raise CsvFileRefused(
             practice_id,
@@ -553,7 +589,7 @@ def read_csv_file(path: Path, practice_id: str, today: date) -> ReadResult:
         ) from None
 
 
-def _read_file(path: Path, practice_id: str, today: date) -> ReadResult:
+def _read_file(path: Path, practice_id: str, today: date, page_rows: int | None) -> Iterator[ReadResult]:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise CsvFileRefused(
@@ -567,7 +603,9 @@ def _read_file(path: Path, practice_id: str, today: date) -> ReadResult:
         head = stream.read(65536)
     codec = sniff_encoding(head, practice_id, path.name)
     bound = size if size <= MAX_ROWS else _count_line_ends(path)
-    return _parse(lambda: _file_lines(path, codec, practice_id, path.name), practice_id, path.name, today, bound)
+    return _parse(
+        lambda: _file_lines(path, codec, practice_id, path.name), practice_id, path.name, today, bound, page_rows
+    )
 
 
 class CsvClient:
@@ -598,17 +636,22 @@ class CsvClient:
         newest = self.newest_file()
         if newest is None:
             return ConnectionInfo("CSV import", detail=f"folder {self.path} is empty: waiting for the first export")
-        read_csv_file(newest, self.practice.practice_id, date.today())
+        for _page in csv_file_pages(newest, self.practice.practice_id, date.today(), PAGE_ROWS):
+            pass  # read through (a refused file raises), a page at a time
         return ConnectionInfo("CSV import", detail=f"newest file {newest.name}")
 
     def read_patients(self, since: datetime | None, today: date) -> ReadResult:
         """The newest file, whole: a CSV export is always a full list, so `since` does not apply."""
+        return _whole(self.iter_patients(since, today))
+
+    def iter_patients(self, since: datetime | None, today: date) -> Iterator[ReadResult]:
+        """The newest file, `PAGE_ROWS` rows a page (a sync writes them as they come)."""
         newest = self.newest_file()
         if newest is None:
             raise CsvFileRefused(
                 self.practice.practice_id, "no_file", f"no CSV file in {self.path}", "drop the export into the folder"
             )
-        return read_csv_file(newest, self.practice.practice_id, today)
+        yield from csv_file_pages(newest, self.practice.practice_id, today, PAGE_ROWS)
 
     def read_appointments(self, since: datetime | None) -> RecordBatch[Appointment]:
         """A CSV export carries no diary: always empty."""

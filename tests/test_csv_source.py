@@ -133,3 +133,45 @@ def test_binary_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "export.csv").write_bytes(b"PK\x03\x04\x00\x00binary")
     with pytest.raises(CsvFileRefused, match="binary file"):
         CsvResource().open(practice(tmp_path), {}).read_patients(None, TODAY)
+
+
+def test_a_file_is_read_a_page_at_a_time_with_what_the_whole_read_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync holds one page of a file: pages in file order, a broken row on the page of the rows
+    around it, a duplicate on a later page rejected naming its first row, and broken rows after the
+    last good one kept; together exactly what reading the file whole gives."""
+    from resources import csv_source
+
+    monkeypatch.setattr(csv_source, "PAGE_ROWS", 4)
+    rows = [f"P{n},Lee,07700 9001{n:02d},15/01/2024,,," for n in range(7)]
+    rows.insert(2, 'Bad,"Quote,07700 900199,15/01/2024,,,\nstill,open"x,,,,,')  # broken quoting: a rejected row
+    rows.append("P1,Lee,07700 900101,15/01/2024,,,")  # the same patient as row 2: a duplicate on a later page
+    rows.append("A,B,C,D,E,F,G,H,I")  # more cells than the header: rejected, after the last good row
+    (tmp_path / "export.csv").write_text(HEADER + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    client = CsvResource().open(practice(tmp_path / "export.csv"), {})
+
+    pages = list(client.iter_patients(None, TODAY))
+    whole = client.read_patients(None, TODAY)
+
+    assert [p.first_name for p in whole.patients] == [f"P{n}" for n in range(7)]
+    assert [p for page in pages for p in page.patients] == whole.patients
+    assert [r for page in pages for r in page.rejected] == whole.rejected
+    assert [r.row_ref.rsplit(" ", 1)[1] for r in whole.rejected] == ["4", "11", "12"]
+    assert whole.rejected[1].reason == "duplicate of export.csv:line 3 (same patient)"
+    # Four good or duplicate rows a page; the broken row with its neighbours, the trailing one alone.
+    assert [(len(page.patients), len(page.rejected)) for page in pages] == [(4, 1), (3, 1), (0, 1)]
+
+
+def test_a_refusal_on_a_later_page_comes_from_the_paged_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quote never closed refuses the file whole, after pages were already read: the sync writes the
+    read in one transaction, so nothing of it lands (`test_dagster`)."""
+    from resources import csv_source
+
+    monkeypatch.setattr(csv_source, "PAGE_ROWS", 2)
+    rows = [f"P{n},Lee,07700 9001{n:02d},15/01/2024,,," for n in range(5)] + ['Z,"never closed,07700 900199,,,,']
+    (tmp_path / "export.csv").write_text(HEADER + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    pages = CsvResource().open(practice(tmp_path / "export.csv"), {}).iter_patients(None, TODAY)
+    assert len(next(pages).patients) == 2
+    with pytest.raises(CsvFileRefused, match="line 7 opens a quoted value"):
+        list(pages)

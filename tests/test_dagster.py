@@ -222,3 +222,29 @@ def test_assets_carry_references_to_their_source() -> None:
         spec = defs.get_assets_def(key).specs_by_key[AssetKey(key)]
         refs = spec.metadata["dagster/code_references"].code_references
         assert refs and refs[0].file_path.endswith("assets/sync.py") and refs[0].line_number > 0
+
+
+def test_a_file_refused_after_pages_were_written_leaves_the_store_as_it_was(
+    database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CSV is staged a page at a time, but a quote never closed near its end refuses it whole: the
+    pages already staged are rolled back with it, never half-imported."""
+    from resources import csv_source
+
+    monkeypatch.setattr(csv_source, "PAGE_ROWS", 2)
+    (tmp_path / "export.csv").write_text(template_text(), encoding="utf-8")
+    store.add_practice("csv-c", "CSV C", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    instance.add_dynamic_partitions("practices", ["csv-c"])
+    assert materialize([patients], partition_key="csv-c", instance=instance, resources=_resources(database_url)).success
+    before = store.export_practice("csv-c")
+
+    header = template_text().splitlines()[0]
+    rows = [f"P{n},Lee,07700 9001{n:02d},15/01/2024,,,,,,,,,," for n in range(7)] + ['Z,"never closed,,,,']
+    (tmp_path / "export.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    result = materialize(
+        [patients], partition_key="csv-c", instance=instance, resources=_resources(database_url), raise_on_error=False
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "line 9 opens a quoted value" in failure.step_failure_data.user_failure_data.description
+    assert store.export_practice("csv-c") == before

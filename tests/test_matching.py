@@ -94,3 +94,34 @@ def test_merge_keeps_phones_and_history_and_is_undoable(store: Store) -> None:
     assert [p.pms_patient_id for p in store.load_patients("m1")] == ["A1", "A2"]
     actions = [e["action"] for e in store.audit_entries("m1")]
     assert [a for a in actions if a in ("merge", "unmerge")] == ["unmerge", "merge"]
+
+
+def test_id_less_rows_are_matched_a_page_at_a_time_and_a_repeat_across_pages_is_rejected(store: Store) -> None:
+    """A paged read matches each page's id-less rows against the stored patients on that page's
+    numbers only; a row matched onto a patient the read already passed on (or the reverse, a row with
+    the id a match was given) is rejected as a duplicate, while a record with its own id read again on
+    a later page (edited while the PMS paged) is not."""
+    store.add_practice("m2", "Paged matching", PmsKind.CSV, {}, {})
+    mobile = Phone("+447700900555", PhoneType.MOBILE)
+    ann = person(derived_patient_key("Ann", "Lee", LANDLINE.e164), "Ann", "Lee", [LANDLINE])
+    ann.practice_id = "m2"
+    bob = Patient("m2", "B7", "Bob", "Kay", [Phone("+447700900666", PhoneType.MOBILE)],
+                  last_eye_test_date=date(2024, 1, 1))  # fmt: skip
+    store.write_patients("m2", "csv", ReadResult([ann, bob]), None, full=True)
+
+    def again() -> Patient:  # Ann with a new mobile first: a new derived id, matched to the stored Ann
+        return Patient("m2", derived_patient_key("Ann", "Lee", mobile.e164), "Ann", "Lee", [mobile, LANDLINE],
+                       last_eye_test_date=date(2024, 1, 1))  # fmt: skip
+
+    with store.derived_identities("m2") as remap:
+        first = ReadResult([again(), bob])
+        assert remap(first) == 1
+        assert [p.pms_patient_id for p in first.patients] == [ann.pms_patient_id, "B7"]
+        second = ReadResult([again(), bob])  # Ann matched again; Bob re-read with his own id
+        assert remap(second) == 1
+        assert [p.pms_patient_id for p in second.patients] == ["B7"]
+        assert [(r.row_ref, r.reason) for r in second.rejected] == [
+            (ann.pms_patient_id, "duplicate of another row (same patient)")
+        ]
+        third = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])  # Ann's id, given by a match
+        assert remap(third) == 0 and third.patients == [] and len(third.rejected) == 1

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 from sqlalchemy import Connection, text
 
 from nvc_pipelines.matching import DERIVED_PREFIX, DuplicatePair, find_duplicates, resolve_derived_identities
 from nvc_pipelines.model import Patient, ReadResult, RejectedRow
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
+from nvc_pipelines.store.patients import PATIENT_COLUMNS, patient_from_tuple
+
+# The practice's stored numbers, each with the patient (or merged-away record) on it: built once per
+# read in the matcher's own transaction, so each page finds its candidates by number through an index
+# instead of the read loading every stored patient.
+_KNOWN_PHONES = [
+    "CREATE TEMP TABLE known_phones ON COMMIT DROP AS SELECT ph AS phone, patient_id FROM patients "
+    "CROSS JOIN LATERAL unnest(phones) ph WHERE practice_id = :p AND (active OR merged_into IS NOT NULL)",
+    "CREATE INDEX ON known_phones (phone)",
+    "ANALYZE known_phones",
+]
+_CANDIDATES = (
+    f"SELECT {PATIENT_COLUMNS} FROM patients WHERE practice_id = :p "
+    "AND patient_id IN (SELECT patient_id FROM known_phones WHERE phone = ANY(:phones))"
+)
 
 
 class MergesMixin(StoreBase):
@@ -17,22 +33,51 @@ class MergesMixin(StoreBase):
     def remap_derived_identities(self, practice_id: str, result: ReadResult) -> int:
         """Give id-less incoming rows the identity of the stored patient they match (phone plus name
         or date of birth); a row that then repeats an identity is rejected as a duplicate."""
-        if not any(p.pms_patient_id.startswith(DERIVED_PREFIX) for p in result.patients):
-            return 0
-        mapping = resolve_derived_identities(result.patients, self.load_patients(practice_id, include_merged=True))
-        if not mapping:
-            return 0
-        kept: list[Patient] = []
-        seen: set[str] = set()
-        for p in result.patients:
-            p.pms_patient_id = mapping.get(p.pms_patient_id, p.pms_patient_id)
-            if p.pms_patient_id in seen:
-                result.rejected.append(RejectedRow(p.pms_patient_id, "duplicate of another row (same patient)", {}))
-                continue
-            seen.add(p.pms_patient_id)
-            kept.append(p)
-        result.patients[:] = kept
-        return len(mapping)
+        with self.derived_identities(practice_id) as remap:
+            return remap(result)
+
+    @contextmanager
+    def derived_identities(self, practice_id: str) -> Iterator[Callable[[ReadResult], int]]:
+        """`remap_derived_identities` for a read that comes a page at a time: `remap(page)` for each
+        page, in order. Only the stored patients on a page's numbers are read (through a table of the
+        practice's numbers, made once the first id-less row comes); what the read has seen is
+        remembered as ids, so a row matched onto a patient read earlier, or read after one matched
+        onto it, is rejected as a duplicate."""
+        seen: set[str] = set()  # every identity the read has passed on
+        matched: set[str] = set()  # the stored identities id-less rows were given
+        with ExitStack() as held:
+            conn: Connection | None = None
+
+            def remap(result: ReadResult) -> int:
+                nonlocal conn
+                derived = [p for p in result.patients if p.pms_patient_id.startswith(DERIVED_PREFIX)]
+                mapping: dict[str, str] = {}
+                if derived:
+                    if conn is None:
+                        conn = held.enter_context(self.begin(practice_id))
+                        for statement in _KNOWN_PHONES:
+                            conn.execute(text(statement), {"p": practice_id})
+                    phones = sorted({phone.e164 for p in derived for phone in p.phones})
+                    rows = conn.execute(text(_CANDIDATES), {"p": practice_id, "phones": phones})
+                    mapping = resolve_derived_identities(derived, [patient_from_tuple(practice_id, r) for r in rows])
+                kept: list[Patient] = []
+                for p in result.patients:
+                    was = p.pms_patient_id
+                    p.pms_patient_id = mapping.get(was, was)
+                    again = p.pms_patient_id in seen if was in mapping else p.pms_patient_id in matched
+                    if again:
+                        result.rejected.append(
+                            RejectedRow(p.pms_patient_id, "duplicate of another row (same patient)", {})
+                        )
+                        continue
+                    seen.add(p.pms_patient_id)
+                    if was in mapping:
+                        matched.add(p.pms_patient_id)
+                    kept.append(p)
+                result.patients[:] = kept
+                return len(mapping)
+
+            yield remap
 
     def duplicates(self, practice_id: str) -> list[DuplicatePair]:
         return find_duplicates(self.load_patients(practice_id))
