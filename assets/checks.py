@@ -6,12 +6,13 @@ written); it is blocking, so a broken extract never reaches `recalls` and `call_
 
 A nightly validates what changed: Great Expectations runs its row-level suite on the rows written
 since the check last passed (their `updated_at`, less `CHANGE_MARGIN` for transactions still open
-then), and the whole practice's invariants (the callable share, every appointment's
-patient known, no recall of an inactive patient, ages the calendar pushes past 120) are counted in
-SQL over every row, every time (identity needs no count: the store's key keeps it unique). Every row is validated by the suite again after a full read of the
-practice's patients, a forced full sync, a new suite or new recall rules, and until a failing check
-passes (its mark only moves on a pass, so a broken row stays reported until it is fixed). Rows are
-validated 10,000 at a time: checking a whole practice holds one chunk in memory, never the practice.
+then), and the whole practice's invariants (the callable share, every appointment's patient known,
+no recall of an inactive patient, ages the calendar pushes past 120) are counted in SQL over every
+row, every time (identity needs no count: the store's key keeps it unique). Every row is validated
+by the suite again after a full read of the practice's patients, a forced full sync, a new suite or
+new recall rules, and until a failing check passes (its mark only moves on a pass, so a broken row
+stays reported until it is fixed). Rows are validated 10,000 at a time: checking a whole practice
+holds one chunk in memory, never the practice.
 """
 
 from collections.abc import Callable

@@ -45,6 +45,7 @@ from resources.protocol import (
     PmsError,
     appointment_pages,
     clinical_pages,
+    pages_are_snapshot,
     patient_pages,
 )
 from resources.store import StoreResource
@@ -165,7 +166,7 @@ def sync_stream(
     spec: StreamSpec,
     read: Pages,
     stats: Callable[[], PageStats] = PageStats,
-    prepare: Callable[[Store, str], AbstractContextManager[Prepare]] | None = None,
+    prepare: Callable[[Store, str], AbstractContextManager[Prepare | None]] | None = None,
     volume_check: bool = False,
 ) -> MaterializeResult:
     """Plan (full or incremental), read through the PMS resource page by page, merge into the store
@@ -173,8 +174,9 @@ def sync_stream(
 
     Pages stream from the PMS (fetched and normalised a page or two ahead, in a bounded queue) into
     the store's staging `COPY`: erased people are left out and id-less rows matched per page, and
-    nothing of the read is held beyond the page at hand. A PMS failure mid-read rolls the whole
-    read back, as it did when the read came first."""
+    nothing of the read is held beyond the page at hand but the identities it has passed on (to
+    find a duplicate on a later page). A PMS failure mid-read rolls the whole read back, as it did
+    when the read came first."""
     started = time.monotonic()
     heap.settle()  # the imported code out of the collector's walks: a quarter of a full sync's time
     practice_id = context.partition_key
@@ -218,6 +220,7 @@ def sync_stream(
                 run_id=context.run_id,
                 full=plan.full,
                 max_drop_share=guard,
+                snapshot=pages_are_snapshot(client),
             )
     except VolumeDropRefused as exc:
         message = f"{practice.pms_kind} (practice {practice_id}): {exc}"

@@ -612,6 +612,9 @@ class CsvClient:
     """One practice's CSV drop."""
 
     kind = PmsKind.CSV
+    # A file is one snapshot: a patient on two rows is a duplicate (the first row stands), never a
+    # record edited while the read paged through (`protocol.pages_are_snapshot`).
+    snapshot_pages = True
 
     def __init__(self, practice: Practice):
         self.practice = practice

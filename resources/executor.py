@@ -19,13 +19,15 @@ from typing import Any
 
 from dagster import DagsterInstance, Executor, ExecutorDefinition, executor, in_process_executor
 
-# A connection older than this is replaced when next taken from the pool, so an idle connection
-# that a proxy or the server may have dropped is never kept for long.
-POOL_RECYCLE_SECONDS = 300
-# Connections beyond the one held, opened only while several threads store events at once.
-POOL_MAX_OVERFLOW = 5
-# No statement timeout on the held connections: the same as the connections dagster-postgres opens.
-STATEMENT_TIMEOUT_MS = 0
+# A connection older than this is replaced when next taken from the pool, so none is used after sitting
+# idle for longer: under the idle cut of cloud load balancers and proxies (Azure's is about 4 minutes).
+POOL_RECYCLE_SECONDS = 120
+# Connections beyond the one held, opened only while several threads store events at once (and
+# closed after): a run process holds at most one per storage for long.
+POOL_MAX_OVERFLOW = 2
+# The held connections' statement timeout (set on each: `optimize_for_webserver` always sets one).
+# A storage statement of a run never takes minutes; the webserver's own default is 15 seconds.
+STATEMENT_TIMEOUT_MS = 300_000
 
 _holding: weakref.WeakSet[DagsterInstance] = weakref.WeakSet()
 
@@ -43,9 +45,11 @@ def hold_storage_connections(instance: DagsterInstance) -> None:
 
 
 def release_storage_connections(instance: DagsterInstance) -> None:
-    """Close the connections `instance`'s storage holds now (the next use opens one again), for a
-    process that goes on after its run: a Dagster instance is freed only by the cycle collector,
-    so its held connections would otherwise stay open for a while."""
+    """Close the connections `instance`'s storage holds now, for a process that goes on after its
+    run: a Dagster instance is freed only by the cycle collector, so its held connections would
+    otherwise stay open for a while. The pools stay (a later use opens one connection again and
+    holds it). Reads dagster-postgres's private `_engine`: a storage without one is left as it is
+    (tests/test_executor.py fails if that attribute goes)."""
     for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
         engine = getattr(storage, "_engine", None)  # dagster-postgres's SQLAlchemy engine
         if engine is not None:

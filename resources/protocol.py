@@ -127,6 +127,12 @@ def patient_pages(client: PmsClient, since: datetime | None, today: date) -> Ite
     return pages(since, today) if pages is not None else iter((client.read_patients(since, today),))
 
 
+def pages_are_snapshot(client: PmsClient) -> bool:
+    """Whether a read of the client's patients is one snapshot (a file), in which no record comes
+    twice: a repeat is then a duplicate row, not a record edited while the PMS paged."""
+    return bool(getattr(client, "snapshot_pages", False))
+
+
 def appointment_pages(client: PmsClient, since: datetime | None) -> Iterator[RecordBatch[Appointment]]:
     pages = getattr(client, "iter_appointments", None)
     return pages(since) if pages is not None else iter((client.read_appointments(since),))

@@ -633,6 +633,39 @@ def test_a_nightly_places_again_a_child_who_turned_16_since_and_nothing_else(sto
     assert _rows(store, family, later) == changed_only
 
 
+def test_a_nightly_after_a_merge_is_undone_places_the_kept_patient_again(store: Store, family: str) -> None:
+    """Kim was entered twice (K1, K2 on one mobile); K2 has a sight test booked, so after the merge
+    Kim is not listed (booked). Undoing the merge takes the booking off K1's record: the changed-only
+    nightly lists K1 again, as a whole rebuild does, and keeps K2 off (booked)."""
+    start = datetime.now(UTC)
+    kim = [
+        _patient(family, "K1", "Kim", "Lowe", ["+447700900700"]),
+        _patient(family, "K2", "Kim", "Lowe", ["+447700900700"]),
+    ]
+    _sync(store, family, [*_family(family), *kim])
+    with store.begin_owner() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO appointments (practice_id, pms_appointment_id, pms_patient_id, starts_at, ends_at, status, "
+                "appointment_type) VALUES (:p, 'A9', 'K2', :at, :end, 'booked', 'sight_test')"
+            ),
+            {"p": family, "at": start + timedelta(days=10), "end": start + timedelta(days=10, hours=1)},
+        )
+    merge_id = store.merge_patients(family, "K1", "K2", actor="ops:test")
+    assert store.update_call_list(family, settings=SETTINGS, now=start, full=True)["mode"] == "full"
+    assert _view(store, family)[1]["K1"] == "booked"
+
+    store.undo_merge(family, merge_id, actor="ops:test")
+    later = start + timedelta(hours=1)
+    nightly = store.update_call_list(family, settings=SETTINGS, now=later)
+    assert nightly["mode"] == "changed"
+    entries, not_listed = _view(store, family)
+    assert entries["+447700900700"] == ["K1"] and not_listed["K2"] == "booked"
+    changed_only = _rows(store, family, later)
+    store.rebuild_call_list(family, now=later, settings=SETTINGS)
+    assert _rows(store, family, later) == changed_only
+
+
 def test_a_passed_call_time_is_read_as_the_next_opening_without_rewriting_the_list(store: Store, family: str) -> None:
     """The nightly no longer moves every passed `earliest_call_at` on: the stored time stays, and every
     reader (the caller's list, the dial check, `--why`) sees the next opening from the moment it reads."""

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from dagster import AssetKey, DagsterInstance, build_schedule_context, instance_for_test, materialize
+from sqlalchemy import text
 
 from assets.sync import appointments, call_list, clinical_records, patients, recalls
 from nvc_pipelines.definitions import defs
@@ -248,3 +249,30 @@ def test_a_file_refused_after_pages_were_written_leaves_the_store_as_it_was(
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "line 9 opens a quoted value" in failure.step_failure_data.user_failure_data.description
     assert store.export_practice("csv-c") == before
+
+
+def test_a_patient_repeated_on_a_later_page_of_a_file_stays_as_its_first_row(
+    database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file is one snapshot: a patient's second row, valid or not, on a later page is rejected with
+    its reason, and the first row stands (a PMS read would take a later page's copy as an edit)."""
+    from resources import csv_source
+
+    monkeypatch.setattr(csv_source, "PAGE_ROWS", 2)
+    header = template_text().splitlines()[0]
+    rows = [f"P{n},Lee,07700 9001{n:02d},15/01/2024,,,,,,,P{n},,," for n in range(5)]
+    rows += ["P0,Lee,07700 900100,15/01/2024,,,,,,,P0,,,", "P1,Lee,07700 900101,not a date,,,,,,,P1,,,"]
+    (tmp_path / "export.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    store.add_practice("csv-d", "CSV D", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    instance.add_dynamic_partitions("practices", ["csv-d"])
+    result = materialize([patients], partition_key="csv-d", instance=instance, resources=_resources(database_url))
+    assert result.success
+    meta = _meta(result, "patients")
+    assert (meta["rows_read"], meta["inserted"], meta["rejected"]) == (7, 5, 2)
+    assert [p.pms_patient_id for p in store.load_patients("csv-d")] == ["P0", "P1", "P2", "P3", "P4"]
+    with store.begin("csv-d") as conn:
+        reasons = conn.execute(
+            text("SELECT row_ref, reason FROM rejected_rows WHERE practice_id = 'csv-d' ORDER BY row_ref")
+        ).all()
+    assert [r.row_ref for r in reasons] == ["export.csv:line 7", "export.csv:line 8"]
+    assert reasons[0].reason == "duplicate of export.csv:line 2 (same patient)"

@@ -98,9 +98,9 @@ def test_merge_keeps_phones_and_history_and_is_undoable(store: Store) -> None:
 
 def test_id_less_rows_are_matched_a_page_at_a_time_and_a_repeat_across_pages_is_rejected(store: Store) -> None:
     """A paged read matches each page's id-less rows against the stored patients on that page's
-    numbers only; a row matched onto a patient the read already passed on (or the reverse, a row with
-    the id a match was given) is rejected as a duplicate, while a record with its own id read again on
-    a later page (edited while the PMS paged) is not."""
+    numbers only. Two records ending on one identity across pages (a row matched onto a patient the
+    read has under its own id, either way round) are a duplicate: the later is rejected. One record
+    read again on a later page (edited while the PMS paged), matched or with its own id, is not."""
     store.add_practice("m2", "Paged matching", PmsKind.CSV, {}, {})
     mobile = Phone("+447700900555", PhoneType.MOBILE)
     ann = person(derived_patient_key("Ann", "Lee", LANDLINE.e164), "Ann", "Lee", [LANDLINE])
@@ -117,11 +117,17 @@ def test_id_less_rows_are_matched_a_page_at_a_time_and_a_repeat_across_pages_is_
         first = ReadResult([again(), bob])
         assert remap(first) == 1
         assert [p.pms_patient_id for p in first.patients] == [ann.pms_patient_id, "B7"]
-        second = ReadResult([again(), bob])  # Ann matched again; Bob re-read with his own id
-        assert remap(second) == 1
-        assert [p.pms_patient_id for p in second.patients] == ["B7"]
-        assert [(r.row_ref, r.reason) for r in second.rejected] == [
+        second = ReadResult([again(), bob])  # both read again on a later page: each its later copy
+        assert remap(second) == 1 and not second.rejected
+        assert [p.pms_patient_id for p in second.patients] == [ann.pms_patient_id, "B7"]
+        third = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])  # Ann's own id, now matched
+        assert remap(third) == 0 and third.patients == []
+        assert [(r.row_ref, r.reason) for r in third.rejected] == [
             (ann.pms_patient_id, "duplicate of another row (same patient)")
         ]
-        third = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])  # Ann's id, given by a match
-        assert remap(third) == 0 and third.patients == [] and len(third.rejected) == 1
+
+    with store.derived_identities("m2") as remap:  # the other way round: her own id first, then a match
+        first = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])
+        assert remap(first) == 0 and len(first.patients) == 1
+        second = ReadResult([again()])
+        assert remap(second) == 1 and second.patients == [] and len(second.rejected) == 1

@@ -30,21 +30,16 @@ _CANDIDATES = (
 class MergesMixin(StoreBase):
     """Derived identities, duplicate pairs, merging and undoing a merge."""
 
-    def remap_derived_identities(self, practice_id: str, result: ReadResult) -> int:
-        """Give id-less incoming rows the identity of the stored patient they match (phone plus name
-        or date of birth); a row that then repeats an identity is rejected as a duplicate."""
-        with self.derived_identities(practice_id) as remap:
-            return remap(result)
-
     @contextmanager
     def derived_identities(self, practice_id: str) -> Iterator[Callable[[ReadResult], int]]:
-        """`remap_derived_identities` for a read that comes a page at a time: `remap(page)` for each
-        page, in order. Only the stored patients on a page's numbers are read (through a table of the
-        practice's numbers, made once the first id-less row comes); what the read has seen is
-        remembered as ids, so a row matched onto a patient read earlier, or read after one matched
-        onto it, is rejected as a duplicate."""
-        seen: set[str] = set()  # every identity the read has passed on
-        matched: set[str] = set()  # the stored identities id-less rows were given
+        """For a read, page by page: `remap(page)` gives the page's id-less rows the identity of the
+        stored patient each matches (phone plus name or date of birth; returns how many). Only the
+        stored patients on a page's numbers are read, through a table of the practice's numbers made
+        when the first id-less row comes. Two of the read's records that end on one identity (a row
+        matched onto a patient the read also has under its own id, or two rows matched onto one) are
+        a duplicate: the later is rejected. One record read again on a later page (edited while the
+        PMS paged) is not: its later copy counts, as the write's rule has it."""
+        claimed: dict[str, str] = {}  # identity -> the id, before matching, of the record that has it
         with ExitStack() as held:
             conn: Connection | None = None
 
@@ -62,17 +57,13 @@ class MergesMixin(StoreBase):
                     mapping = resolve_derived_identities(derived, [patient_from_tuple(practice_id, r) for r in rows])
                 kept: list[Patient] = []
                 for p in result.patients:
-                    was = p.pms_patient_id
-                    p.pms_patient_id = mapping.get(was, was)
-                    again = p.pms_patient_id in seen if was in mapping else p.pms_patient_id in matched
-                    if again:
+                    own = p.pms_patient_id
+                    p.pms_patient_id = mapping.get(own, own)
+                    if claimed.setdefault(p.pms_patient_id, own) != own:
                         result.rejected.append(
                             RejectedRow(p.pms_patient_id, "duplicate of another row (same patient)", {})
                         )
                         continue
-                    seen.add(p.pms_patient_id)
-                    if was in mapping:
-                        matched.add(p.pms_patient_id)
                     kept.append(p)
                 result.patients[:] = kept
                 return len(mapping)
@@ -151,6 +142,11 @@ class MergesMixin(StoreBase):
                     "change_seq = change_seq + 1 WHERE patient_id = :m"
                 ),
                 {"m": row.merged_patient_id},
+            )
+            # The kept patient changed too (it no longer carries the record's numbers, bookings and
+            # calls): stamped, so the nightly's changed-only call list places it again.
+            conn.execute(
+                text("UPDATE patients SET updated_at = now() WHERE patient_id = :k"), {"k": row.keep_patient_id}
             )
             conn.execute(
                 text("UPDATE patient_merges SET undone_at = now(), undone_by = :a WHERE merge_id = :id"),

@@ -192,6 +192,7 @@ class PatientsMixin(StoreBase):
         run_id: str | None,
         full: bool,
         max_drop_share: float | None = None,
+        snapshot: bool = False,
     ) -> WriteCounts:
         """`write_stream` for a read that arrives page by page (`(records, rejected)` each): every page
         is `COPY`ed into the stage as it comes, so memory does not grow with the practice. One
@@ -200,7 +201,9 @@ class PatientsMixin(StoreBase):
         failure while paging (the PMS going away) rolls everything back.
 
         A record that comes back on a later page (edited in the PMS while the read paged through)
-        counts once, as its later copy, whether that copy was valid or rejected."""
+        counts once, as its later copy, whether that copy was valid or rejected; unless the read is a
+        `snapshot` (a file): no record comes twice in it, so a repeat was rejected as a duplicate of
+        its first row, which stands."""
         return self._write_read(
             practice_id,
             spec,
@@ -212,6 +215,7 @@ class PatientsMixin(StoreBase):
             cursor_at=None,
             max_drop_share=max_drop_share,
             stamp_cursor=True,
+            snapshot=snapshot,
         )
 
     def _write_read(
@@ -228,6 +232,7 @@ class PatientsMixin(StoreBase):
         max_drop_share: float | None,
         stamp_cursor: bool = False,
         place_calls: tuple[set[str] | None, datetime] | None = None,
+        snapshot: bool = False,
     ) -> WriteCounts:
         kept: dict[str, tuple[int, RejectedRow]] = {}  # by row_ref: a row re-read on a later page counts once
         newest: list[datetime] = []
@@ -246,7 +251,8 @@ class PatientsMixin(StoreBase):
         with self.begin(practice_id) as conn:
             with driver(conn).cursor() as cur:
                 staged = stage_pages(cur, spec, records())
-                staged -= _settle_rejected_copies(cur, spec, kept)
+                if not snapshot:
+                    staged -= _settle_rejected_copies(cur, spec, kept)
                 counts = merge_staged(cur, spec, practice_id, staged, full=full, max_drop_share=max_drop_share)
             rejected = [row for _page, row in kept.values()]
             if callable(source_ref):  # known once the pages have been read
