@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from dagster import (
     AssetCheckResult,
@@ -51,6 +51,7 @@ from resources.protocol import (
 from resources.store import StoreResource
 
 GROUP = "practice_sync"
+T = TypeVar("T")
 FULL_SYNC_TAG = "nvc/full_sync"
 ALLOW_DROP_TAG = "nvc/allow_drop"
 # A sync someone waits for at a shell (`nvc sync`, the demo): a PMS that does not answer fails it in
@@ -197,7 +198,7 @@ def sync_stream(
     source_refs: list[str] = []
 
     def pages(client: PmsClient) -> Iterator[tuple[list[Any], list[RejectedRow]]]:
-        for records, rejected, source_ref in prefetch(read(client, plan.since)):
+        for records, rejected, source_ref in read_ahead(client, read(client, plan.since)):
             if not source_refs:
                 source_refs.append(source_ref)
             records, suppressed = drop_erased(
@@ -276,6 +277,15 @@ def sync_stream(
         if volume_check
         else [],
     )
+
+
+def read_ahead(client: PmsClient, pages: Iterator[T]) -> Iterator[T]:
+    """The client's pages fetched and normalised in a background thread a page or two ahead of the
+    writer (`prefetch`), which hides a PMS's network waits; a client that says it has none to hide
+    (`pages_ahead = 0`: a local file) is read in the writer's thread, as its two threads would only
+    contend for the interpreter lock."""
+    depth = getattr(client, "pages_ahead", 2)
+    return prefetch(pages, depth) if depth else pages
 
 
 def _read_patients(client: PmsClient, since: datetime | None):

@@ -615,6 +615,9 @@ class CsvClient:
     # A file is one snapshot: a patient on two rows is a duplicate (the first row stands), never a
     # record edited while the read paged through (`protocol.pages_are_snapshot`).
     snapshot_pages = True
+    # Read in the writer's thread: parsing a local file waits on nothing, so a thread reading ahead
+    # would only contend with the writer for the interpreter lock, and hold more pages.
+    pages_ahead = 0
 
     def __init__(self, practice: Practice):
         self.practice = practice

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import text
@@ -380,3 +381,20 @@ def test_a_key_range_needs_the_batch_it_bounds(store: Store) -> None:
     practice_id = _practice(store, "ranged")
     with pytest.raises(ValueError, match="give the batch's scope with it"):
         store.write_recalls(practice_id, [], key_range=("a", "b"))
+
+
+def test_a_pms_is_read_ahead_in_a_thread_and_a_local_file_in_the_writers() -> None:
+    """A PMS's pages are fetched and normalised a page or two ahead in a background thread (it hides
+    the network's waits); a CSV file's are read in the writer's own thread (nothing to hide, and two
+    threads would contend for the interpreter lock)."""
+    from assets.sync import read_ahead
+    from resources.csv_source import CsvClient
+
+    def pages():
+        for n in range(3):
+            yield n, threading.current_thread().name
+
+    csv_client = CsvClient(Practice("c", "CSV", PmsKind.CSV, {"path": "x.csv"}, "connected"))
+    pms_client = SimpleNamespace(kind=PmsKind.OPTIX)
+    assert {name for _n, name in read_ahead(csv_client, pages())} == {threading.current_thread().name}
+    assert {name for _n, name in read_ahead(pms_client, pages())} == {"nvc-prefetch"}
