@@ -4,8 +4,9 @@ Format: `first_name,last_name,phone_number,last_eye_test_date,risk_category,last
 clinical_condition_notes` plus optional `date_of_birth,email,address,pms_patient_id,deceased,
 do_not_call,guardian_name` (`deceased`: yes/no or the date of death; `do_not_call`: yes/no; y/n,
 true/false and 1/0 work too, blank is no). Headers match
-case-insensitively, ignoring spaces, underscores and a BOM. A file is either read whole (each row
-imported or rejected with its reason) or refused whole with a message; never half-imported.
+case-insensitively, ignoring spaces, underscores and a BOM. A file is either read through (each row
+imported or rejected with its reason) or refused whole with a message; never half-imported. A sync
+reads it a page of `PAGE_ROWS` rows at a time, in one transaction, so it never holds the file.
 
 What a practice's export can look like, and what happens to it:
 
