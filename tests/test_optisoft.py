@@ -524,7 +524,11 @@ class TestOptisoftContract(PmsContract):
         assert connections and all(c.raddr and c.raddr.port == relay_port for c in connections)
 
     def test_no_delete_ever_reaches_the_practice_database(self, client, sandbox) -> None:
-        client.create_appointment(booking("os-audit-1", patient_ids(sandbox)[8], 105, OPTOMETRISTS[0]))
+        # Both writes here, so the log holds a booking and a note whichever tests ran before (alone, or
+        # on another worker, it held no note and this failed).
+        pid = patient_ids(sandbox)[8]
+        client.create_appointment(booking("os-audit-1", pid, 105, OPTOMETRISTS[0]))
+        client.add_note(PatientNote("os-audit-note", pid, NoteKind.CALL_ATTEMPT, datetime.now(UTC), "No answer"))
         log = sandbox.sql_log
         statements = [sql.split()[0].upper() for _, sql in log]
         assert not {"DELETE", "DROP", "TRUNCATE", "REPLACE"} & set(statements)
