@@ -829,7 +829,10 @@ def test_notes_land_once_in_optix_shape(sandbox: OptixSandbox) -> None:
 # --- the sandbox's own dialect ------------------------------------------------------------------------
 
 
-def test_sandbox_speaks_optix_errors(sandbox: OptixSandbox) -> None:
+def test_sandbox_speaks_optix_errors(sandbox: OptixSandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Raw httpx here: no retry on a 429, so the sandbox's own rate limit is off (under a loaded CI
+    # machine its bucket answered one of these requests 429, and the page read failed).
+    monkeypatch.setattr(sandbox, "rate_limit_per_second", 0)
     base = f"{sandbox.url}/api/v2/practices/OPX-1001"
     auth = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client() as http:

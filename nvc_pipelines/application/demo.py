@@ -287,21 +287,28 @@ def serve_sandboxes(optix_port: int, patients: int, *, as_json: bool = False) ->
     """Serve the sandboxes until interrupted; once they serve, print each one's base URL and demo
     credentials (`as_json`: one JSON object on the first line, for another tool to read)."""
     sandboxes = start_sandboxes(optix_port, patients)
-    directory = sandbox_directory(sandboxes)
-    if as_json:
-        click.echo(json.dumps(directory))
-    else:
-        for name, entry in directory.items():
-            extra = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("base_url", "credentials"))
-            login = ", ".join(f"{k} {v}" for k, v in entry.get("credentials", {}).items())
-            click.echo(
-                f"{name}: {entry['base_url']}" + (f" ({extra})" if extra else "") + (f"; {login}" if login else "")
-            )
-        click.echo("Sandbox credentials only. Ctrl-C stops.")
     try:
+        # Armed before the directory is printed: whoever reads it may stop us at once, and a process
+        # started in the background has SIGINT ignored until `stopped_by_signals` re-arms it.
         with stopped_by_signals():
+            directory = sandbox_directory(sandboxes)
+            if as_json:
+                click.echo(json.dumps(directory))
+            else:
+                for name, entry in directory.items():
+                    extra = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("base_url", "credentials"))
+                    login = ", ".join(f"{k} {v}" for k, v in entry.get("credentials", {}).items())
+                    click.echo(
+                        f"{name}: {entry['base_url']}"
+                        + (f" ({extra})" if extra else "")
+                        + (f"; {login}" if login else "")
+                    )
+                click.echo("Sandbox credentials only. Ctrl-C stops.")
             while True:
-                time.sleep(3600)
+                # Short sleeps: the kernel may hand Ctrl-C to any of the sandboxes' threads, and Python
+                # runs the handler only when the main thread wakes (a long sleep slept on through it:
+                # `nvc sandbox` then outlived a Ctrl-C for as long as it was given).
+                time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:

@@ -23,7 +23,7 @@ def demo(argv: list[str]) -> int:
             print(f"db_username {name} / db_password {password} ({'read-write' if can_write else 'read-only'})")
         try:
             while True:
-                time.sleep(3600)
+                time.sleep(0.5)  # short: Ctrl-C may reach a server thread, and only a waking main thread handles it
         except KeyboardInterrupt:
             pass
     return 0
