@@ -75,7 +75,7 @@ def _minutes(settings: Mapping[str, str], key: str, default: timedelta, low: flo
 
 
 def supports_intraday(practice: Practice) -> bool:
-    """A CSV drop has no change feed to poll: it is read whole when a new file arrives."""
+    """A CSV drop has no change feed to poll: it is read in full (a page at a time) when a new file arrives."""
     return practice.pms_kind != PmsKind.CSV and practice.status == "connected"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
@@ -141,8 +141,6 @@ class StoreBase:
 
         def list_practices(self) -> list[dict[str, Any]]: ...
 
-        def load_patients(
-            self, practice_id: str, *, include_merged: bool = False, only: Collection[str] | None = None
-        ) -> list[Patient]: ...
+        def load_patients(self, practice_id: str) -> list[Patient]: ...
 
         def all_patient_ids(self, practice_id: str) -> set[str]: ...

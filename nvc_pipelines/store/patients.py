@@ -337,20 +337,13 @@ class PatientsMixin(StoreBase):
             ).one_or_none()
         return StreamState(row.cursor_at, row.last_full_sync_at) if row else StreamState(None, None)
 
-    def load_patients(
-        self, practice_id: str, *, include_merged: bool = False, only: Collection[str] | None = None
-    ) -> list[Patient]:
-        """Active patients (plus merged-away records when asked, for matching); only those PMS ids when
-        `only` is given."""
-        where = "(active OR merged_into IS NOT NULL)" if include_merged else "active"
-        params: dict[str, Any] = {"p": practice_id}
-        if only is not None:
-            where += " AND pms_patient_id = ANY(%(only)s)"
-            params["only"] = list(only)
+    def load_patients(self, practice_id: str) -> list[Patient]:
+        """The practice's active patients, whole (for small practices, tests and one-off reads: a sync
+        reads them a batch or a page at a time)."""
         with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
             cur.execute(
-                f"SELECT {PATIENT_COLUMNS} FROM patients WHERE practice_id = %(p)s AND {where} ORDER BY pms_patient_id",
-                params,
+                f"SELECT {PATIENT_COLUMNS} FROM patients WHERE practice_id = %(p)s AND active ORDER BY pms_patient_id",
+                {"p": practice_id},
             )
             return [patient_from_tuple(practice_id, r) for r in cur]
 
