@@ -229,6 +229,36 @@ def test_recalls_computed_in_batches_equal_recalls_computed_at_once(store: Store
     assert ("P0004", "glaucoma") in {(r[0], r[2]) for r in recalls["batched"]}
 
 
+def test_a_clinical_record_changed_marks_only_its_patient_for_recomputation(store: Store) -> None:
+    """The merge bumps the patients of the clinical records it adds, changes or deactivates (in the
+    database, in the same statement): those, and only those, are recomputed next."""
+    rules = RecallRules.from_settings({})
+    practice_id = _practice(store, "exams")
+    _write_pages(store, practice_id, [([_patient(practice_id, n) for n in range(6)], [])])
+
+    def exam(n: int, notes: str = "Routine, no change.") -> ClinicalRecord:
+        return ClinicalRecord(practice_id, f"C{n}", f"P{n:04d}", date(2023, 6, 1), notes=notes)
+
+    def write(exams: list[ClinicalRecord], *, full: bool) -> None:
+        store.write_stream(practice_id, CLINICAL_RECORDS, exams, [], source="csv", run_id=None, full=full)
+
+    def due() -> set[str]:
+        return {pid for batch in store.recall_batches(practice_id, everyone=False) for pid in batch.seen}
+
+    write([exam(1), exam(2), exam(3)], full=True)
+    assert due() == {f"P{n:04d}" for n in range(6)}  # a first computation: everyone
+    _compute_in_batches(store, practice_id, rules, everyone=True, size=10)
+    assert due() == set()
+    write([exam(1), exam(2), exam(3)], full=False)  # read again, unchanged
+    assert due() == set()
+    write([exam(2, "Glaucoma confirmed, on drops."), exam(4)], full=False)  # one edited, one new
+    assert due() == {"P0002", "P0004"}
+    _compute_in_batches(store, practice_id, rules, everyone=False, size=10)
+    write([exam(2, "Glaucoma confirmed, on drops."), exam(3), exam(4)], full=True)  # C1 is gone
+    assert due() == {"P0001"}
+    assert ("P0002", "glaucoma") in {(r[0], r[2]) for r in _recalls(store, practice_id)}
+
+
 def test_recall_batches_of_scattered_ids_of_every_shape_keep_every_recall(store: Store) -> None:
     """Mixed case, hyphens and spaces, three a batch, in a full pass and a changed-only pass whose
     batch holds scattered ids: every patient keeps its recall and none is left stale. (The bounds a

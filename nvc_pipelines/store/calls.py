@@ -18,7 +18,7 @@ from sqlalchemy import Connection, text
 
 from nvc_pipelines.calling import REASON_CODES, CallEvent, CallSettings, DuePerson, Placement, place
 from nvc_pipelines.model import CallOutcome
-from nvc_pipelines.store.db import driver
+from nvc_pipelines.store.db import copy_rows, driver
 
 # The due people of a practice (or of a scope: patients by id, or those listed on given numbers), with the
 # references and phones of records merged into them. Whether each is booked or suppressed is added
@@ -235,6 +235,19 @@ def rebuild(
     return counts(conn, practice_id)
 
 
+_STAGE_CALL_COLUMNS = (
+    "patient_id",
+    "due_date",
+    "reason",
+    "listed",
+    "phone",
+    "ask_for",
+    "earliest_call_at",
+    "reason_code",
+    "detail",
+)
+
+
 def _write(conn: Connection, practice_id: str, placements: Sequence[Placement], by_id: dict[int, DuePerson]) -> None:
     if not placements:
         return
@@ -244,22 +257,25 @@ def _write(conn: Connection, practice_id: str, placements: Sequence[Placement], 
             "CREATE TEMP TABLE stage_call_list (patient_id bigint, due_date date, reason text, listed boolean, "
             "phone text, ask_for text, earliest_call_at timestamptz, reason_code text, detail text) ON COMMIT DROP"
         )
-        with cur.copy("COPY stage_call_list FROM STDIN") as copy:
-            for p in placements:
-                person = by_id[p.patient_id]
-                copy.write_row(
-                    (
-                        p.patient_id,
-                        person.due_date,
-                        person.reason,
-                        p.listed,
-                        p.phone,
-                        p.ask_for,
-                        p.earliest_call_at,
-                        p.reason_code,
-                        p.detail,
-                    )
+        copy_rows(
+            cur,
+            "stage_call_list",
+            _STAGE_CALL_COLUMNS,
+            (
+                (
+                    p.patient_id,
+                    by_id[p.patient_id].due_date,
+                    by_id[p.patient_id].reason,
+                    p.listed,
+                    p.phone,
+                    p.ask_for,
+                    p.earliest_call_at,
+                    p.reason_code,
+                    p.detail,
                 )
+                for p in placements
+            ),
+        )
     conn.execute(
         text(
             "INSERT INTO call_list (patient_id, practice_id, due_date, reason, listed, phone, ask_for, earliest_call_at, "

@@ -259,14 +259,6 @@ class PatientsMixin(StoreBase):
                 source_ref = source_ref()
             if stamp_cursor:
                 cursor_at = newest[0] if newest else None
-            if counts.patients_touched:  # their recalls read these rows: recompute them
-                conn.execute(
-                    text(
-                        "UPDATE patients SET change_seq = change_seq + 1 "
-                        "WHERE practice_id = :p AND pms_patient_id = ANY(:ids)"
-                    ),
-                    {"p": practice_id, "ids": sorted(counts.patients_touched)},
-                )
             stream_source = f"{source}:{spec.name}" if source else spec.name
             if full:
                 conn.execute(

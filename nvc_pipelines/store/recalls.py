@@ -11,7 +11,7 @@ from sqlalchemy import Connection, text
 
 from nvc_pipelines.model import ClinicalRecord, Patient, Recall
 from nvc_pipelines.store.base import StoreBase
-from nvc_pipelines.store.db import driver, rows_differ
+from nvc_pipelines.store.db import copy_rows, driver, rows_differ
 from nvc_pipelines.store.patients import PATIENT_COLUMNS, patient_from_tuple
 
 
@@ -60,6 +60,7 @@ _RECALL_COLUMNS = (
     "warnings",
     "guideline_due_date",
 )
+_STAGE_RECALL_COLUMNS = ("pms_patient_id", *_RECALL_COLUMNS)
 
 
 class RecallsMixin(StoreBase):
@@ -210,9 +211,7 @@ class RecallsMixin(StoreBase):
                     "warnings text[], guideline_due_date date) "
                     "ON COMMIT DROP"
                 )
-                with cur.copy("COPY stage_recalls FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row(row)
+                copy_rows(cur, "stage_recalls", _STAGE_RECALL_COLUMNS, rows)
                 cur.execute("ANALYZE stage_recalls")  # temp tables have no statistics: the joins need them
             in_scope = in_range = seen_range = ""
             params: dict[str, Any] = {"p": practice_id}
@@ -272,9 +271,7 @@ class RecallsMixin(StoreBase):
             if seen:
                 with driver(conn).cursor() as cur:
                     cur.execute("CREATE TEMP TABLE stage_seen (pms_patient_id text, seq bigint) ON COMMIT DROP")
-                    with cur.copy("COPY stage_seen FROM STDIN") as copy:
-                        for item in seen.items():
-                            copy.write_row(item)
+                    copy_rows(cur, "stage_seen", ("pms_patient_id", "seq"), seen.items())
                     cur.execute("ANALYZE stage_seen")
                 # Only ever raised to what was read: a bump committed meanwhile stays visible as due.
                 conn.execute(

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from nvc_pipelines.model import Appointment, ClinicalRecord, Patient
-from nvc_pipelines.store.db import rows_differ
+from nvc_pipelines.store.db import copy_rows, rows_differ
 
 
 class VolumeDropRefused(RuntimeError):
@@ -34,8 +35,8 @@ class StreamSpec:
     reactivate: str = "true"
     # Extra `SET` for a row that changes or is deactivated (patients bump their recall input).
     on_change: str = ""
-    # A stream that feeds recalls by patient (clinical records): the changed rows' patients are
-    # returned so their recalls are recomputed.
+    # A stream that feeds recalls by patient (clinical records): the merge bumps the changed rows'
+    # patients' `change_seq`, so their recalls are recomputed.
     patient_ref: str | None = None
     # Trailing columns derived from the others (not compared: adding one does not rewrite every row).
     derived: int = 0
@@ -52,7 +53,6 @@ class MergeCounts:
     updated: int
     unchanged: int
     deactivated: int
-    patients_touched: frozenset[str] = frozenset()  # `patient_ref` of changed rows, when the spec has one
 
 
 def _patient_values(p: Patient) -> tuple[Any, ...]:
@@ -99,6 +99,12 @@ def _appointment_values(a: Appointment) -> tuple[Any, ...]:
     )
 
 
+def _numeric(value: float | None) -> Decimal | None:
+    """A float as the decimal it prints as: the binary `COPY` writes a numeric column from a Decimal
+    (the text `COPY` sent `repr(value)`, which this keeps)."""
+    return None if value is None else Decimal(repr(value))
+
+
 def _clinical_values(c: ClinicalRecord) -> tuple[Any, ...]:
     return (
         c.practice_id,
@@ -109,8 +115,8 @@ def _clinical_values(c: ClinicalRecord) -> tuple[Any, ...]:
         sorted(c.flags),
         list(c.unknown_flags),
         c.notes,
-        c.iop_right_mmhg,
-        c.iop_left_mmhg,
+        _numeric(c.iop_right_mmhg),
+        _numeric(c.iop_left_mmhg),
         c.clinician,
         c.source_updated_at,
     )
@@ -221,14 +227,13 @@ def stage_pages(cur: Any, spec: StreamSpec, pages: Iterable[Iterable[Any]]) -> i
     stage = stage_table(spec)
     cur.execute(f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {spec.table} WITH NO DATA")
     cur.execute(f"ALTER TABLE {stage} ADD COLUMN stage_page integer NOT NULL")
-    staged = 0
     values_of = spec.values
-    with cur.copy(f"COPY {stage} ({cols}, stage_page) FROM STDIN") as copy:
-        write = copy.write_row
-        for page_no, page in enumerate(pages):
-            for record in page:
-                write((*values_of(record), page_no))
-                staged += 1
+    staged = copy_rows(
+        cur,
+        stage,
+        (*spec.columns, "stage_page"),
+        ((*values_of(record), page_no) for page_no, page in enumerate(pages) for record in page),
+    )
     # A temp table has no index and no statistics: without them the anti-joins below run as nested
     # loops over the stage, once per stored row (a 200,000-row re-sync took minutes, not seconds).
     cur.execute(f"CREATE INDEX ON {stage} ({spec.key}, stage_page)")
@@ -275,19 +280,35 @@ def merge_staged(
                 "Nothing was changed. Check the PMS export/API; if the practice really removed them, "
                 "re-run with the tag nvc/allow_drop=true"
             )
-    touched: set[str] = set()
+
+    def counted(change: str, params: tuple[Any, ...]) -> tuple[int, int]:
+        """Run `change` (a data-modifying statement returning `inserted` and `ref`) and count its rows
+        in the database: (inserted, all). With `patient_ref`, the changed rows' patients get their
+        `change_seq` bumped in the same statement, so the recall pass recomputes them; the refs
+        never come back to Python (a first sync's would be every patient, held only to be sent back)."""
+        bump = ""
+        if spec.patient_ref:
+            bump = (
+                ", bumped AS (UPDATE patients p SET change_seq = p.change_seq + 1 WHERE p.practice_id = %s "
+                "AND p.pms_patient_id IN (SELECT ref FROM changed WHERE ref IS NOT NULL))"
+            )
+            params = (*params, practice_id)
+        cur.execute(
+            f"WITH changed AS ({change}){bump} SELECT count(*) FILTER (WHERE inserted), count(*) FROM changed",
+            params,
+        )
+        counts = cur.fetchone()
+        return int(counts[0]), int(counts[1])
+
     ref = f"t.{spec.patient_ref}" if spec.patient_ref else "NULL"
     bump = f", {spec.on_change.replace(f'{spec.table}.', 't.')}" if spec.on_change else ""
     if full:
-        cur.execute(
+        _, deactivated = counted(
             f"UPDATE {spec.table} t SET active = false, updated_at = now(){bump} WHERE t.practice_id = %s "
             f"AND t.active AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.{spec.key} = t.{spec.key}) "
-            f"RETURNING {ref}",
+            f"RETURNING false AS inserted, {ref} AS ref",
             (practice_id,),
         )
-        gone_refs = cur.fetchall()
-        deactivated = len(gone_refs)
-        touched.update(r[0] for r in gone_refs if r[0] is not None)
 
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[2:])
     returned_ref = f"{spec.table}.{spec.patient_ref}" if spec.patient_ref else "NULL"
@@ -295,7 +316,7 @@ def merge_staged(
 
     # The stored row, compared before the insert: plain equality on the key (indexable under RLS).
     stored_active = spec.reactivate.replace(f"{spec.table}.", "t.")
-    cur.execute(
+    inserted, merged = counted(
         f"INSERT INTO {spec.table} ({cols}) SELECT {selected} FROM {stage} s "
         f"LEFT JOIN {spec.table} t ON t.practice_id = %s AND t.{spec.key} = s.{spec.key} "
         f"WHERE t.{spec.key} IS NULL OR {rows_differ(spec.compared, 't', 's')} "
@@ -304,10 +325,7 @@ def merge_staged(
         f"updated_at = now(){', ' + spec.on_change if spec.on_change else ''} "
         f"WHERE {rows_differ(spec.compared, spec.table, 'EXCLUDED')} "
         f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
-        f"RETURNING (xmax = 0), {returned_ref}",
+        f"RETURNING (xmax = 0) AS inserted, {returned_ref} AS ref",
         (practice_id,),
     )
-    returned = cur.fetchall()
-    touched.update(r[1] for r in returned if r[1] is not None)
-    inserted = sum(1 for r in returned if r[0])
-    return MergeCounts(inserted, len(returned) - inserted, staged - len(returned), deactivated, frozenset(touched))
+    return MergeCounts(inserted, merged - inserted, staged - merged, deactivated)
