@@ -92,8 +92,8 @@ def _run(
 @asset_check(
     asset=patients,
     partitions_def=practices_partitions,
-    description="Unique identity, valid UK phones (E.164), plausible birth and test dates, known flags, "
-    "and enough callable patients (setting min_callable_share, default 0.9).",
+    description="Valid UK phones (E.164), plausible birth and test dates, known flags, and enough callable "
+    "patients (setting min_callable_share, default 0.9); the store's key keeps each PMS id unique.",
 )
 def patients_are_valid(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
     db = store.open()
@@ -117,7 +117,7 @@ def patients_are_valid(context: AssetCheckExecutionContext, store: StoreResource
         "patients_are_valid",
         "patients",
         quality.SUITE_VERSION,
-        lambda rows: quality.patients_report(rows, today, 0.0),
+        lambda rows: quality.patients_report(rows, today),
         verdict,
     )
 
@@ -141,18 +141,13 @@ def patients_are_fresh(context: AssetCheckExecutionContext, store: StoreResource
 def appointments_are_valid(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
     db = store.open()
 
-    def suite(rows):
-        # Whether each appointment's patient exists is the SQL invariant's to say (merged-away and
-        # inactive patients are known patients too).
-        return quality.appointments_report(rows, {r["pms_patient_id"] for r in rows})
-
     return _run(
         context,
         db,
         "appointments_are_valid",
         "appointments",
         quality.SUITE_VERSION,
-        suite,
+        quality.appointments_report,
         lambda suite, invariants, total, examples: quality.changed_report(suite, invariants, examples),
     )
 
@@ -174,7 +169,6 @@ def recalls_are_valid(context: AssetCheckExecutionContext, store: StoreResource)
         "recalls_are_valid",
         "recalls",
         f"{quality.SUITE_VERSION}:{rules.fingerprint()}",
-        # An inactive patient's recall is the SQL invariant's to count, over the whole practice.
-        lambda rows: quality.recalls_report([r | {"patient_active": True} for r in rows], rules),
+        lambda rows: quality.recalls_report(rows, rules),
         lambda suite, invariants, total, examples: quality.changed_report(suite, invariants, examples),
     )

@@ -175,14 +175,12 @@ def test_reports_catch_each_rule() -> None:
             "risk_flags": [],
         },
     ]
-    report = quality.patients_report(rows, TODAY, 0.9)
+    report = quality.patients_report(rows, TODAY)
     assert not report.passed
     assert set(report.failures) == {
-        "unique_identity",
         "birth_in_past_and_age_under_120",
         "last_test_not_in_future",
         "last_test_not_before_birth",
-        "callable_share",
     }
     assert len(report.examples) <= quality.MAX_EXAMPLES
 
@@ -202,11 +200,7 @@ def test_reports_catch_each_rule() -> None:
             "status": "maybe",
         },
     ]
-    assert set(quality.appointments_report(appts, {"1"}).failures) == {
-        "starts_before_it_ends",
-        "status_known",
-        "patient_exists",
-    }
+    assert set(quality.appointments_report(appts).failures) == {"starts_before_it_ends", "status_known"}
 
     rules = RecallRules.from_settings({})
     recalls = [
@@ -217,7 +211,6 @@ def test_reports_catch_each_rule() -> None:
             "rule": "default",
             "interval_months": 12,
             "based_on": date(2025, 1, 1),
-            "patient_active": True,
         },
         {
             "pms_patient_id": "2",
@@ -226,14 +219,9 @@ def test_reports_catch_each_rule() -> None:
             "rule": "default",
             "interval_months": 24,
             "based_on": date(2025, 1, 1),
-            "patient_active": False,
         },
     ]
-    assert set(quality.recalls_report(recalls, rules).failures) == {
-        "due_after_last_test",
-        "interval_matches_rule",
-        "patient_active",
-    }
+    assert set(quality.recalls_report(recalls, rules).failures) == {"due_after_last_test", "interval_matches_rule"}
 
 
 @pytest.mark.parametrize("hours,passed", [(1, True), (25.9, True), (26.5, False)])
@@ -258,7 +246,6 @@ def _good_patient(n: int) -> dict:
 @pytest.mark.parametrize(
     "change,rule",
     [
-        ({"pms_patient_id": "0"}, "unique_identity"),
         ({"date_of_birth": date(1890, 1, 1)}, "birth_in_past_and_age_under_120"),
         ({"last_eye_test_date": TODAY + timedelta(days=3)}, "last_test_not_in_future"),
         ({"last_eye_test_date": date(1989, 1, 1)}, "last_test_not_before_birth"),
@@ -271,11 +258,10 @@ def test_each_patient_rule_fails_alone_on_its_own_row(change: dict, rule: str) -
     suite, so this proves each result is matched to its own rule)."""
     rows = [_good_patient(n) for n in range(4)]
     rows[2] = {**rows[2], **change}
-    report = quality.patients_report(rows, TODAY, 0.5)
-    assert report.failures == ({rule: 2} if rule == "unique_identity" else {rule: 1})
+    report = quality.patients_report(rows, TODAY)
+    assert report.failures == {rule: 1}
     assert {e["check"] for e in report.examples} == {rule}
-    if rule != "unique_identity":
-        assert [e["pms_patient_id"] for e in report.examples] == ["2"]
+    assert [e["pms_patient_id"] for e in report.examples] == ["2"]
 
 
 def test_whole_practice_invariants_are_counted_in_sql_with_examples(store: Store) -> None:
@@ -329,7 +315,7 @@ def test_great_expectations_imports_without_scipy_stats_until_something_uses_it(
         from datetime import datetime
         visit = {"pms_appointment_id": "A1", "pms_patient_id": "P1", "starts_at": datetime(2026, 1, 5, 9),
                  "ends_at": datetime(2026, 1, 5, 9, 30), "status": "booked"}
-        suite_passed = quality.appointments_report([visit], {"P1"}).passed  # one of NVC's own suites
+        suite_passed = quality.appointments_report([visit]).passed  # one of NVC's own suites
         loaded_by_checks = [m for m in ("scipy.stats._stats_py", "altair.vegalite") if m in sys.modules]
         stand_ins_left = [m for m in ("scipy.stats", "altair") if m in sys.modules]
         from great_expectations.expectations.core import expect_column_kl_divergence_to_be_less_than as kl

@@ -19,7 +19,7 @@ class ChecksMixin(StoreBase):
         self, practice_id: str, kind: str, since: datetime | None = None, *, size: int = 50_000
     ) -> Iterator[list[dict[str, Any]]]:
         """The rows a check validates, `size` at a time from one server-side cursor: active patients,
-        active appointments, or recalls with their patient's state; only those written after `since`
+        active appointments, or recalls with their patient's PMS id; only those written after `since`
         when given (the nightly's changed rows). In chunks, so validating a whole practice holds one
         chunk, never the practice."""
         queries = {
@@ -27,8 +27,8 @@ class ChecksMixin(StoreBase):
             "risk_flags FROM patients WHERE practice_id = :p AND active",
             "appointments": "SELECT pms_appointment_id, pms_patient_id, starts_at, ends_at, status FROM appointments "
             "WHERE practice_id = :p AND active",
-            "recalls": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule, r.interval_months, r.based_on, "
-            "pt.active AS patient_active FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
+            "recalls": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule, r.interval_months, r.based_on "
+            "FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
             "WHERE r.practice_id = :p",
         }
         changed = {
