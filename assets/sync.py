@@ -31,7 +31,7 @@ from assets.partitions import practices_partitions
 from nvc_pipelines import goc, heap
 from nvc_pipelines.calling import CallSettings, CallSettingsError
 from nvc_pipelines.erasure import drop_erased, load_suppressions
-from nvc_pipelines.model import Practice, ReadResult, RejectedRow
+from nvc_pipelines.model import Practice, ReadResult, RejectedRow, RowOrigins
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
 from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS, STEP_RETRIES, step_retries, step_wait
 from nvc_pipelines.store import PracticeNotFound, Store
@@ -149,10 +149,12 @@ class PatientStats(PageStats):
         }
 
 
-Pages = Callable[[PmsClient, datetime | None], Iterator[tuple[list[Any], list[RejectedRow], str]]]
+# A read's pages: records, rejections, the source's reference, and where the records without a PMS
+# id came from (`ReadResult.origins`; empty for the streams that have none).
+Pages = Callable[[PmsClient, datetime | None], Iterator[tuple[list[Any], list[RejectedRow], str, RowOrigins]]]
 # What a stream does to each page before it is written (records and rejections, changed in place);
 # returns how many records it matched. One is made per read (`sync_stream`'s `prepare`).
-Prepare = Callable[[list[Any], list[RejectedRow]], int]
+Prepare = Callable[[list[Any], list[RejectedRow], RowOrigins], int]
 
 
 @contextmanager
@@ -198,7 +200,7 @@ def sync_stream(
     source_refs: list[str] = []
 
     def pages(client: PmsClient) -> Iterator[tuple[list[Any], list[RejectedRow]]]:
-        for records, rejected, source_ref in read_ahead(client, read(client, plan.since)):
+        for records, rejected, source_ref, origins in read_ahead(client, read(client, plan.since)):
             if not source_refs:
                 source_refs.append(source_ref)
             records, suppressed = drop_erased(
@@ -206,7 +208,7 @@ def sync_stream(
             )
             seen.suppressed += suppressed
             if match:
-                seen.matched += match(records, rejected)
+                seen.matched += match(records, rejected, origins)
             seen.add(records, rejected)
             yield records, rejected
 
@@ -290,7 +292,7 @@ def read_ahead(client: PmsClient, pages: Iterator[T]) -> Iterator[T]:
 
 def _read_patients(client: PmsClient, since: datetime | None):
     for page in patient_pages(client, since, date.today()):
-        yield page.patients, page.rejected, page.source_ref
+        yield page.patients, page.rejected, page.source_ref, page.origins
 
 
 @contextmanager
@@ -299,8 +301,8 @@ def _patient_matcher(db: Store, practice_id: str) -> Iterator[Prepare]:
     a page at a time (`Store.derived_identities`)."""
     with db.derived_identities(practice_id) as remap:
 
-        def match(records: list[Any], rejected: list[RejectedRow]) -> int:
-            result = ReadResult(records, rejected)
+        def match(records: list[Any], rejected: list[RejectedRow], origins: RowOrigins) -> int:
+            result = ReadResult(records, rejected, origins=origins)
             matched = remap(result)
             records[:] = result.patients
             return matched
@@ -310,12 +312,12 @@ def _patient_matcher(db: Store, practice_id: str) -> Iterator[Prepare]:
 
 def _read_appointments(client: PmsClient, since: datetime | None):
     for batch in appointment_pages(client, since):
-        yield batch.records, batch.rejected, batch.source_ref
+        yield batch.records, batch.rejected, batch.source_ref, {}
 
 
 def _read_clinical(client: PmsClient, since: datetime | None):
     for batch in clinical_pages(client, since):
-        yield batch.records, batch.rejected, batch.source_ref
+        yield batch.records, batch.rejected, batch.source_ref, {}
 
 
 @asset(

@@ -9,9 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
-from nvc_pipelines.model import Patient
-
-DERIVED_PREFIX = "nvc-"  # identities made up for rows without a PMS id (see normalise.derived_patient_key)
+from nvc_pipelines.model import DERIVED_PREFIX, Patient
 
 
 def _fold(text: str | None) -> str:

@@ -9,6 +9,10 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+DERIVED_PREFIX = "nvc-"  # identities made up for rows without a PMS id (see normalise.derived_patient_key)
+# Where records came from, by their id in the read: the row reference and the raw values.
+RowOrigins = dict[str, tuple[str, dict[str, Any]]]
+
 
 class PmsKind(StrEnum):
     """The practice management systems (and the CSV drop) a practice can connect."""
@@ -145,6 +149,9 @@ class ReadResult:
     patients: list[Patient] = field(default_factory=list)
     rejected: list[RejectedRow] = field(default_factory=list)
     source_ref: str = ""
+    # The row each patient without a PMS id came from (its reference and raw values), by its derived
+    # id: matching may still find it a duplicate after normalising, and then keeps it with its row.
+    origins: RowOrigins = field(default_factory=dict)
 
     @property
     def rows_read(self) -> int:

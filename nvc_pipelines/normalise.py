@@ -20,6 +20,7 @@ from phonenumbers import PhoneNumberType
 
 from nvc_pipelines.model import (
     APPOINTMENT_TYPES,
+    DERIVED_PREFIX,
     RISK_FLAGS,
     Appointment,
     AppointmentStatus,
@@ -398,7 +399,7 @@ def _contact(draft: PatientDraft, reasons: list[str]) -> ContactPreferences:
 def derived_patient_key(first_name: str, last_name: str, phone_e164: str) -> str:
     """A stable identity for rows that carry no PMS id (CSV): name plus primary phone."""
     basis = f"{first_name.casefold()}|{last_name.casefold()}|{phone_e164}"
-    return "nvc-" + hashlib.sha256(basis.encode()).hexdigest()[:20]
+    return DERIVED_PREFIX + hashlib.sha256(basis.encode()).hexdigest()[:20]
 
 
 def build_patient(practice_id: str, draft: PatientDraft, today: date, *, strict: bool) -> Patient:
@@ -574,6 +575,8 @@ def collect_pages(
                 page.rejected.append(RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw, identity))
             else:
                 page.patients.append(patient)
+                if patient.pms_patient_id.startswith(DERIVED_PREFIX):
+                    page.origins[patient.pms_patient_id] = (row_ref, raw)
         if page_rows is not None and page.rows_read >= page_rows:
             yield page
             page = ReadResult(source_ref=source_ref)

@@ -549,6 +549,7 @@ def _whole(pages: Iterator[ReadResult]) -> ReadResult:
         result.source_ref = page.source_ref
         result.patients += page.patients
         result.rejected += page.rejected
+        result.origins.update(page.origins)
     return result
 
 

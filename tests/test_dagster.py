@@ -276,3 +276,29 @@ def test_a_patient_repeated_on_a_later_page_of_a_file_stays_as_its_first_row(
         ).all()
     assert [r.row_ref for r in reasons] == ["export.csv:line 7", "export.csv:line 8"]
     assert reasons[0].reason == "duplicate of export.csv:line 2 (same patient)"
+
+
+def test_two_rows_without_ids_matched_onto_one_patient_keep_the_second_with_its_line(
+    database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    """Rows without a PMS id are matched to stored patients after normalising: two rows of one file
+    that both match the stored Ann (written differently) are a duplicate, and the second is kept in
+    quarantine with its own line, its values and the line it repeats."""
+    header = "first_name,last_name,phone_number,last_eye_test_date"
+    store.add_practice("csv-m", "CSV M", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    instance.add_dynamic_partitions("practices", ["csv-m"])
+    export = tmp_path / "export.csv"
+    export.write_text(f"{header}\nAnn,Lee,01632 960001,15/01/2024\n", encoding="utf-8")
+    assert materialize([patients], partition_key="csv-m", instance=instance, resources=_resources(database_url)).success
+    export.write_text(
+        f"{header}\nAnn,Lee,07700 900555; 01632 960001,15/01/2024\nANN,LEE,01632 960001,15/01/2024\n",
+        encoding="utf-8",
+    )
+    result = materialize([patients], partition_key="csv-m", instance=instance, resources=_resources(database_url))
+    assert result.success
+    meta = _meta(result, "patients")
+    assert (meta["rows_read"], meta["rejected"], meta["inserted"]) == (2, 1, 0)
+    with store.begin("csv-m") as conn:
+        (row,) = conn.execute(text("SELECT row_ref, reason, raw FROM rejected_rows WHERE practice_id = 'csv-m'")).all()
+    assert (row.row_ref, row.reason) == ("export.csv:line 3", "duplicate of export.csv:line 2 (same patient)")
+    assert (row.raw["first_name"], row.raw["phone_number"]) == ("ANN", "01632 960001")

@@ -123,8 +123,22 @@ def test_id_less_rows_are_matched_a_page_at_a_time_and_a_repeat_across_pages_is_
         third = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])  # Ann's own id, now matched
         assert remap(third) == 0 and third.patients == []
         assert [(r.row_ref, r.reason) for r in third.rejected] == [
-            (ann.pms_patient_id, "duplicate of another row (same patient)")
+            (ann.pms_patient_id, f"duplicate of {again().pms_patient_id} (same patient)")
         ]
+
+    with store.derived_identities("m2") as remap:  # two id-less rows of a file, both Ann: each keeps its row
+        rows = [("export.csv:line 2", {"first_name": "Ann", "phone_number": mobile.e164}),
+                ("export.csv:line 9", {"first_name": "ann", "phone_number": LANDLINE.e164})]  # fmt: skip
+        first = ReadResult([again()], origins={again().pms_patient_id: rows[0]})
+        second = ReadResult(
+            [person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])], origins={ann.pms_patient_id: rows[1]}
+        )
+        assert remap(first) == 1 and remap(second) == 0 and second.patients == []
+        (rejected,) = second.rejected
+        assert (rejected.row_ref, rejected.reason, rejected.raw) == (
+            "export.csv:line 9", "duplicate of export.csv:line 2 (same patient)", rows[1][1]
+        )  # fmt: skip
+        assert rejected.identity is not None and rejected.identity.phones == (LANDLINE.e164,)
 
     with store.derived_identities("m2") as remap:  # the other way round: her own id first, then a match
         first = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])

@@ -7,8 +7,8 @@ from contextlib import ExitStack, contextmanager
 
 from sqlalchemy import Connection, text
 
-from nvc_pipelines.matching import DERIVED_PREFIX, DuplicatePair, find_duplicates, resolve_derived_identities
-from nvc_pipelines.model import Patient, ReadResult, RejectedRow
+from nvc_pipelines.matching import DuplicatePair, find_duplicates, resolve_derived_identities
+from nvc_pipelines.model import DERIVED_PREFIX, Patient, ReadResult, RejectedRow, RowIdentity
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
 from nvc_pipelines.store.patients import PATIENT_COLUMNS, patient_from_tuple
 
@@ -37,9 +37,11 @@ class MergesMixin(StoreBase):
         stored patients on a page's numbers are read, through a table of the practice's numbers made
         when the first id-less row comes. Two of the read's records that end on one identity (a row
         matched onto a patient the read also has under its own id, or two rows matched onto one) are
-        a duplicate: the later is rejected. One record read again on a later page (edited while the
-        PMS paged) is not: its later copy counts, as the write's rule has it."""
-        claimed: dict[str, str] = {}  # identity -> the id, before matching, of the record that has it
+        a duplicate: the later is rejected, kept with its own row and naming the first's. One record
+        read again on a later page (edited while the PMS paged) is not: its later copy counts, as the
+        write's rule has it."""
+        # identity -> the id, before matching, of the record that has it, and that record's row reference
+        claimed: dict[str, tuple[str, str]] = {}
         with ExitStack() as held:
             conn: Connection | None = None
 
@@ -59,9 +61,14 @@ class MergesMixin(StoreBase):
                 for p in result.patients:
                     own = p.pms_patient_id
                     p.pms_patient_id = mapping.get(own, own)
-                    if claimed.setdefault(p.pms_patient_id, own) != own:
+                    row_ref, raw = result.origins.get(own, (own, {}))
+                    first_own, first_ref = claimed.setdefault(p.pms_patient_id, (own, row_ref))
+                    if first_own != own:
+                        identity = RowIdentity(
+                            p.pms_patient_id, p.first_name, p.last_name, tuple(ph.e164 for ph in p.phones)
+                        )
                         result.rejected.append(
-                            RejectedRow(p.pms_patient_id, "duplicate of another row (same patient)", {})
+                            RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw, identity)
                         )
                         continue
                     kept.append(p)
