@@ -377,6 +377,20 @@ def test_tls_1_3_is_negotiated_and_1_2_still_accepted(pki: Pki) -> None:
         client.close()
 
 
+def test_the_system_cas_context_is_made_once_and_a_ca_bundle_is_read_each_time(pki: Pki, tmp_path: Path) -> None:
+    """Every client on the system CAs shares one hardened context (loading the CAs cost each stream's
+    client about 35 ms); a practice's CA bundle is read afresh, so replacing the file takes effect."""
+    assert tls_context() is tls_context()
+    assert tls_context().verify_mode == ssl.CERT_REQUIRED and tls_context().check_hostname
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(pki.ca_pem.read_bytes())
+    first = tls_context(str(bundle))
+    assert first is not tls_context(str(bundle)) and first.get_ca_certs()
+    bundle.write_text("not a certificate\n")
+    with pytest.raises(CaBundleError):
+        tls_context(str(bundle))
+
+
 @pytest.mark.parametrize("old", ["TLSv1_1", "TLSv1"])
 def test_a_server_below_tls_1_2_is_refused(pki: Pki, old: str) -> None:
     assert tls_context().minimum_version == ssl.TLSVersion.TLSv1_2
