@@ -123,7 +123,7 @@ def test_id_less_rows_are_matched_a_page_at_a_time_and_a_repeat_across_pages_is_
         third = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])  # Ann's own id, now matched
         assert remap(third) == 0 and third.patients == []
         assert [(r.row_ref, r.reason) for r in third.rejected] == [
-            (ann.pms_patient_id, f"duplicate of {again().pms_patient_id} (same patient)")
+            (ann.pms_patient_id, "duplicate of another row (same patient)")
         ]
 
     with store.derived_identities("m2") as remap:  # two id-less rows of a file, both Ann: each keeps its row
@@ -138,7 +138,25 @@ def test_id_less_rows_are_matched_a_page_at_a_time_and_a_repeat_across_pages_is_
         assert (rejected.row_ref, rejected.reason, rejected.raw) == (
             "export.csv:line 9", "duplicate of export.csv:line 2 (same patient)", rows[1][1]
         )  # fmt: skip
-        assert rejected.identity is not None and rejected.identity.phones == (LANDLINE.e164,)
+
+    # A PMS read (not one snapshot) with her under her id on one page and an id-less row matched onto
+    # her on a later page: the row is rejected, and she stays (a rejection naming her id would have
+    # counted as her later copy, unstaged her and let the full read deactivate her).
+    from nvc_pipelines.store.streams import PATIENTS
+
+    with store.derived_identities("m2") as remap:
+
+        def pages():
+            for page in (
+                ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE]), bob]),
+                ReadResult([again()], origins={again().pms_patient_id: ("row-without-id-1", {"first_name": "Ann"})}),
+            ):
+                remap(page)
+                yield page.patients, page.rejected
+
+        counts = store.write_stream_pages("m2", PATIENTS, pages(), source="optix", run_id=None, full=True)
+    assert (counts.rejected, counts.deactivated) == (1, 0)
+    assert {p.pms_patient_id for p in store.load_patients("m2")} == {ann.pms_patient_id, "B7"}
 
     with store.derived_identities("m2") as remap:  # the other way round: her own id first, then a match
         first = ReadResult([person(ann.pms_patient_id, "Ann", "Lee", [LANDLINE])])

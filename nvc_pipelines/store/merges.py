@@ -8,7 +8,7 @@ from contextlib import ExitStack, contextmanager
 from sqlalchemy import Connection, text
 
 from nvc_pipelines.matching import DuplicatePair, find_duplicates, resolve_derived_identities
-from nvc_pipelines.model import DERIVED_PREFIX, Patient, ReadResult, RejectedRow, RowIdentity
+from nvc_pipelines.model import DERIVED_PREFIX, Patient, ReadResult, RejectedRow
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
 from nvc_pipelines.store.patients import PATIENT_COLUMNS, patient_from_tuple
 
@@ -40,8 +40,8 @@ class MergesMixin(StoreBase):
         a duplicate: the later is rejected, kept with its own row and naming the first's. One record
         read again on a later page (edited while the PMS paged) is not: its later copy counts, as the
         write's rule has it."""
-        # identity -> the id, before matching, of the record that has it, and that record's row reference
-        claimed: dict[str, tuple[str, str]] = {}
+        claimed: dict[str, str] = {}  # identity -> the id, before matching, of the record that has it
+        first_rows: dict[str, str] = {}  # identity -> its record's row reference, for rows without a PMS id
         with ExitStack() as held:
             conn: Connection | None = None
 
@@ -62,15 +62,14 @@ class MergesMixin(StoreBase):
                     own = p.pms_patient_id
                     p.pms_patient_id = mapping.get(own, own)
                     row_ref, raw = result.origins.get(own, (own, {}))
-                    first_own, first_ref = claimed.setdefault(p.pms_patient_id, (own, row_ref))
-                    if first_own != own:
-                        identity = RowIdentity(
-                            p.pms_patient_id, p.first_name, p.last_name, tuple(ph.e164 for ph in p.phones)
-                        )
-                        result.rejected.append(
-                            RejectedRow(row_ref, f"duplicate of {first_ref} (same patient)", raw, identity)
-                        )
+                    if claimed.setdefault(p.pms_patient_id, own) != own:
+                        # No identity: the write would take a rejection naming the kept record's id
+                        # for that record's later copy (`_settle_rejected_copies`) and unstage it.
+                        first = first_rows.get(p.pms_patient_id, "another row")
+                        result.rejected.append(RejectedRow(row_ref, f"duplicate of {first} (same patient)", raw))
                         continue
+                    if own in result.origins:
+                        first_rows.setdefault(p.pms_patient_id, row_ref)
                     kept.append(p)
                 result.patients[:] = kept
                 return len(mapping)
