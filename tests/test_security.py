@@ -232,6 +232,38 @@ def test_an_erased_persons_invalid_row_keeps_no_personal_data(database_url: str,
         assert personal not in exported and personal not in csv_text and personal not in quarantine
 
 
+def test_erasure_removes_the_persons_quarantined_rows_however_their_number_was_typed(
+    database_url: str, store: Store, tmp_path: Path
+) -> None:
+    """Her rows quarantined before she is erased (a repeat of her row; a row matched onto her as a
+    duplicate of another) hold her number as the file had it, spaced or bracketed: erasing her
+    removes them all, and keeps the other patients' quarantined rows."""
+    rows = [("Ann", "Lee", "07700 900123"), ("Bo", "Kay", "07700 900555")]
+    _csv(tmp_path / "export.csv", rows)
+    store.add_practice("gdpr-q", "GDPR", PmsKind.CSV, {"path": str(tmp_path)}, {})
+    job = defs.resolve_job_def("practice_sync")
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("practices", ["gdpr-q"])
+        assert job.execute_in_process(partition_key="gdpr-q", instance=instance).success
+        _csv(tmp_path / "export.csv", [
+            *rows,
+            ("Ann", "Lee", "(07700) 900-123"),  # her row again: a duplicate of line 2
+            ("Ann", "Lee", "07700 900999; +44 7700 900123"),  # a new first number, matched onto her: a duplicate
+            ("Bo", "Kay", "07700 900555"),  # his row again
+        ])  # fmt: skip
+        assert job.execute_in_process(partition_key="gdpr-q", instance=instance).success
+
+    def quarantine() -> str:
+        with store.begin_owner() as conn:
+            return json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM rejected_rows")).all()])
+
+    assert quarantine().count("Ann") == 2 and "Bo" in quarantine()
+    ann = next(p for p in store.export_practice("gdpr-q")["patients"] if p["first_name"] == "Ann")
+    erase_patient(store, "gdpr-q", ann["pms_patient_id"], "test")
+    assert "Ann" not in quarantine() and "900123" not in quarantine().replace("-", "").replace(" ", "")
+    assert "Bo" in quarantine()
+
+
 def _pms_sandbox(pms: str):
     """A started sandbox of six patients, the practice's settings and secrets, its practice reference,
     and how to change a patient's first name in it."""

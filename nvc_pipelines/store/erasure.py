@@ -64,12 +64,16 @@ class ErasureMixin(StoreBase):
                 removed[table] = conn.execute(
                     text(f"DELETE FROM {table} WHERE practice_id = :p AND ({where})"), scope
                 ).rowcount
+            # A quarantined row holds a number as its source typed it ("07700 900123", "(07700) 900-123",
+            # "+44 7700 900123"): compared without those separators, and by its national number, which
+            # every way of writing it contains.
             removed["rejected_rows"] = conn.execute(
                 text(
                     "DELETE FROM rejected_rows WHERE practice_id = :p AND (row_ref LIKE '%' || :ref || '%' "
-                    "OR EXISTS (SELECT 1 FROM unnest(CAST(:needles AS text[])) n WHERE raw::text LIKE '%' || n || '%'))"
+                    "OR EXISTS (SELECT 1 FROM unnest(CAST(:needles AS text[])) n "
+                    "WHERE regexp_replace(raw::text, '[ ()./-]', '', 'g') LIKE '%' || n || '%'))"
                 ),
-                {**scope, "needles": phones + [p.replace("+44", "0", 1) for p in phones]},
+                {**scope, "needles": [p.removeprefix("+44") for p in phones]},
             ).rowcount
             conn.execute(text("UPDATE patients SET merged_into = NULL WHERE merged_into = :id"), scope)
             removed["patients"] = conn.execute(text("DELETE FROM patients WHERE patient_id = :id"), scope).rowcount
