@@ -132,8 +132,9 @@ def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
 @cache
 def _system_tls_context() -> ssl.SSLContext:
     """One context on the system CAs for the process: loading them took about 35 ms, and a sync opens
-    a client for each of its four streams (a batch, for each of its practices). A context is made
-    to be shared by connections and threads."""
+    a client for each of its four streams (a batch, for each of its practices). Its clients share it
+    as one client's connections always shared its own (httpcore sets the same ALPN list on it at each
+    connect). A change to the system CA store is seen by the next run process."""
     return _hardened(ssl.create_default_context(ssl.Purpose.SERVER_AUTH))
 
 

@@ -99,10 +99,12 @@ def _appointment_values(a: Appointment) -> tuple[Any, ...]:
     )
 
 
-def _numeric(value: float | None) -> Decimal | None:
-    """A float as the decimal it prints as: the binary `COPY` writes a numeric column from a Decimal
-    (the text `COPY` sent `repr(value)`, which this keeps)."""
-    return None if value is None else Decimal(repr(value))
+def _numeric(value: float | Decimal | int | None) -> Decimal | None:
+    """A number as the decimal it prints as: the binary `COPY` writes a numeric column from a Decimal
+    (the text `COPY` sent `repr(value)` for a float, which this keeps)."""
+    if value is None:
+        return None
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
 
 
 def _clinical_values(c: ClinicalRecord) -> tuple[Any, ...]:
