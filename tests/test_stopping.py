@@ -98,6 +98,36 @@ def test_nvc_demo_in_the_background_stops_on_sigterm_during_its_first_syncs(nvc_
         stop_server()
 
 
+def test_an_interrupt_raised_in_a_finalizer_during_a_sync_is_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dagster raises Ctrl-C or SIGTERM wherever the step is; when that is a finalizer (the collector
+    running a weakref callback) it cannot propagate, and the interpreter printed it with a stack trace
+    after "Interrupted." (the demo's SIGTERM test, once in CI). During a sync it is left out, as the
+    wakeup fd keeps the signal; any other error in a finalizer still reaches the hook."""
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from nvc_pipelines.application.app import _stop_signals_seen
+
+    class Raises:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def __del__(self) -> None:
+            raise self.exc
+
+    reached: list[str] = []
+
+    def hook(args) -> None:
+        reached.append(args.exc_type.__name__)
+
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    with _stop_signals_seen():
+        Raises(KeyboardInterrupt())  # collected at once: raised where nothing can catch it
+        Raises(DagsterExecutionInterruptedError())
+        Raises(ValueError("a real problem"))
+    Raises(KeyboardInterrupt())  # outside a sync: as before
+    assert reached == ["ValueError", "KeyboardInterrupt"] and sys.unraisablehook is hook
+
+
 def test_run_processes_of_the_managed_instance_print_no_debug_lines(nvc_env: Path, capfd) -> None:
     """`nvc demo` / `nvc dev` run processes log to their terminal at INFO: no DEBUG line per event, while
     the run's event log keeps every event."""

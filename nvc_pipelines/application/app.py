@@ -10,6 +10,7 @@ import csv
 import io
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -241,7 +242,8 @@ def _stop_signals_seen() -> Iterator[Callable[[], bool]]:
     job runs in process Dagster installs its own: one that arrives between steps is recorded, and
     dropped if no step looks (the demo then went on past a SIGTERM); one inside a step is raised
     wherever the step is, even inside a database call, which then fails with another error. The
-    interpreter writes every signal's number to its wakeup fd, whoever handles it."""
+    interpreter writes every signal's number to its wakeup fd, whoever handles it. An interrupt
+    raised where it cannot propagate (a finalizer) is not printed meanwhile: the fd has it."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
@@ -257,9 +259,21 @@ def _stop_signals_seen() -> Iterator[Callable[[], bool]]:
         return bool(seen & _STOP_SIGNALS)
 
     previous = signal.set_wakeup_fd(write_end)
+    previous_hook = sys.unraisablehook
+
+    def unraisable(args: Any) -> None:
+        # Dagster's handler raises the interrupt in whatever runs when the signal lands; in a
+        # finalizer or a weakref callback (the collector's) it cannot propagate, and the interpreter
+        # printed it with a stack trace. The wakeup fd has the signal: the stop is not lost.
+        if args.exc_type is not None and args.exc_type.__name__ in _INTERRUPTS:
+            return
+        previous_hook(args)
+
+    sys.unraisablehook = unraisable
     try:
         yield arrived
     finally:
+        sys.unraisablehook = previous_hook
         signal.set_wakeup_fd(previous)
         arrived()
         os.close(read_end)
