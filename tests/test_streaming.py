@@ -259,6 +259,31 @@ def test_a_clinical_record_changed_marks_only_its_patient_for_recomputation(stor
     assert ("P0002", "glaucoma") in {(r[0], r[2]) for r in _recalls(store, practice_id)}
 
 
+def test_a_recall_batch_reads_what_a_recall_needs_and_gives_the_whole_patients_recalls(store: Store) -> None:
+    """A recall pass reads only what a recall reads of a patient (no names, phones or contact): the
+    recalls it gives are those of the whole stored patients, children, PMS dates and notes included."""
+    rules = RecallRules.from_settings({})
+    practice_id = _practice(store, "inputs")
+    people = [
+        _patient(practice_id, n,
+                 date_of_birth=date(2016, 5, 1) if n % 4 == 0 else date(1950 + n, 1, 1),
+                 clinical_notes="Glaucoma suspect, review." if n % 3 == 0 else None,
+                 pms_recall_due_date=date(2027, 1, 1) if n % 5 == 1 else None)
+        for n in range(12)
+    ]  # fmt: skip
+    _write_pages(store, practice_id, [(people, [])])
+    whole = {p.pms_patient_id: p for p in store.load_patients(practice_id)}
+    batches = list(store.recall_batches(practice_id, everyone=True, size=5))
+    assert sum(len(b.patients) for b in batches) == 12
+    for batch in batches:
+        for p in batch.patients:
+            records = batch.clinical.get(p.pms_patient_id, [])
+            assert recall_with_clinical(p, records, rules) == recall_with_clinical(
+                whole[p.pms_patient_id], records, rules
+            )
+            assert p.first_name == "" and p.phones == []  # nothing else of the patient was read
+
+
 def test_recall_batches_of_scattered_ids_of_every_shape_keep_every_recall(store: Store) -> None:
     """Mixed case, hyphens and spaces, three a batch, in a full pass and a changed-only pass whose
     batch holds scattered ids: every patient keeps its recall and none is left stale. (The bounds a
