@@ -660,17 +660,27 @@ def test_a_lost_response_after_the_booking_landed_finds_it_instead_of_booking_tw
     with open_client(sandbox.url) as client:
         result = client.create_appointment(booking("P0000007", "lost-bk", 2))
     assert result.created is True  # this call's post made it; only its answer was lost
-    assert [m for m, _ in sandbox.request_log] == ["GET", "POST", "GET"]
+    # a look-up, the post, a look-up that found it (a look-up retried on a dropped connection adds a GET)
+    methods = [m for m, _ in sandbox.request_log]
+    assert methods.count("POST") == 1 and methods[0] == methods[-1] == "GET" and len(methods) <= 5
     assert [a["pms_appointment_id"] for a in made_for(sandbox, "lost-bk")] == [result.pms_appointment_id]
 
 
-def test_a_post_that_never_landed_is_posted_again(sandbox: OptixSandbox) -> None:
+def test_a_post_that_never_landed_is_posted_again(sandbox: OptixSandbox, caplog: pytest.LogCaptureFixture) -> None:
     transport = FlakyPosts("timeout", "connect")
     with flaky_client(sandbox.url, transport) as client:
         result = client.create_appointment(booking("P0000008", "retry-bk", 3))
     assert result.created is True and transport.posts == 3
-    # look-up first, then a look-up after the timeout (the refused connection sent nothing), then the post
-    assert [m for m, _ in sandbox.request_log] == ["GET", "GET", "POST"]
+    # look-up first, then a look-up after the timeout, then the post: one POST reached the PMS, last (a
+    # look-up retried on a dropped connection adds a GET, seen once in a loaded CI run: reads are
+    # retried, writes never blindly)
+    methods = [m for m, _ in sandbox.request_log]
+    assert methods[-1] == "POST" and methods.count("POST") == 1 and 2 <= methods.count("GET") <= 4
+    # after the timeout it looked (the post may have landed); after the refused connection it did not
+    decisions = [r.getMessage() for r in caplog.records if "retry-bk" in r.getMessage()]
+    assert len(decisions) == 2
+    assert decisions[0].endswith("looking for it before trying again")
+    assert decisions[1].endswith("nothing was written, trying again")
     assert len(made_for(sandbox, "retry-bk")) == 1
 
 
