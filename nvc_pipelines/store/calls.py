@@ -257,25 +257,17 @@ def _write(conn: Connection, practice_id: str, placements: Sequence[Placement], 
             "CREATE TEMP TABLE stage_call_list (patient_id bigint, due_date date, reason text, listed boolean, "
             "phone text, ask_for text, earliest_call_at timestamptz, reason_code text, detail text) ON COMMIT DROP"
         )
+        people = (by_id[p.patient_id] for p in placements)
         copy_rows(
             cur,
             "stage_call_list",
             _STAGE_CALL_COLUMNS,
             (
-                (
-                    p.patient_id,
-                    by_id[p.patient_id].due_date,
-                    by_id[p.patient_id].reason,
-                    p.listed,
-                    p.phone,
-                    p.ask_for,
-                    p.earliest_call_at,
-                    p.reason_code,
-                    p.detail,
-                )
-                for p in placements
+                (p.patient_id, person.due_date, person.reason, p.listed, p.phone, p.ask_for, p.earliest_call_at,
+                 p.reason_code, p.detail)
+                for p, person in zip(placements, people, strict=True)
             ),
-        )
+        )  # fmt: skip
     conn.execute(
         text(
             "INSERT INTO call_list (patient_id, practice_id, due_date, reason, listed, phone, ask_for, earliest_call_at, "

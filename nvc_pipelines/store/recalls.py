@@ -28,7 +28,7 @@ class RecallState:
 class RecallBatch:
     """One batch of a recall computation: the patients to recompute, read in one statement with the
     `change_seq` each was read at (so a mark never claims data newer than what was computed), the
-    active ones whole, and their active clinical records."""
+    active ones with what a recall reads of them, and their active clinical records."""
 
     seen: dict[str, int]  # PMS id -> change_seq, every target (an inactive one's recall is removed)
     # The active targets, with what a recall reads of them (`RECALL_INPUT`) and nothing else.
