@@ -6,7 +6,7 @@ these checks are written once.
 
 Fixtures a subclass provides:
 - `sandbox`: a started sandbox (class or module scope) whose `request_log` is kept for the class
-  (`test_nothing_is_ever_deleted` reads it).
+  (`test_nothing_is_ever_deleted` reads it, after a read and a write of its own).
 - `client`: a `PmsClient` for the sandbox's default practice, with fast retries.
 - `failure_cases`: a list of `(problem, open_client, secret)`: `open_client()` returns a client
   whose `test_connection()` must raise `PmsConnectionFailed` with that `problem`, and whose
@@ -232,7 +232,13 @@ class PmsContract:
             seen.add(problem)
         assert "unreachable" in seen
 
-    def test_nothing_is_ever_deleted(self, sandbox) -> None:
-        # Runs last in the class: every read and write above went through this sandbox.
+    def test_nothing_is_ever_deleted(self, client, sandbox) -> None:
+        # Runs last in the class, so the log normally holds every read and write above. It also reads
+        # and writes once itself: a fresh-clone CI run once found the log empty here, and the check
+        # must never pass (or fail) on a log with nothing in it.
+        pid = sorted({p.pms_patient_id for p in client.read_patients(None, TODAY).patients})[0]
+        now = datetime.now(UTC).replace(microsecond=0)
+        client.add_note(PatientNote("contract-delete-check", pid, NoteKind.CALL_ATTEMPT, now, "No answer", "no_answer"))
+        assert "contract-delete-check" in {n["nvc_reference"] for n in sandbox.nvc_notes(self.practice_ref)}
         assert sandbox.request_log, "the sandbox saw no requests"
         assert not [r for r in sandbox.request_log if r[0] == "DELETE"]
