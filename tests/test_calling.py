@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -37,7 +38,7 @@ from nvc_pipelines.model import (
     ReadResult,
 )
 from nvc_pipelines.recall import RecallRules, compute_recall
-from nvc_pipelines.store import Store
+from nvc_pipelines.store import Store, calls
 
 SETTINGS = CallSettings()
 # A Monday in term time, 10:00 UK (GMT).
@@ -708,3 +709,24 @@ def test_a_list_placed_a_few_people_at_a_time_is_the_list_placed_at_once(
     assert store.rebuild_call_list(family, now=now, settings=SETTINGS) == at_once
     assert _rows(store, family) == whole
     assert sum(1 for row in whole if row[3]) >= 2 and store.call_list_violations(family) == []
+
+
+def test_two_builds_of_one_practices_list_at_once_both_land(store: Store, family: str) -> None:
+    """A Sync Now that overlaps the nightly (or an intraday refresh) builds the list while another
+    build of the same practice has not committed: the second waits for the first, then replaces the
+    list whole, instead of failing on the list's key with rows the first inserted after it began."""
+    before = _view(store, family)
+    now = datetime.now(UTC)
+    second: dict[str, object] = {}
+    with store.begin(family) as conn:  # the first build, held open
+        calls.rebuild(conn, family, today=TODAY, now=now, settings=SETTINGS)
+        worker = threading.Thread(
+            target=lambda: second.update(counts=store.rebuild_call_list(family, now=now)), daemon=True
+        )
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive(), "the second build did not wait for the first"
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert second["counts"]["people_listed"] == 3  # it landed, after the first: Helen and Gavin at home, Sam
+    assert _view(store, family) == before

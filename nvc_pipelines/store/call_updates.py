@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from nvc_pipelines.calling import UK_TZ, CallSettings
-from nvc_pipelines.store.calls import counts, household, kept_ids, rebuild
+from nvc_pipelines.store.calls import counts, household, kept_ids, lock_list, rebuild
 
 # A row carries its writer's transaction start as `updated_at` (`now()`), so a mark is the start of
 # the oldest transaction still open when the mark is taken (`safe_mark`): a row it has not seen yet
@@ -121,6 +121,7 @@ def update(
     how many were placed.
 
     The build's mark is written in the same transaction as the list, so a killed build is redone."""
+    lock_list(conn, practice_id)  # before the mark is read: a build that waited reads the mark after the other's
     today = now.astimezone(UK_TZ).date()
     fingerprint = settings_fingerprint(settings)
     built_at = safe_mark(conn)

@@ -194,6 +194,14 @@ def practice_call_settings(conn: Connection, practice_id: str) -> CallSettings:
     return CallSettings.from_settings(settings or {})
 
 
+def lock_list(conn: Connection, practice_id: str) -> None:
+    """Hold the practice's call list until this transaction ends: one build of a practice's list at a
+    time. Two syncs of a practice may overlap (a Sync Now during the nightly, an intraday refresh); a
+    second build that did not wait would delete only the rows its snapshot saw, then insert beside
+    the rows the first build inserted and fail on the list's key."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('nvc.call_list:' || :p))"), {"p": practice_id})
+
+
 def rebuild(
     conn: Connection,
     practice_id: str,
@@ -205,6 +213,7 @@ def rebuild(
 ) -> dict[str, Any]:
     """Place the practice's due people again (all of them, or those in `scope`) and replace their
     rows of the call list; returns counts by reason (for the whole practice)."""
+    lock_list(conn, practice_id)
     _gather(conn, practice_id, today, now, scope)
     if scope is None:
         conn.execute(text("DELETE FROM call_list WHERE practice_id = :p"), {"p": practice_id})
