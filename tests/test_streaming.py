@@ -260,8 +260,9 @@ def test_a_clinical_record_changed_marks_only_its_patient_for_recomputation(stor
 
 
 def test_a_recall_batch_reads_what_a_recall_needs_and_gives_the_whole_patients_recalls(store: Store) -> None:
-    """A recall pass reads only what a recall reads of a patient (no names, phones or contact): the
-    recalls it gives are those of the whole stored patients, children, PMS dates and notes included."""
+    """A recall pass reads only what a recall reads of a patient (no names, phones or contact) and of
+    a clinical record (no clinician, unknown flags or PMS timestamp): the recalls it gives are those
+    of the whole stored rows, children, PMS dates, notes, flags, pressures and exam types included."""
     rules = RecallRules.from_settings({})
     practice_id = _practice(store, "inputs")
     people = [
@@ -272,16 +273,31 @@ def test_a_recall_batch_reads_what_a_recall_needs_and_gives_the_whole_patients_r
         for n in range(12)
     ]  # fmt: skip
     _write_pages(store, practice_id, [(people, [])])
+    exams = [
+        ClinicalRecord(practice_id, f"C{n}-{k}", f"P{n:04d}", date(2021 + k, 3, 1 + n),
+                       record_type="sight_test" if k != 1 else "contact_lens_check",
+                       flags=["glaucoma_family_history"] if n % 4 == 2 and k == 0 else [],
+                       unknown_flags=["XYZ"] if n % 2 else [],
+                       notes="IOP raised, refer." if n % 6 == 5 else "Routine.",
+                       iop_right_mmhg=24.5 if n % 7 == 3 else 15.0, iop_left_mmhg=16.0 if k else None,
+                       clinician="C01", source_updated_at=STAMP)
+        for n in range(0, 12, 1) for k in range(n % 3 + 1)
+        if n % 5 != 4  # some patients have no clinical record
+    ]  # fmt: skip
+    store.write_stream(practice_id, CLINICAL_RECORDS, exams, [], source="csv", run_id=None, full=True)
     whole = {p.pms_patient_id: p for p in store.load_patients(practice_id)}
+    whole_records = store.load_clinical_records(practice_id)
     batches = list(store.recall_batches(practice_id, everyone=True, size=5))
     assert sum(len(b.patients) for b in batches) == 12
+    assert sum(len(r) for b in batches for r in b.clinical.values()) == len(exams)
     for batch in batches:
         for p in batch.patients:
             records = batch.clinical.get(p.pms_patient_id, [])
             assert recall_with_clinical(p, records, rules) == recall_with_clinical(
-                whole[p.pms_patient_id], records, rules
+                whole[p.pms_patient_id], whole_records.get(p.pms_patient_id, []), rules
             )
             assert p.first_name == "" and p.phones == []  # nothing else of the patient was read
+            assert all(r.clinician is None and r.unknown_flags == [] for r in records)  # nor of its records
 
 
 def test_recall_batches_of_scattered_ids_of_every_shape_keep_every_recall(store: Store) -> None:

@@ -33,7 +33,9 @@ class RecallBatch:
     seen: dict[str, int]  # PMS id -> change_seq, every target (an inactive one's recall is removed)
     # The active targets, with what a recall reads of them (`RECALL_INPUT`) and nothing else.
     patients: list[Patient]
-    clinical: dict[str, list[ClinicalRecord]]  # by PMS id, oldest exam first
+    # Their active clinical records by PMS id, oldest exam first, with what a recall reads of them
+    # (`RECALL_CLINICAL_INPUT`).
+    clinical: dict[str, list[ClinicalRecord]]
     # A batch of a full pass is every patient between its first and last PMS id (in the database's
     # order): `write_recalls` starts its joins there. A changed-only batch's range may hold many
     # patients that are not in it (scattered ids); given as bound values, the planner then looks
@@ -41,9 +43,10 @@ class RecallBatch:
     key_range: tuple[str, str] | None = None
 
 
-_CLINICAL_COLUMNS = (
-    "pms_record_id, pms_patient_id, exam_date, record_type, flags, unknown_flags, notes, iop_right_mmhg, "
-    "iop_left_mmhg, clinician, source_updated_at"
+# What a recall reads of a clinical record (`recall.recall_with_clinical`), with the record's ids: not
+# its unknown flags, clinician or PMS timestamp, which a recall pass then neither reads nor builds.
+RECALL_CLINICAL_INPUT = (
+    "pms_record_id, pms_patient_id, exam_date, record_type, flags, notes, iop_right_mmhg, iop_left_mmhg"
 )
 
 
@@ -137,13 +140,13 @@ class RecallsMixin(StoreBase):
                 # Everyone: the batch is a contiguous key range, one index range scan; else its ids.
                 params: tuple[Any, ...] = (practice_id, first, after) if everyone else (practice_id, list(seen))
                 cur.execute(
-                    f"SELECT {_CLINICAL_COLUMNS} FROM clinical_records WHERE practice_id = %s AND active "
+                    f"SELECT {RECALL_CLINICAL_INPUT} FROM clinical_records WHERE practice_id = %s AND active "
                     f"AND {where} ORDER BY exam_date, pms_record_id",  # ties in one order, whatever the plan
                     params,
                 )
                 clinical: dict[str, list[ClinicalRecord]] = {}
                 for r in cur:
-                    record_id, patient_id, exam_date, kind, flags, unknown, notes, right, left, clinician, updated = r
+                    record_id, patient_id, exam_date, kind, flags, notes, right, left = r
                     clinical.setdefault(patient_id, []).append(
                         ClinicalRecord(
                             practice_id=practice_id,
@@ -152,12 +155,9 @@ class RecallsMixin(StoreBase):
                             exam_date=exam_date,
                             record_type=kind,
                             flags=flags,
-                            unknown_flags=unknown,
                             notes=notes,
                             iop_right_mmhg=None if right is None else float(right),
                             iop_left_mmhg=None if left is None else float(left),
-                            clinician=clinician,
-                            source_updated_at=updated,
                         )
                     )
             yield RecallBatch(seen, patients, clinical, (first, after))
