@@ -18,7 +18,7 @@ class ExportMixin(StoreBase):
         """Everything held about one practice's patients (or one patient: `patient_ref` is a PMS id),
         in the documented export shape."""
         self.get_practice(practice_id)
-        if patient_ref is not None and patient_ref not in self.all_patient_ids(practice_id):
+        if patient_ref is not None and not self.has_patient(practice_id, patient_ref):
             raise PracticeNotFound(f"practice {practice_id} has no patient {patient_ref!r}")
         with self.begin(practice_id) as conn:
             patients = (

@@ -372,12 +372,15 @@ class PatientsMixin(StoreBase):
                 )
         return out
 
-    def all_patient_ids(self, practice_id: str) -> set[str]:
+    def has_patient(self, practice_id: str, pms_patient_id: str) -> bool:
+        """Whether the practice holds a patient (active or not) with this PMS id: one index look-up."""
         with self.begin(practice_id) as conn:
-            return set(
+            return (
                 conn.execute(
-                    text("SELECT pms_patient_id FROM patients WHERE practice_id = :p"), {"p": practice_id}
-                ).scalars()
+                    text("SELECT 1 FROM patients WHERE practice_id = :p AND pms_patient_id = :id"),
+                    {"p": practice_id, "id": pms_patient_id},
+                ).first()
+                is not None
             )
 
     def last_successful_sync(self, practice_id: str, stream: str = "patients") -> datetime | None:
