@@ -912,10 +912,14 @@ class TestOptixContract(PmsContract):
 
     @pytest.fixture(scope="class")
     def sandbox(self) -> Iterator[OptixSandbox]:
-        """Its own server: the contract reads the whole class's request log at the end."""
+        """Its own server: the contract reads the whole class's request log at the end. Its rate limit
+        is off: the contract's writes and retries could use up the per-second allowance, and a
+        connection check (one attempt) would then fail as rate-limited rather than for the problem it
+        is there to show. Rate limits have their own tests above."""
         server = OptixSandbox(
             practices={"OPX-1001": 50, "OPX-2002": 20, "OPX-3003": 5},
             api_keys={KEY: "OPX-1001", OTHER_KEY: "OPX-2002", DISABLED_KEY: "OPX-3003"},
+            rate_limit_per_second=0,
         )
         server.api_access_disabled.add("OPX-3003")
         with server:
