@@ -1,9 +1,12 @@
 import re
+from collections import Counter
 from datetime import date
 
+import phonenumbers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from phonenumbers import PhoneNumberType
 
 from nvc_pipelines.model import PhoneType
 from nvc_pipelines.normalise import (
@@ -173,6 +176,31 @@ def test_phone_fast_path_agrees_with_phonenumbers(prefix: str, national: str) ->
     if raw.startswith("44"):  # bare 44 + 10 digits is read as international; otherwise as national
         return
     assert (phone.e164, phone.type) == expected
+
+
+def test_uk_number_type_is_number_type_for_every_uk_prefix() -> None:
+    """`uk_number_type` matches GB's patterns once where `number_type` matches them twice: the same
+    type for every four-digit prefix of a 10-digit number and of a 9-digit one, mobiles, landlines,
+    freephone, premium, the Crown dependencies (answered by `number_type` itself) and invalid ones."""
+    from nvc_pipelines.normalise import uk_number_type
+
+    kinds: Counter[int] = Counter()
+    for prefix in range(1000, 10000):
+        for national in (f"{prefix}{prefix % 997:06d}", f"{prefix}{prefix % 89:05d}"):
+            number = phonenumbers.PhoneNumber(country_code=44, national_number=int(national))
+            kind = phonenumbers.number_type(number)
+            assert uk_number_type(number) == kind, national
+            kinds[kind] += 1
+    for national in ("1481256789", "1534456789", "1624456789", "7624456789", "7781123456", "7700900123"):
+        number = phonenumbers.PhoneNumber(country_code=44, national_number=int(national))
+        assert uk_number_type(number) == phonenumbers.number_type(number), national
+    guernsey = phonenumbers.parse("+441481256789")  # GB's patterns refuse it: `number_type` answered
+    assert (
+        not phonenumbers.is_valid_number_for_region(guernsey, "GB")
+        and uk_number_type(guernsey) == PhoneNumberType.FIXED_LINE
+    )
+    assert {PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE, PhoneNumberType.TOLL_FREE,
+            PhoneNumberType.PREMIUM_RATE, PhoneNumberType.UNKNOWN} <= set(kinds)  # fmt: skip
 
 
 @pytest.mark.parametrize("raw", ["2024-01-15", "2024-02-29", "15/01/2024", "2024-01-15T10:30:00Z"])
