@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 
 import phonenumbers
 from phonenumbers import PhoneMetadata, PhoneNumberType
-from phonenumbers.phonenumberutil import _number_type_helper
 
 from nvc_pipelines.model import (
     APPOINTMENT_TYPES,
@@ -126,6 +125,10 @@ def _gb_metadata() -> PhoneMetadata:
 
 
 _GB = _gb_metadata()
+# The library's own step of `number_type` (private: see `uk_number_type`); None in a version without it.
+_TYPE_HELPER: Callable[[str, PhoneMetadata], int] | None = getattr(
+    phonenumbers.phonenumberutil, "_number_type_helper", None
+)
 
 
 def uk_number_type(parsed: phonenumbers.PhoneNumber) -> int:
@@ -135,9 +138,11 @@ def uk_number_type(parsed: phonenumbers.PhoneNumber) -> int:
     Jersey) by matching the number's type against GB's patterns, and takes GB when that type is
     known; it then matches the type again. So GB's type, when known, is `number_type`'s answer; any
     other number goes to `number_type` itself. `_number_type_helper` is the library's own step
-    (private; the version is pinned, and a test compares this with `number_type` across every
-    four-digit UK prefix)."""
-    kind: int = _number_type_helper(phonenumbers.national_significant_number(parsed), _GB)
+    (private; the version is pinned, a test compares this with `number_type` across every
+    four-digit UK prefix, and without the helper every number goes to `number_type`)."""
+    if parsed.country_code != 44 or _TYPE_HELPER is None:
+        return phonenumbers.number_type(parsed)
+    kind = _TYPE_HELPER(phonenumbers.national_significant_number(parsed), _GB)
     return kind if kind != PhoneNumberType.UNKNOWN else phonenumbers.number_type(parsed)
 
 

@@ -730,3 +730,32 @@ def test_two_builds_of_one_practices_list_at_once_both_land(store: Store, family
     assert not worker.is_alive()
     assert second["counts"]["people_listed"] == 3  # it landed, after the first: Helen and Gavin at home, Sam
     assert _view(store, family) == before
+
+
+def test_erasing_a_patient_while_the_list_is_built_waits_for_the_build(store: Store, family: str) -> None:
+    """A build holds the list's rows, and its inserts need the patients they name: erasure takes the
+    list's lock before it locks the patient, so the two take turns instead of deadlocking."""
+    from nvc_pipelines.erasure import erase_patient
+
+    now = datetime.now(UTC)
+    erased: dict[str, object] = {}
+
+    def erase() -> None:
+        try:
+            erased["rows"] = erase_patient(store, family, "S1", "test")
+        except Exception as exc:  # noqa: BLE001 - the test reports what went wrong
+            erased["error"] = exc
+
+    with store.begin(family) as conn:  # a build, as `calls.rebuild` goes: the list's rows first
+        calls.lock_list(conn, family)
+        conn.execute(text("DELETE FROM call_list WHERE practice_id = :p"), {"p": family})
+        worker = threading.Thread(target=erase, daemon=True)
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive(), "erasure did not wait for the build"
+        calls.rebuild(conn, family, today=TODAY, now=now, settings=SETTINGS)  # inserts Sam's entry again
+    worker.join(timeout=60)
+    assert "error" not in erased, erased.get("error")
+    assert erased["rows"]["call_list"] == 1  # the build's entry for Sam, erased after it committed
+    entries, not_listed = _view(store, family)
+    assert entries == {"+441134960500": ["H1", "H2"]} and "S1" not in not_listed

@@ -194,6 +194,8 @@ def test_uk_number_type_is_number_type_for_every_uk_prefix() -> None:
     for national in ("1481256789", "1534456789", "1624456789", "7624456789", "7781123456", "7700900123"):
         number = phonenumbers.PhoneNumber(country_code=44, national_number=int(national))
         assert uk_number_type(number) == phonenumbers.number_type(number), national
+    us = phonenumbers.parse("+12025550123")  # not +44: `number_type` answers, not GB's patterns
+    assert uk_number_type(us) == phonenumbers.number_type(us)
     guernsey = phonenumbers.parse("+441481256789")  # GB's patterns refuse it: `number_type` answered
     assert (
         not phonenumbers.is_valid_number_for_region(guernsey, "GB")

@@ -199,7 +199,8 @@ def lock_list(conn: Connection, practice_id: str) -> None:
     time. Two syncs of a practice may overlap (a Sync Now during the nightly, an intraday refresh); a
     second build that did not wait would delete only the rows its snapshot saw, then insert beside
     the rows the first build inserted and fail on the list's key."""
-    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('nvc.call_list:' || :p))"), {"p": practice_id})
+    # Two keys (this lock's name, the practice): a key space of its own, apart from single-key locks.
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('nvc.call_list'), hashtext(:p))"), {"p": practice_id})
 
 
 def rebuild(

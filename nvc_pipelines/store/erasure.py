@@ -11,6 +11,7 @@ from collections.abc import Callable
 from sqlalchemy import text
 
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
+from nvc_pipelines.store.calls import lock_list
 
 # Every table that names a patient, and how (by NVC's patient id or by the PMS's).
 _PATIENT_ROWS = (
@@ -48,6 +49,9 @@ class ErasureMixin(StoreBase):
         prefix is the audit's reference) as suppressions, in one transaction; returns the rows removed
         by table."""
         with self.begin(practice_id) as conn:
+            # The call list first, as a build takes it: a build holds the list's rows and its inserts
+            # wait on the patients they name, so locking the patient first could deadlock with it.
+            lock_list(conn, practice_id)
             row = conn.execute(
                 text(
                     "SELECT patient_id, pms_patient_id, phones, first_name, last_name FROM patients "

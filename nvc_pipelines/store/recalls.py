@@ -34,7 +34,8 @@ class RecallBatch:
     # The active targets, with what a recall reads of them (`RECALL_INPUT`) and nothing else.
     patients: list[Patient]
     # Their active clinical records by PMS id, oldest exam first, with what a recall reads of them
-    # (`RECALL_CLINICAL_INPUT`).
+    # (`RECALL_CLINICAL_INPUT`): their unknown flags, clinician and PMS timestamp are left empty, so
+    # these records are for computing recalls only, never to be written back.
     clinical: dict[str, list[ClinicalRecord]]
     # A batch of a full pass is every patient between its first and last PMS id (in the database's
     # order): `write_recalls` starts its joins there. A changed-only batch's range may hold many
