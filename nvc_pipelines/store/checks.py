@@ -11,6 +11,32 @@ from sqlalchemy import text
 from nvc_pipelines.store import call_updates
 from nvc_pipelines.store.base import StoreBase
 
+# What each check validates: active patients, active appointments, recalls with their patient's id.
+_ROWS = {
+    "patients": "SELECT pms_patient_id, first_name, last_name, phones, date_of_birth, last_eye_test_date, "
+    "risk_flags FROM patients WHERE practice_id = :p AND active",
+    "appointments": "SELECT pms_appointment_id, pms_patient_id, starts_at, ends_at, status FROM appointments "
+    "WHERE practice_id = :p AND active",
+    "recalls": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule, r.interval_months, r.based_on "
+    "FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
+    "WHERE r.practice_id = :p",
+}
+# Only those written after the check's mark (`:since`): a range of each table's (practice, time)
+# index (migration 0020), not a scan of the practice.
+_CHANGED = {
+    "patients": " AND updated_at > :since",
+    "appointments": " AND updated_at > :since",
+    # Two filtered scans, then the join for those few: an OR across the join joined every row.
+    "recalls": " AND r.patient_id IN (SELECT patient_id FROM recalls WHERE practice_id = :p "
+    "AND computed_at > :since UNION SELECT patient_id FROM patients WHERE practice_id = :p "
+    "AND updated_at > :since)",
+}
+
+
+def rows_sql(kind: str, *, changed: bool) -> str:
+    """The statement `quality_rows` reads a check's rows with (`:p`, and `:since` when `changed`)."""
+    return _ROWS[kind] + (_CHANGED[kind] if changed else "")
+
 
 class ChecksMixin(StoreBase):
     """The validity checks' reads and their marks (`sync_cursors` streams `check:NAME`)."""
@@ -22,24 +48,7 @@ class ChecksMixin(StoreBase):
         active appointments, or recalls with their patient's PMS id; only those written after `since`
         when given (the nightly's changed rows). In chunks, so validating a whole practice holds one
         chunk, never the practice."""
-        queries = {
-            "patients": "SELECT pms_patient_id, first_name, last_name, phones, date_of_birth, last_eye_test_date, "
-            "risk_flags FROM patients WHERE practice_id = :p AND active",
-            "appointments": "SELECT pms_appointment_id, pms_patient_id, starts_at, ends_at, status FROM appointments "
-            "WHERE practice_id = :p AND active",
-            "recalls": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule, r.interval_months, r.based_on "
-            "FROM recalls r JOIN patients pt ON pt.patient_id = r.patient_id "
-            "WHERE r.practice_id = :p",
-        }
-        changed = {
-            "patients": " AND updated_at > :since",
-            "appointments": " AND updated_at > :since",
-            # Two filtered scans, then the join for those few: an OR across the join joined every row.
-            "recalls": " AND r.patient_id IN (SELECT patient_id FROM recalls WHERE practice_id = :p "
-            "AND computed_at > :since UNION SELECT patient_id FROM patients WHERE practice_id = :p "
-            "AND updated_at > :since)",
-        }
-        sql = queries[kind] + (changed[kind] if since is not None else "")
+        sql = rows_sql(kind, changed=since is not None)
         with self.begin(practice_id) as conn:
             rows = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
                 text(sql), {"p": practice_id, "since": since}
