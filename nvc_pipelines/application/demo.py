@@ -126,50 +126,45 @@ def write_demo_csv(folder: Path, n: int = 40, seed: int = 11) -> Path:
     """A practice export in the seed CSV format, with a few rows a real export would get wrong."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"patients-{date.today():%Y%m%d}.csv"
+    from resources.csv_source import OPTIONAL_COLUMNS, SEED_COLUMNS
+
+    # The importer's own column names: its seed columns, then the optional ones the demo fills.
+    columns = (
+        *SEED_COLUMNS,
+        *(c for c in OPTIONAL_COLUMNS if c in ("date_of_birth", "deceased", "do_not_call", "guardian_name")),
+    )
     with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(
-            [
-                "first_name",
-                "last_name",
-                "phone_number",
-                "last_eye_test_date",
-                "risk_category",
-                "last_clinical_test_date",
-                "clinical_condition_notes",
-                "date_of_birth",
-                "deceased",
-                "do_not_call",
-                "guardian_name",
-            ]
-        )
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
         for p in seed_patients(n, seed=seed):
-            phone = p.mobile or p.landline or ""
-            risk = "; ".join(_RISK_WORDS[f] for f in p.flags) or "standard"
             test = p.last_eye_test.strftime("%d/%m/%Y") if p.last_eye_test else ""
-            dob = p.date_of_birth.strftime("%d/%m/%Y") if p.date_of_birth else ""
             died = (p.status_date.strftime("%d/%m/%Y") if p.status_date else "yes") if p.status == "deceased" else ""
-            no_calls = "yes" if not p.phone_recall or p.no_recall else ""
             writer.writerow(
-                [
-                    p.first_name,
-                    p.last_name,
-                    phone,
-                    test,
-                    risk,
-                    test,
-                    p.clinical_notes or "",
-                    dob,
-                    died,
-                    no_calls,
-                    p.guardian_name or "",
-                ]  # fmt: skip
+                {
+                    "first_name": p.first_name,
+                    "last_name": p.last_name,
+                    "phone_number": p.mobile or p.landline or "",
+                    "last_eye_test_date": test,
+                    "risk_category": "; ".join(_RISK_WORDS[f] for f in p.flags) or "standard",
+                    "last_clinical_test_date": test,
+                    "clinical_condition_notes": p.clinical_notes or "",
+                    "date_of_birth": p.date_of_birth.strftime("%d/%m/%Y") if p.date_of_birth else "",
+                    "deceased": died,
+                    "do_not_call": "yes" if not p.phone_recall or p.no_recall else "",
+                    "guardian_name": p.guardian_name or "",
+                }
             )
         # What real exports contain: kept as rejected rows with their reasons, never dropped.
-        writer.writerow(["Gwen", "Price", "", "12/03/2024", "standard", "", "", ""])
-        writer.writerow(["Rhys", "Morgan", "07700 900999", "31/02/2024", "standard", "", "", ""])
-        writer.writerow(["Ffion", "Hughes", "7.7009E+09", "01/05/2023", "standard", "", "", ""])
-        writer.writerow(["Alys", "Evans", "07700 900998", "01/05/2023", "high myopia", "", "", ""])
+        for first, last, phone, tested, risk in (
+            ("Gwen", "Price", "", "12/03/2024", "standard"),
+            ("Rhys", "Morgan", "07700 900999", "31/02/2024", "standard"),
+            ("Ffion", "Hughes", "7.7009E+09", "01/05/2023", "standard"),
+            ("Alys", "Evans", "07700 900998", "01/05/2023", "high myopia"),
+        ):
+            writer.writerow(
+                {"first_name": first, "last_name": last, "phone_number": phone, "last_eye_test_date": tested,
+                 "risk_category": risk}
+            )  # fmt: skip
     return path
 
 
