@@ -39,3 +39,29 @@ def test_a_sync_step_settles_the_heap_once_and_great_expectations_is_frozen_afte
     assert seen["collected"] >= 2  # the cycle made after the freeze was still collected
     assert tuple(seen["threshold"]) == (5_000, 10, 10)
     assert seen["after_gx"] > seen["frozen"] + 100_000  # Great Expectations' objects frozen on import
+
+
+def test_release_frees_a_cycle_at_once_that_the_raised_thresholds_would_keep() -> None:
+    """After a validated chunk the checks call `release`: with the thresholds raised, a big cycle (a
+    Great Expectations batch holding its chunk's frame) would otherwise wait for a rare full collection."""
+    import gc
+    import weakref
+
+    from nvc_pipelines import heap
+
+    class Chunk:
+        pass
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # no automatic collection in between: as with the raised thresholds, only rarer
+    try:
+        chunk, holder = Chunk(), Chunk()
+        chunk.holder, holder.chunk = holder, chunk  # the batch and its frame refer to each other
+        alive = weakref.ref(chunk)
+        del chunk, holder
+        assert alive() is not None  # reference counting alone cannot free a cycle
+        heap.release()
+        assert alive() is None
+    finally:
+        if was_enabled:
+            gc.enable()
