@@ -246,3 +246,49 @@ def test_dagsters_preview_warnings_stay_out_of_operators_output(database_url: st
     )  # fmt: skip
     assert done.returncode == 1 and "secret api_key not given" in done.stderr, done.stderr
     assert "Warning" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_export_is_written_a_row_at_a_time_and_reads_as_the_whole_export(store: Store, tmp_path) -> None:
+    """`nvc export` streams the store's rows into the file (the document's lists are iterators, read
+    as they are written); the JSON is byte for byte what serialising the whole export would give,
+    for a practice, one patient and a group, and the CSV holds every patient and rejected row."""
+    from collections.abc import Iterator
+
+    from nvc_pipelines.application.app import export_document
+
+    _seed(store, "s-north")
+    _seed(store, "s-south")
+    runner = CliRunner()
+    assert runner.invoke(main, ["group", "create", "s-group", "--name", "S Group"]).exit_code == 0
+    assert runner.invoke(main, ["group", "add", "s-group", "s-north", "s-south"]).exit_code == 0
+
+    def whole(value: object) -> str:
+        return json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
+
+    assert isinstance(export_document("s-north")["patients"], Iterator)
+    practice = runner.invoke(main, ["export", "s-north"])
+    assert practice.exit_code == 0 and practice.output == whole(store.export_practice("s-north"))
+    one = runner.invoke(main, ["export", "s-north", "--patient", "A2"])
+    assert one.output == whole(store.export_practice("s-north", patient_ref="A2"))
+    assert [p["pms_patient_id"] for p in json.loads(one.output)["patients"]] == ["A2"]
+    members = [store.export_practice(p) for p in ("s-north", "s-south")]
+    group = runner.invoke(main, ["export", "--group", "s-group"])
+    assert group.output == whole(
+        {
+            "group_id": "s-group",
+            "practices": members,
+            "patients": [p for m in members for p in m["patients"]],
+            "rejected_rows": [r for m in members for r in m["rejected_rows"]],
+        }
+    )
+    out = tmp_path / "north.json"
+    written = runner.invoke(main, ["export", "s-north", "--output", str(out)])
+    assert out.read_text(encoding="utf-8") == practice.output
+    assert "Exported 3 patients and 1 rejected rows." in written.output
+    out = tmp_path / "north.csv"
+    assert runner.invoke(main, ["export", "s-north", "--format", "csv", "--output", str(out)]).exit_code == 0
+    lines = out.read_text(encoding="utf-8-sig").splitlines()
+    assert len(lines) == 4 and lines[0].startswith("pms_patient_id,first_name")
+    assert "phone number is missing" in (tmp_path / "north-rejected.csv").read_text(encoding="utf-8-sig")
+    missing = runner.invoke(main, ["export", "s-north", "--patient", "NOPE"])
+    assert missing.exit_code == 1 and "has no patient 'NOPE'" in missing.output

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from nvc_pipelines.application.instance import get_instance
 from nvc_pipelines.calling import SETTING_NAMES as CALL_SETTING_NAMES
@@ -164,31 +164,65 @@ def actor() -> str:
         return "cli:unknown"
 
 
-def export_data(practice_id: str | None, group_id: str | None = None, patient_ref: str | None = None) -> dict[str, Any]:
-    """One practice's export (or one patient's), or a group's: each location's export under
-    `practices`. Every export is in the audit log."""
+def export_document(
+    practice_id: str | None, group_id: str | None = None, patient_ref: str | None = None
+) -> dict[str, Any]:
+    """One practice's export (or one patient's), or a group's (each location's export under
+    `practices`, their patients and rejected rows again at the top), as a document whose lists are
+    read from the store as they are written (`write_json`, `write_csv`): an export holds a batch of
+    rows, not the practice. Every export is in the audit log, recorded before it is read."""
     store = open_store()
-    data: dict[str, Any]
     if group_id:
         if patient_ref:
             raise SettingsError("a patient's export names the practice, not a group")
         members = store.group_practices(group_id)
-        data = {"group_id": group_id, "practices": [store.export_practice(p) for p in members]}
-        data["patients"] = [p for d in data["practices"] for p in d["patients"]]
-        data["rejected_rows"] = [r for d in data["practices"] for r in d["rejected_rows"]]
-        audited = members
-    elif practice_id is None:
+        for pid in members:
+            store.record_access(pid, actor(), "export", detail={"group": group_id})
+        return {
+            "group_id": group_id,
+            "practices": (_practice_document(store, pid, None) for pid in members),
+            "patients": (row for pid in members for row in _section(store, pid, None, "patients")),
+            "rejected_rows": (row for pid in members for row in _section(store, pid, None, "rejected_rows")),
+        }
+    if practice_id is None:
         raise SettingsError("an export names a practice or a group")
-    elif patient_ref:
-        data = store.export_practice(practice_id, patient_ref=patient_ref)
+    document = _practice_document(store, practice_id, patient_ref)  # refuses an unknown practice or patient
+    if patient_ref:
         store.record_access(practice_id, actor(), "export_patient", [patient_ref])
-        return data
     else:
-        data = store.export_practice(practice_id)
-        audited = [practice_id]
-    for pid in audited:
-        store.record_access(pid, actor(), "export", detail={"group": group_id} if group_id else {})
-    return data
+        store.record_access(practice_id, actor(), "export", detail={})
+    return document
+
+
+def export_data(practice_id: str | None, group_id: str | None = None, patient_ref: str | None = None) -> dict[str, Any]:
+    """`export_document` read whole into memory (lists, not iterators): for a patient or a small practice."""
+    return _materialise(export_document(practice_id, group_id, patient_ref))
+
+
+def _materialise(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _materialise(v) for k, v in value.items()}
+    if isinstance(value, Iterator):
+        return [_materialise(v) for v in value]
+    return value
+
+
+def _practice_document(store: Store, practice_id: str, patient_ref: str | None) -> dict[str, Any]:
+    from nvc_pipelines.store.export import EXPORT_SECTIONS
+
+    store.export_rows(practice_id, patient_ref, sections=())  # refuses an unknown practice or patient now
+    document: dict[str, Any] = {"practice_id": practice_id}
+    for name in EXPORT_SECTIONS:
+        document[name] = _section(store, practice_id, patient_ref, name)
+    if patient_ref is not None:
+        document["patient"] = patient_ref
+    return document
+
+
+def _section(store: Store, practice_id: str, patient_ref: str | None, name: str) -> Iterator[dict[str, Any]]:
+    """One section's rows, read when first asked for (one transaction, one server-side cursor)."""
+    for _name, row in store.export_rows(practice_id, patient_ref, sections=(name,)):
+        yield row
 
 
 def check_number(practice_id: str, phone: str) -> Any:
@@ -354,42 +388,88 @@ def neutralise_cell(value: Any) -> Any:
     return value
 
 
-def export_csv(data: dict[str, Any]) -> tuple[str, str]:
-    """(patients CSV, rejected rows CSV) from `Store.export_practice` output."""
-    patients = io.StringIO()
-    columns = [
-        "pms_patient_id",
-        "first_name",
-        "last_name",
-        "date_of_birth",
-        "phones",
-        "email",
-        "address",
-        "last_eye_test_date",
-        "last_clinical_test_date",
-        "risk_flags",
-        "recall_due_date",
-        "recall_source",
-        "recall_rule",
-        "active",
-        "status",
-        "status_date",
-        "phone_recall",
-        "no_recall",
-        "guardian_name",
-    ]
-    writer = csv.DictWriter(patients, columns, extrasaction="ignore", lineterminator="\r\n")
+EXPORT_CSV_COLUMNS = (
+    "pms_patient_id",
+    "first_name",
+    "last_name",
+    "date_of_birth",
+    "phones",
+    "email",
+    "address",
+    "last_eye_test_date",
+    "last_clinical_test_date",
+    "risk_flags",
+    "recall_due_date",
+    "recall_source",
+    "recall_rule",
+    "active",
+    "status",
+    "status_date",
+    "phone_recall",
+    "no_recall",
+    "guardian_name",
+)
+REJECTED_CSV_COLUMNS = ("source", "source_ref", "row_ref", "reason", "raw")
+
+
+def write_csv(document: dict[str, Any], patients_out: IO[str], rejected_out: IO[str] | None) -> tuple[int, int]:
+    """The export's patients as CSV to `patients_out`, its rejected rows to `rejected_out` (when
+    given), a row at a time, every cell neutralised against formula injection; returns the counts."""
+    writer = csv.DictWriter(patients_out, EXPORT_CSV_COLUMNS, extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
-    for p in data["patients"]:
+    patients = rejected = 0
+    for p in document["patients"]:
         row = {**p, "phones": "; ".join(p["phones"]), "risk_flags": "; ".join(p["risk_flags"])}
         writer.writerow({k: neutralise_cell(v) for k, v in row.items()})
-    rejected = io.StringIO()
-    writer = csv.DictWriter(rejected, ["source", "source_ref", "row_ref", "reason", "raw"], lineterminator="\r\n")
-    writer.writeheader()
-    for r in data["rejected_rows"]:
-        row = {**r, "raw": json_dumps(r["raw"])}
-        writer.writerow({k: neutralise_cell(v) for k, v in row.items() if k in writer.fieldnames})
+        patients += 1
+    if rejected_out is not None:
+        writer = csv.DictWriter(rejected_out, REJECTED_CSV_COLUMNS, lineterminator="\r\n")
+        writer.writeheader()
+        for r in document["rejected_rows"]:
+            row = {**r, "raw": json_dumps(r["raw"])}
+            writer.writerow({k: neutralise_cell(v) for k, v in row.items() if k in REJECTED_CSV_COLUMNS})
+            rejected += 1
+    return patients, rejected
+
+
+def export_csv(data: dict[str, Any]) -> tuple[str, str]:
+    """(patients CSV, rejected rows CSV) of an export, as text."""
+    patients, rejected = io.StringIO(), io.StringIO()
+    write_csv(data, patients, rejected)
     return patients.getvalue(), rejected.getvalue()
+
+
+def write_json(document: dict[str, Any], out: IO[str]) -> dict[str, int]:
+    """The export as the JSON `json.dumps(..., indent=2, ensure_ascii=False)` would write of it read
+    whole, a row at a time; returns how many rows each top-level list had."""
+    import json
+
+    counts: dict[str, int] = {}
+
+    def dump(value: Any, level: int, count: str | None = None) -> None:
+        pad = "  " * level
+        if isinstance(value, dict) and any(isinstance(v, Iterator) for v in value.values()):
+            out.write("{")
+            for i, (key, item) in enumerate(value.items()):
+                out.write(("," if i else "") + "\n" + pad + "  " + json.dumps(key, ensure_ascii=False) + ": ")
+                dump(item, level + 1, key if level == 0 else None)
+            out.write("\n" + pad + "}")
+        elif isinstance(value, Iterator):
+            n = 0
+            for item in value:
+                out.write(("," if n else "[") + "\n" + pad + "  ")
+                dump(item, level + 1)
+                n += 1
+            out.write("\n" + pad + "]" if n else "[]")
+            if count is not None:
+                counts[count] = n
+        else:  # a row (or any value read whole): one call, its lines indented to where it sits
+            text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+            out.write(text.replace("\n", "\n" + pad) if level else text)
+
+    dump(document, 0)
+    out.write("\n")
+    return counts
 
 
 def json_dumps(value: Any) -> str:

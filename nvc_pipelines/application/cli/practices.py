@@ -211,28 +211,30 @@ def export(
 
     CSV writes patients to OUTPUT and rejected rows beside it as <name>-rejected.csv.
     """
-    from nvc_pipelines.application.app import export_csv, export_data
+    from nvc_pipelines.application.app import export_document, write_csv, write_json
 
     if bool(practice_id) == bool(group_id):
         _fail("give a PRACTICE_ID or --group GROUP_ID")
-    data = export_data(practice_id, group_id, patient_ref)
+    document = export_document(practice_id, group_id, patient_ref)
+    # Written a row at a time as the store reads them: a large practice's export holds a batch of rows.
     if fmt == "json":
-        text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
         if output:
-            output.write_text(text, encoding="utf-8")
+            with output.open("w", encoding="utf-8") as out:
+                counts = write_json(document, out)
         else:
-            click.echo(text, nl=False)
+            counts = write_json(document, sys.stdout)
+        patients, rejected = counts.get("patients", 0), counts.get("rejected_rows", 0)
+    elif output:
+        rejected_path = output.with_name(output.stem + "-rejected.csv")
+        with (
+            output.open("w", encoding="utf-8-sig", newline="") as out,
+            rejected_path.open("w", encoding="utf-8-sig", newline="") as rejected_out,
+        ):
+            patients, rejected = write_csv(document, out, rejected_out)
     else:
-        patients_csv, rejected_csv = export_csv(data)
-        if output:
-            output.write_text(patients_csv, encoding="utf-8-sig")
-            output.with_name(output.stem + "-rejected.csv").write_text(rejected_csv, encoding="utf-8-sig")
-        else:
-            click.echo(patients_csv, nl=False)
+        patients, rejected = write_csv(document, sys.stdout, None)
     if output:
-        click.echo(
-            f"Exported {len(data['patients'])} patients and {len(data['rejected_rows'])} rejected rows.", err=True
-        )
+        click.echo(f"Exported {patients} patients and {rejected} rejected rows.", err=True)
 
 
 @main.command("csv-template")

@@ -15,7 +15,7 @@ from nvc_pipelines.application.cli.base import _known, main
 def rejected_cmd(practice_id: str) -> None:
     """Rows the practice's last syncs could not import, with the reason for each."""
 
-    rows = _known(practice_id).export_practice(practice_id)["rejected_rows"]
+    rows = [row for _section, row in _known(practice_id).export_rows(practice_id, sections=("rejected_rows",))]
     click.echo(f"{len(rows)} rejected row(s)")
     for r in rows:
         click.echo(f"{r['source']:22} {r['row_ref']:34} {r['reason']}")
