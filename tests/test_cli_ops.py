@@ -292,3 +292,21 @@ def test_an_export_is_written_a_row_at_a_time_and_reads_as_the_whole_export(stor
     assert "phone number is missing" in (tmp_path / "north-rejected.csv").read_text(encoding="utf-8-sig")
     missing = runner.invoke(main, ["export", "s-north", "--patient", "NOPE"])
     assert missing.exit_code == 1 and "has no patient 'NOPE'" in missing.output
+
+
+def test_an_export_that_fails_part_way_leaves_no_file(store: Store, tmp_path, monkeypatch) -> None:
+    """The file is renamed into place only when complete: a failure while writing leaves nothing
+    that looks like an export."""
+    from nvc_pipelines.application import app
+
+    _seed(store, "half")
+
+    def broken(document, out):
+        out.write('{\n  "practice_id": "half",\n')
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(app, "write_json", broken)
+    out = tmp_path / "half.json"
+    failed = CliRunner().invoke(main, ["export", "half", "--output", str(out)])
+    assert failed.exit_code != 0
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import click
 
@@ -217,24 +220,37 @@ def export(
         _fail("give a PRACTICE_ID or --group GROUP_ID")
     document = export_document(practice_id, group_id, patient_ref)
     # Written a row at a time as the store reads them: a large practice's export holds a batch of rows.
+    # A file is written beside its name and renamed when complete: a failure part-way leaves no
+    # export that looks whole.
     if fmt == "json":
         if output:
-            with output.open("w", encoding="utf-8") as out:
+            with _written(output, "utf-8") as out:
                 counts = write_json(document, out)
         else:
             counts = write_json(document, sys.stdout)
         patients, rejected = counts.get("patients", 0), counts.get("rejected_rows", 0)
     elif output:
-        rejected_path = output.with_name(output.stem + "-rejected.csv")
         with (
-            output.open("w", encoding="utf-8-sig", newline="") as out,
-            rejected_path.open("w", encoding="utf-8-sig", newline="") as rejected_out,
+            _written(output, "utf-8-sig") as out,
+            _written(output.with_name(output.stem + "-rejected.csv"), "utf-8-sig") as rejected_out,
         ):
             patients, rejected = write_csv(document, out, rejected_out)
     else:
         patients, rejected = write_csv(document, sys.stdout, None)
     if output:
         click.echo(f"Exported {patients} patients and {rejected} rejected rows.", err=True)
+
+
+@contextmanager
+def _written(path: Path, encoding: str) -> Iterator[IO[str]]:
+    """`path` opened for writing as `<path>.partial`, renamed to `path` once the block ends without error."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w", encoding=encoding, newline="" if encoding == "utf-8-sig" else None) as out:
+            yield out
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @main.command("csv-template")
