@@ -80,7 +80,22 @@ def test_a_batch_with_one_pms_down_syncs_the_others_and_fails_only_that_partitio
 ) -> None:
     from dagster import DagsterRunStatus, RunsFilter
 
+    import schedules.jobs
+    from resources.deployment import shared_resources
+    from resources.optix import OptixResource
+
     monkeypatch.setenv("NVC_RETRY_BASE_SECONDS", "0")
+
+    # The deployment's resources, with the Optix client's own retries quick (two tries, 10 ms apart):
+    # the down PMS still fails each stream's step and its step retries, in seconds instead of 100.
+    def quick_resources() -> dict:
+        resources = shared_resources()
+        resources["pms"] = resources["pms"].model_copy(
+            update={"optix": OptixResource(max_attempts=2, backoff_seconds=0.01)}
+        )
+        return resources
+
+    monkeypatch.setattr(schedules.jobs, "shared_resources", quick_resources)
     for name in ("ok-1", "ok-2"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "export.csv").write_text(template_text(), encoding="utf-8")
