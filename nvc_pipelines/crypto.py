@@ -33,7 +33,6 @@ import base64
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nvc_pipelines.config import nvc_home
+from nvc_pipelines.files import atomic_write
 
 _NONCE_BYTES = 12
 _VERSION = b"\x01"
@@ -86,23 +86,9 @@ def _read_key_file(path: Path) -> bytes | None:
 
 
 def _write_key_file(path: Path, key: bytes) -> None:
-    """Write a key atomically with mode 0600: a temporary file in the same folder, fsynced, renamed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(_encode_key(key) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write a key atomically with mode 0600 (`files.atomic_write`)."""
+    with atomic_write(path) as fh:
+        fh.write(_encode_key(key) + "\n")
 
 
 def load_key() -> bytes:
