@@ -294,19 +294,61 @@ def test_an_export_is_written_a_row_at_a_time_and_reads_as_the_whole_export(stor
     assert missing.exit_code == 1 and "has no patient 'NOPE'" in missing.output
 
 
-def test_an_export_that_fails_part_way_leaves_no_file(store: Store, tmp_path, monkeypatch) -> None:
-    """The file is renamed into place only when complete: a failure while writing leaves nothing
-    that looks like an export."""
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_an_export_that_fails_part_way_leaves_no_file(store: Store, tmp_path, monkeypatch, fmt: str) -> None:
+    """The files are renamed into place only when complete: a failure while writing leaves nothing
+    that looks like an export (the CSV's rejected rows file neither)."""
     from nvc_pipelines.application import app
+    from nvc_pipelines.store import StoreUnavailable
 
     _seed(store, "half")
 
-    def broken(document, out):
-        out.write('{\n  "practice_id": "half",\n')
-        raise RuntimeError("the store went away")
+    def broken(document, out, *rest):
+        out.write("half an export")
+        raise StoreUnavailable("The store's PostgreSQL failed: the connection was lost.")
 
-    monkeypatch.setattr(app, "write_json", broken)
-    out = tmp_path / "half.json"
-    failed = CliRunner().invoke(main, ["export", "half", "--output", str(out)])
-    assert failed.exit_code != 0
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(app, "write_json" if fmt == "json" else "write_csv", broken)
+    failed = CliRunner().invoke(main, ["export", "half", "--format", fmt, "--output", str(tmp_path / f"half.{fmt}")])
+    assert failed.exit_code == 1 and "connection was lost" in failed.output and "Traceback" not in failed.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_file_is_the_operators_alone_and_a_device_is_written_as_it_is(store: Store, tmp_path) -> None:
+    """A file holding patients' data is created with mode 0600; a device or pipe named as the output
+    (`/dev/stdout`, `>(gzip > f)`) is written to, never replaced by a file."""
+    import os
+    import stat
+
+    _seed(store, "modes")
+    runner = CliRunner()
+    out = tmp_path / "modes.csv"
+    assert runner.invoke(main, ["export", "modes", "--format", "csv", "--output", str(out)]).exit_code == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "modes-rejected.csv").stat().st_mode) == 0o600
+    written = runner.invoke(main, ["export", "modes", "--output", os.devnull])
+    assert written.exit_code == 0, written.output
+    assert "Exported 3 patients and 1 rejected rows." in written.output
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)  # still the device
+
+
+def test_an_export_to_a_place_that_cannot_be_written_is_one_line_and_not_audited(store: Store, tmp_path) -> None:
+    """A missing folder is refused with the path and the reason, before anything is read: no stack
+    trace, and no export in the audit log for a file that was never written."""
+    _seed(store, "nowhere")
+    refused = CliRunner().invoke(main, ["export", "nowhere", "--output", str(tmp_path / "no" / "such" / "x.json")])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "cannot write the export to" in refused.output and "No such file or directory" in refused.output
+    assert "export" not in {e["action"] for e in store.audit_entries("nowhere")}
+
+
+def test_a_group_exports_as_csv_and_an_unknown_section_is_refused(store: Store, tmp_path) -> None:
+    _seed(store, "g-east")
+    _seed(store, "g-west")
+    runner = CliRunner()
+    assert runner.invoke(main, ["group", "create", "g", "--name", "G"]).exit_code == 0
+    assert runner.invoke(main, ["group", "add", "g", "g-east", "g-west"]).exit_code == 0
+    done = runner.invoke(main, ["export", "--group", "g", "--format", "csv", "--output", str(tmp_path / "g.csv")])
+    assert "Exported 6 patients and 2 rejected rows." in done.output
+    assert len((tmp_path / "g.csv").read_text(encoding="utf-8-sig").splitlines()) == 7
+    with pytest.raises(ValueError, match="no section"):
+        store.export_rows("g-east", sections=("patients", "passwords"))

@@ -7,12 +7,11 @@ may not). The CLI only parses arguments and prints what these return.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO, Any
@@ -165,12 +164,20 @@ def actor() -> str:
 
 
 def export_document(
-    practice_id: str | None, group_id: str | None = None, patient_ref: str | None = None
+    practice_id: str | None,
+    group_id: str | None = None,
+    patient_ref: str | None = None,
+    sections: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """One practice's export (or one patient's), or a group's (each location's export under
     `practices`, their patients and rejected rows again at the top), as a document whose lists are
-    read from the store as they are written (`write_json`, `write_csv`): an export holds a batch of
-    rows, not the practice. Every export is in the audit log, recorded before it is read."""
+    read from the store as they are written (`write_json`, `write_csv`), in order: an export holds a
+    batch of rows, not the practice. A practice's sections are read in one transaction; a group's
+    top-level lists are read again after its practices. `sections` (default: all) limits what is
+    read. Every export is in the audit log, recorded before it is read."""
+    from nvc_pipelines.store.export import EXPORT_SECTIONS
+
+    wanted = tuple(sections) if sections is not None else EXPORT_SECTIONS
     store = open_store()
     if group_id:
         if patient_ref:
@@ -178,15 +185,20 @@ def export_document(
         members = store.group_practices(group_id)
         for pid in members:
             store.record_access(pid, actor(), "export", detail={"group": group_id})
+
+        def again(name: str) -> Iterator[dict[str, Any]]:
+            for pid in members:
+                yield from (row for _name, row in store.export_rows(pid, None, sections=(name,)))
+
         return {
             "group_id": group_id,
-            "practices": (_practice_document(store, pid, None) for pid in members),
-            "patients": (row for pid in members for row in _section(store, pid, None, "patients")),
-            "rejected_rows": (row for pid in members for row in _section(store, pid, None, "rejected_rows")),
+            "practices": (_practice_document(store, pid, None, wanted) for pid in members),
+            "patients": again("patients"),
+            "rejected_rows": again("rejected_rows"),
         }
     if practice_id is None:
         raise SettingsError("an export names a practice or a group")
-    document = _practice_document(store, practice_id, patient_ref)  # refuses an unknown practice or patient
+    document = _practice_document(store, practice_id, patient_ref, wanted)  # refuses an unknown one now
     if patient_ref:
         store.record_access(practice_id, actor(), "export_patient", [patient_ref])
     else:
@@ -194,35 +206,33 @@ def export_document(
     return document
 
 
-def export_data(practice_id: str | None, group_id: str | None = None, patient_ref: str | None = None) -> dict[str, Any]:
-    """`export_document` read whole into memory (lists, not iterators): for a patient or a small practice."""
-    return _materialise(export_document(practice_id, group_id, patient_ref))
+def _practice_document(
+    store: Store, practice_id: str, patient_ref: str | None, sections: Sequence[str]
+) -> dict[str, Any]:
+    """A practice's export with one lazy list per section, all cut from one `Store.export_rows` stream
+    (one transaction), so the lists must be read in section order, as the export file has them."""
+    rows = store.export_rows(practice_id, patient_ref, sections)
+    order = {name: i for i, name in enumerate(sections)}
+    ahead: list[tuple[str, dict[str, Any]]] = []  # the next row, once read: it may open a later section
 
+    def section(name: str) -> Iterator[dict[str, Any]]:
+        while True:
+            if not ahead:
+                following = next(rows, None)
+                if following is None:
+                    return
+                ahead.append(following)
+            current, row = ahead[0]
+            if order[current] > order[name]:
+                return  # a later section's row: left for it
+            ahead.clear()
+            if current == name:
+                yield row  # (an earlier section's row nobody read is passed over)
 
-def _materialise(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _materialise(v) for k, v in value.items()}
-    if isinstance(value, Iterator):
-        return [_materialise(v) for v in value]
-    return value
-
-
-def _practice_document(store: Store, practice_id: str, patient_ref: str | None) -> dict[str, Any]:
-    from nvc_pipelines.store.export import EXPORT_SECTIONS
-
-    store.export_rows(practice_id, patient_ref, sections=())  # refuses an unknown practice or patient now
-    document: dict[str, Any] = {"practice_id": practice_id}
-    for name in EXPORT_SECTIONS:
-        document[name] = _section(store, practice_id, patient_ref, name)
+    document: dict[str, Any] = {"practice_id": practice_id, **{name: section(name) for name in sections}}
     if patient_ref is not None:
         document["patient"] = patient_ref
     return document
-
-
-def _section(store: Store, practice_id: str, patient_ref: str | None, name: str) -> Iterator[dict[str, Any]]:
-    """One section's rows, read when first asked for (one transaction, one server-side cursor)."""
-    for _name, row in store.export_rows(practice_id, patient_ref, sections=(name,)):
-        yield row
 
 
 def check_number(practice_id: str, phone: str) -> Any:
@@ -430,13 +440,6 @@ def write_csv(document: dict[str, Any], patients_out: IO[str], rejected_out: IO[
             writer.writerow({k: neutralise_cell(v) for k, v in row.items() if k in REJECTED_CSV_COLUMNS})
             rejected += 1
     return patients, rejected
-
-
-def export_csv(data: dict[str, Any]) -> tuple[str, str]:
-    """(patients CSV, rejected rows CSV) of an export, as text."""
-    patients, rejected = io.StringIO(), io.StringIO()
-    write_csv(data, patients, rejected)
-    return patients.getvalue(), rejected.getvalue()
 
 
 def write_json(document: dict[str, Any], out: IO[str]) -> dict[str, int]:

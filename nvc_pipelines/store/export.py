@@ -80,20 +80,15 @@ def _patient(p: RowMapping) -> dict[str, Any]:
     }
 
 
-def _clinical(c: RowMapping) -> dict[str, Any]:
-    return {
-        k: (float(v) if isinstance(v, Decimal) else list(v) if isinstance(v, list) else _iso(v)) for k, v in c.items()
-    }
-
-
 def _plain(row: RowMapping) -> dict[str, Any]:
+    """A row with dates as ISO text and numerics as floats (arrays stay lists)."""
     return {k: _iso(v) for k, v in row.items()}
 
 
 _SHAPES: dict[str, Callable[[RowMapping], dict[str, Any]]] = {
     "patients": _patient,
     "appointments": _plain,
-    "clinical_records": _clinical,
+    "clinical_records": _plain,
     "call_events": _plain,
     "contact_suppressions": _plain,
     "rejected_rows": _plain,
@@ -118,9 +113,12 @@ class ExportMixin(StoreBase):
         self, practice_id: str, patient_ref: str | None = None, sections: Sequence[str] = EXPORT_SECTIONS
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """(section, row) for every row of the export, section by section in `EXPORT_SECTIONS` order
-        (only `sections`), each read from a server-side cursor in one transaction: a practice of any
-        size is exported holding one batch of rows, not the practice (200,000 patients built as
-        dicts came to 1.35 GB). An unknown practice or patient is refused here, before any row."""
+        (only `sections`), read from server-side cursors in one transaction: a practice of any size
+        is exported holding one batch of rows, not the practice (200,000 patients built as dicts came
+        to 1.35 GB). An unknown practice, patient or section is refused here, before any row."""
+        unknown = set(sections) - set(EXPORT_SECTIONS)
+        if unknown:
+            raise ValueError(f"an export has no section(s) {', '.join(sorted(unknown))}")
         self.get_practice(practice_id)
         if patient_ref is not None and not self.has_patient(practice_id, patient_ref):
             raise PracticeNotFound(f"practice {practice_id} has no patient {patient_ref!r}")

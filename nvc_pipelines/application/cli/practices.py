@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import IO
 
@@ -15,6 +14,7 @@ import click
 
 from nvc_pipelines.application.cli.base import _fail, _Group, _iso, _known, _table, main
 from nvc_pipelines.application.console import print_outcome
+from nvc_pipelines.files import atomic_write
 from nvc_pipelines.model import PmsKind
 
 
@@ -218,39 +218,39 @@ def export(
 
     if bool(practice_id) == bool(group_id):
         _fail("give a PRACTICE_ID or --group GROUP_ID")
-    document = export_document(practice_id, group_id, patient_ref)
     # Written a row at a time as the store reads them: a large practice's export holds a batch of rows.
-    # A file is written beside its name and renamed when complete: a failure part-way leaves no
-    # export that looks whole.
-    if fmt == "json":
-        if output:
-            with _written(output, "utf-8") as out:
-                counts = write_json(document, out)
-        else:
-            counts = write_json(document, sys.stdout)
-        patients, rejected = counts.get("patients", 0), counts.get("rejected_rows", 0)
-    elif output:
-        with (
-            _written(output, "utf-8-sig") as out,
-            _written(output.with_name(output.stem + "-rejected.csv"), "utf-8-sig") as rejected_out,
-        ):
-            patients, rejected = write_csv(document, out, rejected_out)
-    else:
-        patients, rejected = write_csv(document, sys.stdout, None)
+    # The files are opened first (a path that cannot be written is refused before anything is read or
+    # audited) and appear only when complete.
+    paths = [output] if output else []
+    if output and fmt == "csv":
+        paths.append(output.with_name(output.stem + "-rejected.csv"))
+    try:
+        with ExitStack() as files:
+            outs = [files.enter_context(_output_file(path, fmt)) for path in paths]
+            if fmt == "json":
+                counts = write_json(
+                    export_document(practice_id, group_id, patient_ref), outs[0] if outs else sys.stdout
+                )
+                patients, rejected = counts.get("patients", 0), counts.get("rejected_rows", 0)
+            else:
+                document = export_document(practice_id, group_id, patient_ref, sections=("patients", "rejected_rows"))
+                patients, rejected = write_csv(document, outs[0] if outs else sys.stdout, outs[1] if outs else None)
+    except BrokenPipeError:  # `nvc export ... | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes stdout at exit
+        return
+    except OSError as exc:
+        _fail(f"cannot write the export to {exc.filename or output}: {exc.strerror or exc}")
     if output:
         click.echo(f"Exported {patients} patients and {rejected} rejected rows.", err=True)
 
 
-@contextmanager
-def _written(path: Path, encoding: str) -> Iterator[IO[str]]:
-    """`path` opened for writing as `<path>.partial`, renamed to `path` once the block ends without error."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with partial.open("w", encoding=encoding, newline="" if encoding == "utf-8-sig" else None) as out:
-            yield out
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+def _output_file(path: Path, fmt: str) -> AbstractContextManager[IO[str]]:
+    """Where an export goes: a file written whole or not at all (`files.atomic_write`), or a device or
+    pipe (`/dev/stdout`, `>(gzip > f)`) written as it comes."""
+    encoding, newline = ("utf-8-sig", "") if fmt == "csv" else ("utf-8", None)
+    if path.exists() and not path.is_file():
+        return path.open("w", encoding=encoding, newline=newline)
+    return atomic_write(path, encoding=encoding, newline=newline)
 
 
 @main.command("csv-template")
