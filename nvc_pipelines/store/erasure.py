@@ -69,13 +69,15 @@ class ErasureMixin(StoreBase):
                     text(f"DELETE FROM {table} WHERE practice_id = :p AND ({where})"), scope
                 ).rowcount
             # A quarantined row holds a number as its source typed it ("07700 900123", "(07700) 900-123",
-            # "+44 7700 900123"): compared without those separators, and by its national number, which
-            # every way of writing it contains.
+            # "+44 7700 900123", a non-breaking space): compared by its national number, which every way
+            # of writing it contains, in the raw values with everything but digits taken out, as
+            # `normalise.normalise_phone` reads a number. Quotes and commas stay, so digits of two
+            # different values never run together.
             removed["rejected_rows"] = conn.execute(
                 text(
                     "DELETE FROM rejected_rows WHERE practice_id = :p AND (row_ref LIKE '%' || :ref || '%' "
                     "OR EXISTS (SELECT 1 FROM unnest(CAST(:needles AS text[])) n "
-                    "WHERE regexp_replace(raw::text, '[ ()./-]', '', 'g') LIKE '%' || n || '%'))"
+                    "WHERE regexp_replace(raw::text, '[^0-9\",]', '', 'g') LIKE '%' || n || '%'))"
                 ),
                 {**scope, "needles": [p.removeprefix("+44") for p in phones]},
             ).rowcount
