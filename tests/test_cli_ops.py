@@ -352,3 +352,28 @@ def test_a_group_exports_as_csv_and_an_unknown_section_is_refused(store: Store, 
     assert len((tmp_path / "g.csv").read_text(encoding="utf-8-sig").splitlines()) == 7
     with pytest.raises(ValueError, match="no section"):
         store.export_rows("g-east", sections=("patients", "passwords"))
+
+
+def test_an_export_reads_its_rows_from_a_server_side_cursor(store: Store) -> None:
+    """Streamed, not fetched whole: with the first row in hand, the export's session has only fetched
+    from a cursor (PostgreSQL's view of it, from another session), and holds its transaction open."""
+    from nvc_pipelines.model import Patient as P
+
+    store.add_practice("streamed", "Streamed", PmsKind.CSV, {}, {})
+    people = [
+        P("streamed", f"P{n:05d}", "Ann", "Lee", [MOBILE], last_eye_test_date=date(2022, 1, 1)) for n in range(3000)
+    ]
+    store.write_patients("streamed", "csv", ReadResult(people), None, full=True)
+    rows = store.export_rows("streamed", sections=("patients",))
+    try:
+        assert next(rows)[1]["pms_patient_id"] == "P00000"
+        with store.begin_owner() as conn:
+            seen = conn.execute(
+                text(
+                    "SELECT state, query FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state <> 'idle'"
+                )
+            ).all()
+        assert [(s, q.split()[0]) for s, q in seen] == [("idle in transaction", "FETCH")], seen
+    finally:
+        rows.close()
