@@ -64,7 +64,7 @@ def _run(
     name: str,
     kind: str,
     fingerprint: str,
-    suite: Callable[[list[dict[str, Any]]], quality.Report],
+    suite: Callable[[quality.Rows], quality.Report],
     verdict: Callable[[quality.Report | None, dict[str, int], int, dict[str, list[dict[str, Any]]]], quality.Report],
 ) -> AssetCheckResult:
     """Run the row-level `suite` on the rows to validate (every row, or those changed since the last
@@ -73,7 +73,7 @@ def _run(
     practice_id = context.partition_key
     since, now = _since(context, db, name, fingerprint)
 
-    def validated(rows: list[dict[str, Any]]) -> quality.Report:
+    def validated(rows: quality.Rows) -> quality.Report:
         quality.warm_up()  # Great Expectations imported and frozen before this chunk's frame exists
         return suite(rows)
 

@@ -302,6 +302,55 @@ def test_whole_practice_invariants_are_counted_in_sql_with_examples(store: Store
     assert (counts, total) == ({"patient_active": 1}, 2) and shown["patient_active"][0]["pms_patient_id"] == "gone"
 
 
+def test_a_check_reads_tuples_in_the_order_its_report_names_them(store: Store) -> None:
+    """`Store.quality_rows` gives the driver's tuples: their columns are `quality.ROW_COLUMNS`, in
+    order, and a report judges them as it judges the same rows as dictionaries (bad rows included:
+    the store's own constraints allow no worse an appointment than one under a minute)."""
+    from nvc_pipelines.store.checks import rows_sql
+    from nvc_pipelines.store.db import driver
+
+    store.add_practice("q-rows", "Q", PmsKind.CSV, {}, {})
+    with store.begin_owner() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO patients (practice_id, pms_patient_id, first_name, last_name, phones, date_of_birth, "
+                "last_eye_test_date, risk_flags, active) VALUES "
+                "('q-rows', 'ok', 'Ann', 'Lee', '{+441632960001}', '1980-01-01', '2024-05-01', '{}', true), "
+                "('q-rows', 'bad', 'Bob', 'Kay', '{+15551234567}', '2090-01-01', NULL, '{myopia}', true)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO appointments (practice_id, pms_appointment_id, pms_patient_id, starts_at, ends_at, status, "
+                "appointment_type) VALUES ('q-rows', 'a1', 'ok', now(), now() + interval '1 hour', 'booked', 'x'), "
+                "('q-rows', 'a2', 'bad', now(), now() + interval '30 seconds', 'booked', 'x')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, reason, "
+                "based_on) SELECT patient_id, 'q-rows', '2026-05-01', 'computed', 'adult_routine', 24, 'r', "
+                "'2024-05-01' FROM patients WHERE practice_id = 'q-rows'"
+            )
+        )
+    rules = RecallRules.from_settings({})
+    reports = {
+        "patients": lambda rows: quality.patients_report(rows, TODAY),
+        "appointments": quality.appointments_report,
+        "recalls": lambda rows: quality.recalls_report(rows, rules),
+    }
+    for kind, report in reports.items():
+        with store.begin("q-rows") as conn, driver(conn).cursor() as cur:
+            cur.execute(rows_sql(kind, changed=False).replace(":p", "%(p)s"), {"p": "q-rows"})
+            assert tuple(c.name for c in cur.description or ()) == quality.ROW_COLUMNS[kind]
+        [chunk] = list(store.quality_rows("q-rows", kind))
+        assert len(chunk) == 2 and all(type(row) is tuple for row in chunk)
+        as_dicts = [dict(zip(quality.ROW_COLUMNS[kind], row, strict=True)) for row in chunk]
+        from_tuples, from_dicts = report(chunk), report(as_dicts)
+        assert not from_tuples.passed and from_tuples.failures == from_dicts.failures
+        assert from_tuples.examples == from_dicts.examples and from_tuples.counts == from_dicts.counts
+
+
 def test_great_expectations_imports_without_scipy_stats_until_something_uses_it() -> None:
     """In a fresh process: validating does not import `scipy.stats` or `altair` (GX imports them for
     expectations NVC never runs), and code that does use them still gets the real module."""

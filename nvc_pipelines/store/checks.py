@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from nvc_pipelines.store import call_updates
 from nvc_pipelines.store.base import StoreBase
+from nvc_pipelines.store.db import driver
 
 # What each check validates: active patients, active appointments, recalls with their patient's id.
 _ROWS = {
@@ -43,18 +44,21 @@ class ChecksMixin(StoreBase):
 
     def quality_rows(
         self, practice_id: str, kind: str, since: datetime | None = None, *, size: int = 50_000
-    ) -> Iterator[list[dict[str, Any]]]:
+    ) -> Iterator[list[tuple[Any, ...]]]:
         """The rows a check validates, `size` at a time from one server-side cursor: active patients,
         active appointments, or recalls with their patient's PMS id; only those written after `since`
         when given (the nightly's changed rows). In chunks, so validating a whole practice holds one
-        chunk, never the practice."""
-        sql = rows_sql(kind, changed=since is not None)
-        with self.begin(practice_id) as conn:
-            rows = conn.execution_options(stream_results=True, max_row_buffer=size).execute(
-                text(sql), {"p": practice_id, "since": since}
-            )
-            for chunk in rows.mappings().partitions(size):
-                yield [dict(r) for r in chunk]
+        chunk, never the practice.
+
+        Each row is the driver's tuple, its values in the order of `rows_sql`'s columns (the order
+        `quality.ROW_COLUMNS` names them in): making dictionaries of 200,000 appointments' rows took
+        about 1.5 s of a full check."""
+        statement = text(rows_sql(kind, changed=since is not None))
+        with self.begin(practice_id) as conn, driver(conn).cursor(name=f"quality_{kind}") as cur:
+            cur.itersize = size
+            cur.execute(str(statement.compile(dialect=conn.dialect)), {"p": practice_id, "since": since})
+            while chunk := cur.fetchmany(size):
+                yield chunk
 
     # The whole-practice invariants of each check, counted in one pass over the check's rows (a
     # column per invariant, and `total`, the rows the check covers), and for each the query that shows
