@@ -36,7 +36,7 @@ STATE_QUERIES = {
     # Every column a source fills, but not the ids and clocks.
     "patients": (
         "SELECT pms_patient_id, md5((to_jsonb(pt) - ARRAY['patient_id', 'practice_id', "
-        "'first_seen_at', 'updated_at', 'change_seq', 'recall_seq', 'merged_into'])::text) "
+        "'first_seen_at', 'updated_at', 'change_seq', 'merged_into'])::text) "
         "FROM patients pt WHERE practice_id = :p"
     ),
     "recalls": (

@@ -41,6 +41,7 @@ PRACTICE_TABLES = (
     "clinical_records",
     "sync_cursors",
     "call_list",
+    "recall_due",
     "patient_merges",
     "audit_log",
     "outbox",
@@ -151,6 +152,21 @@ def test_the_application_role_cannot_bypass_rls_and_the_audit_log_is_append_only
             conn.execute(text(statement))
     with store.begin_owner() as conn:
         assert conn.execute(text("SELECT count(*) FROM audit_log")).scalar_one() > 0
+
+
+def test_erasure_takes_the_patient_off_the_recall_queue(two_practices: Store) -> None:
+    """A patient changed since their recall was computed is queued in `recall_due` (by PMS id);
+    erasing them removes that row too, and leaves the other patients queued."""
+    store = two_practices
+    with store.begin_owner() as conn:
+        conn.execute(text("UPDATE patients SET change_seq = change_seq + 1 WHERE practice_id = 'prac-a'"))
+    assert set(store.recall_targets("prac-a", everyone=False)) == {"prac-a-1", "prac-a-2"}
+    removed = erase_patient(store, "prac-a", "prac-a-1", "test")
+    assert removed["recall_due"] == 1
+    assert set(store.recall_targets("prac-a", everyone=False)) == {"prac-a-2"}
+    with store.begin_owner() as conn:
+        queued = conn.execute(text("SELECT pms_patient_id FROM recall_due WHERE practice_id = 'prac-a'")).scalars()
+        assert list(queued) == ["prac-a-2"]
 
 
 def test_merges_exports_and_writeback_stay_inside_the_practice(two_practices: Store) -> None:

@@ -69,8 +69,9 @@ def _rows(store: Store, sql: str, practice_id: str) -> set[tuple]:
 def _snapshot(store: Store, practice_id: str) -> set[tuple]:
     return _rows(
         store,
-        "SELECT pms_patient_id, first_name, last_name, phones, last_eye_test_date, risk_flags, active, recall_seq, "
-        "change_seq FROM patients WHERE practice_id = :p",
+        "SELECT pms_patient_id, first_name, last_name, phones, last_eye_test_date, risk_flags, active, change_seq, "
+        "(SELECT q.seq FROM recall_due q WHERE q.practice_id = pt.practice_id AND q.pms_patient_id = pt.pms_patient_id) "
+        "FROM patients pt WHERE practice_id = :p",
         practice_id,
     )
 

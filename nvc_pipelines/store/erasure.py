@@ -17,6 +17,7 @@ from nvc_pipelines.store.calls import lock_list
 _PATIENT_ROWS = (
     ("call_list", "patient_id = :id"),
     ("recalls", "patient_id = :id"),
+    ("recall_due", "pms_patient_id = :ref"),
     ("appointments", "pms_patient_id = :ref"),
     ("clinical_records", "pms_patient_id = :ref"),
     ("outbox", "pms_patient_id = :ref"),

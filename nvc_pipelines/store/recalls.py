@@ -69,6 +69,9 @@ _STAGE_RECALL_COLUMNS = ("pms_patient_id", *_RECALL_COLUMNS)
 # phones or contact details, and builds no more of a `Patient` than this (at 200,000 patients the
 # whole rows took 2.4-2.7 s longer to read and build, in a probe on a kept store).
 RECALL_INPUT = "pms_patient_id, date_of_birth, last_eye_test_date, risk_flags, clinical_notes, pms_recall_due_date"
+# The queued patients (migration 0021), each with their row: both sides held to the practice, as
+# row-level security would, so each side is an index range (ADR 0002).
+_DUE_JOIN = "FROM recall_due q JOIN patients p ON p.practice_id = :p AND p.pms_patient_id = q.pms_patient_id"
 
 
 class RecallsMixin(StoreBase):
@@ -88,34 +91,41 @@ class RecallsMixin(StoreBase):
 
     def recall_targets(self, practice_id: str, *, everyone: bool) -> dict[str, int]:
         """PMS id -> `change_seq` of the patients whose recall must be recomputed: every patient, or
-        those whose data changed since their recall was computed (active or not: an inactive one's
-        recall is removed)."""
-        stale = "" if everyone else " AND change_seq <> recall_seq"
+        those queued in `recall_due` since their recall was computed (active or not: an inactive
+        one's recall is removed)."""
         with self.begin(practice_id) as conn:
             rows = conn.execute(
-                text(f"SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p{stale}"),
+                text(
+                    "SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p"
+                    if everyone
+                    else f"SELECT p.pms_patient_id, p.change_seq {_DUE_JOIN} WHERE q.practice_id = :p"
+                ),
                 {"p": practice_id},
             )
             return dict(rows.tuples().all())
 
     def recall_batches(self, practice_id: str, *, everyone: bool, size: int = 5000) -> Iterator[RecallBatch]:
-        """The patients whose recall must be recomputed (everyone, or those whose data changed since
-        their recall was computed), `size` at a time in PMS id order, each batch with its clinical
-        records: two statements a batch on the driver's cursor, each in its own short transaction,
-        so memory and locks do not grow with the practice and nothing is read twice.
+        """The patients whose recall must be recomputed (everyone, or those queued in `recall_due`
+        since their recall was computed), `size` at a time in PMS id order, each batch with its
+        clinical records: two statements a batch on the driver's cursor, each in its own short
+        transaction, so memory and locks do not grow with the practice and nothing is read twice.
 
         Keyset paging on the practice's unique key (no cursor held open across batches): a patient
         whose data changes while the batches run is computed from what its batch read, and stays
-        stale (recomputed next time) when it changed after."""
-        stale = "" if everyone else " AND change_seq <> recall_seq"
+        queued (recomputed next time) when it changed after."""
+        columns = ", ".join(f"p.{c}" for c in ("change_seq", "active", *RECALL_INPUT.split(", ")))
+        if everyone:
+            source, key = "FROM patients p WHERE p.practice_id = %s", "p.pms_patient_id"
+        else:
+            source, key = f"{_DUE_JOIN.replace(':p', '%s')} WHERE q.practice_id = %s", "q.pms_patient_id"
         after: str | None = None  # the last key read: the next page starts after it
         while True:
             with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
-                page = "" if after is None else " AND pms_patient_id > %s"
+                page = "" if after is None else f" AND {key} > %s"
+                practice = (practice_id,) if everyone else (practice_id, practice_id)
                 cur.execute(
-                    f"SELECT change_seq, active, {RECALL_INPUT} FROM patients WHERE practice_id = %s"
-                    f"{page}{stale} ORDER BY pms_patient_id LIMIT %s",
-                    (practice_id, size) if after is None else (practice_id, after, size),
+                    f"SELECT {columns} {source}{page} ORDER BY {key} LIMIT %s",
+                    (*practice, size) if after is None else (*practice, after, size),
                 )
                 rows = cur.fetchall()
                 if not rows:
@@ -246,7 +256,7 @@ class RecallsMixin(StoreBase):
                 # bound as values: computed in the statement (min/max subqueries) the planner could not
                 # see them, and a changed-only batch of scattered ids scanned the whole practice.
                 in_range = " AND pt.pms_patient_id BETWEEN :lo AND :hi"
-                seen_range = " AND p.pms_patient_id BETWEEN :lo AND :hi"
+                seen_range = " AND q.pms_patient_id BETWEEN :lo AND :hi"
                 params["lo"], params["hi"] = key_range
             # The recalls to remove belong to the batch's patients that are inactive or have no recall
             # in the stage: found first from those patients alone (usually none), then deleted by key.
@@ -292,11 +302,12 @@ class RecallsMixin(StoreBase):
                     cur.execute("CREATE TEMP TABLE stage_seen (pms_patient_id text, seq bigint) ON COMMIT DROP")
                     copy_rows(cur, "stage_seen", ("pms_patient_id", "seq"), seen.items())
                     cur.execute("ANALYZE stage_seen")
-                # Only ever raised to what was read: a bump committed meanwhile stays visible as due.
+                # Off the queue only as of what was read: a change committed meanwhile raised its `seq`,
+                # and the patient stays due.
                 conn.execute(
                     text(
-                        "UPDATE patients p SET recall_seq = s.seq FROM stage_seen s WHERE p.practice_id = :p "
-                        "AND p.pms_patient_id = s.pms_patient_id AND p.recall_seq < s.seq" + seen_range
+                        "DELETE FROM recall_due q USING stage_seen s WHERE q.practice_id = :p "
+                        "AND q.pms_patient_id = s.pms_patient_id AND q.seq <= s.seq" + seen_range
                     ),
                     params,
                 )
