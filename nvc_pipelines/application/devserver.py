@@ -111,19 +111,29 @@ def stopped_by_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# How long what `dagster dev` stopped may take to exit on its own before the rest of its group is
+# interrupted.
+EXIT_SECONDS = 5.0
+
+
 def _stop_group(proc: subprocess.Popen, grace_seconds: float = 30) -> None:
     """Stop `dagster dev` and everything it started (webserver, daemon, code servers, run processes).
 
     SIGINT to `dagster dev` alone first: it tells the webserver and the daemon to shut down, waits
     for them, then stops the code server they call. (A SIGINT to the whole group at once stopped the
     code server under a daemon in the middle of a sensor tick, which printed a stack trace on the
-    way out.) Then SIGINT to whatever is left of the group (run processes), and SIGKILL after the
-    grace."""
+    way out.) Then, after a few seconds for what it stopped to finish exiting, SIGINT to whatever is
+    left of the group (run processes), and SIGKILL after the grace. (A second SIGINT reaching a code
+    server while it still waited, at exit, for the embedded store's lock printed "Exception ignored in
+    atexit callback" and a stack trace, on a loaded machine.)"""
     deadline = time.monotonic() + grace_seconds
     with suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGINT)
     with suppress(subprocess.TimeoutExpired):
         proc.wait(grace_seconds)
+    settle = min(deadline, time.monotonic() + EXIT_SECONDS)
+    while time.monotonic() < settle and _group_alive(proc.pid):
+        time.sleep(0.1)
     for sig in (signal.SIGINT, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
