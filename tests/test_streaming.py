@@ -70,7 +70,7 @@ def _snapshot(store: Store, practice_id: str) -> set[tuple]:
     return _rows(
         store,
         "SELECT pms_patient_id, first_name, last_name, phones, last_eye_test_date, risk_flags, active, change_seq, "
-        "(SELECT q.seq FROM recall_due q WHERE q.practice_id = pt.practice_id AND q.pms_patient_id = pt.pms_patient_id) "
+        "EXISTS (SELECT 1 FROM recall_due q WHERE q.practice_id = pt.practice_id AND q.pms_patient_id = pt.pms_patient_id) "
         "FROM patients pt WHERE practice_id = :p",
         practice_id,
     )
@@ -258,6 +258,37 @@ def test_a_clinical_record_changed_marks_only_its_patient_for_recomputation(stor
     write([exam(2, "Glaucoma confirmed, on drops."), exam(3), exam(4)], full=True)  # C1 is gone
     assert due() == {"P0001"}
     assert ("P0002", "glaucoma") in {(r[0], r[2]) for r in _recalls(store, practice_id)}
+
+
+def test_a_clinical_change_committed_while_recalls_are_computed_keeps_its_patient_queued(store: Store) -> None:
+    """A clinical record's merge queues its patient with a new stamp: a change that lands after a
+    recall batch read the patient (and before its recalls were written) is not taken off the queue
+    with the batch, so the next pass computes it."""
+    rules = RecallRules.from_settings({})
+    practice_id = _practice(store, "exam-race")
+    _write_pages(store, practice_id, [([_patient(practice_id, n) for n in range(3)], [])])
+
+    def write(notes: str, *, full: bool = False) -> None:
+        exam = ClinicalRecord(practice_id, "C1", "P0001", date(2023, 6, 1), notes=notes)
+        store.write_stream(practice_id, CLINICAL_RECORDS, [exam], [], source="csv", run_id=None, full=full)
+
+    def due() -> set[str]:
+        return {pid for batch in store.recall_batches(practice_id, everyone=False) for pid in batch.seen}
+
+    write("Routine, no change.", full=True)
+    _compute_in_batches(store, practice_id, rules, everyone=True, size=10)
+    assert due() == set()
+    write("Glaucoma confirmed, on drops.")
+    [batch] = list(store.recall_batches(practice_id, everyone=False))
+    assert set(batch.seen) == {"P0001"}
+    write("Glaucoma confirmed, on two drops.")  # after the batch read her
+    found = [recall_with_clinical(p, batch.clinical.get(p.pms_patient_id, []), rules) for p in batch.patients]
+    store.write_recalls(
+        practice_id, [r for r in found if r], scope=batch.seen.keys(), seen=batch.seen, key_range=batch.key_range
+    )
+    assert due() == {"P0001"}
+    _compute_in_batches(store, practice_id, rules, everyone=False, size=10)
+    assert due() == set()
 
 
 def test_a_recall_batch_reads_what_a_recall_needs_and_gives_the_whole_patients_recalls(store: Store) -> None:

@@ -27,10 +27,13 @@ class RecallState:
 @dataclass(frozen=True, slots=True)
 class RecallBatch:
     """One batch of a recall computation: the patients to recompute, read in one statement with the
-    `change_seq` each was read at (so a mark never claims data newer than what was computed), the
+    stamp each was queued with (so a queued change newer than what was computed is never taken off
+    the queue), the
     active ones with what a recall reads of them, and their active clinical records."""
 
-    seen: dict[str, int]  # PMS id -> change_seq, every target (an inactive one's recall is removed)
+    seen: dict[
+        str, int
+    ]  # PMS id -> `recall_due` stamp (0: not queued), every target (an inactive one's recall is removed)
     # The active targets, with what a recall reads of them (`RECALL_INPUT`) and nothing else.
     patients: list[Patient]
     # Their active clinical records by PMS id, oldest exam first, with what a recall reads of them
@@ -69,9 +72,14 @@ _STAGE_RECALL_COLUMNS = ("pms_patient_id", *_RECALL_COLUMNS)
 # phones or contact details, and builds no more of a `Patient` than this (at 200,000 patients the
 # whole rows took 2.4-2.7 s longer to read and build, in a probe on a kept store).
 RECALL_INPUT = "pms_patient_id, date_of_birth, last_eye_test_date, risk_flags, clinical_notes, pms_recall_due_date"
-# The queued patients (migration 0021), each with their row: both sides held to the practice, as
-# row-level security would, so each side is an index range (ADR 0002).
-_DUE_JOIN = "FROM recall_due q JOIN patients p ON p.practice_id = :p AND p.pms_patient_id = q.pms_patient_id"
+# Where a recall pass reads its patients, with the times each was queued (`recall_due`, migration
+# 0021): every patient (0 when not queued), or the queued ones. Both sides are held to the practice,
+# as row-level security would, so each side is an index range (ADR 0002).
+_EVERYONE = (
+    "FROM patients p LEFT JOIN recall_due q ON q.practice_id = %s AND q.pms_patient_id = p.pms_patient_id "
+    "WHERE p.practice_id = %s"
+)
+_QUEUED = "FROM recall_due q JOIN patients p ON p.practice_id = %s AND p.pms_patient_id = q.pms_patient_id WHERE q.practice_id = %s"
 
 
 class RecallsMixin(StoreBase):
@@ -90,15 +98,15 @@ class RecallsMixin(StoreBase):
         return RecallState(row.now, row.cursor_at, row.last_full_sync_at, row.fingerprint)
 
     def recall_targets(self, practice_id: str, *, everyone: bool) -> dict[str, int]:
-        """PMS id -> `change_seq` of the patients whose recall must be recomputed: every patient, or
-        those queued in `recall_due` since their recall was computed (active or not: an inactive
-        one's recall is removed)."""
+        """PMS id -> queued stamp (`recall_due.seq`, 0 if not queued) of the patients whose recall
+        must be recomputed: every patient, or those queued since their recall was computed (active
+        or not: an inactive one's recall is removed)."""
         with self.begin(practice_id) as conn:
             rows = conn.execute(
                 text(
-                    "SELECT pms_patient_id, change_seq FROM patients WHERE practice_id = :p"
+                    f"SELECT p.pms_patient_id, coalesce(q.seq, 0) {_EVERYONE.replace('%s', ':p')}"
                     if everyone
-                    else f"SELECT p.pms_patient_id, p.change_seq {_DUE_JOIN} WHERE q.practice_id = :p"
+                    else f"SELECT p.pms_patient_id, q.seq {_QUEUED.replace('%s', ':p')}"
                 ),
                 {"p": practice_id},
             )
@@ -113,16 +121,16 @@ class RecallsMixin(StoreBase):
         Keyset paging on the practice's unique key (no cursor held open across batches): a patient
         whose data changes while the batches run is computed from what its batch read, and stays
         queued (recomputed next time) when it changed after."""
-        columns = ", ".join(f"p.{c}" for c in ("change_seq", "active", *RECALL_INPUT.split(", ")))
+        inputs = ", ".join(f"p.{c}" for c in ("active", *RECALL_INPUT.split(", ")))
         if everyone:
-            source, key = "FROM patients p WHERE p.practice_id = %s", "p.pms_patient_id"
+            columns, source, key = f"coalesce(q.seq, 0), {inputs}", _EVERYONE, "p.pms_patient_id"
         else:
-            source, key = f"{_DUE_JOIN.replace(':p', '%s')} WHERE q.practice_id = %s", "q.pms_patient_id"
+            columns, source, key = f"q.seq, {inputs}", _QUEUED, "q.pms_patient_id"
         after: str | None = None  # the last key read: the next page starts after it
         while True:
             with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
                 page = "" if after is None else f" AND {key} > %s"
-                practice = (practice_id,) if everyone else (practice_id, practice_id)
+                practice = (practice_id, practice_id)
                 cur.execute(
                     f"SELECT {columns} {source}{page} ORDER BY {key} LIMIT %s",
                     (*practice, size) if after is None else (*practice, after, size),
@@ -209,8 +217,8 @@ class RecallsMixin(StoreBase):
     ) -> int:
         """Replace the practice's recalls with `recalls` in one transaction (only those of the PMS ids in
         `scope` when given); returns how many were added, changed or removed. `seen` (PMS id ->
-        `change_seq` read before computing) marks those patients' recalls as computed from that
-        state, and `fingerprint` the rules used, in the same transaction. `key_range` (a batch's,
+        `recall_due` stamp read before computing, 0 for one not queued) takes off the queue those
+        patients still queued with that stamp, and `fingerprint` the rules used, in the same transaction. `key_range` (a batch's,
         `RecallBatch.key_range`): every id of `scope` lies between these two, in the database's
         order, and the joins start there."""
         rows = [
@@ -302,12 +310,12 @@ class RecallsMixin(StoreBase):
                     cur.execute("CREATE TEMP TABLE stage_seen (pms_patient_id text, seq bigint) ON COMMIT DROP")
                     copy_rows(cur, "stage_seen", ("pms_patient_id", "seq"), seen.items())
                     cur.execute("ANALYZE stage_seen")
-                # Off the queue only as of what was read: a change committed meanwhile raised its `seq`,
-                # and the patient stays due.
+                # Off the queue only as read: a change committed meanwhile stamped the row anew (holding
+                # it until it committed), and the patient stays queued.
                 conn.execute(
                     text(
                         "DELETE FROM recall_due q USING stage_seen s WHERE q.practice_id = :p "
-                        "AND q.pms_patient_id = s.pms_patient_id AND q.seq <= s.seq" + seen_range
+                        "AND q.pms_patient_id = s.pms_patient_id AND q.seq = s.seq" + seen_range
                     ),
                     params,
                 )

@@ -35,8 +35,8 @@ class StreamSpec:
     reactivate: str = "true"
     # Extra `SET` for a row that changes or is deactivated (patients bump their recall input).
     on_change: str = ""
-    # A stream that feeds recalls by patient (clinical records): the merge bumps the changed rows'
-    # patients' `change_seq`, so their recalls are recomputed.
+    # A stream that feeds recalls by patient (clinical records): the merge queues the changed rows'
+    # patients in `recall_due`, so their recalls are recomputed.
     patient_ref: str | None = None
     # Trailing columns derived from the others (not compared: adding one does not rewrite every row).
     derived: int = 0
@@ -285,14 +285,16 @@ def merge_staged(
 
     def counted(change: str, params: tuple[Any, ...]) -> tuple[int, int]:
         """Run `change` (a data-modifying statement returning `inserted` and `ref`) and count its rows
-        in the database: (inserted, all). With `patient_ref`, the changed rows' patients get their
-        `change_seq` bumped in the same statement, so the recall pass recomputes them; the refs
+        in the database: (inserted, all). With `patient_ref`, the changed rows' patients are queued
+        for a recall recomputation (`recall_due`, migration 0021) in the same statement; the refs
         never come back to Python (a first sync's would be every patient, held only to be sent back)."""
         bump = ""
         if spec.patient_ref:
             bump = (
-                ", bumped AS (UPDATE patients p SET change_seq = p.change_seq + 1 WHERE p.practice_id = %s "
-                "AND p.pms_patient_id IN (SELECT ref FROM changed WHERE ref IS NOT NULL))"
+                ", queued AS (INSERT INTO recall_due (practice_id, pms_patient_id, seq) "
+                "SELECT p.practice_id, p.pms_patient_id, nextval('recall_due_seq') FROM patients p "
+                "WHERE p.practice_id = %s AND p.pms_patient_id IN (SELECT ref FROM changed WHERE ref IS NOT NULL) "
+                "ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = EXCLUDED.seq)"
             )
             params = (*params, practice_id)
         cur.execute(

@@ -6,14 +6,19 @@ which wrote a new version of it and an entry in each of its indexes (the phones'
 included), since the stale index named the column. At 200,000 patients that `UPDATE` took 3-8 s of
 a first sync's recall pass (a probe on a kept store), to record one number a patient.
 
-Now a patient is due exactly while `recall_due` holds a row for them, with the `change_seq` it was
-queued at. Two statement triggers on `patients` queue a row (or raise its `seq`) for every patient
-inserted and for every patient whose `change_seq` an update changes, whatever the statement (a sync's
-merge, a clinical record's bump, a merge of duplicates, an operator's fix): nothing that changes a
-patient can forget to. A recall pass deletes the rows of the patients it computed, where `seq` is
-still at most the `change_seq` it read, in the transaction that writes their recalls: a change that
-commits meanwhile raises `seq` and stays queued (ADR 0004's guarantee, unchanged). A row is narrow
-(practice, PMS id, seq) and is deleted, never updated, by the recall pass.
+Now a patient is due exactly while `recall_due` holds a row for them. `seq` is a stamp drawn from
+the sequence `recall_due_seq` each time they are queued (the row inserted, or its stamp replaced):
+no two queueings share one. Two statement triggers on `patients` queue every patient inserted and
+every patient whose `change_seq` an update changes, whatever the statement (a sync's merge, a merge
+of duplicates, an operator's fix): nothing that changes a patient row can forget to. A clinical
+record's merge queues the patients of the records it adds, changes or deactivates itself, in the
+same statement (`store/streams.py`): it no longer rewrites their patient rows to bump `change_seq`
+(at 200,000 patients, one clinical record each, that bump took 4.7-5.3 s of a first sync in a
+probe). A recall pass reads each patient's stamp (0 for one not queued) with the patient, and
+deletes the rows of those it computed whose stamp is still the one it read, in the transaction that
+writes their recalls. A change that commits meanwhile has stamped the row anew (holding it until
+then), so the patient stays queued: ADR 0004's guarantee, with no clock and no window. A row is
+narrow (practice, PMS id, stamp), never part of the patient row.
 
 `recall_due` has no foreign keys: it is written for every patient a sync inserts, where a check of
 each would cost more than the row. Erasure deletes the patient's row with the rest
@@ -42,23 +47,26 @@ def upgrade() -> None:
             seq             bigint NOT NULL,
             PRIMARY KEY (practice_id, pms_patient_id)
         );
+        -- Only ever compared for equality: a session may take its stamps a block at a time.
+        CREATE SEQUENCE recall_due_seq CACHE 100;
+        GRANT USAGE ON SEQUENCE recall_due_seq TO nvc_app;
         INSERT INTO recall_due (practice_id, pms_patient_id, seq)
-            SELECT practice_id, pms_patient_id, change_seq FROM patients WHERE change_seq <> recall_seq;
+            SELECT practice_id, pms_patient_id, nextval('recall_due_seq') FROM patients WHERE change_seq <> recall_seq;
 
         CREATE FUNCTION queue_inserted_patients() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             INSERT INTO recall_due (practice_id, pms_patient_id, seq)
-                SELECT practice_id, pms_patient_id, change_seq FROM inserted
-                ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = GREATEST(recall_due.seq, EXCLUDED.seq);
+                SELECT practice_id, pms_patient_id, nextval('recall_due_seq') FROM inserted
+                ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = EXCLUDED.seq;
             RETURN NULL;
         END $$;
         CREATE FUNCTION queue_changed_patients() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             INSERT INTO recall_due (practice_id, pms_patient_id, seq)
-                SELECT n.practice_id, n.pms_patient_id, n.change_seq FROM updated n
+                SELECT n.practice_id, n.pms_patient_id, nextval('recall_due_seq') FROM updated n
                 JOIN previous o ON o.patient_id = n.patient_id
                 WHERE n.change_seq IS DISTINCT FROM o.change_seq
-                ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = GREATEST(recall_due.seq, EXCLUDED.seq);
+                ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = EXCLUDED.seq;
             RETURN NULL;
         END $$;
         CREATE TRIGGER patients_queue_inserted AFTER INSERT ON patients
@@ -87,5 +95,6 @@ def downgrade() -> None:
         DROP FUNCTION queue_changed_patients();
         DROP FUNCTION queue_inserted_patients();
         DROP TABLE recall_due;
+        DROP SEQUENCE recall_due_seq;
         """
     )
