@@ -733,8 +733,9 @@ def test_two_builds_of_one_practices_list_at_once_both_land(store: Store, family
 
 
 def test_erasing_a_patient_while_the_list_is_built_waits_for_the_build(store: Store, family: str) -> None:
-    """A build holds the list's rows, and its inserts need the patients they name: erasure takes the
-    list's lock before it locks the patient, so the two take turns instead of deadlocking."""
+    """Erasure takes the list's lock before it locks the patient, as a build takes it first: the two
+    take turns (no deadlock), and the entry a build wrote for the patient is erased after the build
+    commits (the list checks no key since migration 0022, so nothing else would remove it)."""
     from nvc_pipelines.erasure import erase_patient
 
     now = datetime.now(UTC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.recall import RecallRules, compute_recall
 from nvc_pipelines.store import PracticeNotFound, Store, StoreUnavailable
+from nvc_pipelines.store.recalls import lock_recalls
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS
 from resources.csv_source import SEED_COLUMNS
 from sandboxes.optix import OptixSandbox
@@ -167,6 +169,45 @@ def test_erasure_takes_the_patient_off_the_recall_queue(two_practices: Store) ->
     with store.begin_owner() as conn:
         queued = conn.execute(text("SELECT pms_patient_id FROM recall_due WHERE practice_id = 'prac-a'")).scalars()
         assert list(queued) == ["prac-a-2"]
+
+
+def test_erasing_a_patient_while_recalls_are_written_leaves_no_recall_of_theirs(two_practices: Store) -> None:
+    """The recalls table checks no key (migration 0022): erasure takes the recalls' lock first, so a
+    recall write that read the patient before they were erased commits first, and its recall of
+    them is deleted with the rest (without the lock, it landed after the erasure, naming no one)."""
+    store = two_practices
+    with store.begin_owner() as conn:
+        patient_id = conn.execute(
+            text("SELECT patient_id FROM patients WHERE practice_id = 'prac-a' AND pms_patient_id = 'prac-a-1'")
+        ).scalar_one()
+        # Her first recall, then: a row only the write's transaction sees, which no lock of a row guards.
+        conn.execute(text("DELETE FROM recalls WHERE patient_id = :id"), {"id": patient_id})
+    erased: dict[str, object] = {}
+
+    def erase() -> None:
+        try:
+            erased["rows"] = erase_patient(store, "prac-a", "prac-a-1", "test")
+        except Exception as exc:  # noqa: BLE001 - the test reports what went wrong
+            erased["error"] = exc
+
+    with store.begin("prac-a") as conn:  # a recall write, as `write_recalls` goes, held open
+        lock_recalls(conn, "prac-a")
+        conn.execute(
+            text(
+                "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, reason) "
+                "SELECT patient_id, 'prac-a', '2027-01-01', 'computed', 'adult', 24, 'r' FROM patients "
+                "WHERE practice_id = 'prac-a' AND pms_patient_id = 'prac-a-1'"
+            )
+        )
+        worker = threading.Thread(target=erase, daemon=True)
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive(), "erasure did not wait for the recall write"
+    worker.join(timeout=60)
+    assert "error" not in erased, erased.get("error")
+    with store.begin_owner() as conn:
+        left = conn.execute(text("SELECT count(*) FROM recalls WHERE patient_id = :id"), {"id": patient_id})
+        assert left.scalar_one() == 0
 
 
 def test_merges_exports_and_writeback_stay_inside_the_practice(two_practices: Store) -> None:

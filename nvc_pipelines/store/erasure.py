@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
 from nvc_pipelines.store.calls import lock_list
+from nvc_pipelines.store.recalls import lock_recalls
 
 # Every table that names a patient, and how (by NVC's patient id or by the PMS's).
 _PATIENT_ROWS = (
@@ -50,9 +51,12 @@ class ErasureMixin(StoreBase):
         prefix is the audit's reference) as suppressions, in one transaction; returns the rows removed
         by table."""
         with self.begin(practice_id) as conn:
-            # The call list first, as a build takes it: a build holds the list's rows and its inserts
-            # wait on the patients they name, so locking the patient first could deadlock with it.
+            # The call list's and the recalls' locks first, as their writers take them: a write that
+            # read this patient before commits first, then their rows are deleted below (neither
+            # table checks a key, migration 0022); locking the patient first could deadlock with a
+            # list build. No writer takes the recalls' lock and then the list's.
             lock_list(conn, practice_id)
+            lock_recalls(conn, practice_id)
             row = conn.execute(
                 text(
                     "SELECT patient_id, pms_patient_id, phones, first_name, last_name FROM patients "

@@ -82,6 +82,14 @@ _EVERYONE = (
 _QUEUED = "FROM recall_due q JOIN patients p ON p.practice_id = %s AND p.pms_patient_id = q.pms_patient_id WHERE q.practice_id = %s"
 
 
+def lock_recalls(conn: Connection, practice_id: str) -> None:
+    """Hold the practice's recalls until this transaction ends: one recall write of a practice at a
+    time (two runs of one practice may overlap). A write skips the recalls it read as unchanged, which
+    must not change meanwhile; erasure takes it too, so a write that read a patient before they were
+    erased commits before the erasure deletes their recall (the table checks no key, migration 0022)."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('nvc.recalls:' || :p))"), {"p": practice_id})
+
+
 class RecallsMixin(StoreBase):
     """Recall computation's reads and writes, one practice at a time."""
 
@@ -238,9 +246,7 @@ class RecallsMixin(StoreBase):
             for r in recalls
         ]
         with self.begin(practice_id) as conn:
-            # One recall write of a practice at a time (two runs of one practice may overlap): the
-            # INSERT below skips the recalls it read as unchanged, which must not change meanwhile.
-            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('nvc.recalls:' || :p))"), {"p": practice_id})
+            lock_recalls(conn, practice_id)
             with driver(conn).cursor() as cur:
                 cur.execute(
                     "CREATE TEMP TABLE stage_recalls (pms_patient_id text NOT NULL, due_date date, recall_source text, "
