@@ -291,6 +291,12 @@ def test_whole_practice_invariants_are_counted_in_sql_with_examples(store: Store
                 "WHERE practice_id = 'q-inv' AND pms_patient_id IN ('ok', 'gone')"
             )
         )
+        conn.execute(  # a recall naming no patient: the table checks no key (migration 0022)
+            text(
+                "INSERT INTO recalls (patient_id, practice_id, due_date, recall_source, rule, interval_months, reason) "
+                "VALUES (-1, 'q-inv', '2027-01-01', 'computed', 'default', 24, 'r')"
+            )
+        )
     today = date(2026, 12, 7)
     counts, total, shown = store.quality_invariants("q-inv", "patients", today)
     assert (counts, total) == ({"birth_in_past_and_age_under_120": 1, "uncallable": 1}, 3)
@@ -299,7 +305,8 @@ def test_whole_practice_invariants_are_counted_in_sql_with_examples(store: Store
     counts, total, shown = store.quality_invariants("q-inv", "appointments", today)
     assert (counts, total) == ({"patient_exists": 1}, 2) and shown["patient_exists"][0]["pms_patient_id"] == "ghost"
     counts, total, shown = store.quality_invariants("q-inv", "recalls", today)
-    assert (counts, total) == ({"patient_active": 1}, 2) and shown["patient_active"][0]["pms_patient_id"] == "gone"
+    assert (counts, total) == ({"patient_active": 2}, 3)
+    assert sorted(r["pms_patient_id"] or "" for r in shown["patient_active"]) == ["", "gone"]
 
 
 def test_a_check_reads_tuples_in_the_order_its_report_names_them(store: Store) -> None:

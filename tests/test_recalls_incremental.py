@@ -124,8 +124,9 @@ def test_changed_recall_rules_recompute_every_patient(
 def test_a_change_committed_while_recalls_are_computed_is_not_lost(
     database_url: str, store: Store, instance: DagsterInstance, tmp_path: Path
 ) -> None:
-    """The recall records the `change_seq` it read; a sync that commits in between leaves the
-    patient due, so the next run recomputes it (no clock, no overlap window)."""
+    """A recall pass takes a patient off the queue only with the stamp it read; a sync that commits in
+    between stamps them anew and leaves them due, so the next run recomputes it (no clock, no
+    overlap window)."""
     _write(tmp_path, ROWS)
     store.add_practice("inc", "Incremental", PmsKind.CSV, {"path": str(tmp_path)}, {})
     instance.add_dynamic_partitions("practices", ["inc"])

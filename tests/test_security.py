@@ -210,6 +210,43 @@ def test_erasing_a_patient_while_recalls_are_written_leaves_no_recall_of_theirs(
         assert left.scalar_one() == 0
 
 
+def test_erasing_a_patient_while_their_clinical_record_is_merged_leaves_them_off_the_recall_queue(
+    two_practices: Store,
+) -> None:
+    """A clinical merge queues its patient without touching the patient row, so erasure does not wait
+    for it there: it waits when it deletes the patient's clinical records, and deletes their queued
+    row after that (deleted first, the merge's row landed after the erasure, naming them)."""
+    store = two_practices
+    with store.begin_owner() as conn:  # her recall computed: not queued, so the merge's row is new
+        conn.execute(text("DELETE FROM recall_due WHERE practice_id = 'prac-a'"))
+    erased: dict[str, object] = {}
+
+    def erase() -> None:
+        try:
+            erased["rows"] = erase_patient(store, "prac-a", "prac-a-1", "test")
+        except Exception as exc:  # noqa: BLE001 - the test reports what went wrong
+            erased["error"] = exc
+
+    with store.begin("prac-a") as conn:  # a clinical merge changing her exam, held open
+        conn.execute(text("UPDATE clinical_records SET notes = 'Glaucoma' WHERE pms_record_id = 'prac-a-ex'"))
+        conn.execute(
+            text(
+                "INSERT INTO recall_due (practice_id, pms_patient_id, seq) "
+                "VALUES ('prac-a', 'prac-a-1', nextval('recall_due_seq')) "
+                "ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = EXCLUDED.seq"
+            )
+        )
+        worker = threading.Thread(target=erase, daemon=True)
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive(), "erasure did not wait for the clinical merge"
+    worker.join(timeout=60)
+    assert "error" not in erased, erased.get("error")
+    with store.begin_owner() as conn:
+        left = conn.execute(text("SELECT count(*) FROM recall_due WHERE pms_patient_id = 'prac-a-1'"))
+        assert left.scalar_one() == 0
+
+
 def test_merges_exports_and_writeback_stay_inside_the_practice(two_practices: Store) -> None:
     store = two_practices
     with pytest.raises(PracticeNotFound):

@@ -231,7 +231,7 @@ def test_recalls_computed_in_batches_equal_recalls_computed_at_once(store: Store
 
 
 def test_a_clinical_record_changed_marks_only_its_patient_for_recomputation(store: Store) -> None:
-    """The merge bumps the patients of the clinical records it adds, changes or deactivates (in the
+    """The merge queues the patients of the clinical records it adds, changes or deactivates (in the
     database, in the same statement): those, and only those, are recomputed next."""
     rules = RecallRules.from_settings({})
     practice_id = _practice(store, "exams")

@@ -77,11 +77,13 @@ class ChecksMixin(StoreBase):
         "appointments": "SELECT count(*) AS total, count(*) FILTER (WHERE pt.patient_id IS NULL) AS patient_exists "
         "FROM appointments a LEFT JOIN patients pt ON pt.practice_id = :p AND pt.pms_patient_id = a.pms_patient_id "
         "WHERE a.practice_id = :p AND a.active",
-        # Every recall has its patient (the key references it): the practice's recalls are counted alone,
-        # and only its inactive patients are joined to theirs (a join of every recall hashed the practice).
+        # The practice's recalls are counted alone, and only its inactive patients are joined to theirs (a
+        # join of every recall hashed the practice). A recall whose patient is gone (the table checks no
+        # key since migration 0022: erasure deletes both) counts too, found by the patients' key.
         "recalls": "SELECT (SELECT count(*) FROM recalls WHERE practice_id = :p) AS total, (SELECT count(*) "
         "FROM patients pt JOIN recalls r ON r.patient_id = pt.patient_id WHERE pt.practice_id = :p AND NOT pt.active) "
-        "AS patient_active",
+        "+ (SELECT count(*) FROM recalls r WHERE r.practice_id = :p AND NOT EXISTS "
+        "(SELECT 1 FROM patients pt WHERE pt.patient_id = r.patient_id)) AS patient_active",
     }
     _EXAMPLES: dict[str, dict[str, str]] = {
         "patients": {
@@ -98,7 +100,8 @@ class ChecksMixin(StoreBase):
         },
         "recalls": {
             "patient_active": "SELECT pt.pms_patient_id, r.due_date, r.recall_source, r.rule FROM recalls r "
-            "JOIN patients pt ON pt.patient_id = r.patient_id WHERE r.practice_id = :p AND NOT pt.active",
+            "LEFT JOIN patients pt ON pt.patient_id = r.patient_id WHERE r.practice_id = :p "
+            "AND (pt.patient_id IS NULL OR NOT pt.active)",
         },
     }
 

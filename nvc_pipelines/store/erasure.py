@@ -18,13 +18,16 @@ from nvc_pipelines.store.recalls import lock_recalls
 _PATIENT_ROWS = (
     ("call_list", "patient_id = :id"),
     ("recalls", "patient_id = :id"),
-    ("recall_due", "pms_patient_id = :ref"),
     ("appointments", "pms_patient_id = :ref"),
     ("clinical_records", "pms_patient_id = :ref"),
     ("outbox", "pms_patient_id = :ref"),
     ("contact_suppressions", "pms_patient_id = :ref"),
     ("call_events", "pms_patient_id = :ref"),
     ("patient_merges", "keep_patient_id = :id OR merged_patient_id = :id"),
+    # After the clinical records: a clinical merge that changed one of theirs queues them without
+    # touching the patient row, so it does not wait for this erasure's lock on it; deleting their
+    # records waits for that merge to commit, and this delete, later, then sees its queued row.
+    ("recall_due", "pms_patient_id = :ref"),
 )
 
 
@@ -51,12 +54,15 @@ class ErasureMixin(StoreBase):
         prefix is the audit's reference) as suppressions, in one transaction; returns the rows removed
         by table."""
         with self.begin(practice_id) as conn:
-            # The call list's and the recalls' locks first, as their writers take them: a write that
+            # The recalls' and the call list's locks first, as their writers take them: a write that
             # read this patient before commits first, then their rows are deleted below (neither
             # table checks a key, migration 0022); locking the patient first could deadlock with a
-            # list build. No writer takes the recalls' lock and then the list's.
-            lock_list(conn, practice_id)
+            # list build. The recalls' lock before the list's: a sync holding queued patients'
+            # `recall_due` rows takes the list's lock to place calls, and a recall write holding the
+            # recalls' lock waits on those rows, so taken the other way round the three could wait
+            # on each other. Nothing that holds the list's lock waits for the recalls'.
             lock_recalls(conn, practice_id)
+            lock_list(conn, practice_id)
             row = conn.execute(
                 text(
                     "SELECT patient_id, pms_patient_id, phones, first_name, last_name FROM patients "

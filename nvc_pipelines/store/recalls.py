@@ -72,8 +72,8 @@ _STAGE_RECALL_COLUMNS = ("pms_patient_id", *_RECALL_COLUMNS)
 # phones or contact details, and builds no more of a `Patient` than this (at 200,000 patients the
 # whole rows took 2.4-2.7 s longer to read and build, in a probe on a kept store).
 RECALL_INPUT = "pms_patient_id, date_of_birth, last_eye_test_date, risk_flags, clinical_notes, pms_recall_due_date"
-# Where a recall pass reads its patients, with the times each was queued (`recall_due`, migration
-# 0021): every patient (0 when not queued), or the queued ones. Both sides are held to the practice,
+# Where a recall pass reads its patients, with the stamp each was queued with (`recall_due`,
+# migration 0021): every patient (0 when not queued), or the queued ones. Both sides are held to the practice,
 # as row-level security would, so each side is an index range (ADR 0002).
 _EVERYONE = (
     "FROM patients p LEFT JOIN recall_due q ON q.practice_id = %s AND q.pms_patient_id = p.pms_patient_id "

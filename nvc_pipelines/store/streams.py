@@ -288,9 +288,9 @@ def merge_staged(
         in the database: (inserted, all). With `patient_ref`, the changed rows' patients are queued
         for a recall recomputation (`recall_due`, migration 0021) in the same statement; the refs
         never come back to Python (a first sync's would be every patient, held only to be sent back)."""
-        bump = ""
+        queue = ""
         if spec.patient_ref:
-            bump = (
+            queue = (
                 ", queued AS (INSERT INTO recall_due (practice_id, pms_patient_id, seq) "
                 "SELECT p.practice_id, p.pms_patient_id, nextval('recall_due_seq') FROM patients p "
                 "WHERE p.practice_id = %s AND p.pms_patient_id IN (SELECT ref FROM changed WHERE ref IS NOT NULL) "
@@ -298,7 +298,7 @@ def merge_staged(
             )
             params = (*params, practice_id)
         cur.execute(
-            f"WITH changed AS ({change}){bump} SELECT count(*) FILTER (WHERE inserted), count(*) FROM changed",
+            f"WITH changed AS ({change}){queue} SELECT count(*) FILTER (WHERE inserted), count(*) FROM changed",
             params,
         )
         counts = cur.fetchone()
