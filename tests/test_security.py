@@ -171,6 +171,33 @@ def test_erasure_takes_the_patient_off_the_recall_queue(two_practices: Store) ->
         assert list(queued) == ["prac-a-2"]
 
 
+class _ErasureInBackground:
+    """`erase_patient` in a thread, started at once: `waits()` says it is still blocked a second
+    later, `finished()` waits for it and raises what it raised."""
+
+    def __init__(self, store: Store, practice_id: str, ref: str) -> None:
+        self.error: BaseException | None = None
+
+        def erase() -> None:
+            try:
+                erase_patient(store, practice_id, ref, "test")
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                self.error = exc
+
+        self.worker = threading.Thread(target=erase, daemon=True)
+        self.worker.start()
+
+    def waits(self) -> bool:
+        self.worker.join(timeout=1.0)
+        return self.worker.is_alive()
+
+    def finished(self) -> None:
+        self.worker.join(timeout=60)
+        assert not self.worker.is_alive(), "erasure never finished"
+        if self.error is not None:
+            raise self.error
+
+
 def test_erasing_a_patient_while_recalls_are_written_leaves_no_recall_of_theirs(two_practices: Store) -> None:
     """The recalls table checks no key (migration 0022): erasure takes the recalls' lock first, so a
     recall write that read the patient before they were erased commits first, and its recall of
@@ -182,14 +209,6 @@ def test_erasing_a_patient_while_recalls_are_written_leaves_no_recall_of_theirs(
         ).scalar_one()
         # Her first recall, then: a row only the write's transaction sees, which no lock of a row guards.
         conn.execute(text("DELETE FROM recalls WHERE patient_id = :id"), {"id": patient_id})
-    erased: dict[str, object] = {}
-
-    def erase() -> None:
-        try:
-            erased["rows"] = erase_patient(store, "prac-a", "prac-a-1", "test")
-        except Exception as exc:  # noqa: BLE001 - the test reports what went wrong
-            erased["error"] = exc
-
     with store.begin("prac-a") as conn:  # a recall write, as `write_recalls` goes, held open
         lock_recalls(conn, "prac-a")
         conn.execute(
@@ -199,12 +218,9 @@ def test_erasing_a_patient_while_recalls_are_written_leaves_no_recall_of_theirs(
                 "WHERE practice_id = 'prac-a' AND pms_patient_id = 'prac-a-1'"
             )
         )
-        worker = threading.Thread(target=erase, daemon=True)
-        worker.start()
-        worker.join(timeout=1.0)
-        assert worker.is_alive(), "erasure did not wait for the recall write"
-    worker.join(timeout=60)
-    assert "error" not in erased, erased.get("error")
+        erasing = _ErasureInBackground(store, "prac-a", "prac-a-1")
+        assert erasing.waits(), "erasure did not wait for the recall write"
+    erasing.finished()
     with store.begin_owner() as conn:
         left = conn.execute(text("SELECT count(*) FROM recalls WHERE patient_id = :id"), {"id": patient_id})
         assert left.scalar_one() == 0
@@ -219,14 +235,6 @@ def test_erasing_a_patient_while_their_clinical_record_is_merged_leaves_them_off
     store = two_practices
     with store.begin_owner() as conn:  # her recall computed: not queued, so the merge's row is new
         conn.execute(text("DELETE FROM recall_due WHERE practice_id = 'prac-a'"))
-    erased: dict[str, object] = {}
-
-    def erase() -> None:
-        try:
-            erased["rows"] = erase_patient(store, "prac-a", "prac-a-1", "test")
-        except Exception as exc:  # noqa: BLE001 - the test reports what went wrong
-            erased["error"] = exc
-
     with store.begin("prac-a") as conn:  # a clinical merge changing her exam, held open
         conn.execute(text("UPDATE clinical_records SET notes = 'Glaucoma' WHERE pms_record_id = 'prac-a-ex'"))
         conn.execute(
@@ -236,12 +244,9 @@ def test_erasing_a_patient_while_their_clinical_record_is_merged_leaves_them_off
                 "ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = EXCLUDED.seq"
             )
         )
-        worker = threading.Thread(target=erase, daemon=True)
-        worker.start()
-        worker.join(timeout=1.0)
-        assert worker.is_alive(), "erasure did not wait for the clinical merge"
-    worker.join(timeout=60)
-    assert "error" not in erased, erased.get("error")
+        erasing = _ErasureInBackground(store, "prac-a", "prac-a-1")
+        assert erasing.waits(), "erasure did not wait for the clinical merge"
+    erasing.finished()
     with store.begin_owner() as conn:
         left = conn.execute(text("SELECT count(*) FROM recall_due WHERE pms_patient_id = 'prac-a-1'"))
         assert left.scalar_one() == 0
