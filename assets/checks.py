@@ -80,7 +80,7 @@ def _run(
     checked = quality.combine(
         validated(rows) for rows in db.quality_rows(practice_id, kind, since, size=CHUNK_ROWS) if rows
     )
-    invariants, total, examples = db.quality_invariants(practice_id, kind, date.today())
+    invariants, total, examples = db.quality_invariants(practice_id, kind, date.today(), every_row=since is None)
     report = verdict(checked, invariants, total, examples)
     report.counts["scope"] = "every row" if since is None else "changed rows; whole-practice invariants in SQL"
     report.counts["practice_rows"] = total

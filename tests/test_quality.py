@@ -305,8 +305,10 @@ def test_whole_practice_invariants_are_counted_in_sql_with_examples(store: Store
     counts, total, shown = store.quality_invariants("q-inv", "appointments", today)
     assert (counts, total) == ({"patient_exists": 1}, 2) and shown["patient_exists"][0]["pms_patient_id"] == "ghost"
     counts, total, shown = store.quality_invariants("q-inv", "recalls", today)
-    assert (counts, total) == ({"patient_active": 2}, 3)
-    assert sorted(r["pms_patient_id"] or "" for r in shown["patient_active"]) == ["", "gone"]
+    assert (counts, total) == ({"patient_active": 1}, 3) and shown["patient_active"][0]["pms_patient_id"] == "gone"
+    counts, total, shown = store.quality_invariants("q-inv", "recalls", today, every_row=True)
+    assert (counts, total) == ({"patient_active": 1, "patient_exists": 1}, 3)
+    assert [r["patient_id"] for r in shown["patient_exists"]] == [-1]
 
 
 def test_a_check_reads_tuples_in_the_order_its_report_names_them(store: Store) -> None:

@@ -12,8 +12,9 @@ What the keys also gave is kept another way. `ON DELETE CASCADE` is erasure's ex
 the patient's recall and list rows (`store/erasure.py`, which already did it), and erasure now takes
 both practice locks first, so a recall or list write that read the patient before it was erased
 commits before the erasure's deletes run, and one that starts after it no longer sees the patient.
-Nothing else deletes patients or practices. The recalls check's whole-practice invariant counts a
-recall whose patient is gone (`store/checks.py`), as the key would have refused it.
+Nothing else deletes patients or practices. The recalls check counts a recall whose patient is gone
+whenever it validates every row (`patient_exists`, `store/checks.py`: after a full read of the
+patients, at least weekly), as the key would have refused it.
 
 Revision ID: 0022
 Revises: 0021
