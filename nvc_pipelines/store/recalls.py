@@ -75,11 +75,15 @@ RECALL_INPUT = "pms_patient_id, date_of_birth, last_eye_test_date, risk_flags, c
 # Where a recall pass reads its patients, with the stamp each was queued with (`recall_due`,
 # migration 0021): every patient (0 when not queued), or the queued ones. Both sides are held to the practice,
 # as row-level security would, so each side is an index range (ADR 0002).
+# Read on the driver's cursor (named parameters, `%(p)s`).
 _EVERYONE = (
-    "FROM patients p LEFT JOIN recall_due q ON q.practice_id = %s AND q.pms_patient_id = p.pms_patient_id "
-    "WHERE p.practice_id = %s"
+    "FROM patients p LEFT JOIN recall_due q ON q.practice_id = %(p)s AND q.pms_patient_id = p.pms_patient_id "
+    "WHERE p.practice_id = %(p)s"
 )
-_QUEUED = "FROM recall_due q JOIN patients p ON p.practice_id = %s AND p.pms_patient_id = q.pms_patient_id WHERE q.practice_id = %s"
+_QUEUED = (
+    "FROM recall_due q JOIN patients p ON p.practice_id = %(p)s AND p.pms_patient_id = q.pms_patient_id "
+    "WHERE q.practice_id = %(p)s"
+)
 
 
 def lock_recalls(conn: Connection, practice_id: str) -> None:
@@ -109,16 +113,11 @@ class RecallsMixin(StoreBase):
         """PMS id -> queued stamp (`recall_due.seq`, 0 if not queued) of the patients whose recall
         must be recomputed: every patient, or those queued since their recall was computed (active
         or not: an inactive one's recall is removed)."""
-        with self.begin(practice_id) as conn:
-            rows = conn.execute(
-                text(
-                    f"SELECT p.pms_patient_id, coalesce(q.seq, 0) {_EVERYONE.replace('%s', ':p')}"
-                    if everyone
-                    else f"SELECT p.pms_patient_id, q.seq {_QUEUED.replace('%s', ':p')}"
-                ),
-                {"p": practice_id},
+        with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
+            cur.execute(
+                f"SELECT p.pms_patient_id, coalesce(q.seq, 0) {_EVERYONE if everyone else _QUEUED}", {"p": practice_id}
             )
-            return dict(rows.tuples().all())
+            return dict(cur.fetchall())
 
     def recall_batches(self, practice_id: str, *, everyone: bool, size: int = 5000) -> Iterator[RecallBatch]:
         """The patients whose recall must be recomputed (everyone, or those queued in `recall_due`
@@ -137,11 +136,10 @@ class RecallsMixin(StoreBase):
         after: str | None = None  # the last key read: the next page starts after it
         while True:
             with self.begin(practice_id) as conn, driver(conn).cursor() as cur:
-                page = "" if after is None else f" AND {key} > %s"
-                practice = (practice_id, practice_id)
+                page = "" if after is None else f" AND {key} > %(after)s"
                 cur.execute(
-                    f"SELECT {columns} {source}{page} ORDER BY {key} LIMIT %s",
-                    (*practice, size) if after is None else (*practice, after, size),
+                    f"SELECT {columns} {source}{page} ORDER BY {key} LIMIT %(n)s",
+                    {"p": practice_id, "after": after, "n": size},
                 )
                 rows = cur.fetchall()
                 if not rows:
