@@ -711,6 +711,40 @@ def test_a_list_placed_a_few_people_at_a_time_is_the_list_placed_at_once(
     assert sum(1 for row in whole if row[3]) >= 2 and store.call_list_violations(family) == []
 
 
+def test_an_intraday_write_takes_the_lists_lock_before_it_writes_a_patient(store: Store, family: str) -> None:
+    """An intraday read writes its patients and places their households in one transaction. It takes
+    the call list's lock first, as erasure does (before it locks the patient): taken after the write,
+    an erasure holding the lock and waiting for the written patient's row would deadlock with it."""
+    from dataclasses import replace
+
+    from nvc_pipelines.store.streams import PATIENTS
+
+    sam = next(p for p in store.load_patients(family) if p.pms_patient_id == "S1")
+    changed = replace(sam, last_eye_test_date=date(2024, 2, 2))
+    written: dict[str, object] = {}
+
+    def intraday_write() -> None:
+        written["counts"] = store.write_stream(
+            family, PATIENTS, [changed], [], source="csv", run_id=None, full=False, place_calls_at=datetime.now(UTC)
+        )
+
+    with store.begin(family) as conn:  # holding the list's lock, as an erasure does first
+        calls.lock_list(conn, family)
+        worker = threading.Thread(target=intraday_write, daemon=True)
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive(), "the intraday write did not wait for the list's lock"
+        locked = conn.execute(  # her row is free: the write waits before touching it
+            text(
+                "SELECT pms_patient_id FROM patients WHERE practice_id = :p AND pms_patient_id = 'S1' FOR UPDATE NOWAIT"
+            ),
+            {"p": family},
+        ).scalar_one()
+        assert locked == "S1"
+    worker.join(timeout=60)
+    assert not worker.is_alive() and written["counts"].updated == 1
+
+
 def test_two_builds_of_one_practices_list_at_once_both_land(store: Store, family: str) -> None:
     """A Sync Now that overlaps the nightly (or an intraday refresh) builds the list while another
     build of the same practice has not committed: the second waits for the first, then replaces the

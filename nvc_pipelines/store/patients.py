@@ -24,6 +24,7 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.store import call_events
 from nvc_pipelines.store.base import StoreBase, json_default
+from nvc_pipelines.store.calls import lock_list
 from nvc_pipelines.store.db import driver
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_staged, stage_pages, stage_table
 from nvc_pipelines.sync import next_cursor
@@ -249,6 +250,11 @@ class PatientsMixin(StoreBase):
                 yield page_records
 
         with self.begin(practice_id) as conn:
+            if place_calls is not None:
+                # The call list's lock before any row, as erasure and every build take it: written
+                # rows first, then the lock to place their households, could wait on an erasure that
+                # holds the lock and waits for one of those rows.
+                lock_list(conn, practice_id)
             with driver(conn).cursor() as cur:
                 staged = stage_pages(cur, spec, records())
                 if not snapshot:
