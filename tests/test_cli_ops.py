@@ -266,6 +266,8 @@ def test_an_export_is_written_a_row_at_a_time_and_reads_as_the_whole_export(stor
         return json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
 
     assert isinstance(export_document("s-north")["patients"], Iterator)
+    backwards = export_document("s-north", sections=("rejected_rows", "patients"))  # read in the store's order
+    assert (len(list(backwards["patients"])), len(list(backwards["rejected_rows"]))) == (3, 1)
     practice = runner.invoke(main, ["export", "s-north"])
     assert practice.exit_code == 0 and practice.output == whole(store.export_practice("s-north"))
     one = runner.invoke(main, ["export", "s-north", "--patient", "A2"])
@@ -335,9 +337,10 @@ def test_an_export_to_a_place_that_cannot_be_written_is_one_line_and_not_audited
     """A missing folder is refused with the path and the reason, before anything is read: no stack
     trace, and no export in the audit log for a file that was never written."""
     _seed(store, "nowhere")
-    refused = CliRunner().invoke(main, ["export", "nowhere", "--output", str(tmp_path / "no" / "such" / "x.json")])
+    target = tmp_path / "no" / "such" / "x.json"
+    refused = CliRunner().invoke(main, ["export", "nowhere", "--output", str(target)])
     assert refused.exit_code == 1 and "Traceback" not in refused.output
-    assert "cannot write the export to" in refused.output and "No such file or directory" in refused.output
+    assert f"cannot write the export to {target}: No such file or directory" in refused.output
     assert "export" not in {e["action"] for e in store.audit_entries("nowhere")}
 
 

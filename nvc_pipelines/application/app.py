@@ -177,7 +177,13 @@ def export_document(
     read. Every export is in the audit log, recorded before it is read."""
     from nvc_pipelines.store.export import EXPORT_SECTIONS
 
-    wanted = tuple(sections) if sections is not None else EXPORT_SECTIONS
+    # In the store's order whatever the caller's: a practice's lists are cut from one stream in that
+    # order (unknown names kept, for `Store.export_rows` to refuse).
+    wanted = (
+        EXPORT_SECTIONS
+        if sections is None
+        else tuple(s for s in EXPORT_SECTIONS if s in sections) + tuple(s for s in sections if s not in EXPORT_SECTIONS)
+    )
     store = open_store()
     if group_id:
         if patient_ref:

@@ -55,7 +55,6 @@ class ChecksMixin(StoreBase):
         about 1.5 s of a full check."""
         statement = text(rows_sql(kind, changed=since is not None))
         with self.begin(practice_id) as conn, driver(conn).cursor(name=f"quality_{kind}") as cur:
-            cur.itersize = size
             cur.execute(str(statement.compile(dialect=conn.dialect)), {"p": practice_id, "since": since})
             while chunk := cur.fetchmany(size):
                 yield chunk

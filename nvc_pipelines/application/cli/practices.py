@@ -239,7 +239,8 @@ def export(
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes stdout at exit
         return
     except OSError as exc:
-        _fail(f"cannot write the export to {exc.filename or output}: {exc.strerror or exc}")
+        # The operator's path, not the temporary file beside it that failed (`files.atomic_write`).
+        _fail(f"cannot write the export to {output or 'standard output'}: {exc.strerror or exc}")
     if output:
         click.echo(f"Exported {patients} patients and {rejected} rejected rows.", err=True)
 

@@ -86,13 +86,13 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(
         """
+        DROP TRIGGER patients_queue_changed ON patients;
+        DROP TRIGGER patients_queue_inserted ON patients;
         ALTER TABLE patients ADD COLUMN recall_seq bigint NOT NULL DEFAULT 0;
         UPDATE patients p SET recall_seq = p.change_seq
             WHERE NOT EXISTS (SELECT 1 FROM recall_due q
                               WHERE q.practice_id = p.practice_id AND q.pms_patient_id = p.pms_patient_id);
         CREATE INDEX patients_recall_stale ON patients (practice_id, pms_patient_id) WHERE change_seq <> recall_seq;
-        DROP TRIGGER patients_queue_changed ON patients;
-        DROP TRIGGER patients_queue_inserted ON patients;
         DROP FUNCTION queue_changed_patients();
         DROP FUNCTION queue_inserted_patients();
         DROP TABLE recall_due;
