@@ -221,6 +221,15 @@ class SandboxServer:
         regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
         self._routes.append((method, regex, handler))
 
+    def reset(self) -> None:
+        """No faults, an empty request log and a full token bucket: what one test leaves never throttles the next."""
+        with self.lock:
+            self.faults = Faults()
+            self.request_log.clear()
+            self.throttled = 0
+            self._bucket_tokens = self.rate_limit_per_second
+            self._bucket_at = time.monotonic()
+
     def _rate_limited(self) -> float | None:
         """Token bucket; returns seconds to wait when empty."""
         if self.rate_limit_per_second <= 0:

@@ -19,7 +19,6 @@ from resources.acuitas import AcuitasClient, AcuitasResource, acuitas_appointmen
 from resources.http import HttpStatusError
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
 from sandboxes.acuitas import AcuitasSandbox, optom_codes
-from sandboxes.base import Faults
 from tests.pms_contract import PmsContract, future_slot
 
 DATABASE = "ACUITAS_DEMO"
@@ -127,10 +126,8 @@ def running_sandbox() -> Iterator[AcuitasSandbox]:
 
 @pytest.fixture
 def acuitas(running_sandbox: AcuitasSandbox) -> AcuitasSandbox:
-    """The shared server with no faults, a fresh request log and normal sessions."""
-    running_sandbox.faults = Faults()
-    running_sandbox.request_log.clear()
-    running_sandbox.throttled = 0
+    """The shared server with no faults, a fresh request log, a full rate-limit bucket and normal sessions."""
+    running_sandbox.reset()
     running_sandbox.token_ttl_seconds = 1200.0
     return running_sandbox
 

@@ -47,7 +47,6 @@ from resources.optix import (
 )
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
 from sandboxes import seed as seed_module
-from sandboxes.base import Faults
 from sandboxes.optix import OptixSandbox
 from sandboxes.seed import seed_patients
 from tests.pms_contract import PmsContract
@@ -73,10 +72,8 @@ def running_sandbox() -> Iterator[OptixSandbox]:
 
 @pytest.fixture
 def sandbox(running_sandbox: OptixSandbox) -> OptixSandbox:
-    """The shared server with no faults and an empty request log (tests compare against its current data)."""
-    running_sandbox.faults = Faults()
-    running_sandbox.request_log.clear()
-    running_sandbox.throttled = 0
+    """The shared server with no faults, an empty request log and a full rate-limit bucket (tests compare against its current data)."""
+    running_sandbox.reset()
     return running_sandbox
 
 
@@ -350,6 +347,18 @@ def test_429_with_retry_after_is_retried_and_the_read_completes(caplog: pytest.L
     assert throttled >= 1
     assert "HTTP 429" in caplog.text
     assert not any(secret in caplog.text for secret in SECRETS)
+
+
+def test_a_reset_refills_the_rate_limit_bucket_a_previous_test_drained() -> None:
+    # Shared sandboxes are reset between tests; a bucket left empty made the next test's first
+    # request a 429 (an Acuitas connection test once failed as "rate_limited" in CI for that).
+    with OptixSandbox(api_keys={KEY: "OPX-1001"}, rate_limit_per_second=2) as server:
+        waits = [server._rate_limited() for _ in range(3)]
+        assert waits[:2] == [None, None] and waits[2] is not None
+        server.faults.rate_500 = 1.0
+        server.reset()
+        assert server._rate_limited() is None and server._rate_limited() is None
+        assert server.faults.rate_500 == 0 and server.throttled == 0 and server.request_log == []
 
 
 def test_rate_limit_that_never_lifts_fails_as_rate_limited(sandbox: OptixSandbox) -> None:

@@ -30,7 +30,6 @@ from nvc_pipelines.model import (
 from nvc_pipelines.normalise import InvalidValue, build_patient, normalise_phone
 from resources.protocol import PmsClient, PmsConnectionFailed, PmsError
 from resources.sycle import SycleClient, SycleResource, suggest_field_mapping, sycle_draft
-from sandboxes.base import Faults
 from sandboxes.sycle import OTHER_ALERTS, SycleSandbox
 from tests.pms_contract import PmsContract, future_slot
 
@@ -156,10 +155,8 @@ def running() -> Iterator[SycleSandbox]:
 
 @pytest.fixture
 def sycle(running: SycleSandbox) -> SycleSandbox:
-    """The shared server with no faults and an empty request log."""
-    running.faults = Faults()
-    running.request_log.clear()
-    running.throttled = 0
+    """The shared server with no faults, an empty request log and a full rate-limit bucket."""
+    running.reset()
     return running
 
 
