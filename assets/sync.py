@@ -30,7 +30,7 @@ from dagster import (
 from assets.partitions import practices_partitions
 from nvc_pipelines import goc, heap
 from nvc_pipelines.calling import CallSettings, CallSettingsError
-from nvc_pipelines.erasure import drop_erased, load_suppressions
+from nvc_pipelines.erasure import Suppressions, drop_erased, load_suppressions
 from nvc_pipelines.model import Practice, ReadResult, RejectedRow, RowOrigins
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
 from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS, STEP_RETRIES, step_retries, step_wait
@@ -195,11 +195,16 @@ def sync_stream(
         full_every=full_every(practice.settings),
     )
     guard = None if tags.get(ALLOW_DROP_TAG) == "true" else max_drop_share(practice.settings)
-    suppressions = load_suppressions(db, practice_id)
     seen = stats()
     source_refs: list[str] = []
+    erased: list[Suppressions] = []
 
     def pages(client: PmsClient) -> Iterator[tuple[list[Any], list[RejectedRow]]]:
+        # Who is erased, read inside the write's transaction (its first page is asked for there):
+        # the write holds off every erasure of the practice until it commits (`lock_erasures`), so
+        # no one erased after this look is written back.
+        suppressions = load_suppressions(db, practice_id)
+        erased.append(suppressions)
         for records, rejected, source_ref, origins in read_ahead(client, read(client, plan.since)):
             if not source_refs:
                 source_refs.append(source_ref)
@@ -224,6 +229,7 @@ def sync_stream(
                 full=plan.full,
                 max_drop_share=guard,
                 snapshot=pages_are_snapshot(client),
+                left_out=lambda: erased[0].hashes,
             )
     except VolumeDropRefused as exc:
         message = f"{practice.pms_kind} (practice {practice_id}): {exc}"

@@ -48,8 +48,9 @@ class Suppressions:
     def __init__(self, practice_id: str, hashes: Iterable[tuple[str, str]]):
         self.practice_id = practice_id
         self.key = suppression_key()
-        self.ids = {h for kind, h in hashes if kind == "pms_patient_id"}
-        self.name_phones = {h for kind, h in hashes if kind == "name_phone"}
+        self.hashes = frozenset(hashes)  # (kind, hash): what a write compares with the store's at commit
+        self.ids = {h for kind, h in self.hashes if kind == "pms_patient_id"}
+        self.name_phones = {h for kind, h in self.hashes if kind == "name_phone"}
 
     def __bool__(self) -> bool:
         return bool(self.ids or self.name_phones)

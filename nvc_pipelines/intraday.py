@@ -20,14 +20,15 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nvc_pipelines.calling import UK_TZ, CallSettings, number_setting
-from nvc_pipelines.erasure import drop_erased
-from nvc_pipelines.model import PmsKind, Practice
+from nvc_pipelines.erasure import Suppressions, drop_erased, load_suppressions
+from nvc_pipelines.model import PmsKind, Practice, RejectedRow
 from nvc_pipelines.normalise import InvalidValue, normalise_phone
-from nvc_pipelines.store.streams import APPOINTMENTS, PATIENTS
+from nvc_pipelines.store.erasure import ErasedDuringRead
+from nvc_pipelines.store.streams import APPOINTMENTS, PATIENTS, StreamSpec
 from nvc_pipelines.sync import CURSOR_OVERLAP, next_cursor
 
 if TYPE_CHECKING:
-    from nvc_pipelines.store import Store
+    from nvc_pipelines.store import Store, WriteCounts
 
 DEFAULT_EVERY = timedelta(minutes=15)
 DEFAULT_CHECK_MAX_AGE = timedelta(minutes=5)
@@ -113,24 +114,53 @@ def refresh(
         else:
             batch = client.read_appointments(since)
             records, rejected = list(batch.records), list(batch.rejected)
-        records, _ = drop_erased(store, practice_id, records, patients=spec is PATIENTS, rejected=rejected)
-        counts = store.write_stream(
-            practice_id,
-            spec,
-            records,
-            rejected,
-            source=f"{practice.pms_kind}:intraday",
-            source_ref=f"changes since {since.isoformat()}",
-            run_id=run_id,
-            full=False,
-            cursor_at=next_cursor(getattr(r, "source_updated_at", None) for r in records),
-            place_calls_at=now,
-        )
+        records, rejected, counts = _write_changes(store, practice, spec, records, rejected, since, now, run_id)
         result.read[spec.name] = len(records) + len(rejected)
         result.changed[spec.name] = counts.inserted + counts.updated
         result.since[spec.name] = since
     store.mark_call_list_refreshed(practice_id, now, ok=True)
     return result
+
+
+def _write_changes(
+    store: Store,
+    practice: Practice,
+    spec: StreamSpec,
+    records: list[Any],
+    rejected: list[RejectedRow],
+    since: datetime,
+    now: datetime,
+    run_id: str | None,
+) -> tuple[list[Any], list[RejectedRow], WriteCounts]:
+    """Leave the erased out of one intraday read and write it, placing its households; returns what
+    was written. Someone erased between this look and the write's lock makes the write refuse
+    (`ErasedDuringRead`): the read, still in hand, is filtered again with them in, once."""
+    practice_id = practice.practice_id
+
+    def write(suppressions: Suppressions) -> tuple[list[Any], list[RejectedRow], WriteCounts]:
+        kept_rejected = list(rejected)
+        kept, _ = drop_erased(
+            store, practice_id, records, patients=spec is PATIENTS, rejected=kept_rejected, suppressions=suppressions
+        )
+        counts = store.write_stream(
+            practice_id,
+            spec,
+            kept,
+            kept_rejected,
+            source=f"{practice.pms_kind}:intraday",
+            source_ref=f"changes since {since.isoformat()}",
+            run_id=run_id,
+            full=False,
+            cursor_at=next_cursor(getattr(r, "source_updated_at", None) for r in kept),
+            place_calls_at=now,
+            left_out=lambda: suppressions.hashes,
+        )
+        return kept, kept_rejected, counts
+
+    try:
+        return write(load_suppressions(store, practice_id))
+    except ErasedDuringRead:
+        return write(load_suppressions(store, practice_id))
 
 
 @dataclass(frozen=True, slots=True)

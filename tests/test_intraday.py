@@ -12,6 +12,7 @@ import pytest
 
 from nvc_pipelines import intraday
 from nvc_pipelines.application import demo
+from nvc_pipelines.erasure import erase_patient
 from nvc_pipelines.model import BookingRequest, Practice
 from nvc_pipelines.recall import RecallRules, recall_with_clinical
 from nvc_pipelines.store import Store
@@ -155,6 +156,44 @@ def test_before_first_sync_there_is_no_intraday_read(store: Store, sandboxes: di
     finally:
         client.close()
     assert recording.since == []  # nothing was read at all
+
+
+class _ErasingFirst:
+    """The store, with one patient erased just before its first stream write takes its locks: the
+    erasure commits after the intraday read looked at who is erased, and before it writes."""
+
+    def __init__(self, store: Store, practice_id: str, ref: str):
+        self.store, self.practice_id, self.ref, self.writes = store, practice_id, ref, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def write_stream(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes += 1
+        if self.writes == 1:
+            erase_patient(self.store, self.practice_id, self.ref, "test")
+        return self.store.write_stream(*args, **kwargs)
+
+
+def test_someone_erased_as_an_intraday_read_is_written_is_left_out(store: Store, sandboxes: dict[str, Any]) -> None:
+    """The write refuses a read that looked before an erasure; the intraday refresh filters the read
+    it holds again and writes it without her (before, she was written back)."""
+    practice, client = _connect(store, sandboxes, "optix")
+    try:
+        _full_sync(store, practice, client)
+        victim, other = (e["people"][0]["pms_patient_id"] for e in _singles(store, practice.practice_id)[:2])
+        ref = next(c for c in demo.demo_connections(sandboxes) if c[1] == "optix")[3]["practice_id"]
+        sandboxes["optix"].update_patient(ref, victim, last_name="Changed")  # both read again today
+        sandboxes["optix"].update_patient(ref, other, last_name="Altered")
+        erasing = _ErasingFirst(store, practice.practice_id, victim)
+        done = intraday.refresh(erasing, practice, client)  # type: ignore[arg-type]
+    finally:
+        client.close()
+    assert erasing.writes == 3  # patients refused once, then written; appointments
+    assert done.read["patients"] >= 1
+    stored = {p["pms_patient_id"]: p for p in store.export_practice(practice.practice_id)["patients"]}
+    assert victim not in stored
+    assert stored[other]["last_name"] == "Altered"
 
 
 def _connect_again(practice: Practice, sandboxes: dict[str, Any], pms: str) -> Any:

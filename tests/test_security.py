@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from nvc_pipelines import writeback
 from nvc_pipelines.application.cli import main
 from nvc_pipelines.definitions import defs
-from nvc_pipelines.erasure import erase_patient
+from nvc_pipelines.erasure import drop_erased, erase_patient, load_suppressions
 from nvc_pipelines.model import (
     Appointment,
     AppointmentStatus,
@@ -30,8 +31,9 @@ from nvc_pipelines.model import (
 )
 from nvc_pipelines.recall import RecallRules, compute_recall
 from nvc_pipelines.store import PracticeNotFound, Store, StoreUnavailable
+from nvc_pipelines.store.erasure import ErasedDuringRead
 from nvc_pipelines.store.recalls import lock_recalls
-from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS
+from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS
 from resources.csv_source import SEED_COLUMNS
 from sandboxes.optix import OptixSandbox
 
@@ -250,6 +252,70 @@ def test_erasing_a_patient_while_their_clinical_record_is_merged_leaves_them_off
     with store.begin_owner() as conn:
         left = conn.execute(text("SELECT count(*) FROM recall_due WHERE pms_patient_id = 'prac-a-1'"))
         assert left.scalar_one() == 0
+
+
+def _ann(practice_id: str, last_name: str = "Lee") -> Patient:
+    """prac-x-1 as the PMS sends her (`_fill`'s first patient)."""
+    phone = Phone("+447700900001", PhoneType.MOBILE)
+    return Patient(practice_id, f"{practice_id}-1", "Ann", last_name, [phone], last_eye_test_date=date(2022, 1, 1))
+
+
+def test_a_write_that_looked_for_the_erased_before_an_erasure_writes_nothing(two_practices: Store) -> None:
+    """A read left out who was erased when it began; she was erased before its write: the write
+    refuses (nothing of the read is written, she stays erased) and says so. Without the check, the
+    write put her back."""
+    store = two_practices
+    looked = load_suppressions(store, "prac-a")  # the read's look at the erased, before hers
+    erase_patient(store, "prac-a", "prac-a-1", "test")
+    with pytest.raises(ErasedDuringRead, match="erased while its patients were being read"):
+        store.write_stream(
+            "prac-a",
+            PATIENTS,
+            [_ann("prac-a", "Changed")],
+            [],
+            source="optix",
+            run_id="r3",
+            full=False,
+            left_out=lambda: looked.hashes,
+        )
+    assert "prac-a-1" not in {p["pms_patient_id"] for p in store.export_practice("prac-a")["patients"]}
+    # With the erasure in, the same read writes, without her.
+    kept, dropped = drop_erased(store, "prac-a", [_ann("prac-a", "Changed")], patients=True)
+    assert (kept, dropped) == ([], 1)
+
+
+def test_an_erasure_waits_for_a_write_that_is_reading_and_then_deletes_what_it_wrote(two_practices: Store) -> None:
+    """A paged write is under way (it read her before her erasure, and has not committed): the
+    erasure waits for it, then deletes her as that write left her. Without the lock, the erasure
+    ran at once and the write, committing after it, put her back."""
+    store = two_practices
+    looked = load_suppressions(store, "prac-a")
+    reading, go_on = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def pages() -> Iterator[tuple[list[Patient], list[RejectedRow]]]:
+        yield [_ann("prac-a", "Changed")], []
+        reading.set()
+        assert go_on.wait(60)
+
+    def write() -> None:
+        try:
+            store.write_stream_pages(
+                "prac-a", PATIENTS, pages(), source="optix", run_id="r3", full=False, left_out=lambda: looked.hashes
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            failed.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert reading.wait(60)
+    erasing = _ErasureInBackground(store, "prac-a", "prac-a-1")
+    assert erasing.waits(), "erasure did not wait for the write under way"
+    go_on.set()
+    writer.join(60)
+    assert not failed, failed
+    erasing.finished()
+    assert "prac-a-1" not in {p["pms_patient_id"] for p in store.export_practice("prac-a")["patients"]}
 
 
 def test_merges_exports_and_writeback_stay_inside_the_practice(two_practices: Store) -> None:

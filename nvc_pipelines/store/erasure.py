@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from nvc_pipelines.store.base import PracticeNotFound, StoreBase
 from nvc_pipelines.store.calls import lock_list
@@ -31,16 +31,35 @@ _PATIENT_ROWS = (
 )
 
 
+class ErasedDuringRead(RuntimeError):
+    """Someone of the practice was erased between a read's look at who is erased and its write:
+    nothing of the read was written (it may hold them). Leave them out with the suppressions as they
+    are now and write again."""
+
+
+def lock_erasures(conn: Connection, practice_id: str, *, shared: bool) -> None:
+    """Until this transaction ends: shared, no erasure of the practice starts (a stream write holds
+    it, from before it reads who is erased until it commits); exclusive, no stream write is under
+    way (erasure holds it, before any other lock). So a sync that read an erased person before their
+    erasure commits first and its rows are deleted with the rest, and one that starts after it sees
+    their suppression: it can never write them back after the erasure."""
+    lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    conn.execute(text(f"SELECT {lock}(hashtext('nvc.erasure:' || :p))"), {"p": practice_id})
+
+
+def suppression_hashes(conn: Connection, practice_id: str) -> frozenset[tuple[str, str]]:
+    """(kind, keyed hash) of everyone erased from the practice, as this transaction sees them."""
+    rows = conn.execute(text("SELECT kind, value_hash FROM suppressions WHERE practice_id = :p"), {"p": practice_id})
+    return frozenset((r.kind, r.value_hash) for r in rows)
+
+
 class ErasureMixin(StoreBase):
     """Suppressions (the erased) and erasing a patient."""
 
     def suppression_hashes(self, practice_id: str) -> list[tuple[str, str]]:
         """(kind, keyed hash) of everyone erased from the practice."""
         with self.begin(practice_id) as conn:
-            rows = conn.execute(
-                text("SELECT kind, value_hash FROM suppressions WHERE practice_id = :p"), {"p": practice_id}
-            )
-            return [(r.kind, r.value_hash) for r in rows]
+            return sorted(suppression_hashes(conn, practice_id))
 
     def erase_patient_rows(
         self,
@@ -54,7 +73,11 @@ class ErasureMixin(StoreBase):
         prefix is the audit's reference) as suppressions, in one transaction; returns the rows removed
         by table."""
         with self.begin(practice_id) as conn:
-            # The recalls' and the call list's locks first, as their writers take them: a write that
+            # No stream write of the practice under way, and none starts until this commits: one
+            # that read her before now commits first (its rows of her are deleted below), one after
+            # reads her suppression (`lock_erasures`). Before every other lock, as writes take it.
+            lock_erasures(conn, practice_id, shared=False)
+            # The recalls' and the call list's locks next, as their writers take them: a write that
             # read this patient before commits first, then their rows are deleted below (neither
             # table checks a key, migration 0022); locking the patient first could deadlock with a
             # list build. The recalls' lock before the list's: a sync holding queued patients'

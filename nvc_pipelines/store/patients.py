@@ -26,6 +26,7 @@ from nvc_pipelines.store import call_events
 from nvc_pipelines.store.base import StoreBase, json_default
 from nvc_pipelines.store.calls import lock_list
 from nvc_pipelines.store.db import driver
+from nvc_pipelines.store.erasure import ErasedDuringRead, lock_erasures, suppression_hashes
 from nvc_pipelines.store.streams import PATIENTS, StreamSpec, merge_staged, stage_pages, stage_table
 from nvc_pipelines.sync import next_cursor
 
@@ -157,6 +158,7 @@ class PatientsMixin(StoreBase):
         cursor_at: datetime | None = None,
         max_drop_share: float | None = None,
         place_calls_at: datetime | None = None,
+        left_out: Callable[[], Collection[tuple[str, str]]] | None = None,
     ) -> WriteCounts:
         """Merge one read of a stream, its rejections and its cursor in one transaction.
 
@@ -167,6 +169,9 @@ class PatientsMixin(StoreBase):
         A full read replaces the stream's quarantine and reconciles (marks missing rows inactive);
         an incremental read replaces only the rejections of the rows it re-read. The cursor is
         committed with the data it covers, so a killed run re-reads from the old cursor.
+
+        `left_out` gives the suppressions (kind, keyed hash) the caller left out of the read: if
+        someone was erased since, `ErasedDuringRead` is raised and nothing is written.
         """
         refs = {r.pms_patient_id for r in records} if place_calls_at is not None else None
         return self._write_read(
@@ -180,6 +185,7 @@ class PatientsMixin(StoreBase):
             cursor_at=cursor_at,
             max_drop_share=max_drop_share,
             place_calls=(refs, place_calls_at) if place_calls_at is not None else None,
+            left_out=left_out,
         )
 
     def write_stream_pages(
@@ -194,6 +200,7 @@ class PatientsMixin(StoreBase):
         full: bool,
         max_drop_share: float | None = None,
         snapshot: bool = False,
+        left_out: Callable[[], Collection[tuple[str, str]]] | None = None,
     ) -> WriteCounts:
         """`write_stream` for a read that arrives page by page (`(records, rejected)` each): every page
         is `COPY`ed into the stage as it comes, so memory does not grow with the practice. One
@@ -204,7 +211,8 @@ class PatientsMixin(StoreBase):
         A record that comes back on a later page (edited in the PMS while the read paged through)
         counts once, as its later copy, whether that copy was valid or rejected; unless the read is a
         `snapshot` (a file): no record comes twice in it, so a repeat was rejected as a duplicate of
-        its first row, which stands."""
+        its first row, which stands. `left_out` is called once the pages are read (a paged read can
+        load the suppressions with its first page, inside this write's transaction)."""
         return self._write_read(
             practice_id,
             spec,
@@ -217,6 +225,7 @@ class PatientsMixin(StoreBase):
             max_drop_share=max_drop_share,
             stamp_cursor=True,
             snapshot=snapshot,
+            left_out=left_out,
         )
 
     def _write_read(
@@ -234,6 +243,7 @@ class PatientsMixin(StoreBase):
         stamp_cursor: bool = False,
         place_calls: tuple[set[str] | None, datetime] | None = None,
         snapshot: bool = False,
+        left_out: Callable[[], Collection[tuple[str, str]]] | None = None,
     ) -> WriteCounts:
         kept: dict[str, tuple[int, RejectedRow]] = {}  # by row_ref: a row re-read on a later page counts once
         newest: list[datetime] = []
@@ -250,6 +260,8 @@ class PatientsMixin(StoreBase):
                 yield page_records
 
         with self.begin(practice_id) as conn:
+            # No erasure of the practice until this commits; one already under way commits first.
+            lock_erasures(conn, practice_id, shared=True)
             if place_calls is not None:
                 # The call list's lock before any row, as erasure and every build take it: written
                 # rows first, then the lock to place their households, could wait on an erasure that
@@ -259,6 +271,11 @@ class PatientsMixin(StoreBase):
                 staged = stage_pages(cur, spec, records())
                 if not snapshot:
                     staged -= _settle_rejected_copies(cur, spec, kept)
+                if left_out is not None and frozenset(left_out()) != suppression_hashes(conn, practice_id):
+                    raise ErasedDuringRead(
+                        f"someone of practice {practice_id} was erased while its {spec.name} were being read; "
+                        "nothing of the read was written"
+                    )
                 counts = merge_staged(cur, spec, practice_id, staged, full=full, max_drop_share=max_drop_share)
             rejected = [row for _page, row in kept.values()]
             if callable(source_ref):  # known once the pages have been read
