@@ -258,6 +258,15 @@ def test_a_clinical_record_changed_marks_only_its_patient_for_recomputation(stor
     write([exam(2, "Glaucoma confirmed, on drops."), exam(3), exam(4)], full=True)  # C1 is gone
     assert due() == {"P0001"}
     assert ("P0002", "glaucoma") in {(r[0], r[2]) for r in _recalls(store, practice_id)}
+    _compute_in_batches(store, practice_id, rules, everyone=False, size=10)
+    # The practice finds C2 was filed against the wrong patient and moves it: both are due, the one
+    # who had it (her glaucoma recall went with it) as well as the one who has it now.
+    moved = ClinicalRecord(practice_id, "C2", "P0005", date(2023, 6, 1), notes="Glaucoma confirmed, on drops.")
+    write([moved], full=False)
+    assert due() == {"P0002", "P0005"}
+    _compute_in_batches(store, practice_id, rules, everyone=False, size=10)
+    rules_of = {r[0]: r[2] for r in _recalls(store, practice_id)}
+    assert (rules_of["P0002"], rules_of["P0005"]) == ("default", "glaucoma")
 
 
 def test_a_clinical_change_committed_while_recalls_are_computed_keeps_its_patient_queued(store: Store) -> None:

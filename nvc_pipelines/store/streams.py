@@ -283,20 +283,29 @@ def merge_staged(
                 "re-run with the tag nvc/allow_drop=true"
             )
 
-    def counted(change: str, params: tuple[Any, ...]) -> tuple[int, int]:
+    def counted(change: str, params: tuple[Any, ...], *, moved: bool = False) -> tuple[int, int]:
         """Run `change` (a data-modifying statement returning `inserted` and `ref`) and count its rows
         in the database: (inserted, all). With `patient_ref`, the changed rows' patients are queued
-        for a recall recomputation (`recall_due`, migration 0021) in the same statement; the refs
+        for a recall recomputation (`recall_due`, migration 0021) in the same statement, and with
+        `moved` the patients a staged row is taken from too (a record the practice moved to another
+        patient changes both recalls; the statement's snapshot still holds the old owner). The refs
         never come back to Python (a first sync's would be every patient, held only to be sent back)."""
         queue = ""
         if spec.patient_ref:
+            refs = "SELECT ref FROM changed WHERE ref IS NOT NULL"
+            if moved:
+                refs += (
+                    f" UNION ALL SELECT t.{spec.patient_ref} FROM {stage} s JOIN {spec.table} t "
+                    f"ON t.practice_id = %s AND t.{spec.key} = s.{spec.key} "
+                    f"WHERE t.{spec.patient_ref} IS DISTINCT FROM s.{spec.patient_ref}"
+                )
             queue = (
                 ", queued AS (INSERT INTO recall_due (practice_id, pms_patient_id, seq) "
                 "SELECT p.practice_id, p.pms_patient_id, nextval('recall_due_seq') FROM patients p "
-                "WHERE p.practice_id = %s AND p.pms_patient_id IN (SELECT ref FROM changed WHERE ref IS NOT NULL) "
+                f"WHERE p.practice_id = %s AND p.pms_patient_id IN ({refs}) "
                 "ON CONFLICT (practice_id, pms_patient_id) DO UPDATE SET seq = EXCLUDED.seq)"
             )
-            params = (*params, practice_id)
+            params = (*params, practice_id, practice_id) if moved else (*params, practice_id)
         cur.execute(
             f"WITH changed AS ({change}){queue} SELECT count(*) FILTER (WHERE inserted), count(*) FROM changed",
             params,
@@ -331,5 +340,6 @@ def merge_staged(
         f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
         f"RETURNING (xmax = 0) AS inserted, {returned_ref} AS ref",
         (practice_id,),
+        moved=True,
     )
     return MergeCounts(inserted, merged - inserted, staged - merged, deactivated)
