@@ -36,6 +36,7 @@ from nvc_pipelines.model import (
     RejectedRow,
     RowIdentity,
 )
+from nvc_pipelines.phone_types import TypeTable
 
 
 class InvalidValue(ValueError):
@@ -77,7 +78,7 @@ def normalise_phone(raw: str) -> Phone:
     text = raw.strip()
     if not text:
         raise InvalidValue("phone number is blank")
-    if _SCIENTIFIC.match(text.replace(",", "")):
+    if ("e" in text or "E" in text) and _SCIENTIFIC.match(text.replace(",", "")):
         raise InvalidValue(f"phone number {text!r} was mangled by a spreadsheet (scientific notation); digits lost")
     digits = _NOT_DIGITS.sub("", text)
     if digits.startswith("00"):
@@ -89,21 +90,21 @@ def normalise_phone(raw: str) -> Phone:
             digits = "0" + digits  # leading zero lost by a spreadsheet
     plain = _PLAIN_UK.match(digits)
     if plain:  # the common shapes: what `parse(digits, "GB")` would return, without its generic scan
-        parsed = phonenumbers.PhoneNumber(country_code=44, national_number=int(plain.group(1)))
+        national = plain.group(1)
     else:
         try:
             parsed = phonenumbers.parse(digits, "GB")
         except phonenumbers.NumberParseException as exc:
             raise InvalidValue(f"phone number {text!r} is not a phone number ({exc})") from None
-    if parsed.country_code != 44:
-        raise InvalidValue(f"phone number {text!r} is not a UK number")
-    national = str(parsed.national_number)
+        if parsed.country_code != 44:
+            raise InvalidValue(f"phone number {text!r} is not a UK number")
+        national = phonenumbers.national_significant_number(parsed)
     if is_ofcom_drama_number(national):
         kind = PhoneType.MOBILE if national.startswith("7") else PhoneType.LANDLINE
     else:
         # `number_type` is UNKNOWN exactly when `is_valid_number` is False (both match the number
         # against the region's patterns), so one call does both: phones are most of a sync's CPU.
-        valid_kind = _phone_type(uk_number_type(parsed))
+        valid_kind = _phone_type(_UK_TYPES.kind_of(national))
         if valid_kind is None:
             raise InvalidValue(f"phone number {text!r} is not a valid UK number")
         kind = valid_kind
@@ -131,8 +132,9 @@ _TYPE_HELPER: Callable[[str, PhoneMetadata], int] | None = getattr(
 )
 
 
-def uk_number_type(parsed: phonenumbers.PhoneNumber) -> int:
-    """`phonenumbers.number_type` of a +44 number, matched once instead of twice where it can be.
+def uk_number_type(national: str) -> int:
+    """`phonenumbers.number_type` of a +44 number (its national significant number), matched once
+    instead of twice where it can be.
 
     `number_type` first finds the number's region among +44's (GB, then Guernsey, the Isle of Man,
     Jersey) by matching the number's type against GB's patterns, and takes GB when that type is
@@ -140,10 +142,15 @@ def uk_number_type(parsed: phonenumbers.PhoneNumber) -> int:
     other number goes to `number_type` itself. `_number_type_helper` is the library's own step
     (private; the version is pinned, a test compares this with `number_type` across every
     four-digit UK prefix, and without the helper every number goes to `number_type`)."""
-    if parsed.country_code != 44 or _TYPE_HELPER is None:
-        return phonenumbers.number_type(parsed)
-    kind = _TYPE_HELPER(phonenumbers.national_significant_number(parsed), _GB)
-    return kind if kind != PhoneNumberType.UNKNOWN else phonenumbers.number_type(parsed)
+    if _TYPE_HELPER is not None:
+        kind = _TYPE_HELPER(national, _GB)
+        if kind != PhoneNumberType.UNKNOWN:
+            return kind
+    return phonenumbers.number_type(phonenumbers.PhoneNumber(country_code=44, national_number=int(national)))
+
+
+# Types remembered by the leading digits that decide them (exact: see `phone_types`).
+_UK_TYPES = TypeTable(uk_number_type)
 
 
 def _phone_type(kind: int) -> PhoneType | None:
@@ -169,7 +176,10 @@ def normalise_phones(values: Iterable[str | None]) -> tuple[list[Phone], list[st
     for value in values:
         if value is None:
             continue
-        for part in _PHONE_SPLIT.split(str(value)):
+        text = str(value)
+        # Digits and spaces (most fields) hold one number: no separator to split on.
+        parts = (text,) if text.replace(" ", "").lstrip("+").isdigit() else _PHONE_SPLIT.split(text)
+        for part in parts:
             if not part.strip():
                 continue
             try:
@@ -180,7 +190,8 @@ def normalise_phones(values: Iterable[str | None]) -> tuple[list[Phone], list[st
             if phone.e164 not in seen:
                 seen.add(phone.e164)
                 phones.append(phone)
-    phones.sort(key=lambda p: p.type != PhoneType.MOBILE)  # stable: keeps source order otherwise
+    if len(phones) > 1:
+        phones.sort(key=lambda p: p.type != PhoneType.MOBILE)  # stable: keeps source order otherwise
     return phones, problems
 
 

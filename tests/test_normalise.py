@@ -178,31 +178,53 @@ def test_phone_fast_path_agrees_with_phonenumbers(prefix: str, national: str) ->
     assert (phone.e164, phone.type) == expected
 
 
-def test_uk_number_type_is_number_type_for_every_uk_prefix() -> None:
-    """`uk_number_type` matches GB's patterns once where `number_type` matches them twice: the same
-    type for every four-digit prefix of a 10-digit number and of a 9-digit one, mobiles, landlines,
-    freephone, premium, the Crown dependencies (answered by `number_type` itself) and invalid ones."""
+def test_uk_number_type_is_number_type_for_every_uk_prefix_and_the_table_remembers_it_exactly() -> None:
+    """`uk_number_type` matches GB's patterns once where `number_type` matches them twice, and the
+    table keeps its answer under the leading digits that decide it: for every four-digit prefix,
+    numbers of 10, 9 and 7 digits whose later digits differ (the table answering from what it kept
+    for the first), mobiles, landlines, freephone, premium, the Crown dependencies and invalid ones,
+    the same type as `number_type`."""
     from nvc_pipelines.normalise import uk_number_type
+    from nvc_pipelines.phone_types import TypeTable
 
+    table = TypeTable(uk_number_type)
+    assert table.exact and len(table.depths) > 4  # GB's patterns look up to 7 digits in
     kinds: Counter[int] = Counter()
+    asked = 0
     for prefix in range(1000, 10000):
-        for national in (f"{prefix}{prefix % 997:06d}", f"{prefix}{prefix % 89:05d}"):
-            number = phonenumbers.PhoneNumber(country_code=44, national_number=int(national))
-            kind = phonenumbers.number_type(number)
-            assert uk_number_type(number) == kind, national
-            kinds[kind] += 1
+        tails = [(f"{t:06d}", f"{t:05d}"[:5], f"{t:03d}"[:3]) for t in (prefix % 997, 999999, 100000, 637281)]
+        for tail10, tail9, tail7 in tails:
+            for national in (f"{prefix}{tail10}", f"{prefix}{tail9}", f"{prefix}{tail7}"):
+                kind = phonenumbers.number_type(
+                    phonenumbers.PhoneNumber(country_code=44, national_number=int(national))
+                )
+                assert uk_number_type(national) == kind, national
+                assert table.kind_of(national) == kind, national
+                kinds[kind] += 1
+                asked += 1
+    assert len(table.known) < asked / 3  # most answers came from a kept prefix
     for national in ("1481256789", "1534456789", "1624456789", "7624456789", "7781123456", "7700900123"):
         number = phonenumbers.PhoneNumber(country_code=44, national_number=int(national))
-        assert uk_number_type(number) == phonenumbers.number_type(number), national
-    us = phonenumbers.parse("+12025550123")  # not +44: `number_type` answers, not GB's patterns
-    assert uk_number_type(us) == phonenumbers.number_type(us)
+        assert table.kind_of(national) == uk_number_type(national) == phonenumbers.number_type(number), national
     guernsey = phonenumbers.parse("+441481256789")  # GB's patterns refuse it: `number_type` answered
     assert (
         not phonenumbers.is_valid_number_for_region(guernsey, "GB")
-        and uk_number_type(guernsey) == PhoneNumberType.FIXED_LINE
+        and uk_number_type("1481256789") == PhoneNumberType.FIXED_LINE
     )
     assert {PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE, PhoneNumberType.TOLL_FREE,
             PhoneNumberType.PREMIUM_RATE, PhoneNumberType.UNKNOWN} <= set(kinds)  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern", [r"7\d+", r"7(?=1)\d{9}", r"(7)\1\d{8}"])
+def test_a_pattern_the_table_cannot_expand_turns_it_off(pattern: str) -> None:
+    """Anything but literals, digit classes, groups, alternatives and bounded repeats cannot be read
+    as a finite set of digit sequences: the table then remembers nothing (every number is asked)."""
+    import re._parser as sre_parser
+
+    from nvc_pipelines.phone_types import Unsupported, _expand
+
+    with pytest.raises(Unsupported):
+        _expand(sre_parser.parse(pattern))
 
 
 @pytest.mark.parametrize("raw", ["2024-01-15", "2024-02-29", "15/01/2024", "2024-01-15T10:30:00Z"])
