@@ -205,9 +205,12 @@ def optix_contact(row: dict[str, Any]) -> dict[str, Any]:
         email = _yes_no(prefs.get("emailConsent"), unreadable=False)
         fields["phone_recall"] = phone
         fields["no_recall"] = bool(_yes_no(prefs.get("excludeFromRecalls"), unreadable=True))
-        fields["channels"] = [
-            channel for channel, allowed in (("phone", phone is not False), ("sms", sms), ("email", email)) if allowed
-        ]
+        channels = [] if phone is False else ["phone"]
+        if sms:
+            channels.append("sms")
+        if email:
+            channels.append("email")
+        fields["channels"] = channels
     adult = row.get("responsibleAdult")
     guardian: Any = None
     if isinstance(adult, dict):
