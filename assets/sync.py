@@ -35,6 +35,7 @@ from nvc_pipelines.model import Practice, ReadResult, RejectedRow, RowOrigins
 from nvc_pipelines.recall import RecallConfigError, RecallRules, recall_with_clinical
 from nvc_pipelines.retry import INTERACTIVE_ATTEMPTS, STEP_RETRIES, step_retries, step_wait
 from nvc_pipelines.store import PracticeNotFound, Store
+from nvc_pipelines.store.erasure import ErasedDuringRead
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS, StreamSpec, VolumeDropRefused
 from nvc_pipelines.sync import full_every, max_drop_share, plan_sync, prefetch
 from resources.gateway import PmsGateway, UnsupportedPms
@@ -200,9 +201,9 @@ def sync_stream(
     erased: list[Suppressions] = []
 
     def pages(client: PmsClient) -> Iterator[tuple[list[Any], list[RejectedRow]]]:
-        # Who is erased, read inside the write's transaction (its first page is asked for there):
-        # the write holds off every erasure of the practice until it commits (`lock_erasures`), so
-        # no one erased after this look is written back.
+        # Who is erased, looked up once the write holds its lock on erasures (its first page is
+        # asked for inside its transaction; the look reads committed rows on a connection of its
+        # own): no erasure of the practice can commit from then until the write does.
         suppressions = load_suppressions(db, practice_id)
         erased.append(suppressions)
         for records, rejected, source_ref, origins in read_ahead(client, read(client, plan.since)):
@@ -231,6 +232,8 @@ def sync_stream(
                 snapshot=pages_are_snapshot(client),
                 left_out=lambda: erased[0].hashes,
             )
+    except ErasedDuringRead as exc:  # not expected: the read looks up the erased under the write's lock
+        raise Failure(description=f"{exc}; run the sync again: it leaves them out") from None
     except VolumeDropRefused as exc:
         message = f"{practice.pms_kind} (practice {practice_id}): {exc}"
         if not volume_check:

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from nvc_pipelines.config import nvc_home
@@ -146,8 +146,11 @@ def drop_erased(
     return kept, dropped
 
 
-def erase_patient(store: Store, practice_id: str, patient_ref: str, actor: str) -> dict[str, int]:
-    """Erase one patient (PMS id or NVC patient id) in one transaction; returns what was removed."""
+def erase_patient(
+    store: Store, practice_id: str, patient_ref: str, actor: str, on_wait: Callable[[], None] | None = None
+) -> dict[str, int]:
+    """Erase one patient (PMS id or NVC patient id) in one transaction; returns what was removed.
+    A sync of the practice that is writing is waited for (`on_wait` is told first)."""
     store.get_practice(practice_id)
     key = suppression_key()
 
@@ -157,4 +160,4 @@ def erase_patient(store: Store, practice_id: str, patient_ref: str, actor: str) 
         out = [("pms_patient_id", value_hash(practice_id, "pms_patient_id", ref, key))]
         return out + [("name_phone", value_hash(practice_id, "name_phone", f"{name}|{p}", key)) for p in phones]
 
-    return store.erase_patient_rows(practice_id, patient_ref, actor, hashes)
+    return store.erase_patient_rows(practice_id, patient_ref, actor, hashes, on_wait)

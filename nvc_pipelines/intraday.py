@@ -14,7 +14,7 @@ The PMS client is passed in (anything with the `read_patients` / `read_appointme
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,9 +23,8 @@ from nvc_pipelines.calling import UK_TZ, CallSettings, number_setting
 from nvc_pipelines.erasure import Suppressions, drop_erased, load_suppressions
 from nvc_pipelines.model import PmsKind, Practice, RejectedRow
 from nvc_pipelines.normalise import InvalidValue, normalise_phone
-from nvc_pipelines.store.erasure import ErasedDuringRead
 from nvc_pipelines.store.streams import APPOINTMENTS, PATIENTS, StreamSpec
-from nvc_pipelines.sync import CURSOR_OVERLAP, next_cursor
+from nvc_pipelines.sync import CURSOR_OVERLAP
 
 if TYPE_CHECKING:
     from nvc_pipelines.store import Store, WriteCounts
@@ -133,34 +132,35 @@ def _write_changes(
     run_id: str | None,
 ) -> tuple[list[Any], list[RejectedRow], WriteCounts]:
     """Leave the erased out of one intraday read and write it, placing its households; returns what
-    was written. Someone erased between this look and the write's lock makes the write refuse
-    (`ErasedDuringRead`): the read, still in hand, is filtered again with them in, once."""
+    was written. Who is erased is looked up once the write holds its lock on erasures
+    (`Store.write_stream_pages` asks for the page inside its transaction), so no erasure can land
+    between the look and the commit."""
     practice_id = practice.practice_id
+    looked: list[Suppressions] = []
+    written: list[Any] = [records, rejected]
 
-    def write(suppressions: Suppressions) -> tuple[list[Any], list[RejectedRow], WriteCounts]:
+    def page() -> Iterator[tuple[list[Any], list[RejectedRow]]]:
+        suppressions = load_suppressions(store, practice_id)
+        looked.append(suppressions)
         kept_rejected = list(rejected)
         kept, _ = drop_erased(
             store, practice_id, records, patients=spec is PATIENTS, rejected=kept_rejected, suppressions=suppressions
         )
-        counts = store.write_stream(
-            practice_id,
-            spec,
-            kept,
-            kept_rejected,
-            source=f"{practice.pms_kind}:intraday",
-            source_ref=f"changes since {since.isoformat()}",
-            run_id=run_id,
-            full=False,
-            cursor_at=next_cursor(getattr(r, "source_updated_at", None) for r in kept),
-            place_calls_at=now,
-            left_out=lambda: suppressions.hashes,
-        )
-        return kept, kept_rejected, counts
+        written[:] = [kept, kept_rejected]
+        yield kept, kept_rejected
 
-    try:
-        return write(load_suppressions(store, practice_id))
-    except ErasedDuringRead:
-        return write(load_suppressions(store, practice_id))
+    counts = store.write_stream_pages(
+        practice_id,
+        spec,
+        page(),
+        source=f"{practice.pms_kind}:intraday",
+        source_ref=f"changes since {since.isoformat()}",
+        run_id=run_id,
+        full=False,
+        left_out=lambda: looked[0].hashes,
+        place_calls=({r.pms_patient_id for r in records}, now),
+    )
+    return written[0], written[1], counts
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,12 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nvc_pipelines import alerts
+from nvc_pipelines.erasure import load_suppressions
 from nvc_pipelines.goc import ClinicianRefused
 from nvc_pipelines.model import BookingRequest, CallOutcome, NoteKind, PatientNote
 from nvc_pipelines.normalise import InvalidValue, normalise_phone, nvc_marker, parse_pms_datetime
 from nvc_pipelines.retry import OUTBOX_MAX_ATTEMPTS, outbox_backoff, outbox_retries
+from nvc_pipelines.store.erasure import PatientErased
 from nvc_pipelines.store.outbox import NEEDS_ACTION as NEEDS_ACTION  # the worklist's statuses, named here too
 from nvc_pipelines.store.outbox import OutboxAdded
 
@@ -96,7 +98,12 @@ def add_booking(
         raise OutboxError(str(exc)) from None
     payload = _payload_booking(start, minutes, appointment_type, clinician_ref, notes)
     store.get_practice(practice_id)
-    added = store.add_booking_row(practice_id, idempotency_key, pms_patient_id, payload)
+    try:
+        added = store.add_booking_row(
+            practice_id, idempotency_key, pms_patient_id, payload, erased=_erased(store, practice_id)
+        )
+    except PatientErased as exc:
+        raise OutboxError(str(exc)) from None
     return _accepted(idempotency_key, "booking", pms_patient_id, added)
 
 
@@ -148,18 +155,27 @@ def add_call_event(
     note = text_.strip() + (f" {_STAFF_NOTE[result]}" if result in _STAFF_NOTE else "")
     payload = {"text": note, "outcome": str(result), "occurred_at": when.isoformat(), "phone": dialled}
     store.get_practice(practice_id)
-    added = store.add_call_event_row(
-        practice_id,
-        str(kind),
-        idempotency_key,
-        pms_patient_id,
-        payload,
-        outcome=result,
-        occurred_at=when,
-        phone=dialled,
-        actor=actor,
-    )
+    try:
+        added = store.add_call_event_row(
+            practice_id,
+            str(kind),
+            idempotency_key,
+            pms_patient_id,
+            payload,
+            outcome=result,
+            occurred_at=when,
+            phone=dialled,
+            actor=actor,
+            erased=_erased(store, practice_id),
+        )
+    except PatientErased as exc:
+        raise OutboxError(str(exc)) from None
     return _accepted(idempotency_key, str(kind), pms_patient_id, added)
+
+
+def _erased(store: Store, practice_id: str) -> Callable[[str], bool]:
+    """Whether a PMS id is erased, looked up when asked (the store asks under its lock on erasures)."""
+    return lambda pms_patient_id: load_suppressions(store, practice_id).erased_id(pms_patient_id)
 
 
 def _accepted(key: str, kind: str, pms_patient_id: str, added: OutboxAdded) -> tuple[int, bool]:

@@ -30,6 +30,7 @@ from dagster import (
 
 from assets.sync import FRESH_CHECK
 from nvc_pipelines import intraday
+from nvc_pipelines.store import StoreUnavailable
 from resources.executor import run_executor
 from resources.gateway import PmsGateway, UnsupportedPms
 from resources.protocol import PmsError
@@ -62,7 +63,7 @@ def refresh_call_lists(
                 done = intraday.refresh(db, practice, client, now=now, run_id=context.run_id)
             finally:
                 client.close()
-        except (PmsError, UnsupportedPms, intraday.NotYetSynced) as exc:
+        except (PmsError, UnsupportedPms, intraday.NotYetSynced, StoreUnavailable) as exc:
             db.mark_call_list_refreshed(practice_id, now, ok=False, error=str(exc))
             failed.append(f"{practice_id}: {exc}")
             context.log_event(

@@ -7,13 +7,15 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from dagster import instance_for_test
+from dagster import instance_for_test, materialize
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
+from assets.sync import patients
 from nvc_pipelines import writeback
 from nvc_pipelines.application.cli import main
 from nvc_pipelines.definitions import defs
@@ -26,6 +28,7 @@ from nvc_pipelines.model import (
     Phone,
     PhoneType,
     PmsKind,
+    Practice,
     ReadResult,
     RejectedRow,
 )
@@ -35,6 +38,9 @@ from nvc_pipelines.store.erasure import ErasedDuringRead
 from nvc_pipelines.store.recalls import lock_recalls
 from nvc_pipelines.store.streams import APPOINTMENTS, CLINICAL_RECORDS, PATIENTS
 from resources.csv_source import SEED_COLUMNS
+from resources.deployment import pms_gateway
+from resources.gateway import PmsGateway
+from resources.store import StoreResource
 from sandboxes.optix import OptixSandbox
 
 PRACTICE_TABLES = (
@@ -179,10 +185,11 @@ class _ErasureInBackground:
 
     def __init__(self, store: Store, practice_id: str, ref: str) -> None:
         self.error: BaseException | None = None
+        self.told_to_wait = threading.Event()  # what `nvc erase` prints then
 
         def erase() -> None:
             try:
-                erase_patient(store, practice_id, ref, "test")
+                erase_patient(store, practice_id, ref, "test", on_wait=self.told_to_wait.set)
             except BaseException as exc:  # noqa: BLE001 - handed to the test
                 self.error = exc
 
@@ -308,14 +315,38 @@ def test_an_erasure_waits_for_a_write_that_is_reading_and_then_deletes_what_it_w
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
-    assert reading.wait(60)
-    erasing = _ErasureInBackground(store, "prac-a", "prac-a-1")
-    assert erasing.waits(), "erasure did not wait for the write under way"
-    go_on.set()
+    try:
+        assert reading.wait(60)
+        erasing = _ErasureInBackground(store, "prac-a", "prac-a-1")
+        assert erasing.waits(), "erasure did not wait for the write under way"
+        assert erasing.told_to_wait.is_set()  # `nvc erase` says why it waits
+    finally:
+        go_on.set()
     writer.join(60)
     assert not failed, failed
     erasing.finished()
     assert "prac-a-1" not in {p["pms_patient_id"] for p in store.export_practice("prac-a")["patients"]}
+
+
+def test_nothing_is_recorded_for_the_pms_about_an_erased_patient(two_practices: Store) -> None:
+    """A booking or a call's note sent after the patient was erased (the calling system still had
+    her on its list: `_fill` erased prac-a-3) is refused with the reason, and nothing of hers goes
+    into the outbox, the call events or the PMS. Before, both were recorded and the note written back."""
+    store = two_practices
+    start = datetime.now(UTC) + timedelta(days=5)
+    with pytest.raises(writeback.OutboxError, match="prac-a-3 of practice prac-a was erased"):
+        writeback.add_booking(store, "prac-a", "late-booking", "prac-a-3", start)
+    with pytest.raises(writeback.OutboxError, match="was erased"):
+        writeback.add_call_event(store, "prac-a", "call_outcome", "late-note", "prac-a-3", "Booked.", outcome="booked")
+    with store.begin_owner() as conn:
+        left = conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM outbox WHERE pms_patient_id = 'prac-a-3') + "
+                "(SELECT count(*) FROM call_events WHERE pms_patient_id = 'prac-a-3')"
+            )
+        )
+        assert left.scalar_one() == 0
+    assert writeback.add_booking(store, "prac-a", "other-booking", "prac-a-2", start)[1] is True  # the others go on
 
 
 def test_merges_exports_and_writeback_stay_inside_the_practice(two_practices: Store) -> None:
@@ -527,6 +558,45 @@ def test_erasure_survives_incremental_syncs(database_url: str, store: Store) -> 
         assert incremental.asset_materializations_for_node("patients")[0].metadata["mode"].value == "incremental"
         assert victim not in {p["pms_patient_id"] for p in store.export_practice("gdpr-optix")["patients"]}
         assert not [r for r in sandbox.request_log if r[0] == "DELETE"]  # never anything deleted in the PMS
+
+
+class _ErasingGateway(PmsGateway):
+    """The PMS gateway, erasing one patient when a step opens its PMS: after the sync planned and
+    before its write began (a sync that looked at the erased when it started would write her back,
+    or now be refused)."""
+
+    database_url: str
+    victim: str
+
+    def open(self, practice: Practice, credentials: dict[str, str], *, max_attempts: int | None = None) -> Any:
+        store = StoreResource(database_url=self.database_url).open()
+        if self.victim in {p["pms_patient_id"] for p in store.export_practice(practice.practice_id)["patients"]}:
+            erase_patient(store, practice.practice_id, self.victim, "test")
+        return super().open(practice, credentials, max_attempts=max_attempts)
+
+
+def test_a_sync_under_way_when_a_patient_is_erased_leaves_her_out(database_url: str, store: Store) -> None:
+    """The sync assets look up who is erased inside their write's transaction, under its lock on
+    erasures: a patient erased after the run started (here, as it opens its PMS) is left out, and
+    the run succeeds."""
+    with OptixSandbox(practices={"OPX-6": 6}, api_keys={"k6": "OPX-6"}) as sandbox:
+        store.add_practice(
+            "gdpr-race", "G", PmsKind.OPTIX, {"practice_id": "OPX-6", "api_url": sandbox.url}, {"api_key": "k6"}
+        )
+        resources = {"store": StoreResource(database_url=database_url), "pms": pms_gateway()}
+        with instance_for_test() as instance:
+            instance.add_dynamic_partitions("practices", ["gdpr-race"])
+            assert materialize([patients], partition_key="gdpr-race", instance=instance, resources=resources).success
+            victim = store.export_practice("gdpr-race")["patients"][0]["pms_patient_id"]
+            sandbox.update_patient("OPX-6", victim, last_name="Changed")  # the PMS sends her again
+            kinds = {kind: getattr(resources["pms"], kind) for kind in ("csv", "optix", "acuitas", "optisoft", "sycle")}
+            gateway = _ErasingGateway(**kinds, database_url=database_url, victim=victim)
+            again = materialize(
+                [patients], partition_key="gdpr-race", instance=instance, resources={**resources, "pms": gateway}
+            )
+    assert again.success
+    assert victim not in {p["pms_patient_id"] for p in store.export_practice("gdpr-race")["patients"]}
+    assert again.asset_materializations_for_node("patients")[0].metadata["suppressed_erased"].value == 1
 
 
 def test_portability_exports_one_patient_and_audit_lists_access(two_practices: Store) -> None:

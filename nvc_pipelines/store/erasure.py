@@ -37,14 +37,28 @@ class ErasedDuringRead(RuntimeError):
     are now and write again."""
 
 
-def lock_erasures(conn: Connection, practice_id: str, *, shared: bool) -> None:
+class PatientErased(LookupError):
+    """A write about a patient erased from the practice: refused, nothing of theirs recorded."""
+
+
+def lock_erasures(
+    conn: Connection, practice_id: str, *, shared: bool, on_wait: Callable[[], None] | None = None
+) -> None:
     """Until this transaction ends: shared, no erasure of the practice starts (a stream write holds
     it, from before it reads who is erased until it commits); exclusive, no stream write is under
     way (erasure holds it, before any other lock). So a sync that read an erased person before their
     erasure commits first and its rows are deleted with the rest, and one that starts after it sees
-    their suppression: it can never write them back after the erasure."""
+    their suppression: it can never write them back after the erasure. `on_wait` is called once
+    when the lock is held elsewhere, before waiting for it."""
     lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-    conn.execute(text(f"SELECT {lock}(hashtext('nvc.erasure:' || :p))"), {"p": practice_id})
+    # Two keys (this lock's name, the practice), as `lock_list`: apart from single-key locks.
+    keys, params = "hashtext('nvc.erasure'), hashtext(:p)", {"p": practice_id}
+    if on_wait is not None:
+        attempt = lock.replace("pg_advisory_xact_lock", "pg_try_advisory_xact_lock")
+        if conn.execute(text(f"SELECT {attempt}({keys})"), params).scalar_one():
+            return
+        on_wait()
+    conn.execute(text(f"SELECT {lock}({keys})"), params)
 
 
 def suppression_hashes(conn: Connection, practice_id: str) -> frozenset[tuple[str, str]]:
@@ -67,16 +81,17 @@ class ErasureMixin(StoreBase):
         patient_ref: str,
         actor: str,
         hashes: Callable[[str, str | None, str | None, list[str]], list[tuple[str, str]]],
+        on_wait: Callable[[], None] | None = None,
     ) -> dict[str, int]:
         """Delete one patient (PMS id or NVC patient id) and every row naming them, and record
         `hashes(pms_patient_id, first_name, last_name, phones)` (kind, hash; the PMS id's first, its
         prefix is the audit's reference) as suppressions, in one transaction; returns the rows removed
-        by table."""
+        by table. `on_wait` is called if a sync of the practice is writing: the erasure waits for it."""
         with self.begin(practice_id) as conn:
             # No stream write of the practice under way, and none starts until this commits: one
             # that read her before now commits first (its rows of her are deleted below), one after
             # reads her suppression (`lock_erasures`). Before every other lock, as writes take it.
-            lock_erasures(conn, practice_id, shared=False)
+            lock_erasures(conn, practice_id, shared=False, on_wait=on_wait)
             # The recalls' and the call list's locks next, as their writers take them: a write that
             # read this patient before commits first, then their rows are deleted below (neither
             # table checks a key, migration 0022); locking the patient first could deadlock with a

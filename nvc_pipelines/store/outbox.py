@@ -19,6 +19,7 @@ from nvc_pipelines.model import CallOutcome
 from nvc_pipelines.store import call_events
 from nvc_pipelines.store.alerts import insert_keyed_alert
 from nvc_pipelines.store.base import StoreBase
+from nvc_pipelines.store.erasure import PatientErased, lock_erasures
 
 # Rows that ended without reaching the PMS and wait for an operator (retry or dismiss).
 NEEDS_ACTION = ("failed", "dead_letter", "timed_out")
@@ -60,7 +61,15 @@ class OutboxMixin(StoreBase):
 
     # --- adding rows -------------------------------------------------------------------------------
 
-    def add_booking_row(self, practice_id: str, key: str, pms_patient_id: str, payload: dict[str, Any]) -> OutboxAdded:
+    def add_booking_row(
+        self,
+        practice_id: str,
+        key: str,
+        pms_patient_id: str,
+        payload: dict[str, Any],
+        *,
+        erased: Callable[[str], bool] | None = None,
+    ) -> OutboxAdded:
         """Add a booking (once per key); when new, the patient's household is placed on the call list
         again in the same transaction (booked: off the list at once)."""
 
@@ -75,7 +84,7 @@ class OutboxMixin(StoreBase):
             if patient_id is not None:
                 call_events.refresh_patient(conn, practice_id, patient_id, datetime.now(UTC))
 
-        return self._add_outbox_row(practice_id, "booking", key, pms_patient_id, payload, off_the_list)
+        return self._add_outbox_row(practice_id, "booking", key, pms_patient_id, payload, off_the_list, erased)
 
     def add_call_event_row(
         self,
@@ -89,6 +98,7 @@ class OutboxMixin(StoreBase):
         occurred_at: datetime,
         phone: str | None,
         actor: str,
+        erased: Callable[[str], bool] | None = None,
     ) -> OutboxAdded:
         """Add a call attempt or outcome's note (once per key); when new, its effect on the call list
         (`call_events.record_event`) commits with it."""
@@ -107,7 +117,7 @@ class OutboxMixin(StoreBase):
                 now=datetime.now(UTC),
             )
 
-        return self._add_outbox_row(practice_id, kind, key, pms_patient_id, payload, apply)
+        return self._add_outbox_row(practice_id, kind, key, pms_patient_id, payload, apply, erased)
 
     def _add_outbox_row(
         self,
@@ -117,10 +127,21 @@ class OutboxMixin(StoreBase):
         pms_patient_id: str,
         payload: dict[str, Any],
         on_insert: Callable[[Connection, int], None],
+        erased: Callable[[str], bool] | None = None,
     ) -> OutboxAdded:
         """Add one outbox row (once per idempotency key); `on_insert(conn, outbox_id)` runs in the same
-        transaction when the row is new, so its effect commits with it or not at all."""
+        transaction when the row is new, so its effect commits with it or not at all.
+
+        Under the practice's lock on erasures (`lock_erasures`): an erasure under way commits first,
+        one that starts waits for this row and deletes it. `erased(pms_patient_id)`, asked under the
+        lock, refuses a patient erased already (`PatientErased`): nothing of theirs is recorded."""
         with self.begin(practice_id) as conn:
+            lock_erasures(conn, practice_id, shared=True)
+            if erased is not None and erased(pms_patient_id):
+                raise PatientErased(
+                    f"patient {pms_patient_id} of practice {practice_id} was erased (GDPR): nothing of theirs is "
+                    "recorded or written to the PMS"
+                )
             row = conn.execute(
                 text(
                     "INSERT INTO outbox (practice_id, kind, idempotency_key, pms_patient_id, payload) "

@@ -201,6 +201,7 @@ class PatientsMixin(StoreBase):
         max_drop_share: float | None = None,
         snapshot: bool = False,
         left_out: Callable[[], Collection[tuple[str, str]]] | None = None,
+        place_calls: tuple[set[str], datetime] | None = None,
     ) -> WriteCounts:
         """`write_stream` for a read that arrives page by page (`(records, rejected)` each): every page
         is `COPY`ed into the stage as it comes, so memory does not grow with the practice. One
@@ -212,7 +213,8 @@ class PatientsMixin(StoreBase):
         counts once, as its later copy, whether that copy was valid or rejected; unless the read is a
         `snapshot` (a file): no record comes twice in it, so a repeat was rejected as a duplicate of
         its first row, which stands. `left_out` is called once the pages are read (a paged read can
-        load the suppressions with its first page, inside this write's transaction)."""
+        load the suppressions with its first page, inside this write's transaction); `place_calls`
+        (PMS ids, now) places those patients' households on the call list in the same transaction."""
         return self._write_read(
             practice_id,
             spec,
@@ -226,6 +228,7 @@ class PatientsMixin(StoreBase):
             stamp_cursor=True,
             snapshot=snapshot,
             left_out=left_out,
+            place_calls=place_calls,
         )
 
     def _write_read(

@@ -95,7 +95,15 @@ def erase_cmd(practice_id: str, patient_ref: str, yes: bool) -> None:
         click.confirm(
             f"Erase patient {patient_ref} of {practice_id} from NVC's store? This cannot be undone", abort=True
         )
-    removed = erase_patient(store, practice_id, patient_ref, actor())
+
+    def waiting() -> None:
+        click.echo(
+            f"A sync of {practice_id} is writing; the erasure waits for it to commit, then deletes what it "
+            "wrote too (up to NVC_STATEMENT_TIMEOUT_SECONDS; Ctrl-C cancels, nothing erased)...",
+            err=True,
+        )
+
+    removed = erase_patient(store, practice_id, patient_ref, actor(), on_wait=waiting)
     click.echo("Erased: " + ", ".join(f"{k}={v}" for k, v in removed.items() if v))
     click.echo("A suppression (keyed hash, no personal data) keeps them out of future syncs. The PMS is unchanged.")
 
