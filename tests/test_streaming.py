@@ -300,6 +300,27 @@ def test_a_clinical_change_committed_while_recalls_are_computed_keeps_its_patien
     assert due() == set()
 
 
+def test_the_queue_trigger_plans_its_join_for_each_statement(store: Store) -> None:
+    """The update trigger that queues changed patients joins the statement's old and new rows. Its
+    plan must be made for each statement (`EXECUTE`): PL/pgSQL keeps a statement's first plan, and
+    one made when a statement changed nothing (any nightly) is a nested loop, which a full read
+    changing every patient then ran over every pair (75 s at 20,000 patients in a probe; `bench/
+    resync.py` measures it at 200,000). The embedded server has no `auto_explain` to show the
+    trigger's plan, so this holds the function as it is planned (fails with migration 0021's), and
+    that the statement it runs still sees the transition tables: after a statement that changed no
+    one on the same connection, one changing everybody queues everybody."""
+    practice_id = _practice(store, "queue-plan")
+    _write_pages(store, practice_id, [([_patient(practice_id, n) for n in range(300)], [])])
+    with store.begin_owner() as conn:
+        body = conn.execute(text("SELECT pg_get_functiondef('queue_changed_patients'::regproc)")).scalar_one()
+        assert "EXECUTE 'INSERT INTO recall_due" in body
+        conn.execute(text("DELETE FROM recall_due WHERE practice_id = :p"), {"p": practice_id})
+        conn.execute(text("UPDATE patients SET active = active WHERE practice_id = 'no-such-practice'"))
+        conn.execute(text("UPDATE patients SET change_seq = change_seq + 1 WHERE practice_id = :p"), {"p": practice_id})
+        count = conn.execute(text("SELECT count(*) FROM recall_due WHERE practice_id = :p"), {"p": practice_id})
+        assert count.scalar_one() == 300
+
+
 def test_a_recall_batch_reads_what_a_recall_needs_and_gives_the_whole_patients_recalls(store: Store) -> None:
     """A recall pass reads only what a recall reads of a patient (no names, phones or contact) and of
     a clinical record (no clinician, unknown flags or PMS timestamp): the recalls it gives are those
