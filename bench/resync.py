@@ -80,7 +80,7 @@ def main() -> None:
             print(f"  {runs[name]['seconds']:.1f} s", flush=True)
 
     print(f"\nfull re-syncs of {args.patients:,} patients; ratios against the first sync in this run")
-    print(f"  {'sync':<26} {'job s':>8} {'patients asset s':>17} {'x first':>8} {'peak RSS':>9}")
+    print(f"  {'sync':<34} {'job s':>8} {'patients asset s':>17} {'x first':>8} {'peak RSS':>9}")
     for first, *others in (
         ("optix first full", "optix second full", "optix full, every patient changed"),
         ("csv first sync", "csv re-sync, same file"),
@@ -89,7 +89,7 @@ def main() -> None:
             run = runs[name]
             patients_s = float(run["metadata"].get("patients", {}).get("duration_seconds", 0.0))
             ratio = run["seconds"] / runs[first]["seconds"]
-            print(f"  {name:<26} {run['seconds']:8.1f} {patients_s:17.1f} {ratio:8.2f} {run['peak_rss_mb']:7.0f} MB")
+            print(f"  {name:<34} {run['seconds']:8.1f} {patients_s:17.1f} {ratio:8.2f} {run['peak_rss_mb']:7.0f} MB")
     out.figure("patients", args.patients)
     for key, name in (
         ("optix_first", "optix first full"),
