@@ -90,7 +90,8 @@ def normalise_phone(raw: str) -> Phone:
             digits = "0" + digits  # leading zero lost by a spreadsheet
     plain = _PLAIN_UK.match(digits)
     if plain:  # the common shapes: what `parse(digits, "GB")` would return, without its generic scan
-        national = plain.group(1)
+        national = significant = str(int(plain.group(1)))  # ASCII digits whatever digits were typed
+        parsed = None
     else:
         try:
             parsed = phonenumbers.parse(digits, "GB")
@@ -98,13 +99,17 @@ def normalise_phone(raw: str) -> Phone:
             raise InvalidValue(f"phone number {text!r} is not a phone number ({exc})") from None
         if parsed.country_code != 44:
             raise InvalidValue(f"phone number {text!r} is not a UK number")
-        national = phonenumbers.national_significant_number(parsed)
+        national = str(parsed.national_number)
+        # With a zero kept in front ("+44 (0)020 ..." read as Italian-style), the library types the
+        # number with it: so does this, without the table (which types numbers as digits alone).
+        significant = phonenumbers.national_significant_number(parsed)
     if is_ofcom_drama_number(national):
         kind = PhoneType.MOBILE if national.startswith("7") else PhoneType.LANDLINE
     else:
         # `number_type` is UNKNOWN exactly when `is_valid_number` is False (both match the number
         # against the region's patterns), so one call does both: phones are most of a sync's CPU.
-        valid_kind = _phone_type(_UK_TYPES.kind_of(national))
+        found = _UK_TYPES.kind_of(national) if significant == national else uk_number_type(significant, parsed)
+        valid_kind = _phone_type(found)
         if valid_kind is None:
             raise InvalidValue(f"phone number {text!r} is not a valid UK number")
         kind = valid_kind
@@ -132,9 +137,10 @@ _TYPE_HELPER: Callable[[str, PhoneMetadata], int] | None = getattr(
 )
 
 
-def uk_number_type(national: str) -> int:
-    """`phonenumbers.number_type` of a +44 number (its national significant number), matched once
-    instead of twice where it can be.
+def uk_number_type(national: str, parsed: phonenumbers.PhoneNumber | None = None) -> int:
+    """`phonenumbers.number_type` of a +44 number (its national significant number; `parsed`, the
+    number it was read from, when that carries leading zeros), matched once instead of twice where
+    it can be.
 
     `number_type` first finds the number's region among +44's (GB, then Guernsey, the Isle of Man,
     Jersey) by matching the number's type against GB's patterns, and takes GB when that type is
@@ -146,7 +152,7 @@ def uk_number_type(national: str) -> int:
         kind = _TYPE_HELPER(national, _GB)
         if kind != PhoneNumberType.UNKNOWN:
             return kind
-    return phonenumbers.number_type(phonenumbers.PhoneNumber(country_code=44, national_number=int(national)))
+    return phonenumbers.number_type(parsed or phonenumbers.PhoneNumber(country_code=44, national_number=int(national)))
 
 
 # Types remembered by the leading digits that decide them (exact: see `phone_types`).

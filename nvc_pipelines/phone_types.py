@@ -147,6 +147,14 @@ class TypeTable:
             if kind is not None:
                 return kind
         kind = self.compute(national)
-        if self.exact and national.isdigit() and len(known) < MAX_PREFIXES:
+        # Only a national number as the patterns read it: ASCII digits, no zero in front (a number
+        # with one is typed by the library as a number, without it; so no prefix of it decides).
+        if (
+            self.exact
+            and national.isascii()
+            and national.isdigit()
+            and national[:1] != "0"
+            and len(known) < MAX_PREFIXES
+        ):
             known[(n, national[: self._decided_at(national)])] = kind
         return kind

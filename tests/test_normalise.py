@@ -215,6 +215,32 @@ def test_uk_number_type_is_number_type_for_every_uk_prefix_and_the_table_remembe
             PhoneNumberType.PREMIUM_RATE, PhoneNumberType.UNKNOWN} <= set(kinds)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("+44 (0)07700 900123", ("+447700900123", PhoneType.MOBILE)),  # a kept zero: typed without it
+        ("+44 (0)020 7123 4567", None),  # two zeros: the library types it with one kept, and refuses it
+        ("+44 (0)0800 123456", None),
+        ("07\u0667" + "00 900123", ("+447700900123", PhoneType.MOBILE)),  # an Arabic-Indic seven typed in
+        ("07\u0667" + "11 123456", ("+447711123456", PhoneType.MOBILE)),
+    ],
+)
+def test_numbers_the_type_table_must_not_answer_are_typed_as_before(raw: str, expected: tuple | None) -> None:
+    """A national number with a zero kept in front, or typed with other scripts' digits, is typed as
+    it always was: the E.164 in ASCII digits, and the table never keeps a prefix of one (a first such
+    number once decided the type of every later one sharing its first digit)."""
+    from nvc_pipelines.normalise import _UK_TYPES
+
+    for _ in range(2):  # the second time, anything the first left in the table would answer
+        if expected is None:
+            with pytest.raises(InvalidValue, match="not a valid UK number"):
+                normalise_phone(raw)
+        else:
+            phone = normalise_phone(raw)
+            assert (phone.e164, phone.type) == expected
+    assert all(prefix.isascii() and not prefix.startswith("0") for _, prefix in _UK_TYPES.known)
+
+
 @pytest.mark.parametrize("pattern", [r"7\d+", r"7(?=1)\d{9}", r"(7)\1\d{8}"])
 def test_a_pattern_the_table_cannot_expand_turns_it_off(pattern: str) -> None:
     """Anything but literals, digit classes, groups, alternatives and bounded repeats cannot be read
