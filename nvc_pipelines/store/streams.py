@@ -287,17 +287,18 @@ def merge_staged(
         """Run `change` (a data-modifying statement returning `inserted` and `ref`) and count its rows
         in the database: (inserted, all). With `patient_ref`, the changed rows' patients are queued
         for a recall recomputation (`recall_due`, migration 0021) in the same statement, and with
-        `moved` the patients a staged row is taken from too (a record the practice moved to another
-        patient changes both recalls; the statement's snapshot still holds the old owner). The refs
-        never come back to Python (a first sync's would be every patient, held only to be sent back)."""
+        `moved` the patients a changed row is taken from too (a record the practice moved to another
+        patient changes both recalls; the statement's snapshot still holds the old owner, and an
+        inactive stored copy fed no recall). The refs never come back to Python (a first sync's would
+        be every patient, held only to be sent back)."""
         queue = ""
         if spec.patient_ref:
             refs = "SELECT ref FROM changed WHERE ref IS NOT NULL"
-            if moved:
+            if moved:  # the changed rows' stored copies, as the statement's snapshot still holds them
                 refs += (
-                    f" UNION ALL SELECT t.{spec.patient_ref} FROM {stage} s JOIN {spec.table} t "
-                    f"ON t.practice_id = %s AND t.{spec.key} = s.{spec.key} "
-                    f"WHERE t.{spec.patient_ref} IS DISTINCT FROM s.{spec.patient_ref}"
+                    f" UNION ALL SELECT t.{spec.patient_ref} FROM changed c JOIN {spec.table} t "
+                    f"ON t.practice_id = %s AND t.{spec.key} = c.key "
+                    f"WHERE t.active AND t.{spec.patient_ref} IS DISTINCT FROM c.ref"
                 )
             queue = (
                 ", queued AS (INSERT INTO recall_due (practice_id, pms_patient_id, seq) "
@@ -338,8 +339,8 @@ def merge_staged(
         f"updated_at = now(){', ' + spec.on_change if spec.on_change else ''} "
         f"WHERE {rows_differ(spec.compared, spec.table, 'EXCLUDED')} "
         f"OR {spec.table}.active IS DISTINCT FROM ({spec.reactivate}) "
-        f"RETURNING (xmax = 0) AS inserted, {returned_ref} AS ref",
+        f"RETURNING (xmax = 0) AS inserted, {returned_ref} AS ref, {spec.table}.{spec.key} AS key",
         (practice_id,),
-        moved=True,
+        moved=bool(spec.patient_ref),
     )
     return MergeCounts(inserted, merged - inserted, staged - merged, deactivated)
